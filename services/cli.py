@@ -1,0 +1,140 @@
+"""The ``pope`` command: one entry point that starts each service or tool.
+
+    pope up --model DIR [--config FILE]       the whole stack on one machine
+    pope engine --model DIR [--port 30000]    the CPU inference engine
+    pope rollout | verifier | trainer         one service each
+    pope model init --out DIR                 build a tiny local model
+    pope config show SECTION [--config FILE]  print a section's resolved settings
+
+Every service takes ``--config FILE`` (one YAML file, a section per service), and
+``--redis-url``, ``--engine-url`` and ``--port`` where they apply. Heavy imports happen
+inside the command that needs them, so ``pope --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from services.common.config import ConfigError, SectionSettings, load_settings, resolved
+
+# Exit status of a command that exists in the interface but is not built yet.
+NOT_BUILT = 3
+
+# Commands of DESIGN.md 4a not built yet, with the issue that brings each.
+_PENDING = {
+    "up": "Rollout service, GRPO trainer and `pope up`",
+    "engine": "CPU inference engine speaking SGLang's native API",
+    "rollout": "Rollout service, GRPO trainer and `pope up`",
+    "verifier": "Verifier service",
+    "trainer": "Rollout service, GRPO trainer and `pope up`",
+    "model init": "CPU inference engine speaking SGLang's native API",
+    "data": "The POPE dataset pipeline",
+    "hints build": "The POPE dataset pipeline",
+    "eval": "Show POPE working without a GPU",
+    "experiment": "Show POPE working without a GPU",
+}
+
+
+def _settings_model(section: str) -> type[SectionSettings]:
+    if section == "engine":
+        from services.engine.settings import EngineSettings
+
+        return EngineSettings
+    if section == "rollout":
+        from services.rollout.settings import RolloutSettings
+
+        return RolloutSettings
+    if section == "verifier":
+        from services.verifier.settings import VerifierSettings
+
+        return VerifierSettings
+    if section == "trainer":
+        from services.trainer.settings import TrainerSettings
+
+        return TrainerSettings
+    raise ConfigError(f"no settings section {section!r} (engine, rollout, verifier, trainer)")
+
+
+def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"pope {name}: not built yet; it arrives with the issue "
+              f"\"{_PENDING[name]}\".", file=sys.stderr)
+        return NOT_BUILT
+
+    return run
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    settings = load_settings(_settings_model(args.section), args.config)
+    print(json.dumps(resolved(settings), indent=2, sort_keys=True))
+    return 0
+
+
+def _service_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str,
+                    *, redis: bool = True, engine: bool = False) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--config", metavar="FILE", help="YAML config file (a section per service)")
+    p.add_argument("--port", type=int, help="HTTP port")
+    if redis:
+        p.add_argument("--redis-url", help="Redis URL (default: REDIS_URL, else redis://127.0.0.1:6379/0)")
+    if engine:
+        p.add_argument("--engine-url", help="inference engine URL (default http://127.0.0.1:30000)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pope", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = _service_parser(sub, "up", "start Redis (if needed), engine, rollout, verifier and trainer")
+    up.add_argument("--model", metavar="DIR", help="HF-format model directory")
+    up.set_defaults(func=_not_built("up"))
+
+    engine = _service_parser(sub, "engine", "the CPU inference engine (SGLang's native API)", redis=False)
+    engine.add_argument("--model", metavar="DIR", help="HF-format model directory")
+    engine.add_argument("--weight-version", type=int, help="version of the start-up weights (default 0)")
+    engine.set_defaults(func=_not_built("engine"))
+
+    for name, help, uses_engine in (
+        ("rollout", "the rollout service: problems, HTTP API, hinted/unhinted scheduling", True),
+        ("verifier", "the verifier service: math-verify scoring of raw groups", False),
+        ("trainer", "the GRPO trainer: updates, checkpoints, weight pushes", True),
+    ):
+        _service_parser(sub, name, help, engine=uses_engine).set_defaults(func=_not_built(name))
+
+    model = sub.add_parser("model", help="model utilities").add_subparsers(dest="action", required=True)
+    init = model.add_parser("init", help="build a tiny HF-format model locally (no network)")
+    init.add_argument("--out", metavar="DIR", required=True)
+    init.set_defaults(func=_not_built("model init"))
+
+    sub.add_parser("data", help="import problems, filter hard ones").set_defaults(func=_not_built("data"))
+    hints = sub.add_parser("hints", help="hint (privileged prefix) search").add_subparsers(dest="action",
+                                                                                           required=True)
+    hints.add_parser("build", help="find the shortest helpful prefix").set_defaults(func=_not_built("hints build"))
+    sub.add_parser("eval", help="pass@k evaluation").set_defaults(func=_not_built("eval"))
+    sub.add_parser("experiment", help="POPE vs GRPO runs").set_defaults(func=_not_built("experiment"))
+
+    config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
+    show = config.add_parser("show", help="print a section's resolved settings (file + environment)")
+    show.add_argument("section", choices=["engine", "rollout", "verifier", "trainer"])
+    show.add_argument("--config", metavar="FILE")
+    show.set_defaults(func=_config_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"pope: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""What the services share, and the only thing they share.
+
+- ``messages``: every message on the wire (Problem, Sample, RawGroup, ScoredGroup, events,
+  dead letters), pydantic v2, versioned, invariants enforced.
+- ``keys``: every Redis stream and key name, under one configurable prefix.
+- ``streams``: publish to capped streams; read through consumer groups with leases,
+  reclaim of a dead consumer's work, and dead-lettering.
+- ``worker``: the consume-handle-commit loop, exactly once in effect (idempotent by key),
+  with graceful stop on SIGTERM.
+- ``config``: one YAML file with a section per service, environment overrides, errors
+  that name the file, section and field.
+- ``logs``: structured logging and the start-up config line.
+- ``redis_server``: find a Redis, or start a private one (tests, ``pope up``).
+
+Message flow (DESIGN.md 2, 4):
+
+    rollout --RawGroup--> pope:rollouts --[verifiers]--> verifier
+    verifier --ScoredGroup--> pope:scored --[trainers]--> trainer
+    trainer --WeightsUpdated--> pope:events; failures --> pope:dead
+"""

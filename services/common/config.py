@@ -1,0 +1,218 @@
+"""Configuration: one YAML file with a section per service, plus the environment.
+
+    # pope.yaml
+    shared:                 # defaults for every section that has the field
+      redis_url: redis://redis:6379/0
+    trainer:
+      learning_rate: 1.0e-6
+    verifier:
+      workers: 4
+
+Each service validates its own section with its own settings model (a subclass of
+``SectionSettings``). Precedence, highest first:
+
+    1. explicit values (command-line flags)       pope trainer --port 9002
+    2. POPE_<SECTION>__<FIELD>[__<SUB>]            POPE_TRAINER__STREAMS__LEASE_MS=30000
+    3. REDIS_URL (for ``redis_url`` only)
+    4. the file's section, then its ``shared`` section
+    5. the field's default
+
+A bad value fails start-up with a ``ConfigError`` naming where it came from: the file,
+section and field, or the environment variable, or the flag.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, ClassVar, Literal, TypeVar
+
+import yaml
+from pydantic import Field, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from services.common.keys import DEFAULT_PREFIX
+from services.common.streams import DeliveryPolicy
+
+# Top-level keys a config file may have. A key not listed is a typo, and an error.
+KNOWN_SECTIONS = frozenset(
+    {"shared", "engine", "rollout", "verifier", "trainer", "up", "data", "hints", "eval", "experiment"}
+)
+SHARED = "shared"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says where each bad value came from."""
+
+
+def section_config(section: str) -> SettingsConfigDict:
+    """The model_config for the settings of ``section``: env prefix POPE_<SECTION>__."""
+    return SettingsConfigDict(
+        env_prefix=f"POPE_{section.upper()}__",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+
+# The YAML section being loaded; set by ``load_settings`` for the duration of one load.
+_yaml_values: ContextVar[dict[str, Any]] = ContextVar("_yaml_values", default={})
+
+
+class _YamlSection(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ is overridden; this is never used
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_yaml_values.get())
+
+
+class _RedisUrlEnv(PydanticBaseSettingsSource):
+    """The conventional REDIS_URL, honoured below POPE_<SECTION>__REDIS_URL."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError
+
+    def __call__(self) -> dict[str, Any]:
+        url = os.environ.get("REDIS_URL")
+        has_field = "redis_url" in self.settings_cls.model_fields
+        return {"redis_url": url} if url and has_field else {}
+
+
+class SectionSettings(BaseSettings):
+    """Base of every section's settings: where to listen and how to log."""
+
+    section: ClassVar[str]
+    model_config = SettingsConfigDict(extra="forbid", validate_default=True)
+
+    host: str = "127.0.0.1"
+    """Interface the HTTP server binds; 0.0.0.0 in containers."""
+    port: int = Field(0, ge=0, le=65535)
+    """HTTP port (each service sets its default: rollout 8000, verifier 8001, trainer 8002)."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log threshold."""
+    log_format: Literal["text", "json"] = "text"
+    """'json' writes one JSON object per line (for log shippers); 'text' is for people."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _RedisUrlEnv(settings_cls), _YamlSection(settings_cls))
+
+
+class ServiceSettings(SectionSettings):
+    """Base of the settings of every service that talks over Redis."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis holding the streams, the problem store and shared state (REDIS_URL is honoured)."""
+    key_prefix: str = Field(DEFAULT_PREFIX, min_length=1)
+    """Prefix of every stream and key, so several runs can share one Redis."""
+    api_token: SecretStr | None = None
+    """When set, mutating HTTP endpoints require 'Authorization: Bearer <token>'."""
+    streams: DeliveryPolicy = Field(default_factory=DeliveryPolicy)
+    """Stream caps, leases, retries and dead-lettering."""
+
+
+S = TypeVar("S", bound=SectionSettings)
+
+
+def read_config_file(path: Path) -> dict[str, dict[str, Any]]:
+    """Parse and shape-check a config file: a mapping of known sections to mappings."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections, "
+                          f"got {type(raw).__name__}")
+    for name, body in raw.items():
+        if name not in KNOWN_SECTIONS:
+            raise ConfigError(f"config file {path}: unknown section {name!r} "
+                              f"(known: {', '.join(sorted(KNOWN_SECTIONS))})")
+        if body is not None and not isinstance(body, dict):
+            raise ConfigError(f"config file {path}: section {name!r} must be a mapping, "
+                              f"got {type(body).__name__}")
+    return {name: body or {} for name, body in raw.items()}
+
+
+def load_settings(model: type[S], config_file: Path | str | None = None, **explicit: Any) -> S:
+    """Build ``model`` from flags (``explicit``; None values are ignored), env and file."""
+    section = model.section
+    path = Path(config_file) if config_file else None
+    sections = read_config_file(path) if path else {}
+    shared = {k: v for k, v in sections.get(SHARED, {}).items() if k in model.model_fields}
+    from_file = {**shared, **sections.get(section, {})}
+    flags = {k: v for k, v in explicit.items() if v is not None}
+    _check_env_names(model)
+    token = _yaml_values.set(from_file)
+    try:
+        return model(**flags)
+    except ValidationError as exc:
+        raise ConfigError(_explain(model, exc, path, sections, flags)) from None
+    finally:
+        _yaml_values.reset(token)
+
+
+def _check_env_names(model: type[SectionSettings]) -> None:
+    """A POPE_<SECTION>__ variable that names no field is a typo, not something to ignore."""
+    prefix = str(model.model_config.get("env_prefix", "")).upper()
+    fields = {name.upper() for name in model.model_fields}
+    for var in os.environ:
+        if var.upper().startswith(prefix):
+            field = var[len(prefix):].split("__", 1)[0].upper()
+            if field not in fields:
+                raise ConfigError(f"environment variable {var} names no field of section "
+                                  f"{model.section!r} (fields: {', '.join(sorted(model.model_fields))})")
+
+
+def _explain(model: type[SectionSettings], exc: ValidationError, path: Path | None,
+             sections: dict[str, dict[str, Any]], flags: dict[str, Any]) -> str:
+    section = model.section
+    env = EnvSettingsSource(model)()
+    prefix = str(model.model_config.get("env_prefix", ""))
+    lines = [f"invalid configuration for section {section!r}:"]
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        field = loc[0] if loc else "?"
+        dotted = ".".join(loc)
+        if field in flags:
+            origin = f"command-line option --{field.replace('_', '-')}"
+        elif field in env:
+            origin = f"environment variable {prefix}{'__'.join(loc).upper()}"
+        elif field == "redis_url" and os.environ.get("REDIS_URL"):
+            origin = "environment variable REDIS_URL"
+        elif field in sections.get(section, {}):
+            origin = f"{path}, section {section!r}, field {dotted!r}"
+        elif field in sections.get(SHARED, {}):
+            origin = f"{path}, section {SHARED!r}, field {dotted!r}"
+        else:
+            origin = f"field {dotted!r}"
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        lines.append(f"  {section}.{dotted}: {err['msg']}{got} [from {origin}]")
+    return "\n".join(lines)
+
+
+def resolved(settings: SectionSettings) -> dict[str, Any]:
+    """The settings as plain data for the start-up log and run records; secrets masked."""
+    data: dict[str, Any] = settings.model_dump(mode="json")
+    for name, value in settings:
+        if isinstance(value, SecretStr):
+            data[name] = "***"
+    return data

@@ -1,0 +1,77 @@
+"""Every Redis stream and key name the system uses, in one place.
+
+All names share one prefix (default ``pope:``) so several runs, or several tests, can
+share a Redis without touching each other's data. Nothing outside this module spells a
+key name.
+
+    pope:rollouts            stream, RawGroup         consumer group "verifiers"
+    pope:scored              stream, ScoredGroup      consumer group "trainers"
+    pope:events              stream, Event            (read with XREAD, no group)
+    pope:dead                stream, DeadLetter
+    pope:done:<group>:<key>  string with TTL: "this consumer group finished this message"
+    pope:failures:<group>    hash entry-id -> failure count (dead-letter bookkeeping)
+    pope:problems            hash problem-id -> Problem JSON
+    pope:state:<name>        hash: shared state (trainer step, engine version, ...)
+    pope:health:<service>:<instance>   string with TTL: a live worker's heartbeat
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "pope:"
+
+# Consumer groups of DESIGN.md 4.
+VERIFIERS = "verifiers"
+TRAINERS = "trainers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Stream and key names under one prefix; build with ``Keys("run42:")``."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c.isspace() for c in self.prefix):
+            raise ValueError(f"key prefix must be non-empty without whitespace, got {self.prefix!r}")
+
+    # Streams.
+    @property
+    def rollouts(self) -> str:
+        return f"{self.prefix}rollouts"
+
+    @property
+    def scored(self) -> str:
+        return f"{self.prefix}scored"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}events"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}dead"
+
+    # Delivery bookkeeping.
+    def done(self, group: str, key: str) -> str:
+        return f"{self.prefix}done:{group}:{key}"
+
+    def failures(self, group: str) -> str:
+        return f"{self.prefix}failures:{group}"
+
+    # Stores and state.
+    @property
+    def problems(self) -> str:
+        return f"{self.prefix}problems"
+
+    def state(self, name: str) -> str:
+        return f"{self.prefix}state:{name}"
+
+    def health(self, service: str, instance: str) -> str:
+        return f"{self.prefix}health:{service}:{instance}"
+
+    @property
+    def pattern(self) -> str:
+        """Glob matching every key of this prefix (for SCAN; never for KEYS in production)."""
+        return f"{self.prefix}*"

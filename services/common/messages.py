@@ -1,0 +1,285 @@
+"""Every message that crosses a service boundary, as versioned pydantic models.
+
+The pipeline (DESIGN.md 4):
+
+    Problem  --rollout-->  RawGroup  --verifier-->  ScoredGroup  --trainer-->  weights
+                           (pope:rollouts)          (pope:scored)
+    Event (weights updated, service state)  --> pope:events
+    DeadLetter (a message that failed too often) --> pope:dead
+
+Rules every model keeps:
+- JSON on the wire (``encode`` / ``decode``), never pickle; unknown fields are an error,
+  so a typo or a message from a newer schema is caught rather than silently dropped.
+- ``schema_version`` is on every message; a reader refuses a version it does not know.
+- Invariants are checked by validators, so a message that exists is a valid one.
+
+Weight versions are the trainer's step as an int here (the engine speaks them as decimal
+strings, e.g. ``"0"`` for the start-up weights; the engine client converts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal, Self, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+SCHEMA_VERSION = 1
+
+# A logprob is <= 0; allow float error from the engine's log_softmax.
+_LOGPROB_SLACK = 1e-4
+
+
+class Variant(StrEnum):
+    """Which prompt a group was sampled from (DESIGN.md 1.3-1.4)."""
+
+    HINTED = "hinted"
+    UNHINTED = "unhinted"
+
+
+class ProblemLabel(StrEnum):
+    """The hard-problem filter's verdict (DESIGN.md 1.1-1.2); unset before it runs."""
+
+    EASY = "easy"
+    HARD_HINTED = "hard_hinted"
+    HARD_UNSOLVED = "hard_unsolved"
+
+
+class FinishReason(StrEnum):
+    """Why the engine stopped a sample: a stop token, the length limit, or an abort."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+class Message(BaseModel):
+    """Base of every wire message: strict about unknown fields, immutable, versioned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+TokenId = Annotated[int, Field(ge=0)]
+
+
+def problem_id_for(prompt: str, answer: str) -> str:
+    """Content-derived id, so re-submitting the same problem does not duplicate it."""
+    digest = hashlib.sha256(f"{prompt}\x00{answer}".encode()).hexdigest()
+    return f"p-{digest[:16]}"
+
+
+class Problem(Message):
+    """A math problem the system trains or evaluates on.
+
+    Invariants:
+    - ``prompt`` and ``answer`` are non-empty; ``id`` is derived from them when not given.
+    - ``hint``, when set, is non-empty and is the privileged prefix shown in the hinted
+      variant; it is prompt text and is never trained on.
+    - ``label == hard_hinted`` implies a hint.
+    """
+
+    id: str = Field(default="", description="Stable id; derived from prompt and answer when empty.")
+    prompt: NonEmptyStr
+    answer: NonEmptyStr
+    solution: NonEmptyStr | None = None
+    hint: NonEmptyStr | None = None
+    split: Literal["train", "eval"] = "train"
+    label: ProblemLabel | None = None
+    source: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_id(cls, data: object) -> object:
+        if isinstance(data, dict) and not data.get("id"):
+            prompt, answer = data.get("prompt"), data.get("answer")
+            if isinstance(prompt, str) and isinstance(answer, str) and prompt and answer:
+                data = {**data, "id": problem_id_for(prompt, answer)}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.label is ProblemLabel.HARD_HINTED and self.hint is None:
+            raise ValueError("label 'hard_hinted' requires a hint")
+        return self
+
+
+class Sample(Message):
+    """One completion sampled from the engine for one prompt variant of one problem.
+
+    Invariants:
+    - ``logprobs`` has one entry per completion token, each the log-probability of that
+      token under the temperature-scaled sampling distribution (DESIGN.md 3), so <= 0.
+    - ``prompt_ids`` is non-empty; token ids are non-negative.
+    - ``weight_version`` is the version of the weights that sampled it.
+    """
+
+    problem_id: NonEmptyStr
+    variant: Variant
+    prompt_ids: list[TokenId] = Field(min_length=1)
+    completion_ids: list[TokenId]
+    logprobs: list[float]
+    finish_reason: FinishReason
+    weight_version: NonNegativeInt
+    text: str
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if len(self.logprobs) != len(self.completion_ids):
+            raise ValueError(
+                f"logprobs has {len(self.logprobs)} entries but completion_ids has "
+                f"{len(self.completion_ids)}; they must be one per completion token"
+            )
+        for i, lp in enumerate(self.logprobs):
+            if not math.isfinite(lp) or lp > _LOGPROB_SLACK:
+                raise ValueError(f"logprobs[{i}] = {lp} is not a log-probability (finite, <= 0)")
+        return self
+
+
+class RawGroup(Message):
+    """G samples of one prompt variant of one problem: the unit of GRPO normalisation.
+
+    Invariants:
+    - ``group_id`` is unique: it is the idempotency key of every consumer downstream.
+    - every sample has this group's ``problem_id`` and ``variant``.
+    - ``weight_version`` is the oldest weight version among the samples (staleness is
+      judged by the oldest policy that contributed).
+    - ``prompt`` is the rendered prompt text (for a hinted group it contains the hint);
+      ``answer`` is the gold answer the verifier scores against.
+    """
+
+    group_id: NonEmptyStr
+    problem_id: NonEmptyStr
+    variant: Variant
+    prompt: str
+    answer: NonEmptyStr
+    samples: list[Sample] = Field(min_length=1)
+    created_at: datetime = Field(default_factory=utc_now)
+    weight_version: NonNegativeInt
+    step: NonNegativeInt
+
+    @model_validator(mode="after")
+    def _check_group(self) -> Self:
+        for i, s in enumerate(self.samples):
+            if s.problem_id != self.problem_id:
+                raise ValueError(
+                    f"samples[{i}].problem_id {s.problem_id!r} differs from the group's {self.problem_id!r}"
+                )
+            if s.variant != self.variant:
+                raise ValueError(f"samples[{i}].variant {s.variant!r} differs from the group's {self.variant!r}")
+        oldest = min(s.weight_version for s in self.samples)
+        if self.weight_version != oldest:
+            raise ValueError(
+                f"weight_version {self.weight_version} must be the oldest sample version ({oldest})"
+            )
+        return self
+
+
+class Score(BaseModel):
+    """The verifier's verdict on one sample (also the reply row of POST /v1/verify)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reward: float = Field(ge=0.0, le=1.0)
+    extracted: str | None = None
+    timed_out: bool = False
+    error: str | None = None
+
+
+class ScoredGroup(RawGroup):
+    """A RawGroup with one Score per sample, in sample order.
+
+    Invariants: everything RawGroup keeps, plus ``len(scores) == len(samples)``.
+    """
+
+    scores: list[Score]
+    scored_at: datetime = Field(default_factory=utc_now)
+
+    @model_validator(mode="after")
+    def _check_scores(self) -> Self:
+        if len(self.scores) != len(self.samples):
+            raise ValueError(f"{len(self.scores)} scores for {len(self.samples)} samples; need one per sample")
+        return self
+
+    @classmethod
+    def from_raw(cls, raw: RawGroup, scores: list[Score]) -> ScoredGroup:
+        return cls(**dict(raw), scores=scores)
+
+    @property
+    def rewards(self) -> list[float]:
+        return [s.reward for s in self.scores]
+
+
+class WeightsUpdated(Message):
+    """The trainer saved weights for ``weight_version`` at ``path`` and pushed them."""
+
+    kind: Literal["weights_updated"] = "weights_updated"
+    weight_version: NonNegativeInt
+    path: NonEmptyStr
+    at: datetime = Field(default_factory=utc_now)
+
+
+class ServiceState(Message):
+    """A service instance changed state (started, ready, stopping, stopped)."""
+
+    kind: Literal["service_state"] = "service_state"
+    service: NonEmptyStr
+    instance: NonEmptyStr
+    state: Literal["starting", "ready", "stopping", "stopped"]
+    detail: str | None = None
+    at: datetime = Field(default_factory=utc_now)
+
+
+Event = Annotated[WeightsUpdated | ServiceState, Field(discriminator="kind")]
+EVENT_ADAPTER: TypeAdapter[WeightsUpdated | ServiceState] = TypeAdapter(Event)
+
+
+class DeadLetter(Message):
+    """A stream entry that could not be handled; kept with its error for a human.
+
+    ``data`` is the entry's original payload, verbatim (it may not even be valid JSON).
+    """
+
+    stream: NonEmptyStr
+    group: NonEmptyStr
+    entry_id: NonEmptyStr
+    data: str
+    error: str
+    failures: NonNegativeInt
+    at: datetime = Field(default_factory=utc_now)
+
+
+class MessageError(ValueError):
+    """A payload that is not a valid message of the expected type (never retried)."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def encode(message: BaseModel) -> bytes:
+    return message.model_dump_json().encode()
+
+
+def decode(model: type[M], data: bytes | str) -> M:
+    """Parse and validate ``data`` as ``model``; raise MessageError with the reason."""
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        raise MessageError(f"not a valid {model.__name__}: {exc}") from exc

@@ -1,0 +1,2 @@
+"""The inference engine: SGLang in production; here, the CPU engine that speaks the same
+subset of SGLang's native HTTP API (DESIGN.md 3). Not built yet."""

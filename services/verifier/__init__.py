@@ -1,0 +1,2 @@
+"""The verifier service: scores every sample of a RawGroup with math-verify in killable
+worker processes and publishes the ScoredGroup to ``pope:scored``. Not built yet."""

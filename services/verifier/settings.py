@@ -1,0 +1,19 @@
+"""Settings of the verifier service (section ``verifier``; env ``POPE_VERIFIER__<FIELD>``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from services.common.config import ServiceSettings, section_config
+
+
+class VerifierSettings(ServiceSettings):
+    section = "verifier"
+    model_config = section_config("verifier")
+
+    port: int = Field(8001, ge=0, le=65535)
+    """HTTP: /v1/verify, health and metrics."""
+    workers: int = Field(2, ge=1)
+    """math-verify worker processes."""
+    timeout_s: float = Field(5.0, gt=0.0)
+    """Hard wall-clock limit per answer; the worker is killed past it and the answer scores 0."""
