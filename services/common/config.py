@@ -63,7 +63,7 @@ def section_config(section: str) -> SettingsConfigDict:
 
 
 # The YAML section being loaded; set by ``load_settings`` for the duration of one load.
-_yaml_values: ContextVar[dict[str, Any]] = ContextVar("_yaml_values", default={})
+_yaml_values: ContextVar[dict[str, Any] | None] = ContextVar("_yaml_values", default=None)
 
 
 class _YamlSection(PydanticBaseSettingsSource):
@@ -71,7 +71,7 @@ class _YamlSection(PydanticBaseSettingsSource):
         raise NotImplementedError  # __call__ is overridden; this is never used
 
     def __call__(self) -> dict[str, Any]:
-        return dict(_yaml_values.get())
+        return dict(_yaml_values.get() or {})
 
 
 class _RedisUrlEnv(PydanticBaseSettingsSource):

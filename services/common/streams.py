@@ -212,7 +212,7 @@ class GroupReader:
         pending for another attempt.
         """
         FAILURES.labels(self.stream, self.group).inc()
-        failures = await self.redis.hincrby(self.keys.failures(self.group), entry.id, 1)
+        failures = int(await self.redis.hincrby(self.keys.failures(self.group), entry.id, 1))  # type: ignore[misc]
         if retryable and failures < self.policy.max_failures:
             log.warning("entry %s of %s failed (attempt %d of %d): %s", entry.id, self.stream,
                         failures, self.policy.max_failures, error)

@@ -11,7 +11,6 @@ import sys
 import time
 from collections import Counter
 
-import pytest
 from redis.asyncio import Redis
 
 from services.common.keys import VERIFIERS, Keys
@@ -252,13 +251,20 @@ async def test_sigterm_finishes_the_message_in_hand_and_hands_back_the_rest(
 
 
 async def test_worker_run_stops_when_asked(aredis: Redis, keys: Keys) -> None:
-    worker = make_worker(aredis, keys)
+    handled = asyncio.Event()
+    score = scoring_handler(keys)
+
+    async def handle(g: RawGroup, effects: Effects) -> None:
+        await score(g, effects)
+        handled.set()
+
+    worker = make_worker(aredis, keys, handler=handle)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     await publish(aredis, keys.rollouts, group("g0"), FAST)
-    while await scored_ids(aredis, keys) != ["g0"]:
-        await asyncio.sleep(0.02)
+    await asyncio.wait_for(handled.wait(), 10)
     stop.set()
-    await asyncio.wait_for(task, 5)
+    await asyncio.wait_for(task, 5)  # within one block_ms of the stop
+    assert await scored_ids(aredis, keys) == ["g0"] and await pending(aredis, keys) == 0
 
 
