@@ -60,8 +60,7 @@ def _settings_model(section: str) -> type[SectionSettings]:
 
 def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        print(f"pope {name}: not built yet; it arrives with the issue "
-              f"\"{_PENDING[name]}\".", file=sys.stderr)
+        print(f'pope {name}: not built yet; it arrives with the issue "{_PENDING[name]}".', file=sys.stderr)
         return NOT_BUILT
 
     return run
@@ -73,8 +72,14 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str,
-                    *, redis: bool = True, engine: bool = False) -> argparse.ArgumentParser:
+def _service_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    *,
+    redis: bool = True,
+    engine: bool = False,
+) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help)
     p.add_argument("--config", metavar="FILE", help="YAML config file (a section per service)")
     p.add_argument("--port", type=int, help="HTTP port")
@@ -86,8 +91,9 @@ def _service_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser], na
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pope", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pope", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = _service_parser(sub, "up", "start Redis (if needed), engine, rollout, verifier and trainer")
@@ -112,8 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=_not_built("model init"))
 
     sub.add_parser("data", help="import problems, filter hard ones").set_defaults(func=_not_built("data"))
-    hints = sub.add_parser("hints", help="hint (privileged prefix) search").add_subparsers(dest="action",
-                                                                                           required=True)
+    hints = sub.add_parser("hints", help="hint (privileged prefix) search").add_subparsers(dest="action", required=True)
     hints.add_parser("build", help="find the shortest helpful prefix").set_defaults(func=_not_built("hints build"))
     sub.add_parser("eval", help="pass@k evaluation").set_defaults(func=_not_built("eval"))
     sub.add_parser("experiment", help="POPE vs GRPO runs").set_defaults(func=_not_built("experiment"))

@@ -7,18 +7,40 @@ from services.common.messages import RawGroup, Sample, Score, ScoredGroup, Varia
 from services.common.worker import Effects
 
 
-def sample(problem_id: str = "p1", variant: Variant = Variant.UNHINTED, *, version: int = 0,
-           n_tokens: int = 3) -> Sample:
-    return Sample(problem_id=problem_id, variant=variant, prompt_ids=[1, 2, 3],
-                  completion_ids=list(range(10, 10 + n_tokens)), logprobs=[-0.5] * n_tokens,
-                  finish_reason="stop", weight_version=version, text="the answer is \\boxed{4}")
+def sample(
+    problem_id: str = "p1", variant: Variant = Variant.UNHINTED, *, version: int = 0, n_tokens: int = 3
+) -> Sample:
+    return Sample(
+        problem_id=problem_id,
+        variant=variant,
+        prompt_ids=[1, 2, 3],
+        completion_ids=list(range(10, 10 + n_tokens)),
+        logprobs=[-0.5] * n_tokens,
+        finish_reason="stop",
+        weight_version=version,
+        text="the answer is \\boxed{4}",
+    )
 
 
-def group(group_id: str, problem_id: str = "p1", variant: Variant = Variant.UNHINTED, *,
-          size: int = 2, version: int = 0, step: int = 0) -> RawGroup:
-    return RawGroup(group_id=group_id, problem_id=problem_id, variant=variant, prompt="What is 2+2?",
-                    answer="4", samples=[sample(problem_id, variant, version=version) for _ in range(size)],
-                    weight_version=version, step=step)
+def group(
+    group_id: str,
+    problem_id: str = "p1",
+    variant: Variant = Variant.UNHINTED,
+    *,
+    size: int = 2,
+    version: int = 0,
+    step: int = 0,
+) -> RawGroup:
+    return RawGroup(
+        group_id=group_id,
+        problem_id=problem_id,
+        variant=variant,
+        prompt="What is 2+2?",
+        answer="4",
+        samples=[sample(problem_id, variant, version=version) for _ in range(size)],
+        weight_version=version,
+        step=step,
+    )
 
 
 def scoring_handler(keys: Keys):  # type: ignore[no-untyped-def]

@@ -140,15 +140,14 @@ def read_config_file(path: Path) -> dict[str, dict[str, Any]]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path}: the top level must be a mapping of sections, "
-                          f"got {type(raw).__name__}")
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for name, body in raw.items():
         if name not in KNOWN_SECTIONS:
-            raise ConfigError(f"config file {path}: unknown section {name!r} "
-                              f"(known: {', '.join(sorted(KNOWN_SECTIONS))})")
+            raise ConfigError(
+                f"config file {path}: unknown section {name!r} (known: {', '.join(sorted(KNOWN_SECTIONS))})"
+            )
         if body is not None and not isinstance(body, dict):
-            raise ConfigError(f"config file {path}: section {name!r} must be a mapping, "
-                              f"got {type(body).__name__}")
+            raise ConfigError(f"config file {path}: section {name!r} must be a mapping, got {type(body).__name__}")
     return {name: body or {} for name, body in raw.items()}
 
 
@@ -176,14 +175,21 @@ def _check_env_names(model: type[SectionSettings]) -> None:
     fields = {name.upper() for name in model.model_fields}
     for var in os.environ:
         if var.upper().startswith(prefix):
-            field = var[len(prefix):].split("__", 1)[0].upper()
+            field = var[len(prefix) :].split("__", 1)[0].upper()
             if field not in fields:
-                raise ConfigError(f"environment variable {var} names no field of section "
-                                  f"{model.section!r} (fields: {', '.join(sorted(model.model_fields))})")
+                raise ConfigError(
+                    f"environment variable {var} names no field of section "
+                    f"{model.section!r} (fields: {', '.join(sorted(model.model_fields))})"
+                )
 
 
-def _explain(model: type[SectionSettings], exc: ValidationError, path: Path | None,
-             sections: dict[str, dict[str, Any]], flags: dict[str, Any]) -> str:
+def _explain(
+    model: type[SectionSettings],
+    exc: ValidationError,
+    path: Path | None,
+    sections: dict[str, dict[str, Any]],
+    flags: dict[str, Any],
+) -> str:
     section = model.section
     env = EnvSettingsSource(model)()
     prefix = str(model.model_config.get("env_prefix", ""))

@@ -50,6 +50,8 @@ def setup_logging(service: str, level: str = "INFO", fmt: str = "text") -> None:
 
 def log_resolved_config(settings: SectionSettings) -> None:
     logging.getLogger("pope.config").info(
-        "resolved config [%s]: %s", settings.section, json.dumps(resolved(settings), sort_keys=True),
+        "resolved config [%s]: %s",
+        settings.section,
+        json.dumps(resolved(settings), sort_keys=True),
         extra={"config": resolved(settings)},
     )

@@ -38,11 +38,13 @@ from pydantic import (
 # A logprob is <= 0; allow float error from the engine's log_softmax.
 _LOGPROB_SLACK = 1e-4
 
+
 class Variant(StrEnum):
     """Which prompt a group was sampled from (DESIGN.md 1.3-1.4)."""
 
     HINTED = "hinted"
     UNHINTED = "unhinted"
+
 
 class ProblemLabel(StrEnum):
     """The hard-problem filter's verdict (DESIGN.md 1.1-1.2); unset before it runs."""
@@ -51,12 +53,14 @@ class ProblemLabel(StrEnum):
     HARD_HINTED = "hard_hinted"
     HARD_UNSOLVED = "hard_unsolved"
 
+
 class FinishReason(StrEnum):
     """Why the engine stopped a sample: a stop token, the length limit, or an abort."""
 
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
+
 
 class Message(BaseModel):
     """Base of every wire message: strict about unknown fields, immutable, versioned."""
@@ -66,16 +70,20 @@ class Message(BaseModel):
     schema_version: Literal[1] = 1
     """Bumped on any incompatible change; readers refuse versions they do not know."""
 
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
+
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]
+
 
 def problem_id_for(prompt: str, answer: str) -> str:
     """Content-derived id, so re-submitting the same problem does not duplicate it."""
     digest = hashlib.sha256(f"{prompt}\x00{answer}".encode()).hexdigest()
     return f"p-{digest[:16]}"
+
 
 class Problem(Message):
     """A math problem the system trains or evaluates on.
@@ -111,6 +119,7 @@ class Problem(Message):
             raise ValueError("label 'hard_hinted' requires a hint")
         return self
 
+
 class Sample(Message):
     """One completion sampled from the engine for one prompt variant of one problem.
 
@@ -141,6 +150,7 @@ class Sample(Message):
             if not math.isfinite(lp) or lp > _LOGPROB_SLACK:
                 raise ValueError(f"logprobs[{i}] = {lp} is not a log-probability (finite, <= 0)")
         return self
+
 
 class RawGroup(Message):
     """G samples of one prompt variant of one problem: the unit of GRPO normalisation.
@@ -175,10 +185,9 @@ class RawGroup(Message):
                 raise ValueError(f"samples[{i}].variant {s.variant!r} differs from the group's {self.variant!r}")
         oldest = min(s.weight_version for s in self.samples)
         if self.weight_version != oldest:
-            raise ValueError(
-                f"weight_version {self.weight_version} must be the oldest sample version ({oldest})"
-            )
+            raise ValueError(f"weight_version {self.weight_version} must be the oldest sample version ({oldest})")
         return self
+
 
 class Score(BaseModel):
     """The verifier's verdict on one sample (also the reply row of POST /v1/verify)."""
@@ -189,6 +198,7 @@ class Score(BaseModel):
     extracted: str | None = None
     timed_out: bool = False
     error: str | None = None
+
 
 class ScoredGroup(RawGroup):
     """A RawGroup with one Score per sample, in sample order.
@@ -213,6 +223,7 @@ class ScoredGroup(RawGroup):
     def rewards(self) -> list[float]:
         return [s.reward for s in self.scores]
 
+
 class WeightsUpdated(Message):
     """The trainer saved weights for ``weight_version`` at ``path`` and pushed them."""
 
@@ -220,6 +231,7 @@ class WeightsUpdated(Message):
     weight_version: NonNegativeInt
     path: NonEmptyStr
     at: datetime = Field(default_factory=utc_now)
+
 
 class ServiceState(Message):
     """A service instance changed state (started, ready, stopping, stopped)."""
@@ -231,8 +243,10 @@ class ServiceState(Message):
     detail: str | None = None
     at: datetime = Field(default_factory=utc_now)
 
+
 Event = Annotated[WeightsUpdated | ServiceState, Field(discriminator="kind")]
 EVENT_ADAPTER: TypeAdapter[WeightsUpdated | ServiceState] = TypeAdapter(Event)
+
 
 class DeadLetter(Message):
     """A stream entry that could not be handled; kept with its error for a human.
@@ -248,13 +262,17 @@ class DeadLetter(Message):
     failures: NonNegativeInt
     at: datetime = Field(default_factory=utc_now)
 
+
 class MessageError(ValueError):
     """A payload that is not a valid message of the expected type (never retried)."""
 
+
 M = TypeVar("M", bound=BaseModel)
+
 
 def encode(message: BaseModel) -> bytes:
     return message.model_dump_json().encode()
+
 
 def decode(model: type[M], data: bytes | str) -> M:
     """Parse and validate ``data`` as ``model``; raise MessageError with the reason."""

@@ -33,12 +33,16 @@ log = logging.getLogger(__name__)
 
 DATA = b"data"
 
-RECLAIMED = Counter("pope_stream_reclaimed_total", "Entries taken over from a consumer past its lease",
-                    ["stream", "group"])
+RECLAIMED = Counter(
+    "pope_stream_reclaimed_total", "Entries taken over from a consumer past its lease", ["stream", "group"]
+)
 DEAD = Counter("pope_stream_dead_lettered_total", "Entries moved to the dead-letter stream", ["stream", "group"])
 FAILURES = Counter("pope_stream_failures_total", "Failed attempts at handling an entry", ["stream", "group"])
-TRIMMED = Counter("pope_stream_trimmed_unread_total",
-                  "Pending entries the stream cap removed before they were handled", ["stream", "group"])
+TRIMMED = Counter(
+    "pope_stream_trimmed_unread_total",
+    "Pending entries the stream cap removed before they were handled",
+    ["stream", "group"],
+)
 
 
 class DeliveryPolicy(BaseModel):
@@ -70,8 +74,9 @@ class Entry:
 
 async def publish(redis: Redis, stream: str, message: BaseModel, policy: DeliveryPolicy) -> str:
     """Append ``message`` to ``stream`` (capped); return the entry id."""
-    entry_id = await redis.xadd(stream, {DATA: encode(message)}, maxlen=policy.maxlen,
-                                approximate=not policy.exact_trim)
+    entry_id = await redis.xadd(
+        stream, {DATA: encode(message)}, maxlen=policy.maxlen, approximate=not policy.exact_trim
+    )
     return _s(entry_id)
 
 
@@ -133,8 +138,9 @@ class GroupReader:
 
     async def _read_group(self, start: str, count: int, block_ms: int | None) -> tuple[list[Entry], str | None]:
         """Entries from XREADGROUP and the last id seen (None when the reply was empty)."""
-        reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: start},
-                                            count=count, block=block_ms)
+        reply = await self.redis.xreadgroup(
+            self.group, self.consumer, {self.stream: start}, count=count, block=block_ms
+        )
         out: list[Entry] = []
         trimmed: list[str] = []
         last: str | None = None
@@ -150,9 +156,14 @@ class GroupReader:
         return out, last
 
     async def _reclaim(self, count: int) -> list[Entry]:
-        reply = await self.redis.xautoclaim(self.stream, self.group, self.consumer,
-                                            min_idle_time=self.policy.lease_ms,
-                                            start_id=self._claim_cursor, count=count)
+        reply = await self.redis.xautoclaim(
+            self.stream,
+            self.group,
+            self.consumer,
+            min_idle_time=self.policy.lease_ms,
+            start_id=self._claim_cursor,
+            count=count,
+        )
         # Redis >= 7 answers [cursor, entries, deleted-ids]; 6.2 answers [cursor, entries].
         self._claim_cursor = _s(reply[0])
         out = [Entry(_s(eid), fields.get(DATA, b"")) for eid, fields in reply[1] if fields]
@@ -162,16 +173,26 @@ class GroupReader:
             await self._forget_trimmed(deleted)
         if out:
             RECLAIMED.labels(self.stream, self.group).inc(len(out))
-            log.warning("reclaimed %d entries from %s/%s held past the %d ms lease",
-                        len(out), self.stream, self.group, self.policy.lease_ms)
+            log.warning(
+                "reclaimed %d entries from %s/%s held past the %d ms lease",
+                len(out),
+                self.stream,
+                self.group,
+                self.policy.lease_ms,
+            )
         return out
 
     async def _forget_trimmed(self, ids: list[str]) -> None:
         # Their payload is gone; nothing can handle them. Counted and logged, never silent.
         TRIMMED.labels(self.stream, self.group).inc(len(ids))
-        log.error("%d pending entries of %s were trimmed by the stream cap before being handled "
-                  "(consumers lag by more than maxlen=%d): %s", len(ids), self.stream,
-                  self.policy.maxlen, ids[:5])
+        log.error(
+            "%d pending entries of %s were trimmed by the stream cap before being handled "
+            "(consumers lag by more than maxlen=%d): %s",
+            len(ids),
+            self.stream,
+            self.policy.maxlen,
+            ids[:5],
+        )
         await self.redis.xack(self.stream, self.group, *ids)
 
     def reset(self) -> None:
@@ -201,8 +222,9 @@ class GroupReader:
     async def hand_back(self, *ids: str) -> None:
         """Give entries up now: mark them idle past the lease so any consumer takes them."""
         if ids:
-            await self.redis.xclaim(self.stream, self.group, self.consumer, 0, list(ids),
-                                    idle=self.policy.lease_ms + 1, justid=True)
+            await self.redis.xclaim(
+                self.stream, self.group, self.consumer, 0, list(ids), idle=self.policy.lease_ms + 1, justid=True
+            )
             self.in_hand.difference_update(ids)
 
     async def fail(self, entry: Entry, error: str, *, retryable: bool = True) -> bool:
@@ -214,19 +236,37 @@ class GroupReader:
         FAILURES.labels(self.stream, self.group).inc()
         failures = int(await self.redis.hincrby(self.keys.failures(self.group), entry.id, 1))  # type: ignore[misc]
         if retryable and failures < self.policy.max_failures:
-            log.warning("entry %s of %s failed (attempt %d of %d): %s", entry.id, self.stream,
-                        failures, self.policy.max_failures, error)
+            log.warning(
+                "entry %s of %s failed (attempt %d of %d): %s",
+                entry.id,
+                self.stream,
+                failures,
+                self.policy.max_failures,
+                error,
+            )
             self.in_hand.discard(entry.id)
             self._backlog_cursor = "0"  # retried from our own pending list
             return False
-        letter = DeadLetter(stream=self.stream, group=self.group, entry_id=entry.id,
-                            data=entry.data.decode(errors="replace"), error=error, failures=failures)
+        letter = DeadLetter(
+            stream=self.stream,
+            group=self.group,
+            entry_id=entry.id,
+            data=entry.data.decode(errors="replace"),
+            error=error,
+            failures=failures,
+        )
         async with self.redis.pipeline(transaction=True) as pipe:
             queue_publish(pipe, self.keys.dead, letter, self.policy)
             self.queue_ack(pipe, entry.id)
             await pipe.execute()
         self.acked(entry.id)
         DEAD.labels(self.stream, self.group).inc()
-        log.error("entry %s of %s dead-lettered to %s after %d failure(s): %s", entry.id,
-                  self.stream, self.keys.dead, failures, error)
+        log.error(
+            "entry %s of %s dead-lettered to %s after %d failure(s): %s",
+            entry.id,
+            self.stream,
+            self.keys.dead,
+            failures,
+            error,
+        )
         return True

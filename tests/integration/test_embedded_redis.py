@@ -17,8 +17,14 @@ def test_make_test_falls_back_to_a_private_redis(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "PYTEST_ADDOPTS", "MAKEFLAGS")}
     env |= {"POPE_TEST_REDIS_PROBE": nothing_here, "POPE_TEST_REDIS_REPORT": str(report)}
     inner = "tests/integration/test_streams.py::test_publish_and_consume tests/unit/test_keys.py"
-    proc = subprocess.run(["make", "--no-print-directory", "test", f"PYTEST_ARGS=-q -p no:cacheprovider {inner}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "test", f"PYTEST_ARGS=-q -p no:cacheprovider {inner}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "4 passed" in out, out

@@ -23,8 +23,9 @@ from tests.factories import group, scoring_handler
 FAST = DeliveryPolicy(lease_ms=60_000, block_ms=100, batch=8)
 
 
-def make_worker(aredis: Redis, keys: Keys, name: str = "c1", policy: DeliveryPolicy = FAST,
-                handler=None) -> Worker[RawGroup]:  # type: ignore[no-untyped-def]
+def make_worker(
+    aredis: Redis, keys: Keys, name: str = "c1", policy: DeliveryPolicy = FAST, handler=None
+) -> Worker[RawGroup]:  # type: ignore[no-untyped-def]
     reader = GroupReader(aredis, keys, keys.rollouts, VERIFIERS, name, policy)
     return Worker(reader, RawGroup, handler or scoring_handler(keys), key_of=lambda g: g.group_id)
 
@@ -197,8 +198,10 @@ async def test_a_live_consumer_keeps_its_lease(aredis: Redis, keys: Keys) -> Non
 
 def spawn(redis_url: str, keys: Keys, name: str, mode: str, lease_ms: int = 60_000) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.integration.consumer_proc", redis_url, keys.prefix, name, mode,
-         str(lease_ms)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [sys.executable, "-m", "tests.integration.consumer_proc", redis_url, keys.prefix, name, mode, str(lease_ms)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 async def wait_list(aredis: Redis, key: str, timeout: float = 30) -> str:
@@ -230,7 +233,8 @@ async def test_consumer_killed_with_sigkill_loses_nothing(redis_url: str, aredis
 
 
 async def test_sigterm_finishes_the_message_in_hand_and_hands_back_the_rest(
-        redis_url: str, aredis: Redis, keys: Keys) -> None:
+    redis_url: str, aredis: Redis, keys: Keys
+) -> None:
     worker = spawn(redis_url, keys, "graceful", "wait")
     try:
         await wait_list(aredis, f"{keys.prefix}test:started")
@@ -266,5 +270,3 @@ async def test_worker_run_stops_when_asked(aredis: Redis, keys: Keys) -> None:
     stop.set()
     await asyncio.wait_for(task, 5)  # within one block_ms of the stop
     assert await scored_ids(aredis, keys) == ["g0"] and await pending(aredis, keys) == 0
-
-

@@ -10,8 +10,18 @@ import pytest
 
 POPE = str(Path(sys.executable).parent / "pope")
 
-PENDING = [["up"], ["engine"], ["rollout"], ["verifier"], ["trainer"], ["model", "init", "--out", "x"],
-           ["data"], ["hints", "build"], ["eval"], ["experiment"]]
+PENDING = [
+    ["up"],
+    ["engine"],
+    ["rollout"],
+    ["verifier"],
+    ["trainer"],
+    ["model", "init", "--out", "x"],
+    ["data"],
+    ["hints", "build"],
+    ["eval"],
+    ["experiment"],
+]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -21,8 +31,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 def test_help_lists_every_command() -> None:
     out = run("--help")
     assert out.returncode == 0
-    for name in ("up", "engine", "rollout", "verifier", "trainer", "model", "data", "hints", "eval",
-                 "experiment"):
+    for name in ("up", "engine", "rollout", "verifier", "trainer", "model", "data", "hints", "eval", "experiment"):
         assert f"    {name}" in out.stdout
 
 

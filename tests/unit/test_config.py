@@ -41,7 +41,9 @@ def test_defaults_are_the_papers_settings() -> None:
 
 
 def test_precedence_flag_env_file_shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = write(tmp_path, """
+    cfg = write(
+        tmp_path,
+        """
 shared:
   redis_url: redis://shared:6379/0
   max_staleness: 2
@@ -50,7 +52,8 @@ trainer:
   streams: {lease_ms: 5000}
 verifier:
   workers: 7
-""")
+""",
+    )
     t = load_settings(TrainerSettings, cfg)
     assert t.redis_url == "redis://shared:6379/0" and t.max_staleness == 2
     assert t.learning_rate == 3e-6 and t.streams.lease_ms == 5000 and t.streams.max_failures == 3

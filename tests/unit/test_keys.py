@@ -7,8 +7,17 @@ from services.common.keys import Keys
 
 def test_every_name_is_under_the_prefix() -> None:
     k = Keys("run7:")
-    names = [k.rollouts, k.scored, k.events, k.dead, k.problems, k.done("verifiers", "g1"),
-             k.failures("trainers"), k.state("trainer"), k.health("verifier", "v1")]
+    names = [
+        k.rollouts,
+        k.scored,
+        k.events,
+        k.dead,
+        k.problems,
+        k.done("verifiers", "g1"),
+        k.failures("trainers"),
+        k.state("trainer"),
+        k.health("verifier", "v1"),
+    ]
     assert all(n.startswith("run7:") for n in names)
     assert len(set(names)) == len(names)
     assert Keys().rollouts == "pope:rollouts" and Keys().dead == "pope:dead"

@@ -48,46 +48,118 @@ def test_problem_rejects_empty_fields_and_hinted_label_without_hint() -> None:
 
 def test_sample_logprobs_one_per_completion_token() -> None:
     with pytest.raises(ValidationError, match="logprobs has 2 entries but completion_ids has 3"):
-        Sample(problem_id="p", variant="hinted", prompt_ids=[1], completion_ids=[1, 2, 3],
-               logprobs=[-1.0, -1.0], finish_reason="stop", weight_version=0, text="")
+        Sample(
+            problem_id="p",
+            variant="hinted",
+            prompt_ids=[1],
+            completion_ids=[1, 2, 3],
+            logprobs=[-1.0, -1.0],
+            finish_reason="stop",
+            weight_version=0,
+            text="",
+        )
 
 
 @pytest.mark.parametrize("bad", [0.5, float("nan"), float("-inf")])
 def test_sample_rejects_values_that_are_not_logprobs(bad: float) -> None:
     with pytest.raises(ValidationError, match="not a log-probability"):
-        Sample(problem_id="p", variant="hinted", prompt_ids=[1], completion_ids=[7],
-               logprobs=[bad], finish_reason="length", weight_version=0, text="")
+        Sample(
+            problem_id="p",
+            variant="hinted",
+            prompt_ids=[1],
+            completion_ids=[7],
+            logprobs=[bad],
+            finish_reason="length",
+            weight_version=0,
+            text="",
+        )
 
 
 def test_sample_rejects_empty_prompt_and_negative_ids() -> None:
     with pytest.raises(ValidationError, match="prompt_ids"):
-        Sample(problem_id="p", variant="hinted", prompt_ids=[], completion_ids=[], logprobs=[],
-               finish_reason="stop", weight_version=0, text="")
+        Sample(
+            problem_id="p",
+            variant="hinted",
+            prompt_ids=[],
+            completion_ids=[],
+            logprobs=[],
+            finish_reason="stop",
+            weight_version=0,
+            text="",
+        )
     with pytest.raises(ValidationError, match="completion_ids"):
-        Sample(problem_id="p", variant="hinted", prompt_ids=[1], completion_ids=[-1], logprobs=[-1.0],
-               finish_reason="stop", weight_version=0, text="")
+        Sample(
+            problem_id="p",
+            variant="hinted",
+            prompt_ids=[1],
+            completion_ids=[-1],
+            logprobs=[-1.0],
+            finish_reason="stop",
+            weight_version=0,
+            text="",
+        )
 
 
 def test_group_samples_share_problem_and_variant() -> None:
     with pytest.raises(ValidationError, match=r"samples\[1\].problem_id"):
-        RawGroup(group_id="g", problem_id="p1", variant="unhinted", prompt="q", answer="4",
-                 samples=[sample("p1"), sample("p2")], weight_version=0, step=0)
+        RawGroup(
+            group_id="g",
+            problem_id="p1",
+            variant="unhinted",
+            prompt="q",
+            answer="4",
+            samples=[sample("p1"), sample("p2")],
+            weight_version=0,
+            step=0,
+        )
     with pytest.raises(ValidationError, match=r"samples\[0\].variant"):
-        RawGroup(group_id="g", problem_id="p1", variant="unhinted", prompt="q", answer="4",
-                 samples=[sample("p1", Variant.HINTED)], weight_version=0, step=0)
+        RawGroup(
+            group_id="g",
+            problem_id="p1",
+            variant="unhinted",
+            prompt="q",
+            answer="4",
+            samples=[sample("p1", Variant.HINTED)],
+            weight_version=0,
+            step=0,
+        )
     with pytest.raises(ValidationError, match="samples"):
-        RawGroup(group_id="g", problem_id="p1", variant="unhinted", prompt="q", answer="4",
-                 samples=[], weight_version=0, step=0)
+        RawGroup(
+            group_id="g",
+            problem_id="p1",
+            variant="unhinted",
+            prompt="q",
+            answer="4",
+            samples=[],
+            weight_version=0,
+            step=0,
+        )
 
 
 def test_group_weight_version_is_its_oldest_sample() -> None:
     samples = [sample(version=3), sample(version=2)]
-    g = RawGroup(group_id="g", problem_id="p1", variant="unhinted", prompt="q", answer="4",
-                 samples=samples, weight_version=2, step=3)
+    g = RawGroup(
+        group_id="g",
+        problem_id="p1",
+        variant="unhinted",
+        prompt="q",
+        answer="4",
+        samples=samples,
+        weight_version=2,
+        step=3,
+    )
     assert g.weight_version == 2
     with pytest.raises(ValidationError, match="must be the oldest sample version"):
-        RawGroup(group_id="g", problem_id="p1", variant="unhinted", prompt="q", answer="4",
-                 samples=samples, weight_version=3, step=3)
+        RawGroup(
+            group_id="g",
+            problem_id="p1",
+            variant="unhinted",
+            prompt="q",
+            answer="4",
+            samples=samples,
+            weight_version=3,
+            step=3,
+        )
 
 
 def test_scored_group_has_one_score_per_sample() -> None:
@@ -104,8 +176,12 @@ def test_scored_group_has_one_score_per_sample() -> None:
 def test_round_trip_through_json() -> None:
     raw = group("g1")
     scored = ScoredGroup.from_raw(raw, [Score(reward=1.0, extracted="4")] * 2)
-    for msg in (Problem(prompt="p", answer="1"), raw, scored,
-                DeadLetter(stream="s", group="g", entry_id="1-0", data="{", error="bad", failures=3)):
+    for msg in (
+        Problem(prompt="p", answer="1"),
+        raw,
+        scored,
+        DeadLetter(stream="s", group="g", entry_id="1-0", data="{", error="bad", failures=3),
+    ):
         assert decode(type(msg), encode(msg)) == msg
     assert json.loads(encode(raw))["schema_version"] == 1
 
