@@ -58,6 +58,8 @@ class DeliveryPolicy(BaseModel):
     """Trim to exactly ``maxlen`` (slower) instead of Redis' cheaper approximate trim."""
     block_ms: int = Field(1_000, gt=0)
     """How long one read waits for new entries; also the latency of a graceful stop."""
+    retry_delay_ms: int = Field(500, ge=0)
+    """Pause before retrying after a failed attempt (a crashing dependency gets time to recover)."""
     batch: int = Field(16, ge=1)
     """Entries read at a time."""
     done_ttl_s: int = Field(7 * 24 * 3600, gt=0)
@@ -171,6 +173,7 @@ class GroupReader:
         deleted += [_s(eid) for eid, fields in reply[1] if not fields]
         if deleted:
             await self._forget_trimmed(deleted)
+        out = await self._drop_crashers(out)
         if out:
             RECLAIMED.labels(self.stream, self.group).inc(len(out))
             log.warning(
@@ -181,6 +184,23 @@ class GroupReader:
                 self.policy.lease_ms,
             )
         return out
+
+    async def _drop_crashers(self, entries: list[Entry]) -> list[Entry]:
+        """Dead-letter entries whose consumers keep dying on them (a crash is not a
+        handler exception, so ``fail`` never counted it; the delivery count did)."""
+        keep = []
+        for entry in entries:
+            rows = await self.redis.xpending_range(self.stream, self.group, min=entry.id, max=entry.id, count=1)
+            delivered = int(rows[0]["times_delivered"]) if rows else 0
+            if delivered > self.policy.max_failures:
+                error = (
+                    f"delivered {delivered} times and never acked: each consumer holding it "
+                    f"died or stalled past the {self.policy.lease_ms} ms lease"
+                )
+                await self._dead_letter(entry, error, delivered - 1)
+            else:
+                keep.append(entry)
+        return keep
 
     async def _forget_trimmed(self, ids: list[str]) -> None:
         # Their payload is gone; nothing can handle them. Counted and logged, never silent.
@@ -247,6 +267,10 @@ class GroupReader:
             self.in_hand.discard(entry.id)
             self._backlog_cursor = "0"  # retried from our own pending list
             return False
+        await self._dead_letter(entry, error, failures)
+        return True
+
+    async def _dead_letter(self, entry: Entry, error: str, failures: int) -> None:
         letter = DeadLetter(
             stream=self.stream,
             group=self.group,
@@ -269,4 +293,3 @@ class GroupReader:
             failures,
             error,
         )
-        return True

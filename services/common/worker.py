@@ -96,6 +96,7 @@ class Worker(Generic[M]):
         self.key_of = key_of
         # (service, instance): written as a short-lived health key while the loop runs.
         self.heartbeat = heartbeat
+        self._failed = False  # a retryable failure happened in the current batch
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; then finish the message in hand and hand back the rest."""
@@ -107,8 +108,12 @@ class Worker(Generic[M]):
                     await self.reader.ensure_group()
                     ready = True
                 await self._beat()
+                self._failed = False
                 await self.run_once(stop)
                 backoff = 0.1
+                if self._failed:  # pause before the retry, not before other work
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.reader.policy.retry_delay_ms / 1000)
             except _REDIS_DOWN as exc:
                 log.warning("redis unavailable (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
                 self.reader.reset()
@@ -162,6 +167,7 @@ class Worker(Generic[M]):
             except Exception as exc:
                 log.exception("handler failed on entry %s (%s)", entry.id, key)
                 dead = await reader.fail(entry, f"{type(exc).__name__}: {exc}")
+                self._failed = not dead
                 return "dead" if dead else "retry"
             pipe.multi()
             effects.apply(pipe)

@@ -270,3 +270,23 @@ async def test_worker_run_stops_when_asked(aredis: Redis, keys: Keys) -> None:
     stop.set()
     await asyncio.wait_for(task, 5)  # within one block_ms of the stop
     assert await scored_ids(aredis, keys) == ["g0"] and await pending(aredis, keys) == 0
+
+
+async def test_entry_whose_consumers_keep_dying_is_dead_lettered(aredis: Redis, keys: Keys) -> None:
+    """A crash (not an exception) is counted by the delivery count: after max_failures
+    consumers died holding it, the next reclaim dead-letters it instead of handing it out."""
+    policy = DeliveryPolicy(lease_ms=1, max_failures=3, block_ms=50)
+    first = make_worker(aredis, keys, "dies-0", policy)
+    await first.reader.ensure_group()
+    await publish(aredis, keys.rollouts, group("crasher"), policy)
+    assert len(await first.reader.read()) == 1  # delivery 1; this consumer then "dies"
+    for n in (1, 2):
+        await asyncio.sleep(0.005)  # past the 1 ms lease
+        assert len(await make_worker(aredis, keys, f"dies-{n}", policy).reader.read()) == 1
+    await asyncio.sleep(0.005)
+    assert await make_worker(aredis, keys, "survivor", policy).reader.read() == []
+    [(_id, fields)] = await aredis.xrange(keys.dead)
+    letter = decode(DeadLetter, fields[DATA])
+    assert "delivered 4 times and never acked" in letter.error
+    assert decode(RawGroup, letter.data).group_id == "crasher"
+    assert await pending(aredis, keys) == 0
