@@ -157,7 +157,7 @@ def load_settings(model: type[S], config_file: Path | str | None = None, **expli
     path = Path(config_file) if config_file else None
     sections = read_config_file(path) if path else {}
     shared = {k: v for k, v in sections.get(SHARED, {}).items() if k in model.model_fields}
-    from_file = {**shared, **sections.get(section, {})}
+    from_file = _deep_merge(shared, sections.get(section, {}))
     flags = {k: v for k, v in explicit.items() if v is not None}
     _check_env_names(model)
     token = _yaml_values.set(from_file)
@@ -167,6 +167,14 @@ def load_settings(model: type[S], config_file: Path | str | None = None, **expli
         raise ConfigError(_explain(model, exc, path, sections, flags)) from None
     finally:
         _yaml_values.reset(token)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, merging nested mappings (``streams:`` in both sections)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _check_env_names(model: type[SectionSettings]) -> None:

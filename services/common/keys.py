@@ -9,7 +9,9 @@ key name.
     pope:events              stream, Event            (read with XREAD, no group)
     pope:dead                stream, DeadLetter
     pope:done:<group>:<key>  string with TTL: "this consumer group finished this message"
-    pope:failures:<group>    hash entry-id -> failure count (dead-letter bookkeeping)
+    pope:failures:<group>    hash entry-id -> failed handler attempts  } dead-letter
+    pope:reclaims:<group>    hash entry-id -> times taken from a dead  } bookkeeping
+                             consumer
     pope:problems            hash problem-id -> Problem JSON
     pope:state:<name>        hash: shared state (trainer step, engine version, ...)
     pope:health:<service>:<instance>   string with TTL: a live worker's heartbeat
@@ -59,6 +61,9 @@ class Keys:
 
     def failures(self, group: str) -> str:
         return f"{self.prefix}failures:{group}"
+
+    def reclaims(self, group: str) -> str:
+        return f"{self.prefix}reclaims:{group}"
 
     # Stores and state.
     @property

@@ -128,6 +128,8 @@ class GroupReader:
             entries, self._backlog_cursor = await self._read_backlog(self._backlog_cursor, count)
         if not entries:
             entries = await self._reclaim(count)
+            if not entries and self._backlog_cursor is not None:  # 6.2: ack what the cap trimmed
+                entries, self._backlog_cursor = await self._read_backlog(self._backlog_cursor, count)
         if not entries:
             entries, _ = await self._read_group(">", count, block_ms or self.policy.block_ms)
         fresh = [e for e in entries if e.id not in self.in_hand]
@@ -166,18 +168,22 @@ class GroupReader:
             start_id=self._claim_cursor,
             count=count,
         )
-        # Redis >= 7 answers [cursor, entries, deleted-ids]; 6.2 answers [cursor, entries].
+        # Redis >= 7 answers [cursor, entries, deleted-ids] and drops trimmed entries from
+        # the pending list itself. Redis 6.2 answers [cursor, entries] with a trimmed entry
+        # as nil, without even its id; it is now pending under us, so reading our own
+        # backlog (which does give its id) acks it.
         self._claim_cursor = _s(reply[0])
-        out = [Entry(_s(eid), fields.get(DATA, b"")) for eid, fields in reply[1] if fields]
+        out = [Entry(_s(eid), fields.get(DATA, b"")) for eid, fields in reply[1] if eid is not None and fields]
         deleted = [_s(eid) for eid in reply[2]] if len(reply) > 2 else []
-        deleted += [_s(eid) for eid, fields in reply[1] if not fields]
         if deleted:
-            await self._forget_trimmed(deleted)
+            self._count_trimmed(deleted)
+        if any(eid is None or not fields for eid, fields in reply[1]):
+            self._backlog_cursor = "0"
         out = await self._drop_crashers(out)
         if out:
             RECLAIMED.labels(self.stream, self.group).inc(len(out))
             log.warning(
-                "reclaimed %d entries from %s/%s held past the %d ms lease",
+                "reclaimed %d entries of %s/%s from consumers silent past the %d ms lease",
                 len(out),
                 self.stream,
                 self.group,
@@ -186,23 +192,27 @@ class GroupReader:
         return out
 
     async def _drop_crashers(self, entries: list[Entry]) -> list[Entry]:
-        """Dead-letter entries whose consumers keep dying on them (a crash is not a
-        handler exception, so ``fail`` never counted it; the delivery count did)."""
+        """Count each reclaim; dead-letter entries that ``max_failures`` consumers died
+        holding. A crash is no handler exception, so ``fail`` never saw it. Hand-backs
+        (graceful stops) are not counted: ``hand_back`` takes its reclaim off again."""
         keep = []
         for entry in entries:
-            rows = await self.redis.xpending_range(self.stream, self.group, min=entry.id, max=entry.id, count=1)
-            delivered = int(rows[0]["times_delivered"]) if rows else 0
-            if delivered > self.policy.max_failures:
+            reclaims = int(await self.redis.hincrby(self.keys.reclaims(self.group), entry.id, 1))  # type: ignore[misc]
+            if reclaims >= self.policy.max_failures:  # as many consumers died holding it
                 error = (
-                    f"delivered {delivered} times and never acked: each consumer holding it "
-                    f"died or stalled past the {self.policy.lease_ms} ms lease"
+                    f"taken over {reclaims} times from consumers that died or stalled past the "
+                    f"{self.policy.lease_ms} ms lease while holding it, never acked"
                 )
-                await self._dead_letter(entry, error, delivered - 1)
+                await self._dead_letter(entry, error, reclaims)
             else:
                 keep.append(entry)
         return keep
 
     async def _forget_trimmed(self, ids: list[str]) -> None:
+        self._count_trimmed(ids)
+        await self.ack(*ids)
+
+    def _count_trimmed(self, ids: list[str]) -> None:
         # Their payload is gone; nothing can handle them. Counted and logged, never silent.
         TRIMMED.labels(self.stream, self.group).inc(len(ids))
         log.error(
@@ -213,7 +223,6 @@ class GroupReader:
             self.policy.maxlen,
             ids[:5],
         )
-        await self.redis.xack(self.stream, self.group, *ids)
 
     def reset(self) -> None:
         """Forget what is in hand (e.g. after a lost connection): it is still pending in
@@ -221,31 +230,63 @@ class GroupReader:
         self.in_hand.clear()
         self._backlog_cursor = "0"
 
+    def release(self, entry_id: str) -> None:
+        """Let go of one entry for a later retry from the backlog (it stays pending)."""
+        self.in_hand.discard(entry_id)
+        self._backlog_cursor = "0"
+
     async def ack(self, *ids: str) -> None:
         if ids:
-            await self.redis.xack(self.stream, self.group, *ids)
-            self.in_hand.difference_update(ids)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                self.queue_ack(pipe, *ids)
+                await pipe.execute()
+            self.acked(*ids)
 
     def queue_ack(self, pipe: Any, *ids: str) -> None:
-        """Queue the ack on a transaction; call ``acked`` once it has committed."""
+        """Queue the ack (and the end of its bookkeeping) on a transaction; call ``acked``
+        once it has committed."""
         pipe.xack(self.stream, self.group, *ids)
         pipe.hdel(self.keys.failures(self.group), *ids)
+        pipe.hdel(self.keys.reclaims(self.group), *ids)
 
     def acked(self, *ids: str) -> None:
         self.in_hand.difference_update(ids)
 
-    async def renew(self, *ids: str) -> None:
-        """Reset the idle time of entries still being worked on, so no one reclaims them."""
-        if ids:
-            await self.redis.xclaim(self.stream, self.group, self.consumer, 0, list(ids), justid=True)
+    async def renew(self, *ids: str) -> list[str]:
+        """Reset the idle time of entries still ours, so no one reclaims them; return the
+        ids that are no longer ours (another consumer took them over while we stalled)."""
+        lost = []
+        for eid in ids:
+            rows = await self.redis.xpending_range(self.stream, self.group, min=eid, max=eid, count=1)
+            owner = _s(rows[0]["consumer"]) if rows else None
+            if owner == self.consumer:
+                await self.redis.xclaim(self.stream, self.group, self.consumer, 0, [eid], justid=True)
+            else:
+                lost.append(eid)
+        return lost
 
     async def hand_back(self, *ids: str) -> None:
-        """Give entries up now: mark them idle past the lease so any consumer takes them."""
+        """Give entries up now: mark them idle past the lease so any consumer takes them.
+
+        The reclaim that follows is not a crash, so it is taken off the reclaim count now.
+        """
         if ids:
-            await self.redis.xclaim(
-                self.stream, self.group, self.consumer, 0, list(ids), idle=self.policy.lease_ms + 1, justid=True
-            )
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xclaim(
+                    self.stream, self.group, self.consumer, 0, list(ids), idle=self.policy.lease_ms + 1, justid=True
+                )
+                for eid in ids:
+                    pipe.hincrby(self.keys.reclaims(self.group), eid, -1)
+                await pipe.execute()
             self.in_hand.difference_update(ids)
+
+    async def hand_back_pending(self) -> int:
+        """Hand back everything pending under this consumer (e.g. entries waiting for a
+        retry) that is not in hand; return how many."""
+        rows = await self.redis.xpending_range(self.stream, self.group, "-", "+", 10_000, consumername=self.consumer)
+        ids = [_s(r["message_id"]) for r in rows if _s(r["message_id"]) not in self.in_hand]
+        await self.hand_back(*ids)
+        return len(ids)
 
     async def fail(self, entry: Entry, error: str, *, retryable: bool = True) -> bool:
         """Record a failed attempt; dead-letter the entry once out of attempts.
@@ -264,8 +305,7 @@ class GroupReader:
                 self.policy.max_failures,
                 error,
             )
-            self.in_hand.discard(entry.id)
-            self._backlog_cursor = "0"  # retried from our own pending list
+            self.release(entry.id)  # retried from our own pending list
             return False
         await self._dead_letter(entry, error, failures)
         return True

@@ -15,8 +15,8 @@ Exactly once *in effect*, on top of at-least-once delivery:
   same key while this one works, the WATCH aborts this commit.
 - While a handler runs, its entry's lease is renewed, so only a dead consumer's entries
   are reclaimed. On stop, the message in hand is finished and the rest are handed back.
-- A handler exception is a failed attempt (retried, then dead-lettered); a lost Redis
-  connection is not: the worker backs off and carries on once Redis is back.
+- A handler exception is a failed attempt (retried, then dead-lettered); a Redis error
+  is not the message's fault and is never counted: the worker backs off and carries on.
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from prometheus_client import Counter
 from pydantic import BaseModel
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
 
 from services.common.messages import MessageError, decode
 from services.common.streams import DeliveryPolicy, Entry, GroupReader, queue_publish
@@ -46,9 +44,6 @@ Outcome = Literal["done", "duplicate", "retry", "dead"]
 
 HANDLED = Counter("pope_stream_handled_total", "Entries handled, by outcome", ["stream", "group", "outcome"])
 HANDED_BACK = Counter("pope_stream_handed_back_total", "Entries handed back on stop", ["stream", "group"])
-
-# A lost Redis connection is not the message's fault: it is never counted as a failure.
-_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
 
 
 class Effects:
@@ -99,7 +94,12 @@ class Worker(Generic[M]):
         self._failed = False  # a retryable failure happened in the current batch
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Work until ``stop`` is set; then finish the message in hand and hand back the rest."""
+        """Work until ``stop`` is set; then finish the message in hand and hand back the rest.
+
+        Redis errors never end the loop: a lost connection, a failover (READONLY), an
+        out-of-memory refusal or a group that vanished with a Redis that came back empty
+        are logged, and the worker backs off and starts over from its own pending list.
+        """
         backoff = 0.1
         ready = False
         while not stop.is_set():
@@ -114,13 +114,17 @@ class Worker(Generic[M]):
                 if self._failed:  # pause before the retry, not before other work
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), self.reader.policy.retry_delay_ms / 1000)
-            except _REDIS_DOWN as exc:
-                log.warning("redis unavailable (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
+            except RedisError as exc:
+                log.warning("redis error (%s: %s); retrying in %.1fs", type(exc).__name__, exc, backoff)
                 self.reader.reset()
                 ready = False
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, 5.0)
+        with contextlib.suppress(RedisError):
+            if n := await self.reader.hand_back_pending():
+                HANDED_BACK.labels(self.reader.stream, self.reader.group).inc(n)
+                log.info("stopping: handed back %d entries waiting for a retry", n)
 
     async def run_once(self, stop: asyncio.Event | None = None) -> int:
         """Read one batch and handle it; return how many entries were handled."""
@@ -149,49 +153,66 @@ class Worker(Generic[M]):
             await reader.fail(entry, str(exc), retryable=False)
             return "dead"
         done_key = reader.keys.done(reader.group, key)
-        async with reader.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(done_key)
-            if await pipe.exists(done_key):
+        if await reader.redis.exists(done_key):
+            await reader.ack(entry.id)
+            log.info("entry %s: %s already done, acked without handling", entry.id, key)
+            return "duplicate"
+        # The handler runs with no transaction open: WATCH is taken only for the commit,
+        # so a connection that idles through a long handler cannot break it.
+        effects = Effects(reader.policy)
+        try:
+            async with self._renewing(entry.id):
+                await self.handler(message, effects)
+        except RedisError:
+            raise
+        except Exception as exc:
+            log.exception("handler failed on entry %s (%s)", entry.id, key)
+            dead = await reader.fail(entry, f"{type(exc).__name__}: {exc}")
+            self._failed = not dead
+            return "dead" if dead else "retry"
+        return await self._commit(entry, done_key, effects)
+
+    async def _commit(self, entry: Entry, done_key: str, effects: Effects) -> Outcome:
+        """Effects + done marker + ack in one MULTI/EXEC, unless the key got done meanwhile.
+
+        Effects must not fail inside EXEC (Redis does not roll back a transaction whose
+        command errors at run time): queue only well-formed writes to keys of the right type.
+        """
+        reader = self.reader
+        try:
+            async with reader.redis.pipeline(transaction=True) as pipe:
+                await pipe.watch(done_key)
+                duplicate = bool(await pipe.exists(done_key))
                 pipe.multi()
+                if not duplicate:
+                    effects.apply(pipe)
+                    pipe.set(done_key, entry.id, ex=reader.policy.done_ttl_s)
                 reader.queue_ack(pipe, entry.id)
                 await pipe.execute()
-                reader.acked(entry.id)
-                log.info("entry %s: %s already done, acked without handling", entry.id, key)
-                return "duplicate"
-            effects = Effects(reader.policy)
-            try:
-                async with self._renewing(entry.id):
-                    await self.handler(message, effects)
-            except _REDIS_DOWN:
-                raise
-            except Exception as exc:
-                log.exception("handler failed on entry %s (%s)", entry.id, key)
-                dead = await reader.fail(entry, f"{type(exc).__name__}: {exc}")
-                self._failed = not dead
-                return "dead" if dead else "retry"
-            pipe.multi()
-            effects.apply(pipe)
-            pipe.set(done_key, entry.id, ex=reader.policy.done_ttl_s)
-            reader.queue_ack(pipe, entry.id)
-            try:
-                await pipe.execute()
-            except WatchError:
-                # Another consumer finished this key while we worked: theirs stands.
-                await reader.ack(entry.id)
-                return "duplicate"
+        except WatchError:
+            # redis-py also raises WatchError when the connection drops mid-WATCH, so
+            # "someone else finished it" must be checked, not assumed.
+            if not await reader.redis.exists(done_key):
+                reader.release(entry.id)
+                self._failed = True
+                return "retry"
+            await reader.ack(entry.id)
+            duplicate = True
         reader.acked(entry.id)
-        return "done"
+        return "duplicate" if duplicate else "done"
 
     @contextlib.asynccontextmanager
     async def _renewing(self, entry_id: str) -> AsyncIterator[None]:
-        """Keep renewing the entry's lease while the handler runs (a third of the lease)."""
+        """Keep renewing the entry's lease (and the heartbeat) while the handler runs."""
         period = self.reader.policy.lease_ms / 3000
 
         async def renew() -> None:
             while True:
                 await asyncio.sleep(period)
-                with contextlib.suppress(*_REDIS_DOWN):
-                    await self.reader.renew(entry_id)
+                with contextlib.suppress(RedisError):
+                    await self._beat()
+                    if await self.reader.renew(entry_id):
+                        log.warning("entry %s was taken over by another consumer while in hand", entry_id)
 
         task = asyncio.create_task(renew())
         try:

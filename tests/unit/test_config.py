@@ -69,6 +69,12 @@ verifier:
     assert t.redis_url == "redis://flag:1/0" and t.port == 8002
 
 
+def test_nested_sections_merge_with_shared(tmp_path: Path) -> None:
+    cfg = write(tmp_path, "shared:\n  streams: {maxlen: 1000, lease_ms: 5000}\nverifier:\n  streams: {block_ms: 200}\n")
+    streams = load_settings(VerifierSettings, cfg).streams
+    assert (streams.maxlen, streams.lease_ms, streams.block_ms) == (1000, 5000, 200)
+
+
 def test_bad_value_in_file_names_file_section_and_field(tmp_path: Path) -> None:
     cfg = write(tmp_path, "trainer:\n  learning_rate: fast\n  streams:\n    max_failures: 0\n")
     with pytest.raises(ConfigError) as err:
