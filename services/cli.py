@@ -26,11 +26,9 @@ NOT_BUILT = 3
 # Commands of DESIGN.md 4a not built yet, with the issue that brings each.
 _PENDING = {
     "up": "Rollout service, GRPO trainer and `pope up`",
-    "engine": "CPU inference engine speaking SGLang's native API",
     "rollout": "Rollout service, GRPO trainer and `pope up`",
     "verifier": "Verifier service",
     "trainer": "Rollout service, GRPO trainer and `pope up`",
-    "model init": "CPU inference engine speaking SGLang's native API",
     "data": "The POPE dataset pipeline",
     "hints build": "The POPE dataset pipeline",
     "eval": "Show POPE working without a GPU",
@@ -64,6 +62,29 @@ def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
         return NOT_BUILT
 
     return run
+
+
+def _engine(args: argparse.Namespace) -> int:
+    from services.engine.settings import EngineSettings
+
+    settings = load_settings(
+        EngineSettings, args.config, model_path=args.model, port=args.port, host=args.host,
+        weight_version=args.weight_version,
+    )  # fmt: skip
+    from services.engine.server import serve
+
+    serve(settings)
+    return 0
+
+
+def _model_init(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from services.engine.tiny_model import TinyModelSpec, build_tiny_model
+
+    out = build_tiny_model(Path(args.out), TinyModelSpec(seed=args.seed))
+    print(f"wrote a tiny Qwen3 model and tokenizer to {out}")
+    return 0
 
 
 def _config_show(args: argparse.Namespace) -> int:
@@ -103,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine = _service_parser(sub, "engine", "the CPU inference engine (SGLang's native API)", redis=False)
     engine.add_argument("--model", metavar="DIR", help="HF-format model directory")
     engine.add_argument("--weight-version", type=int, help="version of the start-up weights (default 0)")
-    engine.set_defaults(func=_not_built("engine"))
+    engine.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    engine.set_defaults(func=_engine)
 
     for name, help, uses_engine in (
         ("rollout", "the rollout service: problems, HTTP API, hinted/unhinted scheduling", True),
@@ -115,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="action", required=True)
     init = model.add_parser("init", help="build a tiny HF-format model locally (no network)")
     init.add_argument("--out", metavar="DIR", required=True)
-    init.set_defaults(func=_not_built("model init"))
+    init.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
+    init.set_defaults(func=_model_init)
 
     sub.add_parser("data", help="import problems, filter hard ones").set_defaults(func=_not_built("data"))
     hints = sub.add_parser("hints", help="hint (privileged prefix) search").add_subparsers(dest="action", required=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, SecretStr
 
 from services.common.config import SectionSettings, section_config
 
@@ -17,3 +19,15 @@ class EngineSettings(SectionSettings):
     """HF-format model directory to serve (``pope model init`` makes a tiny one)."""
     weight_version: int = Field(0, ge=0)
     """Version reported for the start-up weights (SGLang's ``--weight-version``)."""
+    device: str = "cpu"
+    """Torch device ("cpu", "cuda", "cuda:1")."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights and activations; float32 keeps logprobs comparable with the trainer's on CPU."""
+    max_batch: int = Field(64, ge=1)
+    """Most sequences decoded together in one batch."""
+    batch_wait_ms: float = Field(5.0, ge=0.0)
+    """How long the first request of a batch waits for others to join it."""
+    torch_threads: int | None = Field(None, ge=1)
+    """Torch intra-op threads (default: torch's choice)."""
+    api_key: SecretStr | None = None
+    """When set, every endpoint but health and metrics needs 'Authorization: Bearer <key>' (SGLang's --api-key)."""

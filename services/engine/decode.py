@@ -1,0 +1,116 @@
+"""Batched, KV-cached autoregressive decoding of one batch of sequences.
+
+One call runs a batch to completion: a left-padded prefill of every prompt, then one
+decode step per token for all unfinished rows, with each row's KV cache kept between
+steps. Rows that finish (a stop token, their length limit, or an abort) are dropped
+from the batch, cache included, so long rows do not drag short ones' compute along.
+Each row samples with its own parameters and generator (sampling.sample_next).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from services.engine.sampling import SamplingSpec, sample_next
+
+
+@dataclass
+class Sequence:
+    """One sequence to decode; ``abort`` may be set from another thread at any time."""
+
+    prompt_ids: list[int]
+    spec: SamplingSpec
+    generator: torch.Generator | None = None
+    abort: threading.Event = field(default_factory=threading.Event)
+    # Filled in by decode():
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish: tuple[str, int | str | None] = ("", None)  # ("stop", matched) | ("length", n) | ("abort", msg)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, L] left-padded, attention mask [B, L] (1 for real tokens)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+@torch.inference_mode()
+def decode(
+    model: torch.nn.Module,
+    seqs: list[Sequence],
+    *,
+    eos_ids: frozenset[int],
+    pad_id: int,
+    wait_if_paused: Callable[[], None] = lambda: None,
+) -> None:
+    """Decode every sequence in ``seqs`` to completion, filling its outputs in place."""
+    from transformers import DynamicCache
+
+    active = [s for s in seqs if not _finished_before_start(s)]
+    if not active:
+        return
+    ids, mask = _left_pad([s.prompt_ids for s in active], pad_id)  # [B, L], [B, L]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    logits = out.logits[:, -1, :].float()  # [B, V]
+    next_pos = positions[:, -1] + 1  # [B]
+    while True:
+        tokens, logps = sample_next(logits, [s.spec for s in active], [s.generator for s in active])  # [B], [B]
+        keep: list[int] = []
+        for i, s in enumerate(active):
+            tok = int(tokens[i])
+            s.output_ids.append(tok)
+            s.logprobs.append(float(logps[i]))
+            if _check_finished(s, tok, eos_ids):
+                continue
+            keep.append(i)
+        if not keep:
+            return
+        wait_if_paused()
+        if len(keep) < len(active):  # drop finished rows, cache included
+            index = torch.tensor(keep, dtype=torch.long)
+            active = [active[i] for i in keep]
+            tokens, mask, next_pos = tokens[index], mask[index], next_pos[index]
+            cache.batch_select_indices(index)
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)  # [B, L+t]
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=next_pos[:, None],
+            cache=cache,
+            use_cache=True,
+        )
+        logits = out.logits[:, -1, :].float()  # [B, V]
+        next_pos = next_pos + 1
+
+
+def _finished_before_start(s: Sequence) -> bool:
+    if s.abort.is_set():
+        s.finish = ("abort", "aborted before it started")
+        return True
+    if s.spec.max_new_tokens == 0:
+        s.finish = ("length", 0)
+        return True
+    return False
+
+
+def _check_finished(s: Sequence, tok: int, eos_ids: frozenset[int]) -> bool:
+    if s.abort.is_set():
+        s.finish = ("abort", "request aborted")
+    elif tok in s.spec.stop_token_ids or (tok in eos_ids and not s.spec.ignore_eos):
+        s.finish = ("stop", tok)
+    elif len(s.output_ids) >= s.spec.max_new_tokens:
+        s.finish = ("length", s.spec.max_new_tokens)
+    else:
+        return False
+    return True

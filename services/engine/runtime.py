@@ -1,0 +1,238 @@
+"""The engine's runtime: a model, a request queue, and one thread that decodes batches.
+
+Requests from the HTTP server are queued as jobs. The decode thread takes the first
+waiting job, gathers any others that arrive within ``batch_wait_ms`` (up to
+``max_batch`` sequences), and decodes them as one batch (decode.decode). Torch runs in
+that thread, never on the event loop, so health checks and aborts answer while a batch
+is decoding.
+
+Weight updates (``update_weights``) load the new weights beside the serving ones, then
+swap them in between batches: a batch in flight finishes on the weights it started
+with (or is aborted, if asked) and reports that version. A load that fails leaves the
+old weights serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from services.engine.decode import Sequence, decode
+
+log = logging.getLogger(__name__)
+
+PauseMode = Literal["abort", "in_place", "retract"]
+
+
+class WeightLoadError(RuntimeError):
+    """New weights could not be loaded; the old ones keep serving."""
+
+
+@dataclass
+class Job:
+    """The sequences of one HTTP request; ``on_done`` is called from the decode thread."""
+
+    rids: list[str]
+    seqs: list[Sequence]
+    on_done: Callable[[str], None]  # called with the weight version that decoded the job
+    arrived: float = field(default_factory=time.monotonic)
+
+
+def load_model(path: str | Path, device: str, dtype: torch.dtype) -> Any:
+    """An HF causal LM from a local directory, in eval mode (typed Any: transformers'
+    model classes are not usefully typed)."""
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(device).eval()
+
+
+class EngineRuntime:
+    """Owns the model and the decode thread; every method is safe to call from any thread."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        weight_version: str = "0",
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_batch: int = 64,
+        batch_wait_ms: float = 5.0,
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        self.model_path = model_path
+        self.device, self.dtype = device, dtype
+        self.max_batch, self.batch_wait_s = max_batch, batch_wait_ms / 1000
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(model_path)
+        self.model: Any = load_model(model_path, device, dtype)
+        self.weight_version = weight_version
+        self.vocab_size = int(self.model.config.vocab_size)
+        eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._carry: Job | None = None  # a job that did not fit the last batch
+        self._model_lock = threading.Lock()  # held while a batch decodes
+        self._resume = threading.Event()  # cleared while paused
+        self._resume.set()
+        self._live: dict[str, list[Sequence]] = {}  # rid -> its sequences, until done
+        self._live_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
+        self.batches = 0  # for metrics and tests
+
+    # Lifecycle.
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.abort(abort_all=True)
+        self._resume.set()
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    # Requests.
+    def submit(self, job: Job) -> None:
+        with self._live_lock:
+            for rid, seq in zip(job.rids, job.seqs, strict=True):
+                self._live.setdefault(rid, []).append(seq)
+        self._queue.put(job)
+
+    async def run(self, rids: list[str], seqs: list[Sequence]) -> str:
+        """Queue the sequences and wait for them; return the weight version that decoded them."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[str] = loop.create_future()
+
+        def on_done(version: str) -> None:
+            def settle() -> None:
+                if not done.done():
+                    done.set_result(version)
+
+            loop.call_soon_threadsafe(settle)
+
+        self.submit(Job(rids, seqs, on_done))
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:  # the client went away: stop decoding for it
+            for seq in seqs:
+                seq.abort.set()
+            raise
+
+    def abort(self, rid: str | None = None, *, abort_all: bool = False) -> int:
+        """Abort the sequences of ``rid`` (or all); they finish with finish_reason abort."""
+        with self._live_lock:
+            targets = [s for r, ss in self._live.items() if abort_all or r == rid for s in ss]
+        for s in targets:
+            s.abort.set()
+        return len(targets)
+
+    def pause(self, mode: PauseMode = "abort") -> None:
+        """Stop generating: ``abort`` aborts what is running; ``in_place``/``retract`` hold it."""
+        self._resume.clear()
+        if mode == "abort":
+            self.abort(abort_all=True)
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._resume.is_set()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() + (1 if self._carry else 0)
+
+    # Weights.
+    def update_weights(self, path: str, version: str | None, abort_all: bool = False) -> str:
+        """Load weights from ``path`` and swap them in between batches; return a message."""
+        if not (Path(path) / "config.json").is_file():
+            raise WeightLoadError(f"no HF model directory at {path!r} (no config.json there)")
+        try:
+            new = load_model(path, self.device, self.dtype)
+        except Exception as exc:  # any failure to read or build the model
+            raise WeightLoadError(f"failed to load weights from {path!r}: {type(exc).__name__}: {exc}") from exc
+        if int(new.config.vocab_size) != self.vocab_size:
+            raise WeightLoadError(
+                f"model at {path!r} has vocab_size {new.config.vocab_size}; "
+                f"the served tokenizer needs {self.vocab_size}"
+            )
+        if abort_all or self.paused:
+            # A batch held by an in-place pause could not finish until generation
+            # continues; the update must not wait on it, so it is aborted instead.
+            self.abort(abort_all=True)
+        with self._model_lock:  # waits for the batch in flight
+            self.model = new
+            self.model_path = path
+            if version is not None:
+                self.weight_version = version
+        log.info("serving weights from %s as version %s", path, self.weight_version)
+        return f"Succeeded to update model weights from {path}."
+
+    # The decode thread.
+    def _hold(self) -> None:
+        """Between decode steps: wait out an in-place pause (an abort ends the wait)."""
+        while not self._resume.wait(timeout=0.05):
+            with self._live_lock:
+                if all(s.abort.is_set() for ss in self._live.values() for s in ss):
+                    return
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._gather()
+            if batch is None:
+                return
+            self._resume.wait()
+            with self._model_lock:
+                model, version = self.model, self.weight_version
+                seqs = [s for job in batch for s in job.seqs]
+                try:
+                    decode(model, seqs, eos_ids=self.eos_ids, pad_id=self.pad_id, wait_if_paused=self._hold)
+                except Exception as exc:  # a bug or OOM must fail the requests, not the engine
+                    log.exception("decode failed for a batch of %d sequences", len(seqs))
+                    for s in seqs:
+                        if not s.finish[0]:
+                            s.finish = ("abort", f"engine error: {type(exc).__name__}: {exc}")
+                self.batches += 1
+            for job in batch:
+                with self._live_lock:
+                    for rid, seq in zip(job.rids, job.seqs, strict=True):
+                        live = self._live.get(rid, [])
+                        if seq in live:
+                            live.remove(seq)
+                        if not live:
+                            self._live.pop(rid, None)
+                job.on_done(version)
+
+    def _gather(self) -> list[Job] | None:
+        """The next batch: the first job, then whatever arrives within the batch window."""
+        first = self._carry if self._carry is not None else self._queue.get()
+        self._carry = None
+        if first is None:
+            return None
+        batch, size = [first], len(first.seqs)
+        deadline = time.monotonic() + self.batch_wait_s
+        while size < self.max_batch:
+            try:
+                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job is None:
+                self._queue.put(None)  # stop after this batch
+                break
+            if size + len(job.seqs) > self.max_batch:
+                self._carry = job
+                break
+            batch.append(job)
+            size += len(job.seqs)
+        return batch

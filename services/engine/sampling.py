@@ -1,0 +1,146 @@
+"""Sampling parameters (SGLang's names and defaults) and the next-token sampler.
+
+The reported logprob of a sampled token is log_softmax(logits / temperature), taken
+*before* top-k / top-p truncation, as SGLang reports it (DESIGN.md 3): the trainer
+recomputes exactly this quantity, so the first on-policy importance ratio is 1.
+Temperature 0 means greedy; its logprob is then taken at temperature 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+# SGLang's SamplingParams fields and their defaults (sglang 0.5.x). Keys outside this
+# table are unknown to SGLang too and answer 400; keys in it that this engine does not
+# implement answer 400 unless they carry their default (so a client that sends a full
+# default-filled object still works).
+SGLANG_DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": 128, "stop": None, "stop_token_ids": None, "stop_regex": None,
+    "temperature": 1.0, "top_p": 1.0, "top_k": 1 << 30, "min_p": 0.0,
+    "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
+    "min_new_tokens": 0, "n": 1, "json_schema": None, "regex": None, "ebnf": None,
+    "structural_tag": None, "ignore_eos": False, "skip_special_tokens": True,
+    "spaces_between_special_tokens": True, "no_stop_trim": False, "stream_interval": None,
+    "logit_bias": None, "sampling_seed": None, "custom_params": None, "beam_width": None,
+    "watermark": None, "choice": None,
+}  # fmt: skip
+SUPPORTED = frozenset(
+    {"max_new_tokens", "stop_token_ids", "temperature", "top_p", "top_k", "min_p", "n",
+     "ignore_eos", "skip_special_tokens", "no_stop_trim", "sampling_seed", "spaces_between_special_tokens"}
+)  # fmt: skip
+
+
+class SamplingError(ValueError):
+    """A sampling parameter is unknown, unsupported or out of range (an HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Validated sampling parameters of one request."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    min_p: float = 0.0
+    n: int = 1
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    sampling_seed: int | None = None
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any] | None, vocab_size: int) -> SamplingSpec:
+        raw = dict(raw or {})
+        for key, value in raw.items():
+            if key not in SGLANG_DEFAULTS:
+                raise SamplingError(f"unknown sampling parameter {key!r}")
+            if key not in SUPPORTED and value not in (SGLANG_DEFAULTS[key], None, [], {}):
+                raise SamplingError(f"sampling parameter {key!r} is not supported by the CPU engine")
+
+        def num(key: str, kind: type, default: Any) -> Any:
+            value = raw.get(key)
+            if value is None:
+                return default
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+                raise SamplingError(f"sampling parameter {key!r} must be {kind.__name__}, got {value!r}")
+            return value
+
+        top_k = num("top_k", int, -1)
+        spec = cls(
+            max_new_tokens=num("max_new_tokens", int, 128),
+            temperature=num("temperature", float, 1.0),
+            top_p=num("top_p", float, 1.0),
+            top_k=-1 if top_k <= 0 or top_k >= vocab_size else top_k,
+            min_p=num("min_p", float, 0.0),
+            n=num("n", int, 1),
+            stop_token_ids=tuple(raw.get("stop_token_ids") or ()),
+            ignore_eos=num("ignore_eos", bool, False),
+            skip_special_tokens=num("skip_special_tokens", bool, True),
+            no_stop_trim=num("no_stop_trim", bool, False),
+            sampling_seed=num("sampling_seed", int, None),
+        )
+        if spec.max_new_tokens < 0:
+            raise SamplingError("max_new_tokens must be >= 0")
+        if spec.temperature < 0:
+            raise SamplingError("temperature must be >= 0")
+        if not 0 < spec.top_p <= 1:
+            raise SamplingError("top_p must be in (0, 1]")
+        if not 0 <= spec.min_p <= 1:
+            raise SamplingError("min_p must be in [0, 1]")
+        if spec.n < 1:
+            raise SamplingError("n must be >= 1")
+        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in spec.stop_token_ids):
+            raise SamplingError(f"stop_token_ids must be token ids in [0, {vocab_size})")
+        return spec
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def sample_next(
+    logits: torch.Tensor, specs: list[SamplingSpec], generators: list[torch.Generator | None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; return (tokens [B], logprobs [B]).
+
+    logits: [B, V] float32, the model's next-token logits.
+    Each row uses its own spec and generator, so a row's draw does not depend on what
+    else is in the batch.
+    """
+    temps = torch.tensor([s.temperature if not s.greedy else 1.0 for s in specs])  # [B]
+    logp = torch.log_softmax(logits / temps[:, None], dim=-1)  # [B, V], reported
+    tokens = torch.empty(len(specs), dtype=torch.long)  # [B]
+    for i, spec in enumerate(specs):
+        if spec.greedy:
+            tokens[i] = int(torch.argmax(logp[i]))
+            continue
+        probs = _truncate(logp[i], spec).exp()  # [V], renormalised below by multinomial
+        tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+def _truncate(logp: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
+    """Apply top-k, top-p and min-p to one row of logprobs [V]; removed tokens get -inf."""
+    if spec.top_k < 0 and spec.top_p >= 1.0 and spec.min_p <= 0.0:
+        return logp
+    sorted_lp, order = torch.sort(logp, descending=True)  # [V], [V]
+    remove = torch.zeros_like(sorted_lp, dtype=torch.bool)
+    if spec.top_k > 0:
+        remove[spec.top_k :] = True
+    if spec.top_p < 1.0:
+        probs = sorted_lp.exp()
+        before = torch.cumsum(probs, 0) - probs  # mass strictly above each token
+        remove |= before > spec.top_p
+    if spec.min_p > 0.0:
+        remove |= sorted_lp < sorted_lp[0] + torch.log(torch.tensor(spec.min_p))
+    remove[0] = False  # always keep the most likely token
+    out = torch.full_like(logp, float("-inf"))
+    out[order[~remove]] = sorted_lp[~remove]
+    return out

@@ -1,0 +1,378 @@
+"""The CPU engine's HTTP server: the subset of SGLang's native API that POPE-RL uses.
+
+    pope engine --model DIR --port 30000 [--weight-version 0]
+    curl -s localhost:30000/generate -H 'Content-Type: application/json' \\
+         -d '{"text": "The answer is", "sampling_params": {"max_new_tokens": 16, "temperature": 0}}'
+
+Request and response shapes follow SGLang 0.5.x (DESIGN.md 3); tests check them against
+SGLang's own contract module. Errors answer 400 with ``{"object": "error", "message":
+..., "type": "BadRequest", "code": 400}`` as SGLang does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+from services.engine.decode import Sequence
+from services.engine.runtime import EngineRuntime, WeightLoadError
+from services.engine.sampling import SamplingError, SamplingSpec
+from services.engine.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+REQUESTS = Counter("pope_engine_requests_total", "Generate requests", ["outcome"])
+PROMPT_TOKENS = Counter("pope_engine_prompt_tokens_total", "Prompt tokens prefilled")
+GEN_TOKENS = Counter("pope_engine_generation_tokens_total", "Tokens generated")
+LATENCY = Histogram("pope_engine_e2e_latency_seconds", "Generate request latency",
+                    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))  # fmt: skip
+WEIGHT_VERSION = Gauge("pope_engine_weight_version", "Weight version being served (as a number)")
+QUEUE = Gauge("pope_engine_queue_depth", "Requests waiting for a batch")
+
+
+class BadRequest(ValueError):
+    """The request is malformed; answered with 400 and this message."""
+
+
+def error(message: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"object": "error", "message": message, "type": "BadRequest", "code": status}, status)
+
+
+def _per_prompt(value: Any, n: int, name: str) -> list[Any]:
+    """SGLang lets a field be one value for all prompts or a list with one per prompt."""
+    if isinstance(value, list):
+        if len(value) != n:
+            raise BadRequest(f"{name} has {len(value)} entries for {n} prompts")
+        return value
+    return [value] * n
+
+
+def _prompts(body: dict[str, Any], rt: EngineRuntime) -> tuple[list[list[int]], bool]:
+    """The prompts as token ids, and whether the request was a batch."""
+    ids, text = body.get("input_ids"), body.get("text")
+    if (ids is None) == (text is None):
+        raise BadRequest("give exactly one of 'text' and 'input_ids'")
+    if text is not None:
+        texts = text if isinstance(text, list) else [text]
+        if not texts or not all(isinstance(t, str) and t for t in texts):
+            raise BadRequest("'text' must be a non-empty string or a list of them")
+        return [rt.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], isinstance(text, list)
+    batch = isinstance(ids, list) and bool(ids) and all(isinstance(r, list) for r in ids)
+    rows: list[Any] = ids if batch else [ids]  # type: ignore[assignment]
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or not row or not all(type(t) is int for t in row):
+            raise BadRequest(
+                f"input_ids[{i}] must be a non-empty list of token ids"
+                if batch
+                else "'input_ids' must be a non-empty list of token ids (or a list of them)"
+            )
+        if not all(0 <= t < rt.vocab_size for t in row):
+            raise BadRequest(f"input_ids contain a token id outside [0, {rt.vocab_size})")
+    return rows, batch
+
+
+def _finish_reason(seq: Sequence) -> dict[str, Any]:
+    kind, detail = seq.finish
+    if kind == "stop":
+        return {"type": "stop", "matched": detail}
+    if kind == "length":
+        return {"type": "length", "length": detail}
+    return {"type": "abort", "message": detail}
+
+
+def _text(rt: EngineRuntime, seq: Sequence) -> str:
+    ids = seq.output_ids
+    if seq.finish[0] == "stop" and not seq.spec.no_stop_trim:
+        ids = ids[:-1]  # SGLang leaves the matched stop token out of the text
+    return str(rt.tokenizer.decode(ids, skip_special_tokens=seq.spec.skip_special_tokens))
+
+
+async def generate(rt: EngineRuntime, body: dict[str, Any]) -> Any:
+    start = time.monotonic()
+    if body.get("stream"):
+        raise BadRequest("streaming is not supported by the CPU engine")
+    prompts, batch = _prompts(body, rt)
+    try:
+        specs = [SamplingSpec.parse(p, rt.vocab_size)
+                 for p in _per_prompt(body.get("sampling_params"), len(prompts), "sampling_params")]  # fmt: skip
+    except SamplingError as exc:
+        raise BadRequest(str(exc)) from exc
+    logprob = _per_prompt(body.get("return_logprob") or False, len(prompts), "return_logprob")
+    rids = _per_prompt(body.get("rid") or None, len(prompts), "rid")
+    text_in_logprobs = bool(body.get("return_text_in_logprobs"))
+
+    seqs, seq_rids, rows = [], [], []
+    for i, (prompt, spec) in enumerate(zip(prompts, specs, strict=True)):
+        rid = rids[i] or uuid.uuid4().hex
+        for j in range(spec.n):  # copy j samples with sampling_seed + j (DESIGN.md 3)
+            gen = None
+            if spec.sampling_seed is not None:
+                gen = torch.Generator().manual_seed(spec.sampling_seed + j)
+            seqs.append(Sequence(prompt, spec, gen))
+            seq_rids.append(rid)
+            rows.append((i, rid if spec.n == 1 else f"{rid}-{j}"))
+    version = await rt.run(seq_rids, seqs)
+    latency = time.monotonic() - start
+
+    out = []
+    for seq, (i, out_id) in zip(seqs, rows, strict=True):
+        meta: dict[str, Any] = {
+            "id": out_id,
+            "prompt_tokens": len(seq.prompt_ids),
+            "completion_tokens": len(seq.output_ids),
+            "cached_tokens": 0,
+            "finish_reason": _finish_reason(seq),
+            "weight_version": version,
+            "e2e_latency": latency,
+        }
+        if logprob[i]:
+            meta["output_token_logprobs"] = [
+                [lp, tok, rt.tokenizer.decode([tok]) if text_in_logprobs else None]
+                for lp, tok in zip(seq.logprobs, seq.output_ids, strict=True)
+            ]
+        out.append({"text": _text(rt, seq), "output_ids": seq.output_ids, "meta_info": meta})
+        GEN_TOKENS.inc(len(seq.output_ids))
+    PROMPT_TOKENS.inc(sum(len(p) for p in prompts))
+    LATENCY.observe(latency)
+    return out if batch or len(out) > 1 else out[0]
+
+
+class _Slot:
+    """The runtime once loaded; the server answers 503 until then (SGLang does too)."""
+
+    def __init__(self) -> None:
+        self.rt: EngineRuntime | None = None
+        self.error: str | None = None
+
+    def get(self) -> EngineRuntime:
+        if self.rt is None:
+            raise Starting(self.error or "the engine is starting: loading the model")
+        return self.rt
+
+
+class Starting(RuntimeError):
+    """Answered with 503 while the model loads (or after it failed to)."""
+
+
+def create_app(
+    load: EngineRuntime | Callable[[], EngineRuntime],
+    api_key: str | None = None,
+    on_fatal: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGTERM),
+) -> FastAPI:
+    """The FastAPI app; ``load`` is a runtime, or a function that builds one in the
+    background (``on_fatal`` is called if that fails, to stop the server)."""
+    slot = _Slot()
+
+    def start(rt: EngineRuntime) -> None:
+        rt.start()
+        WEIGHT_VERSION.set(_as_number(rt.weight_version))
+        slot.rt = rt
+
+    def load_in_background(factory: Callable[[], EngineRuntime]) -> None:
+        try:
+            start(factory())
+        except Exception as exc:
+            slot.error = f"the engine failed to start: {type(exc).__name__}: {exc}"
+            log.exception("failed to load the model; shutting down")
+            on_fatal()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if isinstance(load, EngineRuntime):
+            start(load)
+        else:
+            threading.Thread(target=load_in_background, args=(load,), name="load", daemon=True).start()
+        yield
+        if slot.rt is not None:
+            slot.rt.stop()
+
+    app = FastAPI(title="POPE-RL CPU engine (SGLang native API subset)", lifespan=lifespan)
+    app.state.slot = slot
+
+    if api_key:
+
+        @app.middleware("http")
+        async def require_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+            if request.url.path not in ("/health", "/health_generate", "/metrics") and \
+                    request.headers.get("authorization") != f"Bearer {api_key}":  # fmt: skip
+                return error("missing or wrong API key", 401)
+            return await call_next(request)
+
+    @app.exception_handler(Starting)
+    async def starting(request: Request, exc: Starting) -> JSONResponse:
+        return error(str(exc), 503)
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        return body
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+        return error(str(exc))
+
+    @app.api_route("/generate", methods=["POST", "PUT"])
+    async def generate_route(request: Request) -> Any:
+        rt = slot.get()
+        QUEUE.set(rt.queue_depth)
+        try:
+            result = await generate(rt, await json_body(request))
+        except BadRequest:
+            REQUESTS.labels("bad_request").inc()
+            raise
+        REQUESTS.labels("ok").inc()
+        return result
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights(request: Request) -> JSONResponse:
+        rt = slot.get()
+        body = await json_body(request)
+        path = body.get("model_path")
+        if not isinstance(path, str) or not path:
+            raise BadRequest("'model_path' is required")
+        version = body.get("weight_version")
+        if version is not None and not isinstance(version, str):
+            raise BadRequest("'weight_version' must be a string")
+        try:
+            message = await asyncio.to_thread(rt.update_weights, path, version, bool(body.get("abort_all_requests")))
+        except WeightLoadError as exc:
+            return JSONResponse({"success": False, "message": str(exc), "num_paused_requests": 0}, 400)
+        if version is not None:
+            message += f" Weight version updated to {version}."
+        WEIGHT_VERSION.set(_as_number(rt.weight_version))
+        return JSONResponse({"success": True, "message": message, "num_paused_requests": 0})
+
+    @app.get("/model_info")
+    @app.get("/get_model_info")
+    async def model_info() -> dict[str, Any]:
+        rt = slot.get()
+        return {
+            "model_path": rt.model_path,
+            "tokenizer_path": rt.model_path,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": rt.weight_version,
+        }
+
+    @app.get("/get_weight_version")
+    async def weight_version() -> dict[str, Any]:
+        rt = slot.get()
+        return {"weight_version": rt.weight_version}
+
+    @app.get("/health")
+    async def health() -> Response:
+        slot.get()
+        return Response(status_code=200)
+
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        rt = slot.get()
+        if rt.paused:  # nothing can generate by design; the server itself is fine
+            return Response(status_code=200)
+        spec = SamplingSpec(max_new_tokens=1, temperature=0.0)
+        try:
+            await asyncio.wait_for(rt.run([f"HEALTH_CHECK_{time.time()}"], [Sequence([0], spec)]), 20)
+        except TimeoutError:
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    @app.api_route("/flush_cache", methods=["GET", "POST"])
+    async def flush_cache() -> PlainTextResponse:
+        slot.get()
+        # No prefix cache to flush: every batch starts from an empty KV cache.
+        return PlainTextResponse("Cache flushed.\n")
+
+    @app.post("/pause_generation")
+    async def pause(request: Request) -> dict[str, str]:
+        rt = slot.get()
+        raw = await request.body()
+        mode = (await json_body(request)).get("mode", "abort") if raw.strip() else "abort"
+        if mode not in ("abort", "in_place", "retract"):
+            raise BadRequest("'mode' must be one of 'abort', 'in_place', 'retract'")
+        rt.pause(mode)  # type: ignore[arg-type]  # checked just above
+        return {"message": "Generation paused successfully.", "status": "ok"}
+
+    @app.post("/continue_generation")
+    async def resume() -> dict[str, str]:
+        slot.get().resume()
+        return {"message": "Generation continued successfully.", "status": "ok"}
+
+    @app.post("/abort_request")
+    async def abort(request: Request) -> Response:
+        body = await json_body(request)
+        slot.get().abort(body.get("rid"), abort_all=bool(body.get("abort_all")))
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if slot.rt is not None:
+            QUEUE.set(slot.rt.queue_depth)
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _as_number(version: str) -> float:
+    try:
+        return float(version)
+    except ValueError:
+        return float("nan")
+
+
+def serve(settings: EngineSettings) -> None:
+    """Load the model and serve until SIGTERM/SIGINT (uvicorn handles both gracefully)."""
+    import uvicorn
+
+    from services.common.logs import log_resolved_config, setup_logging
+
+    setup_logging("engine", settings.log_level, settings.log_format)
+    log_resolved_config(settings)
+    if not settings.model_path:
+        raise SystemExit("pope engine: no model given (--model DIR, or engine.model_path in the config)")
+    torch.set_num_threads(settings.torch_threads or torch.get_num_threads())
+    model_path = settings.model_path
+
+    def load() -> EngineRuntime:
+        return EngineRuntime(
+            model_path,
+            weight_version=str(settings.weight_version),
+            device=settings.device,
+            dtype=getattr(torch, settings.dtype),
+            max_batch=settings.max_batch,
+            batch_wait_ms=settings.batch_wait_ms,
+        )
+
+    looks_local = model_path.startswith(("/", ".", "~")) or os.path.exists(model_path)
+    if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(model_path), "config.json")):
+        raise SystemExit(f"pope engine: no HF model directory at {model_path} (no config.json); "
+                         "build a tiny one with: pope model init --out DIR")  # fmt: skip
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(load, key, on_fatal=stop)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    server = uvicorn.Server(config)
+    server.run()
+    if app.state.slot.error:
+        raise SystemExit(f"pope engine: {app.state.slot.error}")
