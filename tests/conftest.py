@@ -9,11 +9,20 @@ and delete them afterwards (never FLUSHALL).
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import subprocess
+import sys
+import tempfile
+import time
 import uuid
+import zipfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import redis
 from redis.asyncio import Redis
@@ -52,3 +61,78 @@ async def aredis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Qwen3 model directory built locally, as `pope model init` builds it."""
+    from services.engine.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@contextlib.contextmanager
+def running_engine(model: Path, *extra: str) -> Iterator[str]:
+    """`pope engine` as a real subprocess on a free port; yields its URL once healthy."""
+    from services.common.redis_server import free_port
+
+    port = free_port()
+    pope = str(Path(sys.executable).parent / "pope")
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([pope, "engine", "--model", str(model), "--port", str(port), *extra],
+                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"engine exited: {_read(log)}"
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"engine not healthy after 120s: {_read(log)}"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _read(f: Any) -> str:
+    f.seek(0)
+    return str(f.read().decode(errors="replace"))[-3000:]
+
+
+@pytest.fixture(scope="session")
+def engine_url(tiny_model: Path) -> Iterator[str]:
+    """One engine shared by the tests that do not change its weights."""
+    with running_engine(tiny_model) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def sglang_api() -> Any:
+    """SGLang's own contract module (sglang/api/v1/api_types.py), fetched from the
+    sglang==0.5.23 wheel at test time and cached in .venv; never committed."""
+    cache = ROOT / ".venv" / "sglang-contract"
+    target = cache / "sglang" / "api" / "v1" / "api_types.py"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp,
+                                   "sglang==0.5.23"], capture_output=True, text=True, timeout=600)  # fmt: skip
+            assert proc.returncode == 0, f"pip download sglang==0.5.23 failed: {proc.stderr[-2000:]}"
+            [wheel] = Path(tmp).glob("sglang-*.whl")
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extract("sglang/api/v1/api_types.py", cache)
+    spec = importlib.util.spec_from_file_location("sglang_api_types", target)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["sglang_api_types"] = module
+    spec.loader.exec_module(module)
+    return module

@@ -78,6 +78,7 @@ class EngineRuntime:
         self.model: Any = load_model(model_path, device, dtype)
         self.weight_version = weight_version
         self.vocab_size = int(self.model.config.vocab_size)
+        self.context_len = int(getattr(self.model.config, "max_position_embeddings", 1 << 20))
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -89,7 +90,8 @@ class EngineRuntime:
         self._live: dict[str, list[Sequence]] = {}  # rid -> its sequences, until done
         self._live_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
-        self.batches = 0  # for metrics and tests
+        self.batches = 0  # batches decoded so far
+        self.running = 0  # sequences in the batch decoding now
 
     # Lifecycle.
     def start(self) -> None:
@@ -196,6 +198,7 @@ class EngineRuntime:
             with self._model_lock:
                 model, version = self.model, self.weight_version
                 seqs = [s for job in batch for s in job.seqs]
+                self.running = len(seqs)
                 try:
                     decode(model, seqs, eos_ids=self.eos_ids, pad_id=self.pad_id, wait_if_paused=self._hold)
                 except Exception as exc:  # a bug or OOM must fail the requests, not the engine
@@ -204,6 +207,7 @@ class EngineRuntime:
                         if not s.finish[0]:
                             s.finish = ("abort", f"engine error: {type(exc).__name__}: {exc}")
                 self.batches += 1
+                self.running = 0
             for job in batch:
                 with self._live_lock:
                     for rid, seq in zip(job.rids, job.seqs, strict=True):

@@ -12,6 +12,7 @@ SGLang's own contract module. Errors answer 400 with ``{"object": "error", "mess
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -41,6 +42,7 @@ LATENCY = Histogram("pope_engine_e2e_latency_seconds", "Generate request latency
                     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))  # fmt: skip
 WEIGHT_VERSION = Gauge("pope_engine_weight_version", "Weight version being served (as a number)")
 QUEUE = Gauge("pope_engine_queue_depth", "Requests waiting for a batch")
+RUNNING = Gauge("pope_engine_running_sequences", "Sequences in the batch being decoded")
 
 
 class BadRequest(ValueError):
@@ -116,6 +118,11 @@ async def generate(rt: EngineRuntime, body: dict[str, Any]) -> Any:
 
     seqs, seq_rids, rows = [], [], []
     for i, (prompt, spec) in enumerate(zip(prompts, specs, strict=True)):
+        room = rt.context_len - len(prompt)
+        if room <= 0:
+            raise BadRequest(f"prompt {i} has {len(prompt)} tokens; the context length is {rt.context_len}")
+        if spec.max_new_tokens > room:  # as SGLang does: cap the completion to the context
+            spec = dataclasses.replace(spec, max_new_tokens=room)
         rid = rids[i] or uuid.uuid4().hex
         for j in range(spec.n):  # copy j samples with sampling_seed + j (DESIGN.md 3)
             gen = None
@@ -324,6 +331,7 @@ def create_app(
     async def metrics() -> Response:
         if slot.rt is not None:
             QUEUE.set(slot.rt.queue_depth)
+            RUNNING.set(slot.rt.running)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app

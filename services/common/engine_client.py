@@ -1,0 +1,253 @@
+"""The one client every service uses to talk to an inference engine (SGLang or the CPU
+engine; it cannot tell which, by design: DESIGN.md 3).
+
+    async with EngineClient("http://127.0.0.1:30000") as engine:
+        await engine.wait_healthy(within_s=120)
+        outs = await engine.generate([[1, 2, 3]], SamplingParams(n=8, max_new_tokens=512,
+                                                                  temperature=0.8, sampling_seed=1))
+        outs[0].logprobs, outs[0].finish_reason, outs[0].weight_version   # typed
+
+Requests retry on connection errors and 503 (an engine restarting or loading), with
+backoff, up to ``retries`` times; any other error raises ``EngineError`` at once with
+the engine's message. Weight versions are ints here (the engine speaks strings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from types import TracebackType
+from typing import Any, Literal, Self
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.common.messages import FinishReason
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """The engine refused a request or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SamplingParams(BaseModel):
+    """The sampling parameters this system sends (SGLang's names; None fields are omitted)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(128, ge=0)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = None
+    n: int = Field(1, ge=1)
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    sampling_seed: int | None = None
+
+
+class _Loose(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Finish(_Loose):
+    """``finish_reason``: {type: stop, matched} | {type: length, length} | {type: abort, message}."""
+
+    type: Literal["stop", "length", "abort"]
+    matched: int | str | list[int] | None = None
+    length: int | None = None
+    message: str | None = None
+
+
+class MetaInfo(_Loose):
+    id: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Finish | None = None
+    output_token_logprobs: list[tuple[float | None, int, str | None]] | None = None
+    weight_version: str | None = None
+    e2e_latency: float | None = None
+
+
+class GenerateOutput(_Loose):
+    """One sequence of a /generate answer."""
+
+    text: str
+    output_ids: list[int]
+    meta_info: MetaInfo
+
+    @property
+    def logprobs(self) -> list[float]:
+        """Sampling logprob of each output token (needs return_logprob)."""
+        entries = self.meta_info.output_token_logprobs
+        if entries is None:
+            raise EngineError("the engine returned no output_token_logprobs (was return_logprob set?)")
+        return [float(lp) if lp is not None else float("nan") for lp, _tok, _text in entries]
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        fr = self.meta_info.finish_reason
+        return FinishReason(fr.type) if fr is not None else FinishReason.ABORT
+
+    @property
+    def weight_version(self) -> int:
+        return parse_version(self.meta_info.weight_version)
+
+
+class ModelInfo(_Loose):
+    model_path: str
+    is_generation: bool = True
+    weight_version: str | None = None
+
+    @property
+    def version(self) -> int:
+        return parse_version(self.weight_version)
+
+
+def parse_version(value: str | None) -> int:
+    """Engine weight versions are decimal strings of the trainer's step ("0" at start)."""
+    if value is None:
+        return 0
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise EngineError(f"engine weight_version {value!r} is not a decimal step number") from exc
+
+
+class EngineClient:
+    """Async client for the engine's native API; use as an async context manager."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 600.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        api_key: str | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=5.0),
+                                       headers=headers)  # fmt: skip
+        self.retries, self.backoff = retries, backoff
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, json: Any = None, *, ok_400: bool = False) -> httpx.Response:
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                resp = await self._http.request(method, path, json=json)
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ConnectTimeout) as exc:
+                problem = f"cannot reach the engine at {self.base_url}: {type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code == 503:
+                    problem = f"engine at {self.base_url} is not ready (503): {resp.text[:200]}"
+                elif resp.status_code >= 400 and not (ok_400 and resp.status_code == 400):
+                    raise EngineError(f"{method} {path} -> {resp.status_code}: {_message(resp)}", resp.status_code)
+                else:
+                    return resp
+            if attempt == self.retries:
+                raise EngineError(problem)
+            log.warning("%s (attempt %d of %d); retrying in %.1fs", problem, attempt + 1, self.retries + 1, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def generate_payload(
+        input_ids: list[list[int]], params: SamplingParams, *, return_logprob: bool = True, rid: str | None = None
+    ) -> dict[str, Any]:
+        """The /generate request body (public so contract tests can check exactly what is sent)."""
+        body: dict[str, Any] = {
+            "input_ids": input_ids,
+            "sampling_params": params.model_dump(exclude_none=True),
+            "return_logprob": return_logprob,
+        }
+        if rid is not None:
+            body["rid"] = [f"{rid}-{i}" for i in range(len(input_ids))] if len(input_ids) > 1 else rid
+        return body
+
+    async def generate(
+        self, input_ids: list[list[int]], params: SamplingParams, *, return_logprob: bool = True,
+        rid: str | None = None,
+    ) -> list[GenerateOutput]:  # fmt: skip
+        """Sample ``params.n`` completions of each prompt; results are ordered by prompt."""
+        if not input_ids:
+            return []
+        resp = await self._request(
+            "POST", "/generate", self.generate_payload(input_ids, params, return_logprob=return_logprob, rid=rid)
+        )
+        data = resp.json()
+        rows = data if isinstance(data, list) else [data]
+        expected = len(input_ids) * params.n
+        if len(rows) != expected:
+            raise EngineError(f"engine returned {len(rows)} outputs for {expected} requested")
+        return [GenerateOutput.model_validate(r) for r in rows]
+
+    async def update_weights_from_disk(self, model_path: str, weight_version: int, *,
+                                       abort_all_requests: bool = False) -> str:  # fmt: skip
+        body = {"model_path": model_path, "weight_version": str(weight_version),
+                "abort_all_requests": abort_all_requests}  # fmt: skip
+        resp = await self._request("POST", "/update_weights_from_disk", body, ok_400=True)
+        data = resp.json()
+        if resp.status_code == 400 or not data.get("success"):
+            raise EngineError(f"weight update to version {weight_version} failed: {data.get('message')}", 400)
+        return str(data.get("message", ""))
+
+    async def model_info(self) -> ModelInfo:
+        resp = await self._request("GET", "/model_info")
+        return ModelInfo.model_validate(resp.json())
+
+    async def weight_version(self) -> int:
+        return (await self.model_info()).version
+
+    async def healthy(self) -> bool:
+        try:
+            resp = await self._http.get("/health", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    async def wait_healthy(self, within_s: float = 300.0) -> None:
+        """Until /health answers 200 (an engine loading a model answers 503 or nothing)."""
+        deadline = time.monotonic() + within_s
+        while not await self.healthy():
+            if time.monotonic() > deadline:
+                raise EngineError(f"engine at {self.base_url} not healthy after {within_s:.0f}s")
+            await asyncio.sleep(0.2)
+
+    async def pause(self, mode: Literal["abort", "in_place", "retract"] = "abort") -> None:
+        await self._request("POST", "/pause_generation", {"mode": mode})
+
+    async def resume(self) -> None:
+        await self._request("POST", "/continue_generation", {})
+
+    async def abort(self, rid: str | None = None, *, abort_all: bool = False) -> None:
+        await self._request("POST", "/abort_request", {"rid": rid or "", "abort_all": abort_all})
+
+    async def flush_cache(self) -> None:
+        await self._request("POST", "/flush_cache")
+
+
+def _message(resp: httpx.Response) -> str:
+    try:
+        data = resp.json()
+    except ValueError:
+        return resp.text[:500]
+    if isinstance(data, dict):
+        return str(data.get("message") or data.get("error") or data)[:500]
+    return str(data)[:500]
