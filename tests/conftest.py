@@ -78,29 +78,32 @@ def running_engine(model: Path, *extra: str) -> Iterator[str]:
 
     port = free_port()
     pope = str(Path(sys.executable).parent / "pope")
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen([pope, "engine", "--model", str(model), "--port", str(port), *extra],
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"engine exited: {_read(log)}"
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"engine not healthy after 120s: {_read(log)}"
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([pope, "engine", "--model", str(model), "--port", str(port), *extra],
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
         try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            _wait_healthy(proc, url, log)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Any) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, f"engine exited: {_read(log)}"
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"engine not healthy after 120s: {_read(log)}"
+        time.sleep(0.1)
 
 
 def _read(f: Any) -> str:

@@ -111,36 +111,36 @@ def sample_next(
     """Sample one token per row; return (tokens [B], logprobs [B]).
 
     logits: [B, V] float32, the model's next-token logits.
-    Each row uses its own spec and generator, so a row's draw does not depend on what
-    else is in the batch.
+    Vectorised over the batch: one sort, one cumulative sum, and an inverse-CDF draw with
+    one uniform number per row from that row's own generator, so a row's draw does not
+    depend on what else is in the batch.
     """
-    temps = torch.tensor([s.temperature if not s.greedy else 1.0 for s in specs])  # [B]
-    logp = torch.log_softmax(logits / temps[:, None], dim=-1)  # [B, V], reported
-    tokens = torch.empty(len(specs), dtype=torch.long)  # [B]
-    for i, spec in enumerate(specs):
-        if spec.greedy:
-            tokens[i] = int(torch.argmax(logp[i]))
-            continue
-        probs = _truncate(logp[i], spec).exp()  # [V], renormalised below by multinomial
-        tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+    temps = torch.tensor([1.0 if s.greedy else s.temperature for s in specs])  # [B]
+    logp = torch.log_softmax(logits / temps[:, None], dim=-1)  # [B, V], what is reported
+    if any(s.top_k > 0 or s.top_p < 1.0 or s.min_p > 0.0 for s in specs):
+        sorted_lp, order = torch.sort(logp, dim=-1, descending=True)  # [B, V], [B, V]
+        probs = sorted_lp.exp().masked_fill(truncated(sorted_lp, specs), 0.0)  # [B, V]
+    else:  # the full distribution (RL's default): no sort needed
+        probs, order = logp.exp(), None
+    cdf = torch.cumsum(probs, dim=-1)  # [B, V]
+    u = torch.stack([torch.rand((), generator=g) for g in generators]) * cdf[:, -1]  # [B]
+    pick = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=cdf.shape[1] - 1)  # [B, 1]
+    tokens = (order.gather(1, pick) if order is not None else pick).squeeze(1)  # [B]
+    greedy = torch.tensor([s.greedy for s in specs])  # [B]
+    tokens = torch.where(greedy, logp.argmax(dim=-1), tokens)  # [B]
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 
-def _truncate(logp: torch.Tensor, spec: SamplingSpec) -> torch.Tensor:
-    """Apply top-k, top-p and min-p to one row of logprobs [V]; removed tokens get -inf."""
-    if spec.top_k < 0 and spec.top_p >= 1.0 and spec.min_p <= 0.0:
-        return logp
-    sorted_lp, order = torch.sort(logp, descending=True)  # [V], [V]
-    remove = torch.zeros_like(sorted_lp, dtype=torch.bool)
-    if spec.top_k > 0:
-        remove[spec.top_k :] = True
-    if spec.top_p < 1.0:
-        probs = sorted_lp.exp()
-        before = torch.cumsum(probs, 0) - probs  # mass strictly above each token
-        remove |= before > spec.top_p
-    if spec.min_p > 0.0:
-        remove |= sorted_lp < sorted_lp[0] + torch.log(torch.tensor(spec.min_p))
-    remove[0] = False  # always keep the most likely token
-    out = torch.full_like(logp, float("-inf"))
-    out[order[~remove]] = sorted_lp[~remove]
-    return out
+def truncated(sorted_lp: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
+    """Which tokens top-k, top-p and min-p remove: [B, V] bool, over logprobs sorted
+    descending per row (sorted_lp [B, V]). The most likely token always stays."""
+    vocab = sorted_lp.shape[1]
+    top_k = torch.tensor([s.top_k if s.top_k > 0 else vocab for s in specs])  # [B]
+    top_p = torch.tensor([s.top_p for s in specs])  # [B]
+    min_p = torch.tensor([s.min_p for s in specs])  # [B]
+    remove = torch.arange(vocab)[None, :] >= top_k[:, None]  # [B, V]
+    probs = sorted_lp.exp()
+    remove |= (torch.cumsum(probs, dim=-1) - probs) > top_p[:, None]  # mass strictly above > p
+    remove |= sorted_lp < sorted_lp[:, :1] + torch.log(min_p)[:, None]  # log 0 = -inf: off
+    remove[:, 0] = False
+    return remove

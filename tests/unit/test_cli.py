@@ -47,3 +47,22 @@ def test_config_show_resolves_and_reports_bad_values(tmp_path: Path) -> None:
     out = run("config", "show", "verifier", "--config", str(cfg))
     assert out.returncode == 2
     assert f"{cfg}, section 'verifier', field 'workers'" in out.stderr
+
+
+def test_model_init_builds_a_model_transformers_loads(tmp_path: Path) -> None:
+    out = run("model", "init", "--out", str(tmp_path / "m"))
+    assert out.returncode == 0, out.stderr
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
+    assert type(model).__name__ == "Qwen3ForCausalLM" and model.config.vocab_size == len(tok)
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    text = tok.apply_chat_template([{"role": "user", "content": "Compute 2+2."}], add_generation_prompt=True,
+                                   tokenize=False)  # fmt: skip
+    assert text.endswith("<|im_start|>assistant\n") and tok.eos_token == "<|im_end|>"
+
+
+def test_engine_without_a_model_says_how_to_make_one(tmp_path: Path) -> None:
+    out = run("engine", "--model", str(tmp_path / "nothing"))
+    assert out.returncode == 1 and "pope model init" in out.stderr

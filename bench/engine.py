@@ -1,0 +1,130 @@
+"""Decode throughput of the CPU engine against transformers' ``generate``, side by side.
+
+    .venv/bin/python bench/engine.py [--batch 8] [--new-tokens 128] [--repeats 5] [--http]
+
+Both decode the same prompts with the same model, batch size, sampling settings
+(temperature 0.8) and number of new tokens (EOS ignored, so every row runs the full
+length), torch pinned to one thread. Prints the median tokens/s of each and their ratio.
+``--http`` adds the engine measured end to end through ``pope engine`` over HTTP.
+The model is the tiny one ``pope model init`` builds, unless ``--model DIR`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from services.engine.decode import Sequence, decode
+from services.engine.sampling import SamplingSpec
+from services.engine.tiny_model import TinyModelSpec, build_tiny_model
+
+
+def prompts(batch: int, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(3, vocab, (16 + 4 * i,), generator=gen).tolist() for i in range(batch)]
+
+
+def bench_transformers(model: object, rows: list[list[int]], new: int, pad: int) -> float:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(r) for r in rows])[:, None]).long()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(  # type: ignore[attr-defined]
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.8, top_p=1.0, top_k=0,
+            max_new_tokens=new, min_new_tokens=new, pad_token_id=pad,
+        )  # fmt: skip
+    elapsed = time.perf_counter() - start
+    assert out.shape[1] == width + new
+    return len(rows) * new / elapsed
+
+
+def bench_engine(model: object, rows: list[list[int]], new: int, pad: int, eos: int) -> float:
+    spec = SamplingSpec(max_new_tokens=new, temperature=0.8, ignore_eos=True)
+    seqs = [Sequence(r, spec, torch.Generator().manual_seed(i)) for i, r in enumerate(rows)]
+    start = time.perf_counter()
+    decode(model, seqs, eos_ids=frozenset([eos]), pad_id=pad)  # type: ignore[arg-type]
+    elapsed = time.perf_counter() - start
+    assert all(len(s.output_ids) == new for s in seqs)
+    return len(rows) * new / elapsed
+
+
+def bench_http(model_dir: Path, rows: list[list[int]], new: int, repeats: int) -> list[float]:
+    import httpx
+
+    from services.common.redis_server import free_port
+
+    port = free_port()
+    pope = str(Path(sys.executable).parent / "pope")
+    proc = subprocess.Popen([pope, "engine", "--model", str(model_dir), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={"POPE_ENGINE__TORCH_THREADS": "1", "PATH": ""})  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"input_ids": rows, "sampling_params": {"max_new_tokens": new, "temperature": 0.8,
+                                                       "ignore_eos": True}, "return_logprob": True}  # fmt: skip
+        rates = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            resp = httpx.post(f"{url}/generate", json=body, timeout=600)
+            elapsed = time.perf_counter() - start
+            assert resp.status_code == 200 and all(len(r["output_ids"]) == new for r in resp.json())
+            rates.append(len(rows) * new / elapsed)
+        return rates[1:]  # the first call warms up
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="HF model directory (default: a fresh tiny model)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--http", action="store_true", help="also measure through `pope engine` over HTTP")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or build_tiny_model(Path(tmp) / "tiny", TinyModelSpec())
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+        pad = model.generation_config.pad_token_id or 0
+        eos = model.generation_config.eos_token_id
+        rows = prompts(args.batch, model.config.vocab_size)
+        print(f"model {model_dir} ({sum(p.numel() for p in model.parameters()):,} params), batch {args.batch}, "
+              f"{args.new_tokens} new tokens, temperature 0.8, torch threads {torch.get_num_threads()}")  # fmt: skip
+        bench_engine(model, rows, 8, pad, eos)  # warm-up
+        bench_transformers(model, rows, 8, pad)
+        hf, ours = [], []
+        for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+            hf.append(bench_transformers(model, rows, args.new_tokens, pad))
+            ours.append(bench_engine(model, rows, args.new_tokens, pad, eos))
+        results = {"transformers generate": hf, "pope engine (decode loop)": ours}
+        if args.http:
+            results["pope engine (HTTP /generate)"] = bench_http(model_dir, rows, args.new_tokens, args.repeats)
+        base = statistics.median(hf)
+        print(f"{'':32s} {'median tok/s':>12s} {'min':>8s} {'max':>8s} {'vs transformers':>16s}")
+        for name, rates in results.items():
+            med = statistics.median(rates)
+            print(f"{name:32s} {med:12.1f} {min(rates):8.1f} {max(rates):8.1f} {med / base:15.2f}x")
+
+
+if __name__ == "__main__":
+    main()

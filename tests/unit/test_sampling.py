@@ -1,0 +1,83 @@
+"""The next-token sampler: logprobs before truncation, truncation itself, parameter checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from services.engine.sampling import SamplingError, SamplingSpec, sample_next, truncated
+
+
+def test_reported_logprob_is_temperature_scaled_and_taken_before_truncation() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
+    spec = SamplingSpec(temperature=0.5, top_k=1)  # top_k=1: greedy, logprob at T=1
+    tok, lp = sample_next(logits, [spec], [None])
+    assert int(tok) == 0 and math.isclose(float(lp), float(torch.log_softmax(logits, -1)[0, 0]), rel_tol=1e-6)
+    spec = SamplingSpec(temperature=0.5, top_p=0.5)  # truncation leaves only token 0
+    tok, lp = sample_next(logits, [spec], [torch.Generator().manual_seed(0)])
+    assert int(tok) == 0
+    assert math.isclose(float(lp), float(torch.log_softmax(logits / 0.5, -1)[0, 0]), rel_tol=1e-6)
+
+
+def test_top_k_top_p_min_p_keep_the_right_tokens() -> None:
+    logp = torch.log_softmax(torch.tensor([3.0, 2.0, 1.0, 0.0, -1.0]), -1)  # already sorted
+
+    def kept(spec: SamplingSpec) -> list[int]:
+        return (~truncated(logp[None, :], [spec])[0]).nonzero().flatten().tolist()
+
+    assert kept(SamplingSpec(top_k=2)) == [0, 1]
+    probs = logp.exp()
+    assert kept(SamplingSpec(top_p=float(probs[0]) - 1e-3)) == [0]
+    assert kept(SamplingSpec(top_p=float(probs[0]) + 1e-3)) == [0, 1]
+    assert kept(SamplingSpec(min_p=0.3)) == [0, 1]  # p1/p0 = e^-1 = 0.37 >= 0.3 > e^-2
+    assert kept(SamplingSpec()) == [0, 1, 2, 3, 4]
+
+
+def test_sampling_follows_the_distribution() -> None:
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(3)
+    for _ in range(3000):
+        tok, _ = sample_next(logits, [SamplingSpec()], [gen])
+        counts[int(tok)] += 1
+    assert torch.allclose(counts / 3000, torch.tensor([0.7, 0.2, 0.1]), atol=0.03)
+
+
+def test_each_row_keeps_its_own_truncation() -> None:
+    logp = torch.log_softmax(torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 2), -1)
+    removed = truncated(logp, [SamplingSpec(top_k=1), SamplingSpec()])
+    assert removed.tolist() == [[False, True, True, True], [False, False, False, False]]
+
+
+def test_rows_sample_independently_of_their_batch() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    specs = [SamplingSpec(temperature=1.0)] * 3
+    together, _ = sample_next(logits, specs, [torch.Generator().manual_seed(i) for i in range(3)])
+    alone, _ = sample_next(logits[1:2], specs[:1], [torch.Generator().manual_seed(1)])
+    assert int(together[1]) == int(alone[0])
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"tempreature": 1}, "unknown sampling parameter"),
+        ({"json_schema": "{}"}, "not supported by the CPU engine"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n must be"),
+        ({"max_new_tokens": "8"}, "must be int"),
+        ({"stop_token_ids": [999]}, "stop_token_ids"),
+        ({"temperature": -0.1}, "temperature"),
+    ],
+)
+def test_bad_parameters_are_refused(params: dict[str, object], reason: str) -> None:
+    with pytest.raises(SamplingError, match=reason):
+        SamplingSpec.parse(params, vocab_size=100)
+
+
+def test_sglang_defaults_are_accepted_and_top_k_off_values_normalised() -> None:
+    spec = SamplingSpec.parse({"top_k": 1 << 30, "regex": None, "min_new_tokens": 0, "temperature": 1}, 100)
+    assert spec.top_k == -1 and spec.temperature == 1.0
+    assert SamplingSpec.parse({"top_k": -1}, 100).top_k == -1
+    assert SamplingSpec.parse({"temperature": 0}, 100).greedy
