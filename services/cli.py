@@ -27,7 +27,6 @@ NOT_BUILT = 3
 _PENDING = {
     "up": "Rollout service, GRPO trainer and `pope up`",
     "rollout": "Rollout service, GRPO trainer and `pope up`",
-    "verifier": "Verifier service",
     "trainer": "Rollout service, GRPO trainer and `pope up`",
     "data": "The POPE dataset pipeline",
     "hints build": "The POPE dataset pipeline",
@@ -72,6 +71,17 @@ def _engine(args: argparse.Namespace) -> int:
         weight_version=args.weight_version,
     )  # fmt: skip
     from services.engine.server import serve
+
+    serve(settings)
+    return 0
+
+
+def _verifier(args: argparse.Namespace) -> int:
+    from services.verifier.settings import VerifierSettings
+
+    settings = load_settings(VerifierSettings, args.config, port=args.port, host=args.host,
+                             redis_url=args.redis_url, workers=args.workers)  # fmt: skip
+    from services.verifier.service import serve
 
     serve(settings)
     return 0
@@ -129,10 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help, uses_engine in (
         ("rollout", "the rollout service: problems, HTTP API, hinted/unhinted scheduling", True),
-        ("verifier", "the verifier service: math-verify scoring of raw groups", False),
         ("trainer", "the GRPO trainer: updates, checkpoints, weight pushes", True),
     ):
         _service_parser(sub, name, help, engine=uses_engine).set_defaults(func=_not_built(name))
+    verifier = _service_parser(sub, "verifier", "the verifier service: math-verify scoring of raw groups")
+    verifier.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    verifier.add_argument("--workers", type=int, help="scoring worker processes (default 2)")
+    verifier.set_defaults(func=_verifier)
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="action", required=True)
     init = model.add_parser("init", help="build a tiny HF-format model locally (no network)")

@@ -17,3 +17,7 @@ class VerifierSettings(ServiceSettings):
     """math-verify worker processes."""
     timeout_s: float = Field(5.0, gt=0.0)
     """Hard wall-clock limit per answer; the worker is killed past it and the answer scores 0."""
+    memory_limit_mb: int | None = Field(2048, ge=64)
+    """Address-space limit of each worker process (None: none); an answer past it scores 0 with an error."""
+    consume: bool = True
+    """Consume the rollouts stream; False serves only POST /v1/verify (e.g. for the hint search)."""

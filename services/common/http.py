@@ -1,0 +1,50 @@
+"""HTTP pieces every service shares: /healthz, /readyz, /metrics, and bearer-token auth.
+
+app = FastAPI(lifespan=...)
+add_health_routes(app, ready=lambda: check_redis_and_workers())
+@app.post("/v1/things", dependencies=[Depends(bearer(settings.api_token))]) ...
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
+
+ReadyCheck = Callable[[], Awaitable[str | None]]
+"""Returns None when ready, else the reason it is not (shown in the 503 body)."""
+
+
+def add_health_routes(app: FastAPI, ready: ReadyCheck) -> None:
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}  # the process is up and serving HTTP
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        reason = await ready()
+        if reason is not None:
+            return JSONResponse({"status": "not ready", "reason": reason}, 503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def bearer(token: SecretStr | None) -> Callable[[Request], Awaitable[None]]:
+    """A dependency requiring 'Authorization: Bearer <token>' when a token is configured."""
+
+    async def check(request: Request) -> None:
+        if token is None:
+            return
+        got = request.headers.get("authorization", "")
+        expected = f"Bearer {token.get_secret_value()}"
+        if not hmac.compare_digest(got.encode(), expected.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    return check

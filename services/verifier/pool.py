@@ -1,0 +1,187 @@
+"""A pool of killable math-verify worker processes with a hard wall-clock limit per answer.
+
+Why processes, and why killable: math-verify can spin for minutes in C-level sympy work
+(a tower of exponents), which no signal-based timeout interrupts, and a pathological
+expression can eat memory. So each answer gets ``timeout_s`` seconds, measured here in
+the parent; a worker past it is killed (SIGKILL) and replaced, the answer scores 0 with
+``timed_out``, and the rest of the group goes on in the fresh worker. A worker that dies
+on its own (a crash, the memory limit, someone's ``kill -9``) is replaced the same way
+and its answer is reported with an error. Nothing can hang or crash the service.
+
+Workers are forked from a forkserver that has math-verify imported already, so a
+replacement is ready in milliseconds rather than the seconds a fresh import takes.
+
+One task is one group: the gold answer is parsed once, then each answer is scored and
+reported back as it is done (so the parent knows which answer a timeout belongs to).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+from services.common.messages import Score
+from services.verifier.scoring import last_boxed
+
+log = logging.getLogger(__name__)
+
+RESTARTS = Counter("pope_verifier_worker_restarts_total", "Worker processes replaced", ["reason"])
+ANSWER_SECONDS = Histogram("pope_verifier_answer_seconds", "Time to score one answer",
+                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))  # fmt: skip
+
+_ctx = mp.get_context("forkserver")
+_ctx.set_forkserver_preload(["services.verifier.scoring", "math_verify"])
+
+
+def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
+    """Runs in the worker process: (gold, answers) tasks in, scores out, one by one."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    if memory_limit_mb:
+        limit = memory_limit_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled" notices
+    from services.verifier.scoring import parse_gold, score_answer
+
+    while True:
+        try:
+            task = conn.recv()
+        except EOFError:
+            return
+        if task is None:
+            return
+        gold, answers = task
+        try:
+            gold_parsed = parse_gold(gold)
+        except Exception as exc:
+            gold_parsed = None
+            log.warning("gold %r failed to parse: %s", gold, exc)
+        conn.send(("gold", None))
+        for i, answer in enumerate(answers):
+            try:
+                score = score_answer(gold_parsed, answer)
+            except MemoryError:
+                score = Score(reward=0.0, error="out of memory while scoring (worker memory limit)")
+            except Exception as exc:
+                score = Score(reward=0.0, error=f"{type(exc).__name__}: {exc}"[:500])
+            conn.send(("score", i, score.model_dump()))
+
+
+@dataclass
+class _Proc:
+    process: Any  # mp.Process from the forkserver context
+    conn: Connection
+
+
+class ScoringPool:
+    """``workers`` processes scoring groups concurrently; ``await score(gold, answers)``."""
+
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0, memory_limit_mb: int | None = 2048) -> None:
+        self.size, self.timeout_s, self.memory_limit_mb = workers, timeout_s, memory_limit_mb
+        self._idle: asyncio.Queue[_Proc] = asyncio.Queue()
+        self._all: list[_Proc] = []
+        self.restarts = 0
+
+    async def start(self) -> None:
+        procs = await asyncio.gather(*(asyncio.to_thread(self._spawn) for _ in range(self.size)))
+        for p in procs:
+            self._idle.put_nowait(p)
+
+    async def close(self) -> None:
+        for p in list(self._all):
+            with contextlib.suppress(OSError, ValueError):
+                p.conn.send(None)
+        for p in list(self._all):
+            await asyncio.to_thread(p.process.join, 2)
+            if p.process.is_alive():
+                p.process.kill()
+        self._all.clear()
+
+    def pids(self) -> list[int]:
+        return [p.process.pid for p in self._all if p.process.pid is not None]
+
+    def alive(self) -> bool:
+        return len(self._all) == self.size and all(p.process.is_alive() for p in self._all)
+
+    async def score(self, gold: str, answers: list[str]) -> list[Score]:
+        """Score every answer against ``gold``; never raises for bad input, never hangs."""
+        if not answers:
+            return []
+        proc = await self._idle.get()
+        try:
+            proc, scores = await asyncio.to_thread(self._run, proc, gold, answers)
+        finally:
+            self._idle.put_nowait(proc)
+        return scores
+
+    # Runs in a thread: blocking pipe I/O with deadlines.
+    def _run(self, proc: _Proc, gold: str, answers: list[str]) -> tuple[_Proc, list[Score]]:
+        scores: list[Score | None] = [None] * len(answers)
+        pending = list(range(len(answers)))
+        while pending:
+            proc.conn.send((gold, [answers[i] for i in pending]))
+            # The gold parse gets one limit; then each answer its own, from the last result.
+            deadline = time.monotonic() + self.timeout_s
+            started = time.monotonic()
+            done_here = 0
+            failure: Score | None = None
+            while done_here < len(pending):
+                remaining = deadline - time.monotonic()
+                try:
+                    ready = proc.conn.poll(max(0.0, remaining))
+                    msg = proc.conn.recv() if ready else None
+                except (EOFError, OSError):
+                    failure = Score(reward=0.0, error="verifier worker died while scoring this answer")
+                    reason = "died"
+                    break
+                if msg is None:
+                    failure = Score(reward=0.0, timed_out=True,
+                                    error=f"scoring took longer than {self.timeout_s:g}s")  # fmt: skip
+                    reason = "timeout"
+                    break
+                if msg[0] == "score":
+                    _kind, i, data = msg
+                    scores[pending[i]] = Score.model_validate(data)
+                    ANSWER_SECONDS.observe(time.monotonic() - started)
+                    done_here += 1
+                started = time.monotonic()
+                deadline = started + self.timeout_s
+            if failure is None:
+                break
+            culprit = pending[done_here]
+            scores[culprit] = failure.model_copy(update={"extracted": last_boxed(answers[culprit])})
+            log.warning("answer %d of a group: %s; replacing worker pid %s", culprit, failure.error, proc.process.pid)
+            proc = self._replace(proc, reason)
+            pending = [i for i in pending if scores[i] is None]
+        return proc, [s if s is not None else Score(reward=0.0, error="not scored") for s in scores]
+
+    def _spawn(self) -> _Proc:
+        parent, child = _ctx.Pipe()
+        process = _ctx.Process(target=_worker_main, args=(child, self.memory_limit_mb), daemon=True,
+                               name="pope-verifier-worker")  # fmt: skip
+        process.start()
+        child.close()
+        proc = _Proc(process, parent)
+        self._all.append(proc)
+        return proc
+
+    def _replace(self, proc: _Proc, reason: str) -> _Proc:
+        with contextlib.suppress(ProcessLookupError):
+            if proc.process.pid is not None:
+                os.kill(proc.process.pid, signal.SIGKILL)
+        proc.process.join(5)
+        proc.conn.close()
+        self._all.remove(proc)
+        self.restarts += 1
+        RESTARTS.labels(reason).inc()
+        return self._spawn()

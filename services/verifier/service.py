@@ -1,0 +1,153 @@
+"""The verifier service: ``pope verifier --port 8001``.
+
+Consumes RawGroups from ``pope:rollouts`` in consumer group ``verifiers`` (one stream
+worker per scoring process, so every process stays busy), scores every sample with the
+pool, and publishes the ScoredGroup to ``pope:scored``, committed atomically with the ack
+(common.worker). Any number of verifier processes share the work; a dead one's groups
+are reclaimed by the others after the lease. Also serves ``POST /v1/verify`` for ad-hoc
+scoring (the hint search uses it), and /healthz, /readyz, /metrics.
+
+A truncated sample (finish_reason "length") scores 0 whatever it says (DESIGN.md 1.5);
+its answer is still extracted, for inspection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Body, Depends, FastAPI, HTTPException
+from prometheus_client import Counter
+from pydantic import BaseModel, ConfigDict, Field
+from redis.asyncio import Redis
+
+from services.common.http import add_health_routes, bearer
+from services.common.keys import VERIFIERS, Keys
+from services.common.messages import FinishReason, RawGroup, Score, ScoredGroup
+from services.common.streams import GroupReader
+from services.common.worker import Effects, Worker
+from services.verifier.pool import ScoringPool
+from services.verifier.settings import VerifierSettings
+
+log = logging.getLogger(__name__)
+
+SCORED = Counter("pope_verifier_scored_total", "Samples scored", ["path"])
+CORRECT = Counter("pope_verifier_correct_total", "Samples scored correct", ["path"])
+TIMED_OUT = Counter("pope_verifier_timed_out_total", "Samples whose scoring hit the time limit", ["path"])
+ERRORS = Counter("pope_verifier_errors_total", "Samples whose scoring failed", ["path"])
+GROUPS = Counter("pope_verifier_groups_total", "Groups scored from the stream")
+
+MAX_VERIFY_ROWS = 10_000
+
+
+def count(scores: list[Score], path: str) -> None:
+    SCORED.labels(path).inc(len(scores))
+    CORRECT.labels(path).inc(sum(s.reward > 0 for s in scores))
+    TIMED_OUT.labels(path).inc(sum(s.timed_out for s in scores))
+    ERRORS.labels(path).inc(sum(s.error is not None and not s.timed_out for s in scores))
+
+
+async def score_group(pool: ScoringPool, group: RawGroup) -> ScoredGroup:
+    scores = await pool.score(group.answer, [s.text for s in group.samples])
+    scores = [
+        sc.model_copy(update={"reward": 0.0}) if s.finish_reason is FinishReason.LENGTH else sc
+        for s, sc in zip(group.samples, scores, strict=True)
+    ]
+    count(scores, "stream")
+    return ScoredGroup.from_raw(group, scores)
+
+
+class VerifyRow(BaseModel):
+    """One row of POST /v1/verify."""
+
+    model_config = ConfigDict(extra="forbid")
+    answer: str = Field(description="The full model completion; its last \\boxed{} is the answer.")
+    gold: str = Field(min_length=1, description="The reference answer.")
+
+
+async def verify_rows(pool: ScoringPool, rows: list[VerifyRow]) -> list[Score]:
+    """Score rows in order; rows sharing a gold answer go to one worker as one group."""
+    by_gold: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_gold.setdefault(row.gold, []).append(i)
+    results = await asyncio.gather(*(pool.score(g, [rows[i].answer for i in idx]) for g, idx in by_gold.items()))
+    out: list[Score | None] = [None] * len(rows)
+    for idx, scores in zip(by_gold.values(), results, strict=True):
+        for i, sc in zip(idx, scores, strict=True):
+            out[i] = sc
+    final = [s for s in out if s is not None]
+    count(final, "http")
+    return final
+
+
+def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAPI:
+    keys = Keys(settings.key_prefix)
+    pool = ScoringPool(settings.workers, settings.timeout_s, settings.memory_limit_mb)
+    stop = asyncio.Event()
+    instance = f"verifier-{socket.gethostname()}-{os.getpid()}"
+    client = redis or Redis.from_url(settings.redis_url)
+
+    async def handle(group: RawGroup, effects: Effects) -> None:
+        effects.publish(keys.scored, await score_group(pool, group))
+        GROUPS.inc()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await pool.start()
+        workers = [
+            Worker(
+                GroupReader(client, keys, keys.rollouts, VERIFIERS, f"{instance}-{i}", settings.streams),
+                RawGroup,
+                handle,
+                key_of=lambda g: g.group_id,
+                heartbeat=("verifier", f"{instance}-{i}"),
+            )
+            for i in range(settings.workers)
+        ]
+        tasks = [asyncio.create_task(w.run(stop)) for w in workers] if settings.consume else []
+        log.info("verifier %s: %d scoring workers, consuming %s: %s", instance, settings.workers,
+                 keys.rollouts, settings.consume)  # fmt: skip
+        yield
+        stop.set()  # each stream worker finishes the group in hand, hands back the rest
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await pool.close()
+        if redis is None:
+            await client.aclose()
+
+    app = FastAPI(title="POPE-RL verifier", lifespan=lifespan)
+    app.state.pool = pool
+
+    async def ready() -> str | None:
+        if not pool.alive():
+            return "scoring workers are not all up"
+        try:
+            await client.ping()  # type: ignore[misc]
+        except Exception as exc:
+            return f"redis unreachable: {exc}"
+        return None
+
+    add_health_routes(app, ready)
+
+    @app.post("/v1/verify", dependencies=[Depends(bearer(settings.api_token))])
+    async def verify(rows: Annotated[list[VerifyRow], Body()]) -> list[Score]:
+        """Score completions against gold answers: one verdict per row, in order."""
+        if len(rows) > MAX_VERIFY_ROWS:
+            raise HTTPException(413, f"at most {MAX_VERIFY_ROWS} rows per request, got {len(rows)}")
+        return await verify_rows(pool, rows)
+
+    return app
+
+
+def serve(settings: VerifierSettings) -> None:
+    import uvicorn
+
+    from services.common.logs import log_resolved_config, setup_logging
+
+    setup_logging("verifier", settings.log_level, settings.log_format)
+    log_resolved_config(settings)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
