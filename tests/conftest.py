@@ -72,19 +72,21 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextlib.contextmanager
-def running_engine(model: Path, *extra: str) -> Iterator[str]:
-    """`pope engine` as a real subprocess on a free port; yields its URL once healthy."""
+def running_pope(args: list[str], health_path: str, env: dict[str, str] | None = None) -> Iterator[Popen]:
+    """`pope ARGS --port P` as a real subprocess; yields it (with .url set) once
+    ``health_path`` answers 200. Stopped with SIGTERM (then SIGKILL) at the end."""
     from services.common.redis_server import free_port
 
     port = free_port()
     pope = str(Path(sys.executable).parent / "pope")
-    url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen([pope, "engine", "--model", str(model), "--port", str(port), *extra],
-                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = Popen([pope, *args, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                     env={**os.environ, **(env or {})})  # fmt: skip
+        proc.url = f"http://127.0.0.1:{port}"
+        proc.log = log
         try:
-            _wait_healthy(proc, url, log)
-            yield url
+            _wait_healthy(proc, proc.url + health_path, log)
+            yield proc
         finally:
             proc.terminate()
             try:
@@ -93,16 +95,31 @@ def running_engine(model: Path, *extra: str) -> Iterator[str]:
                 proc.kill()
 
 
+class Popen(subprocess.Popen[bytes]):
+    url: str
+    log: Any
+
+    def output(self) -> str:
+        return _read(self.log)
+
+
+@contextlib.contextmanager
+def running_engine(model: Path, *extra: str) -> Iterator[str]:
+    """`pope engine` as a real subprocess on a free port; yields its URL once healthy."""
+    with running_pope(["engine", "--model", str(model), *extra], "/health") as proc:
+        yield proc.url
+
+
 def _wait_healthy(proc: subprocess.Popen[bytes], url: str, log: Any) -> None:
     deadline = time.monotonic() + 120
     while True:
-        assert proc.poll() is None, f"engine exited: {_read(log)}"
+        assert proc.poll() is None, f"process exited: {_read(log)}"
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(url, timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        assert time.monotonic() < deadline, f"engine not healthy after 120s: {_read(log)}"
+        assert time.monotonic() < deadline, f"not healthy after 120s: {_read(log)}"
         time.sleep(0.1)
 
 

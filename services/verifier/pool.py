@@ -81,6 +81,7 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
 class _Proc:
     process: Any  # mp.Process from the forkserver context
     conn: Connection
+    busy: bool = False  # scoring an answer right now (read by tests and /readyz detail)
 
 
 class ScoringPool:
@@ -109,6 +110,10 @@ class ScoringPool:
 
     def pids(self) -> list[int]:
         return [p.process.pid for p in self._all if p.process.pid is not None]
+
+    def busy_pids(self) -> list[int]:
+        """Pids of workers in the middle of scoring an answer."""
+        return [p.process.pid for p in self._all if p.busy and p.process.pid is not None]
 
     def alive(self) -> bool:
         return len(self._all) == self.size and all(p.process.is_alive() for p in self._all)
@@ -149,6 +154,7 @@ class ScoringPool:
                                     error=f"scoring took longer than {self.timeout_s:g}s")  # fmt: skip
                     reason = "timeout"
                     break
+                proc.busy = True  # past the gold parse: an answer is in progress
                 if msg[0] == "score":
                     _kind, i, data = msg
                     scores[pending[i]] = Score.model_validate(data)
@@ -156,6 +162,7 @@ class ScoringPool:
                     done_here += 1
                 started = time.monotonic()
                 deadline = started + self.timeout_s
+            proc.busy = False
             if failure is None:
                 break
             culprit = pending[done_here]

@@ -1,0 +1,67 @@
+"""The scoring pool with real worker processes: hard limits, crashes, concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from services.verifier.pool import ScoringPool
+
+TOWER = "\\boxed{9^{9^{9^{9^{9}}}}}"  # raw math-verify spins on this for minutes
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[ScoringPool]:
+    p = ScoringPool(workers=2, timeout_s=1.5)
+    await p.start()
+    yield p
+    await p.close()
+
+
+async def test_pathological_answer_is_cut_off_while_others_are_scored(pool: ScoringPool) -> None:
+    start = time.monotonic()
+    hang, other = await asyncio.gather(
+        pool.score("4", ["\\boxed{4}", TOWER, "\\boxed{5}", "\\boxed{2+2}"]),
+        pool.score("\\frac{1}{2}", ["\\boxed{0.5}", "\\boxed{0.6}"]),
+    )
+    elapsed = time.monotonic() - start
+    assert [s.reward for s in hang] == [1.0, 0.0, 0.0, 1.0]
+    assert hang[1].timed_out and "longer than 1.5s" in (hang[1].error or "")
+    assert hang[1].extracted == "9^{9^{9^{9^{9}}}}"
+    assert [s.reward for s in other] == [1.0, 0.0]
+    assert elapsed < 1.5 + 3.0, f"took {elapsed:.1f}s: the limit was not enforced"
+    assert pool.restarts == 1 and pool.alive()
+    # The replacement worker scores like any other.
+    assert [s.reward for s in await pool.score("3", ["\\boxed{3}"] * 4)] == [1.0] * 4
+
+
+async def test_worker_killed_mid_answer_is_replaced_and_the_group_still_scored() -> None:
+    pool = ScoringPool(workers=1, timeout_s=60)  # the kill, not the limit, must end it
+    await pool.start()
+    try:
+        task = asyncio.create_task(pool.score("2", ["\\boxed{2}", TOWER, "\\boxed{2}", "\\boxed{3}"]))
+        deadline = time.monotonic() + 30
+        while not pool.busy_pids():
+            assert time.monotonic() < deadline, "the worker never started scoring"
+            await asyncio.sleep(0.01)
+        [pid] = pool.busy_pids()
+        os.kill(pid, signal.SIGKILL)
+        scores = await asyncio.wait_for(task, 30)
+        assert [s.reward for s in scores] == [1.0, 0.0, 1.0, 0.0]
+        assert "died" in (scores[1].error or "") and not scores[1].timed_out
+        assert pool.restarts == 1 and pool.alive() and pid not in pool.pids()
+    finally:
+        await pool.close()
+
+
+async def test_garbage_and_huge_inputs_do_not_break_scoring(pool: ScoringPool) -> None:
+    weird = ["", "\\boxed{", "}}}{{{", "\\boxed{\\frac{1}{0}}", "\x00\xff" * 100, "\\boxed{" + "(" * 5000 + "}",
+             "a" * 200_000]  # fmt: skip
+    scores = await pool.score("1", weird)
+    assert len(scores) == len(weird) and all(s.reward == 0.0 for s in scores)
+    assert pool.alive()
