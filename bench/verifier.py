@@ -101,8 +101,11 @@ def bench_http(url: str, work: list[tuple[str, list[str]]], per_request: int = 8
 def bench_stream(r: Redis, keys: Keys, work: list[tuple[str, list[str]]]) -> float:
     groups = []
     for i, (gold, answers) in enumerate(work):
-        samples = [Sample(problem_id=f"p{i}", variant="unhinted", prompt_ids=[1], completion_ids=[2],
-                          logprobs=[-0.1], finish_reason="stop", weight_version=0, text=a) for a in answers]  # fmt: skip
+        samples = [
+            Sample(problem_id=f"p{i}", variant="unhinted", prompt_ids=[1], completion_ids=[2], logprobs=[-0.1],
+                   finish_reason="stop", weight_version=0, text=a)
+            for a in answers
+        ]  # fmt: skip
         groups.append(RawGroup(group_id=f"{uuid.uuid4().hex}", problem_id=f"p{i}", variant="unhinted", prompt="q",
                                answer=gold, samples=samples, weight_version=0, step=0))  # fmt: skip
     before = r.xlen(keys.scored)
