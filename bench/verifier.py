@@ -107,7 +107,7 @@ def bench_stream(r: Redis, keys: Keys, work: list[tuple[str, list[str]]]) -> flo
             for a in answers
         ]  # fmt: skip
         groups.append(RawGroup(group_id=f"{uuid.uuid4().hex}", problem_id=f"p{i}", variant="unhinted", prompt="q",
-                               answer=gold, samples=samples, weight_version=0, step=0))  # fmt: skip
+                               answer=gold, samples=samples, weight_version=0, step=0, temperature=1.0))  # fmt: skip
     before = r.xlen(keys.scored)
     start = time.perf_counter()
     pipe = r.pipeline()

@@ -40,6 +40,7 @@ def group(
         samples=[sample(problem_id, variant, version=version) for _ in range(size)],
         weight_version=version,
         step=step,
+        temperature=1.0,
     )
 
 

@@ -13,6 +13,7 @@ key name.
     pope:reclaims:<group>    hash entry-id -> times taken from a dead  } bookkeeping
                              consumer
     pope:problems            hash problem-id -> Problem JSON
+    pope:stats               hash "<problem-id>:<variant>:attempts|solves" -> count
     pope:state:<name>        hash: shared state (trainer step, engine version, ...)
     pope:health:<service>:<instance>   string with TTL: a live worker's heartbeat
 """
@@ -26,6 +27,7 @@ DEFAULT_PREFIX = "pope:"
 # Consumer groups of DESIGN.md 4.
 VERIFIERS = "verifiers"
 TRAINERS = "trainers"
+ARCHIVERS = "archivers"  # the rollout service's own read of pope:scored (archive, counts)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,10 @@ class Keys:
     @property
     def problems(self) -> str:
         return f"{self.prefix}problems"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}stats"
 
     def state(self, name: str) -> str:
         return f"{self.prefix}state:{name}"

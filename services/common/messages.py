@@ -162,6 +162,9 @@ class RawGroup(Message):
       judged by the oldest policy that contributed).
     - ``prompt`` is the rendered prompt text (for a hinted group it contains the hint);
       ``answer`` is the gold answer the verifier scores against.
+    - ``temperature`` is the sampling temperature: the trainer recomputes logprobs at
+      exactly this temperature, so the importance ratio compares like with like.
+    - ``template_version`` names the prompt template that rendered ``prompt``.
     """
 
     group_id: NonEmptyStr
@@ -173,6 +176,8 @@ class RawGroup(Message):
     created_at: datetime = Field(default_factory=utc_now)
     weight_version: NonNegativeInt
     step: NonNegativeInt
+    temperature: float = Field(gt=0.0)
+    template_version: str = ""
 
     @model_validator(mode="after")
     def _check_group(self) -> Self:

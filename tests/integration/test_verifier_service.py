@@ -56,7 +56,7 @@ def raw_group(i: int, slow: bool) -> RawGroup:
         for t in texts
     ]  # fmt: skip
     return RawGroup(group_id=f"g{i}", problem_id=f"p{i}", variant="unhinted", prompt="2+2?", answer="4",
-                    samples=samples, weight_version=0, step=0)  # fmt: skip
+                    samples=samples, weight_version=0, step=0, temperature=1.0)  # fmt: skip
 
 
 def scored(r: Redis, keys: Keys) -> list[ScoredGroup]:

@@ -111,6 +111,7 @@ def test_group_samples_share_problem_and_variant() -> None:
             samples=[sample("p1"), sample("p2")],
             weight_version=0,
             step=0,
+            temperature=1.0,
         )
     with pytest.raises(ValidationError, match=r"samples\[0\].variant"):
         RawGroup(
@@ -122,6 +123,7 @@ def test_group_samples_share_problem_and_variant() -> None:
             samples=[sample("p1", Variant.HINTED)],
             weight_version=0,
             step=0,
+            temperature=1.0,
         )
     with pytest.raises(ValidationError, match="samples"):
         RawGroup(
@@ -133,6 +135,7 @@ def test_group_samples_share_problem_and_variant() -> None:
             samples=[],
             weight_version=0,
             step=0,
+            temperature=1.0,
         )
 
 
@@ -147,6 +150,7 @@ def test_group_weight_version_is_its_oldest_sample() -> None:
         samples=samples,
         weight_version=2,
         step=3,
+        temperature=1.0,
     )
     assert g.weight_version == 2
     with pytest.raises(ValidationError, match="must be the oldest sample version"):
@@ -159,6 +163,7 @@ def test_group_weight_version_is_its_oldest_sample() -> None:
             samples=samples,
             weight_version=3,
             step=3,
+            temperature=1.0,
         )
 
 
