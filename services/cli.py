@@ -27,7 +27,6 @@ NOT_BUILT = 3
 _PENDING = {
     "up": "Rollout service, GRPO trainer and `pope up`",
     "rollout": "Rollout service, GRPO trainer and `pope up`",
-    "trainer": "Rollout service, GRPO trainer and `pope up`",
     "data": "The POPE dataset pipeline",
     "hints build": "The POPE dataset pipeline",
     "eval": "Show POPE working without a GPU",
@@ -71,6 +70,17 @@ def _engine(args: argparse.Namespace) -> int:
         weight_version=args.weight_version,
     )  # fmt: skip
     from services.engine.server import serve
+
+    serve(settings)
+    return 0
+
+
+def _trainer(args: argparse.Namespace) -> int:
+    from services.trainer.settings import TrainerSettings
+
+    settings = load_settings(TrainerSettings, args.config, port=args.port, host=args.host, redis_url=args.redis_url,
+                             engine_url=args.engine_url, model_path=args.model)  # fmt: skip
+    from services.trainer.service import serve
 
     serve(settings)
     return 0
@@ -137,11 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     engine.set_defaults(func=_engine)
 
-    for name, help, uses_engine in (
-        ("rollout", "the rollout service: problems, HTTP API, hinted/unhinted scheduling", True),
-        ("trainer", "the GRPO trainer: updates, checkpoints, weight pushes", True),
-    ):
-        _service_parser(sub, name, help, engine=uses_engine).set_defaults(func=_not_built(name))
+    rollout = _service_parser(sub, "rollout", "the rollout service: problems, HTTP API, hinted/unhinted scheduling",
+                              engine=True)  # fmt: skip
+    rollout.set_defaults(func=_not_built("rollout"))
+    trainer = _service_parser(sub, "trainer", "the GRPO trainer: updates, checkpoints, weight pushes", engine=True)
+    trainer.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    trainer.add_argument("--model", metavar="DIR", help="HF-format model directory to start from")
+    trainer.set_defaults(func=_trainer)
     verifier = _service_parser(sub, "verifier", "the verifier service: math-verify scoring of raw groups")
     verifier.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     verifier.add_argument("--workers", type=int, help="scoring worker processes (default 2)")

@@ -49,3 +49,13 @@ class TrainerSettings(ServiceSettings):
     """Groups sampled more than this many versions before the trainer's are dropped."""
     seed: int = 0
     """Seed for torch and Python RNGs, recorded in every checkpoint's run record."""
+    micro_batch: int = Field(8, ge=1)
+    """Samples per forward/backward pass; gradients accumulate over a step's micro-batches."""
+    device: str = "cpu"
+    """Torch device of the policy ("cpu", "cuda")."""
+    keep_checkpoints: int = Field(3, ge=1)
+    """Newest checkpoints kept on disk; older ones are deleted."""
+    consumer_name: str = "trainer"
+    """This trainer's consumer name in group "trainers"; stable, so a restart takes back its own pending groups."""
+    repush_interval_s: float = Field(10.0, gt=0.0)
+    """How often to check that the engine serves the trainer's version (and re-push if not)."""

@@ -1,0 +1,135 @@
+"""Checkpoints: HF-format safetensors the engine can load, plus what a resume needs.
+
+    <checkpoint_dir>/step-000007/
+        config.json, model.safetensors, tokenizer files   the engine loads this directory
+        optimizer.safetensors + optimizer.json            AdamW moments and hyperparameters
+        trainer_state.json                                step, ids of the groups trained
+        run_record.json                                   resolved config, git commit,
+                                                          package versions, seeds
+
+A checkpoint is written to a temporary directory and renamed into place, so a directory
+named step-N is always complete. No pickle: tensors are safetensors, the rest JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+# Group ids remembered across checkpoints, so redelivery after a crash is never retrained.
+# Far more than can be in flight (prompts_per_step x a few steps); old ids age out.
+MAX_REMEMBERED_IDS = 100_000
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    trained_group_ids: list[str] = field(default_factory=list)
+    dropped_stale: int = 0
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}"
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
+    return max(done, key=lambda p: p.name) if done else None
+
+
+def save(root: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, state: TrainerState,
+         run_record: dict[str, Any], keep: int) -> Path:  # fmt: skip
+    final = step_dir(root, state.step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    _save_optimizer(tmp, optimizer)
+    state.trained_group_ids = state.trained_group_ids[-MAX_REMEMBERED_IDS:]
+    (tmp / "run_record.json").write_text(json.dumps(run_record, indent=2, default=str))
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))  # last: marks the directory complete
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    _fsync_dir(root)
+    if keep > 0:  # keep the newest ``keep`` checkpoints, this one included
+        older = sorted(p for p in root.glob("step-*") if p != final)
+        for old in older[: max(0, len(older) - (keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(path: Path) -> TrainerState:
+    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def _save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for pid, pstate in sd["state"].items():
+        for name, value in pstate.items():
+            t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+            tensors[f"{pid}.{name}"] = t.detach().cpu().contiguous()
+    save_file(tensors, str(path / "optimizer.safetensors"))
+    (path / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"]}))
+
+
+def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    groups = json.loads((path / "optimizer.json").read_text())["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_record(config: dict[str, Any], seed: int) -> dict[str, Any]:
+    """What reproduces this run: config, code version, package versions, seeds."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or None  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    packages: dict[str, str | None] = {}
+    for name in ("pope-rl", "torch", "transformers", "safetensors", "math-verify", "redis", "pydantic"):
+        try:
+            packages[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "created_at": datetime.now(UTC).isoformat(),
+        "config": config,
+        "git_commit": commit,
+        "packages": packages,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "seeds": {"trainer": seed},
+    }

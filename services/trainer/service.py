@@ -1,0 +1,76 @@
+"""The trainer service: ``pope trainer --port 8002 --model DIR``.
+
+Runs the GRPO loop (loop.py) and serves /healthz, /readyz, /metrics and GET /v1/state.
+SIGTERM finishes the step in progress (checkpointed and acked) and hands back the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from services.common.engine_client import EngineClient
+from services.common.http import add_health_routes
+from services.trainer.loop import Trainer
+from services.trainer.settings import TrainerSettings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: TrainerSettings) -> FastAPI:
+    holder: dict[str, Any] = {}
+    stop = asyncio.Event()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = Redis.from_url(settings.redis_url)
+        engine = EngineClient(settings.engine_url) if settings.engine_url else None
+        trainer = await asyncio.to_thread(Trainer, settings, redis, engine)
+        holder["trainer"], holder["redis"] = trainer, redis
+        task = asyncio.create_task(trainer.run(stop))
+        yield
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        if engine is not None:
+            await engine.aclose()
+        await redis.aclose()
+
+    app = FastAPI(title="POPE-RL trainer", lifespan=lifespan)
+
+    async def ready() -> str | None:
+        if "trainer" not in holder:
+            return "loading the model"
+        try:
+            await holder["redis"].ping()
+        except Exception as exc:
+            return f"redis unreachable: {exc}"
+        return None
+
+    add_health_routes(app, ready)
+
+    @app.get("/v1/state")
+    async def state() -> dict[str, Any]:
+        """The trainer's version, buffer and the last step's statistics."""
+        trainer: Trainer | None = holder.get("trainer")
+        if trainer is None:
+            return {"status": "starting"}
+        return {"version": trainer.version, "buffered": len(trainer.buffer),
+                "dropped_stale": trainer.state.dropped_stale, "last_step": trainer.last}  # fmt: skip
+
+    return app
+
+
+def serve(settings: TrainerSettings) -> None:
+    import uvicorn
+
+    from services.common.logs import log_resolved_config, setup_logging
+
+    setup_logging("trainer", settings.log_level, settings.log_format)
+    log_resolved_config(settings)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())

@@ -1,0 +1,81 @@
+"""GRPO's pure parts: advantages, the loss mask, the clipped loss and its aggregations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.common.messages import FinishReason, Sample, Score, ScoredGroup
+from services.trainer.batch import collate, rows_from_groups
+from services.trainer.grpo import group_advantages, policy_loss
+
+
+def scored(prompt: list[int], completions: list[list[int]], rewards: list[float], variant: str = "hinted",
+           finish: FinishReason = FinishReason.STOP) -> ScoredGroup:  # fmt: skip
+    samples = [Sample(problem_id="p", variant=variant, prompt_ids=prompt, completion_ids=c, logprobs=[-0.5] * len(c),
+                      finish_reason=finish, weight_version=0, text="") for c in completions]  # fmt: skip
+    return ScoredGroup(group_id="g", problem_id="p", variant=variant, prompt="q + hint", answer="1", samples=samples,
+                       weight_version=0, step=1, temperature=0.8, scores=[Score(reward=r) for r in rewards])  # fmt: skip
+
+
+def test_advantage_is_reward_minus_group_mean() -> None:
+    assert group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0])).tolist() == [0.5, -0.5, -0.5, 0.5]
+    assert group_advantages(torch.tensor([0.0, 0.0, 0.0])).tolist() == [0.0, 0.0, 0.0]  # no signal
+    scaled = group_advantages(torch.tensor([1.0, 0.0]), scale_by_std=True)
+    assert torch.allclose(scaled, torch.tensor([1.0, -1.0]), atol=1e-4)
+
+
+def test_loss_mask_covers_exactly_the_completion_tokens() -> None:
+    # The prompt (problem + instruction + hint) is 5 tokens; completions of 3 and 1 tokens.
+    group = scored([11, 12, 13, 14, 15], [[21, 22, 23], [31]], [1.0, 0.0])
+    batch = collate(rows_from_groups([group], scale_by_std=False, mask_truncated=False), pad_id=0)
+    assert batch.input_ids.tolist() == [[11, 12, 13, 14, 15, 21, 22, 23], [11, 12, 13, 14, 15, 31, 0, 0]]
+    # Position t predicts token t+1: completion tokens are predicted at 4, 5, 6 (and 4).
+    assert batch.loss_mask.tolist() == [[0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 1, 0, 0]]
+    predicted = batch.input_ids[:, 1:][batch.loss_mask.bool()].tolist()
+    assert predicted == [21, 22, 23, 31]  # only completion tokens, never prompt or hint
+    assert batch.old_logprobs[batch.loss_mask.bool()].tolist() == [-0.5] * 4
+    assert batch.advantages.tolist() == [0.5, -0.5] and batch.temperature.tolist() == pytest.approx([0.8, 0.8])
+
+
+def test_truncated_samples_can_be_masked_out() -> None:
+    group = scored([1, 2], [[3, 4], [5, 6]], [0.0, 1.0], finish=FinishReason.LENGTH)
+    kept = collate(rows_from_groups([group], scale_by_std=False, mask_truncated=False), 0).loss_mask
+    masked = collate(rows_from_groups([group], scale_by_std=False, mask_truncated=True), 0).loss_mask
+    assert kept.sum() == 4 and masked.sum() == 0
+
+
+def test_on_policy_loss_is_minus_advantage_and_its_gradient_is_the_policy_gradient() -> None:
+    old = torch.tensor([[-1.0, -2.0, 0.0]])
+    new = old.clone().requires_grad_(True)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, st = policy_loss(new, old, torch.tensor([2.0]), mask, clip_eps=0.2, agg="constant", normalizer=4.0)
+    assert float(loss) == pytest.approx(-2.0 * 2 / 4)  # -A per token, summed, / nominal samples
+    loss.backward()
+    assert new.grad is not None and new.grad.tolist() == [[-0.5, -0.5, 0.0]]
+    assert st.ratio_max == pytest.approx(1.0) and st.clipped == 0 and st.tokens == 2
+
+
+def test_ratio_is_clipped_in_the_direction_of_the_advantage() -> None:
+    old = torch.zeros(1, 1)
+    up = torch.log(torch.tensor([[1.5]]))  # ratio 1.5
+    loss_pos, st = policy_loss(up, old, torch.tensor([1.0]), torch.ones(1, 1), clip_eps=0.2, agg="constant",
+                               normalizer=1.0)  # fmt: skip
+    assert float(loss_pos) == pytest.approx(-1.2) and st.clipped == 1  # gain capped at 1 + eps
+    loss_neg, _ = policy_loss(up, old, torch.tensor([-1.0]), torch.ones(1, 1), clip_eps=0.2, agg="constant",
+                              normalizer=1.0)  # fmt: skip
+    assert float(loss_neg) == pytest.approx(1.5)  # pessimistic: the unclipped, larger loss
+
+
+def test_aggregations() -> None:
+    new = old = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    adv = torch.tensor([1.0, 1.0])
+    const, _ = policy_loss(new, old, adv, mask, clip_eps=0.2, agg="constant", normalizer=8.0)
+    tok, _ = policy_loss(new, old, adv, mask, clip_eps=0.2, agg="token_mean", normalizer=4.0)
+    seq, _ = policy_loss(new, old, adv, mask, clip_eps=0.2, agg="seq_mean", normalizer=2.0)
+    assert (
+        float(const) == pytest.approx(-4 / 8)
+        and float(tok) == pytest.approx(-1.0)
+        and float(seq) == pytest.approx(-1.0)
+    )
