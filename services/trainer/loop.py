@@ -192,7 +192,7 @@ class Trainer:
             loss, st = policy_loss(new, b.old_logprobs.to(dev), b.advantages.to(dev), b.loss_mask.to(dev),
                                    clip_eps=cfg.clip_eps, agg=cfg.loss_agg, normalizer=float(normalizer))  # fmt: skip
             loss.backward()
-            total["loss"] += float(loss)
+            total["loss"] += float(loss.detach())
             total["tokens"] += st.tokens
             total["ratio_sum"] += st.ratio_sum
             total["ratio_max"] = max(total["ratio_max"], st.ratio_max)

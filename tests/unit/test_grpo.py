@@ -14,8 +14,9 @@ def scored(prompt: list[int], completions: list[list[int]], rewards: list[float]
            finish: FinishReason = FinishReason.STOP) -> ScoredGroup:  # fmt: skip
     samples = [Sample(problem_id="p", variant=variant, prompt_ids=prompt, completion_ids=c, logprobs=[-0.5] * len(c),
                       finish_reason=finish, weight_version=0, text="") for c in completions]  # fmt: skip
-    return ScoredGroup(group_id="g", problem_id="p", variant=variant, prompt="q + hint", answer="1", samples=samples,
-                       weight_version=0, step=1, temperature=0.8, scores=[Score(reward=r) for r in rewards])  # fmt: skip
+    return ScoredGroup(group_id="g", problem_id="p", variant=variant, prompt="q + hint", answer="1",
+                       samples=samples, weight_version=0, step=1, temperature=0.8,
+                       scores=[Score(reward=r) for r in rewards])  # fmt: skip
 
 
 def test_advantage_is_reward_minus_group_mean() -> None:
@@ -50,7 +51,7 @@ def test_on_policy_loss_is_minus_advantage_and_its_gradient_is_the_policy_gradie
     new = old.clone().requires_grad_(True)
     mask = torch.tensor([[1.0, 1.0, 0.0]])
     loss, st = policy_loss(new, old, torch.tensor([2.0]), mask, clip_eps=0.2, agg="constant", normalizer=4.0)
-    assert float(loss) == pytest.approx(-2.0 * 2 / 4)  # -A per token, summed, / nominal samples
+    assert float(loss.detach()) == pytest.approx(-2.0 * 2 / 4)  # -A per token, summed, / nominal samples
     loss.backward()
     assert new.grad is not None and new.grad.tolist() == [[-0.5, -0.5, 0.0]]
     assert st.ratio_max == pytest.approx(1.0) and st.clipped == 0 and st.tokens == 2

@@ -1,0 +1,138 @@
+"""The rollout service's user-facing HTTP API for problems and archived rollouts (DESIGN.md 4a).
+
+    POST /v1/problems                 a JSON list of problems; all-or-nothing; 201 {"ids": [...]}
+    GET  /v1/problems                 {"count": n, "problems": [...]}
+    GET  /v1/problems/{id}            {"problem": {...}, "stats": {"hinted": {...}, "unhinted": {...}}}
+    GET  /v1/rollouts?limit=&cursor=&problem_id=&variant=&weight_version=
+                                      {"rollouts": [...newest first...], "next_cursor": str | null}
+
+Mount it on the service's app:
+
+    app.include_router(problems_and_rollouts_router(store, archive, settings.api_token))
+
+Only POST requires the bearer token (when one is configured); reads are open, like
+/healthz, since they change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Query
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from services.common.http import bearer
+from services.common.messages import Problem, Variant
+from services.rollout.archive import RolloutArchive, RolloutRecord
+from services.rollout.store import ProblemStore
+
+MAX_PROBLEM_ROWS = 100_000
+"""Largest POST /v1/problems batch: one transaction must stay a reasonable size."""
+
+
+class RowError(BaseModel):
+    """One reason a row of POST /v1/problems was refused."""
+
+    row: int | None
+    """Index of the row in the posted list, or None when the body as a whole is wrong."""
+    field: str | None
+    """Dotted path of the field, or None when the row as a whole is wrong."""
+    message: str
+
+
+class Created(BaseModel):
+    ids: list[str]
+    """One id per posted row, in order (a duplicated row's id appears once per row)."""
+
+
+class ProblemList(BaseModel):
+    count: int
+    problems: list[Problem]
+
+
+class ProblemView(BaseModel):
+    problem: Problem
+    stats: dict[str, dict[str, int]]
+    """Per variant ("hinted", "unhinted"): {"attempts": n, "solves": n}."""
+
+
+class RolloutPage(BaseModel):
+    rollouts: list[RolloutRecord]
+    next_cursor: str | None
+    """Pass back as ``cursor`` for the next (older) page; None on the last page."""
+
+
+def validate_rows(rows: list[Any]) -> tuple[list[Problem], list[RowError]]:
+    """Every row as a Problem, or every error of every row (so one reply lists them all)."""
+    problems: list[Problem] = []
+    errors: list[RowError] = []
+    for i, row in enumerate(rows):
+        try:
+            problems.append(Problem.model_validate(row))
+        except ValidationError as exc:
+            for err in exc.errors():
+                field = ".".join(str(part) for part in err["loc"]) or None
+                errors.append(RowError(row=i, field=field, message=err["msg"]))
+    return problems, errors
+
+
+def _unprocessable(errors: list[RowError]) -> HTTPException:
+    return HTTPException(422, [e.model_dump() for e in errors])
+
+
+def problems_and_rollouts_router(
+    store: ProblemStore, archive: RolloutArchive, api_token: SecretStr | None
+) -> APIRouter:
+    """The /v1/problems and /v1/rollouts routes over ``store`` and ``archive``."""
+    router = APIRouter(prefix="/v1")
+
+    @router.post("/problems", status_code=201, dependencies=[Depends(bearer(api_token))])
+    async def post_problems(body: Annotated[Any, Body()]) -> Created:
+        """Store a JSON list of problems: validated whole first, so either every row is
+        stored or none is. A row whose id exists replaces it; a row without an id gets
+        one derived from its prompt and answer; within one request the last row wins."""
+        # The body is taken as Any so that a bad row is reported by its index with our
+        # error shape, not as FastAPI's "body.3.answer" location.
+        if not isinstance(body, list):
+            raise _unprocessable([RowError(row=None, field=None, message="the body must be a JSON list of problems")])
+        if not body:
+            raise _unprocessable([RowError(row=None, field=None, message="the list of problems is empty")])
+        if len(body) > MAX_PROBLEM_ROWS:
+            raise HTTPException(413, f"at most {MAX_PROBLEM_ROWS} problems per request, got {len(body)}")
+        problems, errors = validate_rows(body)
+        if errors:
+            raise _unprocessable(errors)
+        return Created(ids=await store.put_many(problems))
+
+    @router.get("/problems")
+    async def list_problems() -> ProblemList:
+        problems = await store.all()
+        return ProblemList(count=len(problems), problems=problems)
+
+    @router.get("/problems/{problem_id}")
+    async def get_problem(problem_id: str) -> ProblemView:
+        problem = await store.get(problem_id)
+        if problem is None:
+            raise HTTPException(404, f"no problem with id {problem_id!r}")
+        return ProblemView(problem=problem, stats=await store.stats(problem_id))
+
+    @router.get("/rollouts")
+    async def get_rollouts(
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        cursor: str | None = None,
+        problem_id: str | None = None,
+        variant: Variant | None = None,
+        weight_version: Annotated[int | None, Query(ge=0)] = None,
+    ) -> RolloutPage:
+        """Scored samples from the archive, newest first, filtered by every given field."""
+        try:
+            # File reads block; keep them off the event loop.
+            records, next_cursor = await asyncio.to_thread(
+                archive.page, limit, cursor, problem_id=problem_id, variant=variant, weight_version=weight_version
+            )
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return RolloutPage(rollouts=records, next_cursor=next_cursor)
+
+    return router

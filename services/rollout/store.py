@@ -1,0 +1,84 @@
+"""The problem store: every Problem the system knows, and per-variant solve counts, in Redis.
+
+    store = ProblemStore(redis, keys)
+    ids = await store.put_many(problems)      # all-or-nothing, replaces by id
+    problem = await store.get(ids[0])
+    effects.call(lambda pipe: store.queue_record(pipe, scored_group))   # in a stream handler
+    await store.stats(ids[0])  # {"hinted": {"attempts": 8, "solves": 3}, "unhinted": {...}}
+
+Layout (services/common/keys.py):
+
+    <prefix>problems   hash  problem-id -> Problem JSON
+    <prefix>stats      hash  "<problem-id>:<variant>:attempts" | ":solves" -> count
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+
+from services.common.keys import Keys
+from services.common.messages import Problem, ScoredGroup, Variant, decode, encode
+
+ATTEMPTS = "attempts"
+SOLVES = "solves"
+
+
+def stats_field(problem_id: str, variant: Variant, counter: str) -> str:
+    """The field of the stats hash holding one counter of one problem variant."""
+    return f"{problem_id}:{variant.value}:{counter}"
+
+
+class ProblemStore:
+    """Problems by id, plus attempt and solve counts per problem and prompt variant."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
+
+    async def put_many(self, problems: list[Problem]) -> list[str]:
+        """Store ``problems`` in one MULTI/EXEC, so a batch lands whole or not at all.
+
+        A problem whose id is already stored is replaced; within the batch, the last
+        problem with a given id wins. Returns one id per problem, in order.
+        """
+        ids = [p.id for p in problems]
+        if not problems:
+            return ids  # HSET with no fields is a Redis error; nothing to store anyway
+        # A dict keeps the last value per id, which is the "last one wins" rule.
+        mapping: dict[str | bytes, bytes] = {p.id: encode(p) for p in problems}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.problems, mapping=mapping)
+            await pipe.execute()
+        return ids
+
+    async def get(self, problem_id: str) -> Problem | None:
+        data: bytes | None = await self.redis.hget(self.keys.problems, problem_id)  # type: ignore[misc]
+        return None if data is None else decode(Problem, data)
+
+    async def all(self) -> list[Problem]:
+        """Every stored problem, in id order (HGETALL order is not stable across writes)."""
+        rows: dict[bytes, bytes] = await self.redis.hgetall(self.keys.problems)  # type: ignore[misc]
+        return [decode(Problem, rows[k]) for k in sorted(rows)]
+
+    async def count(self) -> int:
+        n: int = await self.redis.hlen(self.keys.problems)  # type: ignore[misc]
+        return n
+
+    def queue_record(self, pipe: Pipeline, group: ScoredGroup) -> None:
+        """Queue the group's attempt and solve counts onto a transaction.
+
+        Used from a stream handler (``effects.call(lambda p: store.queue_record(p, g))``)
+        so the counts commit with the message's ack and a redelivered group, being
+        skipped as done, is never counted twice. A sample solves when its reward is > 0.
+        """
+        solves = sum(score.reward > 0 for score in group.scores)
+        pipe.hincrby(self.keys.stats, stats_field(group.problem_id, group.variant, ATTEMPTS), len(group.samples))
+        pipe.hincrby(self.keys.stats, stats_field(group.problem_id, group.variant, SOLVES), solves)
+
+    async def stats(self, problem_id: str) -> dict[str, dict[str, int]]:
+        """{"hinted": {"attempts": a, "solves": s}, "unhinted": {...}}; zeros when absent."""
+        fields = [stats_field(problem_id, v, c) for v in Variant for c in (ATTEMPTS, SOLVES)]
+        values: list[bytes | None] = await self.redis.hmget(self.keys.stats, fields)  # type: ignore[misc]
+        counts = iter(int(v) if v is not None else 0 for v in values)
+        return {v.value: {c: next(counts) for c in (ATTEMPTS, SOLVES)} for v in Variant}

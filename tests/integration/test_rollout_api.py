@@ -1,0 +1,213 @@
+"""/v1/problems and /v1/rollouts over real HTTP (uvicorn in a thread) and a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from pydantic import SecretStr
+from redis.asyncio import Redis
+
+from services.common.keys import Keys
+from services.common.messages import Score, ScoredGroup, Variant, problem_id_for
+from services.common.redis_server import free_port
+from services.rollout.api import problems_and_rollouts_router
+from services.rollout.archive import RolloutArchive, RolloutRecord
+from services.rollout.store import ProblemStore
+from tests.factories import group
+
+
+@dataclass
+class Api:
+    url: str
+    archive: RolloutArchive
+
+
+@contextlib.contextmanager
+def serving(redis_url: str, keys: Keys, archive: RolloutArchive, token: str | None = None) -> Iterator[Api]:
+    """The router on an app served by uvicorn on a free port, in a thread with its own
+    event loop. The Redis client is made inside that loop: a redis.asyncio client's
+    connections belong to the loop that uses them, which is the server's, not the test's."""
+    port = free_port()
+    servers: list[uvicorn.Server] = []
+
+    async def main() -> None:
+        client = Redis.from_url(redis_url)
+        router = problems_and_rollouts_router(ProblemStore(client, keys), archive, SecretStr(token) if token else None)
+        app = FastAPI()
+        app.include_router(router)
+        server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+        servers.append(server)
+        try:
+            await server.serve()
+        finally:
+            await client.aclose()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (servers and servers[0].started):
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        yield Api(f"http://127.0.0.1:{port}", archive)
+    finally:
+        if servers:
+            servers[0].should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture
+def api(redis_url: str, keys: Keys, tmp_path: Path) -> Iterator[Api]:
+    with serving(redis_url, keys, RolloutArchive(tmp_path / "rollouts.jsonl")) as a:
+        yield a
+
+
+def rows(n: int) -> list[dict[str, Any]]:
+    return [{"prompt": f"What is {i}+{i}?", "answer": str(2 * i)} for i in range(n)]
+
+
+def count(api: Api) -> int:
+    body = httpx.get(f"{api.url}/v1/problems").json()
+    assert body["count"] == len(body["problems"])
+    return int(body["count"])
+
+
+def test_post_stores_problems_and_reposting_does_not_duplicate(api: Api) -> None:
+    resp = httpx.post(f"{api.url}/v1/problems", json=rows(3))
+    assert resp.status_code == 201, resp.text
+    ids = resp.json()["ids"]
+    assert ids == [problem_id_for(f"What is {i}+{i}?", str(2 * i)) for i in range(3)]
+    assert count(api) == 3
+    again = httpx.post(f"{api.url}/v1/problems", json=rows(3))
+    assert again.status_code == 201 and again.json()["ids"] == ids
+    assert count(api) == 3
+    got = httpx.get(f"{api.url}/v1/problems/{ids[1]}").json()
+    assert got["problem"]["prompt"] == "What is 1+1?" and got["problem"]["answer"] == "2"
+
+
+def test_a_row_with_an_existing_id_replaces_it_and_the_last_duplicate_wins(api: Api) -> None:
+    first = [{"id": "q1", "prompt": "old", "answer": "1"}]
+    assert httpx.post(f"{api.url}/v1/problems", json=first).status_code == 201
+    second = [
+        {"id": "q1", "prompt": "newer", "answer": "2"},
+        {"id": "q1", "prompt": "newest", "answer": "3", "hint": "h"},
+    ]
+    resp = httpx.post(f"{api.url}/v1/problems", json=second)
+    assert resp.status_code == 201 and resp.json()["ids"] == ["q1", "q1"]
+    assert count(api) == 1
+    problem = httpx.get(f"{api.url}/v1/problems/q1").json()["problem"]
+    assert (problem["prompt"], problem["answer"], problem["hint"]) == ("newest", "3", "h")
+
+
+def test_an_invalid_row_refuses_the_whole_request(api: Api) -> None:
+    bad = rows(4)
+    bad[2]["answer"] = ""
+    bad[3]["colour"] = "blue"
+    resp = httpx.post(f"{api.url}/v1/problems", json=bad)
+    assert resp.status_code == 422
+    detail = resp.json()["detail"]
+    assert [(d["row"], d["field"]) for d in detail] == [(2, "answer"), (3, "colour")]
+    assert all(d["message"] for d in detail)
+    assert count(api) == 0  # rows 0, 1 were valid but nothing of the request is stored
+
+
+@pytest.mark.parametrize("body", [[], {"prompt": "x", "answer": "1"}, "text", [1]])
+def test_an_empty_list_or_a_non_list_body_is_422(api: Api, body: Any) -> None:
+    resp = httpx.post(f"{api.url}/v1/problems", json=body)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["detail"][0]["message"]
+    assert count(api) == 0
+
+
+def test_posting_requires_the_bearer_token_when_configured(redis_url: str, keys: Keys, tmp_path: Path) -> None:
+    with serving(redis_url, keys, RolloutArchive(tmp_path / "a.jsonl"), token="t0k") as api:
+        assert httpx.post(f"{api.url}/v1/problems", json=rows(1)).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert httpx.post(f"{api.url}/v1/problems", json=rows(1), headers=wrong).status_code == 401
+        assert count(api) == 0
+        right = {"Authorization": "Bearer t0k"}
+        assert httpx.post(f"{api.url}/v1/problems", json=rows(1), headers=right).status_code == 201
+        assert count(api) == 1
+
+
+async def test_get_problem_shows_per_variant_counts(api: Api, aredis: Redis, keys: Keys) -> None:
+    async with httpx.AsyncClient(base_url=api.url) as http:
+        [pid] = (await http.post("/v1/problems", json=rows(1))).json()["ids"]
+        zero = {"attempts": 0, "solves": 0}
+        assert (await http.get(f"/v1/problems/{pid}")).json()["stats"] == {"hinted": zero, "unhinted": zero}
+
+        store = ProblemStore(aredis, keys)
+        hinted = ScoredGroup.from_raw(
+            group("g1", pid, Variant.HINTED, size=4), [Score(reward=1.0)] * 3 + [Score(reward=0.0)]
+        )
+        unhinted = ScoredGroup.from_raw(group("g2", pid, Variant.UNHINTED, size=2), [Score(reward=0.0)] * 2)
+        async with aredis.pipeline(transaction=True) as pipe:
+            store.queue_record(pipe, hinted)
+            store.queue_record(pipe, unhinted)
+            store.queue_record(pipe, hinted)
+            await pipe.execute()
+
+        stats = (await http.get(f"/v1/problems/{pid}")).json()["stats"]
+        assert stats == {"hinted": {"attempts": 8, "solves": 6}, "unhinted": {"attempts": 2, "solves": 0}}
+        assert await store.stats(pid) == stats
+
+
+def test_unknown_problem_is_404(api: Api) -> None:
+    resp = httpx.get(f"{api.url}/v1/problems/p-nope")
+    assert resp.status_code == 404 and "p-nope" in resp.json()["detail"]
+
+
+def fill_archive(archive: RolloutArchive) -> None:
+    for n in range(12):
+        variant = Variant.HINTED if n % 2 else Variant.UNHINTED
+        raw = group(f"g{n}", f"p{n % 3}", variant, size=2, version=n // 4, step=n)
+        archive.append(RolloutRecord.from_group(ScoredGroup.from_raw(raw, [Score(reward=1.0), Score(reward=0.0)])))
+
+
+def fetch_all(api: Api, **params: Any) -> list[list[dict[str, Any]]]:
+    pages, cursor = [], None
+    while True:
+        query = {**params, **({"cursor": cursor} if cursor else {})}
+        resp = httpx.get(f"{api.url}/v1/rollouts", params=query)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        pages.append(body["rollouts"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return pages
+
+
+def test_rollouts_page_newest_first_with_filters(api: Api) -> None:
+    assert httpx.get(f"{api.url}/v1/rollouts").json() == {"rollouts": [], "next_cursor": None}
+    fill_archive(api.archive)
+    pages = fetch_all(api, limit=5)
+    assert [len(p) for p in pages] == [5, 5, 5, 5, 4]
+    seen = [(r["group_id"], r["sample_index"]) for p in pages for r in p]
+    assert seen == [(f"g{n}", i) for n in range(11, -1, -1) for i in (1, 0)]
+
+    hinted_p1 = [r for p in fetch_all(api, limit=1, problem_id="p1", variant="hinted") for r in p]
+    assert [r["step"] for r in hinted_p1] == [7, 7, 1, 1]
+    v2 = [r for p in fetch_all(api, limit=3, weight_version=2) for r in p]
+    assert sorted({r["step"] for r in v2}) == [8, 9, 10, 11] and len(v2) == 8
+
+
+@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 1001}, {"variant": "sideways"}, {"weight_version": -1}])
+def test_rollouts_bad_query_is_422(api: Api, params: dict[str, Any]) -> None:
+    assert httpx.get(f"{api.url}/v1/rollouts", params=params).status_code == 422
+
+
+def test_rollouts_bad_cursor_is_400(api: Api) -> None:
+    fill_archive(api.archive)
+    resp = httpx.get(f"{api.url}/v1/rollouts", params={"cursor": "garbage!"})
+    assert resp.status_code == 400 and "malformed cursor" in resp.json()["detail"]

@@ -1,0 +1,139 @@
+"""The trainer against a real Redis and a real CPU engine: the engine/trainer seam (ratio 1
+on the first on-policy step), weight versions, checkpoints, stale drops, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from services.common.engine_client import EngineClient, SamplingParams
+from services.common.keys import TRAINERS, Keys
+from services.common.messages import EVENT_ADAPTER, RawGroup, Sample, Score, ScoredGroup, WeightsUpdated
+from services.common.streams import DATA, DeliveryPolicy, publish
+from services.trainer import checkpoint
+from services.trainer.loop import Trainer
+from services.trainer.settings import TrainerSettings
+from tests.conftest import running_engine
+
+PROMPTS = [[1, 87, 85, 261, 201], [1, 40, 41, 42]]
+POLICY = DeliveryPolicy(block_ms=100)
+
+
+@pytest.fixture(scope="module")
+def engine_url(tiny_model: Path) -> Iterator[str]:
+    with running_engine(tiny_model) as url:  # its own: the trainer pushes weights into it
+        yield url
+
+
+@pytest.fixture
+async def engine(engine_url: str) -> AsyncIterator[EngineClient]:
+    async with EngineClient(engine_url) as client:
+        yield client
+
+
+def settings(
+    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, engine_url: str, **kw: Any
+) -> TrainerSettings:
+    return TrainerSettings(model_path=str(tiny_model), checkpoint_dir=tmp_path / "ckpt", redis_url=redis_url,
+                           key_prefix=keys.prefix, engine_url=engine_url, prompts_per_step=2, group_size=4,
+                           streams=POLICY, **kw)  # fmt: skip
+
+
+async def sample_groups(engine: EngineClient, step: int, rewards: list[list[float]]) -> list[ScoredGroup]:
+    """Real engine samples (temperature 0.8) with planted rewards, as the verifier would score them."""
+    outs = await engine.generate(PROMPTS, SamplingParams(n=4, max_new_tokens=12, temperature=0.8, sampling_seed=step))
+    groups = []
+    for i, prompt in enumerate(PROMPTS):
+        copies = outs[4 * i : 4 * i + 4]
+        samples = [Sample(problem_id=f"p{i}", variant="hinted" if i == 0 else "unhinted", prompt_ids=prompt,
+                          completion_ids=o.output_ids, logprobs=o.logprobs, finish_reason=o.finish_reason,
+                          weight_version=o.weight_version, text=o.text) for o in copies]  # fmt: skip
+        raw = RawGroup(group_id=f"s{step}-g{i}", problem_id=f"p{i}", variant=samples[0].variant, prompt="q",
+                       answer="1", samples=samples, weight_version=min(s.weight_version for s in samples), step=step,
+                       temperature=0.8)  # fmt: skip
+        groups.append(ScoredGroup.from_raw(raw, [Score(reward=r) for r in rewards[i]]))
+    return groups
+
+
+async def wait_version(r: Redis, keys: Keys, version: int, within_s: float = 60) -> WeightsUpdated:
+    """Block on the events stream until the trainer announces ``version``."""
+    last = "0"
+    async with asyncio.timeout(within_s):
+        while True:
+            reply = await r.xread({keys.events: last}, block=1000)
+            for _stream, rows in reply or []:
+                for entry_id, fields in rows:
+                    last = entry_id
+                    event = EVENT_ADAPTER.validate_json(fields[DATA])
+                    if isinstance(event, WeightsUpdated) and event.weight_version == version:
+                        return event
+
+
+async def test_train_push_drop_stale_and_resume(
+    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, aredis: Redis, engine: EngineClient, engine_url: str
+) -> None:
+    await engine.update_weights_from_disk(str(tiny_model), 0)  # the engine starts each test at v0
+    cfg = settings(tiny_model, tmp_path, redis_url, keys, engine_url, max_staleness=1)
+    trainer = await asyncio.to_thread(Trainer, cfg, aredis, engine)
+    stop = asyncio.Event()
+    task = asyncio.create_task(trainer.run(stop))
+    try:
+        # Sampled now, at v0: by the time it arrives the trainer is at v2, two versions on.
+        stale = (await sample_groups(engine, 99, [[1, 0, 1, 0], [1, 0, 1, 0]]))[0].model_copy(
+            update={"group_id": "stale"}
+        )
+        # Step 1: on-policy groups sampled by the engine at v0.
+        for g in await sample_groups(engine, 1, [[1, 0, 0, 1], [0, 0, 1, 0]]):
+            await publish(aredis, keys.scored, g, POLICY)
+        await wait_version(aredis, keys, 1)
+        first = trainer.last
+        # The engine/trainer seam: same weights, same temperature -> ratio 1 up to float error.
+        assert abs(first["ratio_max"] - 1.0) < 1e-3 and first["logp_abs_diff_mean"] < 1e-4, first
+        assert first["reward_hinted"] == 0.5 and first["reward_unhinted"] == 0.25 and first["tokens"] > 0
+        assert await engine.weight_version() == 1  # pushed and served
+
+        # Step 2 on groups sampled at v1; the group sampled at v0 is then 2 behind and dropped.
+        for g in await sample_groups(engine, 2, [[0, 1, 0, 0], [1, 1, 0, 0]]):
+            await publish(aredis, keys.scored, g, POLICY)
+        await wait_version(aredis, keys, 2)
+        assert await engine.weight_version() == 2
+        assert stale.weight_version == 0
+        await publish(aredis, keys.scored, stale, POLICY)
+        async with asyncio.timeout(30):
+            while trainer.state.dropped_stale < 1:
+                await asyncio.sleep(0.02)
+        assert await aredis.hget(keys.state("trainer"), "dropped_stale") == b"1"
+        assert trainer.version == 2
+    finally:
+        stop.set()
+        await task
+    assert (await aredis.xpending(keys.scored, TRAINERS))["pending"] == 0
+
+    ckpt = checkpoint.latest(cfg.checkpoint_dir.resolve())
+    assert ckpt is not None and ckpt.name == "step-000002" and (ckpt / "model.safetensors").is_file()
+    record = json.loads((ckpt / "run_record.json").read_text())
+    assert record["config"]["learning_rate"] == 1e-6 and record["seeds"] == {"trainer": 0}
+    assert record["packages"]["torch"].startswith("2.13") and "git_commit" in record
+
+    # Resume: a new trainer picks up at step 2 and does not retrain a redelivered group.
+    again = await asyncio.to_thread(Trainer, cfg, aredis, engine)
+    assert again.version == 2 and "s1-g0" in again.trained
+    stop = asyncio.Event()
+    task = asyncio.create_task(again.run(stop))
+    try:
+        for g in await sample_groups(engine, 1, [[1, 0, 0, 1], [0, 0, 1, 0]]):  # same ids as step 1, at v2
+            await publish(aredis, keys.scored, g, POLICY)
+        async with asyncio.timeout(30):
+            while (await aredis.xpending(keys.scored, TRAINERS))["pending"] or (await aredis.xlen(keys.scored)) < 7:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0)
+        assert again.buffer == [] and again.version == 2
+    finally:
+        stop.set()
+        await task
