@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from services.common.config import ConfigError, SectionSettings, load_settings, resolved
 
@@ -25,8 +26,6 @@ NOT_BUILT = 3
 
 # Commands of DESIGN.md 4a not built yet, with the issue that brings each.
 _PENDING = {
-    "up": "Rollout service, GRPO trainer and `pope up`",
-    "rollout": "Rollout service, GRPO trainer and `pope up`",
     "data": "The POPE dataset pipeline",
     "hints build": "The POPE dataset pipeline",
     "eval": "Show POPE working without a GPU",
@@ -70,6 +69,23 @@ def _engine(args: argparse.Namespace) -> int:
         weight_version=args.weight_version,
     )  # fmt: skip
     from services.engine.server import serve
+
+    serve(settings)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from services.up import up
+
+    return up(args.model, args.config, args.redis_url, args.problems, args.steps, args.run_dir)
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    from services.rollout.settings import RolloutSettings
+
+    settings = load_settings(RolloutSettings, args.config, port=args.port, host=args.host, redis_url=args.redis_url,
+                             engine_url=args.engine_url, model_path=args.model)  # fmt: skip
+    from services.rollout.service import serve
 
     serve(settings)
     return 0
@@ -137,9 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = _service_parser(sub, "up", "start Redis (if needed), engine, rollout, verifier and trainer")
-    up.add_argument("--model", metavar="DIR", help="HF-format model directory")
-    up.set_defaults(func=_not_built("up"))
+    up = sub.add_parser(
+        "up",
+        help="start Redis (if needed), engine, rollout, verifier and trainer",
+        description="Start the whole stack as separate processes from one config; Ctrl-C stops it.",
+    )
+    up.add_argument("--model", metavar="DIR", help="HF-format model directory (engine, trainer, tokenizer)")
+    up.add_argument("--config", metavar="FILE", help="YAML config file (a section per service)")
+    up.add_argument("--redis-url", help="use this Redis (default: REDIS_URL, else 127.0.0.1:6379, else a private one)")
+    up.add_argument("--problems", metavar="FILE", type=Path, help="submit these problems (JSON list or JSONL)")
+    up.add_argument("--steps", type=int, help="stop once the trainer has taken this many steps")
+    up.add_argument("--run-dir", type=Path, default=Path("runs"), help="where logs go (default: runs/)")
+    up.set_defaults(func=_up)  # fmt: skip
 
     engine = _service_parser(sub, "engine", "the CPU inference engine (SGLang's native API)", redis=False)
     engine.add_argument("--model", metavar="DIR", help="HF-format model directory")
@@ -149,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rollout = _service_parser(sub, "rollout", "the rollout service: problems, HTTP API, hinted/unhinted scheduling",
                               engine=True)  # fmt: skip
-    rollout.set_defaults(func=_not_built("rollout"))
+    rollout.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    rollout.add_argument("--model", metavar="DIR", help="model whose tokenizer builds the prompts")
+    rollout.set_defaults(func=_rollout)
     trainer = _service_parser(sub, "trainer", "the GRPO trainer: updates, checkpoints, weight pushes", engine=True)
     trainer.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     trainer.add_argument("--model", metavar="DIR", help="HF-format model directory to start from")

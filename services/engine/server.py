@@ -50,7 +50,8 @@ class BadRequest(ValueError):
 
 
 def error(message: str, status: int = 400) -> JSONResponse:
-    return JSONResponse({"object": "error", "message": message, "type": "BadRequest", "code": status}, status)
+    kind = {400: "BadRequest", 401: "Unauthorized", 503: "ServiceUnavailable"}.get(status, "Error")
+    return JSONResponse({"object": "error", "message": message, "type": kind, "code": status}, status)
 
 
 def _per_prompt(value: Any, n: int, name: str) -> list[Any]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import Field
 
 from services.common.config import ServiceSettings, section_config
+from services.rollout.prompts import PromptTemplate
 
 
 class RolloutSettings(ServiceSettings):
@@ -36,3 +37,17 @@ class RolloutSettings(ServiceSettings):
     """Longest response; a truncated response scores 0."""
     archive_dir: Path = Path("runs/rollouts")
     """JSONL archive of every scored sample, paged by GET /v1/rollouts."""
+    model_path: str | None = None
+    """Model directory (or hub id) whose tokenizer and chat template build the prompts."""
+    include_easy: bool = True
+    """Train on problems labelled 'easy' too (unlabelled ones always are)."""
+    max_concurrent_groups: int = Field(8, ge=1)
+    """Groups of one step sampled at once (each is one /generate request with n = group_size)."""
+    seed: int = 0
+    """Seeds the problem order and every group's sampling_seed."""
+    schedule: bool = True
+    """Run the scheduler; False serves only the API (problems, rollouts, status)."""
+    poll_interval_s: float = Field(0.5, gt=0.0)
+    """How often a waiting scheduler re-checks the trainer, the engine and the problems."""
+    prompt_template: PromptTemplate = Field(default_factory=PromptTemplate)
+    """The words around each problem (plain and guided), with their version."""

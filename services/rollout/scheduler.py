@@ -1,0 +1,147 @@
+"""The rollout scheduler: per step, sample the planned groups and publish them.
+
+    step s = 1, 2, ...:
+        wait until s <= trainer_version + 1 + max_staleness     (never run too far ahead)
+        wait until the engine serves at least s - 1 - max_staleness
+        plan prompts_per_step groups (planner.py: hinted/unhinted 1:1 for hinted problems)
+        for each group (several at once): /generate with n = group_size -> RawGroup
+        publish every RawGroup to pope:rollouts
+
+With max_staleness 0 this is synchronous, on-policy GRPO: step s is sampled only after
+the trainer finished step s - 1 and the engine serves its weights. The scheduler's own
+progress (step, groups published) is kept in Redis, so a restart carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+from prometheus_client import Counter, Gauge
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.common.engine_client import EngineClient, EngineError, SamplingParams
+from services.common.keys import Keys
+from services.common.messages import Problem, RawGroup, Sample, Variant
+from services.common.streams import publish
+from services.rollout.planner import Planner
+from services.rollout.prompts import prompt_ids, user_message
+from services.rollout.settings import RolloutSettings
+from services.rollout.store import ProblemStore
+
+log = logging.getLogger(__name__)
+
+PUBLISHED = Counter("pope_rollout_groups_total", "Raw groups published", ["variant"])
+STEP = Gauge("pope_rollout_step", "The step the scheduler is generating for")
+WAITING = Gauge("pope_rollout_waiting", "1 while the scheduler waits (trainer, engine or problems)")
+
+
+class Scheduler:
+    def __init__(self, settings: RolloutSettings, redis: Redis, engine: EngineClient, store: ProblemStore,
+                 tokenizer: Any) -> None:  # fmt: skip
+        self.settings, self.redis, self.engine, self.store, self.tokenizer = settings, redis, engine, store, tokenizer
+        self.keys = Keys(settings.key_prefix)
+        self.planner = Planner(settings.hinted_fraction, settings.include_easy, settings.seed)
+        self.step = 0
+        self.waiting_for = "starting"
+        self.published: deque[float] = deque(maxlen=10_000)  # publish times, for rates
+
+    async def trainer_version(self) -> int:
+        raw = await self.redis.hget(self.keys.state("trainer"), "version")  # type: ignore[misc]
+        return int(raw) if raw is not None else 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        saved = await self.redis.hget(self.keys.state("rollout"), "step")  # type: ignore[misc]
+        self.step = max(int(saved) if saved else 0, await self.trainer_version())
+        while not stop.is_set():
+            try:
+                if await self._ready_for(self.step + 1):
+                    await self._generate_step(self.step + 1)
+                    continue
+            except (RedisError, EngineError) as exc:
+                self.waiting_for = f"error: {exc}"
+                log.warning("scheduler: %s; retrying", exc)
+            WAITING.set(1)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.poll_interval_s)
+        WAITING.set(0)
+
+    async def _ready_for(self, step: int) -> bool:
+        lag = self.settings.max_staleness
+        trainer = await self.trainer_version()
+        if step > trainer + 1 + lag:
+            self.waiting_for = f"trainer (at v{trainer}; step {step} may run at most {lag} ahead)"
+            return False
+        engine = await self.engine.weight_version()
+        if engine < step - 1 - lag:
+            self.waiting_for = f"engine weights (serves v{engine}, step {step} needs >= v{step - 1 - lag})"
+            return False
+        if await self.store.count() == 0:
+            self.waiting_for = "problems (POST /v1/problems)"
+            return False
+        self.waiting_for = ""
+        WAITING.set(0)
+        return True
+
+    async def _generate_step(self, step: int) -> None:
+        STEP.set(step)
+        plan = self.planner.plan(await self.store.all(), self.settings.prompts_per_step)
+        if not plan:
+            self.waiting_for = "train problems (none are eligible: split 'train', not excluded)"
+            return
+        started = time.monotonic()
+        limit = asyncio.Semaphore(self.settings.max_concurrent_groups)
+
+        async def one(problem: Problem, variant: Variant) -> None:
+            async with limit:
+                group = await self.sample_group(problem, variant, step)
+                await publish(self.redis, self.keys.rollouts, group, self.settings.streams)
+                PUBLISHED.labels(variant.value).inc()
+                self.published.append(time.time())
+
+        await asyncio.gather(*(one(p, v) for p, v in plan))
+        self.step = step
+        await self.redis.hset(self.keys.state("rollout"), mapping={  # type: ignore[misc]
+            "step": step, "updated_at": time.time(), "last_step_seconds": time.monotonic() - started})  # fmt: skip
+        hinted = sum(v is Variant.HINTED for _, v in plan)
+        log.info("step %d: published %d groups (%d hinted, %d unhinted) in %.1fs", step, len(plan), hinted,
+                 len(plan) - hinted, time.monotonic() - started)  # fmt: skip
+
+    async def sample_group(self, problem: Problem, variant: Variant, step: int) -> RawGroup:
+        """G samples of one variant of one problem, as a RawGroup."""
+        cfg = self.settings
+        text = user_message(problem, variant, cfg.prompt_template)
+        ids = prompt_ids(self.tokenizer, text)
+        # Reproducible per (seed, step, problem, variant), distinct across them.
+        seed = random.Random(f"{cfg.seed}:{step}:{problem.id}:{variant.value}").randrange(2**31)
+        params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
+                                max_new_tokens=cfg.max_new_tokens, sampling_seed=seed)  # fmt: skip
+        outs = await self.engine.generate([ids], params, rid=f"{step}-{problem.id}-{variant.value}")
+        samples = [
+            Sample(problem_id=problem.id, variant=variant, prompt_ids=ids, completion_ids=o.output_ids,
+                   logprobs=o.logprobs, finish_reason=o.finish_reason, weight_version=o.weight_version, text=o.text)
+            for o in outs
+        ]  # fmt: skip
+        return RawGroup(
+            group_id=f"{step}-{problem.id}-{variant.value}-{uuid.uuid4().hex[:8]}",
+            problem_id=problem.id,
+            variant=variant,
+            prompt=text,
+            answer=problem.answer,
+            samples=samples,
+            weight_version=min(s.weight_version for s in samples),
+            step=step,
+            temperature=cfg.temperature,
+            template_version=cfg.prompt_template.version,
+        )
+
+    def rate_per_min(self) -> float:
+        cutoff = time.time() - 60
+        return float(sum(t >= cutoff for t in self.published))

@@ -1,0 +1,143 @@
+"""The rollout service: ``pope rollout --port 8000 --model DIR``.
+
+It owns the problems and the user-facing API (api.py: problems and rollouts; here:
+GET /v1/status, /healthz, /readyz, /metrics, /docs), runs the scheduler (scheduler.py)
+that turns problems into raw groups, and keeps its own read of ``pope:scored``
+(consumer group ``archivers``): every scored sample goes to the JSONL archive that
+GET /v1/rollouts pages, and into the per-problem attempt and solve counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.common.engine_client import EngineClient, EngineError
+from services.common.http import add_health_routes
+from services.common.keys import ARCHIVERS, TRAINERS, VERIFIERS, Keys
+from services.common.messages import ScoredGroup
+from services.common.streams import GroupReader
+from services.common.worker import Effects, Worker
+from services.rollout.api import problems_and_rollouts_router
+from services.rollout.archive import RolloutArchive, RolloutRecord
+from services.rollout.scheduler import Scheduler
+from services.rollout.settings import RolloutSettings
+from services.rollout.store import ProblemStore
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: RolloutSettings) -> FastAPI:
+    keys = Keys(settings.key_prefix)
+    redis = Redis.from_url(settings.redis_url)
+    engine = EngineClient(settings.engine_url, retries=2)
+    store = ProblemStore(redis, keys)
+    archive = RolloutArchive(settings.archive_dir / "rollouts.jsonl")
+    stop = asyncio.Event()
+    held: dict[str, Any] = {}
+
+    async def archive_group(group: ScoredGroup, effects: Effects) -> None:
+        await asyncio.to_thread(archive.append, RolloutRecord.from_group(group))
+        effects.call(lambda pipe: store.queue_record(pipe, group))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        instance = f"rollout-{socket.gethostname()}-{os.getpid()}"
+        archiver = Worker(GroupReader(redis, keys, keys.scored, ARCHIVERS, instance, settings.streams), ScoredGroup,
+                          archive_group, key_of=lambda g: g.group_id)  # fmt: skip
+        tasks = [asyncio.create_task(archiver.run(stop))]
+        if settings.schedule:
+            if not settings.model_path:
+                raise SystemExit("pope rollout: the scheduler needs the model's tokenizer: --model DIR")
+            from transformers import AutoTokenizer
+
+            tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
+            held["scheduler"] = Scheduler(settings, redis, engine, store, tokenizer)
+            tasks.append(asyncio.create_task(held["scheduler"].run(stop)))
+        yield
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await engine.aclose()
+        await redis.aclose()
+
+    app = FastAPI(title="POPE-RL rollout service", lifespan=lifespan,
+                  description="Problems in, hinted and unhinted rollouts out (POPE).")  # fmt: skip
+    app.include_router(problems_and_rollouts_router(store, archive, settings.api_token))
+
+    async def ready() -> str | None:
+        try:
+            await redis.ping()  # type: ignore[misc]
+        except RedisError as exc:
+            return f"redis unreachable: {exc}"
+        return None
+
+    add_health_routes(app, ready)
+
+    @app.get("/v1/status")
+    async def status() -> dict[str, Any]:
+        """Training state: trainer step, engine weight version, stream depths, rates, rewards."""
+        trainer = {k.decode(): _num(v) for k, v in (await redis.hgetall(keys.state("trainer"))).items()}  # type: ignore[misc]
+        rollout = {k.decode(): _num(v) for k, v in (await redis.hgetall(keys.state("rollout"))).items()}  # type: ignore[misc]
+        try:
+            engine_version: int | None = await engine.weight_version()
+        except EngineError:
+            engine_version = None
+        scheduler: Scheduler | None = held.get("scheduler")
+        return {
+            "trainer": trainer,
+            "engine": {"url": settings.engine_url, "weight_version": engine_version},
+            "rollout": {
+                **rollout,
+                "step": scheduler.step if scheduler else rollout.get("step"),
+                "waiting_for": scheduler.waiting_for if scheduler else "scheduler disabled",
+                "groups_per_min": scheduler.rate_per_min() if scheduler else None,
+            },
+            "streams": await _streams(redis, keys),
+            "problems": await store.count(),
+            "at": time.time(),
+        }
+
+    return app
+
+
+async def _streams(redis: Redis, keys: Keys) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, stream, group in (("rollouts", keys.rollouts, VERIFIERS), ("scored", keys.scored, TRAINERS)):
+        length = await redis.xlen(stream)
+        pending = None
+        try:
+            for info in await redis.xinfo_groups(stream):
+                if info["name"].decode() == group:
+                    pending = {"pending": info["pending"], "lag": info.get("lag")}
+        except RedisError:
+            pass  # the stream does not exist yet
+        out[name] = {"length": length, group: pending}
+    return out
+
+
+def _num(raw: bytes) -> float | str:
+    text = raw.decode()
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def serve(settings: RolloutSettings) -> None:
+    import uvicorn
+
+    from services.common.logs import log_resolved_config, setup_logging
+
+    setup_logging("rollout", settings.log_level, settings.log_format)
+    log_resolved_config(settings)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())

@@ -1,0 +1,198 @@
+"""``pope up``: the whole stack on one machine, as separate processes, from one config.
+
+    pope up --model DIR [--config FILE] [--problems FILE] [--steps N]
+
+Starts Redis if none answers (a private redis-server), then the engine, verifier,
+trainer and rollout service, each its own process reading its own section of the one
+config file, on the configured ports (defaults: engine 30000, rollout 8000, verifier
+8001, trainer 8002). Waits for each to be healthy, optionally submits problems, then
+prints progress (trainer step, reward by variant, throughput) until Ctrl-C / SIGTERM,
+or until the trainer reaches ``--steps``; then stops everything cleanly. Each process
+logs to ``<run_dir>/logs/<name>.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+
+from services.common.config import load_settings
+from services.common.redis_server import redis_for
+from services.engine.settings import EngineSettings
+from services.rollout.settings import RolloutSettings
+from services.trainer.settings import TrainerSettings
+from services.verifier.settings import VerifierSettings
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    health: str
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+
+class Stack:
+    def __init__(self, children: list[Child], log_dir: Path, env: dict[str, str], out: TextIO) -> None:
+        self.children, self.log_dir, self.env, self.out = children, log_dir, env, out
+
+    def start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for c in self.children:
+            c.log_path = self.log_dir / f"{c.name}.log"
+            with c.log_path.open("ab") as log:
+                c.proc = subprocess.Popen([sys.executable, "-m", "services.cli", *c.args], stdout=log,
+                                          stderr=subprocess.STDOUT, env=self.env, start_new_session=True)  # fmt: skip
+            self.say(f"started {c.name} (pid {c.proc.pid}), log {c.log_path}")
+
+    def wait_healthy(self, within_s: float, stopping: list[bool]) -> None:
+        deadline = time.monotonic() + within_s
+        waiting = list(self.children)
+        while waiting:
+            if stopping[0]:
+                raise KeyboardInterrupt
+            self.check_alive()
+            for c in list(waiting):
+                try:
+                    if httpx.get(c.health, timeout=2).status_code == 200:
+                        waiting.remove(c)
+                        self.say(f"{c.name} is ready ({c.health})")
+                except httpx.HTTPError:
+                    pass
+            if time.monotonic() > deadline:
+                names = ", ".join(c.name for c in waiting)
+                raise RuntimeError(f"not healthy after {within_s:.0f}s: {names} (see their logs in {self.log_dir})")
+            time.sleep(0.3)
+
+    def check_alive(self) -> None:
+        for c in self.children:
+            if c.proc is not None and c.proc.poll() is not None:
+                tail = c.log_path.read_text(errors="replace")[-2000:] if c.log_path else ""
+                raise RuntimeError(f"{c.name} exited with status {c.proc.returncode}; its log ends:\n{tail}")
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """One at a time, producers first and the engine last, so no service is left
+        retrying against one already gone; each gets ``grace_s`` to finish its work."""
+        for c in reversed(self.children):
+            if c.proc is None or c.proc.poll() is not None:
+                continue
+            c.proc.send_signal(signal.SIGTERM)
+            try:
+                c.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.say(f"{c.name} did not stop within {grace_s:.0f}s; killing it")
+                c.proc.kill()
+                c.proc.wait()
+        self.say("all processes stopped")
+
+    def say(self, text: str) -> None:
+        print(f"[pope up] {text}", file=self.out, flush=True)
+
+
+def read_problems(path: Path) -> list[dict[str, Any]]:
+    """A JSON list, or JSON Lines (one problem per line)."""
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        rows: list[dict[str, Any]] = json.loads(text)
+        return rows
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "-"
+
+
+def progress_line(status: dict[str, Any], started: float) -> str:
+    t, r, s = status.get("trainer", {}), status.get("rollout", {}), status.get("streams", {})
+    waiting = f" (waiting for {r['waiting_for']})" if r.get("waiting_for") else ""
+    pending = (s.get("rollouts", {}).get("verifiers") or {}).get("pending", "-")
+    return (f"[{time.monotonic() - started:7.1f}s] trainer step {int(t.get('version', 0))} | "
+            f"loss {_fmt(t.get('loss'))} | reward hinted {_fmt(t.get('reward_hinted'))} "
+            f"unhinted {_fmt(t.get('reward_unhinted'))} | rollout step {r.get('step') or 0}{waiting} | "
+            f"{r.get('groups_per_min') or 0:.0f} groups/min | unscored groups {pending} | "
+            f"engine v{status.get('engine', {}).get('weight_version')}")  # fmt: skip
+
+
+def up(model: str | None, config: str | None, redis_url: str | None, problems: Path | None, steps: int | None,
+       run_dir: Path, out: TextIO = sys.stdout) -> int:  # fmt: skip
+    sections = {"engine": load_settings(EngineSettings, config), "rollout": load_settings(RolloutSettings, config),
+                "verifier": load_settings(VerifierSettings, config),
+                "trainer": load_settings(TrainerSettings, config)}  # fmt: skip
+    model = model or sections["engine"].model_path  # type: ignore[attr-defined]
+    if not model:
+        print("pope up: no model: pass --model DIR (build a tiny one with: pope model init --out DIR)", file=sys.stderr)
+        return 2
+    ports = {name: s.port for name, s in sections.items()}
+    engine_url = f"http://127.0.0.1:{ports['engine']}"
+    cfg = ["--config", config] if config else []
+    stopping = [False]
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping[0] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    with redis_for(redis_url or os.environ.get("REDIS_URL")) as url:
+        env = {**os.environ, "REDIS_URL": url, "PYTHONUNBUFFERED": "1"}
+        children = [
+            Child("engine", ["engine", "--model", model, "--port", str(ports["engine"]), *cfg], f"{engine_url}/health"),
+            Child("verifier", ["verifier", "--port", str(ports["verifier"]), "--redis-url", url, *cfg],
+                  f"http://127.0.0.1:{ports['verifier']}/readyz"),
+            Child("trainer", ["trainer", "--port", str(ports["trainer"]), "--redis-url", url, "--engine-url",
+                              engine_url, "--model", model, *cfg], f"http://127.0.0.1:{ports['trainer']}/readyz"),
+            Child("rollout", ["rollout", "--port", str(ports["rollout"]), "--redis-url", url, "--engine-url",
+                              engine_url, "--model", model, *cfg], f"http://127.0.0.1:{ports['rollout']}/readyz"),
+        ]  # fmt: skip
+        stack = Stack(children, run_dir / "logs", env, out)
+        stack.say(f"redis at {url}; logs in {run_dir / 'logs'}")
+        rollout_url = f"http://127.0.0.1:{ports['rollout']}"
+        code = 0
+        try:
+            stack.start()
+            stack.wait_healthy(600, stopping)
+            stack.say(f"all services ready. API: {rollout_url}/docs  status: {rollout_url}/v1/status")
+            if problems is not None:
+                resp = httpx.post(f"{rollout_url}/v1/problems", json=read_problems(problems), timeout=60)
+                if resp.status_code != 201:
+                    raise RuntimeError(f"submitting {problems} failed: {resp.status_code} {resp.text[:500]}")
+                stack.say(f"submitted {len(resp.json()['ids'])} problems from {problems}")
+            code = watch(stack, rollout_url, steps, stopping)
+        except KeyboardInterrupt:
+            stack.say("interrupted")
+        except RuntimeError as exc:
+            stack.say(f"error: {exc}")
+            code = 1
+        finally:
+            stack.say("stopping (Ctrl-C again does not skip the clean stop)")
+            stack.stop()
+    return code
+
+
+def watch(stack: Stack, rollout_url: str, steps: int | None, stopping: list[bool]) -> int:
+    started, last = time.monotonic(), ""
+    while not stopping[0]:
+        stack.check_alive()
+        try:
+            status = httpx.get(f"{rollout_url}/v1/status", timeout=10).json()
+        except httpx.HTTPError:
+            time.sleep(1)
+            continue
+        line = progress_line(status, started)
+        if line.split("]", 1)[1] != last:
+            print(line, file=stack.out, flush=True)
+            last = line.split("]", 1)[1]
+        if steps is not None and int(status.get("trainer", {}).get("version", 0)) >= steps:
+            stack.say(f"trainer reached step {steps}")
+            return 0
+        time.sleep(1.0)
+    return 0
