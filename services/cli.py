@@ -77,7 +77,7 @@ def _engine(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from services.up import up
 
-    return up(args.model, args.config, args.redis_url, args.problems, args.steps, args.run_dir)
+    return up(args.model, args.config, args.redis_url, args.problems, args.steps, args.run_dir, args.fresh)
 
 
 def _rollout(args: argparse.Namespace) -> int:
@@ -164,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--problems", metavar="FILE", type=Path, help="submit these problems (JSON list or JSONL)")
     up.add_argument("--steps", type=int, help="stop once the trainer has taken this many steps")
     up.add_argument("--run-dir", type=Path, default=Path("runs"), help="where logs go (default: runs/)")
+    up.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new run: delete this run's Redis keys (key_prefix), checkpoints and rollouts",
+    )
     up.set_defaults(func=_up)  # fmt: skip
 
     engine = _service_parser(sub, "engine", "the CPU inference engine (SGLang's native API)", redis=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,8 +124,27 @@ def progress_line(status: dict[str, Any], started: float) -> str:
             f"engine v{status.get('engine', {}).get('weight_version')}")  # fmt: skip
 
 
+def wipe(url: str, sections: dict[str, Any], out: TextIO) -> None:
+    """Start a new run: delete the run's Redis keys, checkpoints and rollout archive."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        for prefix in {s.key_prefix for s in sections.values() if hasattr(s, "key_prefix")}:
+            names = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            if names:
+                client.delete(*names)
+            print(f"[pope up] --fresh: deleted {len(names)} Redis keys under {prefix!r}", file=out)
+    finally:
+        client.close()
+    for path in (sections["trainer"].checkpoint_dir, sections["rollout"].archive_dir):
+        if Path(path).exists():
+            shutil.rmtree(path)
+            print(f"[pope up] --fresh: deleted {path}", file=out)
+
+
 def up(model: str | None, config: str | None, redis_url: str | None, problems: Path | None, steps: int | None,
-       run_dir: Path, out: TextIO = sys.stdout) -> int:  # fmt: skip
+       run_dir: Path, fresh: bool = False, out: TextIO = sys.stdout) -> int:  # fmt: skip
     sections = {"engine": load_settings(EngineSettings, config), "rollout": load_settings(RolloutSettings, config),
                 "verifier": load_settings(VerifierSettings, config),
                 "trainer": load_settings(TrainerSettings, config)}  # fmt: skip
@@ -140,9 +160,12 @@ def up(model: str | None, config: str | None, redis_url: str | None, problems: P
     def on_signal(signum: int, frame: object) -> None:
         stopping[0] = True
 
+    # A second Ctrl-C must not skip the clean stop either: the handler only sets a flag.
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     with redis_for(redis_url or os.environ.get("REDIS_URL")) as url:
+        if fresh:
+            wipe(url, sections, out)
         env = {**os.environ, "REDIS_URL": url, "PYTHONUNBUFFERED": "1"}
         children = [
             Child("engine", ["engine", "--model", model, "--port", str(ports["engine"]), *cfg], f"{engine_url}/health"),
@@ -175,6 +198,10 @@ def up(model: str | None, config: str | None, redis_url: str | None, problems: P
         finally:
             stack.say("stopping (Ctrl-C again does not skip the clean stop)")
             stack.stop()
+    archive = sections["rollout"].archive_dir / "rollouts.jsonl"  # type: ignore[attr-defined]
+    stack.say(f"rollouts:    {archive} (one JSON line per scored sample; GET /v1/rollouts pages it)")
+    stack.say(f"checkpoints: {sections['trainer'].checkpoint_dir} (HF safetensors + run_record.json)")  # type: ignore[attr-defined]
+    stack.say(f"logs:        {run_dir / 'logs'}")
     return code
 
 

@@ -65,8 +65,11 @@ class Scheduler:
                 if await self._ready_for(self.step + 1):
                     await self._generate_step(self.step + 1)
                     continue
-            except (RedisError, EngineError) as exc:
-                self.waiting_for = f"error: {exc}"
+            except EngineError as exc:
+                self.waiting_for = "the engine (unreachable or still loading)"
+                log.warning("scheduler: %s; retrying", exc)
+            except RedisError as exc:
+                self.waiting_for = "redis (unreachable)"
                 log.warning("scheduler: %s; retrying", exc)
             WAITING.set(1)
             with contextlib.suppress(TimeoutError):
