@@ -1,0 +1,92 @@
+"""The whole pipeline through `pope up`: problems in over HTTP, hinted and unhinted groups
+out of the CPU engine, scored by the verifier, trained on, new weights back in the engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from services.common.keys import Keys
+from services.common.redis_server import free_port
+from tests.conftest import ROOT
+
+PROBLEMS = [
+    {"prompt": "Compute $2+2$.", "answer": "4", "hint": "HINT-ALPHA: we add the two numbers"},
+    {"prompt": "Find $x$ if $x+1=3$.", "answer": "2", "hint": "HINT-BETA: subtract one from both sides"},
+    {"prompt": "Compute $7^2$.", "answer": "49"},
+]
+
+
+def poll(url: str, check: Any, within_s: float, proc: subprocess.Popen[bytes], log: Path) -> Any:
+    deadline = time.monotonic() + within_s
+    while True:
+        assert proc.poll() is None, f"pope up exited early:\n{log.read_text()[-4000:]}"
+        try:
+            resp = httpx.get(url, timeout=5)
+            if resp.status_code == 200 and (found := check(resp.json())):
+                return found
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"timed out polling {url}:\n{log.read_text()[-4000:]}"
+        time.sleep(0.5)
+
+
+def test_pope_up_trains_on_hinted_and_unhinted_groups(tiny_model: Path, tmp_path: Path, redis_url: str,
+                                                      keys: Keys) -> None:  # fmt: skip
+    ports = {name: free_port() for name in ("engine", "rollout", "verifier", "trainer")}
+    config = tmp_path / "pope.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "shared": {"key_prefix": keys.prefix, "group_size": 4, "prompts_per_step": 4, "max_staleness": 1},
+        "engine": {"port": ports["engine"]},
+        "rollout": {"port": ports["rollout"], "max_new_tokens": 16, "archive_dir": str(tmp_path / "rollouts")},
+        "verifier": {"port": ports["verifier"], "workers": 1},
+        "trainer": {"port": ports["trainer"], "checkpoint_dir": str(tmp_path / "ckpt")},
+    }))  # fmt: skip
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--model", str(tiny_model), "--config",
+                                 str(config), "--redis-url", redis_url, "--run-dir", str(tmp_path / "run")],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    api = f"http://127.0.0.1:{ports['rollout']}"
+    try:
+        poll(f"{api}/readyz", lambda body: body.get("status") == "ready", 300, proc, log)
+        resp = httpx.post(f"{api}/v1/problems", json=PROBLEMS, timeout=30)
+        assert resp.status_code == 201, resp.text
+        ids = resp.json()["ids"]
+
+        # Two training steps, and the engine serving the trainer's new weights.
+        status = poll(f"{api}/v1/status", lambda s: s if s["trainer"].get("version", 0) >= 2 else None, 600, proc, log)
+        assert status["engine"]["weight_version"] >= 1
+
+        # Hinted rollouts carry their hint in the prompt; unhinted ones never do.
+        hinted = poll(f"{api}/v1/rollouts?variant=hinted&limit=100", lambda b: b["rollouts"], 60, proc, log)
+        hints = {p["hint"] for p in PROBLEMS if "hint" in p}
+        assert all(any(h in r["prompt"] for h in hints) for r in hinted)
+        unhinted = httpx.get(f"{api}/v1/rollouts?variant=unhinted&limit=100").json()["rollouts"]
+        assert unhinted and not any(h in r["prompt"] for r in unhinted for h in hints)
+        assert {r["problem_id"] for r in hinted} <= set(ids[:2])  # only problems with a hint
+        stats = httpx.get(f"{api}/v1/problems/{ids[0]}").json()["stats"]
+        assert stats["hinted"]["attempts"] > 0 and stats["unhinted"]["attempts"] > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(120)
+    text = log.read_text()
+    assert code == 0, text[-4000:]
+    assert "all processes stopped" in text
+    for port in ports.values():  # every child is gone
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+            raise AssertionError(f"something still listens on {port}")
+        except httpx.ConnectError:
+            pass
+    checkpoints = sorted((tmp_path / "ckpt").glob("step-*"))
+    assert checkpoints and (checkpoints[-1] / "run_record.json").is_file()
+    assert os.path.getsize(tmp_path / "rollouts" / "rollouts.jsonl") > 0

@@ -1,0 +1,49 @@
+"""The POPE training mix and the guided prompt (pure)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from services.common.messages import Problem, ProblemLabel, Variant
+from services.rollout.planner import Planner
+from services.rollout.prompts import PromptTemplate, user_message
+
+HINTED = [Problem(id=f"h{i}", prompt=f"hard {i}", answer="1", hint=f"First, note {i}") for i in range(4)]
+PLAIN = [Problem(id=f"u{i}", prompt=f"plain {i}", answer="1") for i in range(2)]
+
+
+def test_hinted_problems_come_hinted_and_unhinted_one_to_one_as_separate_groups() -> None:
+    planner = Planner(hinted_fraction=0.5, seed=0)
+    groups = [g for _ in range(10) for g in planner.plan(HINTED + PLAIN, 8)]
+    per = Counter((p.id, v) for p, v in groups)
+    for p in HINTED:
+        assert per[(p.id, Variant.HINTED)] == per[(p.id, Variant.UNHINTED)] > 0
+    for p in PLAIN:
+        assert per[(p.id, Variant.HINTED)] == 0 and per[(p.id, Variant.UNHINTED)] > 0
+    assert all(len(planner.plan(HINTED, 8)) == 8 for _ in range(5))  # every step is full
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 1.0])
+def test_the_hinted_share_follows_the_configured_fraction(fraction: float) -> None:
+    planner = Planner(hinted_fraction=fraction)
+    groups = [v for _ in range(20) for _p, v in planner.plan(HINTED, 8)]
+    assert groups.count(Variant.HINTED) / len(groups) == pytest.approx(fraction, abs=0.02)
+
+
+def test_only_train_problems_and_easy_ones_only_if_asked() -> None:
+    easy = Problem(id="e", prompt="easy", answer="1", label=ProblemLabel.EASY)
+    held_out = Problem(id="x", prompt="eval", answer="1", split="eval")
+    assert {p.id for p, _ in Planner(include_easy=False).plan([easy, held_out, *PLAIN], 6)} == {"u0", "u1"}
+    assert "e" in {p.id for p, _ in Planner(include_easy=True).plan([easy, *PLAIN], 6)}
+    assert Planner().plan([held_out], 4) == []
+
+
+def test_the_hint_is_in_the_hinted_prompt_only() -> None:
+    t = PromptTemplate()
+    hinted, plain = user_message(HINTED[0], Variant.HINTED, t), user_message(HINTED[0], Variant.UNHINTED, t)
+    assert hinted.startswith("hard 0") and hinted.endswith("First, note 0") and t.hint_instruction in hinted
+    assert "First, note 0" not in plain and t.plain_instruction in plain
+    with pytest.raises(ValueError, match="no hint"):
+        user_message(PLAIN[0], Variant.HINTED, t)
