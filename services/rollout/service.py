@@ -125,12 +125,14 @@ async def _streams(redis: Redis, keys: Keys) -> dict[str, Any]:
     return out
 
 
-def _num(raw: bytes) -> float | str:
+def _num(raw: bytes) -> int | float | str:
     text = raw.decode()
-    try:
-        return float(text)
-    except ValueError:
-        return text
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def serve(settings: RolloutSettings) -> None:
