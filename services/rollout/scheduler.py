@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.common.engine_client import EngineClient, EngineError, SamplingParams
-from services.common.keys import Keys
+from services.common.keys import TRAINERS, VERIFIERS, Keys
 from services.common.messages import Problem, RawGroup, Sample, Variant
 from services.common.streams import publish
 from services.rollout.planner import Planner
@@ -65,6 +65,9 @@ class Scheduler:
                 if await self._ready_for(self.step + 1):
                     await self._generate_step(self.step + 1)
                     continue
+                if need := await self._starving():
+                    await self._generate_step(self.step, need, top_up=True)
+                    continue
             except EngineError as exc:
                 self.waiting_for = "the engine (unreachable or still loading)"
                 log.warning("scheduler: %s; retrying", exc)
@@ -93,9 +96,35 @@ class Scheduler:
         WAITING.set(0)
         return True
 
-    async def _generate_step(self, step: int) -> None:
+    async def _starving(self) -> int:
+        """Groups the trainer still needs for its next step when none are on the way.
+
+        Groups can be lost on purpose (dead-lettered by the verifier, dropped as stale by
+        the trainer). Without a top-up, a trainer short of a full step would wait for
+        groups while this scheduler waits for the trainer: a deadlock. The pipeline is
+        "drained" when every raw group is scored and every scored group is in the
+        trainer's buffer (its pending count equals the buffer it reports).
+        """
+        state = await self.redis.hgetall(self.keys.state("trainer"))  # type: ignore[misc]
+        if b"buffered" not in state:
+            return 0  # no trainer has reported yet
+        need = self.settings.prompts_per_step - int(float(state[b"buffered"]))
+        if need <= 0:
+            return 0
+        rollouts = await _group_info(self.redis, self.keys.rollouts, VERIFIERS)
+        scored = await _group_info(self.redis, self.keys.scored, TRAINERS)
+        drained = (rollouts is not None and rollouts["pending"] == 0 and rollouts["lag"] == 0
+                   and scored is not None and scored["lag"] == 0
+                   and scored["pending"] == int(float(state[b"buffered"])))  # fmt: skip
+        if not drained:
+            return 0
+        log.warning("the trainer needs %d more groups for step %d and none are on the way (some were "
+                    "dead-lettered or dropped as stale): topping up", need, self.step)  # fmt: skip
+        return need
+
+    async def _generate_step(self, step: int, n_groups: int | None = None, top_up: bool = False) -> None:
         STEP.set(step)
-        plan = self.planner.plan(await self.store.all(), self.settings.prompts_per_step)
+        plan = self.planner.plan(await self.store.all(), n_groups or self.settings.prompts_per_step)
         if not plan:
             self.waiting_for = "train problems (none are eligible: split 'train', not excluded)"
             return
@@ -110,6 +139,8 @@ class Scheduler:
                 self.published.append(time.time())
 
         await asyncio.gather(*(one(p, v) for p, v in plan))
+        if top_up:
+            return
         self.step = step
         await self.redis.hset(self.keys.state("rollout"), mapping={  # type: ignore[misc]
             "step": step, "updated_at": time.time(), "last_step_seconds": time.monotonic() - started})  # fmt: skip
@@ -148,3 +179,19 @@ class Scheduler:
     def rate_per_min(self) -> float:
         cutoff = time.time() - 60
         return float(sum(t >= cutoff for t in self.published))
+
+
+async def _group_info(redis: Redis, stream: str, group: str) -> dict[str, int] | None:
+    """Pending and lag (entries not yet delivered) of a consumer group; None if absent."""
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except RedisError:
+        return None  # no stream yet
+    for info in groups:
+        if info["name"].decode() == group:
+            lag = info.get("lag")
+            if lag is None:  # Redis 6.2 has no lag: compare with the stream's last id
+                last = (await redis.xinfo_stream(stream))["last-generated-id"]
+                lag = 0 if info["last-delivered-id"] == last else 1
+            return {"pending": int(info["pending"]), "lag": int(lag)}
+    return None

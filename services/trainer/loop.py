@@ -103,9 +103,12 @@ class Trainer:
         try:
             while not stop.is_set():
                 try:
+                    before = len(self.buffer)
                     for entry in await self.reader.read():
                         await self._accept(entry)
                     await self._drop_stale()
+                    if len(self.buffer) != before:  # the rollout scheduler watches this (top-ups)
+                        await self.redis.hset(self.keys.state("trainer"), "buffered", str(len(self.buffer)))  # type: ignore[misc]
                     if len(self.buffer) >= self.settings.prompts_per_step:
                         await self.step()
                 except RedisError as exc:

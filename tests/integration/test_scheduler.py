@@ -1,0 +1,79 @@
+"""The rollout scheduler against a real engine and Redis: the staleness bound, the POPE
+mix in published groups, and the top-up that keeps a short trainer from deadlocking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from redis.asyncio import Redis
+from transformers import AutoTokenizer
+
+from services.common.engine_client import EngineClient
+from services.common.keys import TRAINERS, VERIFIERS, Keys
+from services.common.messages import Problem, RawGroup, Variant, decode
+from services.common.streams import DATA, DeliveryPolicy
+from services.rollout.scheduler import Scheduler
+from services.rollout.settings import RolloutSettings
+from services.rollout.store import ProblemStore
+
+PROBLEMS = [
+    Problem(id="h", prompt="Compute 2+2.", answer="4", hint="We add:"),
+    Problem(id="u", prompt="3*5?", answer="15"),
+]
+
+
+async def make(aredis: Redis, keys: Keys, engine: EngineClient, tiny_model: Path, **kw: object) -> Scheduler:
+    settings = RolloutSettings(key_prefix=keys.prefix, group_size=2, prompts_per_step=4, max_new_tokens=4,
+                               streams=DeliveryPolicy(block_ms=50), **kw)  # type: ignore[arg-type]  # fmt: skip
+    store = ProblemStore(aredis, keys)
+    await store.put_many(PROBLEMS)
+    return Scheduler(settings, aredis, engine, store, AutoTokenizer.from_pretrained(str(tiny_model)))
+
+
+async def published(aredis: Redis, keys: Keys) -> list[RawGroup]:
+    return [decode(RawGroup, f[DATA]) for _i, f in await aredis.xrange(keys.rollouts)]
+
+
+async def test_never_more_than_max_staleness_ahead_and_the_pope_mix(aredis: Redis, keys: Keys, engine_url: str,
+                                                                    tiny_model: Path) -> None:  # fmt: skip
+    async with EngineClient(engine_url) as engine:
+        s = await make(aredis, keys, engine, tiny_model, max_staleness=1)
+        await aredis.hset(keys.state("trainer"), mapping={"version": 0, "buffered": 0})
+        assert await s._ready_for(1) and await s._ready_for(2)  # up to one version ahead of v0
+        await s._generate_step(1)
+        await s._generate_step(2)
+        assert not await s._ready_for(3) and "trainer" in s.waiting_for
+        await aredis.hset(keys.state("trainer"), "version", 1)
+        # The trainer moved on, but the engine still serves v0: step 3 needs at least v1.
+        assert not await s._ready_for(3) and "engine" in s.waiting_for
+    groups = await published(aredis, keys)
+    assert len(groups) == 8 and {g.step for g in groups} == {1, 2}
+    hinted = [g for g in groups if g.variant is Variant.HINTED]
+    assert hinted and all(g.problem_id == "h" and "We add:" in g.prompt for g in hinted)
+    unhinted_h = sum(g.problem_id == "h" and g.variant is Variant.UNHINTED for g in groups)
+    assert abs(unhinted_h - len(hinted)) <= 1  # 1:1, up to a pair cut by the end of a step
+    assert all(len(g.samples) == 2 and g.temperature == 0.8 and g.template_version for g in groups)
+
+
+async def test_a_trainer_short_of_groups_gets_a_top_up_not_a_deadlock(aredis: Redis, keys: Keys, engine_url: str,
+                                                                      tiny_model: Path) -> None:  # fmt: skip
+    async with EngineClient(engine_url) as engine:
+        s = await make(aredis, keys, engine, tiny_model, max_staleness=0)
+        await aredis.hset(keys.state("trainer"), mapping={"version": 0, "buffered": 0})
+        await s._generate_step(1)
+        s.step = 1
+        # The verifier scored 3 of the 4 groups (one was dead-lettered); the trainer holds 3.
+        await aredis.xgroup_create(keys.rollouts, VERIFIERS, id="0", mkstream=True)
+        for entry_id, fields in (await aredis.xreadgroup(VERIFIERS, "v", {keys.rollouts: ">"}))[0][1]:
+            await aredis.xack(keys.rollouts, VERIFIERS, entry_id)
+            if len(await aredis.xrange(keys.scored)) < 3:
+                await aredis.xadd(keys.scored, {DATA: fields[DATA]})  # stand-in for the scored group
+        await aredis.xgroup_create(keys.scored, TRAINERS, id="0", mkstream=True)
+        await aredis.xreadgroup(TRAINERS, "trainer", {keys.scored: ">"})
+        await aredis.hset(keys.state("trainer"), "buffered", 3)
+
+        assert not await s._ready_for(2)  # the staleness bound holds...
+        assert await s._starving() == 1  # ...but the trainer is one group short, and none are coming
+        await s._generate_step(s.step, 1, top_up=True)
+        assert s.step == 1 and len(await published(aredis, keys)) == 5
+        assert await s._starving() == 0  # one is on its way now: no second top-up
