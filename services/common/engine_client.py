@@ -7,9 +7,10 @@ engine; it cannot tell which, by design: DESIGN.md 3).
                                                                   temperature=0.8, sampling_seed=1))
         outs[0].logprobs, outs[0].finish_reason, outs[0].weight_version   # typed
 
-Requests retry on connection errors and 503 (an engine restarting or loading), with
-backoff, up to ``retries`` times; any other error raises ``EngineError`` at once with
-the engine's message. Weight versions are ints here (the engine speaks strings).
+Requests retry on transport errors (connection refused or reset, timeouts) and 503 (an
+engine restarting or loading), with backoff, up to ``retries`` times; any other error
+raises ``EngineError`` at once with the engine's message. Nothing but ``EngineError``
+ever leaves this client. Weight versions are ints here (the engine speaks strings).
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ class EngineClient:
         for attempt in range(self.retries + 1):
             try:
                 resp = await self._http.request(method, path, json=json)
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ConnectTimeout) as exc:
+            except httpx.TransportError as exc:  # connect, read, write, timeouts, resets
                 problem = f"cannot reach the engine at {self.base_url}: {type(exc).__name__}: {exc}"
             else:
                 if resp.status_code == 503:

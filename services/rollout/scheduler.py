@@ -52,6 +52,8 @@ class Scheduler:
         self.step = 0
         self.waiting_for = "starting"
         self.published: deque[float] = deque(maxlen=10_000)  # publish times, for rates
+        self.top_ups = 0  # salts the seeds of top-up groups, so they differ from the step's own
+        self._warned_lag = False
 
     async def trainer_version(self) -> int:
         raw = await self.redis.hget(self.keys.state("trainer"), "version")  # type: ignore[misc]
@@ -79,8 +81,21 @@ class Scheduler:
                 await asyncio.wait_for(stop.wait(), self.settings.poll_interval_s)
         WAITING.set(0)
 
-    async def _ready_for(self, step: int) -> bool:
+    async def lag(self) -> int:
+        """The staleness bound in force: the stricter of this service's and the trainer's, so
+        a mismatched config wastes no compute on groups the trainer would drop."""
+        theirs = await self.redis.hget(self.keys.state("trainer"), "max_staleness")  # type: ignore[misc]
         lag = self.settings.max_staleness
+        if theirs is not None and int(theirs) != lag:
+            if not self._warned_lag:
+                log.error("rollout.max_staleness=%d but trainer.max_staleness=%d: using %d (set it once, in "
+                          "the config's shared section)", lag, int(theirs), min(lag, int(theirs)))  # fmt: skip
+                self._warned_lag = True
+            lag = min(lag, int(theirs))
+        return lag
+
+    async def _ready_for(self, step: int) -> bool:
+        lag = await self.lag()
         trainer = await self.trainer_version()
         if step > trainer + 1 + lag:
             self.waiting_for = f"trainer (at v{trainer}; step {step} may run at most {lag} ahead)"
@@ -118,6 +133,11 @@ class Scheduler:
                    and scored["pending"] == int(float(state[b"buffered"])))  # fmt: skip
         if not drained:
             return 0
+        # Top-up groups must not be stale on arrival: the engine must serve recent weights.
+        version = int(float(state.get(b"version", b"0")))
+        if await self.engine.weight_version() < version - await self.lag():
+            self.waiting_for = "the engine to load the trainer's weights (the trainer re-pushes them)"
+            return 0
         log.warning("the trainer needs %d more groups for step %d and none are on the way (some were "
                     "dead-lettered or dropped as stale): topping up", need, self.step)  # fmt: skip
         return need
@@ -130,15 +150,24 @@ class Scheduler:
             return
         started = time.monotonic()
         limit = asyncio.Semaphore(self.settings.max_concurrent_groups)
+        salt = ""
+        if top_up:
+            self.top_ups += 1
+            salt = f"top-up-{self.top_ups}"
 
         async def one(problem: Problem, variant: Variant) -> None:
             async with limit:
-                group = await self.sample_group(problem, variant, step)
+                group = await self.sample_group(problem, variant, step, salt)
                 await publish(self.redis, self.keys.rollouts, group, self.settings.streams)
                 PUBLISHED.labels(variant.value).inc()
                 self.published.append(time.time())
 
-        await asyncio.gather(*(one(p, v) for p, v in plan))
+        try:
+            async with asyncio.TaskGroup() as tg:  # one failure cancels the rest of the step
+                for p, v in plan:
+                    tg.create_task(one(p, v))
+        except* (EngineError, RedisError) as group_error:
+            raise group_error.exceptions[0] from None
         if top_up:
             return
         self.step = step
@@ -148,13 +177,13 @@ class Scheduler:
         log.info("step %d: published %d groups (%d hinted, %d unhinted) in %.1fs", step, len(plan), hinted,
                  len(plan) - hinted, time.monotonic() - started)  # fmt: skip
 
-    async def sample_group(self, problem: Problem, variant: Variant, step: int) -> RawGroup:
+    async def sample_group(self, problem: Problem, variant: Variant, step: int, salt: str = "") -> RawGroup:
         """G samples of one variant of one problem, as a RawGroup."""
         cfg = self.settings
         text = user_message(problem, variant, cfg.prompt_template)
         ids = prompt_ids(self.tokenizer, text)
         # Reproducible per (seed, step, problem, variant), distinct across them.
-        seed = random.Random(f"{cfg.seed}:{step}:{problem.id}:{variant.value}").randrange(2**31)
+        seed = random.Random(f"{cfg.seed}:{step}:{problem.id}:{variant.value}{salt}").randrange(2**31)
         params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, sampling_seed=seed)  # fmt: skip
         outs = await self.engine.generate([ids], params, rid=f"{step}-{problem.id}-{variant.value}")

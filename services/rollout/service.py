@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -46,8 +48,15 @@ def create_app(settings: RolloutSettings) -> FastAPI:
     stop = asyncio.Event()
     held: dict[str, Any] = {}
 
+    # Groups this process appended: the file append is not in the Redis transaction, so a
+    # commit that fails after it would otherwise append the redelivered group again. (A
+    # crash in that window can still leave a duplicate row; it never loses one.)
+    archived: deque[str] = deque(maxlen=100_000)
+
     async def archive_group(group: ScoredGroup, effects: Effects) -> None:
-        await asyncio.to_thread(archive.append, RolloutRecord.from_group(group))
+        if group.group_id not in archived:
+            await asyncio.to_thread(archive.append, RolloutRecord.from_group(group))
+            archived.append(group.group_id)
         effects.call(lambda pipe: store.queue_record(pipe, group))
 
     @asynccontextmanager
@@ -63,7 +72,9 @@ def create_app(settings: RolloutSettings) -> FastAPI:
 
             tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
             held["scheduler"] = Scheduler(settings, redis, engine, store, tokenizer)
-            tasks.append(asyncio.create_task(held["scheduler"].run(stop)))
+            scheduling = asyncio.create_task(held["scheduler"].run(stop))
+            scheduling.add_done_callback(lambda t: _die_if_failed(t, held))
+            tasks.append(scheduling)
         yield
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -72,9 +83,12 @@ def create_app(settings: RolloutSettings) -> FastAPI:
 
     app = FastAPI(title="POPE-RL rollout service", lifespan=lifespan,
                   description="Problems in, hinted and unhinted rollouts out (POPE).")  # fmt: skip
+    app.state.held = held
     app.include_router(problems_and_rollouts_router(store, archive, settings.api_token))
 
     async def ready() -> str | None:
+        if "failed" in held:
+            return f"the scheduler failed: {held['failed']}"
         try:
             await redis.ping()  # type: ignore[misc]
         except RedisError as exc:
@@ -135,6 +149,16 @@ def _num(raw: bytes) -> int | float | str:
     return text
 
 
+def _die_if_failed(task: asyncio.Task[None], held: dict[str, Any]) -> None:
+    """A scheduler that raised is a bug: stop the process (non-zero exit) rather than serve
+    an API that looks healthy while nothing is generated."""
+    if task.cancelled() or task.exception() is None:
+        return
+    held["failed"] = repr(task.exception())
+    log.error("the scheduler failed; stopping the rollout service", exc_info=task.exception())
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def serve(settings: RolloutSettings) -> None:
     import uvicorn
 
@@ -142,4 +166,7 @@ def serve(settings: RolloutSettings) -> None:
 
     setup_logging("rollout", settings.log_level, settings.log_format)
     log_resolved_config(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    if "failed" in app.state.held:
+        raise SystemExit(f"pope rollout: the scheduler failed: {app.state.held['failed']}")

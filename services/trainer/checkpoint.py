@@ -66,6 +66,8 @@ def save(root: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimize
     state.trained_group_ids = state.trained_group_ids[-MAX_REMEMBERED_IDS:]
     (tmp / "run_record.json").write_text(json.dumps(run_record, indent=2, default=str))
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))  # last: marks the directory complete
+    for f in tmp.iterdir():  # contents durable before the name says "complete"
+        _fsync_file(f)
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -101,6 +103,11 @@ def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
         state.setdefault(int(pid), {})[name] = value
     groups = json.loads((path / "optimizer.json").read_text())["param_groups"]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: Path) -> None:

@@ -88,6 +88,9 @@ class Trainer:
         self.reader = GroupReader(redis, self.keys, self.keys.scored, TRAINERS, settings.consumer_name,
                                   settings.streams)  # fmt: skip
         self.buffer: list[tuple[Entry, ScoredGroup]] = []
+        self.in_flight: list[tuple[Entry, ScoredGroup]] = []  # the groups of the step being trained
+        self._dirty = True  # the state in Redis is behind this object's
+        self._weights_lock = asyncio.Lock()  # one of: checkpoint save, push, re-push
         self.last: dict[str, float] = {}
         self.record = checkpoint.run_record(resolved(settings), settings.seed)
         VERSION.set(self.version)
@@ -97,8 +100,9 @@ class Trainer:
         return self.state.step
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Train until ``stop``. Redis and engine troubles are waited out; anything else
+        is a bug and propagates (the service then exits, so a supervisor restarts it)."""
         await self.reader.ensure_group()
-        await self.publish_state()
         tasks = [asyncio.create_task(self._renew_leases(stop)), asyncio.create_task(self._watch_engine(stop))]
         try:
             while not stop.is_set():
@@ -107,14 +111,17 @@ class Trainer:
                     for entry in await self.reader.read():
                         await self._accept(entry)
                     await self._drop_stale()
-                    if len(self.buffer) != before:  # the rollout scheduler watches this (top-ups)
-                        await self.redis.hset(self.keys.state("trainer"), "buffered", str(len(self.buffer)))  # type: ignore[misc]
+                    self._dirty |= len(self.buffer) != before  # the scheduler watches "buffered"
                     if len(self.buffer) >= self.settings.prompts_per_step:
                         await self.step()
+                    if self._dirty:
+                        await self.publish_state()
                 except RedisError as exc:
                     log.warning("redis error (%s); retrying", exc)
                     self.buffer.clear()  # still pending in Redis; re-read from the backlog
+                    self.in_flight.clear()
                     self.reader.reset()
+                    self._dirty = True
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 1.0)
         finally:
@@ -152,17 +159,22 @@ class Trainer:
 
     async def step(self) -> None:
         """One optimizer step on the oldest buffered groups, then checkpoint, ack, push."""
-        take, self.buffer = self.buffer[: self.settings.prompts_per_step], self.buffer[self.settings.prompts_per_step :]
-        groups = [g for _, g in take]
+        cfg = self.settings
+        self.in_flight, self.buffer = self.buffer[: cfg.prompts_per_step], self.buffer[cfg.prompts_per_step :]
+        groups = [g for _, g in self.in_flight]
         started = time.monotonic()
         stats = await asyncio.to_thread(self._train, groups)
-        self.state.step += 1
-        self.state.trained_group_ids += [g.group_id for g in groups]
-        self.trained.update(g.group_id for g in groups)
-        cfg = self.settings
-        path = await asyncio.to_thread(checkpoint.save, self.ckpt_dir, self.model, self.tokenizer,
-                                       self.optimizer, self.state, self.record, cfg.keep_checkpoints)  # fmt: skip
-        await self.reader.ack(*[e.id for e, _ in take])  # only now: the checkpoint holds their effect
+        ids = [g.group_id for g in groups]
+        after = checkpoint.TrainerState(step=self.version + 1, trained_group_ids=self.state.trained_group_ids + ids,
+                                        dropped_stale=self.state.dropped_stale)  # fmt: skip
+        async with self._weights_lock:  # the engine watcher must not see a half-finished version
+            path = await asyncio.to_thread(checkpoint.save, self.ckpt_dir, self.model, self.tokenizer,
+                                           self.optimizer, after, self.record, cfg.keep_checkpoints)  # fmt: skip
+            self.state = after
+            self.trained.update(ids)
+        self._dirty = True
+        await self.reader.ack(*[e.id for e, _ in self.in_flight])  # only now: the checkpoint holds their effect
+        self.in_flight = []
         stats["step_seconds"] = time.monotonic() - started
         self.last = stats
         STEPS.inc()
@@ -174,7 +186,8 @@ class Trainer:
                  "grad norm %.3f, %d tokens, %.1fs", self.version, stats["loss"], stats["reward_hinted"],
                  stats["reward_unhinted"], stats["ratio_mean"], stats["ratio_max"], stats["clip_frac"],
                  stats["grad_norm"], stats["tokens"], stats["step_seconds"])  # fmt: skip
-        await self.push(path)
+        async with self._weights_lock:
+            await self.push(path, self.version)
         await self.publish_state()
         await publish(self.redis, self.keys.events, WeightsUpdated(weight_version=self.version, path=str(path)),
                       self.settings.streams)  # fmt: skip
@@ -218,29 +231,37 @@ class Trainer:
             **{f"reward_{v.value}": (sum(r) / len(r) if r else float("nan")) for v, r in by_variant.items()},
         }
 
-    async def push(self, path: Path) -> bool:
-        """Tell the engine to load ``path`` as this version; False (logged) if it fails."""
+    async def push(self, path: Path, version: int) -> bool:
+        """Tell the engine to load ``path`` as ``version``; False (logged) if it fails."""
         if self.engine is None:
             return False
         try:
-            await self.engine.update_weights_from_disk(str(path), self.version)
+            await self.engine.update_weights_from_disk(str(path), version)
         except EngineError as exc:
-            log.warning("pushing weights v%d to the engine failed (will retry): %s", self.version, exc)
+            log.warning("pushing weights v%d to the engine failed (will retry): %s", version, exc)
             return False
         return True
 
     async def publish_state(self) -> None:
-        fields: dict[str, Any] = {"version": self.version, "step": self.version, "buffered": len(self.buffer),
-                                  "dropped_stale": self.state.dropped_stale, "updated_at": time.time()}  # fmt: skip
+        """The state the rollout scheduler and /v1/status read; retried each pass until it lands."""
+        fields: dict[str, Any] = {
+            "version": self.version,
+            "step": self.version,
+            "buffered": len(self.buffer),
+            "dropped_stale": self.state.dropped_stale,
+            "max_staleness": self.settings.max_staleness,
+            "updated_at": time.time(),
+        }
         fields.update({k: v for k, v in self.last.items() if v == v})  # NaN-free
         await self.redis.hset(self.keys.state("trainer"), mapping=fields)  # type: ignore[misc]
+        self._dirty = False
 
     async def _renew_leases(self, stop: asyncio.Event) -> None:
         period = self.settings.streams.lease_ms / 3000
         while not stop.is_set():
             await asyncio.sleep(period)
             with contextlib.suppress(RedisError):
-                await self.reader.renew(*[e.id for e, _ in self.buffer])
+                await self.reader.renew(*[e.id for e, _ in self.buffer + self.in_flight])
 
     async def _watch_engine(self, stop: asyncio.Event) -> None:
         """Re-push the latest weights whenever the engine serves an older version."""
@@ -248,10 +269,13 @@ class Trainer:
             return
         while not stop.is_set():
             with contextlib.suppress(EngineError):
-                served = await self.engine.weight_version()
-                newest = checkpoint.latest(self.ckpt_dir)
-                if served < self.version and newest is not None:
-                    log.warning("engine serves v%d, trainer is at v%d: re-pushing %s", served, self.version, newest)
-                    await self.push(newest)
+                async with self._weights_lock:
+                    served = await self.engine.weight_version()
+                    newest = checkpoint.latest(self.ckpt_dir)
+                    step = checkpoint.load_state(newest).step if newest is not None else 0
+                    if newest is not None and served < step:
+                        log.warning("engine serves v%d, the latest checkpoint is v%d: re-pushing %s", served, step,
+                                    newest)  # fmt: skip
+                        await self.push(newest, step)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.repush_interval_s)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,6 +36,7 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         trainer = await asyncio.to_thread(Trainer, settings, redis, engine)
         holder["trainer"], holder["redis"] = trainer, redis
         task = asyncio.create_task(trainer.run(stop))
+        task.add_done_callback(lambda t: _die_if_failed(t, holder))
         yield
         stop.set()
         await asyncio.gather(task, return_exceptions=True)
@@ -42,8 +45,11 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         await redis.aclose()
 
     app = FastAPI(title="POPE-RL trainer", lifespan=lifespan)
+    app.state.holder = holder
 
     async def ready() -> str | None:
+        if "failed" in holder:
+            return f"the training loop failed: {holder['failed']}"
         if "trainer" not in holder:
             return "loading the model"
         try:
@@ -66,6 +72,16 @@ def create_app(settings: TrainerSettings) -> FastAPI:
     return app
 
 
+def _die_if_failed(task: asyncio.Task[None], holder: dict[str, Any]) -> None:
+    """A training loop that raised is a bug: say so, and stop the process (non-zero exit)
+    rather than serve a healthy-looking trainer that trains nothing."""
+    if task.cancelled() or task.exception() is None:
+        return
+    holder["failed"] = repr(task.exception())
+    log.error("the training loop failed; stopping the trainer", exc_info=task.exception())
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def serve(settings: TrainerSettings) -> None:
     import uvicorn
 
@@ -73,4 +89,7 @@ def serve(settings: TrainerSettings) -> None:
 
     setup_logging("trainer", settings.log_level, settings.log_format)
     log_resolved_config(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    if "failed" in app.state.holder:
+        raise SystemExit(f"pope trainer: the training loop failed: {app.state.holder['failed']}")

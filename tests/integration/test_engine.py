@@ -9,6 +9,7 @@ transformers' generate, seeds reproduce, stops and lengths finish as they should
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -181,3 +182,12 @@ async def test_client_errors_are_clear(engine_url: str) -> None:
         with pytest.raises(EngineError, match="cannot reach the engine"):
             await dead.model_info()
         assert not await dead.healthy()
+    # An engine that accepts the connection and never answers: a read timeout, which must
+    # surface as EngineError (callers catch only that), not as an httpx exception.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        async with EngineClient(url, timeout=0.3, retries=1, backoff=0.01) as stuck:
+            with pytest.raises(EngineError, match="ReadTimeout"):
+                await stuck.update_weights_from_disk("/x", 1)
