@@ -79,7 +79,7 @@ async def test_train_push_drop_stale_and_resume(
     tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, aredis: Redis, engine: EngineClient, engine_url: str
 ) -> None:
     await engine.update_weights_from_disk(str(tiny_model), 0)  # the engine starts each test at v0
-    cfg = settings(tiny_model, tmp_path, redis_url, keys, engine_url, max_staleness=1)
+    cfg = settings(tiny_model, tmp_path, redis_url, keys, engine_url, max_staleness=1, repush_interval_s=0.2)
     trainer = await asyncio.to_thread(Trainer, cfg, aredis, engine)
     stop = asyncio.Event()
     task = asyncio.create_task(trainer.run(stop))
@@ -97,6 +97,12 @@ async def test_train_push_drop_stale_and_resume(
         assert abs(first["ratio_max"] - 1.0) < 1e-3 and first["logp_abs_diff_mean"] < 1e-4, first
         assert first["reward_hinted"] == 0.5 and first["reward_unhinted"] == 0.25 and first["tokens"] > 0
         assert await engine.weight_version() == 1  # pushed and served
+
+        # An engine that restarts serves its start-up weights (v0): the trainer re-pushes v1.
+        await engine.update_weights_from_disk(str(tiny_model), 0)
+        async with asyncio.timeout(30):
+            while await engine.weight_version() != 1:
+                await asyncio.sleep(0.1)
 
         # Step 2 on groups sampled at v1; the group sampled at v0 is then 2 behind and dropped.
         for g in await sample_groups(engine, 2, [[0, 1, 0, 0], [1, 1, 0, 0]]):
