@@ -9,11 +9,12 @@ position P - 1 + k.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from services.common.messages import FinishReason, ScoredGroup
+from services.common.messages import FinishReason, ScoredGroup, Variant
 from services.trainer.grpo import group_advantages
 
 
@@ -27,6 +28,7 @@ class Row:
     advantage: float
     temperature: float
     trainable: bool  # False: masked out of the loss (e.g. truncated, with mask_truncated)
+    variant: Variant
 
 
 @dataclass(frozen=True)
@@ -39,17 +41,42 @@ class Batch:
     temperature: torch.Tensor  # [N]
 
 
-def rows_from_groups(groups: list[ScoredGroup], *, scale_by_std: bool, mask_truncated: bool) -> list[Row]:
-    """One Row per sample; each group's advantages are normalised within that group."""
+def zero_variance(group: ScoredGroup) -> bool:
+    """All rewards equal: the group's advantages are all zero (no signal)."""
+    return len(set(group.rewards)) <= 1
+
+
+def rows_from_groups(groups: list[ScoredGroup], *, scale_by_std: bool, mask_truncated: bool,
+                     variant_weights: dict[str, float] | None = None) -> list[Row]:  # fmt: skip
+    """One Row per sample. Each group's advantages are normalised within that group (hinted
+    and unhinted groups are never merged), then scaled by the variant's loss weight."""
     rows = []
     for g in groups:
-        adv = group_advantages(torch.tensor(g.rewards, dtype=torch.float32), scale_by_std)  # [G]
+        weight = (variant_weights or {}).get(g.variant.value, 1.0)
+        adv = group_advantages(torch.tensor(g.rewards, dtype=torch.float32), scale_by_std) * weight  # [G]
         for s, a in zip(g.samples, adv.tolist(), strict=True):
             truncated = s.finish_reason is FinishReason.LENGTH
             rows.append(Row(ids=s.prompt_ids + s.completion_ids, prompt_len=len(s.prompt_ids),
                             old_logprobs=s.logprobs, advantage=a, temperature=g.temperature,
-                            trainable=bool(s.completion_ids) and not (mask_truncated and truncated)))  # fmt: skip
+                            trainable=bool(s.completion_ids) and not (mask_truncated and truncated),
+                            variant=g.variant))  # fmt: skip
     return rows
+
+
+def micro_batches(rows: list[Row], token_budget: int) -> Iterator[list[Row]]:
+    """Consecutive rows packed so that rows x padded length stays within ``token_budget``
+    (a single row longer than the budget goes alone)."""
+    chunk: list[Row] = []
+    width = 0
+    for row in rows:
+        new_width = max(width, len(row.ids))
+        if chunk and new_width * (len(chunk) + 1) > token_budget:
+            yield chunk
+            chunk, new_width = [], len(row.ids)
+        chunk.append(row)
+        width = new_width
+    if chunk:
+        yield chunk
 
 
 def collate(rows: list[Row], pad_id: int) -> Batch:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import random
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,8 @@ class TrainerState:
     step: int = 0
     trained_group_ids: list[str] = field(default_factory=list)
     dropped_stale: int = 0
+    lr_scheduler: dict[str, Any] = field(default_factory=dict)
+    python_rng: list[Any] = field(default_factory=list)  # random.getstate(), as JSON
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -63,6 +66,8 @@ def save(root: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimize
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     _save_optimizer(tmp, optimizer)
+    save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+    state.python_rng = _jsonable(random.getstate())
     state.trained_group_ids = state.trained_group_ids[-MAX_REMEMBERED_IDS:]
     (tmp / "run_record.json").write_text(json.dumps(run_record, indent=2, default=str))
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))  # last: marks the directory complete
@@ -82,6 +87,20 @@ def save(root: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimize
 
 def load_state(path: Path) -> TrainerState:
     return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def restore_rng(path: Path, state: TrainerState) -> None:
+    """Put torch's and Python's RNGs back where the checkpoint left them."""
+    rng = path / "rng.safetensors"
+    if rng.is_file():
+        torch.set_rng_state(load_file(str(rng))["torch"])
+    if state.python_rng:
+        version, internal, gauss = state.python_rng
+        random.setstate((version, tuple(internal), gauss))
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 def _save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:

@@ -1,4 +1,4 @@
-"""GRPO as small pure functions: advantages, token logprobs, the clipped policy loss.
+"""GRPO as small pure functions: advantages, token logprobs, the policy loss and its options.
 
 Shapes: N sequences (samples) per micro-batch, L tokens per padded sequence, T = L - 1
 predicted positions (logits at position t predict token t + 1).
@@ -6,12 +6,19 @@ predicted positions (logits at position t predict token t + 1).
 The loss (DESIGN.md 1.5), per completion token t of sample i with advantage A_i:
 
     ratio = exp(logp_new - logp_old)          logp_old: the engine's sampling logprobs
-    loss  = -min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i)
+    loss  = -min(ratio * A_i, clip(ratio, 1 - eps_low, 1 + eps_high) * A_i)
 
-aggregated over tokens by ``agg``: "constant" sums and divides by the nominal samples
-per step (the authors' choice; a sample's weight does not depend on its length or on how
-many samples the step happened to get), "token_mean" divides by the step's completion
-tokens, "seq_mean" averages each sequence's tokens and then the sequences.
+Options (each a TrainerSettings field):
+- ``clip_eps_low`` / ``clip_eps_high``: asymmetric clipping (DAPO's clip-higher).
+- ``tis_cap``: truncated importance sampling. The PPO ratio is then taken against the
+  trainer's own policy before the update (proximal), and the behaviour mismatch between
+  that policy and the engine's sampling is corrected by a weight min(pi_prox / pi_engine, cap).
+- ``kl_coef``: k3 estimator of KL(pi || pi_ref) per token, exp(r) - r - 1 with r = ref - new.
+- ``entropy_coef``: minus the policy's entropy per token (a bonus for exploration).
+- Aggregation ``agg``: "constant" (sum / nominal samples per step; the POPE authors'),
+  "token_mean" (sum / the step's completion tokens), "seq_mean" (mean per sequence, then
+  over sequences), "dr_grpo" (sum / (nominal samples x max response tokens), Dr. GRPO).
+  The caller passes the matching ``normalizer`` (see ``normalizer``).
 """
 
 from __future__ import annotations
@@ -21,7 +28,17 @@ from typing import Any, Literal
 
 import torch
 
-LossAgg = Literal["constant", "token_mean", "seq_mean"]
+LossAgg = Literal["constant", "token_mean", "seq_mean", "dr_grpo"]
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    agg: LossAgg = "constant"
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    tis_cap: float | None = None
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
 
 
 def group_advantages(rewards: torch.Tensor, scale_by_std: bool = False, eps: float = 1e-6) -> torch.Tensor:
@@ -36,31 +53,48 @@ def group_advantages(rewards: torch.Tensor, scale_by_std: bool = False, eps: flo
     return adv
 
 
-def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """log_softmax(logits / T) of each next token: [N, L] ids -> [N, L-1] logprobs.
+def normalizer(agg: LossAgg, *, nominal_samples: int, max_response_tokens: int, step_tokens: int,
+               step_sequences: int) -> float:  # fmt: skip
+    """What the summed per-token losses of a whole step are divided by, per aggregation."""
+    return float({
+        "constant": nominal_samples,
+        "dr_grpo": nominal_samples * max_response_tokens,
+        "token_mean": max(step_tokens, 1),
+        "seq_mean": max(step_sequences, 1),
+    }[agg])  # fmt: skip
+
+
+def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: torch.Tensor,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """log_softmax(logits / T) of each next token, [N, L] ids -> [N, L-1] logprobs, and the
+    entropy of each predicted distribution [N, L-1] when asked.
 
     temperature: [N], the temperature each sequence was sampled at; the engine reports
     logprobs at that temperature, so the importance ratio compares the same quantity.
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :].float()  # [N, T, V]
     logits = logits / temperature[:, None, None]  # [N, T, V]
-    targets = input_ids[:, 1:]  # [N, T]
-    # logsumexp-based gather avoids materialising the full [N, T, V] log_softmax twice.
-    picked = logits.gather(-1, targets[..., None]).squeeze(-1)  # [N, T]
-    logp: torch.Tensor = picked - torch.logsumexp(logits, dim=-1)  # [N, T]
-    return logp
+    lse = torch.logsumexp(logits, dim=-1)  # [N, T]
+    picked = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [N, T]
+    logp: torch.Tensor = picked - lse  # [N, T]
+    entropy = None
+    if with_entropy:
+        probs = torch.softmax(logits, dim=-1)  # [N, T, V]
+        entropy = lse - (probs * logits).sum(-1)  # [N, T]
+    return logp, entropy
 
 
 @dataclass(frozen=True)
-class LossStats:
-    """Summed over the micro-batch's completion tokens; divide by ``tokens`` for means."""
+class SeqStats:
+    """Per-sequence sums over completion tokens ([N] each), for metrics split by variant."""
 
-    tokens: float
-    ratio_sum: float
+    tokens: torch.Tensor
+    ratio: torch.Tensor
+    clipped_low: torch.Tensor
+    clipped_high: torch.Tensor
+    approx_kl: torch.Tensor  # k3 of the engine's policy against the new one
+    entropy: torch.Tensor
     ratio_max: float
-    clipped: float
-    abs_logp_diff_sum: float
 
 
 def policy_loss(
@@ -68,36 +102,53 @@ def policy_loss(
     old_lp: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    *,
-    clip_eps: float,
-    agg: LossAgg,
+    cfg: LossConfig,
     normalizer: float,
-) -> tuple[torch.Tensor, LossStats]:
-    """Clipped surrogate loss of one micro-batch, already divided for its share of the step.
+    ref_lp: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, SeqStats]:
+    """The loss of one micro-batch, already divided for its share of the step.
 
-    new_lp, old_lp, mask: [N, T]; advantages: [N]. ``normalizer`` is, per ``agg``: the
-    nominal samples per step ("constant"), the step's completion tokens ("token_mean"),
-    or the step's sequences ("seq_mean"). Summing the returned losses over a step's
-    micro-batches gives the step's loss.
+    new_lp, old_lp, mask, ref_lp, entropy: [N, T]; advantages: [N]. Summing the losses of
+    a step's micro-batches gives the step's loss.
     """
     mask = mask.float()
-    ratio = torch.exp(new_lp - old_lp)  # [N, T]
     adv = advantages[:, None]  # [N, 1]
+    if cfg.tis_cap is None:
+        ratio = torch.exp(new_lp - old_lp)  # [N, T] against the engine's sampling policy
+        weight = torch.ones_like(ratio)
+    else:
+        prox = new_lp.detach()
+        ratio = torch.exp(new_lp - prox)  # [N, T], 1 in value, the policy gradient in grad
+        weight = torch.clamp(torch.exp(prox - old_lp), max=cfg.tis_cap)  # [N, T] behaviour correction
+    low, high = 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high
     unclipped = ratio * adv  # [N, T]
-    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv  # [N, T]
-    per_token = -torch.minimum(unclipped, clipped) * mask  # [N, T]
-    if agg == "seq_mean":
-        per_seq = per_token.sum(-1) / mask.sum(-1).clamp(min=1.0)  # [N]
-        loss = per_seq.sum() / normalizer
-    else:  # "constant" and "token_mean" differ only in the normalizer
+    clipped = torch.clamp(ratio, low, high) * adv  # [N, T]
+    per_token = -weight * torch.minimum(unclipped, clipped)  # [N, T]
+    if cfg.kl_coef > 0:
+        if ref_lp is None:
+            raise ValueError("kl_coef > 0 needs the reference model's logprobs")
+        r = ref_lp - new_lp  # [N, T]
+        per_token = per_token + cfg.kl_coef * (torch.exp(r) - r - 1.0)
+    if cfg.entropy_coef > 0:
+        if entropy is None:
+            raise ValueError("entropy_coef > 0 needs the entropy")
+        per_token = per_token - cfg.entropy_coef * entropy
+    per_token = per_token * mask  # [N, T]
+    if cfg.agg == "seq_mean":
+        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / normalizer
+    else:
         loss = per_token.sum() / normalizer
     with torch.no_grad():
         live = mask > 0
-        stats = LossStats(
-            tokens=float(mask.sum()),
-            ratio_sum=float((ratio * mask).sum()),
-            ratio_max=float(ratio[live].max()) if live.any() else 1.0,
-            clipped=float(((unclipped != clipped) & live).sum()),
-            abs_logp_diff_sum=float(((new_lp - old_lp).abs() * mask).sum()),
+        d = old_lp - new_lp  # [N, T]
+        stats = SeqStats(
+            tokens=mask.sum(-1),
+            ratio=(torch.exp(new_lp - old_lp) * mask).sum(-1),  # against the engine, in both modes
+            clipped_low=((ratio < low) & (adv < 0) & live).float().sum(-1),
+            clipped_high=((ratio > high) & (adv > 0) & live).float().sum(-1),
+            approx_kl=((torch.exp(d) - d - 1.0) * mask).sum(-1),
+            entropy=(entropy * mask).sum(-1) if entropy is not None else torch.zeros_like(mask[:, 0]),
+            ratio_max=float((torch.exp(new_lp - old_lp))[live].max()) if live.any() else 1.0,
         )
     return loss, stats

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
-from collections.abc import Iterator
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,11 @@ from redis.exceptions import RedisError
 from services.common.config import resolved
 from services.common.engine_client import EngineClient, EngineError
 from services.common.keys import TRAINERS, Keys
-from services.common.messages import MessageError, ScoredGroup, Variant, WeightsUpdated, decode
+from services.common.messages import MessageError, ScoredGroup, WeightsUpdated, decode
 from services.common.streams import Entry, GroupReader, publish
 from services.trainer import checkpoint
-from services.trainer.batch import collate, rows_from_groups
-from services.trainer.grpo import policy_loss, token_logprobs
 from services.trainer.settings import TrainerSettings
+from services.trainer.step import lr_lambda, train_step
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,11 @@ GROUPS = Counter("pope_trainer_groups_total", "Scored groups, by what happened t
 VERSION = Gauge("pope_trainer_weight_version", "The trainer's current weight version (its step)")
 LOSS = Gauge("pope_trainer_loss", "Loss of the last step")
 REWARD = Gauge("pope_trainer_reward_mean", "Mean reward of the last step's groups", ["variant"])
+STEP_METRIC = Gauge("pope_trainer_step_metric", "Last step's metrics by variant (reward_mean, solve_rate, "
+                    "zero_variance_frac, clip_frac, approx_kl, entropy, response_len_mean, truncated, ...)",
+                    ["name", "variant"])  # fmt: skip
 STEP_SECONDS = Histogram("pope_trainer_step_seconds", "Wall time of one optimizer step",
                          buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))  # fmt: skip
-
-
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
 
 
 class Trainer:
@@ -62,8 +60,6 @@ class Trainer:
     def __init__(self, settings: TrainerSettings, redis: Redis, engine: EngineClient | None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if settings.kl_coef > 0:
-            raise ValueError("trainer.kl_coef > 0 needs a reference model, which this trainer does not load yet")
         self.settings, self.redis, self.engine = settings, redis, engine
         self.keys = Keys(settings.key_prefix)
         torch.manual_seed(settings.seed)
@@ -79,11 +75,22 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.learning_rate,
                                            weight_decay=settings.weight_decay)  # fmt: skip
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(settings))
+        self.ref_model: Any = None
+        if settings.kl_coef > 0:  # frozen: the starting weights unless told otherwise
+            ref_source = settings.ref_model_path or settings.model_path or source
+            ref: Any = AutoModelForCausalLM.from_pretrained(ref_source, dtype=torch.float32)
+            self.ref_model = ref.to(settings.device).eval().requires_grad_(False)
         self.state = checkpoint.TrainerState()
         if resume:
             self.state = checkpoint.load_state(resume)
             checkpoint.load_optimizer(resume, self.optimizer)
+            if self.state.lr_scheduler:
+                self.scheduler.load_state_dict(self.state.lr_scheduler)
+            checkpoint.restore_rng(resume, self.state)
             log.info("resumed from %s at step %d", resume, self.state.step)
+        self.history: deque[dict[str, float]] = deque(maxlen=1000)
+        self._idle_since = time.monotonic()  # when the trainer last finished a step (data wait)
         self.trained = set(self.state.trained_group_ids)
         self.reader = GroupReader(redis, self.keys, self.keys.scored, TRAINERS, settings.consumer_name,
                                   settings.streams)  # fmt: skip
@@ -160,76 +167,61 @@ class Trainer:
     async def step(self) -> None:
         """One optimizer step on the oldest buffered groups, then checkpoint, ack, push."""
         cfg = self.settings
+        waited = time.monotonic() - self._idle_since
         self.in_flight, self.buffer = self.buffer[: cfg.prompts_per_step], self.buffer[cfg.prompts_per_step :]
         groups = [g for _, g in self.in_flight]
         started = time.monotonic()
-        stats = await asyncio.to_thread(self._train, groups)
+        stats = await asyncio.to_thread(train_step, self.model, self.ref_model, self.optimizer, self.scheduler,
+                                        groups, cfg, self.pad_id, self.version)  # fmt: skip
         ids = [g.group_id for g in groups]
         after = checkpoint.TrainerState(step=self.version + 1, trained_group_ids=self.state.trained_group_ids + ids,
-                                        dropped_stale=self.state.dropped_stale)  # fmt: skip
+                                        dropped_stale=self.state.dropped_stale,
+                                        lr_scheduler=self.scheduler.state_dict())  # fmt: skip
+        saving = time.monotonic()
         async with self._weights_lock:  # the engine watcher must not see a half-finished version
             path = await asyncio.to_thread(checkpoint.save, self.ckpt_dir, self.model, self.tokenizer,
                                            self.optimizer, after, self.record, cfg.keep_checkpoints)  # fmt: skip
             self.state = after
             self.trained.update(ids)
+        stats["time_checkpoint_s"] = time.monotonic() - saving
         self._dirty = True
         await self.reader.ack(*[e.id for e, _ in self.in_flight])  # only now: the checkpoint holds their effect
         self.in_flight = []
-        stats["step_seconds"] = time.monotonic() - started
-        self.last = stats
-        STEPS.inc()
-        GROUPS.labels("trained").inc(len(groups))
-        VERSION.set(self.version)
-        LOSS.set(stats["loss"])
-        STEP_SECONDS.observe(stats["step_seconds"])
-        log.info("step %d: loss %.4f, reward hinted %.3f unhinted %.3f, ratio mean %.4f max %.4f, clipped %.3f, "
-                 "grad norm %.3f, %d tokens, %.1fs", self.version, stats["loss"], stats["reward_hinted"],
-                 stats["reward_unhinted"], stats["ratio_mean"], stats["ratio_max"], stats["clip_frac"],
-                 stats["grad_norm"], stats["tokens"], stats["step_seconds"])  # fmt: skip
+        pushing = time.monotonic()
         async with self._weights_lock:
-            await self.push(path, self.version)
+            pushed = await self.push(path, self.version)
+        stats.update(time_push_s=time.monotonic() - pushing, pushed=float(pushed), time_waiting_for_data_s=waited,
+                     step_seconds=time.monotonic() - started, version=float(self.version))  # fmt: skip
+        stats["tokens_per_s"] = stats["tokens"] / max(stats["time_forward_backward_s"], 1e-9)
+        self._record(stats)
         await self.publish_state()
         await publish(self.redis, self.keys.events, WeightsUpdated(weight_version=self.version, path=str(path)),
                       self.settings.streams)  # fmt: skip
+        self._idle_since = time.monotonic()
 
-    def _train(self, groups: list[ScoredGroup]) -> dict[str, float]:
-        cfg = self.settings
-        rows = rows_from_groups(groups, scale_by_std=cfg.scale_adv_by_std, mask_truncated=cfg.mask_truncated)
-        tokens = sum(len(r.old_logprobs) for r in rows if r.trainable)
-        normalizer = {"constant": cfg.prompts_per_step * cfg.group_size, "token_mean": max(tokens, 1),
-                      "seq_mean": max(sum(r.trainable for r in rows), 1)}[cfg.loss_agg]  # fmt: skip
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        total = {"loss": 0.0, "tokens": 0.0, "ratio_sum": 0.0, "ratio_max": 0.0, "clipped": 0.0, "diff": 0.0}
-        for chunk in _chunks(rows, cfg.micro_batch):
-            b = collate(chunk, self.pad_id)
-            dev = cfg.device
-            new = token_logprobs(self.model, b.input_ids.to(dev), b.attention_mask.to(dev), b.temperature.to(dev))
-            loss, st = policy_loss(new, b.old_logprobs.to(dev), b.advantages.to(dev), b.loss_mask.to(dev),
-                                   clip_eps=cfg.clip_eps, agg=cfg.loss_agg, normalizer=float(normalizer))  # fmt: skip
-            loss.backward()
-            total["loss"] += float(loss.detach())
-            total["tokens"] += st.tokens
-            total["ratio_sum"] += st.ratio_sum
-            total["ratio_max"] = max(total["ratio_max"], st.ratio_max)
-            total["clipped"] += st.clipped
-            total["diff"] += st.abs_logp_diff_sum
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        self.optimizer.step()
-        self.model.eval()
-        n_tok = max(total["tokens"], 1.0)
-        by_variant = {v: [r for g in groups if g.variant is v for r in g.rewards] for v in Variant}
-        return {
-            "loss": total["loss"],
-            "tokens": total["tokens"],
-            "ratio_mean": total["ratio_sum"] / n_tok,
-            "ratio_max": total["ratio_max"],
-            "clip_frac": total["clipped"] / n_tok,
-            "logp_abs_diff_mean": total["diff"] / n_tok,
-            "grad_norm": float(grad_norm),
-            "groups": float(len(groups)),
-            **{f"reward_{v.value}": (sum(r) / len(r) if r else float("nan")) for v, r in by_variant.items()},
-        }
+    def _record(self, stats: dict[str, float]) -> None:
+        """Metrics of one step: Prometheus, the JSONL log, /v1/history, and the log line."""
+        self.last = stats
+        self.history.append(stats)
+        STEPS.inc()
+        GROUPS.labels("trained").inc(int(stats["groups"]))
+        VERSION.set(self.version)
+        LOSS.set(stats["loss"])
+        STEP_SECONDS.observe(stats["step_seconds"])
+        for key, value in stats.items():
+            if "/" in key and value == value:
+                variant, name = key.split("/", 1)
+                STEP_METRIC.labels(name, variant).set(value)
+        path = self.settings.metrics_log
+        path.parent.mkdir(parents=True, exist_ok=True)
+        clean = {k: (v if v == v else None) for k, v in stats.items()}  # NaN (no such variant) -> null
+        with path.open("a") as f:
+            f.write(json.dumps({"step": self.version, "at": time.time(), **clean}) + "\n")
+        log.info("step %d: loss %.4f, reward hinted %.3f unhinted %.3f, ratio max %.4f, clip %.3f, kl %.2e, "
+                 "entropy %.3f, grad norm %.3f, %d tokens, %.1fs (push %.2fs)", self.version, stats["loss"],
+                 stats["reward_hinted"], stats["reward_unhinted"], stats["ratio_max"], stats["clip_frac"],
+                 stats["approx_kl_mean"], stats["entropy_mean"], stats["grad_norm"], stats["tokens"],
+                 stats["step_seconds"], stats["time_push_s"])  # fmt: skip
 
     async def push(self, path: Path, version: int) -> bool:
         """Tell the engine to load ``path`` as ``version``; False (logged) if it fails."""

@@ -35,22 +35,46 @@ class TrainerSettings(ServiceSettings):
     """AdamW weight decay."""
     grad_clip: float = Field(0.3, gt=0.0)
     """Max global gradient norm."""
-    clip_eps: float = Field(0.2, gt=0.0)
-    """PPO ratio clip: the ratio is clipped to [1 - eps, 1 + eps]."""
+    clip_eps_low: float = Field(0.2, gt=0.0, lt=1.0)
+    """PPO ratio clip below: the ratio is clipped to [1 - clip_eps_low, 1 + clip_eps_high]."""
+    clip_eps_high: float = Field(0.2, gt=0.0)
+    """PPO ratio clip above (DAPO's clip-higher raises it, e.g. 0.28)."""
+    tis_cap: float | None = Field(None, gt=0.0)
+    """Truncated importance sampling: correct the trainer/engine mismatch with weights capped here (e.g. 2.0)."""
     kl_coef: float = Field(0.0, ge=0.0)
-    """KL penalty weight (none by default)."""
+    """Weight of a k3 KL penalty to a frozen reference model (none by default)."""
+    ref_model_path: str | None = None
+    """Reference model for the KL penalty (default: model_path, the starting weights)."""
+    entropy_coef: float = Field(0.0, ge=0.0)
+    """Entropy bonus weight (none by default)."""
+    filter_zero_variance: bool = False
+    """Leave out groups whose rewards are all equal (they carry no GRPO signal); counted per variant."""
+    variant_weights: dict[str, float] = Field(default_factory=lambda: {"hinted": 1.0, "unhinted": 1.0})
+    """Loss weight per prompt variant (scales the advantages of that variant's groups)."""
+    max_new_tokens: int = Field(16384, ge=1)
+    """The longest response, as the rollout service samples it (the dr_grpo normaliser)."""
     scale_adv_by_std: bool = False
     """Divide advantages by the group's reward std (off: advantage = reward - group mean)."""
-    loss_agg: Literal["constant", "token_mean", "seq_mean"] = "constant"
-    """'constant': sum over tokens / nominal samples per step; or token- or sequence-mean."""
+    loss_agg: Literal["constant", "token_mean", "seq_mean", "dr_grpo"] = "constant"
+    """'constant': sum over tokens / nominal samples per step; token- or sequence-mean; or
+    'dr_grpo': sum / (nominal samples x max_new_tokens)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up from 0 over this many steps."""
+    total_steps: int = Field(1000, ge=1)
+    """Length of the cosine schedule (it ends at min_lr_ratio x learning_rate)."""
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Floor of the cosine schedule, as a fraction of learning_rate."""
     mask_truncated: bool = False
     """Exclude truncated responses from the loss (by default they stay, with reward 0)."""
     max_staleness: int = Field(1, ge=0)
     """Groups sampled more than this many versions before the trainer's are dropped."""
     seed: int = 0
     """Seed for torch and Python RNGs, recorded in every checkpoint's run record."""
-    micro_batch: int = Field(8, ge=1)
-    """Samples per forward/backward pass; gradients accumulate over a step's micro-batches."""
+    micro_batch_tokens: int = Field(16384, ge=1)
+    """Token budget of one forward/backward pass (rows x padded length); gradients accumulate
+    over a step's micro-batches, so memory stays bounded however long the responses are."""
     device: str = "cpu"
     """Torch device of the policy ("cpu", "cuda")."""
     keep_checkpoints: int = Field(3, ge=1)
@@ -59,3 +83,7 @@ class TrainerSettings(ServiceSettings):
     """This trainer's consumer name in group "trainers"; stable, so a restart takes back its own pending groups."""
     repush_interval_s: float = Field(10.0, gt=0.0)
     """How often to check that the engine serves the trainer's version (and re-push if not)."""
+    bf16: bool = False
+    """bf16 autocast for forward/backward on CUDA (weights and optimizer stay float32)."""
+    metrics_log: Path = Path("runs/trainer_metrics.jsonl")
+    """Every step's metrics, one JSON object per line (also at GET /v1/history and /metrics)."""

@@ -41,6 +41,7 @@ def settings(
     tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, engine_url: str, **kw: Any
 ) -> TrainerSettings:
     return TrainerSettings(model_path=str(tiny_model), checkpoint_dir=tmp_path / "ckpt", redis_url=redis_url,
+                           metrics_log=tmp_path / "metrics.jsonl",
                            key_prefix=keys.prefix, engine_url=engine_url, prompts_per_step=2, group_size=4,
                            streams=POLICY, **kw)  # fmt: skip
 
@@ -94,7 +95,8 @@ async def test_train_push_drop_stale_and_resume(
         await wait_version(aredis, keys, 1)
         first = trainer.last
         # The engine/trainer seam: same weights, same temperature -> ratio 1 up to float error.
-        assert abs(first["ratio_max"] - 1.0) < 1e-3 and first["logp_abs_diff_mean"] < 1e-4, first
+        assert abs(first["ratio_max"] - 1.0) < 1e-3 and abs(first["ratio_mean"] - 1.0) < 1e-4, first
+        assert first["approx_kl_mean"] < 1e-8, first  # k3(engine || trainer) per token
         assert first["reward_hinted"] == 0.5 and first["reward_unhinted"] == 0.25 and first["tokens"] > 0
         assert await engine.weight_version() == 1  # pushed and served
 
@@ -123,6 +125,10 @@ async def test_train_push_drop_stale_and_resume(
 
     ckpt = checkpoint.latest(cfg.checkpoint_dir.resolve())
     assert ckpt is not None and ckpt.name == "step-000002" and (ckpt / "model.safetensors").is_file()
+    lines = [json.loads(x) for x in cfg.metrics_log.read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2]  # the JSONL metrics log, one line per step
+    assert lines[0]["hinted/reward_mean"] == 0.5 and lines[0]["unhinted/solve_rate"] == 1.0
+    assert lines[0]["staleness/0"] == 2 and lines[0]["time_push_s"] > 0 and lines[0]["pushed"] == 1
     record = json.loads((ckpt / "run_record.json").read_text())
     assert record["config"]["learning_rate"] == 1e-6 and record["seeds"] == {"trainer": 0}
     assert record["packages"]["torch"].startswith("2.13") and "git_commit" in record

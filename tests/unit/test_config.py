@@ -32,7 +32,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_are_the_papers_settings() -> None:
     t = load_settings(TrainerSettings)
-    assert (t.learning_rate, t.weight_decay, t.grad_clip, t.clip_eps, t.kl_coef) == (1e-6, 0.01, 0.3, 0.2, 0.0)
+    assert (t.learning_rate, t.weight_decay, t.grad_clip, t.kl_coef) == (1e-6, 0.01, 0.3, 0.0)
+    assert (t.clip_eps_low, t.clip_eps_high, t.tis_cap, t.entropy_coef) == (0.2, 0.2, None, 0.0)
     assert (t.group_size, t.prompts_per_step, t.loss_agg, t.scale_adv_by_std) == (8, 32, "constant", False)
     r = load_settings(RolloutSettings)
     assert (r.temperature, r.max_new_tokens, r.hinted_fraction, r.max_staleness) == (0.8, 16384, 0.5, 1)

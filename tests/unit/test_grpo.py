@@ -7,7 +7,9 @@ import torch
 
 from services.common.messages import FinishReason, Sample, Score, ScoredGroup
 from services.trainer.batch import collate, rows_from_groups
-from services.trainer.grpo import group_advantages, policy_loss
+from services.trainer.grpo import LossConfig, group_advantages, policy_loss
+
+CONSTANT = LossConfig()
 
 
 def scored(prompt: list[int], completions: list[list[int]], rewards: list[float], variant: str = "hinted",
@@ -50,21 +52,19 @@ def test_on_policy_loss_is_minus_advantage_and_its_gradient_is_the_policy_gradie
     old = torch.tensor([[-1.0, -2.0, 0.0]])
     new = old.clone().requires_grad_(True)
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    loss, st = policy_loss(new, old, torch.tensor([2.0]), mask, clip_eps=0.2, agg="constant", normalizer=4.0)
+    loss, st = policy_loss(new, old, torch.tensor([2.0]), mask, CONSTANT, 4.0)
     assert float(loss.detach()) == pytest.approx(-2.0 * 2 / 4)  # -A per token, summed, / nominal samples
     loss.backward()
     assert new.grad is not None and new.grad.tolist() == [[-0.5, -0.5, 0.0]]
-    assert st.ratio_max == pytest.approx(1.0) and st.clipped == 0 and st.tokens == 2
+    assert st.ratio_max == pytest.approx(1.0) and float(st.clipped_high.sum()) == 0 and float(st.tokens.sum()) == 2
 
 
 def test_ratio_is_clipped_in_the_direction_of_the_advantage() -> None:
     old = torch.zeros(1, 1)
     up = torch.log(torch.tensor([[1.5]]))  # ratio 1.5
-    loss_pos, st = policy_loss(up, old, torch.tensor([1.0]), torch.ones(1, 1), clip_eps=0.2, agg="constant",
-                               normalizer=1.0)  # fmt: skip
-    assert float(loss_pos) == pytest.approx(-1.2) and st.clipped == 1  # gain capped at 1 + eps
-    loss_neg, _ = policy_loss(up, old, torch.tensor([-1.0]), torch.ones(1, 1), clip_eps=0.2, agg="constant",
-                              normalizer=1.0)  # fmt: skip
+    loss_pos, st = policy_loss(up, old, torch.tensor([1.0]), torch.ones(1, 1), CONSTANT, 1.0)
+    assert float(loss_pos) == pytest.approx(-1.2) and float(st.clipped_high.sum()) == 1  # gain capped at 1 + eps
+    loss_neg, _ = policy_loss(up, old, torch.tensor([-1.0]), torch.ones(1, 1), CONSTANT, 1.0)
     assert float(loss_neg) == pytest.approx(1.5)  # pessimistic: the unclipped, larger loss
 
 
@@ -72,9 +72,9 @@ def test_aggregations() -> None:
     new = old = torch.zeros(2, 3)
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     adv = torch.tensor([1.0, 1.0])
-    const, _ = policy_loss(new, old, adv, mask, clip_eps=0.2, agg="constant", normalizer=8.0)
-    tok, _ = policy_loss(new, old, adv, mask, clip_eps=0.2, agg="token_mean", normalizer=4.0)
-    seq, _ = policy_loss(new, old, adv, mask, clip_eps=0.2, agg="seq_mean", normalizer=2.0)
+    const, _ = policy_loss(new, old, adv, mask, CONSTANT, 8.0)
+    tok, _ = policy_loss(new, old, adv, mask, LossConfig(agg="token_mean"), 4.0)
+    seq, _ = policy_loss(new, old, adv, mask, LossConfig(agg="seq_mean"), 2.0)
     assert (
         float(const) == pytest.approx(-4 / 8)
         and float(tok) == pytest.approx(-1.0)

@@ -1,0 +1,140 @@
+"""One GRPO optimizer step over a step's scored groups, and its metrics split by variant.
+
+    groups --(filter zero-variance, optional)--> rows --(token-budget micro-batches)-->
+    forward (+ reference forward for KL) -> loss -> backward, accumulated -> clip -> AdamW
+
+Runs in a worker thread (torch work never blocks the event loop); returns plain floats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+
+from services.common.messages import FinishReason, ScoredGroup, Variant
+from services.trainer.batch import collate, micro_batches, rows_from_groups, zero_variance
+from services.trainer.grpo import LossConfig, normalizer, policy_loss, token_logprobs
+from services.trainer.settings import TrainerSettings
+
+_SUMMED = ("tokens", "ratio", "clipped_low", "clipped_high", "approx_kl", "entropy")
+
+
+def loss_config(cfg: TrainerSettings) -> LossConfig:
+    return LossConfig(agg=cfg.loss_agg, clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
+                      tis_cap=cfg.tis_cap, kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef)  # fmt: skip
+
+
+def lr_lambda(cfg: TrainerSettings) -> Any:
+    """Multiplier of learning_rate at optimizer step k (0-based): warm-up, then constant or cosine."""
+
+    def factor(k: int) -> float:
+        if k < cfg.warmup_steps:
+            return (k + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        span = max(cfg.total_steps - cfg.warmup_steps, 1)
+        progress = min((k - cfg.warmup_steps) / span, 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def train_step(model: Any, ref_model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+               groups: list[ScoredGroup], cfg: TrainerSettings, pad_id: int,
+               version: int) -> dict[str, float]:  # fmt: skip
+    """Update ``model`` on ``groups``; return the step's metrics (``<variant>/<name>`` keys too)."""
+    started = time.monotonic()
+    kept = [g for g in groups if not (cfg.filter_zero_variance and zero_variance(g))]
+    rows = rows_from_groups(kept, scale_by_std=cfg.scale_adv_by_std, mask_truncated=cfg.mask_truncated,
+                            variant_weights=dict(cfg.variant_weights))  # fmt: skip
+    loss_cfg = loss_config(cfg)
+    norm = normalizer(cfg.loss_agg, nominal_samples=cfg.prompts_per_step * cfg.group_size,
+                      max_response_tokens=cfg.max_new_tokens,
+                      step_tokens=sum(len(r.old_logprobs) for r in rows if r.trainable),
+                      step_sequences=sum(r.trainable for r in rows))  # fmt: skip
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    dev = cfg.device
+    loss_total, ratio_max = 0.0, 0.0
+    sums: dict[str, dict[str, float]] = {v.value: dict.fromkeys(_SUMMED, 0.0) for v in Variant}
+    for chunk in micro_batches(rows, cfg.micro_batch_tokens):
+        b = collate(chunk, pad_id)
+        ids, attn, temp = b.input_ids.to(dev), b.attention_mask.to(dev), b.temperature.to(dev)
+        with _autocast(cfg):
+            new, entropy = token_logprobs(model, ids, attn, temp, with_entropy=True)
+            ref = None
+            if cfg.kl_coef > 0:
+                with torch.no_grad():
+                    ref, _ = token_logprobs(ref_model, ids, attn, temp)
+            if cfg.entropy_coef == 0 and entropy is not None:
+                entropy = entropy.detach()  # a metric only: no graph through the softmax
+            loss, st = policy_loss(new, b.old_logprobs.to(dev), b.advantages.to(dev), b.loss_mask.to(dev), loss_cfg,
+                                   norm, ref_lp=ref, entropy=entropy)  # fmt: skip
+        loss.backward()
+        loss_total += float(loss.detach())
+        ratio_max = max(ratio_max, st.ratio_max)
+        for i, row in enumerate(chunk):
+            s = sums[row.variant.value]
+            for name in _SUMMED:
+                s[name] += float(getattr(st, name)[i])
+    compute_s = time.monotonic() - started
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    model.eval()
+    out = {
+        "loss": loss_total,
+        "grad_norm": float(grad_norm),
+        "lr": float(optimizer.param_groups[0]["lr"]),
+        "ratio_max": ratio_max,
+        "groups": float(len(groups)),
+        "groups_filtered_zero_variance": float(len(groups) - len(kept)),
+        "time_forward_backward_s": compute_s,
+        "time_optimizer_s": time.monotonic() - started - compute_s,
+    }
+    out.update(_variant_metrics(groups, sums, cfg, version))
+    return out
+
+
+def _variant_metrics(groups: list[ScoredGroup], sums: dict[str, dict[str, float]], cfg: TrainerSettings,
+                     version: int) -> dict[str, float]:  # fmt: skip
+    out: dict[str, float] = {}
+    all_tokens = sum(s["tokens"] for s in sums.values())
+    for key in ("ratio", "approx_kl", "entropy"):
+        out[f"{key}_mean"] = sum(s[key] for s in sums.values()) / max(all_tokens, 1.0)
+    out["clip_frac"] = sum(s["clipped_low"] + s["clipped_high"] for s in sums.values()) / max(all_tokens, 1.0)
+    out["tokens"] = all_tokens
+    for v in Variant:
+        mine = [g for g in groups if g.variant is v]
+        s, name = sums[v.value], v.value
+        rewards = [r for g in mine for r in g.rewards]
+        samples = [x for g in mine for x in g.samples]
+        out[f"reward_{name}"] = sum(rewards) / len(rewards) if rewards else float("nan")  # kept for dashboards
+        out[f"{name}/groups"] = float(len(mine))
+        out[f"{name}/reward_mean"] = out[f"reward_{name}"]
+        n = len(mine) or float("nan")
+        out[f"{name}/solve_rate"] = sum(any(r > 0 for r in g.rewards) for g in mine) / n
+        out[f"{name}/zero_variance_frac"] = sum(zero_variance(g) for g in mine) / n
+        out[f"{name}/truncated"] = float(sum(x.finish_reason is FinishReason.LENGTH for x in samples))
+        out[f"{name}/response_len_mean"] = (sum(len(x.completion_ids) for x in samples) / len(samples)
+                                            if samples else float("nan"))  # fmt: skip
+        tok = max(s["tokens"], 1.0)
+        out[f"{name}/clip_frac"] = (s["clipped_low"] + s["clipped_high"]) / tok
+        out[f"{name}/approx_kl"] = s["approx_kl"] / tok
+        out[f"{name}/entropy"] = s["entropy"] / tok
+        out[f"{name}/ratio_mean"] = s["ratio"] / tok
+    for lag, count in Counter(version - g.weight_version for g in groups).items():
+        out[f"staleness/{lag}"] = float(count)  # a histogram: groups per versions behind
+    return out
+
+
+def _autocast(cfg: TrainerSettings) -> Any:
+    """bf16 autocast on CUDA when asked; a no-op context elsewhere."""
+    if cfg.bf16 and cfg.device.startswith("cuda"):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
