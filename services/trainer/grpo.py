@@ -93,6 +93,7 @@ class SeqStats:
     clipped_low: torch.Tensor
     clipped_high: torch.Tensor
     approx_kl: torch.Tensor  # k3 of the engine's policy against the new one
+    kl_ref: torch.Tensor  # k3 of the reference model against the new one (0 without one)
     entropy: torch.Tensor
     ratio_max: float
 
@@ -148,6 +149,11 @@ def policy_loss(
             clipped_low=((ratio < low) & (adv < 0) & live).float().sum(-1),
             clipped_high=((ratio > high) & (adv > 0) & live).float().sum(-1),
             approx_kl=((torch.exp(d) - d - 1.0) * mask).sum(-1),
+            kl_ref=(
+                ((torch.exp(ref_lp - new_lp) - (ref_lp - new_lp) - 1.0) * mask).sum(-1)
+                if ref_lp is not None
+                else torch.zeros_like(mask[:, 0])
+            ),
             entropy=(entropy * mask).sum(-1) if entropy is not None else torch.zeros_like(mask[:, 0]),
             ratio_max=float((torch.exp(new_lp - old_lp))[live].max()) if live.any() else 1.0,
         )

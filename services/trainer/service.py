@@ -69,6 +69,13 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         return {"version": trainer.version, "buffered": len(trainer.buffer),
                 "dropped_stale": trainer.state.dropped_stale, "last_step": trainer.last}  # fmt: skip
 
+    @app.get("/v1/history")
+    async def history(limit: int = 100) -> list[dict[str, Any]]:
+        """The last ``limit`` steps' metrics, oldest first (also in the JSONL metrics log)."""
+        trainer: Trainer | None = holder.get("trainer")
+        rows = list(trainer.history)[-limit:] if trainer else []
+        return [{k: (v if v == v else None) for k, v in row.items()} for row in rows]
+
     return app
 
 

@@ -21,7 +21,7 @@ from services.trainer.batch import collate, micro_batches, rows_from_groups, zer
 from services.trainer.grpo import LossConfig, normalizer, policy_loss, token_logprobs
 from services.trainer.settings import TrainerSettings
 
-_SUMMED = ("tokens", "ratio", "clipped_low", "clipped_high", "approx_kl", "entropy")
+_SUMMED = ("tokens", "ratio", "clipped_low", "clipped_high", "approx_kl", "kl_ref", "entropy")
 
 
 def loss_config(cfg: TrainerSettings) -> LossConfig:
@@ -84,13 +84,14 @@ def train_step(model: Any, ref_model: Any, optimizer: torch.optim.Optimizer, sch
                 s[name] += float(getattr(st, name)[i])
     compute_s = time.monotonic() - started
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    lr = float(optimizer.param_groups[0]["lr"])  # the rate this step uses
     optimizer.step()
     scheduler.step()
     model.eval()
     out = {
         "loss": loss_total,
         "grad_norm": float(grad_norm),
-        "lr": float(optimizer.param_groups[0]["lr"]),
+        "lr": lr,
         "ratio_max": ratio_max,
         "groups": float(len(groups)),
         "groups_filtered_zero_variance": float(len(groups) - len(kept)),
@@ -105,7 +106,7 @@ def _variant_metrics(groups: list[ScoredGroup], sums: dict[str, dict[str, float]
                      version: int) -> dict[str, float]:  # fmt: skip
     out: dict[str, float] = {}
     all_tokens = sum(s["tokens"] for s in sums.values())
-    for key in ("ratio", "approx_kl", "entropy"):
+    for key in ("ratio", "approx_kl", "kl_ref", "entropy"):
         out[f"{key}_mean"] = sum(s[key] for s in sums.values()) / max(all_tokens, 1.0)
     out["clip_frac"] = sum(s["clipped_low"] + s["clipped_high"] for s in sums.values()) / max(all_tokens, 1.0)
     out["tokens"] = all_tokens
@@ -126,6 +127,7 @@ def _variant_metrics(groups: list[ScoredGroup], sums: dict[str, dict[str, float]
         tok = max(s["tokens"], 1.0)
         out[f"{name}/clip_frac"] = (s["clipped_low"] + s["clipped_high"]) / tok
         out[f"{name}/approx_kl"] = s["approx_kl"] / tok
+        out[f"{name}/kl_ref"] = s["kl_ref"] / tok
         out[f"{name}/entropy"] = s["entropy"] / tok
         out[f"{name}/ratio_mean"] = s["ratio"] / tok
     for lag, count in Counter(version - g.weight_version for g in groups).items():
