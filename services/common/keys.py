@@ -15,6 +15,7 @@ key name.
     pope:problems            hash problem-id -> Problem JSON
     pope:stats               hash "<problem-id>:<variant>:attempts|solves" -> count
     pope:state:<name>        hash: shared state (trainer step, engine version, ...)
+    pope:history:<name>      list, newest first: e.g. the trainer's per-step metrics
     pope:health:<service>:<instance>   string with TTL: a live worker's heartbeat
 """
 
@@ -78,6 +79,10 @@ class Keys:
 
     def state(self, name: str) -> str:
         return f"{self.prefix}state:{name}"
+
+    def history(self, name: str) -> str:
+        """A capped list, newest first, of JSON records (e.g. the trainer's step metrics)."""
+        return f"{self.prefix}history:{name}"
 
     def health(self, service: str, instance: str) -> str:
         return f"{self.prefix}health:{service}:{instance}"

@@ -57,7 +57,7 @@ class Scheduler:
 
     async def trainer_version(self) -> int:
         raw = await self.redis.hget(self.keys.state("trainer"), "version")  # type: ignore[misc]
-        return int(raw) if raw is not None else 0
+        return int(float(raw)) if raw is not None else 0
 
     async def run(self, stop: asyncio.Event) -> None:
         saved = await self.redis.hget(self.keys.state("rollout"), "step")  # type: ignore[misc]
@@ -86,12 +86,13 @@ class Scheduler:
         a mismatched config wastes no compute on groups the trainer would drop."""
         theirs = await self.redis.hget(self.keys.state("trainer"), "max_staleness")  # type: ignore[misc]
         lag = self.settings.max_staleness
-        if theirs is not None and int(theirs) != lag:
+        theirs = int(float(theirs)) if theirs is not None else None
+        if theirs is not None and theirs != lag:
             if not self._warned_lag:
                 log.error("rollout.max_staleness=%d but trainer.max_staleness=%d: using %d (set it once, in "
-                          "the config's shared section)", lag, int(theirs), min(lag, int(theirs)))  # fmt: skip
+                          "the config's shared section)", lag, theirs, min(lag, theirs))  # fmt: skip
                 self._warned_lag = True
-            lag = min(lag, int(theirs))
+            lag = min(lag, theirs)
         return lag
 
     async def _ready_for(self, step: int) -> bool:

@@ -10,6 +10,7 @@ GET /v1/rollouts pages, and into the per-problem attempt and solve counts.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -98,8 +99,9 @@ def create_app(settings: RolloutSettings) -> FastAPI:
     add_health_routes(app, ready)
 
     @app.get("/v1/status")
-    async def status() -> dict[str, Any]:
-        """Training state: trainer step, engine weight version, stream depths, rates, rewards."""
+    async def status(history: int = 0) -> dict[str, Any]:
+        """Training state: trainer step, engine weight version, stream depths, rates, rewards;
+        with ``history=N``, the trainer's last N steps of metrics (newest first)."""
         trainer = {k.decode(): _num(v) for k, v in (await redis.hgetall(keys.state("trainer"))).items()}  # type: ignore[misc]
         rollout = {k.decode(): _num(v) for k, v in (await redis.hgetall(keys.state("rollout"))).items()}  # type: ignore[misc]
         try:
@@ -119,6 +121,9 @@ def create_app(settings: RolloutSettings) -> FastAPI:
             "streams": await _streams(redis, keys),
             "problems": await store.count(),
             "at": time.time(),
+            "history": [json.loads(x) for x in await redis.lrange(keys.history("trainer"), 0, history - 1)]  # type: ignore[misc]
+            if history > 0
+            else [],
         }
 
     return app

@@ -90,6 +90,7 @@ class Trainer:
             checkpoint.restore_rng(resume, self.state)
             log.info("resumed from %s at step %d", resume, self.state.step)
         self.history: deque[dict[str, float]] = deque(maxlen=1000)
+        self._tb: Any = None  # TensorBoard writer, made on the first step
         self._idle_since = time.monotonic()  # when the trainer last finished a step (data wait)
         self.trained = set(self.state.trained_group_ids)
         self.reader = GroupReader(redis, self.keys, self.keys.scored, TRAINERS, settings.consumer_name,
@@ -194,6 +195,11 @@ class Trainer:
                      step_seconds=time.monotonic() - started, version=float(self.version))  # fmt: skip
         stats["tokens_per_s"] = stats["tokens"] / max(stats["time_forward_backward_s"], 1e-9)
         self._record(stats)
+        record = json.dumps({"step": self.version, "at": time.time(), **_finite(stats)})
+        async with self.redis.pipeline(transaction=True) as pipe:  # for the rollout service's /v1/status
+            pipe.lpush(self.keys.history("trainer"), record)
+            pipe.ltrim(self.keys.history("trainer"), 0, cfg.history_len - 1)
+            await pipe.execute()
         await self.publish_state()
         await publish(self.redis, self.keys.events, WeightsUpdated(weight_version=self.version, path=str(path)),
                       self.settings.streams)  # fmt: skip
@@ -214,9 +220,17 @@ class Trainer:
                 STEP_METRIC.labels(name, variant).set(value)
         path = self.settings.metrics_log
         path.parent.mkdir(parents=True, exist_ok=True)
-        clean = {k: (v if v == v else None) for k, v in stats.items()}  # NaN (no such variant) -> null
         with path.open("a") as f:
-            f.write(json.dumps({"step": self.version, "at": time.time(), **clean}) + "\n")
+            f.write(json.dumps({"step": self.version, "at": time.time(), **_finite(stats)}) + "\n")
+        if self.settings.tensorboard_dir is not None:
+            if self._tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.settings.tensorboard_dir))
+            for key, value in stats.items():
+                if value == value:
+                    self._tb.add_scalar(key, value, self.version)
+            self._tb.flush()
         log.info("step %d: loss %.4f, reward hinted %.3f unhinted %.3f, ratio max %.4f, clip %.3f, kl %.2e, "
                  "entropy %.3f, grad norm %.3f, %d tokens, %.1fs (push %.2fs)", self.version, stats["loss"],
                  stats["reward_hinted"], stats["reward_unhinted"], stats["ratio_max"], stats["clip_frac"],
@@ -236,15 +250,15 @@ class Trainer:
 
     async def publish_state(self) -> None:
         """The state the rollout scheduler and /v1/status read; retried each pass until it lands."""
-        fields: dict[str, Any] = {
+        fields: dict[str, Any] = {k: v for k, v in self.last.items() if v == v}  # NaN-free
+        fields.update({  # the fields others act on come last, so no metric can shadow them
             "version": self.version,
             "step": self.version,
             "buffered": len(self.buffer),
             "dropped_stale": self.state.dropped_stale,
             "max_staleness": self.settings.max_staleness,
             "updated_at": time.time(),
-        }
-        fields.update({k: v for k, v in self.last.items() if v == v})  # NaN-free
+        })  # fmt: skip
         await self.redis.hset(self.keys.state("trainer"), mapping=fields)  # type: ignore[misc]
         self._dirty = False
 
@@ -271,3 +285,8 @@ class Trainer:
                         await self.push(newest, step)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.repush_interval_s)
+
+
+def _finite(stats: dict[str, float]) -> dict[str, float | None]:
+    """NaN (e.g. the reward of a variant absent from the step) as null, so the JSON is valid."""
+    return {k: (v if v == v else None) for k, v in stats.items()}

@@ -87,3 +87,7 @@ class TrainerSettings(ServiceSettings):
     """bf16 autocast for forward/backward on CUDA (weights and optimizer stay float32)."""
     metrics_log: Path = Path("runs/trainer_metrics.jsonl")
     """Every step's metrics, one JSON object per line (also at GET /v1/history and /metrics)."""
+    tensorboard_dir: Path | None = Path("runs/tensorboard")
+    """TensorBoard event files of every step's metrics (None: off)."""
+    history_len: int = Field(1000, ge=1)
+    """Steps of metrics kept in Redis for GET /v1/status?history=N on the rollout service."""

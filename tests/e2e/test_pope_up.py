@@ -48,7 +48,8 @@ def test_pope_up_trains_on_hinted_and_unhinted_groups(tiny_model: Path, tmp_path
         "engine": {"port": ports["engine"]},
         "rollout": {"port": ports["rollout"], "max_new_tokens": 16, "archive_dir": str(tmp_path / "rollouts")},
         "verifier": {"port": ports["verifier"], "workers": 1},
-        "trainer": {"port": ports["trainer"], "checkpoint_dir": str(tmp_path / "ckpt")},
+        "trainer": {"port": ports["trainer"], "checkpoint_dir": str(tmp_path / "ckpt"),
+                    "metrics_log": str(tmp_path / "metrics.jsonl"), "tensorboard_dir": str(tmp_path / "tb")},
     }))  # fmt: skip
     log = tmp_path / "up.log"
     with log.open("wb") as out:
@@ -63,8 +64,11 @@ def test_pope_up_trains_on_hinted_and_unhinted_groups(tiny_model: Path, tmp_path
         ids = resp.json()["ids"]
 
         # Two training steps, and the engine serving the trainer's new weights.
-        status = poll(f"{api}/v1/status", lambda s: s if s["trainer"].get("version", 0) >= 2 else None, 600, proc, log)
+        status = poll(f"{api}/v1/status?history=5", lambda s: s if s["trainer"].get("version", 0) >= 2 else None,
+                      600, proc, log)  # fmt: skip
         assert status["engine"]["weight_version"] >= 1
+        assert [h["step"] for h in status["history"]][-2:] == [2, 1]  # newest first
+        assert "hinted/reward_mean" in status["history"][0]
 
         # Hinted rollouts carry their hint in the prompt; unhinted ones never do.
         hinted = poll(f"{api}/v1/rollouts?variant=hinted&limit=100", lambda b: b["rollouts"], 60, proc, log)

@@ -41,7 +41,7 @@ def settings(
     tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, engine_url: str, **kw: Any
 ) -> TrainerSettings:
     return TrainerSettings(model_path=str(tiny_model), checkpoint_dir=tmp_path / "ckpt", redis_url=redis_url,
-                           metrics_log=tmp_path / "metrics.jsonl",
+                           metrics_log=tmp_path / "metrics.jsonl", tensorboard_dir=None,
                            key_prefix=keys.prefix, engine_url=engine_url, prompts_per_step=2, group_size=4,
                            streams=POLICY, **kw)  # fmt: skip
 

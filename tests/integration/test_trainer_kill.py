@@ -44,6 +44,7 @@ def test_kill_9_then_restart_trains_every_group_exactly_once(tiny_model: Path, t
            "POPE_TRAINER__CHECKPOINT_DIR": str(ckpt), "POPE_TRAINER__PROMPTS_PER_STEP": "2",
            "POPE_TRAINER__GROUP_SIZE": "2", "POPE_TRAINER__MAX_STALENESS": "1000",
            "POPE_TRAINER__METRICS_LOG": str(tmp_path / "m.jsonl"),
+           "POPE_TRAINER__TENSORBOARD_DIR": str(tmp_path / "tb"),
            "POPE_TRAINER__STREAMS": json.dumps({"block_ms": 100, "lease_ms": 2000})}  # fmt: skip
     for i in range(N_GROUPS):
         r.xadd(keys.scored, {DATA: encode(scored(i))})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ async def test_each_option_shows_in_the_metrics(tiny_model: Path, tmp_path: Path
                                                 aredis: Redis) -> None:  # fmt: skip
     cfg = TrainerSettings(
         model_path=str(tiny_model), checkpoint_dir=tmp_path / "ckpt", metrics_log=tmp_path / "m.jsonl",
+        tensorboard_dir=tmp_path / "tb",
         redis_url=redis_url, key_prefix=keys.prefix, streams=POLICY, prompts_per_step=3, group_size=4,
         learning_rate=1e-2, lr_schedule="cosine", warmup_steps=2, total_steps=4, filter_zero_variance=True,
         kl_coef=0.1, entropy_coef=0.01, tis_cap=2.0, clip_eps_high=0.28, mask_truncated=True,
@@ -82,6 +84,10 @@ async def test_each_option_shows_in_the_metrics(tiny_model: Path, tmp_path: Path
     assert two["lr"] == pytest.approx(1e-2)  # warm-up done
     assert two["kl_ref_mean"] > 0  # the policy moved away from the frozen reference
     assert two["staleness/0"] == 3
+    # The same metrics in TensorBoard event files and in Redis for GET /v1/status?history=N.
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    steps = [json.loads(x)["step"] for x in await aredis.lrange(keys.history("trainer"), 0, -1)]
+    assert steps == [2, 1]
 
 
 def test_dr_grpo_and_seq_mean_are_accepted() -> None:
