@@ -11,6 +11,7 @@ mix holds over steps. Only ``train`` problems are used; ``easy`` ones only if as
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from services.common.messages import Problem, ProblemLabel, Variant
 
@@ -22,14 +23,14 @@ class Planner:
         self._order: list[str] = []
         self._pos = 0
         self._credit = 0.0  # error diffusion: the hinted share so far tracks hinted_fraction
-        self._carry: list[tuple[Problem, Variant]] = []
+        self._carry: list[tuple[str, Variant]] = []  # (problem id, variant) of a pair cut by a step
 
     def plan(self, problems: list[Problem], n_groups: int) -> list[tuple[Problem, Variant]]:
         """The next ``n_groups`` (problem, variant) groups to sample."""
         eligible = {
             p.id: p for p in problems if p.split == "train" and (self.include_easy or p.label != ProblemLabel.EASY)
         }
-        out = [(eligible[p.id], v) for p, v in self._carry if p.id in eligible]  # finish a cut pair
+        out = [(eligible[pid], v) for pid, v in self._carry if pid in eligible]  # finish a cut pair
         self._carry = []
         if not eligible:
             return []
@@ -50,5 +51,20 @@ class Planner:
                 hinted = self._credit >= 1.0 - 1e-9
                 self._credit -= 1.0 if hinted else 0.0
                 out.append((problem, Variant.HINTED if hinted else Variant.UNHINTED))
-        self._carry = out[n_groups:]
+        self._carry = [(p.id, v) for p, v in out[n_groups:]]
         return out[:n_groups]
+
+    def state(self) -> dict[str, Any]:
+        """Where the planner is (JSON-able), so a restarted scheduler keeps the mix exact."""
+        return {"order": self._order, "pos": self._pos, "credit": self._credit,
+                "carry": [[pid, v.value] for pid, v in self._carry], "rng": _lists(self._rng.getstate())}  # fmt: skip
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._order, self._pos, self._credit = list(state["order"]), int(state["pos"]), float(state["credit"])
+        self._carry = [(pid, Variant(v)) for pid, v in state["carry"]]
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+
+
+def _lists(value: Any) -> Any:
+    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value

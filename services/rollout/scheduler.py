@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import time
@@ -60,8 +61,10 @@ class Scheduler:
         return int(float(raw)) if raw is not None else 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        saved = await self.redis.hget(self.keys.state("rollout"), "step")  # type: ignore[misc]
-        self.step = max(int(saved) if saved else 0, await self.trainer_version())
+        saved = await self.redis.hmget(self.keys.state("rollout"), ["step", "planner"])  # type: ignore[misc]
+        self.step = max(int(float(saved[0])) if saved[0] else 0, await self.trainer_version())
+        if saved[1]:
+            self.planner.restore(json.loads(saved[1]))
         while not stop.is_set():
             try:
                 if await self._ready_for(self.step + 1):
@@ -173,7 +176,8 @@ class Scheduler:
             return
         self.step = step
         await self.redis.hset(self.keys.state("rollout"), mapping={  # type: ignore[misc]
-            "step": step, "updated_at": time.time(), "last_step_seconds": time.monotonic() - started})  # fmt: skip
+            "step": step, "updated_at": time.time(), "last_step_seconds": time.monotonic() - started,
+            "planner": json.dumps(self.planner.state())})  # fmt: skip
         hinted = sum(v is Variant.HINTED for _, v in plan)
         log.info("step %d: published %d groups (%d hinted, %d unhinted) in %.1fs", step, len(plan), hinted,
                  len(plan) - hinted, time.monotonic() - started)  # fmt: skip

@@ -45,6 +45,7 @@ class TrainerState:
     dropped_stale: int = 0
     lr_scheduler: dict[str, Any] = field(default_factory=dict)
     python_rng: list[Any] = field(default_factory=list)  # random.getstate(), as JSON
+    rollout: dict[str, str] = field(default_factory=dict)  # the rollout scheduler's position (Redis hash)
 
 
 def step_dir(root: Path, step: int) -> Path:

@@ -111,6 +111,11 @@ class Trainer:
         """Train until ``stop``. Redis and engine troubles are waited out; anything else
         is a bug and propagates (the service then exits, so a supervisor restarts it)."""
         await self.reader.ensure_group()
+        if self.state.rollout and not await self.redis.exists(self.keys.state("rollout")):
+            # Redis lost its state (no AOF, a new instance): the whole run resumes from the
+            # checkpoint, the rollout scheduler's position included.
+            await self.redis.hset(self.keys.state("rollout"), mapping=self.state.rollout)  # type: ignore[misc]
+            log.warning("restored the rollout scheduler's position from the checkpoint")
         tasks = [asyncio.create_task(self._renew_leases(stop)), asyncio.create_task(self._watch_engine(stop))]
         try:
             while not stop.is_set():
@@ -175,9 +180,11 @@ class Trainer:
         stats = await asyncio.to_thread(train_step, self.model, self.ref_model, self.optimizer, self.scheduler,
                                         groups, cfg, self.pad_id, self.version)  # fmt: skip
         ids = [g.group_id for g in groups]
+        rollout = await self.redis.hgetall(self.keys.state("rollout"))  # type: ignore[misc]
         after = checkpoint.TrainerState(step=self.version + 1, trained_group_ids=self.state.trained_group_ids + ids,
                                         dropped_stale=self.state.dropped_stale,
-                                        lr_scheduler=self.scheduler.state_dict())  # fmt: skip
+                                        lr_scheduler=self.scheduler.state_dict(),
+                                        rollout={k.decode(): v.decode() for k, v in rollout.items()})  # fmt: skip
         saving = time.monotonic()
         async with self._weights_lock:  # the engine watcher must not see a half-finished version
             path = await asyncio.to_thread(checkpoint.save, self.ckpt_dir, self.model, self.tokenizer,

@@ -89,6 +89,7 @@ async def test_train_push_drop_stale_and_resume(
         stale = (await sample_groups(engine, 99, [[1, 0, 1, 0], [1, 0, 1, 0]]))[0].model_copy(
             update={"group_id": "stale"}
         )
+        await aredis.hset(keys.state("rollout"), mapping={"step": 1, "planner": "{}"})  # the scheduler's position
         # Step 1: on-policy groups sampled by the engine at v0.
         for g in await sample_groups(engine, 1, [[1, 0, 0, 1], [0, 0, 1, 0]]):
             await publish(aredis, keys.scored, g, POLICY)
@@ -125,6 +126,7 @@ async def test_train_push_drop_stale_and_resume(
 
     ckpt = checkpoint.latest(cfg.checkpoint_dir.resolve())
     assert ckpt is not None and ckpt.name == "step-000002" and (ckpt / "model.safetensors").is_file()
+    assert checkpoint.load_state(ckpt).rollout == {"step": "1", "planner": "{}"}  # the whole run is in it
     lines = [json.loads(x) for x in cfg.metrics_log.read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2]  # the JSONL metrics log, one line per step
     assert lines[0]["hinted/reward_mean"] == 0.5 and lines[0]["unhinted/solve_rate"] == 1.0

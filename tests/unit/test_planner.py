@@ -47,3 +47,14 @@ def test_the_hint_is_in_the_hinted_prompt_only() -> None:
     assert "First, note 0" not in plain and t.plain_instruction in plain
     with pytest.raises(ValueError, match="no hint"):
         user_message(PLAIN[0], Variant.HINTED, t)
+
+
+def test_a_restored_planner_continues_exactly_where_it_left_off() -> None:
+    import json
+
+    a = Planner(hinted_fraction=0.5, seed=3)
+    a.plan(HINTED + PLAIN, 5)  # cuts a pair
+    b = Planner(hinted_fraction=0.5, seed=99)
+    b.restore(json.loads(json.dumps(a.state())))  # through JSON, as it is kept in Redis
+    for _ in range(4):
+        assert [(p.id, v) for p, v in a.plan(HINTED + PLAIN, 5)] == [(p.id, v) for p, v in b.plan(HINTED + PLAIN, 5)]
