@@ -59,7 +59,9 @@ def latest(root: Path) -> Path | None:
 
 
 def save(root: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, state: TrainerState,
-         run_record: dict[str, Any], keep: int) -> Path:  # fmt: skip
+         run_record: dict[str, Any], keep: int, protect: frozenset[Path] = frozenset()) -> Path:  # fmt: skip
+    """Write checkpoint ``state.step``; then delete all but the newest ``keep``, never one in
+    ``protect`` (the directory the engine was last told to load stays while it may read it)."""
     final = step_dir(root, state.step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -82,7 +84,8 @@ def save(root: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimize
     if keep > 0:  # keep the newest ``keep`` checkpoints, this one included
         older = sorted(p for p in root.glob("step-*") if p != final)
         for old in older[: max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old not in protect:
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -91,6 +91,7 @@ class Trainer:
             log.info("resumed from %s at step %d", resume, self.state.step)
         self.history: deque[dict[str, float]] = deque(maxlen=1000)
         self._tb: Any = None  # TensorBoard writer, made on the first step
+        self._served: Path | None = None  # the checkpoint the engine was last told to load
         self._idle_since = time.monotonic()  # when the trainer last finished a step (data wait)
         self.trained = set(self.state.trained_group_ids)
         self.reader = GroupReader(redis, self.keys, self.keys.scored, TRAINERS, settings.consumer_name,
@@ -187,8 +188,9 @@ class Trainer:
                                         rollout={k.decode(): v.decode() for k, v in rollout.items()})  # fmt: skip
         saving = time.monotonic()
         async with self._weights_lock:  # the engine watcher must not see a half-finished version
-            path = await asyncio.to_thread(checkpoint.save, self.ckpt_dir, self.model, self.tokenizer,
-                                           self.optimizer, after, self.record, cfg.keep_checkpoints)  # fmt: skip
+            protect = frozenset([self._served]) if self._served else frozenset()
+            path = await asyncio.to_thread(checkpoint.save, self.ckpt_dir, self.model, self.tokenizer, self.optimizer,
+                                           after, self.record, cfg.keep_checkpoints, protect)  # fmt: skip
             self.state = after
             self.trained.update(ids)
         stats["time_checkpoint_s"] = time.monotonic() - saving
@@ -248,6 +250,7 @@ class Trainer:
         """Tell the engine to load ``path`` as ``version``; False (logged) if it fails."""
         if self.engine is None:
             return False
+        self._served = path  # protected from deletion from the moment the engine may read it
         try:
             await self.engine.update_weights_from_disk(str(path), version)
         except EngineError as exc:
