@@ -124,31 +124,35 @@ def progress_line(status: dict[str, Any], started: float) -> str:
             f"engine v{status.get('engine', {}).get('weight_version')}")  # fmt: skip
 
 
-def wipe(url: str, sections: dict[str, Any], out: TextIO) -> None:
-    """Start a new run: delete the run's Redis keys, checkpoints and rollout archive."""
+def wipe(url: str, rollout: RolloutSettings, trainer: TrainerSettings, out: TextIO) -> None:
+    """Start a new run: delete the run's Redis keys, checkpoints, rollout archive and metrics."""
     import redis
 
     client = redis.Redis.from_url(url)
     try:
-        for prefix in {s.key_prefix for s in sections.values() if hasattr(s, "key_prefix")}:
+        for prefix in {rollout.key_prefix, trainer.key_prefix}:
             names = list(client.scan_iter(match=f"{prefix}*", count=1000))
             if names:
                 client.delete(*names)
             print(f"[pope up] --fresh: deleted {len(names)} Redis keys under {prefix!r}", file=out)
     finally:
         client.close()
-    for path in (sections["trainer"].checkpoint_dir, sections["rollout"].archive_dir):
-        if Path(path).exists():
+    for path in (trainer.checkpoint_dir, rollout.archive_dir, trainer.tensorboard_dir, trainer.metrics_log):
+        if path is None or not path.exists():
+            continue
+        if path.is_dir():
             shutil.rmtree(path)
-            print(f"[pope up] --fresh: deleted {path}", file=out)
+        else:
+            path.unlink()
+        print(f"[pope up] --fresh: deleted {path}", file=out)
 
 
 def up(model: str | None, config: str | None, redis_url: str | None, problems: Path | None, steps: int | None,
        run_dir: Path, fresh: bool = False, out: TextIO = sys.stdout) -> int:  # fmt: skip
-    sections = {"engine": load_settings(EngineSettings, config), "rollout": load_settings(RolloutSettings, config),
-                "verifier": load_settings(VerifierSettings, config),
-                "trainer": load_settings(TrainerSettings, config)}  # fmt: skip
-    model = model or sections["engine"].model_path  # type: ignore[attr-defined]
+    engine_s, rollout_s = load_settings(EngineSettings, config), load_settings(RolloutSettings, config)
+    verifier_s, trainer_s = load_settings(VerifierSettings, config), load_settings(TrainerSettings, config)
+    sections = {"engine": engine_s, "rollout": rollout_s, "verifier": verifier_s, "trainer": trainer_s}
+    model = model or engine_s.model_path
     if not model:
         print("pope up: no model: pass --model DIR (build a tiny one with: pope model init --out DIR)", file=sys.stderr)
         return 2
@@ -165,7 +169,7 @@ def up(model: str | None, config: str | None, redis_url: str | None, problems: P
     signal.signal(signal.SIGTERM, on_signal)
     with redis_for(redis_url or os.environ.get("REDIS_URL")) as url:
         if fresh:
-            wipe(url, sections, out)
+            wipe(url, rollout_s, trainer_s, out)
         env = {**os.environ, "REDIS_URL": url, "PYTHONUNBUFFERED": "1"}
         children = [
             Child("engine", ["engine", "--model", model, "--port", str(ports["engine"]), *cfg], f"{engine_url}/health"),
@@ -198,9 +202,13 @@ def up(model: str | None, config: str | None, redis_url: str | None, problems: P
         finally:
             stack.say("stopping (Ctrl-C again does not skip the clean stop)")
             stack.stop()
-    archive = sections["rollout"].archive_dir / "rollouts.jsonl"  # type: ignore[attr-defined]
-    stack.say(f"rollouts:    {archive} (one JSON line per scored sample; GET /v1/rollouts pages it)")
-    stack.say(f"checkpoints: {sections['trainer'].checkpoint_dir} (HF safetensors + run_record.json)")  # type: ignore[attr-defined]
+    stack.say(
+        f"rollouts:    {rollout_s.archive_dir / 'rollouts.jsonl'} (one JSON line per scored sample; "
+        "GET /v1/rollouts pages it)"
+    )
+    stack.say(f"checkpoints: {trainer_s.checkpoint_dir} (HF safetensors + run_record.json)")
+    tensorboard = f"; TensorBoard: {trainer_s.tensorboard_dir}" if trainer_s.tensorboard_dir else ""
+    stack.say(f"metrics:     {trainer_s.metrics_log} (per step, by variant){tensorboard}")  # fmt: skip
     stack.say(f"logs:        {run_dir / 'logs'}")
     return code
 
