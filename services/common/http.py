@@ -7,13 +7,21 @@ add_health_routes(app, ready=lambda: check_redis_and_workers())
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
+import os
+import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import SecretStr
+from redis.asyncio import Redis
+
+log = logging.getLogger(__name__)
 
 ReadyCheck = Callable[[], Awaitable[str | None]]
 """Returns None when ready, else the reason it is not (shown in the 503 body)."""
@@ -48,3 +56,33 @@ def bearer(token: SecretStr | None) -> Callable[[Request], Awaitable[None]]:
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     return check
+
+
+async def redis_unready(redis: Redis) -> str | None:
+    """A /readyz check: None when Redis answers, else why not."""
+    try:
+        await redis.ping()  # type: ignore[misc]
+    except Exception as exc:
+        return f"redis unreachable: {exc}"
+    return None
+
+
+def stop_if_failed(app: FastAPI, task: asyncio.Task[None], what: str) -> None:
+    """Done-callback for a service's main loop: a loop that raised is a bug, so record it
+    (``/readyz`` reports it), log it, and stop the process, which ``serve`` then exits
+    non-zero, rather than serve a healthy-looking service that does nothing."""
+    if task.cancelled() or task.exception() is None:
+        return
+    app.state.failed = f"the {what} failed: {task.exception()!r}"
+    log.error("the %s failed; stopping", what, exc_info=task.exception())
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def serve(app: FastAPI, settings: Any, service: str) -> None:
+    """Run ``app`` under uvicorn with the service's settings until SIGTERM/SIGINT."""
+    import uvicorn
+
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    failed = getattr(app.state, "failed", None)
+    if failed:
+        raise SystemExit(f"pope {service}: {failed}")

@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import socket
 import time
 from collections import deque
@@ -26,7 +25,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.common.engine_client import EngineClient, EngineError
-from services.common.http import add_health_routes
+from services.common.http import add_health_routes, redis_unready, stop_if_failed
+from services.common.http import serve as run_server
 from services.common.keys import ARCHIVERS, TRAINERS, VERIFIERS, Keys
 from services.common.messages import ScoredGroup
 from services.common.streams import GroupReader
@@ -74,7 +74,7 @@ def create_app(settings: RolloutSettings) -> FastAPI:
             tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
             held["scheduler"] = Scheduler(settings, redis, engine, store, tokenizer)
             scheduling = asyncio.create_task(held["scheduler"].run(stop))
-            scheduling.add_done_callback(lambda t: _die_if_failed(t, held))
+            scheduling.add_done_callback(lambda t: stop_if_failed(app, t, "scheduler"))
             tasks.append(scheduling)
         yield
         stop.set()
@@ -84,17 +84,11 @@ def create_app(settings: RolloutSettings) -> FastAPI:
 
     app = FastAPI(title="POPE-RL rollout service", lifespan=lifespan,
                   description="Problems in, hinted and unhinted rollouts out (POPE).")  # fmt: skip
-    app.state.held = held
     app.include_router(problems_and_rollouts_router(store, archive, settings.api_token))
 
     async def ready() -> str | None:
-        if "failed" in held:
-            return f"the scheduler failed: {held['failed']}"
-        try:
-            await redis.ping()  # type: ignore[misc]
-        except RedisError as exc:
-            return f"redis unreachable: {exc}"
-        return None
+        failed: str | None = getattr(app.state, "failed", None)
+        return failed or await redis_unready(redis)
 
     add_health_routes(app, ready)
 
@@ -154,24 +148,9 @@ def _num(raw: bytes) -> int | float | str:
     return text
 
 
-def _die_if_failed(task: asyncio.Task[None], held: dict[str, Any]) -> None:
-    """A scheduler that raised is a bug: stop the process (non-zero exit) rather than serve
-    an API that looks healthy while nothing is generated."""
-    if task.cancelled() or task.exception() is None:
-        return
-    held["failed"] = repr(task.exception())
-    log.error("the scheduler failed; stopping the rollout service", exc_info=task.exception())
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
 def serve(settings: RolloutSettings) -> None:
-    import uvicorn
-
     from services.common.logs import log_resolved_config, setup_logging
 
     setup_logging("rollout", settings.log_level, settings.log_format)
     log_resolved_config(settings)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
-    if "failed" in app.state.held:
-        raise SystemExit(f"pope rollout: the scheduler failed: {app.state.held['failed']}")
+    run_server(create_app(settings), settings, "rollout")

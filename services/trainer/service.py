@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,7 +16,8 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from services.common.engine_client import EngineClient
-from services.common.http import add_health_routes
+from services.common.http import add_health_routes, redis_unready, stop_if_failed
+from services.common.http import serve as run_server
 from services.trainer.loop import Trainer
 from services.trainer.settings import TrainerSettings
 
@@ -36,7 +35,7 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         trainer = await asyncio.to_thread(Trainer, settings, redis, engine)
         holder["trainer"], holder["redis"] = trainer, redis
         task = asyncio.create_task(trainer.run(stop))
-        task.add_done_callback(lambda t: _die_if_failed(t, holder))
+        task.add_done_callback(lambda t: stop_if_failed(app, t, "training loop"))
         yield
         stop.set()
         await asyncio.gather(task, return_exceptions=True)
@@ -45,18 +44,12 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         await redis.aclose()
 
     app = FastAPI(title="POPE-RL trainer", lifespan=lifespan)
-    app.state.holder = holder
 
     async def ready() -> str | None:
-        if "failed" in holder:
-            return f"the training loop failed: {holder['failed']}"
-        if "trainer" not in holder:
-            return "loading the model"
-        try:
-            await holder["redis"].ping()
-        except Exception as exc:
-            return f"redis unreachable: {exc}"
-        return None
+        failed: str | None = getattr(app.state, "failed", None)
+        if failed or "trainer" not in holder:
+            return failed or "loading the model"
+        return await redis_unready(holder["redis"])
 
     add_health_routes(app, ready)
 
@@ -79,24 +72,9 @@ def create_app(settings: TrainerSettings) -> FastAPI:
     return app
 
 
-def _die_if_failed(task: asyncio.Task[None], holder: dict[str, Any]) -> None:
-    """A training loop that raised is a bug: say so, and stop the process (non-zero exit)
-    rather than serve a healthy-looking trainer that trains nothing."""
-    if task.cancelled() or task.exception() is None:
-        return
-    holder["failed"] = repr(task.exception())
-    log.error("the training loop failed; stopping the trainer", exc_info=task.exception())
-    os.kill(os.getpid(), signal.SIGTERM)
-
-
 def serve(settings: TrainerSettings) -> None:
-    import uvicorn
-
     from services.common.logs import log_resolved_config, setup_logging
 
     setup_logging("trainer", settings.log_level, settings.log_format)
     log_resolved_config(settings)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
-    if "failed" in app.state.holder:
-        raise SystemExit(f"pope trainer: the training loop failed: {app.state.holder['failed']}")
+    run_server(create_app(settings), settings, "trainer")

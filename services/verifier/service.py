@@ -26,7 +26,8 @@ from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
-from services.common.http import add_health_routes, bearer
+from services.common.http import add_health_routes, bearer, redis_unready
+from services.common.http import serve as run_server
 from services.common.keys import VERIFIERS, Keys
 from services.common.messages import FinishReason, RawGroup, Score, ScoredGroup
 from services.common.streams import GroupReader
@@ -125,11 +126,7 @@ def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAP
     async def ready() -> str | None:
         if not pool.alive():
             return "scoring workers are not all up"
-        try:
-            await client.ping()  # type: ignore[misc]
-        except Exception as exc:
-            return f"redis unreachable: {exc}"
-        return None
+        return await redis_unready(client)
 
     add_health_routes(app, ready)
 
@@ -144,10 +141,8 @@ def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAP
 
 
 def serve(settings: VerifierSettings) -> None:
-    import uvicorn
-
     from services.common.logs import log_resolved_config, setup_logging
 
     setup_logging("verifier", settings.log_level, settings.log_format)
     log_resolved_config(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    run_server(create_app(settings), settings, "verifier")
