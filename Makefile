@@ -26,6 +26,12 @@ test: $(STAMP)
 # trainer and rollout service; trains a few steps on data/demo_problems.json.
 DEMO_MODEL := runs/demo/model
 DEMO_STEPS ?= 4
+# A key prefix of this checkout's own, so --fresh never deletes another checkout's demo
+# keys in a shared Redis.
+DEMO_PREFIX := demo-$(shell pwd | cksum | cut -d' ' -f1):
+demo: export POPE_ROLLOUT__KEY_PREFIX = $(DEMO_PREFIX)
+demo: export POPE_VERIFIER__KEY_PREFIX = $(DEMO_PREFIX)
+demo: export POPE_TRAINER__KEY_PREFIX = $(DEMO_PREFIX)
 demo: $(STAMP)
 	@test -f $(DEMO_MODEL)/config.json || $(VENV)/bin/pope model init --out $(DEMO_MODEL)
 	@echo "NOTE: the demo model is a tiny, randomly initialised Qwen3: it writes gibberish, so"

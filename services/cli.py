@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from services.common.config import ConfigError, SectionSettings, load_settings, resolved
+from services.common.config import ConfigError, SectionSettings, check_shared_keys, load_settings, resolved
 
 # Exit status of a command that exists in the interface but is not built yet.
 NOT_BUILT = 3
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "config", None):
+            check_shared_keys(args.config, [_settings_model(s) for s in ("engine", "rollout", "verifier", "trainer")])
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"pope: {exc}", file=sys.stderr)

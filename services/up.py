@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from services.common.config import load_settings
+from services.common.config import load_settings, model_dir_problem
 from services.common.redis_server import redis_for
 from services.engine.settings import EngineSettings
 from services.rollout.settings import RolloutSettings
@@ -51,7 +51,7 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for c in self.children:
             c.log_path = self.log_dir / f"{c.name}.log"
-            with c.log_path.open("ab") as log:
+            with c.log_path.open("wb") as log:  # this run's log only: old lines would mislead
                 c.proc = subprocess.Popen([sys.executable, "-m", "services.cli", *c.args], stdout=log,
                                           stderr=subprocess.STDOUT, env=self.env, start_new_session=True)  # fmt: skip
             self.say(f"started {c.name} (pid {c.proc.pid}), log {c.log_path}")
@@ -153,8 +153,9 @@ def up(model: str | None, config: str | None, redis_url: str | None, problems: P
     verifier_s, trainer_s = load_settings(VerifierSettings, config), load_settings(TrainerSettings, config)
     sections = {"engine": engine_s, "rollout": rollout_s, "verifier": verifier_s, "trainer": trainer_s}
     model = model or engine_s.model_path
-    if not model:
-        print("pope up: no model: pass --model DIR (build a tiny one with: pope model init --out DIR)", file=sys.stderr)
+    problem = model_dir_problem(model, "up")
+    if model is None or problem:
+        print(problem, file=sys.stderr)
         return 2
     ports = {name: s.port for name, s in sections.items()}
     engine_url = f"http://127.0.0.1:{ports['engine']}"
@@ -202,6 +203,8 @@ def up(model: str | None, config: str | None, redis_url: str | None, problems: P
         finally:
             stack.say("stopping (Ctrl-C again does not skip the clean stop)")
             stack.stop()
+    if code != 0:
+        return code
     stack.say(
         f"rollouts:    {rollout_s.archive_dir / 'rollouts.jsonl'} (one JSON line per scored sample; "
         "GET /v1/rollouts pages it)"

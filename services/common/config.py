@@ -230,3 +230,28 @@ def resolved(settings: SectionSettings) -> dict[str, Any]:
         if isinstance(value, SecretStr):
             data[name] = "***"
     return data
+
+
+def model_dir_problem(model_path: str | None, service: str) -> str | None:
+    """Why ``model_path`` cannot be a model directory, or None. A path that does not look
+    local (e.g. "Qwen/Qwen3-4B") is left to the hub, where the user pointed it."""
+    if not model_path:
+        return f"pope {service}: no model given (--model DIR); build a tiny one with: pope model init --out DIR"
+    looks_local = model_path.startswith(("/", ".", "~")) or os.path.exists(model_path)
+    if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(model_path), "config.json")):
+        return (f"pope {service}: no HF model directory at {model_path} (no config.json); "
+                "build a tiny one with: pope model init --out DIR")  # fmt: skip
+    return None
+
+
+def check_shared_keys(config_file: str | Path | None, models: list[type[SectionSettings]]) -> None:
+    """A key in the ``shared`` section that no section has is a typo: every service would
+    skip it silently, so it is an error here (checked by the CLI, which knows all sections)."""
+    if not config_file:
+        return
+    path = Path(config_file)
+    shared = read_config_file(path).get(SHARED, {})
+    known = set().union(*(m.model_fields for m in models))
+    unknown = sorted(k for k in shared if k not in known)
+    if unknown:
+        raise ConfigError(f"{path}, section 'shared': no section has the field(s) {', '.join(map(repr, unknown))}")

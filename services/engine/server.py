@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
+from services.common.config import model_dir_problem
 from services.engine.decode import Sequence
 from services.engine.runtime import EngineRuntime, WeightLoadError
 from services.engine.sampling import SamplingError, SamplingSpec
@@ -368,10 +369,8 @@ def serve(settings: EngineSettings) -> None:
             batch_wait_ms=settings.batch_wait_ms,
         )
 
-    looks_local = model_path.startswith(("/", ".", "~")) or os.path.exists(model_path)
-    if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(model_path), "config.json")):
-        raise SystemExit(f"pope engine: no HF model directory at {model_path} (no config.json); "
-                         "build a tiny one with: pope model init --out DIR")  # fmt: skip
+    if problem := model_dir_problem(model_path, "engine"):
+        raise SystemExit(problem)
     key = settings.api_key.get_secret_value() if settings.api_key else None
     server: uvicorn.Server | None = None
 

@@ -97,7 +97,11 @@ def create_app(settings: RolloutSettings) -> FastAPI:
         """Training state: trainer step, engine weight version, stream depths, rates, rewards;
         with ``history=N``, the trainer's last N steps of metrics (newest first)."""
         trainer = {k.decode(): _num(v) for k, v in (await redis.hgetall(keys.state("trainer"))).items()}  # type: ignore[misc]
-        rollout = {k.decode(): _num(v) for k, v in (await redis.hgetall(keys.state("rollout"))).items()}  # type: ignore[misc]
+        rollout = {
+            k.decode(): _num(v)
+            for k, v in (await redis.hgetall(keys.state("rollout"))).items()  # type: ignore[misc]
+            if k != b"planner"
+        }  # internal: the planner's shuffle and RNG state
         try:
             engine_version: int | None = await engine.weight_version()
         except EngineError:
@@ -149,8 +153,11 @@ def _num(raw: bytes) -> int | float | str:
 
 
 def serve(settings: RolloutSettings) -> None:
+    from services.common.config import model_dir_problem
     from services.common.logs import log_resolved_config, setup_logging
 
+    if settings.schedule and (problem := model_dir_problem(settings.model_path, "rollout")):
+        raise SystemExit(problem + " (the scheduler builds prompts with its tokenizer)")
     setup_logging("rollout", settings.log_level, settings.log_format)
     log_resolved_config(settings)
     run_server(create_app(settings), settings, "rollout")

@@ -73,8 +73,12 @@ def create_app(settings: TrainerSettings) -> FastAPI:
 
 
 def serve(settings: TrainerSettings) -> None:
+    from services.common.config import model_dir_problem
     from services.common.logs import log_resolved_config, setup_logging
+    from services.trainer.checkpoint import latest
 
+    if latest(settings.checkpoint_dir) is None and (problem := model_dir_problem(settings.model_path, "trainer")):
+        raise SystemExit(problem)  # (resuming from a checkpoint needs no model_path)
     setup_logging("trainer", settings.log_level, settings.log_format)
     log_resolved_config(settings)
     run_server(create_app(settings), settings, "trainer")

@@ -66,3 +66,16 @@ def test_model_init_builds_a_model_transformers_loads(tmp_path: Path) -> None:
 def test_engine_without_a_model_says_how_to_make_one(tmp_path: Path) -> None:
     out = run("engine", "--model", str(tmp_path / "nothing"))
     assert out.returncode == 1 and "pope model init" in out.stderr
+
+
+def test_a_typo_in_the_shared_section_is_an_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("shared:\n  max_stalenes: 2\n")
+    out = run("config", "show", "trainer", "--config", str(cfg))
+    assert out.returncode == 2 and "section 'shared'" in out.stderr and "max_stalenes" in out.stderr
+
+
+def test_services_without_a_model_say_how_to_make_one(tmp_path: Path) -> None:
+    for argv in (["up", "--model", str(tmp_path / "x")], ["rollout", "--model", str(tmp_path / "x")]):
+        out = run(*argv)
+        assert out.returncode in (1, 2) and "pope model init" in out.stderr and "Traceback" not in out.stderr
