@@ -44,7 +44,8 @@ async def test_worker_killed_mid_answer_is_replaced_and_the_group_still_scored()
     pool = ScoringPool(workers=1, timeout_s=60)  # the kill, not the limit, must end it
     await pool.start()
     try:
-        task = asyncio.create_task(pool.score("2", ["\\boxed{2}", TOWER, "\\boxed{2}", "\\boxed{3}"]))
+        # The tower comes first: once the worker is busy it can only be on the tower.
+        task = asyncio.create_task(pool.score("2", [TOWER, "\\boxed{2}", "\\boxed{2}", "\\boxed{3}"]))
         deadline = time.monotonic() + 30
         while not pool.busy_pids():
             assert time.monotonic() < deadline, "the worker never started scoring"
@@ -52,8 +53,8 @@ async def test_worker_killed_mid_answer_is_replaced_and_the_group_still_scored()
         [pid] = pool.busy_pids()
         os.kill(pid, signal.SIGKILL)
         scores = await asyncio.wait_for(task, 30)
-        assert [s.reward for s in scores] == [1.0, 0.0, 1.0, 0.0]
-        assert "died" in (scores[1].error or "") and not scores[1].timed_out
+        assert [s.reward for s in scores] == [0.0, 1.0, 1.0, 0.0]
+        assert "died" in (scores[0].error or "") and not scores[0].timed_out
         assert pool.restarts == 1 and pool.alive() and pid not in pool.pids()
     finally:
         await pool.close()
