@@ -191,7 +191,7 @@ async def test_pending_entries_trimmed_by_the_cap_are_acked_and_counted(any_redi
 
 
 async def test_a_live_consumer_keeps_its_lease(aredis: Redis, keys: Keys) -> None:
-    policy = DeliveryPolicy(lease_ms=300, block_ms=50)
+    policy = DeliveryPolicy(lease_ms=600, block_ms=50)  # renewed every 200 ms
     inside, release = asyncio.Event(), asyncio.Event()
     score = scoring_handler(keys)
 
@@ -206,7 +206,7 @@ async def test_a_live_consumer_keeps_its_lease(aredis: Redis, keys: Keys) -> Non
     await publish(aredis, keys.rollouts, group("g0"), policy)
     task = asyncio.create_task(owner.run_once())
     await asyncio.wait_for(inside.wait(), 5)
-    deadline = time.monotonic() + 1.2  # four leases
+    deadline = time.monotonic() + 2.4  # four leases
     while time.monotonic() < deadline:
         assert await thief.run_once() == 0, "a live consumer's entry was reclaimed"
     release.set()
