@@ -132,7 +132,8 @@ S = TypeVar("S", bound=SectionSettings)
 def read_config_file(path: Path) -> dict[str, dict[str, Any]]:
     """Parse and shape-check a config file: a mapping of known sections to mappings."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        with path.open() as f:  # from the file object, so YAML errors name the file
+            raw = yaml.safe_load(f)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:

@@ -20,7 +20,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -85,6 +88,16 @@ def create_app(settings: RolloutSettings) -> FastAPI:
     app = FastAPI(title="POPE-RL rollout service", lifespan=lifespan,
                   description="Problems in, hinted and unhinted rollouts out (POPE).")  # fmt: skip
     app.include_router(problems_and_rollouts_router(store, archive, settings.api_token))
+
+    @app.exception_handler(RequestValidationError)
+    async def unreadable_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """A body that is not JSON at all gets the same error shape as a bad row."""
+        bad_json = [e for e in exc.errors() if e.get("type") == "json_invalid"]
+        if bad_json:
+            reason = bad_json[0].get("ctx", {}).get("error", "")
+            message = f"the body is not valid JSON: {reason}".rstrip(": ")
+            return JSONResponse({"detail": [{"row": None, "field": None, "message": message}]}, 422)
+        return await request_validation_exception_handler(request, exc)
 
     async def ready() -> str | None:
         failed: str | None = getattr(app.state, "failed", None)

@@ -211,3 +211,19 @@ def test_rollouts_bad_cursor_is_400(api: Api) -> None:
     fill_archive(api.archive)
     resp = httpx.get(f"{api.url}/v1/rollouts", params={"cursor": "garbage!"})
     assert resp.status_code == 400 and "malformed cursor" in resp.json()["detail"]
+
+
+def test_the_rollout_service_answers_unreadable_bodies_in_the_row_error_shape(redis_url: str, keys: Keys,
+                                                                               tmp_path: Path) -> None:  # fmt: skip
+    from tests.conftest import running_pope
+
+    env = {"REDIS_URL": redis_url, "POPE_ROLLOUT__KEY_PREFIX": keys.prefix, "POPE_ROLLOUT__SCHEDULE": "false",
+           "POPE_ROLLOUT__ARCHIVE_DIR": str(tmp_path / "archive")}  # fmt: skip
+    with running_pope(["rollout"], "/readyz", env) as proc:
+        resp = httpx.post(f"{proc.url}/v1/problems", content=b'[{"prompt": "x", ', timeout=10,
+                          headers={"Content-Type": "application/json"})  # fmt: skip
+        assert resp.status_code == 422
+        [error] = resp.json()["detail"]
+        assert error["row"] is None and error["message"].startswith("the body is not valid JSON")
+        status = httpx.get(f"{proc.url}/v1/status", timeout=10).json()
+        assert status["rollout"]["waiting_for"] == "scheduler disabled" and "planner" not in status["rollout"]
