@@ -172,6 +172,8 @@ def up(model: str | None, config: str | None, redis_url: str | None, problems: P
         if fresh:
             wipe(url, rollout_s, trainer_s, out)
         env = {**os.environ, "REDIS_URL": url, "PYTHONUNBUFFERED": "1"}
+        if steps is not None:  # the trainer stops at N itself, not one step late while all stop
+            env["POPE_TRAINER__MAX_STEPS"] = str(steps)
         children = [
             Child("engine", ["engine", "--model", model, "--port", str(ports["engine"]), *cfg], f"{engine_url}/health"),
             Child("verifier", ["verifier", "--port", str(ports["verifier"]), "--redis-url", url, *cfg],

@@ -126,7 +126,8 @@ class Trainer:
                         await self._accept(entry)
                     await self._drop_stale()
                     self._dirty |= len(self.buffer) != before  # the scheduler watches "buffered"
-                    if len(self.buffer) >= self.settings.prompts_per_step:
+                    done = self.settings.max_steps is not None and self.version >= self.settings.max_steps
+                    if len(self.buffer) >= self.settings.prompts_per_step and not done:
                         await self.step()
                     if self._dirty:
                         await self.publish_state()

@@ -91,3 +91,5 @@ class TrainerSettings(ServiceSettings):
     """TensorBoard event files of every step's metrics (None: off)."""
     history_len: int = Field(1000, ge=1)
     """Steps of metrics kept in Redis for GET /v1/status?history=N on the rollout service."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop training at this step (groups keep being read and stay pending); None: no limit."""

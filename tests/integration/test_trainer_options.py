@@ -64,7 +64,7 @@ async def test_each_option_shows_in_the_metrics(tiny_model: Path, tmp_path: Path
         redis_url=redis_url, key_prefix=keys.prefix, streams=POLICY, prompts_per_step=3, group_size=4,
         learning_rate=1e-2, lr_schedule="cosine", warmup_steps=2, total_steps=4, filter_zero_variance=True,
         kl_coef=0.1, entropy_coef=0.01, tis_cap=2.0, clip_eps_high=0.28, mask_truncated=True,
-        variant_weights={"hinted": 2.0, "unhinted": 1.0},
+        variant_weights={"hinted": 2.0, "unhinted": 1.0}, max_steps=2,
     )  # fmt: skip
     trainer = await asyncio.to_thread(Trainer, cfg, aredis, None)
     first = [group(trainer, "a", Variant.HINTED, [1, 0, 0, 1]), group(trainer, "b", Variant.UNHINTED, [0, 0, 0, 0]),
@@ -88,6 +88,20 @@ async def test_each_option_shows_in_the_metrics(tiny_model: Path, tmp_path: Path
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     steps = [json.loads(x)["step"] for x in await aredis.lrange(keys.history("trainer"), 0, -1)]
     assert steps == [2, 1]
+
+    # max_steps=2: a full third batch is read and buffered, but not trained on.
+    stop = asyncio.Event()
+    task = asyncio.create_task(trainer.run(stop))
+    try:
+        for x in "ghi":
+            await publish(aredis, keys.scored, group(trainer, f"{x}3", Variant.HINTED, [1, 0, 0, 0]), POLICY)
+        async with asyncio.timeout(30):
+            while len(trainer.buffer) < 3:
+                await asyncio.sleep(0.02)
+        assert trainer.version == 2
+    finally:
+        stop.set()
+        await task
 
 
 def test_dr_grpo_and_seq_mean_are_accepted() -> None:
