@@ -91,6 +91,23 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+async def group_info(redis: Redis, stream: str, group: str) -> dict[str, int] | None:
+    """Pending entries and lag (entries not yet delivered) of a consumer group; None when
+    the stream or the group does not exist yet."""
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except ResponseError:
+        return None  # no stream yet
+    for info in groups:
+        if _s(info["name"]) == group:
+            lag = info.get("lag")
+            if lag is None:  # Redis 6.2 has no lag: compare with the stream's last id
+                last = (await redis.xinfo_stream(stream))["last-generated-id"]
+                lag = 0 if info["last-delivered-id"] == last else 1
+            return {"pending": int(info["pending"]), "lag": int(lag)}
+    return None
+
+
 @dataclass
 class GroupReader:
     """One named consumer in a consumer group of one stream: read, ack, renew, dead-letter.
@@ -125,20 +142,17 @@ class GroupReader:
         count = count or self.policy.batch
         entries: list[Entry] = []
         if self._backlog_cursor is not None:
-            entries, self._backlog_cursor = await self._read_backlog(self._backlog_cursor, count)
+            # Pages on from the last id returned; an empty page ends the backlog.
+            entries, self._backlog_cursor = await self._read_group(self._backlog_cursor, count, block_ms=None)
         if not entries:
             entries = await self._reclaim(count)
             if not entries and self._backlog_cursor is not None:  # 6.2: ack what the cap trimmed
-                entries, self._backlog_cursor = await self._read_backlog(self._backlog_cursor, count)
+                entries, self._backlog_cursor = await self._read_group(self._backlog_cursor, count, block_ms=None)
         if not entries:
             entries, _ = await self._read_group(">", count, block_ms or self.policy.block_ms)
         fresh = [e for e in entries if e.id not in self.in_hand]
         self.in_hand.update(e.id for e in fresh)
         return fresh
-
-    async def _read_backlog(self, cursor: str, count: int) -> tuple[list[Entry], str | None]:
-        # Pages on from the last id returned; an empty page ends the backlog.
-        return await self._read_group(cursor, count, block_ms=None)
 
     async def _read_group(self, start: str, count: int, block_ms: int | None) -> tuple[list[Entry], str | None]:
         """Entries from XREADGROUP and the last id seen (None when the reply was empty)."""

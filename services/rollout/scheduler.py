@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 from services.common.engine_client import EngineClient, EngineError, SamplingParams
 from services.common.keys import TRAINERS, VERIFIERS, Keys
 from services.common.messages import Problem, RawGroup, Sample, Variant
-from services.common.streams import publish
+from services.common.streams import group_info, publish
 from services.rollout.planner import Planner
 from services.rollout.prompts import prompt_ids, user_message
 from services.rollout.settings import RolloutSettings
@@ -130,8 +130,8 @@ class Scheduler:
         need = self.settings.prompts_per_step - int(float(state[b"buffered"]))
         if need <= 0:
             return 0
-        rollouts = await _group_info(self.redis, self.keys.rollouts, VERIFIERS)
-        scored = await _group_info(self.redis, self.keys.scored, TRAINERS)
+        rollouts = await group_info(self.redis, self.keys.rollouts, VERIFIERS)
+        scored = await group_info(self.redis, self.keys.scored, TRAINERS)
         drained = (rollouts is not None and rollouts["pending"] == 0 and rollouts["lag"] == 0
                    and scored is not None and scored["lag"] == 0
                    and scored["pending"] == int(float(state[b"buffered"])))  # fmt: skip
@@ -213,19 +213,3 @@ class Scheduler:
     def rate_per_min(self) -> float:
         cutoff = time.time() - 60
         return float(sum(t >= cutoff for t in self.published))
-
-
-async def _group_info(redis: Redis, stream: str, group: str) -> dict[str, int] | None:
-    """Pending and lag (entries not yet delivered) of a consumer group; None if absent."""
-    try:
-        groups = await redis.xinfo_groups(stream)
-    except RedisError:
-        return None  # no stream yet
-    for info in groups:
-        if info["name"].decode() == group:
-            lag = info.get("lag")
-            if lag is None:  # Redis 6.2 has no lag: compare with the stream's last id
-                last = (await redis.xinfo_stream(stream))["last-generated-id"]
-                lag = 0 if info["last-delivered-id"] == last else 1
-            return {"pending": int(info["pending"]), "lag": int(lag)}
-    return None

@@ -25,14 +25,13 @@ from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from services.common.engine_client import EngineClient, EngineError
 from services.common.http import add_health_routes, redis_unready, stop_if_failed
 from services.common.http import serve as run_server
 from services.common.keys import ARCHIVERS, TRAINERS, VERIFIERS, Keys
 from services.common.messages import ScoredGroup
-from services.common.streams import GroupReader
+from services.common.streams import GroupReader, group_info
 from services.common.worker import Effects, Worker
 from services.rollout.api import problems_and_rollouts_router
 from services.rollout.archive import RolloutArchive, RolloutRecord
@@ -143,15 +142,7 @@ def create_app(settings: RolloutSettings) -> FastAPI:
 async def _streams(redis: Redis, keys: Keys) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, stream, group in (("rollouts", keys.rollouts, VERIFIERS), ("scored", keys.scored, TRAINERS)):
-        length = await redis.xlen(stream)
-        pending = None
-        try:
-            for info in await redis.xinfo_groups(stream):
-                if info["name"].decode() == group:
-                    pending = {"pending": info["pending"], "lag": info.get("lag")}
-        except RedisError:
-            pass  # the stream does not exist yet
-        out[name] = {"length": length, group: pending}
+        out[name] = {"length": await redis.xlen(stream), group: await group_info(redis, stream, group)}
     return out
 
 
