@@ -11,6 +11,8 @@
   that name the file, section and field.
 - ``logs``: structured logging and the start-up config line.
 - ``redis_server``: find a Redis, or start a private one (tests, ``pope up``).
+- ``engine_client``, ``http``, ``rng``: the engine client; health, metrics, auth and serving;
+  Python RNG state as JSON.
 
 Message flow (DESIGN.md 2, 4):
 

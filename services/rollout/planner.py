@@ -14,6 +14,7 @@ import random
 from typing import Any
 
 from services.common.messages import Problem, ProblemLabel, Variant
+from services.common.rng import restore_rng_state, rng_state_json
 
 
 class Planner:
@@ -57,14 +58,9 @@ class Planner:
     def state(self) -> dict[str, Any]:
         """Where the planner is (JSON-able), so a restarted scheduler keeps the mix exact."""
         return {"order": self._order, "pos": self._pos, "credit": self._credit,
-                "carry": [[pid, v.value] for pid, v in self._carry], "rng": _lists(self._rng.getstate())}  # fmt: skip
+                "carry": [[pid, v.value] for pid, v in self._carry], "rng": rng_state_json(self._rng)}  # fmt: skip
 
     def restore(self, state: dict[str, Any]) -> None:
         self._order, self._pos, self._credit = list(state["order"]), int(state["pos"]), float(state["credit"])
         self._carry = [(pid, Variant(v)) for pid, v in state["carry"]]
-        version, internal, gauss = state["rng"]
-        self._rng.setstate((version, tuple(internal), gauss))
-
-
-def _lists(value: Any) -> Any:
-    return [_lists(v) for v in value] if isinstance(value, (tuple, list)) else value
+        restore_rng_state(self._rng, state["rng"])

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from services.common.rng import restore_rng_state, rng_state_json
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
@@ -70,7 +72,7 @@ def save(root: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimize
     tokenizer.save_pretrained(tmp)
     _save_optimizer(tmp, optimizer)
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-    state.python_rng = _jsonable(random.getstate())
+    state.python_rng = rng_state_json(random)
     state.trained_group_ids = state.trained_group_ids[-MAX_REMEMBERED_IDS:]
     (tmp / "run_record.json").write_text(json.dumps(run_record, indent=2, default=str))
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))  # last: marks the directory complete
@@ -99,12 +101,7 @@ def restore_rng(path: Path, state: TrainerState) -> None:
     if rng.is_file():
         torch.set_rng_state(load_file(str(rng))["torch"])
     if state.python_rng:
-        version, internal, gauss = state.python_rng
-        random.setstate((version, tuple(internal), gauss))
-
-
-def _jsonable(value: Any) -> Any:
-    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
+        restore_rng_state(random, state.python_rng)
 
 
 def _save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
