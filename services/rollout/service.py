@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -54,12 +53,16 @@ def create_app(settings: RolloutSettings) -> FastAPI:
     # Groups this process appended: the file append is not in the Redis transaction, so a
     # commit that fails after it would otherwise append the redelivered group again. (A
     # crash in that window can still leave a duplicate row; it never loses one.)
-    archived: deque[str] = deque(maxlen=100_000)
+    # A dict as an insertion-ordered set: O(1) membership on the archiver's hot path,
+    # oldest ids evicted past the cap.
+    archived: dict[str, None] = {}
 
     async def archive_group(group: ScoredGroup, effects: Effects) -> None:
         if group.group_id not in archived:
             await asyncio.to_thread(archive.append, RolloutRecord.from_group(group))
-            archived.append(group.group_id)
+            archived[group.group_id] = None
+            if len(archived) > 100_000:
+                del archived[next(iter(archived))]
         effects.call(lambda pipe: store.queue_record(pipe, group))
 
     @asynccontextmanager
