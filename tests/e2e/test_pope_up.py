@@ -41,15 +41,24 @@ def poll(url: str, check: Any, within_s: float, proc: subprocess.Popen[bytes], l
 
 def test_pope_up_trains_on_hinted_and_unhinted_groups(tiny_model: Path, tmp_path: Path, redis_url: str,
                                                       keys: Keys) -> None:  # fmt: skip
+    metrics = run_pope_up(tiny_model, tmp_path, redis_url, keys)
+    assert [m["step"] for m in metrics][:2] == [1, 2]
+
+
+def run_pope_up(tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, *, engine: dict[str, Any] | None = None,
+                trainer: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Run `pope up` for two training steps and check the pipeline end to end; return the
+    trainer's metrics log. ``engine`` and ``trainer`` add to those config sections."""
     ports = {name: free_port() for name in ("engine", "rollout", "verifier", "trainer")}
     config = tmp_path / "pope.yaml"
     config.write_text(json.dumps({  # JSON is YAML
         "shared": {"key_prefix": keys.prefix, "group_size": 4, "prompts_per_step": 4, "max_staleness": 1},
-        "engine": {"port": ports["engine"]},
+        "engine": {"port": ports["engine"], **(engine or {})},
         "rollout": {"port": ports["rollout"], "max_new_tokens": 16, "archive_dir": str(tmp_path / "rollouts")},
         "verifier": {"port": ports["verifier"], "workers": 1},
         "trainer": {"port": ports["trainer"], "checkpoint_dir": str(tmp_path / "ckpt"),
-                    "metrics_log": str(tmp_path / "metrics.jsonl"), "tensorboard_dir": str(tmp_path / "tb")},
+                    "metrics_log": str(tmp_path / "metrics.jsonl"), "tensorboard_dir": str(tmp_path / "tb"),
+                    **(trainer or {})},
     }))  # fmt: skip
     log = tmp_path / "up.log"
     with log.open("wb") as out:
@@ -94,3 +103,4 @@ def test_pope_up_trains_on_hinted_and_unhinted_groups(tiny_model: Path, tmp_path
     checkpoints = sorted((tmp_path / "ckpt").glob("step-*"))
     assert checkpoints and (checkpoints[-1] / "run_record.json").is_file()
     assert os.path.getsize(tmp_path / "rollouts" / "rollouts.jsonl") > 0
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
