@@ -32,15 +32,15 @@ class Sequence:
     finish: tuple[str, int | str | None] = ("", None)  # ("stop", matched) | ("length", n) | ("abort", msg)
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [B, L] left-padded, attention mask [B, L] (1 for real tokens)."""
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, L] left-padded, attention mask [B, L] (1 for real tokens), on ``device``."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
         mask[i, width - len(r) :] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 @torch.inference_mode()
@@ -58,7 +58,8 @@ def decode(
     active = [s for s in seqs if not _finished_before_start(s)]
     if not active:
         return
-    ids, mask = _left_pad([s.prompt_ids for s in active], pad_id)  # [B, L], [B, L]
+    device = next(model.parameters()).device
+    ids, mask = _left_pad([s.prompt_ids for s in active], pad_id, device)  # [B, L], [B, L]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
     cache = DynamicCache()
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
@@ -67,10 +68,10 @@ def decode(
     while True:
         tokens, logps = sample_next(logits, [s.spec for s in active], [s.generator for s in active])  # [B], [B]
         keep: list[int] = []
-        for i, s in enumerate(active):
-            tok = int(tokens[i])
+        # One device-to-host copy per step, not one per row.
+        for i, (s, tok, lp) in enumerate(zip(active, tokens.tolist(), logps.tolist(), strict=True)):
             s.output_ids.append(tok)
-            s.logprobs.append(float(logps[i]))
+            s.logprobs.append(lp)
             if _check_finished(s, tok, eos_ids):
                 continue
             keep.append(i)
@@ -78,11 +79,11 @@ def decode(
             return
         wait_if_paused()
         if len(keep) < len(active):  # drop finished rows, cache included
-            index = torch.tensor(keep, dtype=torch.long)
+            index = torch.tensor(keep, dtype=torch.long, device=device)
             active = [active[i] for i in keep]
             tokens, mask, next_pos = tokens[index], mask[index], next_pos[index]
             cache.batch_select_indices(index)
-        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)  # [B, L+t]
+        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)  # [B, L+t]
         out = model(
             input_ids=tokens[:, None],
             attention_mask=mask,

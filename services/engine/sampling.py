@@ -115,7 +115,8 @@ def sample_next(
     one uniform number per row from that row's own generator, so a row's draw does not
     depend on what else is in the batch.
     """
-    temps = torch.tensor([1.0 if s.greedy else s.temperature for s in specs])  # [B]
+    dev = logits.device
+    temps = torch.tensor([1.0 if s.greedy else s.temperature for s in specs], device=dev)  # [B]
     logp = torch.log_softmax(logits / temps[:, None], dim=-1)  # [B, V], what is reported
     if any(s.top_k > 0 or s.top_p < 1.0 or s.min_p > 0.0 for s in specs):
         sorted_lp, order = torch.sort(logp, dim=-1, descending=True)  # [B, V], [B, V]
@@ -123,10 +124,11 @@ def sample_next(
     else:  # the full distribution (RL's default): no sort needed
         probs, order = logp.exp(), None
     cdf = torch.cumsum(probs, dim=-1)  # [B, V]
-    u = torch.stack([torch.rand((), generator=g) for g in generators]) * cdf[:, -1]  # [B]
+    # Uniforms come from each row's CPU generator, so a seed draws the same on any device.
+    u = torch.stack([torch.rand((), generator=g) for g in generators]).to(dev) * cdf[:, -1]  # [B]
     pick = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=cdf.shape[1] - 1)  # [B, 1]
     tokens = (order.gather(1, pick) if order is not None else pick).squeeze(1)  # [B]
-    greedy = torch.tensor([s.greedy for s in specs])  # [B]
+    greedy = torch.tensor([s.greedy for s in specs], device=dev)  # [B]
     tokens = torch.where(greedy, logp.argmax(dim=-1), tokens)  # [B]
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
@@ -134,11 +136,11 @@ def sample_next(
 def truncated(sorted_lp: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
     """Which tokens top-k, top-p and min-p remove: [B, V] bool, over logprobs sorted
     descending per row (sorted_lp [B, V]). The most likely token always stays."""
-    vocab = sorted_lp.shape[1]
-    top_k = torch.tensor([s.top_k if s.top_k > 0 else vocab for s in specs])  # [B]
-    top_p = torch.tensor([s.top_p for s in specs])  # [B]
-    min_p = torch.tensor([s.min_p for s in specs])  # [B]
-    remove = torch.arange(vocab)[None, :] >= top_k[:, None]  # [B, V]
+    vocab, dev = sorted_lp.shape[1], sorted_lp.device
+    top_k = torch.tensor([s.top_k if s.top_k > 0 else vocab for s in specs], device=dev)  # [B]
+    top_p = torch.tensor([s.top_p for s in specs], device=dev)  # [B]
+    min_p = torch.tensor([s.min_p for s in specs], device=dev)  # [B]
+    remove = torch.arange(vocab, device=dev)[None, :] >= top_k[:, None]  # [B, V]
     probs = sorted_lp.exp()
     remove |= (torch.cumsum(probs, dim=-1) - probs) > top_p[:, None]  # mass strictly above > p
     remove |= sorted_lp < sorted_lp[:, :1] + torch.log(min_p)[:, None]  # log 0 = -inf: off

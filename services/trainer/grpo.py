@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 LossAgg = Literal["constant", "token_mean", "seq_mean", "dr_grpo"]
 
@@ -65,23 +66,44 @@ def normalizer(agg: LossAgg, *, nominal_samples: int, max_response_tokens: int, 
 
 
 def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: torch.Tensor,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+                   with_entropy: bool = False,
+                   chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """log_softmax(logits / T) of each next token, [N, L] ids -> [N, L-1] logprobs, and the
     entropy of each predicted distribution [N, L-1] when asked.
 
     temperature: [N], the temperature each sequence was sampled at; the engine reports
     logprobs at that temperature, so the importance ratio compares the same quantity.
+
+    The [N, L, V] logits are never held whole: the LM head runs on ``chunk_tokens``
+    positions at a time under activation checkpointing, so memory is one chunk's logits
+    (4096 x a 152k vocabulary in float32 is 2.5 GB) and the backward recomputes them.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1, :].float()  # [N, T, V]
-    logits = logits / temperature[:, None, None]  # [N, T, V]
-    lse = torch.logsumexp(logits, dim=-1)  # [N, T]
-    picked = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # [N, T]
-    logp: torch.Tensor = picked - lse  # [N, T]
-    entropy = None
-    if with_entropy:
-        probs = torch.softmax(logits, dim=-1)  # [N, T, V]
-        entropy = lse - (probs * logits).sum(-1)  # [N, T]
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]  # [N, T, H]
+    n, t = hidden.shape[:2]
+    flat_h = hidden.reshape(n * t, -1)  # [N*T, H]
+    targets = input_ids[:, 1:].reshape(n * t)  # [N*T]
+    temps = temperature[:, None].expand(n, t).reshape(n * t)  # [N*T]
+    parts = []
+    for i in range(0, n * t, chunk_tokens):
+        part = slice(i, i + chunk_tokens)
+        parts.append(checkpoint(_head_logprobs, head, flat_h[part], targets[part], temps[part], with_entropy,
+                                use_reentrant=False))  # fmt: skip
+    logp = torch.cat([lp for lp, _ in parts]).view(n, t)  # [N, T]
+    entropy = torch.cat([e for _, e in parts]).view(n, t) if with_entropy else None  # [N, T]
     return logp, entropy
+
+
+def _head_logprobs(head: Any, hidden: torch.Tensor, targets: torch.Tensor, temps: torch.Tensor,
+                   with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Logprob of each target [C] and entropy [C] (zeros unless asked) from hidden states [C, H]."""
+    logits = head(hidden).float() / temps[:, None]  # [C, V]
+    lse = torch.logsumexp(logits, dim=-1)  # [C]
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # [C]
+    if not with_entropy:
+        return logp, torch.zeros_like(logp)
+    probs = torch.softmax(logits, dim=-1)  # [C, V]
+    return logp, lse - (probs * logits).sum(-1)
 
 
 @dataclass(frozen=True)

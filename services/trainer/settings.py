@@ -75,6 +75,9 @@ class TrainerSettings(ServiceSettings):
     micro_batch_tokens: int = Field(16384, ge=1)
     """Token budget of one forward/backward pass (rows x padded length); gradients accumulate
     over a step's micro-batches, so memory stays bounded however long the responses are."""
+    logits_chunk_tokens: int = Field(4096, ge=1)
+    """Positions whose vocabulary logits are held at once (the LM head runs chunk by chunk
+    and is recomputed in the backward): bounds the logits' memory for large vocabularies."""
     device: str = "cpu"
     """Torch device of the policy ("cpu", "cuda")."""
     keep_checkpoints: int = Field(3, ge=1)

@@ -59,18 +59,18 @@ def train_step(model: Any, ref_model: Any, optimizer: torch.optim.Optimizer, sch
                       step_sequences=sum(r.trainable for r in rows))  # fmt: skip
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    dev = cfg.device
+    dev, head_chunk = cfg.device, cfg.logits_chunk_tokens
     loss_total, ratio_max = 0.0, 0.0
     sums: dict[str, dict[str, float]] = {v.value: dict.fromkeys(_SUMMED, 0.0) for v in Variant}
     for chunk in micro_batches(rows, cfg.micro_batch_tokens):
         b = collate(chunk, pad_id)
         ids, attn, temp = b.input_ids.to(dev), b.attention_mask.to(dev), b.temperature.to(dev)
         with _autocast(cfg):
-            new, entropy = token_logprobs(model, ids, attn, temp, with_entropy=True)
+            new, entropy = token_logprobs(model, ids, attn, temp, with_entropy=True, chunk_tokens=head_chunk)
             ref = None
             if cfg.kl_coef > 0:
                 with torch.no_grad():
-                    ref, _ = token_logprobs(ref_model, ids, attn, temp)
+                    ref, _ = token_logprobs(ref_model, ids, attn, temp, chunk_tokens=head_chunk)
             if cfg.entropy_coef == 0 and entropy is not None:
                 entropy = entropy.detach()  # a metric only: no graph through the softmax
             loss, st = policy_loss(new, b.old_logprobs.to(dev), b.advantages.to(dev), b.loss_mask.to(dev), loss_cfg,

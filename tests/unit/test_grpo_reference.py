@@ -73,10 +73,12 @@ def test_an_on_policy_step_is_the_plain_policy_gradient(agg: str, tis: float | N
     assert new.grad is not None and torch.allclose(new.grad, -per_token, atol=1e-7)
 
 
-def test_through_a_real_model_the_step_gradient_is_the_policy_gradient(tiny_model: Path) -> None:
+@pytest.mark.parametrize("chunk", [4096, 3])
+def test_through_a_real_model_the_step_gradient_is_the_policy_gradient(tiny_model: Path, chunk: int) -> None:
     """Padding, the loss mask and temperature, end to end: our batched loss's parameter
     gradient equals sum_i A_i sum_t grad log pi(y_t) / nominal, computed one plain
-    sequence at a time with no padding."""
+    sequence at a time with no padding. ``chunk``: LM-head chunks of 3 positions cut
+    across rows, through the checkpointed recomputation, give the same gradient."""
     from transformers import AutoModelForCausalLM
 
     model: Any = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float64)
@@ -98,7 +100,15 @@ def test_through_a_real_model_the_step_gradient_is_the_policy_gradient(tiny_mode
     group = ScoredGroup(group_id="g", problem_id="q", variant="hinted", prompt="", answer="1", samples=samples,
                         weight_version=0, step=1, temperature=temperature, scores=scores)  # fmt: skip
     b = collate(rows_from_groups([group], scale_by_std=False, mask_truncated=False), pad_id=0)
-    new, _ = token_logprobs(model, b.input_ids, b.attention_mask, b.temperature.double())
+    new, entropy = token_logprobs(model, b.input_ids, b.attention_mask, b.temperature.double(), with_entropy=True,
+                                  chunk_tokens=chunk)  # fmt: skip
+    assert entropy is not None
+    with torch.no_grad():  # entropy of row 1's first completion position, computed plainly
+        lp = torch.log_softmax(model(torch.tensor([prompts[1] + completions[1]])).logits[0] / temperature, -1)
+        plain_entropy = -(lp[len(prompts[1]) - 1].exp() * lp[len(prompts[1]) - 1]).sum()
+    # Rows are right-padded, so row 1's first completion position is its own prompt length - 1.
+    # The LM head's logits are taken in float32 (as under bf16 autocast), hence 1e-6.
+    assert float(entropy[1, len(prompts[1]) - 1]) == pytest.approx(float(plain_entropy), rel=1e-6)
     loss, _ = policy_loss(new, b.old_logprobs.double(), b.advantages.double(), b.loss_mask, LossConfig(), 4.0)
     ours = torch.autograd.grad(loss, list(model.parameters()))
 
