@@ -4,6 +4,7 @@
     pope engine --model DIR [--port 30000]    the CPU inference engine
     pope rollout | verifier | trainer         one service each
     pope model init --out DIR                 build a tiny local model
+    pope data import FILE | export OUT        problems in and out of the problem store
     pope config show SECTION [--config FILE]  print a section's resolved settings
 
 Every service takes ``--config FILE`` (one YAML file, a section per service), and
@@ -18,16 +19,18 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.common.config import ConfigError, SectionSettings, check_shared_keys, load_settings, resolved
+
+if TYPE_CHECKING:
+    from services.rollout.dataset import ImportOptions, ImportReport, SourceRow
 
 # Exit status of a command that exists in the interface but is not built yet.
 NOT_BUILT = 3
 
 # Commands of DESIGN.md 4a not built yet, with the issue that brings each.
 _PENDING = {
-    "data": "The POPE dataset pipeline",
-    "hints build": "The POPE dataset pipeline",
     "eval": "Show POPE working without a GPU",
     "experiment": "Show POPE working without a GPU",
 }
@@ -123,6 +126,44 @@ def _model_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from redis.exceptions import RedisError
+
+    from services.rollout import dataset
+    from services.rollout.settings import RolloutSettings
+
+    settings = load_settings(RolloutSettings, args.config, redis_url=args.redis_url, key_prefix=args.key_prefix)
+    try:
+        if args.action == "export":
+            n = asyncio.run(_data_export(settings.redis_url, settings.key_prefix, args))
+            print(f"wrote {n} problems to {args.out}")
+            return 0
+        options = dataset.ImportOptions(dataset.parse_map(args.map), args.split, args.source, args.allow_leakage)
+        rows = dataset.read_rows(args.file, args.hf_split)
+        report = asyncio.run(_data_import(settings.redis_url, settings.key_prefix, rows, options))
+    except (ValueError, OSError, dataset.DatasetError, RedisError) as exc:
+        print(f"pope data {args.action}: {exc}", file=sys.stderr)
+        return 1
+    print(dataset.format_report(report))
+    return 0 if report.imported + report.replaced > 0 or not report.errors else 1
+
+
+async def _data_import(url: str, prefix: str, rows: list[SourceRow], options: ImportOptions) -> ImportReport:
+    from services.rollout.dataset import import_rows, problem_store
+
+    async with problem_store(url, prefix) as store:
+        return await import_rows(store, rows, options)
+
+
+async def _data_export(url: str, prefix: str, args: argparse.Namespace) -> int:
+    from services.rollout.dataset import export_problems, problem_store
+
+    async with problem_store(url, prefix) as store:
+        return await export_problems(store, args.out, args.split, args.label)
+
+
 def _config_show(args: argparse.Namespace) -> int:
     settings = load_settings(_settings_model(args.section), args.config)
     print(json.dumps(resolved(settings), indent=2, sort_keys=True))
@@ -145,6 +186,75 @@ def _service_parser(
     if engine:
         p.add_argument("--engine-url", help="inference engine URL (default http://127.0.0.1:30000)")
     return p
+
+
+def _add_data_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    data = sub.add_parser("data", help="import problems from dataset files, export them")
+    actions = data.add_subparsers(dest="action", required=True)
+    imp = actions.add_parser(
+        "import",
+        help="import problems (.jsonl, .json list, .parquet, a Hugging Face save_to_disk directory)",
+        description="Import problems into the problem store: bad rows are reported by line and field, the rest "
+        "import; duplicates are dropped; a train problem that is also an eval problem is excluded from training.",
+    )
+    imp.add_argument("file", type=Path, metavar="FILE", help="dataset file or directory")
+    imp.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="FIELD=COLUMN",
+        help="read Problem FIELD from COLUMN (repeatable), e.g. --map prompt=problem",
+    )
+    imp.add_argument("--split", choices=["train", "eval"], default="train", help="split of rows without one")
+    imp.add_argument("--source", metavar="NAME", help="source of rows without one")
+    imp.add_argument("--hf-split", default="train", metavar="NAME", help="split of a DatasetDict directory")
+    imp.add_argument(
+        "--allow-leakage",
+        action="store_true",
+        help="keep train problems that are also eval problems in training (still reported)",
+    )
+    exp = actions.add_parser("export", help="write stored problems as JSONL (every field)")
+    exp.add_argument("out", type=Path, metavar="OUT", help="JSONL file to write")
+    exp.add_argument("--split", choices=["train", "eval"], help="only this split")
+    labels = ["easy", "hard_hinted", "hard_unsolved", "none"]
+    exp.add_argument("--label", choices=labels, help="only this label ('none': not labelled yet)")
+    for p in (imp, exp):
+        p.add_argument("--redis-url", help="Redis URL (default: REDIS_URL, else redis://127.0.0.1:6379/0)")
+        p.add_argument("--key-prefix", metavar="PREFIX", help="prefix of every Redis key (default pope:)")
+        p.add_argument("--config", metavar="FILE", help="YAML config file; reads redis_url, key_prefix of 'rollout'")
+        p.set_defaults(func=_data)
+
+
+def _hints_build(args: argparse.Namespace) -> int:
+    from services.hints_build import hints_build
+
+    return hints_build(args)
+
+
+def _hints_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    actions = sub.add_parser("hints", help="the hard-problem filter and hint (privileged prefix) search")
+    help = "label problems easy / hard_hinted / hard_unsolved and find each hard one's shortest helpful prefix"
+    b = actions.add_subparsers(dest="action", required=True).add_parser(
+        "build", help=help, description=help + ". Resumable: a rerun skips problems already searched with the "
+        "same settings. Uses the engine and verifier at the configured URLs, or starts its own.")  # fmt: skip
+    b.add_argument("--model", metavar="DIR", help="the base model (its tokenizer builds the prompts)")
+    b.add_argument("--config", metavar="FILE", help="YAML config file; reads the 'rollout' section and rollout.hints")
+    b.add_argument("--redis-url", help="Redis URL (default: REDIS_URL, else 127.0.0.1:6379, else a private one)")
+    b.add_argument("--key-prefix", metavar="PREFIX", help="prefix of every Redis key (default pope:)")
+    b.add_argument("--engine-url", help="inference engine (default http://127.0.0.1:30000; started if absent)")
+    b.add_argument("--verifier-url", help="verifier service (default http://127.0.0.1:8001; started if absent)")
+    b.add_argument("--split", choices=["train", "eval"], default="train", help="problems of this split (train)")
+    b.add_argument("--problem-id", action="append", metavar="ID", help="only this problem (repeatable)")
+    b.add_argument("--k", type=int, help="unhinted attempts per problem (default 128)")
+    b.add_argument("--k-hint", type=int, help="attempts per candidate prefix (default 8)")
+    b.add_argument("--max-new-tokens", type=int, help="longest response (default 32768)")
+    b.add_argument("--max-fraction", type=float, help="longest prefix, as a share of the solution (default 0.25)")
+    b.add_argument("--method", choices=["linear", "galloping"], help="linear scan (default) or galloping (approx.)")
+    b.add_argument("--concurrency", type=int, help="problems searched at once (default 4; 1 is exactly reproducible)")
+    b.add_argument("--seed", type=int, help="seed of every request (default 0)")
+    b.add_argument("--redo", action="store_true", help="search again problems already searched with these settings")
+    b.add_argument("--run-dir", type=Path, default=Path("runs"), help="logs of an engine/verifier it starts (runs/)")
+    b.set_defaults(func=_hints_build)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,9 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
     init.set_defaults(func=_model_init)
 
-    sub.add_parser("data", help="import problems, filter hard ones").set_defaults(func=_not_built("data"))
-    hints = sub.add_parser("hints", help="hint (privileged prefix) search").add_subparsers(dest="action", required=True)
-    hints.add_parser("build", help="find the shortest helpful prefix").set_defaults(func=_not_built("hints build"))
+    _add_data_parser(sub)
+    _hints_parser(sub)
     sub.add_parser("eval", help="pass@k evaluation").set_defaults(func=_not_built("eval"))
     sub.add_parser("experiment", help="POPE vs GRPO runs").set_defaults(func=_not_built("experiment"))
 

@@ -44,8 +44,9 @@ class Child:
 
 
 class Stack:
-    def __init__(self, children: list[Child], log_dir: Path, env: dict[str, str], out: TextIO) -> None:
-        self.children, self.log_dir, self.env, self.out = children, log_dir, env, out
+    def __init__(self, children: list[Child], log_dir: Path, env: dict[str, str], out: TextIO,
+                 label: str = "pope up") -> None:  # fmt: skip
+        self.children, self.log_dir, self.env, self.out, self.label = children, log_dir, env, out, label
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,7 @@ class Stack:
         self.say("all processes stopped")
 
     def say(self, text: str) -> None:
-        print(f"[pope up] {text}", file=self.out, flush=True)
+        print(f"[{self.label}] {text}", file=self.out, flush=True)
 
 
 def read_problems(path: Path) -> list[dict[str, Any]]:

@@ -88,6 +88,11 @@ class Keys:
         return f"{self.prefix}health:{service}:{instance}"
 
     @property
+    def hint_jobs(self) -> str:
+        """Hash: hint-search job id -> the job's JSON (its request, state and progress)."""
+        return f"{self.prefix}hints:jobs"
+
+    @property
     def pattern(self) -> str:
         """Glob matching every key of this prefix (for SCAN; never for KEYS in production)."""
         return f"{self.prefix}*"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal, Self, TypeVar
@@ -79,10 +80,59 @@ NonEmptyStr = Annotated[str, Field(min_length=1)]
 TokenId = Annotated[int, Field(ge=0)]
 
 
+def normalized_text(text: str) -> str:
+    """A problem's text for duplicate and leakage matching: case, whitespace and
+    punctuation-spacing differences ignored (``"Find  x."`` matches ``"find x ."``)."""
+    return " ".join(re.sub(r"([^\w\s])", r" \1 ", text.casefold()).split())
+
+
 def problem_id_for(prompt: str, answer: str) -> str:
     """Content-derived id, so re-submitting the same problem does not duplicate it."""
     digest = hashlib.sha256(f"{prompt}\x00{answer}".encode()).hexdigest()
     return f"p-{digest[:16]}"
+
+
+class HintSearch(BaseModel):
+    """What the hard-problem filter and the hint search found for one problem (DESIGN.md 1.1-1.2).
+
+    Invariants: successes never exceed attempts; a chosen prefix has a fraction in (0, 1]
+    and at least one hinted success.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: ProblemLabel
+    unhinted_attempts: NonNegativeInt
+    unhinted_successes: NonNegativeInt
+    prefix_chars: NonNegativeInt | None = None
+    """Length of the chosen prefix of ``solution`` (the hint is ``solution[:prefix_chars]``)."""
+    prefix_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    """Chosen prefix's share of the solution's tokens."""
+    prefix_tokens: NonNegativeInt | None = None
+    hinted_attempts: NonNegativeInt = 0
+    """Hinted samples drawn over the whole search (every prefix tried)."""
+    hinted_successes: NonNegativeInt = 0
+    """Successes with the chosen prefix, out of ``k_hint``."""
+    prefixes_tried: NonNegativeInt = 0
+    candidates: NonNegativeInt = 0
+    """Cut points the search could choose from (within ``max_fraction``)."""
+    cut_level: Literal["paragraph", "sentence", "line", "token"] | None = None
+    tokens_spent: NonNegativeInt
+    """Completion tokens generated for this problem, filter and search together."""
+    method: Literal["linear", "galloping"]
+    config: str
+    """Fingerprint of the settings that produced this record (k, k_hint, lengths, seed,
+    template version): a rebuild with other settings redoes the problem."""
+    template_version: str
+    model_path: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.unhinted_successes > self.unhinted_attempts:
+            raise ValueError("unhinted_successes exceeds unhinted_attempts")
+        if self.prefix_chars is not None and (self.hinted_successes < 1 or self.prefix_fraction is None):
+            raise ValueError("a chosen prefix needs a hinted success and its fraction")
+        return self
 
 
 class Problem(Message):
@@ -93,6 +143,8 @@ class Problem(Message):
     - ``hint``, when set, is non-empty and is the privileged prefix shown in the hinted
       variant; it is prompt text and is never trained on.
     - ``label == hard_hinted`` implies a hint.
+    - ``excluded``, when set, says why the problem is kept out of training (for example,
+      a train problem that is also an eval problem); it is still stored and evaluated.
     """
 
     id: str = Field(default="", description="Stable id; derived from prompt and answer when empty.")
@@ -103,6 +155,9 @@ class Problem(Message):
     split: Literal["train", "eval"] = "train"
     label: ProblemLabel | None = None
     source: str | None = None
+    excluded: str | None = None
+    search: HintSearch | None = None
+    """The hint search's record, once it has run on this problem."""
 
     @model_validator(mode="before")
     @classmethod

@@ -1,7 +1,7 @@
 """The rollout service's user-facing HTTP API for problems and archived rollouts (DESIGN.md 4a).
 
     POST /v1/problems                 a JSON list of problems; all-or-nothing; 201 {"ids": [...]}
-    GET  /v1/problems                 {"count": n, "problems": [...]}
+    GET  /v1/problems?label=&split=   {"count": n, "problems": [...]}; label "none": not searched yet
     GET  /v1/problems/{id}            {"problem": {...}, "stats": {"hinted": {...}, "unhinted": {...}}}
     GET  /v1/rollouts?limit=&cursor=&problem_id=&variant=&weight_version=
                                       {"rollouts": [...newest first...], "next_cursor": str | null}
@@ -17,13 +17,13 @@ Only POST requires the bearer token (when one is configured); reads are open, li
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from services.common.http import bearer
-from services.common.messages import Problem, Variant
+from services.common.messages import Problem, ProblemLabel, Variant
 from services.rollout.archive import RolloutArchive, RolloutRecord
 from services.rollout.store import ProblemStore
 
@@ -106,8 +106,17 @@ def problems_and_rollouts_router(
         return Created(ids=await store.put_many(problems))
 
     @router.get("/problems")
-    async def list_problems() -> ProblemList:
-        problems = await store.all()
+    async def list_problems(
+        label: Annotated[ProblemLabel | Literal["none"] | None, Query()] = None,
+        split: Annotated[Literal["train", "eval"] | None, Query()] = None,
+    ) -> ProblemList:
+        """Stored problems (each with its hint-search record, if searched), filtered by
+        label (``none``: not labelled yet) and split."""
+        problems = [
+            p for p in await store.all()
+            if (label is None or (p.label is None if label == "none" else p.label == label))
+            and (split is None or p.split == split)
+        ]  # fmt: skip
         return ProblemList(count=len(problems), problems=problems)
 
     @router.get("/problems/{problem_id}")

@@ -5,7 +5,8 @@ ratio ``hinted_fraction`` (0.5: one of each, POPE's 1:1); a problem without a hi
 yields one unhinted group. Hinted and unhinted versions are separate groups, each
 normalised on its own by GRPO. Problems are visited in a shuffled order, reshuffled
 each pass; a pair cut by the end of a step is finished at the start of the next, so the
-mix holds over steps. Only ``train`` problems are used; ``easy`` ones only if asked.
+mix holds over steps. Only ``train`` problems are used, none ``excluded`` (an eval problem's
+twin, say); ``easy`` ones only if asked.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ class Planner:
     def plan(self, problems: list[Problem], n_groups: int) -> list[tuple[Problem, Variant]]:
         """The next ``n_groups`` (problem, variant) groups to sample."""
         eligible = {
-            p.id: p for p in problems if p.split == "train" and (self.include_easy or p.label != ProblemLabel.EASY)
+            p.id: p
+            for p in problems
+            if p.split == "train" and not p.excluded and (self.include_easy or p.label != ProblemLabel.EASY)
         }
         out = [(eligible[pid], v) for pid, v in self._carry if pid in eligible]  # finish a cut pair
         self._carry = []

@@ -34,6 +34,7 @@ from services.common.streams import GroupReader, group_info
 from services.common.worker import Effects, Worker
 from services.rollout.api import problems_and_rollouts_router
 from services.rollout.archive import RolloutArchive, RolloutRecord
+from services.rollout.hint_jobs import HintJobs, hint_jobs_router
 from services.rollout.scheduler import Scheduler
 from services.rollout.settings import RolloutSettings
 from services.rollout.store import ProblemStore
@@ -49,6 +50,15 @@ def create_app(settings: RolloutSettings) -> FastAPI:
     archive = RolloutArchive(settings.archive_dir / "rollouts.jsonl")
     stop = asyncio.Event()
     held: dict[str, Any] = {}
+
+    def tokenizer() -> Any:  # loaded once, on first use (the scheduler or a hint job)
+        if "tokenizer" not in held:
+            from transformers import AutoTokenizer
+
+            held["tokenizer"] = AutoTokenizer.from_pretrained(settings.model_path)
+        return held["tokenizer"]
+
+    hint_jobs = HintJobs(settings, redis, store, engine, tokenizer)
 
     # Groups this process appended: the file append is not in the Redis transaction, so a
     # commit that fails after it would otherwise append the redelivered group again. (A
@@ -74,15 +84,16 @@ def create_app(settings: RolloutSettings) -> FastAPI:
         if settings.schedule:
             if not settings.model_path:
                 raise SystemExit("pope rollout: the scheduler needs the model's tokenizer: --model DIR")
-            from transformers import AutoTokenizer
-
-            tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
-            held["scheduler"] = Scheduler(settings, redis, engine, store, tokenizer)
+            held["scheduler"] = Scheduler(settings, redis, engine, store, await asyncio.to_thread(tokenizer))
             scheduling = asyncio.create_task(held["scheduler"].run(stop))
             scheduling.add_done_callback(lambda t: stop_if_failed(app, t, "scheduler"))
             tasks.append(scheduling)
+        await hint_jobs.resume_interrupted()
         yield
         stop.set()
+        if hint_jobs.task is not None:  # stays "running" in Redis: the next start resumes it
+            hint_jobs.task.cancel()
+            tasks.append(hint_jobs.task)
         await asyncio.gather(*tasks, return_exceptions=True)
         await engine.aclose()
         await redis.aclose()
@@ -90,6 +101,7 @@ def create_app(settings: RolloutSettings) -> FastAPI:
     app = FastAPI(title="POPE-RL rollout service", lifespan=lifespan,
                   description="Problems in, hinted and unhinted rollouts out (POPE).")  # fmt: skip
     app.include_router(problems_and_rollouts_router(store, archive, settings.api_token))
+    app.include_router(hint_jobs_router(hint_jobs, settings.api_token))
 
     @app.exception_handler(RequestValidationError)
     async def unreadable_body(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -6,11 +6,45 @@ Sampling defaults are the POPE paper's training settings (DESIGN.md 1.5).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.config import ServiceSettings, section_config
 from services.rollout.prompts import PromptTemplate
+
+
+class HintSettings(BaseModel):
+    """The hard-problem filter and hint search (DESIGN.md 1.1-1.2; ``rollout.hints``).
+
+    Defaults follow the paper where it says (k = 128, prefixes up to 1/4 of the solution,
+    linear scan); the CPU demo overrides sizes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    k: int = Field(128, ge=1)
+    """Unhinted attempts per problem; a problem is hard when none succeeds."""
+    k_hint: int = Field(8, ge=1)
+    """Attempts per candidate prefix; a prefix works when at least one succeeds."""
+    max_new_tokens: int = Field(32768, ge=1)
+    """Longest response in the search (the paper: 32k)."""
+    temperature: float = Field(0.8, gt=0.0)
+    """Sampling temperature: training's, so 'hard' means hard for the rollouts RL will see."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_fraction: float = Field(0.25, gt=0.0, le=1.0)
+    """Longest prefix tried, as a share of the solution's tokens."""
+    method: Literal["linear", "galloping"] = "linear"
+    """linear: the paper's scan from the shortest prefix up. galloping: probe cuts 0, 2, 6, 14, ...
+    cuts then bisect; fewer attempts, approximate (success is not monotone in length)."""
+    min_cuts: int = Field(3, ge=1)
+    """A boundary level (paragraph, sentence, line) is used when it gives this many cuts."""
+    max_cuts: int = Field(16, ge=1)
+    """Most candidate prefixes per problem (more are thinned, evenly spaced)."""
+    concurrency: int = Field(4, ge=1)
+    """Problems searched at once. 1 makes records exactly reproducible (a batch then holds
+    one problem's samples only; batched decoding can differ in the last float bits)."""
+    seed: int = 0
+    """Seeds every request (per problem, stage and prefix), so a rebuild draws the same."""
 
 
 class RolloutSettings(ServiceSettings):
@@ -51,3 +85,7 @@ class RolloutSettings(ServiceSettings):
     """How often a waiting scheduler re-checks the trainer, the engine and the problems."""
     prompt_template: PromptTemplate = Field(default_factory=PromptTemplate)
     """The words around each problem (plain and guided), with their version."""
+    verifier_url: str = "http://127.0.0.1:8001"
+    """Verifier service, for the hint search and evaluation (POST /v1/verify)."""
+    hints: HintSettings = Field(default_factory=HintSettings)
+    """The hard-problem filter and hint search (``pope hints build``, POST /v1/hints/jobs)."""

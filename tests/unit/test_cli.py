@@ -10,7 +10,7 @@ import pytest
 
 POPE = str(Path(sys.executable).parent / "pope")
 
-PENDING = [["data"], ["hints", "build"], ["eval"], ["experiment"]]
+PENDING = [["eval"], ["experiment"]]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,79 @@
+"""Client of the verifier service's ad-hoc scoring endpoint, ``POST /v1/verify`` (DESIGN.md 4a).
+
+    async with VerifierClient("http://127.0.0.1:8001") as verifier:
+        scores = await verifier.verify([("... \\boxed{4}", "4")])    # [Score(reward=1.0, ...)]
+
+Used by the hint search and evaluation, which score samples outside the stream pipeline.
+Transport errors and 503 are retried with backoff; anything else raises ``VerifierError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import Self
+
+import httpx
+
+from services.common.messages import Score
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 512
+"""Rows per request: large evaluations go in slices, so no request runs for minutes."""
+
+
+class VerifierError(RuntimeError):
+    """The verifier refused a request or could not be reached."""
+
+
+class VerifierClient:
+    def __init__(self, base_url: str, *, timeout: float = 300.0, retries: int = 5, api_token: str | None = None,
+                 backoff: float = 0.5) -> None:  # fmt: skip
+        headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=5.0),
+                                       headers=headers)  # fmt: skip
+        self.retries, self.backoff = retries, backoff
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def verify(self, pairs: list[tuple[str, str]]) -> list[Score]:
+        """Score each (completion, gold answer) pair; results in order."""
+        out: list[Score] = []
+        for i in range(0, len(pairs), MAX_ROWS):
+            rows = [{"answer": a, "gold": g} for a, g in pairs[i : i + MAX_ROWS]]
+            out += [Score.model_validate(s) for s in await self._post(rows)]
+        return out
+
+    async def _post(self, rows: list[dict[str, str]]) -> list[object]:
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                resp = await self._http.post("/v1/verify", json=rows)
+            except httpx.TransportError as exc:
+                problem = f"cannot reach the verifier at {self.base_url}: {type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code == 503:
+                    problem = f"verifier at {self.base_url} is not ready (503)"
+                elif resp.status_code >= 400:
+                    raise VerifierError(f"POST /v1/verify -> {resp.status_code}: {resp.text[:500]}")
+                else:
+                    body = resp.json()
+                    if not isinstance(body, list) or len(body) != len(rows):
+                        raise VerifierError(f"verifier answered {str(body)[:200]!r} for {len(rows)} rows")
+                    return body
+            if attempt == self.retries:
+                raise VerifierError(problem)
+            log.warning("%s (attempt %d of %d); retrying in %.1fs", problem, attempt + 1, self.retries + 1, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
