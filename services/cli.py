@@ -31,7 +31,6 @@ NOT_BUILT = 3
 
 # Commands of DESIGN.md 4a not built yet, with the issue that brings each.
 _PENDING = {
-    "eval": "Show POPE working without a GPU",
     "experiment": "Show POPE working without a GPU",
 }
 
@@ -226,9 +225,45 @@ def _add_data_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _hints_build(args: argparse.Namespace) -> int:
-    from services.hints_build import hints_build
+    from services.offline import hints_build
 
     return hints_build(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from services.offline import eval_command
+
+    return eval_command(args)
+
+
+def _offline_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """Where the problems, the engine and the verifier are (shared by hints build and eval)."""
+    p.add_argument("--model", metavar="DIR", help="the model (its tokenizer builds the prompts)")
+    p.add_argument("--config", metavar="FILE", help=f"YAML config file; reads the 'rollout' section and {what}")
+    p.add_argument("--redis-url", help="Redis URL (default: REDIS_URL, else 127.0.0.1:6379, else a private one)")
+    p.add_argument("--key-prefix", metavar="PREFIX", help="prefix of every Redis key (default pope:)")
+    p.add_argument("--engine-url", help="inference engine (default http://127.0.0.1:30000; started if absent)")
+    p.add_argument("--verifier-url", help="verifier service (default http://127.0.0.1:8001; started if absent)")
+    p.add_argument("--problem-id", action="append", metavar="ID", help="only this problem (repeatable)")
+    p.add_argument("--concurrency", type=int, help="problems sampled at once (default 4)")
+    p.add_argument("--seed", type=int, help="seed of every request (default 0)")
+    p.add_argument("--max-new-tokens", type=int, help="longest response")
+    p.add_argument("--run-dir", type=Path, default=Path("runs"), help="logs of an engine/verifier it starts (runs/)")
+
+
+def _eval_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    help = "pass@1 and pass@k (unbiased estimator) through the engine and the verifier"
+    e = sub.add_parser("eval", help=help, description=help + "; writes JSON and a markdown table.")
+    _offline_flags(e, "rollout.evaluation")
+    e.add_argument("--split", choices=["train", "eval"], help="problems of this split (default eval)")
+    e.add_argument("--k", type=int, help="samples per problem and variant (default 16)")
+    e.add_argument("--hinted", action="store_true", help="also evaluate the hinted variant of problems with a hint")
+    e.add_argument("--temperature", type=float, help="sampling temperature (default 0.8)")
+    e.add_argument("--top-p", type=float, help="nucleus sampling (default 0.95)")
+    e.add_argument("--limit", type=int, help="only the first N problems (by id)")
+    e.add_argument("--out", default="runs/eval", help="directory of the JSON and markdown (default runs/eval)")
+    e.add_argument("--name", help="file name stem (default eval-<split>)")
+    e.set_defaults(func=_eval)
 
 
 def _hints_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -237,23 +272,13 @@ def _hints_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     b = actions.add_subparsers(dest="action", required=True).add_parser(
         "build", help=help, description=help + ". Resumable: a rerun skips problems already searched with the "
         "same settings. Uses the engine and verifier at the configured URLs, or starts its own.")  # fmt: skip
-    b.add_argument("--model", metavar="DIR", help="the base model (its tokenizer builds the prompts)")
-    b.add_argument("--config", metavar="FILE", help="YAML config file; reads the 'rollout' section and rollout.hints")
-    b.add_argument("--redis-url", help="Redis URL (default: REDIS_URL, else 127.0.0.1:6379, else a private one)")
-    b.add_argument("--key-prefix", metavar="PREFIX", help="prefix of every Redis key (default pope:)")
-    b.add_argument("--engine-url", help="inference engine (default http://127.0.0.1:30000; started if absent)")
-    b.add_argument("--verifier-url", help="verifier service (default http://127.0.0.1:8001; started if absent)")
+    _offline_flags(b, "rollout.hints")
     b.add_argument("--split", choices=["train", "eval"], default="train", help="problems of this split (train)")
-    b.add_argument("--problem-id", action="append", metavar="ID", help="only this problem (repeatable)")
     b.add_argument("--k", type=int, help="unhinted attempts per problem (default 128)")
     b.add_argument("--k-hint", type=int, help="attempts per candidate prefix (default 8)")
-    b.add_argument("--max-new-tokens", type=int, help="longest response (default 32768)")
     b.add_argument("--max-fraction", type=float, help="longest prefix, as a share of the solution (default 0.25)")
     b.add_argument("--method", choices=["linear", "galloping"], help="linear scan (default) or galloping (approx.)")
-    b.add_argument("--concurrency", type=int, help="problems searched at once (default 4; 1 is exactly reproducible)")
-    b.add_argument("--seed", type=int, help="seed of every request (default 0)")
     b.add_argument("--redo", action="store_true", help="search again problems already searched with these settings")
-    b.add_argument("--run-dir", type=Path, default=Path("runs"), help="logs of an engine/verifier it starts (runs/)")
     b.set_defaults(func=_hints_build)
 
 
@@ -309,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_parser(sub)
     _hints_parser(sub)
-    sub.add_parser("eval", help="pass@k evaluation").set_defaults(func=_not_built("eval"))
+    _eval_parser(sub)
     sub.add_parser("experiment", help="POPE vs GRPO runs").set_defaults(func=_not_built("experiment"))
 
     config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)

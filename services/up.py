@@ -172,7 +172,9 @@ def up(model: str | None, config: str | None, redis_url: str | None, problems: P
     with redis_for(redis_url or os.environ.get("REDIS_URL")) as url:
         if fresh:
             wipe(url, rollout_s, trainer_s, out)
-        env = {**os.environ, "REDIS_URL": url, "PYTHONUNBUFFERED": "1"}
+        # The rollout service scores evaluations on this stack's verifier.
+        env = {**os.environ, "REDIS_URL": url, "PYTHONUNBUFFERED": "1",
+               "POPE_ROLLOUT__VERIFIER_URL": f"http://127.0.0.1:{ports['verifier']}"}  # fmt: skip
         if steps is not None:  # the trainer stops at N itself, not one step late while all stop
             env["POPE_TRAINER__MAX_STEPS"] = str(steps)
         children = [

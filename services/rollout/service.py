@@ -31,9 +31,12 @@ from services.common.http import serve as run_server
 from services.common.keys import ARCHIVERS, TRAINERS, VERIFIERS, Keys
 from services.common.messages import ScoredGroup
 from services.common.streams import GroupReader, group_info
+from services.common.verifier_client import VerifierClient
 from services.common.worker import Effects, Worker
 from services.rollout.api import problems_and_rollouts_router
 from services.rollout.archive import RolloutArchive, RolloutRecord
+from services.rollout.attempts import Attempter
+from services.rollout.evaluation import PeriodicEval
 from services.rollout.hint_jobs import HintJobs, hint_jobs_router
 from services.rollout.scheduler import Scheduler
 from services.rollout.settings import RolloutSettings
@@ -59,6 +62,13 @@ def create_app(settings: RolloutSettings) -> FastAPI:
         return held["tokenizer"]
 
     hint_jobs = HintJobs(settings, redis, store, engine, tokenizer)
+    verifier = VerifierClient(settings.verifier_url)
+
+    async def attempter() -> Attempter:
+        return Attempter(engine, verifier, await asyncio.to_thread(tokenizer), settings.prompt_template)
+
+    evaluator = PeriodicEval(settings.evaluation, settings.eval_dir, redis, keys, store, attempter,
+                             engine.weight_version, settings.poll_interval_s)  # fmt: skip
 
     # Groups this process appended: the file append is not in the Redis transaction, so a
     # commit that fails after it would otherwise append the redelivered group again. (A
@@ -80,7 +90,7 @@ def create_app(settings: RolloutSettings) -> FastAPI:
         instance = f"rollout-{socket.gethostname()}-{os.getpid()}"
         archiver = Worker(GroupReader(redis, keys, keys.scored, ARCHIVERS, instance, settings.streams), ScoredGroup,
                           archive_group, key_of=lambda g: g.group_id)  # fmt: skip
-        tasks = [asyncio.create_task(archiver.run(stop))]
+        tasks = [asyncio.create_task(archiver.run(stop)), asyncio.create_task(evaluator.run(stop))]
         if settings.schedule:
             if not settings.model_path:
                 raise SystemExit("pope rollout: the scheduler needs the model's tokenizer: --model DIR")
@@ -96,6 +106,7 @@ def create_app(settings: RolloutSettings) -> FastAPI:
             tasks.append(hint_jobs.task)
         await asyncio.gather(*tasks, return_exceptions=True)
         await engine.aclose()
+        await verifier.aclose()
         await redis.aclose()
 
     app = FastAPI(title="POPE-RL rollout service", lifespan=lifespan,
@@ -145,6 +156,11 @@ def create_app(settings: RolloutSettings) -> FastAPI:
             },
             "streams": await _streams(redis, keys),
             "problems": await store.count(),
+            "evaluation": {
+                **{k.decode(): _num(v) for k, v in (await redis.hgetall(keys.state("eval"))).items()},  # type: ignore[misc]
+                "every_steps": settings.evaluation.every_steps,
+                "waiting_for": evaluator.waiting_for,
+            },
             "at": time.time(),
             "history": [json.loads(x) for x in await redis.lrange(keys.history("trainer"), 0, history - 1)]  # type: ignore[misc]
             if history > 0

@@ -47,6 +47,29 @@ class HintSettings(BaseModel):
     """Seeds every request (per problem, stage and prefix), so a rebuild draws the same."""
 
 
+class EvalSettings(BaseModel):
+    """Evaluation (``rollout.evaluation``); sampling defaults are the paper's evaluation settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    split: Literal["train", "eval"] = "eval"
+    """Problems evaluated."""
+    k: int = Field(16, ge=1)
+    """Samples per problem and variant (n in the estimator); pass@k is reported for k = 1 and k."""
+    hinted: bool = False
+    """Also evaluate the hinted variant of problems that have a hint."""
+    temperature: float = Field(0.8, gt=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(16384, ge=1)
+    every_steps: int = Field(0, ge=0)
+    """The rollout service evaluates at trainer step 0 and every this many steps (0: never)."""
+    concurrency: int = Field(4, ge=1)
+    """Problems sampled at once."""
+    seed: int = 0
+    limit: int | None = Field(None, ge=1)
+    """Evaluate only the first this many problems (by id), for quick checks."""
+
+
 class RolloutSettings(ServiceSettings):
     section = "rollout"
     model_config = section_config("rollout")
@@ -89,3 +112,7 @@ class RolloutSettings(ServiceSettings):
     """Verifier service, for the hint search and evaluation (POST /v1/verify)."""
     hints: HintSettings = Field(default_factory=HintSettings)
     """The hard-problem filter and hint search (``pope hints build``, POST /v1/hints/jobs)."""
+    evaluation: EvalSettings = Field(default_factory=EvalSettings)
+    """pass@k evaluation (``pope eval``; here, every ``every_steps`` trainer steps)."""
+    eval_dir: Path = Path("runs/eval")
+    """Where periodic evaluations are written (JSON and markdown per step)."""

@@ -22,6 +22,7 @@ PROBLEMS = [
     {"prompt": "Compute $2+2$.", "answer": "4", "hint": "HINT-ALPHA: we add the two numbers"},
     {"prompt": "Find $x$ if $x+1=3$.", "answer": "2", "hint": "HINT-BETA: subtract one from both sides"},
     {"prompt": "Compute $7^2$.", "answer": "49"},
+    {"prompt": "Compute $3+3$.", "answer": "6", "split": "eval"},  # evaluated, never trained on
 ]
 
 
@@ -54,7 +55,9 @@ def run_pope_up(tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, *,
     config.write_text(json.dumps({  # JSON is YAML
         "shared": {"key_prefix": keys.prefix, "group_size": 4, "prompts_per_step": 4, "max_staleness": 1},
         "engine": {"port": ports["engine"], **(engine or {})},
-        "rollout": {"port": ports["rollout"], "max_new_tokens": 16, "archive_dir": str(tmp_path / "rollouts")},
+        "rollout": {"port": ports["rollout"], "max_new_tokens": 16, "archive_dir": str(tmp_path / "rollouts"),
+                    "eval_dir": str(tmp_path / "eval"),
+                    "evaluation": {"every_steps": 1, "k": 2, "max_new_tokens": 8}},
         "verifier": {"port": ports["verifier"], "workers": 1},
         "trainer": {"port": ports["trainer"], "checkpoint_dir": str(tmp_path / "ckpt"),
                     "metrics_log": str(tmp_path / "metrics.jsonl"), "tensorboard_dir": str(tmp_path / "tb"),
@@ -78,6 +81,11 @@ def run_pope_up(tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, *,
         assert status["engine"]["weight_version"] >= 1
         assert [h["step"] for h in status["history"]][-2:] == [2, 1]  # newest first
         assert "hinted/reward_mean" in status["history"][0]
+        # Evaluated at step 0 and after each step, through the same engine and verifier.
+        evaluated = poll(f"{api}/v1/status", lambda s: s["evaluation"] if s["evaluation"].get("weight_version", 0)
+                         >= 1 else None, 120, proc, log)  # fmt: skip
+        assert evaluated["unhinted/problems"] == 1 and 0 <= evaluated["unhinted/pass@2"] <= 1
+        assert (tmp_path / "eval" / "step-000000.json").is_file() and (tmp_path / "eval" / "step-000000.md").is_file()
 
         # Hinted rollouts carry their hint in the prompt; unhinted ones never do.
         hinted = poll(f"{api}/v1/rollouts?variant=hinted&limit=100", lambda b: b["rollouts"], 60, proc, log)
@@ -86,6 +94,7 @@ def run_pope_up(tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, *,
         unhinted = httpx.get(f"{api}/v1/rollouts?variant=unhinted&limit=100").json()["rollouts"]
         assert unhinted and not any(h in r["prompt"] for r in unhinted for h in hints)
         assert {r["problem_id"] for r in hinted} <= set(ids[:2])  # only problems with a hint
+        assert ids[3] not in {r["problem_id"] for r in unhinted}  # the eval problem is not trained on
         stats = httpx.get(f"{api}/v1/problems/{ids[0]}").json()["stats"]
         assert stats["hinted"]["attempts"] > 0 and stats["unhinted"]["attempts"] > 0
     finally:

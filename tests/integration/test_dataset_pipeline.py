@@ -215,3 +215,29 @@ def test_hint_jobs_over_http_and_problems_by_label(planted_model: Path, tmp_path
         assert httpx.get(f"{api.url}/v1/problems", params={"label": "easy"}).json()["count"] == 1
         assert httpx.get(f"{api.url}/v1/problems", params={"label": "bogus"}).status_code == 422
         assert httpx.get(f"{api.url}/v1/hints/jobs/nope").status_code == 404
+
+
+def test_pope_eval_reports_pass_at_k_unhinted_and_hinted(planted_model: Path, tmp_path: Path, redis_url: str,
+                                                        keys: Keys, services: dict[str, str]) -> None:  # fmt: skip
+    # The eval split: problem 0 is solved unhinted; with its planted prefix as the hint,
+    # problem 1 is solved hinted; problem 3's first cut as its hint solves nothing.
+    hint_1 = "We have the sum.\n\nSo the product is given.\n\nTherefore \\boxed{42}"
+    hint_3 = "Add them."
+    evals = [PROBLEMS[0], PROBLEMS[1].model_copy(update={"hint": hint_1}), PROBLEMS[2],
+             PROBLEMS[3].model_copy(update={"hint": hint_3}), PROBLEMS[4]]  # fmt: skip
+    put(redis_url, keys, [p.model_copy(update={"split": "eval"}) for p in evals])
+    cmd = build_cmd(planted_model, tmp_path, redis_url, keys, services)
+    cmd[cmd.index("hints") : cmd.index("build") + 1] = ["eval"]
+    cmd += ["--k", "4", "--hinted", "--max-new-tokens", "12", "--out", str(tmp_path / "eval"), "--name", "base"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = json.loads((tmp_path / "eval" / "base.json").read_text())
+    assert report["weight_versions"] == [0] and report["k"] == 4
+    unhinted, hinted = report["summary"]["unhinted"], report["summary"]["hinted"]
+    assert unhinted["problems"] == 5 and unhinted["pass@1"] == pytest.approx(1 / 5) and unhinted["pass@4"] == 0.2
+    assert hinted["problems"] == 2 and hinted["pass@1"] == pytest.approx(0.5) and hinted["pass@4"] == 0.5
+    by_id = {(r["problem_id"], r["variant"]): r["successes"] for r in report["problems"]}
+    assert by_id[(PROBLEMS[0].id, "unhinted")] == 4 and by_id[(PROBLEMS[1].id, "hinted")] == 4
+    table = (tmp_path / "eval" / "base.md").read_text()
+    assert "| unhinted | 5 | 0.200 | 0.200 |" in table and "| hinted | 2 | 0.500 | 0.500 |" in table
+    assert table in run.stdout
