@@ -69,7 +69,8 @@ async def build(settings: RolloutSettings, redis_url: str, *, split: str | None,
         attempter = Attempter(engine, verifier, tokenizer, settings.prompt_template)
         builder = HintBuilder(settings.hints, attempter, tokenizer, store, settings.prompt_template.version,
                               settings.model_path)  # fmt: skip
-        problems = select(await store.all(), split, ids)
+        # Problems kept out of training (an eval problem's twin) need no hint.
+        problems = [p for p in select(await store.all(), split, ids) if not p.excluded]
         todo = builder.pending(problems, redo)
         h = settings.hints
         print(f"hint search over {len(problems)} problems ({len(problems) - len(todo)} already done with these "

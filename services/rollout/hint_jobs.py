@@ -140,7 +140,8 @@ class HintJobs:
 
 
 def _chosen(p: Problem, req: HintJobRequest) -> bool:
-    return (req.split is None or p.split == req.split) and (req.problem_ids is None or p.id in req.problem_ids)
+    return (not p.excluded and (req.split is None or p.split == req.split)
+            and (req.problem_ids is None or p.id in req.problem_ids))  # fmt: skip
 
 
 def hint_jobs_router(jobs: HintJobs, api_token: SecretStr | None) -> APIRouter:
