@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint fmt clean demo
+.PHONY: venv test lint fmt clean demo smoke-containers
 
 venv: $(STAMP)
 
@@ -50,3 +50,9 @@ fmt: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Containers, end to end (not part of CI; needs root, podman, runc, debootstrap): the image
+# from a local Debian base, docker-compose.yml's CPU stack under podman-compose, problems in,
+# a training step out. See scripts/container_smoke.sh.
+smoke-containers: $(STAMP)
+	scripts/container_smoke.sh

@@ -29,7 +29,6 @@ from services.common.engine_client import EngineClient
 from services.common.keys import Keys
 from services.common.messages import Problem
 from services.common.redis_server import free_port, redis_for
-from services.common.verifier_client import VerifierClient
 from services.rollout.attempts import Attempter
 from services.rollout.evaluation import EvalReport, evaluate, to_markdown
 from services.rollout.hint_builder import HintBuilder, Progress, summary_table
@@ -61,7 +60,7 @@ async def build(settings: RolloutSettings, redis_url: str, *, split: str | None,
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
     redis = Redis.from_url(redis_url)
     store = ProblemStore(redis, Keys(settings.key_prefix))
-    async with EngineClient(settings.engine_url) as engine, VerifierClient(settings.verifier_url) as verifier:
+    async with EngineClient(settings.engine_url) as engine, settings.verifier_client() as verifier:
         version = await engine.weight_version()
         if version != 0:
             print(f"warning: the engine serves weight version {version}, not the base model's 0; the search "
@@ -163,7 +162,7 @@ async def run_eval(settings: RolloutSettings, redis_url: str, ids: list[str] | N
         await redis.aclose()
     if not problems:
         raise SystemExit(f"pope eval: no problems in split {settings.evaluation.split!r} (pope data import ...)")
-    async with EngineClient(settings.engine_url) as engine, VerifierClient(settings.verifier_url) as verifier:
+    async with EngineClient(settings.engine_url) as engine, settings.verifier_client() as verifier:
         return await evaluate(problems, Attempter(engine, verifier, tokenizer, settings.prompt_template),
                               settings.evaluation)  # fmt: skip
 

@@ -28,7 +28,6 @@ from services.common.engine_client import EngineClient
 from services.common.http import bearer
 from services.common.keys import Keys
 from services.common.messages import Problem
-from services.common.verifier_client import VerifierClient
 from services.rollout.attempts import Attempter
 from services.rollout.hint_builder import HintBuilder, Progress
 from services.rollout.settings import HintSettings, RolloutSettings
@@ -114,7 +113,7 @@ class HintJobs:
     async def _run(self, job: HintJob) -> None:
         try:
             tokenizer = await asyncio.to_thread(self.tokenizer)
-            async with VerifierClient(self.settings.verifier_url) as verifier:
+            async with self.settings.verifier_client() as verifier:
                 attempter = Attempter(self.engine, verifier, tokenizer, self.settings.prompt_template)
                 builder = HintBuilder(job.settings, attempter, tokenizer, self.store,
                                       self.settings.prompt_template.version, self.settings.model_path)  # fmt: skip

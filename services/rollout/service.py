@@ -31,7 +31,6 @@ from services.common.http import serve as run_server
 from services.common.keys import ARCHIVERS, TRAINERS, VERIFIERS, Keys
 from services.common.messages import ScoredGroup
 from services.common.streams import GroupReader, group_info
-from services.common.verifier_client import VerifierClient
 from services.common.worker import Effects, Worker
 from services.rollout.api import problems_and_rollouts_router
 from services.rollout.archive import RolloutArchive, RolloutRecord
@@ -62,7 +61,7 @@ def create_app(settings: RolloutSettings) -> FastAPI:
         return held["tokenizer"]
 
     hint_jobs = HintJobs(settings, redis, store, engine, tokenizer)
-    verifier = VerifierClient(settings.verifier_url)
+    verifier = settings.verifier_client()
 
     async def attempter() -> Attempter:
         return Attempter(engine, verifier, await asyncio.to_thread(tokenizer), settings.prompt_template)

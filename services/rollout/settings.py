@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from services.common.config import ServiceSettings, section_config
+from services.common.verifier_client import VerifierClient
 from services.rollout.prompts import PromptTemplate
 
 
@@ -110,6 +111,13 @@ class RolloutSettings(ServiceSettings):
     """The words around each problem (plain and guided), with their version."""
     verifier_url: str = "http://127.0.0.1:8001"
     """Verifier service, for the hint search and evaluation (POST /v1/verify)."""
+    verifier_token: SecretStr | None = None
+    """The verifier's bearer token (its ``verifier.api_token``), when it has one."""
+
+    def verifier_client(self) -> VerifierClient:
+        token = self.verifier_token.get_secret_value() if self.verifier_token else None
+        return VerifierClient(self.verifier_url, api_token=token)
+
     hints: HintSettings = Field(default_factory=HintSettings)
     """The hard-problem filter and hint search (``pope hints build``, POST /v1/hints/jobs)."""
     evaluation: EvalSettings = Field(default_factory=EvalSettings)

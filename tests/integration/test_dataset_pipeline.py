@@ -46,6 +46,8 @@ PROBLEMS = [
 EXPECTED = ["easy", "hard_hinted", "hard_hinted", "hard_unsolved", "hard_unsolved"]
 FIRST_WORKING_CUT = [None, 2, 0, None, None]  # the planted behaviour, per problem
 TEMPLATE = PromptTemplate(version="planted-test-v1")
+TOKEN = "verifier-secret"  # the verifier requires it; the search and evaluation send it
+WITH_TOKEN = {**os.environ, "POPE_ROLLOUT__VERIFIER_TOKEN": TOKEN}
 CONFIG = {"rollout": {"prompt_template": TEMPLATE.model_dump(),
                       "hints": {"k": 4, "k_hint": 4, "max_new_tokens": 12, "concurrency": 1}}}  # fmt: skip
 
@@ -74,7 +76,7 @@ def planted_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def services(planted_model: Path, redis_url: str) -> Iterator[dict[str, str]]:
-    env = {"REDIS_URL": redis_url, "POPE_VERIFIER__KEY_PREFIX": "hints-test-unused:"}
+    env = {"REDIS_URL": redis_url, "POPE_VERIFIER__KEY_PREFIX": "hints-test-unused:", "POPE_VERIFIER__API_TOKEN": TOKEN}
     with running_engine(planted_model) as engine, running_pope(["verifier", "--workers", "2"], "/readyz", env) as v:
         yield {"engine": engine, "verifier": v.url}
 
@@ -121,8 +123,8 @@ def records(problems: dict[str, Problem]) -> dict[str, Any]:
 def test_the_search_finds_the_planted_prefix(planted_model: Path, tmp_path: Path, redis_url: str, keys: Keys,
                                                    services: dict[str, str]) -> None:  # fmt: skip
     put(redis_url, keys, PROBLEMS)
-    run = subprocess.run(build_cmd(planted_model, tmp_path, redis_url, keys, services), cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(build_cmd(planted_model, tmp_path, redis_url, keys, services), cwd=ROOT, env=WITH_TOKEN,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     out = stored(redis_url, keys)
     assert [out[p.id].label for p in PROBLEMS] == [ProblemLabel(x) for x in EXPECTED], run.stdout
@@ -146,7 +148,7 @@ def test_the_search_finds_the_planted_prefix(planted_model: Path, tmp_path: Path
     assert "[5/5]" in run.stdout and "ETA" in run.stdout and "| hard_hinted | 2 |" in run.stdout, run.stdout
 
     # Run again: nothing to do, nothing changed.
-    again = subprocess.run(build_cmd(planted_model, tmp_path, redis_url, keys, services), cwd=ROOT,
+    again = subprocess.run(build_cmd(planted_model, tmp_path, redis_url, keys, services), cwd=ROOT, env=WITH_TOKEN,
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert again.returncode == 0 and "5 already done" in again.stdout, again.stdout + again.stderr
     assert records(stored(redis_url, keys)) == records(out)
@@ -159,13 +161,13 @@ def test_kill_9_mid_build_then_resume_gives_identical_records(planted_model: Pat
     many = [p.model_copy(update={"id": f"{p.id}-{i}"}) for i in range(4) for p in PROBLEMS]
     reference = Keys(keys.prefix + "ref:")
     put(redis_url, reference, many)
-    run = subprocess.run(build_cmd(planted_model, tmp_path, redis_url, reference, services), cwd=ROOT,
+    run = subprocess.run(build_cmd(planted_model, tmp_path, redis_url, reference, services), cwd=ROOT, env=WITH_TOKEN,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     expected = stored(redis_url, reference)
 
     put(redis_url, keys, many)
-    proc = subprocess.Popen(build_cmd(planted_model, tmp_path, redis_url, keys, services), cwd=ROOT,
+    proc = subprocess.Popen(build_cmd(planted_model, tmp_path, redis_url, keys, services), cwd=ROOT, env=WITH_TOKEN,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     assert proc.stdout is not None
     for line in proc.stdout:  # kill it as soon as the third problem is stored
@@ -178,7 +180,7 @@ def test_kill_9_mid_build_then_resume_gives_identical_records(planted_model: Pat
     finished = sum(p.search is not None for p in partial.values())
     assert 3 <= finished < len(many)
 
-    resumed = subprocess.run(build_cmd(planted_model, tmp_path, redis_url, keys, services), cwd=ROOT,
+    resumed = subprocess.run(build_cmd(planted_model, tmp_path, redis_url, keys, services), cwd=ROOT, env=WITH_TOKEN,
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"{finished} already done" in resumed.stdout
@@ -189,7 +191,7 @@ def test_hint_jobs_over_http_and_problems_by_label(planted_model: Path, tmp_path
                                                          keys: Keys, services: dict[str, str]) -> None:  # fmt: skip
     env = {"REDIS_URL": redis_url, "POPE_ROLLOUT__KEY_PREFIX": keys.prefix, "POPE_ROLLOUT__SCHEDULE": "false",
            "POPE_ROLLOUT__ENGINE_URL": services["engine"], "POPE_ROLLOUT__VERIFIER_URL": services["verifier"],
-           "POPE_ROLLOUT__ARCHIVE_DIR": str(tmp_path / "archive")}  # fmt: skip
+           "POPE_ROLLOUT__ARCHIVE_DIR": str(tmp_path / "archive"), "POPE_ROLLOUT__VERIFIER_TOKEN": TOKEN}  # fmt: skip
     args = ["rollout", "--model", str(planted_model), "--config", str(config_file(tmp_path))]
     with running_pope(args, "/readyz", env) as api:
         resp = httpx.post(f"{api.url}/v1/problems", json=[p.model_dump(mode="json") for p in PROBLEMS])
@@ -229,7 +231,7 @@ def test_pope_eval_reports_pass_at_k_unhinted_and_hinted(planted_model: Path, tm
     cmd = build_cmd(planted_model, tmp_path, redis_url, keys, services)
     cmd[cmd.index("hints") : cmd.index("build") + 1] = ["eval"]
     cmd += ["--k", "4", "--hinted", "--max-new-tokens", "12", "--out", str(tmp_path / "eval"), "--name", "base"]
-    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, cwd=ROOT, env=WITH_TOKEN, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     report = json.loads((tmp_path / "eval" / "base.json").read_text())
     assert report["weight_versions"] == [0] and report["k"] == 4

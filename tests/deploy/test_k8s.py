@@ -1,0 +1,195 @@
+"""The Kubernetes deployment (k8s/): each overlay renders, passes the API schemas, and
+holds what the services need.
+
+`kubectl kustomize` renders an overlay (offline); `kubernetes-validate --strict`, from the
+venv, checks every object against the Kubernetes API schemas it ships (offline). The
+tests skip where kubectl is not installed. `rendered(overlay)` is shared with
+test_drift.py, which checks every env name and config key against the services' settings.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+OVERLAYS = ["cpu", "gpu"]
+KINDS = {"StatefulSet", "Deployment", "Service", "Ingress", "HorizontalPodAutoscaler", "Job", "NetworkPolicy",
+         "PodDisruptionBudget", "PersistentVolumeClaim", "ConfigMap", "Secret"}  # fmt: skip
+WORKLOADS = {"Deployment", "StatefulSet", "Job"}
+NAMESPACE = "pope"
+
+
+@functools.cache
+def _render(overlay: str) -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (it renders the kustomize overlays)")
+    proc = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{proc.stderr}"
+    return proc.stdout
+
+
+def rendered(overlay: str) -> list[dict[str, Any]]:
+    """Every object `kubectl kustomize k8s/overlays/<overlay>` renders, parsed (fresh copies)."""
+    return [doc for doc in yaml.safe_load_all(_render(overlay)) if doc]
+
+
+def pod_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = doc["spec"]["template"]["spec"]
+    return spec
+
+
+def containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = pod_spec(doc)
+    return list(spec.get("initContainers") or []) + list(spec["containers"])
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    [doc] = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_passes_the_api_schemas(overlay: str, tmp_path: Path) -> None:
+    manifest = tmp_path / f"{overlay}.yaml"
+    manifest.write_text(_render(overlay))
+    validate = Path(sys.executable).with_name("kubernetes-validate")
+    if not validate.exists():
+        pytest.skip(f"{validate} is not installed (the test extras install it)")
+    proc = subprocess.run([str(validate), "--strict", "--quiet", str(manifest)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, f"kubernetes-validate --strict k8s/overlays/{overlay}:\n{proc.stdout}{proc.stderr}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_has_every_kind_of_object_in_the_pope_namespace(overlay: str) -> None:
+    docs = rendered(overlay)
+    kinds = {d["kind"] for d in docs}
+    assert kinds >= KINDS, f"missing: {sorted(KINDS - kinds)}"
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == NAMESPACE, f"{doc['kind']} {doc['metadata']['name']}"
+    config_map = one(docs, "ConfigMap", "pope-config")
+    sections = set(yaml.safe_load(config_map["data"]["pope.yaml"]))
+    assert sections == {"shared", "engine", "rollout", "verifier", "trainer"}
+
+
+def test_gpu_engine_is_sglang_on_a_gpu_and_the_trainer_uses_cuda() -> None:
+    docs = rendered("gpu")
+    engine_pod = pod_spec(one(docs, "Deployment", "engine"))
+    [engine] = engine_pod["containers"]
+    assert "sglang" in engine["image"]
+    assert engine["command"] == ["python3", "-m", "sglang.launch_server"]
+    assert engine["args"][:2] == ["--model-path", "/models/base"]
+    assert engine["resources"]["requests"]["nvidia.com/gpu"] == engine["resources"]["limits"]["nvidia.com/gpu"] == 1
+    shm = {v["name"]: v for v in engine_pod["volumes"]}
+    [mount] = [m for m in engine["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert shm[mount["name"]]["emptyDir"]["medium"] == "Memory"
+
+    [trainer] = pod_spec(one(docs, "StatefulSet", "trainer"))["containers"]
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert env["POPE_TRAINER__DEVICE"] == "cuda"
+    assert env["POPE_TRAINER__BF16"] == "true"
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_cpu_engine_is_the_project_engine_without_gpus() -> None:
+    docs = rendered("cpu")
+    [engine] = pod_spec(one(docs, "Deployment", "engine"))["containers"]
+    assert engine["image"].split(":")[0].endswith("pope-rl")
+    assert "command" not in engine  # the image's entrypoint: pope
+    assert engine["args"][0] == "engine"
+    for doc in docs:
+        if doc["kind"] in WORKLOADS:
+            for c in containers(doc):
+                assert "nvidia.com/gpu" not in str(c["resources"]), f"{doc['metadata']['name']}/{c['name']}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_has_requests_and_limits_and_runs_as_non_root(overlay: str) -> None:
+    checked = 0
+    for doc in rendered(overlay):
+        if doc["kind"] not in WORKLOADS:
+            continue
+        pod = pod_spec(doc)
+        for c in containers(doc):
+            where = f"{overlay}: {doc['kind']} {doc['metadata']['name']}, container {c['name']}"
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c.get("resources", {}).get(part, {})), f"{where}: {part}"
+            effective = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
+            assert effective.get("runAsNonRoot") is True, where
+            assert effective.get("runAsUser", 0) != 0, where
+            assert effective.get("allowPrivilegeEscalation") is False, where
+            assert effective.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert effective.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
+            checked += 1
+    assert checked >= 7  # redis, engine, rollout, verifier, trainer, the hints job and its init container
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_references_resolve(overlay: str) -> None:
+    """Every Secret key, ConfigMap, claim, selector and backend points at something
+    rendered, and REDIS_URL comes after the REDIS_PASSWORD it expands."""
+    docs = rendered(overlay)
+    secrets = {d["metadata"]["name"]: set(d.get("stringData") or d.get("data") or {}) for d in docs
+               if d["kind"] == "Secret"}  # fmt: skip
+    config_maps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    pods = []
+    for doc in (d for d in docs if d["kind"] in WORKLOADS):
+        pod, where = pod_spec(doc), f"{overlay}: {doc['kind']} {doc['metadata']['name']}"
+        templates = {t["metadata"]["name"] for t in doc["spec"].get("volumeClaimTemplates", [])}
+        for volume in pod.get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in config_maps, where
+            if "persistentVolumeClaim" in volume:
+                assert volume["persistentVolumeClaim"]["claimName"] in claims, where
+        mounts = {v["name"] for v in pod.get("volumes", [])} | templates
+        for c in containers(doc):
+            names = [e["name"] for e in c.get("env", [])]
+            for e in c.get("env", []):
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    assert ref["key"] in secrets.get(ref["name"], set()), f"{where}: {ref}"
+                if "$(REDIS_PASSWORD)" in e.get("value", ""):
+                    assert names.index("REDIS_PASSWORD") < names.index(e["name"]), f"{where}: {e['name']}"
+            for m in c.get("volumeMounts", []):
+                assert m["name"] in mounts, f"{where}: mount {m['name']}"
+        if doc["kind"] != "Job":
+            selector = doc["spec"]["selector"]["matchLabels"]
+            labels = doc["spec"]["template"]["metadata"]["labels"]
+            assert selector.items() <= labels.items(), where
+        pods.append(doc)
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        selector = svc["spec"]["selector"].items()
+        ports = [
+            {p["name"] for c in containers(doc) for p in c.get("ports", [])}
+            for doc in pods
+            if selector <= doc["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert len(ports) == 1, f"Service {svc['metadata']['name']} selects {len(ports)} workloads"
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in ports[0], f"Service {svc['metadata']['name']}: {port}"
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    for ingress in (d for d in docs if d["kind"] == "Ingress"):
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                ports = [p["port"] for p in services[backend["name"]]["spec"]["ports"]]
+                assert backend["port"]["number"] in ports, f"Ingress {ingress['metadata']['name']}: {backend}"
+    for hpa in (d for d in docs if d["kind"] == "HorizontalPodAutoscaler"):
+        target = hpa["spec"]["scaleTargetRef"]
+        assert one(docs, target["kind"], target["name"]), target
+    for pdb in (d for d in docs if d["kind"] == "PodDisruptionBudget"):
+        selector = pdb["spec"]["selector"]["matchLabels"].items()
+        assert any(selector <= p["spec"]["template"]["metadata"]["labels"].items() for p in pods), pdb["metadata"]
