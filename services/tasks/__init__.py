@@ -1,0 +1,1 @@
+"""Synthetic task families for experiments that need problems of known difficulty."""

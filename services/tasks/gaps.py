@@ -1,0 +1,117 @@
+"""A synthetic task family whose hard instances need a key first step: *sorted gaps*.
+
+    Problem:  Sort these numbers, then give the gaps between neighbours: 47 12 88 35
+    Solution: Sorted: 12 35 47 88              <- the key first step (several tokens)
+              Gaps: 35-12=23 47-35=12 88-47=41 <- routine: one subtraction per neighbour pair
+              So the answer is \\boxed{231241}  <- the gaps, two digits each, as one number
+
+Difficulty is a property of the instance, not of a model: sorting n numbers takes n
+tokens each of which depends on the whole list, while each gap depends on two adjacent
+numbers only. The routine is written out (``88-47=41``), so the key step is under a quarter
+of the solution and POPE's hint search (prefixes up to 25%) can reach all of it. A base
+model taught the routine at every size but the sort only on small lists (``pope model
+pretrain``) solves small instances and rarely large ones, unless the sorted list (or its
+start) is given, as POPE's hint gives it. The answer is every gap at
+once, so guessing succeeds with probability about 100^-(n-1) (n >= 7: below 1e-12), and it
+is a plain number in ``\\boxed{}``, so the normal verifier scores it.
+
+Splits are fixed by seeds and disjoint (no list appears in two splits); ``TASK_VERSION``
+changes whenever anything here does, so every result names the exact task it ran on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+from dataclasses import dataclass
+
+from services.common.messages import Problem
+
+TASK_VERSION = "sorted-gaps-v1"
+EASY_SIZES = (3, 4)
+"""List lengths whose sort the base model is taught (easy instances)."""
+HARD_SIZES = (7, 8)
+"""List lengths of the hard split: the sort is never shown at these lengths in pretraining."""
+LOW, HIGH = 10, 99
+"""Numbers are distinct two-digit integers."""
+SEEDS = {"train": 1001, "eval": 2002, "pretrain": 3003}
+
+
+@dataclass(frozen=True)
+class Instance:
+    numbers: tuple[int, ...]
+
+    @property
+    def sorted(self) -> tuple[int, ...]:
+        return tuple(sorted(self.numbers))
+
+    @property
+    def gaps(self) -> tuple[int, ...]:
+        s = self.sorted
+        return tuple(b - a for a, b in itertools.pairwise(s))
+
+    @property
+    def prompt(self) -> str:
+        return "Sort these numbers, then give the gaps between neighbours: " + " ".join(map(str, self.numbers))
+
+    @property
+    def key_step(self) -> str:
+        return "Sorted: " + " ".join(map(str, self.sorted))
+
+    @property
+    def routine(self) -> str:
+        s = self.sorted
+        return "Gaps: " + " ".join(f"{b}-{a}={b - a}" for a, b in itertools.pairwise(s))
+
+    @property
+    def answer(self) -> str:
+        """The gaps, two digits each, as one number (leading zeros drop: the value is compared)."""
+        return str(int("".join(f"{g:02d}" for g in self.gaps)))
+
+    @property
+    def solution(self) -> str:
+        return f"{self.key_step}\n\n{self.routine}\n\nSo the answer is \\boxed{{{self.answer}}}"
+
+    def problem(self, split: str) -> Problem:
+        return Problem.model_validate({"prompt": self.prompt, "answer": self.answer, "solution": self.solution,
+                                       "split": split, "source": TASK_VERSION})  # fmt: skip
+
+
+def make(rng: random.Random, n: int) -> Instance:
+    return Instance(tuple(rng.sample(range(LOW, HIGH + 1), n)))
+
+
+def instances(split: str, count: int, sizes: tuple[int, ...] = HARD_SIZES,
+              exclude: frozenset[tuple[int, ...]] = frozenset()) -> list[Instance]:  # fmt: skip
+    """``count`` distinct instances of ``split`` (its fixed seed), none whose sorted list is in
+    ``exclude``; sizes cycle through ``sizes``."""
+    rng = random.Random(f"{TASK_VERSION}:{SEEDS[split]}")
+    out: list[Instance] = []
+    seen = set(exclude)
+    while len(out) < count:
+        inst = make(rng, sizes[len(out) % len(sizes)])
+        if inst.sorted not in seen:
+            seen.add(inst.sorted)
+            out.append(inst)
+    return out
+
+
+def hard_splits(train: int = 400, eval: int = 200) -> tuple[list[Instance], list[Instance]]:
+    """The hard train and held-out eval splits, disjoint."""
+    held_out = instances("eval", eval)
+    return instances("train", train, exclude=frozenset(i.sorted for i in held_out)), held_out
+
+
+def parse_numbers(prompt: str) -> Instance:
+    """The instance a prompt of this task states (for checkers and reports)."""
+    match = re.search(r"neighbours:((?:\s+\d+)+)\s*$", prompt)
+    if match is None:
+        raise ValueError(f"not a {TASK_VERSION} prompt: {prompt[:80]!r}")
+    return Instance(tuple(int(x) for x in match.group(1).split()))
+
+
+def solved(completion: str, inst: Instance) -> bool:
+    """The exact check, without the verifier: the last boxed number equals the answer."""
+    boxed = re.findall(r"\\boxed\{([^{}]*)\}", completion)
+    return bool(boxed) and boxed[-1].strip().lstrip("0") == inst.answer.lstrip("0")
