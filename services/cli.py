@@ -115,6 +115,14 @@ def _verifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_pretrain(args: argparse.Namespace) -> int:
+    from services.tasks.pretrain import pretrain
+
+    pretrain(Path(args.out), minutes=args.minutes, max_steps=args.max_steps, seed=args.seed)
+    print(f"wrote the base model and pretrain_report.json to {args.out}")
+    return 0
+
+
 def _model_init(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -331,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", metavar="DIR", required=True)
     init.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
     init.set_defaults(func=_model_init)
+    help = "train the sorted-gaps experiment's base model from scratch (easy material only)"
+    pre = model.add_parser("pretrain", help=help, description=help + "; reports accuracy easy/hard, hinted/unhinted.")
+    pre.add_argument("--out", metavar="DIR", required=True)
+    pre.add_argument("--minutes", type=float, default=12.0, help="training time budget (default 12)")
+    pre.add_argument("--max-steps", type=int, help="stop after this many steps")
+    pre.add_argument("--seed", type=int, default=0)
+    pre.set_defaults(func=_model_pretrain)
 
     _add_data_parser(sub)
     _hints_parser(sub)

@@ -95,7 +95,7 @@ def _corpus(seed: int, lines: int = 4000) -> list[str]:
     return out
 
 
-def build_tokenizer(vocab_size: int, seed: int):  # type: ignore[no-untyped-def]
+def build_tokenizer(vocab_size: int, seed: int, corpus: list[str] | None = None):  # type: ignore[no-untyped-def]
     """A byte-level BPE ``PreTrainedTokenizerFast`` with ChatML special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -109,7 +109,7 @@ def build_tokenizer(vocab_size: int, seed: int):  # type: ignore[no-untyped-def]
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(corpus if corpus is not None else _corpus(seed), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=IM_END,
@@ -120,14 +120,16 @@ def build_tokenizer(vocab_size: int, seed: int):  # type: ignore[no-untyped-def]
     return fast
 
 
-def build_tiny_model(out: Path, spec: TinyModelSpec | None = None) -> Path:
-    """Write the tokenizer and a random Qwen3 model to ``out``; return ``out``."""
+def build_tiny_model(out: Path, spec: TinyModelSpec | None = None, corpus: list[str] | None = None,
+                     init_std: float = 0.2) -> Path:  # fmt: skip
+    """Write the tokenizer (BPE trained on ``corpus``, default a math-flavoured one) and a
+    random Qwen3 model (weights ~ N(0, ``init_std``)) to ``out``; return ``out``."""
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     spec = spec or TinyModelSpec()
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec.vocab_size, spec.seed)
+    tokenizer = build_tokenizer(spec.vocab_size, spec.seed, corpus)
     eos = tokenizer.convert_tokens_to_ids(IM_END)
     pad = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     config = Qwen3Config(
@@ -151,7 +153,7 @@ def build_tiny_model(out: Path, spec: TinyModelSpec | None = None) -> Path:
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
-                p.normal_(0.0, 0.2)
+                p.normal_(0.0, init_std)
     model.generation_config = GenerationConfig(bos_token_id=pad, eos_token_id=eos, pad_token_id=pad)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

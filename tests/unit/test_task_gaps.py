@@ -57,3 +57,30 @@ def test_the_key_step_fits_in_a_quarter_of_the_solution() -> None:
     """POPE's hint search tries prefixes up to 25% of the solution: the whole sort must fit."""
     for inst in hard_splits()[0][:50]:
         assert len(inst.key_step) < 0.25 * len(inst.solution)
+
+
+def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() -> None:
+    import random
+
+    from services.common.messages import Variant
+    from services.rollout.prompts import user_message
+    from services.tasks.pretrain import TEMPLATE, examples, hinted_problem
+
+    train, held_out = hard_splits()
+    exclude = {i.sorted for i in train + held_out}
+    rng = random.Random(0)
+    seen_full = seen_routine = 0
+    for _ in range(400):
+        user, completion = examples(rng, exclude)
+        inst = parse_numbers(user.split("\n\n")[0])
+        assert inst.sorted not in exclude
+        if completion == inst.solution:  # the whole solution, key step included: short lists only
+            assert len(inst.numbers) in (3, 4)
+            assert user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE)
+            seen_full += 1
+        else:  # the routine after a given sort, at any length
+            assert user == user_message(hinted_problem(inst), Variant.HINTED, TEMPLATE)
+            assert user.endswith(inst.key_step) and completion.startswith("\n\nGaps: ")
+            assert inst.key_step + completion == inst.solution
+            seen_routine += 1
+    assert seen_full > 100 and seen_routine > 100
