@@ -84,3 +84,12 @@ def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() 
             assert inst.key_step + completion == inst.solution
             seen_routine += 1
     assert seen_full > 100 and seen_routine > 100
+
+
+def test_the_experiment_config_uses_the_template_the_base_model_learned() -> None:
+    from services.common.config import load_settings
+    from services.rollout.settings import RolloutSettings
+    from services.tasks.pretrain import TEMPLATE
+    from tests.conftest import ROOT
+
+    assert load_settings(RolloutSettings, ROOT / "configs" / "gaps.yaml").prompt_template == TEMPLATE
