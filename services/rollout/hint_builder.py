@@ -33,11 +33,15 @@ from services.rollout.hints import cut_points, shortest_working
 from services.rollout.settings import HintSettings
 from services.rollout.store import ProblemStore
 
+POLICY_VERSION = 2
+"""Bumped whenever the search policy (hints.py) changes what a record would be."""
+
 
 def fingerprint(cfg: HintSettings, template_version: str, model_path: str | None) -> str:
     """Settings that change a record; concurrency does not (it only changes speed)."""
     fields = cfg.model_dump(exclude={"concurrency"})
-    text = json.dumps({**fields, "template": template_version, "model": model_path}, sort_keys=True)
+    text = json.dumps({**fields, "template": template_version, "model": model_path, "policy": POLICY_VERSION},
+                      sort_keys=True)  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -4,9 +4,10 @@ and which cut is the shortest that works.
     level, cuts = cut_points(solution, token_ends, max_fraction=0.25)
     index, tried = await shortest_working(len(cuts), works, "linear")
 
-A *cut* is a prefix of the oracle solution ending at a step boundary: paragraphs first,
-then sentences, then lines, whichever level first gives ``min_cuts`` cuts within
-``max_fraction`` of the solution's tokens; evenly spaced token counts are the fallback.
+A *cut* is a prefix of the oracle solution ending at a step boundary: paragraph ends,
+then sentence ends and line ends are added until there are ``min_cuts`` cuts within
+``max_fraction`` of the solution's tokens; if there are still too few, evenly spaced token
+counts are added to them (the natural cuts always stay candidates).
 The search tries prefixes from the shortest up and takes the first with which the model
 solves the problem at least once (``works``). The linear scan is the paper's. The
 galloping search (probe cuts 0, 2, 6, 14, ..., then bisect between the last failure and
@@ -61,16 +62,18 @@ def cut_points(solution: str, token_ends: list[int], *, max_fraction: float = 0.
         tokens = bisect.bisect_right(token_ends, end)
         return Cut(end, tokens, tokens / total) if 0 < tokens <= limit else None
 
+    natural: list[Cut] = []
     for level, pattern in _BOUNDARIES.items():
         ends = [m.end() if level == "sentence" else m.start() for m in pattern.finditer(solution)]
-        cuts = _distinct(c for c in map(cut, ends) if c is not None)
-        if len(cuts) >= min_cuts:
-            return level, _thin(cuts, max_cuts)
-    # No natural steps short enough: evenly spaced token counts up to the limit.
-    n = min(max_cuts, int(limit))
+        natural = _distinct([*natural, *(c for c in map(cut, ends) if c is not None)])
+        if len(natural) >= min_cuts:
+            return level, _thin(natural, max_cuts)
+    # Too few natural steps short enough: add evenly spaced token counts up to the limit
+    # (the natural cuts stay: a whole first step is often exactly the hint that works).
+    n = min(max(max_cuts - len(natural), 1), int(limit))
     counts = sorted({max(1, round(limit * (i + 1) / n)) for i in range(n)}) if n > 0 else []
-    cuts = _distinct(Cut(token_ends[c - 1], c, c / total) for c in counts if c <= limit)
-    return "token", cuts
+    extra = [Cut(token_ends[c - 1], c, c / total) for c in counts if c <= limit]
+    return "token", _distinct([*natural, *extra])
 
 
 def _distinct(cuts: Iterable[Cut]) -> list[Cut]:

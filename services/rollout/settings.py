@@ -38,7 +38,8 @@ class HintSettings(BaseModel):
     """linear: the paper's scan from the shortest prefix up. galloping: probe cuts 0, 2, 6, 14, ...
     cuts then bisect; fewer attempts, approximate (success is not monotone in length)."""
     min_cuts: int = Field(3, ge=1)
-    """A boundary level (paragraph, sentence, line) is used when it gives this many cuts."""
+    """Natural boundaries (paragraph, then sentence, then line ends) are collected until there
+    are this many cuts; token counts are added when there are fewer."""
     max_cuts: int = Field(16, ge=1)
     """Most candidate prefixes per problem (more are thinned, evenly spaced)."""
     concurrency: int = Field(4, ge=1)

@@ -80,3 +80,13 @@ async def test_galloping_tries_fewer_prefixes_but_is_approximate() -> None:
     index, _ = await shortest_working(10, lucky_gap, "galloping")
     assert index == 3 or index == 6  # misses the true shortest, 1, that the linear scan finds
     assert (await shortest_working(10, lucky_gap, "linear"))[0] == 1
+
+
+def test_a_lone_natural_step_stays_a_candidate_among_token_cuts() -> None:
+    """One paragraph under the cap is too few cuts: token counts are added, not swapped in,
+    so the prefix that ends exactly at the first step is still tried."""
+    solution = "Sorted: 1 2 3 4 5 6 7\n\nGaps: " + "a-b=c " * 40
+    level, cuts = cut_points(solution, char_tokens(solution), max_fraction=0.25, max_cuts=8)
+    assert level == "token"
+    assert "Sorted: 1 2 3 4 5 6 7" in [solution[: c.chars] for c in cuts]
+    assert len(cuts) >= 8 and cuts == sorted(cuts, key=lambda c: c.tokens)
