@@ -20,12 +20,6 @@ import torch
 WRONG = "I do not know."
 
 
-def _chat_ids(tokenizer: Any, text: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                        tokenize=True)  # fmt: skip
-    return [int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
-
-
 def train_planted_model(out: Path, answers_for: Callable[[Any], dict[str, str]], steps: int = 300,
                         seed: int = 0) -> Path:  # fmt: skip
     """Build the tiny model at ``out`` and teach it ``answers_for(tokenizer)`` (user message ->
@@ -33,6 +27,8 @@ def train_planted_model(out: Path, answers_for: Callable[[Any], dict[str, str]],
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from services.engine.tiny_model import IM_END, build_tiny_model
+    from services.rollout.prompts import prompt_ids
+    from services.tasks.pretrain import sft_batch
 
     build_tiny_model(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -41,16 +37,9 @@ def train_planted_model(out: Path, answers_for: Callable[[Any], dict[str, str]],
     torch.manual_seed(seed)
     answers = answers_for(tokenizer)
     rows = [
-        (_chat_ids(tokenizer, q), [*tokenizer.encode(a, add_special_tokens=False), end]) for q, a in answers.items()
+        (prompt_ids(tokenizer, q), [*tokenizer.encode(a, add_special_tokens=False), end]) for q, a in answers.items()
     ]
-    width = max(len(p) + len(t) for p, t in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (p, t) in enumerate(rows):
-        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-        attn[i, : len(p) + len(t)] = 1
-        labels[i, len(p) : len(p) + len(t)] = torch.tensor(t)
+    ids, attn, labels = sft_batch(rows)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):

@@ -16,7 +16,6 @@ ever leaves this client. Weight versions are ints here (the engine speaks string
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -24,9 +23,8 @@ from typing import Any, Literal, Self
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.common import retry
 from services.common.messages import FinishReason
-
-log = logging.getLogger(__name__)
 
 
 class EngineError(RuntimeError):
@@ -148,25 +146,12 @@ class EngineClient:
         await self._http.aclose()
 
     async def _request(self, method: str, path: str, json: Any = None, *, ok_400: bool = False) -> httpx.Response:
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            try:
-                resp = await self._http.request(method, path, json=json)
-            except httpx.TransportError as exc:  # connect, read, write, timeouts, resets
-                problem = f"cannot reach the engine at {self.base_url}: {type(exc).__name__}: {exc}"
-            else:
-                if resp.status_code == 503:
-                    problem = f"engine at {self.base_url} is not ready (503): {resp.text[:200]}"
-                elif resp.status_code >= 400 and not (ok_400 and resp.status_code == 400):
-                    raise EngineError(f"{method} {path} -> {resp.status_code}: {_message(resp)}", resp.status_code)
-                else:
-                    return resp
-            if attempt == self.retries:
-                raise EngineError(problem)
-            log.warning("%s (attempt %d of %d); retrying in %.1fs", problem, attempt + 1, self.retries + 1, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-        raise AssertionError("unreachable")
+        def accept(resp: httpx.Response) -> bool:
+            return resp.status_code < 400 or (ok_400 and resp.status_code == 400)
+
+        return await retry.request(self._http, method, path, json, peer=f"the engine at {self.base_url}",
+                                   retries=self.retries, backoff=self.backoff, fail=EngineError,
+                                   accept=accept)  # fmt: skip
 
     @staticmethod
     def generate_payload(
@@ -242,13 +227,3 @@ class EngineClient:
 
     async def flush_cache(self) -> None:
         await self._request("POST", "/flush_cache")
-
-
-def _message(resp: httpx.Response) -> str:
-    try:
-        data = resp.json()
-    except ValueError:
-        return resp.text[:500]
-    if isinstance(data, dict):
-        return str(data.get("message") or data.get("error") or data)[:500]
-    return str(data)[:500]

@@ -9,16 +9,13 @@ Transport errors and 503 are retried with backoff; anything else raises ``Verifi
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from types import TracebackType
 from typing import Self
 
 import httpx
 
+from services.common import retry
 from services.common.messages import Score
-
-log = logging.getLogger(__name__)
 
 MAX_ROWS = 512
 """Rows per request: large evaluations go in slices, so no request runs for minutes."""
@@ -55,25 +52,10 @@ class VerifierClient:
         return out
 
     async def _post(self, rows: list[dict[str, str]]) -> list[object]:
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            try:
-                resp = await self._http.post("/v1/verify", json=rows)
-            except httpx.TransportError as exc:
-                problem = f"cannot reach the verifier at {self.base_url}: {type(exc).__name__}: {exc}"
-            else:
-                if resp.status_code == 503:
-                    problem = f"verifier at {self.base_url} is not ready (503)"
-                elif resp.status_code >= 400:
-                    raise VerifierError(f"POST /v1/verify -> {resp.status_code}: {resp.text[:500]}")
-                else:
-                    body = resp.json()
-                    if not isinstance(body, list) or len(body) != len(rows):
-                        raise VerifierError(f"verifier answered {str(body)[:200]!r} for {len(rows)} rows")
-                    return body
-            if attempt == self.retries:
-                raise VerifierError(problem)
-            log.warning("%s (attempt %d of %d); retrying in %.1fs", problem, attempt + 1, self.retries + 1, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-        raise AssertionError("unreachable")
+        resp = await retry.request(self._http, "POST", "/v1/verify", rows, peer=f"the verifier at {self.base_url}",
+                                   retries=self.retries, backoff=self.backoff,
+                                   fail=lambda message, status: VerifierError(message))  # fmt: skip
+        body = resp.json()
+        if not isinstance(body, list) or len(body) != len(rows):
+            raise VerifierError(f"verifier answered {str(body)[:200]!r} for {len(rows)} rows")
+        return body

@@ -26,7 +26,7 @@ import torch
 
 from services.common.messages import Problem, Variant
 from services.engine.tiny_model import IM_END, TinyModelSpec, build_tiny_model
-from services.rollout.prompts import PromptTemplate, user_message
+from services.rollout.prompts import PromptTemplate, prompt_ids, user_message
 from services.tasks.gaps import EASY_SIZES, TASK_VERSION, Instance, hard_splits, make, solved
 
 SPEC = TinyModelSpec(vocab_size=640, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
@@ -63,12 +63,9 @@ def corpus(n: int = 3000) -> list[str]:
     return [q + "\n" + a for q, a in (examples(rng, set()) for _ in range(n))]
 
 
-def _chat(tokenizer: Any, user: str) -> list[int]:
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=True)
-    return [int(t) for t in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
-
-
-def _batch(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sft_batch(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(prompt ids, completion ids) rows -> input ids, attention mask, labels [B, L] (loss on
+    completions only; right-padded)."""
     width = max(len(p) + len(t) for p, t in rows)
     ids = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), -100)
@@ -89,8 +86,8 @@ def accuracy(model: Any, tokenizer: Any, cases: list[tuple[str, Instance]], temp
     hits = 0
     for i in range(0, len(cases), 32):
         chunk = cases[i : i + 32]
-        enc = tokenizer([tokenizer.decode(_chat(tokenizer, q)) for q, _ in chunk], return_tensors="pt", padding=True,
-                        add_special_tokens=False)  # fmt: skip
+        texts = [tokenizer.decode(prompt_ids(tokenizer, q)) for q, _ in chunk]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                              temperature=temperature or None, top_p=None, top_k=None)  # fmt: skip
         for row, (_, inst) in zip(out, chunk, strict=True):
@@ -144,8 +141,8 @@ def pretrain(out: Path, minutes: float = 12.0, max_steps: int | None = None, see
         rows = []
         for _ in range(batch):
             q, a = examples(rng, exclude)
-            rows.append((_chat(tokenizer, q), [*tokenizer.encode(a, add_special_tokens=False), end]))
-        ids, attn, labels = _batch(rows)
+            rows.append((prompt_ids(tokenizer, q), [*tokenizer.encode(a, add_special_tokens=False), end]))
+        ids, attn, labels = sft_batch(rows)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
