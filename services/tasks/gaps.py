@@ -1,22 +1,24 @@
 """A synthetic task family whose hard instances need a key first step: *sorted gaps*.
 
-    Problem:  Sort these numbers, then give the gaps between neighbours: 47 12 88 35
-    Solution: Sorted: 12 35 47 88              <- the key first step (several tokens)
-              Gaps: 35-12=23 47-35=12 88-47=41 <- routine: one subtraction per neighbour pair
-              So the answer is \\boxed{231241}  <- the gaps, two digits each, as one number
+    Problem:  Sort these numbers, then give the gaps between neighbours: 47 12 58 35
+    Solution: Sorted: 12 35 47 58              <- the key first step (several tokens)
+              Gaps: 35-12=23 47-35=12 58-47=11 <- routine: one subtraction per neighbour pair
+              So the answer is \\boxed{231211}  <- the gaps, two digits each, as one number
 
 Difficulty is a property of the instance, not of a model: sorting n numbers takes n
 tokens each of which depends on the whole list, while each gap depends on two adjacent
-numbers only. The routine is written out (``88-47=41``), so the key step is under a quarter
+numbers only. The routine is written out (``58-47=11``), so the key step is under a quarter
 of the solution and POPE's hint search (prefixes up to 25%) can reach all of it. A base
 model taught the routine at every size but the sort only on small lists (``pope model
 pretrain``) solves small instances and rarely large ones, unless the sorted list (or its
 start) is given, as POPE's hint gives it. The answer is every gap at
-once, so guessing succeeds with probability about 100^-(n-1) (n >= 7: below 1e-12), and it
+once, so guessing succeeds with probability about 50^-(n-1) (n >= 7: below 1e-10), and it
 is a plain number in ``\\boxed{}``, so the normal verifier scores it.
 
 Splits are fixed by seeds and disjoint (no list appears in two splits); ``TASK_VERSION``
 changes whenever anything here does, so every result names the exact task it ran on.
+v1 (numbers to 99, unpadded gaps) gave a base model whose sampled hinted answers were
+almost never exact (README); v2 shrinks the numbers and pads the gaps.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from dataclasses import dataclass
 
 from services.common.messages import Problem
 
-TASK_VERSION = "sorted-gaps-v1"
+TASK_VERSION = "sorted-gaps-v2"
 EASY_SIZES = (3, 4)
 """List lengths whose sort the base model is taught (easy instances)."""
 HARD_SIZES = (7, 8)
 """List lengths of the hard split: the sort is never shown at these lengths in pretraining."""
-LOW, HIGH = 10, 99
-"""Numbers are distinct two-digit integers."""
+LOW, HIGH = 10, 59
+"""Numbers are distinct integers in [10, 59] (v1: [10, 99]; a smaller subtraction table)."""
 SEEDS = {"train": 1001, "eval": 2002, "pretrain": 3003}
 
 
@@ -62,7 +64,8 @@ class Instance:
     @property
     def routine(self) -> str:
         s = self.sorted
-        return "Gaps: " + " ".join(f"{b}-{a}={b - a}" for a, b in itertools.pairwise(s))
+        # Two digits each (v1 wrote 3, not 03), so the answer is a plain copy of these results.
+        return "Gaps: " + " ".join(f"{b}-{a}={b - a:02d}" for a, b in itertools.pairwise(s))
 
     @property
     def answer(self) -> str:

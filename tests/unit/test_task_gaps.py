@@ -20,6 +20,8 @@ def test_an_instance_and_its_reference_solution() -> None:
     assert (
         inst.solution == "Sorted: 12 35 47 88\n\nGaps: 35-12=23 47-35=12 88-47=41\n\nSo the answer is \\boxed{231241}"
     )
+    assert Instance((15, 12, 40)).routine == "Gaps: 15-12=03 40-15=25"  # padded: the answer copies them
+    assert Instance((15, 12, 40)).answer == "325"
     problem = inst.problem("train")
     assert problem.source == TASK_VERSION and problem.solution == inst.solution and problem.answer == "231241"
     assert parse_numbers(inst.prompt) == inst
@@ -32,7 +34,7 @@ def test_splits_are_fixed_disjoint_and_hard() -> None:
     assert len(train) == 400 and len(held_out) == 200
     assert not {i.sorted for i in train} & {i.sorted for i in held_out}
     assert {len(i.numbers) for i in train + held_out} == set(HARD_SIZES)
-    assert all(len(set(i.numbers)) == len(i.numbers) and all(10 <= x <= 99 for x in i.numbers) for i in train)
+    assert all(len(set(i.numbers)) == len(i.numbers) and all(10 <= x <= 59 for x in i.numbers) for i in train)
 
 
 @pytest.mark.parametrize("seed", range(5))
