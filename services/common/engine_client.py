@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -118,32 +117,12 @@ def parse_version(value: str | None) -> int:
         raise EngineError(f"engine weight_version {value!r} is not a decimal step number") from exc
 
 
-class EngineClient:
+class EngineClient(retry.RetryingClient):
     """Async client for the engine's native API; use as an async context manager."""
 
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        timeout: float = 600.0,
-        retries: int = 5,
-        backoff: float = 0.5,
-        api_key: str | None = None,
-    ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.base_url = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=5.0),
-                                       headers=headers)  # fmt: skip
-        self.retries, self.backoff = retries, backoff
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
+    def __init__(self, base_url: str, *, timeout: float = 600.0, retries: int = 5, backoff: float = 0.5,
+                 api_key: str | None = None) -> None:  # fmt: skip
+        super().__init__(base_url, timeout=timeout, retries=retries, backoff=backoff, token=api_key)
 
     async def _request(self, method: str, path: str, json: Any = None, *, ok_400: bool = False) -> httpx.Response:
         def accept(resp: httpx.Response) -> bool:

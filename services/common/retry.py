@@ -1,4 +1,5 @@
-"""The one retry loop of the project's HTTP clients (engine_client, verifier_client).
+"""The one retry loop, and the shared base, of the project's HTTP clients (engine_client,
+verifier_client).
 
 Transport errors (refused, reset, timeouts) and 503 (a server starting or loading) are
 retried with exponential backoff up to ``retries`` times; any other refusal raises at once.
@@ -10,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import httpx
 
@@ -56,3 +58,25 @@ async def request(http: httpx.AsyncClient, method: str, path: str, json: Any = N
         await asyncio.sleep(delay)
         delay = min(delay * 2, 10.0)
     raise AssertionError("unreachable")
+
+
+class RetryingClient:
+    """An async HTTP client of one peer with a bearer token, retries and backoff; use it as
+    an async context manager. Subclasses add the peer's endpoints."""
+
+    def __init__(self, base_url: str, *, timeout: float, retries: int = 5, backoff: float = 0.5,
+                 token: str | None = None) -> None:  # fmt: skip
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=5.0),
+                                       headers=headers)  # fmt: skip
+        self.retries, self.backoff = retries, backoff
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

@@ -9,11 +9,6 @@ Transport errors and 503 are retried with backoff; anything else raises ``Verifi
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Self
-
-import httpx
-
 from services.common import retry
 from services.common.messages import Score
 
@@ -25,23 +20,10 @@ class VerifierError(RuntimeError):
     """The verifier refused a request or could not be reached."""
 
 
-class VerifierClient:
+class VerifierClient(retry.RetryingClient):
     def __init__(self, base_url: str, *, timeout: float = 300.0, retries: int = 5, api_token: str | None = None,
                  backoff: float = 0.5) -> None:  # fmt: skip
-        headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
-        self.base_url = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=5.0),
-                                       headers=headers)  # fmt: skip
-        self.retries, self.backoff = retries, backoff
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
+        super().__init__(base_url, timeout=timeout, retries=retries, backoff=backoff, token=api_token)
 
     async def verify(self, pairs: list[tuple[str, str]]) -> list[Score]:
         """Score each (completion, gold answer) pair; results in order."""
