@@ -160,10 +160,12 @@ class PeriodicEval:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.poll_s)
             try:
-                version = await self.engine_version()
+                if await self.engine_version() < due:  # cheap; the problem store is read only when due
+                    self.waiting_for = f"engine weights v{due}"
+                    continue
                 problems = [p for p in await self.store.all() if p.split == self.cfg.split]
-                if version < due or not problems:
-                    self.waiting_for = f"engine weights v{due}" if problems else f"problems in split {self.cfg.split}"
+                if not problems:
+                    self.waiting_for = f"problems in split {self.cfg.split}"
                     continue
                 report = await evaluate(problems, await self.attempter(), self.cfg)
                 await self.record(report)
