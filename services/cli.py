@@ -17,22 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from services.common.config import ConfigError, SectionSettings, check_shared_keys, load_settings, resolved
 
 if TYPE_CHECKING:
     from services.rollout.dataset import ImportOptions, ImportReport, SourceRow
-
-# Exit status of a command that exists in the interface but is not built yet.
-NOT_BUILT = 3
-
-# Commands of DESIGN.md 4a not built yet, with the issue that brings each.
-_PENDING = {
-    "experiment": "Show POPE working without a GPU",
-}
 
 
 def _settings_model(section: str) -> type[SectionSettings]:
@@ -53,14 +45,6 @@ def _settings_model(section: str) -> type[SectionSettings]:
 
         return TrainerSettings
     raise ConfigError(f"no settings section {section!r} (engine, rollout, verifier, trainer)")
-
-
-def _not_built(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f'pope {name}: not built yet; it arrives with the issue "{_PENDING[name]}".', file=sys.stderr)
-        return NOT_BUILT
-
-    return run
 
 
 def _engine(args: argparse.Namespace) -> int:
@@ -121,6 +105,44 @@ def _model_pretrain(args: argparse.Namespace) -> int:
     pretrain(Path(args.out), minutes=args.minutes, max_steps=args.max_steps, seed=args.seed)
     print(f"wrote the base model and pretrain_report.json to {args.out}")
     return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from services.tasks.experiment import ARMS, Spec, base_model_or_exit, experiment, spec_with
+
+    base = base_model_or_exit(Path(args.base_model))
+    spec = spec_with(Spec(), base, steps=args.steps, learning_rate=args.lr, train_problems=args.train_problems)
+    arms = args.arms.split(",") if args.arms else list(ARMS)
+    experiment(Path(args.dir), base, args.seeds, arms, spec)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from services.tasks.experiment import DEMO_SPEC, base_model_or_exit, demo, spec_with
+
+    base = base_model_or_exit(Path(args.base_model))
+    demo(Path(args.dir), base, spec_with(DEMO_SPEC, base, steps=args.steps, learning_rate=args.lr))
+    return 0
+
+
+def _experiment_parsers(sub: Any) -> None:
+    help = "POPE vs GRPO on the sorted-gaps task (matched compute), resumable; writes a table and a report"
+    exp = sub.add_parser("experiment", help="POPE vs GRPO runs").add_subparsers(dest="name", required=True)
+    pvg = exp.add_parser("pope-vs-grpo", help=help, description=help)
+    pvg.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 of every arm (default 4)")
+    pvg.add_argument("--arms", help="comma-separated subset of pope,grpo,grpo_easy,hinted_only (default: all)")
+    pvg.add_argument("--dir", default="runs/experiment", help="experiment directory (default runs/experiment)")
+    demo = sub.add_parser("demo", help="a short POPE run on the sorted-gaps task and its HTML report")
+    demo.add_argument("--dir", default="runs/demo-pope", help="run directory (default runs/demo-pope)")
+    for p in (pvg, demo):
+        p.add_argument(
+            "--base-model", default="runs/base-model", help="from pope model pretrain (default runs/base-model)"
+        )
+        p.add_argument("--steps", type=int, help="trainer steps per run (frozen with the experiment)")
+        p.add_argument("--lr", type=float, help="learning rate (frozen with the experiment)")
+    pvg.add_argument("--train-problems", type=int, help="hard train problems (frozen with the experiment)")
+    pvg.set_defaults(func=_experiment)
+    demo.set_defaults(func=_demo)
 
 
 def _model_init(args: argparse.Namespace) -> int:
@@ -350,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_parser(sub)
     _hints_parser(sub)
     _eval_parser(sub)
-    sub.add_parser("experiment", help="POPE vs GRPO runs").set_defaults(func=_not_built("experiment"))
+    _experiment_parsers(sub)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
     show = config.add_parser("show", help="print a section's resolved settings (file + environment)")

@@ -150,6 +150,24 @@ def wipe(url: str, rollout: RolloutSettings, trainer: TrainerSettings, out: Text
 
 def up(model: str | None, config: str | None, redis_url: str | None, problems: Path | None, steps: int | None,
        run_dir: Path, fresh: bool = False, out: TextIO = sys.stdout) -> int:  # fmt: skip
+    """Run the stack until ``steps`` (or Ctrl-C / SIGTERM); 0 when it stopped cleanly. The
+    signal handlers it installs are put back on return, so a caller's own Ctrl-C works after."""
+    stopping = [False]
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping[0] = True
+
+    # A second Ctrl-C must not skip the clean stop either: the handler only sets a flag.
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _up(model, config, redis_url, problems, steps, run_dir, fresh, out, stopping)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _up(model: str | None, config: str | None, redis_url: str | None, problems: Path | None, steps: int | None,
+        run_dir: Path, fresh: bool, out: TextIO, stopping: list[bool]) -> int:  # fmt: skip
     engine_s, rollout_s = load_settings(EngineSettings, config), load_settings(RolloutSettings, config)
     verifier_s, trainer_s = load_settings(VerifierSettings, config), load_settings(TrainerSettings, config)
     sections = {"engine": engine_s, "rollout": rollout_s, "verifier": verifier_s, "trainer": trainer_s}
@@ -161,14 +179,6 @@ def up(model: str | None, config: str | None, redis_url: str | None, problems: P
     ports = {name: s.port for name, s in sections.items()}
     engine_url = f"http://127.0.0.1:{ports['engine']}"
     cfg = ["--config", config] if config else []
-    stopping = [False]
-
-    def on_signal(signum: int, frame: object) -> None:
-        stopping[0] = True
-
-    # A second Ctrl-C must not skip the clean stop either: the handler only sets a flag.
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     with redis_for(redis_url or os.environ.get("REDIS_URL")) as url:
         if fresh:
             wipe(url, rollout_s, trainer_s, out)

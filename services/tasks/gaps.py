@@ -1,7 +1,8 @@
 """A synthetic task family whose hard instances need a key first step: *sorted gaps*.
 
     Problem:  Sort these numbers, then give the gaps between neighbours: 47 12 58 35
-    Solution: Sorted: 12 35 47 58              <- the key first step (several tokens)
+    Solution: Largest: 58                      <- the key first step (several tokens)
+              Sorted: 12 35 47 58
               Gaps: 35-12=23 47-35=12 58-47=11 <- routine: one subtraction per neighbour pair
               So the answer is \\boxed{231211}  <- the gaps, two digits each, as one number
 
@@ -18,7 +19,11 @@ is a plain number in ``\\boxed{}``, so the normal verifier scores it.
 Splits are fixed by seeds and disjoint (no list appears in two splits); ``TASK_VERSION``
 changes whenever anything here does, so every result names the exact task it ran on.
 v1 (numbers to 99, unpadded gaps) gave a base model whose sampled hinted answers were
-almost never exact (README); v2 shrinks the numbers and pads the gaps.
+almost never exact (README); v2 shrinks the numbers and pads the gaps. v2's base model
+sorted the start of a long list right but stopped after as many numbers as its short
+training lists had, and treated any given partial sort as finished, so no hint shorter
+than the whole sort ever worked and hinted training could not reach the sort; v3 states
+the largest number first, so where the sorted list ends is written in the solution.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 
 from services.common.messages import Problem
 
-TASK_VERSION = "sorted-gaps-v2"
+TASK_VERSION = "sorted-gaps-v3"
 EASY_SIZES = (3, 4)
 """List lengths whose sort the base model is taught (easy instances)."""
 HARD_SIZES = (7, 8)
@@ -59,7 +64,17 @@ class Instance:
 
     @property
     def key_step(self) -> str:
-        return "Sorted: " + " ".join(map(str, self.sorted))
+        return f"{self.largest_line}\nSorted: " + " ".join(map(str, self.sorted))
+
+    @property
+    def largest_line(self) -> str:
+        """The sort's first line (v3): where the sorted list ends, so a model can stop by
+        content (the largest number written) rather than by the lengths it has seen."""
+        return f"Largest: {max(self.numbers)}"
+
+    def partial_key_step(self, given: int) -> str:
+        """The key step up to its first ``given`` sorted numbers (a hint shorter than the sort)."""
+        return f"{self.largest_line}\nSorted:" + "".join(f" {x}" for x in self.sorted[:given])
 
     @property
     def routine(self) -> str:

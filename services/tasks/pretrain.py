@@ -32,6 +32,11 @@ from services.tasks.gaps import EASY_SIZES, TASK_VERSION, Instance, hard_splits,
 SPEC = TinyModelSpec(vocab_size=640, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                      num_kv_heads=2, head_dim=32, max_positions=1024)  # fmt: skip
 ROUTINE_SIZES = tuple(range(3, 11))
+MIX = (0.35, 0.25, 0.40)
+"""Shares of the material: whole short solutions, short solutions continued from part of the
+sort, the routine after a whole sort at any length (v1 of the material had no partial sorts,
+so the model could not use a hint shorter than the whole sort)."""
+MATERIAL_VERSION = "gaps-sft-v2"
 # The experiment's prompt template (configurable and versioned like any): short words, so
 # the tiny model's compute goes to the task, not to reading an instruction.
 TEMPLATE = PromptTemplate(
@@ -42,20 +47,26 @@ TEMPLATE = PromptTemplate(
 )
 
 
-def hinted_problem(inst: Instance) -> Problem:
-    return inst.problem("train").model_copy(update={"hint": inst.key_step})
+def hinted_problem(inst: Instance, given: int | None = None) -> Problem:
+    """The problem with the first ``given`` numbers of its sort as the hint (all by default)."""
+    hint = inst.key_step if given is None else inst.partial_key_step(given)
+    return inst.problem("train").model_copy(update={"hint": hint})
 
 
 def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> tuple[str, str]:
-    """One (user message, assistant completion) pair of pretraining material."""
+    """One (user message, assistant completion) pair of pretraining material: the whole
+    solution of a short list; a short list's solution continued from part of its sort (as
+    POPE's shorter hints give it); or the routine after a whole sort, at any length."""
     while True:
-        easy = rng.random() < 0.5
-        inst = make(rng, rng.choice(EASY_SIZES if easy else ROUTINE_SIZES))
+        kind = rng.choices(("full", "partial", "routine"), weights=MIX)[0]
+        inst = make(rng, rng.choice(ROUTINE_SIZES if kind == "routine" else EASY_SIZES))
         if inst.sorted not in exclude:
             break
-    if easy:
+    if kind == "full":
         return user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), inst.solution
-    return user_message(hinted_problem(inst), Variant.HINTED, TEMPLATE), inst.solution[len(inst.key_step) :]
+    problem = hinted_problem(inst, rng.randrange(len(inst.numbers)) if kind == "partial" else None)
+    assert problem.hint is not None
+    return user_message(problem, Variant.HINTED, TEMPLATE), inst.solution[len(problem.hint) :]
 
 
 def corpus(n: int = 3000) -> list[str]:
@@ -108,10 +119,14 @@ def report(model: Any, tokenizer: Any, n: int = 200) -> dict[str, float]:
     def hinted(insts: list[Instance]) -> list[tuple[str, Instance]]:
         return [(user_message(hinted_problem(i), Variant.HINTED, TEMPLATE), i) for i in insts]
 
+    def half(insts: list[Instance]) -> list[tuple[str, Instance]]:
+        return [(user_message(hinted_problem(i, len(i.numbers) // 2), Variant.HINTED, TEMPLATE), i) for i in insts]
+
     return {"easy_unhinted": accuracy(model, tokenizer, plain(easy)),
             "easy_hinted": accuracy(model, tokenizer, hinted(easy)),
             "hard_unhinted": accuracy(model, tokenizer, plain(hard)),
-            "hard_hinted": accuracy(model, tokenizer, hinted(hard))}  # fmt: skip
+            "hard_hinted": accuracy(model, tokenizer, hinted(hard)),
+            "hard_half_sort": accuracy(model, tokenizer, half(hard))}  # fmt: skip
 
 
 def pretrain(out: Path, minutes: float = 12.0, max_steps: int | None = None, seed: int = 0, batch: int = 32,
@@ -157,7 +172,8 @@ def pretrain(out: Path, minutes: float = 12.0, max_steps: int | None = None, see
     model.save_pretrained(out, safe_serialization=True)
     say(f"trained {step} steps in {(time.monotonic() - started) / 60:.1f} min; evaluating (greedy)")
     acc = report(model, tokenizer)
-    result = {"task": TASK_VERSION, "steps": step, "minutes": (time.monotonic() - started) / 60,
+    result = {"task": TASK_VERSION, "material": MATERIAL_VERSION, "steps": step,
+              "minutes": (time.monotonic() - started) / 60,
               "final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1), "accuracy": acc,
               "spec": SPEC.__dict__, "seed": seed}  # fmt: skip
     (out / "pretrain_report.json").write_text(json.dumps(result, indent=2) + "\n")

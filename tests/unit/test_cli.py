@@ -6,11 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 POPE = str(Path(sys.executable).parent / "pope")
-
-PENDING = [["experiment"]]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -24,11 +20,12 @@ def test_help_lists_every_command() -> None:
         assert f"    {name}" in out.stdout
 
 
-@pytest.mark.parametrize("argv", PENDING, ids=lambda a: " ".join(a[:2]))
-def test_commands_not_built_yet_say_so_and_fail(argv: list[str]) -> None:
-    out = run(*argv)
-    assert out.returncode == 3, out.stderr
-    assert "not built yet" in out.stderr
+def test_experiment_and_demo_need_a_base_model_and_say_how_to_make_one(tmp_path: Path) -> None:
+    for argv in (["experiment", "pope-vs-grpo"], ["demo"]):
+        out = run(*argv, "--base-model", str(tmp_path / "missing"), "--dir", str(tmp_path / "exp"))
+        assert out.returncode != 0
+        assert "pope model pretrain --out" in out.stderr
+        assert not (tmp_path / "exp").exists()
 
 
 def test_services_take_the_common_options() -> None:

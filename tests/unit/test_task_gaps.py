@@ -14,11 +14,12 @@ from services.verifier.scoring import parse_gold, score_answer
 def test_an_instance_and_its_reference_solution() -> None:
     inst = Instance((47, 12, 88, 35))
     assert inst.prompt == "Sort these numbers, then give the gaps between neighbours: 47 12 88 35"
-    assert inst.key_step == "Sorted: 12 35 47 88"
+    assert inst.key_step == "Largest: 88\nSorted: 12 35 47 88"
     assert inst.routine == "Gaps: 35-12=23 47-35=12 88-47=41"
     assert inst.answer == "231241"
     assert (
-        inst.solution == "Sorted: 12 35 47 88\n\nGaps: 35-12=23 47-35=12 88-47=41\n\nSo the answer is \\boxed{231241}"
+        inst.solution
+        == "Largest: 88\nSorted: 12 35 47 88\n\nGaps: 35-12=23 47-35=12 88-47=41\n\nSo the answer is \\boxed{231241}"
     )
     assert Instance((15, 12, 40)).routine == "Gaps: 15-12=03 40-15=25"  # padded: the answer copies them
     assert Instance((15, 12, 40)).answer == "325"
@@ -55,10 +56,15 @@ def test_the_verifier_accepts_the_reference_and_refuses_near_misses(seed: int) -
     assert not solved("no boxed answer", inst)
 
 
-def test_the_key_step_fits_in_a_quarter_of_the_solution() -> None:
-    """POPE's hint search tries prefixes up to 25% of the solution: the whole sort must fit."""
+def test_the_key_step_fits_in_the_experiments_hint_budget() -> None:
+    """The experiment's hint search tries prefixes up to 35% of the solution (the paper's 25%
+    is of long math solutions; here the routine is short): the whole sort must fit."""
+    from services.tasks.experiment import Spec
+
     for inst in hard_splits()[0][:50]:
-        assert len(inst.key_step) < 0.25 * len(inst.solution)
+        assert len(inst.key_step) < Spec().hint_settings().max_fraction * len(inst.solution)
+        assert inst.partial_key_step(len(inst.numbers)) == inst.key_step
+        assert inst.solution.startswith(inst.partial_key_step(3) + " ")
 
 
 def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() -> None:
@@ -71,21 +77,26 @@ def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() 
     train, held_out = hard_splits()
     exclude = {i.sorted for i in train + held_out}
     rng = random.Random(0)
-    seen_full = seen_routine = 0
-    for _ in range(400):
+    seen = {"full": 0, "partial": 0, "routine": 0}
+    for _ in range(600):
         user, completion = examples(rng, exclude)
         inst = parse_numbers(user.split("\n\n")[0])
         assert inst.sorted not in exclude
         if completion == inst.solution:  # the whole solution, key step included: short lists only
             assert len(inst.numbers) in (3, 4)
             assert user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE)
-            seen_full += 1
-        else:  # the routine after a given sort, at any length
+            seen["full"] += 1
+        elif completion.startswith("\n\nGaps: "):  # the routine after a whole given sort, at any length
             assert user == user_message(hinted_problem(inst), Variant.HINTED, TEMPLATE)
-            assert user.endswith(inst.key_step) and completion.startswith("\n\nGaps: ")
-            assert inst.key_step + completion == inst.solution
-            seen_routine += 1
-    assert seen_full > 100 and seen_routine > 100
+            assert user.endswith(inst.key_step) and inst.key_step + completion == inst.solution
+            seen["routine"] += 1
+        else:  # a short list's solution continued from part of its sort
+            assert len(inst.numbers) in (3, 4)
+            given = next(g for g in range(len(inst.numbers)) if user.endswith("\n" + inst.partial_key_step(g)))
+            assert user == user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE)
+            assert inst.partial_key_step(given) + completion == inst.solution
+            seen["partial"] += 1
+    assert min(seen.values()) > 100, seen
 
 
 def test_the_experiment_config_uses_the_template_the_base_model_learned() -> None:

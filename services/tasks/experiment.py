@@ -1,0 +1,431 @@
+"""POPE against GRPO on the sorted-gaps task, through the real services (``pope up``).
+
+    pope experiment pope-vs-grpo --seeds 4 [--dir runs/experiment] [--base-model runs/base-model]
+    pope demo [--dir runs/demo-pope]                  # one short POPE run and its report
+
+Everything an arm trains on is prepared once and frozen in ``<dir>/experiment.json``: the
+task version, the base model (by the hash of its weights), the problems, the hints the
+base model's hint search found (``pope hints build``'s search, run here), and every
+training and evaluation setting. A later sitting with different settings is refused
+rather than mixed in. Arms get the same rollouts per step (matched compute):
+
+- ``pope``: the hard problems; each one with a hint is shown hinted and unhinted, 1:1;
+- ``grpo``: the same hard problems, unhinted only (no reward where none is ever solved);
+- ``grpo_easy``: GRPO with as many easy problems (short lists) mixed in;
+- ``hinted_only``: the hard problems that have a hint, hinted only (the ablation).
+
+Each (arm, seed) is one ``pope up`` run in ``<dir>/runs/<arm>/seed<N>/``; its final
+checkpoint is then evaluated on the held-out hard split (unhinted and hinted pass@1 and
+pass@k) and ``result.json`` marks it done. Finished runs are skipped; an unfinished one
+resumes from its newest checkpoint (the trainer resumes, and restores the scheduler's
+position even into an empty Redis), so the experiment can span several sittings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from services.common.messages import Problem
+from services.common.redis_server import free_port, redis_for
+from services.rollout.evaluation import EvalReport, evaluate
+from services.rollout.settings import EvalSettings, HintSettings, RolloutSettings
+from services.tasks.gaps import EASY_SIZES, TASK_VERSION, hard_splits, instances
+from services.tasks.pretrain import TEMPLATE
+from services.up import Child, Stack
+
+
+@dataclass(frozen=True)
+class Arm:
+    hinted_fraction: float
+    hints: bool
+    """Whether the arm's problems keep the hints the search found."""
+    easy: bool = False
+    """Mix in as many easy problems as hard ones."""
+    hinted_problems_only: bool = False
+
+
+ARMS: dict[str, Arm] = {
+    "pope": Arm(hinted_fraction=0.5, hints=True),
+    "grpo": Arm(hinted_fraction=0.0, hints=False),
+    "grpo_easy": Arm(hinted_fraction=0.0, hints=False, easy=True),
+    "hinted_only": Arm(hinted_fraction=1.0, hints=True, hinted_problems_only=True),
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What a comparison is frozen on (``experiment.json``); seeds and arms may grow."""
+
+    task: str = TASK_VERSION
+    base_model_sha256: str = ""
+    train_problems: int = 64
+    eval_problems: int = 200
+    steps: int = 30
+    group_size: int = 8
+    prompts_per_step: int = 8
+    learning_rate: float = 1e-4
+    temperature: float = 0.8
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    eval_k: int = 8
+    eval_temperature: float = 0.8
+    eval_top_p: float = 1.0
+    hint_k: int = 8
+    hint_k_hint: int = 8
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Trainer settings beyond the defaults (loss, clipping ...), as config keys."""
+
+    def eval_settings(self) -> EvalSettings:
+        return EvalSettings(split="eval", k=self.eval_k, hinted=True, temperature=self.eval_temperature,
+                            top_p=self.eval_top_p, max_new_tokens=self.max_new_tokens, concurrency=16)  # fmt: skip
+
+    def hint_settings(self) -> HintSettings:
+        return HintSettings(k=self.hint_k, k_hint=self.hint_k_hint, max_new_tokens=self.max_new_tokens,
+                            temperature=self.temperature, top_p=self.top_p, concurrency=8,
+                            max_fraction=0.35)  # fmt: skip
+
+
+def weights_sha256(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(model_dir.glob("*.safetensors")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def say(text: str, out: TextIO) -> None:
+    print(f"[pope experiment] {text}", file=out, flush=True)
+
+
+# --- preparing: problems, hints, the base model's evaluation -----------------------------
+
+
+def freeze(exp_dir: Path, spec: Spec, out: TextIO, start_over: bool = False) -> Spec:
+    """Write ``experiment.json``, or check that the one there matches ``spec``; with
+    ``start_over`` a mismatch deletes what was made under the old settings instead."""
+    path = exp_dir / "experiment.json"
+    mine = asdict(spec)
+    if path.exists():
+        frozen = json.loads(path.read_text())
+        diff = {k: (frozen.get(k), v) for k, v in mine.items() if frozen.get(k) != v}
+        if diff and start_over:
+            say(f"settings or base model changed ({', '.join(diff)}): starting {exp_dir} over", out)
+            shutil.rmtree(exp_dir)
+            return freeze(exp_dir, spec, out)
+        if diff:
+            lines = "\n".join(f"  {k}: frozen {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise SystemExit(f"pope experiment: {path} was frozen with other settings:\n{lines}\n"
+                             "finish it with the same settings, or start a new one with another --dir")  # fmt: skip
+        say(f"resuming the experiment frozen in {path}", out)
+    else:
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(mine, indent=2) + "\n")
+        say(f"froze the experiment's settings in {path}", out)
+    return spec
+
+
+def write_jsonl(path: Path, problems: list[Problem]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(p.model_dump_json(exclude_none=True) + "\n" for p in problems))
+    tmp.replace(path)
+
+
+def read_jsonl(path: Path) -> list[Problem]:
+    return [Problem.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def task_problems(spec: Spec) -> tuple[list[Problem], list[Problem], list[Problem]]:
+    """Hard train problems, held-out hard problems (hint: the whole sort, for hinted
+    evaluation), and easy train problems; all fixed by the task's seeds."""
+    train, held_out = hard_splits(eval=spec.eval_problems)
+    hard = [i.problem("train") for i in train[: spec.train_problems]]
+    evals = [i.problem("eval").model_copy(update={"hint": i.key_step}) for i in held_out]
+    exclude = frozenset(i.sorted for i in train + held_out)
+    easy = [i.problem("train") for i in instances("pretrain", spec.train_problems, EASY_SIZES, exclude)]
+    return hard, evals, [p.model_copy(update={"label": "easy"}) for p in easy]
+
+
+@contextlib.contextmanager
+def services(model: Path, *, verifier: bool, log_dir: Path, out: TextIO,
+             redis_url: str | None = None) -> Iterator[tuple[str, str | None, str]]:  # fmt: skip
+    """An engine serving ``model`` (and a verifier, and Redis) on free ports; yields their URLs."""
+    engine_port = free_port()
+    children = [Child("engine", ["engine", "--model", str(model), "--port", str(engine_port)],
+                      f"http://127.0.0.1:{engine_port}/health")]  # fmt: skip
+    with redis_for(redis_url or os.environ.get("REDIS_URL")) as url:
+        verifier_url = None
+        if verifier:
+            port = free_port()
+            verifier_url = f"http://127.0.0.1:{port}"
+            children.append(Child("verifier", ["verifier", "--port", str(port), "--redis-url", url, "--workers", "2"],
+                                  f"{verifier_url}/readyz"))  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "POPE_ENGINE__MAX_BATCH": "128"}
+        stack = Stack(children, log_dir, env, out, label="pope experiment")
+        try:
+            stack.start()
+            stack.wait_healthy(600, [False])
+            yield f"http://127.0.0.1:{engine_port}", verifier_url, url
+        finally:
+            stack.stop()
+
+
+def settings_for(spec: Spec, model: Path, engine_url: str, verifier_url: str, prefix: str) -> RolloutSettings:
+    return RolloutSettings(model_path=str(model), engine_url=engine_url, verifier_url=verifier_url, key_prefix=prefix,
+                           prompt_template=TEMPLATE, hints=spec.hint_settings(),
+                           evaluation=spec.eval_settings())  # fmt: skip
+
+
+async def _evaluate(settings: RolloutSettings, problems: list[Problem]) -> EvalReport:
+    from transformers import AutoTokenizer
+
+    from services.common.engine_client import EngineClient
+    from services.rollout.attempts import Attempter
+
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
+    async with EngineClient(settings.engine_url) as engine, settings.verifier_client() as verifier:
+        return await evaluate(problems, Attempter(engine, verifier, tokenizer, settings.prompt_template),
+                              settings.evaluation)  # fmt: skip
+
+
+def evaluate_model(spec: Spec, model: Path, problems: list[Problem], log_dir: Path, out: TextIO) -> EvalReport:
+    """The held-out evaluation of ``model`` on a fresh engine (one weight version throughout)."""
+    say(f"evaluating {model} on {len(problems)} held-out hard problems (k={spec.eval_k}, unhinted and hinted)", out)
+    with services(model, verifier=True, log_dir=log_dir, out=out) as (engine_url, verifier_url, _):
+        assert verifier_url is not None
+        settings = settings_for(spec, model, engine_url, verifier_url, "unused:")
+        report = asyncio.run(_evaluate(settings, problems))
+    say(f"  {summary_line(report)} ({report.seconds:.0f}s)", out)
+    return report
+
+
+def summary_line(report: EvalReport) -> str:
+    k = report.k
+    return " | ".join(f"{v} pass@1 {row['pass@1']:.3f} pass@{k} {row[f'pass@{k}']:.3f}"
+                      for v, row in report.summary.items())  # fmt: skip
+
+
+def build_hints(spec: Spec, base: Path, hard: list[Problem], log_dir: Path,
+                out: TextIO) -> tuple[list[Problem], dict[str, Any]]:  # fmt: skip
+    """The hint search over the hard train problems with the base model (hard-problem
+    filter, then the shortest working prefix); the problems with labels and hints."""
+    from redis.asyncio import Redis
+
+    from services.common.keys import Keys
+    from services.offline import build
+    from services.rollout.store import ProblemStore
+
+    prefix = f"pope-exp-{spec.base_model_sha256[:12]}-{os.getpid()}:hints:"
+    started = time.monotonic()
+    with services(base, verifier=True, log_dir=log_dir, out=out) as (engine_url, verifier_url, url):
+        assert verifier_url is not None
+        settings = settings_for(spec, base, engine_url, verifier_url, prefix)
+
+        async def go() -> tuple[list[Problem], int]:
+            redis = Redis.from_url(url)
+            store = ProblemStore(redis, Keys(prefix))
+            try:
+                await store.put_many(hard)
+                progress = await build(settings, url, split="train", ids=None, redo=False, out=out)
+                return await store.all(), progress.tokens
+            finally:
+                names = [n async for n in redis.scan_iter(match=f"{prefix}*", count=1000)]
+                if names:
+                    await redis.delete(*names)
+                await redis.aclose()
+
+        problems, tokens = asyncio.run(go())
+    counts = Counter(str(p.label.value if p.label else None) for p in problems)
+    fractions = [p.search.prefix_fraction for p in problems if p.hint and p.search and p.search.prefix_fraction]
+    summary = {"counts": dict(counts), "tokens": tokens, "seconds": time.monotonic() - started,
+               "hint_fraction_mean": sum(fractions) / len(fractions) if fractions else None}  # fmt: skip
+    return sorted(problems, key=lambda p: p.id), summary
+
+
+def prepare(exp_dir: Path, spec: Spec, base: Path, out: TextIO) -> dict[str, Any]:
+    """Problems per arm, hints and the base model's evaluation, each made once (files)."""
+    pdir = exp_dir / "problems"
+    hard, evals, easy = task_problems(spec)
+    if not (pdir / "eval.jsonl").exists():
+        write_jsonl(pdir / "eval.jsonl", evals)
+    hints_path = exp_dir / "hints.json"
+    if not hints_path.exists():
+        say(f"hint search over {len(hard)} hard train problems with the base model (k={spec.hint_k} unhinted, "
+            f"k_hint={spec.hint_k_hint} per prefix)", out)  # fmt: skip
+        searched, summary = build_hints(spec, base, hard, exp_dir / "logs" / "hints", out)
+        write_jsonl(pdir / "hard_train.jsonl", searched)
+        hints_path.write_text(json.dumps(summary, indent=2) + "\n")
+    searched = read_jsonl(pdir / "hard_train.jsonl")
+    plain = [p.model_copy(update={"hint": None}) for p in searched]
+    by_arm = {"pope": searched, "grpo": plain, "grpo_easy": plain + easy,
+              "hinted_only": [p for p in searched if p.hint is not None]}  # fmt: skip
+    for arm, rows in by_arm.items():
+        write_jsonl(pdir / f"{arm}.jsonl", rows)
+    if not by_arm["hinted_only"]:
+        say(f"warning: the hint search found no working hint for any of {len(searched)} problems: pope trains "
+            "like grpo, and hinted_only has nothing to train on", out)  # fmt: skip
+    base_path = exp_dir / "base_eval.json"
+    if not base_path.exists():
+        report = evaluate_model(spec, base, evals, exp_dir / "logs" / "base-eval", out)
+        base_path.write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
+    return {"hints": json.loads(hints_path.read_text()), "base": json.loads(base_path.read_text())}
+
+
+def run_config(spec: Spec, arm: str, seed: int, run_dir: Path) -> dict[str, Any]:
+    """The one config file of a run's ``pope up`` (ports are free ones, chosen per sitting).
+    Redis keys are the run directory's own, so two experiments never share a run's state."""
+    a = ARMS[arm]
+    where = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
+    return {
+        "shared": {"key_prefix": f"pope-exp-{where}:{arm}:s{seed}:",
+                   "group_size": spec.group_size, "prompts_per_step": spec.prompts_per_step, "max_staleness": 1,
+                   "max_new_tokens": spec.max_new_tokens, "seed": seed},
+        "engine": {"port": free_port(), "max_batch": 64},
+        "rollout": {"port": free_port(), "prompt_template": TEMPLATE.model_dump(), "hinted_fraction": a.hinted_fraction,
+                    "include_easy": True, "temperature": spec.temperature, "top_p": spec.top_p,
+                    "archive_dir": str(run_dir / "rollouts"), "eval_dir": str(run_dir / "eval")},
+        "verifier": {"port": free_port(), "workers": 1},
+        "trainer": {"port": free_port(), "checkpoint_dir": str(run_dir / "checkpoints"), "tensorboard_dir": None,
+                    "metrics_log": str(run_dir / "metrics.jsonl"), "learning_rate": spec.learning_rate,
+                    "micro_batch_tokens": 8192, "keep_checkpoints": 2, **spec.extra},
+    }  # fmt: skip
+
+
+def trained_steps(run_dir: Path) -> int:
+    from services.trainer.checkpoint import latest
+
+    newest = latest(run_dir / "checkpoints")
+    return int(newest.name.split("-")[-1]) if newest else 0
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    last: dict[int, dict[str, Any]] = {}
+    for row in rows:  # a resumed run may log a step twice: the later line is the one trained on
+        last[int(row["step"])] = row
+    # NaN marks a step without groups of a variant; null keeps the report's JSON strict.
+    return [
+        {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in last[s].items()} for s in sorted(last)
+    ]
+
+
+def run_one(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, out: TextIO) -> dict[str, Any]:
+    """One (arm, seed): train through ``pope up`` (resuming if begun), evaluate, mark done."""
+    from services.trainer.checkpoint import latest
+    from services.up import up
+
+    run_dir = exp_dir / "runs" / arm / f"seed{seed}"
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        return dict(json.loads(result_path.read_text()))
+    if not read_jsonl(exp_dir / "problems" / f"{arm}.jsonl"):
+        raise SystemExit(f"pope experiment: arm {arm} has no problems to train on (see the hint search above); "
+                         "leave it out with --arms")  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done = trained_steps(run_dir)
+    if done < spec.steps:
+        say(f"{arm} seed {seed}: " + (f"resuming at step {done}" if done else "starting") + f" ({spec.steps} steps)",
+            out)  # fmt: skip
+        config = run_dir / "config.yaml"
+        config.write_text(yaml.safe_dump(run_config(spec, arm, seed, run_dir), sort_keys=False))
+        started = time.monotonic()
+        # No checkpoint yet: a new run, so any Redis state under its keys is from an attempt
+        # cut short before its first step and is wiped; otherwise everything resumes.
+        code = up(str(base), str(config), None, exp_dir / "problems" / f"{arm}.jsonl", spec.steps, run_dir,
+                  fresh=done == 0, out=out)  # fmt: skip
+        with (run_dir / "sittings.jsonl").open("a") as f:
+            f.write(json.dumps({"from_step": done, "to_step": trained_steps(run_dir),
+                                "seconds": time.monotonic() - started}) + "\n")  # fmt: skip
+        if code != 0 or trained_steps(run_dir) < spec.steps:
+            raise SystemExit(f"pope experiment: {arm} seed {seed} stopped at step {trained_steps(run_dir)} of "
+                             f"{spec.steps}; run the same command to resume it")  # fmt: skip
+    final = latest(run_dir / "checkpoints")
+    assert final is not None
+    report = evaluate_model(spec, final, read_jsonl(exp_dir / "problems" / "eval.jsonl"), run_dir / "logs" / "eval",
+                            out)  # fmt: skip
+    sittings = [json.loads(x) for x in (run_dir / "sittings.jsonl").read_text().splitlines() if x.strip()]
+    archive = run_dir / "rollouts" / "rollouts.jsonl"
+    result = {"arm": arm, "seed": seed, "status": "done", "steps": spec.steps,
+              "rollouts": sum(1 for _ in archive.open()) if archive.exists() else 0,
+              "wall_s": sum(s["seconds"] for s in sittings), "after": report.model_dump(mode="json"),
+              "checkpoint": str(final)}  # fmt: skip
+    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def experiment(exp_dir: Path, base: Path, seeds: int, arms: list[str], spec: Spec,
+               out: TextIO = sys.stdout) -> Path:  # fmt: skip
+    """Every (arm, seed) not yet done, seed by seed; then the table and report."""
+    from services.tasks.report import experiment_report
+
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"pope experiment: unknown arm(s) {unknown}; arms are {', '.join(ARMS)}")
+    spec = freeze(exp_dir, spec, out)
+    prepared = prepare(exp_dir, spec, base, out)
+    runs: list[dict[str, Any]] = []
+    for seed in range(seeds):
+        for arm in arms:
+            result = run_one(exp_dir, spec, base, arm, seed, out)
+            runs.append(result)
+            say(f"{arm} seed {seed} done: {summary_line(EvalReport.model_validate(result['after']))}", out)
+    data = {"title": f"POPE vs GRPO on {spec.task}", "task": spec.task, "base_model": str(base),
+            "settings": asdict(spec), "k": spec.eval_k, "base": prepared["base"], "arms": arms, "runs": runs,
+            "hints": prepared["hints"]}  # fmt: skip
+    html = experiment_report(exp_dir, data)
+    say(f"report: {html}; table: {exp_dir / 'table.md'}", out)
+    print((exp_dir / "table.md").read_text(), file=out, flush=True)
+    return html
+
+
+DEMO_SPEC = Spec(train_problems=32, steps=16)
+"""``pope demo``: one POPE run, sized for about 10 minutes on 2 cores."""
+
+
+def demo(out_dir: Path, base: Path, spec: Spec = DEMO_SPEC, out: TextIO = sys.stdout) -> Path:
+    """One POPE run (arm ``pope``, seed 0) and its report: before/after pass@k, training curves."""
+    from services.tasks.report import run_report
+
+    started = time.monotonic()
+    spec = freeze(out_dir, spec, out, start_over=True)  # a demo is not a comparison to protect
+    prepared = prepare(out_dir, spec, base, out)
+    result = run_one(out_dir, spec, base, "pope", 0, out)
+    data = {"title": f"POPE on {spec.task}: a short run on the CPU", "task": spec.task, "arm": "pope", "seed": 0,
+            "steps": spec.steps, "rollouts": result["rollouts"], "wall_s": time.monotonic() - started,
+            "base_model": str(base), "settings": asdict(spec), "before": prepared["base"], "after": result["after"],
+            "metrics": read_metrics(out_dir / "runs" / "pope" / "seed0"), "hints": prepared["hints"]}  # fmt: skip
+    html = run_report(out_dir, data)
+    base_row, after_row = prepared["base"]["summary"]["unhinted"], result["after"]["summary"]["unhinted"]
+    k = spec.eval_k
+    say(f"held-out hard, unhinted pass@{k}: before {base_row[f'pass@{k}']:.3f}, after {after_row[f'pass@{k}']:.3f}",
+        out)  # fmt: skip
+    say(f"report: {html} (open it in a browser); data: {out_dir / 'report.json'}", out)
+    return html
+
+
+def base_model_or_exit(base: Path) -> Path:
+    from services.common.config import model_dir_problem
+
+    if problem := model_dir_problem(str(base), "pope experiment"):
+        raise SystemExit(f"{problem}\nmake the base model first: pope model pretrain --out {base}  (about 13 min)")
+    return base
+
+
+def spec_with(spec: Spec, base: Path, **overrides: Any) -> Spec:
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return Spec(**{**asdict(spec), **given, "base_model_sha256": weights_sha256(base)})
