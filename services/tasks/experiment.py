@@ -40,11 +40,11 @@ from typing import Any, TextIO
 
 import yaml
 
-from services.common.messages import Problem
+from services.common.messages import Problem, ProblemLabel
 from services.common.redis_server import free_port, redis_for
 from services.rollout.evaluation import EvalReport, evaluate
 from services.rollout.settings import EvalSettings, HintSettings, RolloutSettings
-from services.tasks.gaps import EASY_SIZES, TASK_VERSION, hard_splits, instances
+from services.tasks.gaps import EASY_RANGE, HARD_SIZES, TASK_VERSION, hard_splits, instances
 from services.tasks.pretrain import TEMPLATE
 from services.up import Child, Stack
 
@@ -156,8 +156,9 @@ def task_problems(spec: Spec) -> tuple[list[Problem], list[Problem], list[Proble
     hard = [i.problem("train") for i in train[: spec.train_problems]]
     evals = [i.problem("eval").model_copy(update={"hint": i.key_step}) for i in held_out]
     exclude = frozenset(i.sorted for i in train + held_out)
-    easy = [i.problem("train") for i in instances("pretrain", spec.train_problems, EASY_SIZES, exclude)]
-    return hard, evals, [p.model_copy(update={"label": "easy"}) for p in easy]
+    # Easy problems: as long as the hard ones, of the numbers whose order the base model knows.
+    easy = [i.problem("train") for i in instances("pretrain", spec.train_problems, HARD_SIZES, exclude, EASY_RANGE)]
+    return hard, evals, [p.model_copy(update={"label": ProblemLabel.EASY}) for p in easy]
 
 
 @contextlib.contextmanager

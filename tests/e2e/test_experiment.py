@@ -1,0 +1,72 @@
+"""`pope experiment pope-vs-grpo`'s machinery through the real services, on the tiny random
+model (which solves nothing, so what is checked is the bookkeeping: frozen settings, the
+hint search and base evaluation made once, one `pope up` per arm and seed with that arm's
+problems and hinted share, finished runs skipped, an unfinished one resumed from its
+checkpoint, changed settings refused, the table and the report written)."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.tasks.experiment import ARMS, Spec, experiment, read_jsonl, read_metrics, run_one, spec_with
+
+SPEC = Spec(train_problems=4, eval_problems=4, steps=1, group_size=2, prompts_per_step=2, max_new_tokens=8, eval_k=2,
+            hint_k=2, hint_k_hint=1)  # fmt: skip
+
+
+def test_experiment_runs_arms_skips_finished_runs_resumes_and_refuses_changed_settings(
+    tiny_model: Path, tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    exp, spec, out = tmp_path / "exp", spec_with(SPEC, tiny_model), io.StringIO()
+    html = experiment(exp, tiny_model, 1, ["pope", "grpo_easy"], spec, out)
+    log = out.getvalue()
+
+    # Prepared once: settings frozen, every hard problem searched by the base model, base evaluated.
+    assert json.loads((exp / "experiment.json").read_text())["base_model_sha256"] == spec.base_model_sha256
+    hard = read_jsonl(exp / "problems" / "hard_train.jsonl")
+    assert len(hard) == 4 and all(p.search is not None and p.label is not None for p in hard)
+    assert sum(json.loads((exp / "hints.json").read_text())["counts"].values()) == 4
+    base = json.loads((exp / "base_eval.json").read_text())
+    assert base["summary"]["unhinted"]["samples"] == 4 * 2 and base["summary"]["hinted"]["problems"] == 4
+    # Arms differ only in problems and hinted share.
+    assert len(read_jsonl(exp / "problems" / "grpo_easy.jsonl")) == 8
+    assert all(p.hint is None for p in read_jsonl(exp / "problems" / "grpo_easy.jsonl"))
+    for arm in ("pope", "grpo_easy"):
+        run = exp / "runs" / arm / "seed0"
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["rollout"]["hinted_fraction"] == ARMS[arm].hinted_fraction
+        result = json.loads((run / "result.json").read_text())
+        assert result["status"] == "done" and result["steps"] == 1
+        assert result["rollouts"] >= spec.prompts_per_step * spec.group_size
+        assert result["after"]["weight_versions"] == [0]  # a fresh engine on the checkpoint: one version
+        assert [m["step"] for m in read_metrics(run)] == [1]
+    table = (exp / "table.md").read_text()
+    assert "| base |" in table and "| pope |" in table and "| grpo_easy |" in table
+    assert html.exists() and (exp / "arms.png").read_bytes()[:4] == b"\x89PNG"
+    assert "hint search over 4" in log
+
+    # A second sitting with the same settings does nothing but the table.
+    again = io.StringIO()
+    experiment(exp, tiny_model, 1, ["pope", "grpo_easy"], spec, again)
+    assert "starting" not in again.getvalue() and "evaluating" not in again.getvalue()
+
+    # Changed settings are refused, not mixed in.
+    with pytest.raises(SystemExit, match="steps: frozen 1, now 3"):
+        experiment(exp, tiny_model, 1, ["pope"], replace(spec, steps=3), io.StringIO())
+
+    # An unfinished run resumes from its newest checkpoint (here: asked for one step more).
+    run = exp / "runs" / "pope" / "seed0"
+    (run / "result.json").unlink()
+    resumed = io.StringIO()
+    result = run_one(exp, replace(spec, steps=2), tiny_model, "pope", 0, resumed)
+    assert "resuming at step 1" in resumed.getvalue()
+    assert result["steps"] == 2 and [m["step"] for m in read_metrics(run)] == [1, 2]
+    sittings = [json.loads(line) for line in (run / "sittings.jsonl").read_text().splitlines()]
+    assert [(s["from_step"], s["to_step"]) for s in sittings] == [(0, 1), (1, 2)]
