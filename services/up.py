@@ -120,7 +120,8 @@ def progress_line(status: dict[str, Any], started: float) -> str:
     pending = (s.get("rollouts", {}).get("verifiers") or {}).get("pending", "-")
     return (f"[{time.monotonic() - started:7.1f}s] trainer step {int(t.get('version', 0))} | "
             f"loss {_fmt(t.get('loss'))} | reward hinted {_fmt(t.get('reward_hinted'))} "
-            f"unhinted {_fmt(t.get('reward_unhinted'))} | rollout step {r.get('step') or 0}{waiting} | "
+            f"unhinted {_fmt(t.get('reward_unhinted'))} | groups solved hinted {_fmt(t.get('hinted/solve_rate'))} "
+            f"unhinted {_fmt(t.get('unhinted/solve_rate'))} | rollout step {r.get('step') or 0}{waiting} | "
             f"{r.get('groups_per_min') or 0:.0f} groups/min | unscored groups {pending} | "
             f"engine v{status.get('engine', {}).get('weight_version')}")  # fmt: skip
 

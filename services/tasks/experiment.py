@@ -44,7 +44,7 @@ from services.common.messages import Problem, ProblemLabel
 from services.common.redis_server import free_port, redis_for
 from services.rollout.evaluation import EvalReport, evaluate
 from services.rollout.settings import EvalSettings, HintSettings, RolloutSettings
-from services.tasks.gaps import EASY_RANGE, HARD_SIZES, TASK_VERSION, hard_splits, instances
+from services.tasks.gaps import EASY_SIZES, TASK_VERSION, hard_splits, instances
 from services.tasks.pretrain import TEMPLATE
 from services.up import Child, Stack
 
@@ -156,8 +156,8 @@ def task_problems(spec: Spec) -> tuple[list[Problem], list[Problem], list[Proble
     hard = [i.problem("train") for i in train[: spec.train_problems]]
     evals = [i.problem("eval").model_copy(update={"hint": i.key_step}) for i in held_out]
     exclude = frozenset(i.sorted for i in train + held_out)
-    # Easy problems: as long as the hard ones, of the numbers whose order the base model knows.
-    easy = [i.problem("train") for i in instances("pretrain", spec.train_problems, HARD_SIZES, exclude, EASY_RANGE)]
+    # Easy problems: short lists, whose sort the base model was taught.
+    easy = [i.problem("train") for i in instances("pretrain", spec.train_problems, EASY_SIZES, exclude)]
     return hard, evals, [p.model_copy(update={"label": ProblemLabel.EASY}) for p in easy]
 
 

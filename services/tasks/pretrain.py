@@ -3,11 +3,10 @@
     pope model pretrain --out runs/base-model [--minutes 12] [--seed 0]
 
 Supervised learning on easy material only (services/tasks/gaps.py): the whole solution,
-key step included, of lists of easy numbers (EASY_RANGE) at every length; such solutions
-continued from part of their sort (as POPE's shorter hints give it); the routine alone on
-any numbers at every length, shown as POPE's guided prompt with the whole sort given. No
-sort of hard numbers is ever shown, so the model solves easy problems, and hard ones only
-when given (most of) the sort. Prompts are built by the rollout service's own template, so the model meets exactly
+key step included, for short lists (EASY_SIZES); the routine alone at every length, shown
+as POPE's guided prompt with the sorted list as the partial solution. The hard lengths'
+sort is never shown, so the model solves easy problems, and hard ones only when given the
+sort. Prompts are built by the rollout service's own template, so the model meets exactly
 the text the pipeline sends. Lists of the hard train and eval splits never appear.
 
 Prints progress (loss, steps/s, time left) and ends with accuracy on easy and hard
@@ -28,16 +27,16 @@ import torch
 from services.common.messages import Problem, Variant
 from services.engine.tiny_model import IM_END, TinyModelSpec, build_tiny_model
 from services.rollout.prompts import PromptTemplate, prompt_ids, user_message
-from services.tasks.gaps import EASY_RANGE, EASY_SIZES, TASK_VERSION, Instance, hard_splits, make, solved
+from services.tasks.gaps import EASY_SIZES, TASK_VERSION, Instance, hard_splits, make, solved
 
 SPEC = TinyModelSpec(vocab_size=640, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                      num_kv_heads=2, head_dim=32, max_positions=1024)  # fmt: skip
 ROUTINE_SIZES = tuple(range(3, 11))
 MIX = (0.35, 0.25, 0.40)
-"""Shares of the material: whole easy solutions, easy solutions continued from part of the
-sort, the routine after a whole sort on any numbers (v1 of the material had no partial sorts,
+"""Shares of the material: whole short solutions, short solutions continued from part of the
+sort, the routine after a whole sort at any length (v1 of the material had no partial sorts,
 so the model could not use a hint shorter than the whole sort)."""
-MATERIAL_VERSION = "gaps-sft-v3"
+MATERIAL_VERSION = "gaps-sft-v2"
 # The experiment's prompt template (configurable and versioned like any): short words, so
 # the tiny model's compute goes to the task, not to reading an instruction.
 TEMPLATE = PromptTemplate(
@@ -60,10 +59,7 @@ def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> tuple[str, st
     POPE's shorter hints give it); or the routine after a whole sort, at any length."""
     while True:
         kind = rng.choices(("full", "partial", "routine"), weights=MIX)[0]
-        if kind == "routine":  # any numbers: the routine is taught on all of them
-            inst = make(rng, rng.choice(ROUTINE_SIZES))
-        else:  # the sort, whole or continued, only ever of easy numbers
-            inst = make(rng, rng.choice(EASY_SIZES), EASY_RANGE)
+        inst = make(rng, rng.choice(ROUTINE_SIZES if kind == "routine" else EASY_SIZES))
         if inst.sorted not in exclude:
             break
     if kind == "full":
@@ -113,7 +109,7 @@ def accuracy(model: Any, tokenizer: Any, cases: list[tuple[str, Instance]], temp
 def report(model: Any, tokenizer: Any, n: int = 200) -> dict[str, float]:
     """Accuracy (greedy) on easy and held-out hard problems, unhinted and hinted."""
     rng = random.Random(99)
-    easy = [make(rng, rng.choice(EASY_SIZES), EASY_RANGE) for _ in range(n)]
+    easy = [make(rng, rng.choice(EASY_SIZES)) for _ in range(n)]
     _, hard = hard_splits()
     hard = hard[:n]
 
