@@ -78,7 +78,7 @@ class Spec:
     steps: int = 30
     group_size: int = 8
     prompts_per_step: int = 8
-    learning_rate: float = 1e-4
+    learning_rate: float = 2e-5
     temperature: float = 0.8
     top_p: float = 1.0
     max_new_tokens: int = 96
@@ -394,7 +394,7 @@ def experiment(exp_dir: Path, base: Path, seeds: int, arms: list[str], spec: Spe
     return html
 
 
-DEMO_SPEC = Spec(train_problems=32, steps=16)
+DEMO_SPEC = Spec(train_problems=32, steps=30)
 """``pope demo``: one POPE run, sized for about 10 minutes on 2 cores."""
 
 
