@@ -410,6 +410,7 @@ def demo(out_dir: Path, base: Path, spec: Spec = DEMO_SPEC, out: TextIO = sys.st
             "steps": spec.steps, "rollouts": result["rollouts"], "wall_s": time.monotonic() - started,
             "base_model": str(base), "settings": asdict(spec), "before": prepared["base"], "after": result["after"],
             "metrics": read_metrics(out_dir / "runs" / "pope" / "seed0"), "hints": prepared["hints"]}  # fmt: skip
+    data["examples"] = examples(out_dir / "runs" / "pope" / "seed0" / "rollouts" / "rollouts.jsonl")
     html = run_report(out_dir, data)
     base_row, after_row = prepared["base"]["summary"]["unhinted"], result["after"]["summary"]["unhinted"]
     k = spec.eval_k
@@ -417,6 +418,19 @@ def demo(out_dir: Path, base: Path, spec: Spec = DEMO_SPEC, out: TextIO = sys.st
         out)  # fmt: skip
     say(f"report: {html} (open it in a browser); data: {out_dir / 'report.json'}", out)
     return html
+
+
+def examples(archive: Path) -> list[dict[str, Any]]:
+    """From the last step with a solved hinted sample: that sample, and an unhinted sample of
+    the same problem (what POPE's two variants look like side by side)."""
+    rows = [json.loads(line) for line in archive.read_text().splitlines() if line.strip()] if archive.exists() else []
+    solved = [r for r in rows if r["variant"] == "hinted" and r["reward"] > 0]
+    if not solved:
+        return []
+    hit = max(solved, key=lambda r: r["step"])
+    plain = [r for r in rows if r["variant"] == "unhinted" and r["problem_id"] == hit["problem_id"]]
+    keep = ("variant", "step", "reward", "prompt", "text")
+    return [{k: r[k] for k in keep} for r in [hit, *plain[-1:]]]
 
 
 def base_model_or_exit(base: Path) -> Path:

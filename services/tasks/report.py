@@ -118,7 +118,7 @@ def _plot_passk(path: Path, before: dict[str, Any], after: dict[str, Any]) -> No
         bars = ax.bar([i + offset for i in range(len(groups))], [v or 0.0 for v in vals], 0.4, label=label, color=color)
         ax.bar_label(bars, labels=[_fmt(v) for v in vals], fontsize=8)
     ax.set_xticks(range(len(groups)), [f"{v}\n{n}" for v, n in groups])
-    ax.set(ylim=(0, 1.12), ylabel="evaluation split", title="pass@k before and after training")
+    ax.set(ylim=(0, 1.12), ylabel="held-out hard problems", title="pass@k before and after training")
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
 
@@ -128,8 +128,8 @@ def _rise(before: float | None, after: float | None, k: int) -> str:
     if before is None or after is None:
         return f"Unhinted pass@{k} could not be compared (before: {_fmt(before)}, after: {_fmt(after)})."
     if round(after, 3) > round(before, 3):
-        return f"Unhinted pass@{k} on the evaluation split rose from {before:.3f} to {after:.3f}."
-    return f"Unhinted pass@{k} on the evaluation split did not rise ({before:.3f} -> {after:.3f})."
+        return f"Unhinted pass@{k} on the held-out hard problems rose from {before:.3f} to {after:.3f}."
+    return f"Unhinted pass@{k} on the held-out hard problems did not rise ({before:.3f} -> {after:.3f})."
 
 
 def _story(data: dict[str, Any]) -> str:
@@ -166,6 +166,18 @@ def _hints(hints: dict[str, Any] | None) -> str:
             + _table(["result", "problems"], sorted(hints.get("counts", {}).items())))  # fmt: skip
 
 
+def _samples(examples: list[dict[str, Any]]) -> str:
+    """Training samples as the model wrote them (prompt, then completion), with their reward."""
+    if not examples:
+        return ""
+    parts = ["<h2>What the model wrote</h2>"]
+    for e in examples:
+        parts.append(f"<h3>{html.escape(str(e['variant']))} sample at step {int(e['step'])}, reward "
+                     f"{float(e['reward']):.0f}</h3><pre>{html.escape(str(e['prompt']))}</pre>"
+                     f"<pre style=\"background:#f4f4f4\">{html.escape(str(e['text']))}</pre>")  # fmt: skip
+    return "".join(parts)
+
+
 def run_report(out_dir: Path, data: dict[str, Any]) -> Path:
     """Render one run: report.html, report.json (``data`` as given), training.png, passk.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -175,7 +187,7 @@ def run_report(out_dir: Path, data: dict[str, Any]) -> Path:
     body = [f"<p>{html.escape(_story(data))}</p>", "<h2>Evaluation before and after</h2>",
             _before_after(data["before"], data["after"]), '<img src="passk.png" alt="pass@k before and after">',
             "<h2>Training</h2>", '<img src="training.png" alt="reward and solve rate per step">',
-            _settings(data["settings"]), _hints(data.get("hints"))]  # fmt: skip
+            _samples(data.get("examples") or []), _settings(data["settings"]), _hints(data.get("hints"))]  # fmt: skip
     path = out_dir / "report.html"
     path.write_text(_page(data["title"], body))
     return path

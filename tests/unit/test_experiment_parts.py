@@ -1,0 +1,43 @@
+"""Pure parts of `pope experiment`: the report's sample pick, the metrics reader, run configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from services.tasks.experiment import ARMS, Spec, examples, read_metrics, run_config
+
+
+def _row(step: int, variant: str, reward: float, problem: str, text: str) -> dict[str, object]:
+    return {"step": step, "variant": variant, "reward": reward, "problem_id": problem, "prompt": f"P {problem}",
+            "text": text, "group_id": "g"}  # fmt: skip
+
+
+def test_examples_pair_the_last_solved_hinted_sample_with_an_unhinted_one_of_its_problem(tmp_path: Path) -> None:
+    archive = tmp_path / "rollouts.jsonl"
+    rows = [_row(1, "hinted", 1.0, "a", "early win"), _row(2, "unhinted", 0.0, "b", "b plain"),
+            _row(3, "hinted", 1.0, "b", "late win"), _row(3, "hinted", 0.0, "c", "loss"),
+            _row(4, "unhinted", 0.0, "b", "b plain later")]  # fmt: skip
+    archive.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    picked = examples(archive)
+    assert [(e["variant"], e["text"]) for e in picked] == [("hinted", "late win"), ("unhinted", "b plain later")]
+    assert set(picked[0]) == {"variant", "step", "reward", "prompt", "text"}
+    assert examples(tmp_path / "missing.jsonl") == []
+
+
+def test_metrics_keep_the_last_line_of_a_step_and_turn_nan_into_null(tmp_path: Path) -> None:
+    lines = ['{"step": 1, "loss": 1.0}', '{"step": 2, "reward_hinted": NaN}', '{"step": 1, "loss": 0.5}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 0.5}, {"step": 2, "reward_hinted": None}]
+
+
+def test_arms_differ_only_in_problems_and_hinted_share(tmp_path: Path) -> None:
+    spec = Spec()
+    configs = {arm: run_config(spec, arm, 3, tmp_path / arm) for arm in ARMS}
+    for arm, c in configs.items():
+        assert c["rollout"]["hinted_fraction"] == ARMS[arm].hinted_fraction
+        assert c["shared"]["seed"] == 3 and c["shared"]["group_size"] == spec.group_size
+        assert c["shared"]["prompts_per_step"] == spec.prompts_per_step
+        assert c["trainer"]["learning_rate"] == spec.learning_rate
+    assert len({c["shared"]["key_prefix"] for c in configs.values()}) == len(ARMS)  # no shared Redis state
+    assert ARMS["pope"].hinted_fraction == 0.5 and ARMS["grpo"].hinted_fraction == 0.0
