@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,22 +108,37 @@ def _model_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interruptible(run: Callable[[], object]) -> int:
+    """Run a long job so that Ctrl-C and SIGTERM both stop it cleanly (the services it
+    started are stopped by their context managers); 130 when interrupted."""
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        run()
+    except KeyboardInterrupt:
+        print("pope: interrupted; what finished is kept: run the same command to go on", file=sys.stderr)
+        return 130
+    return 0
+
+
 def _experiment(args: argparse.Namespace) -> int:
     from services.tasks.experiment import ARMS, Spec, base_model_or_exit, experiment, spec_with
 
     base = base_model_or_exit(Path(args.base_model))
     spec = spec_with(Spec(), base, steps=args.steps, learning_rate=args.lr, train_problems=args.train_problems)
     arms = args.arms.split(",") if args.arms else list(ARMS)
-    experiment(Path(args.dir), base, args.seeds, arms, spec)
-    return 0
+    return _interruptible(lambda: experiment(Path(args.dir), base, args.seeds, arms, spec))
 
 
 def _demo(args: argparse.Namespace) -> int:
     from services.tasks.experiment import DEMO_SPEC, base_model_or_exit, demo, spec_with
 
     base = base_model_or_exit(Path(args.base_model))
-    demo(Path(args.dir), base, spec_with(DEMO_SPEC, base, steps=args.steps, learning_rate=args.lr))
-    return 0
+    return _interruptible(lambda: demo(Path(args.dir), base, spec_with(DEMO_SPEC, base, steps=args.steps,
+                                                                       learning_rate=args.lr)))  # fmt: skip
 
 
 def _experiment_parsers(sub: Any) -> None:
