@@ -6,18 +6,15 @@
               Gaps: 35-12=23 47-35=12 58-47=11 <- routine: one subtraction per neighbour pair
               So the answer is \\boxed{231211}  <- the gaps, two digits each, as one number
 
-Difficulty is a property of the instance, not of a model: an easy list holds numbers from
-10 to 34, a hard one seven or eight numbers from 35 to 59. The curriculum (``pope model
-pretrain``) teaches the sort of easy lists at every length and the routine (subtractions)
-on every number, but never the order of the hard numbers: to a base model taught so, the
-order of 35..59 is unknown, and a hard list's sort is right about once in 8! tries. A
-hint that gives all but the last few sorted numbers leaves few orders to pick from, so
-hinted rollouts succeed; what they teach (which of the hard numbers comes first) is the
-very knowledge an unhinted sort of a hard list needs, at every position of the list.
-The routine is written out (``58-47=11``), so the key step is about a quarter of the
-solution. The answer is every gap at once, so a guess is right about once in the number of
-gap sequences of n numbers from 25 (n >= 7: over 10^4), and it is a plain number in ``\\boxed{}``, so the normal
-verifier scores it.
+Difficulty is a property of the instance, not of a model: sorting n numbers takes n
+tokens each of which depends on the whole list, while each gap depends on two adjacent
+numbers only. The routine is written out (``58-47=11``), so the key step is under a quarter
+of the solution and POPE's hint search (prefixes up to 25%) can reach all of it. A base
+model taught the routine at every size but the sort only on small lists (``pope model
+pretrain``) solves small instances and rarely large ones, unless the sorted list (or its
+start) is given, as POPE's hint gives it. The answer is every gap at
+once, so guessing succeeds with probability about 50^-(n-1) (n >= 7: below 1e-10), and it
+is a plain number in ``\\boxed{}``, so the normal verifier scores it.
 
 Splits are fixed by seeds and disjoint (no list appears in two splits); ``TASK_VERSION``
 changes whenever anything here does, so every result names the exact task it ran on.
@@ -26,10 +23,9 @@ almost never exact (README); v2 shrinks the numbers and pads the gaps. v2's base
 sorted the start of a long list right but stopped after as many numbers as its short
 training lists had, and treated any given partial sort as finished, so no hint shorter
 than the whole sort ever worked and hinted training could not reach the sort; v3 states
-the largest number first, so where the sorted list ends is written in the solution, yet its
-base model still treated a given partial sort as finished at hard lengths. Both failures
-are about length, which a tiny model does not generalise over, so v4 makes hard lists
-hard by their numbers instead: every length's sort is taught, on the easy numbers only.
+the largest number first, so where the sorted list ends is written in the solution.
+(v4, hard by its numbers rather than its length, was tried with two curricula and
+dropped before any comparison: neither base model could use a hint on hard numbers; README.)
 """
 
 from __future__ import annotations
@@ -41,17 +37,13 @@ from dataclasses import dataclass
 
 from services.common.messages import Problem
 
-TASK_VERSION = "sorted-gaps-v4"
-EASY_SIZES = tuple(range(3, 9))
-"""List lengths whose sort the base model is taught (on easy numbers only)."""
+TASK_VERSION = "sorted-gaps-v3"
+EASY_SIZES = (3, 4)
+"""List lengths whose sort the base model is taught (easy instances)."""
 HARD_SIZES = (7, 8)
-"""List lengths of the hard split."""
+"""List lengths of the hard split: the sort is never shown at these lengths in pretraining."""
 LOW, HIGH = 10, 59
 """Numbers are distinct integers in [10, 59] (v1: [10, 99]; a smaller subtraction table)."""
-EASY_RANGE = (10, 34)
-"""Numbers of easy lists: the base model is taught to sort these, at every length."""
-HARD_RANGE = (35, 59)
-"""Numbers of hard lists: the base model computes with them (the routine) but never sorts them."""
 SEEDS = {"train": 1001, "eval": 2002, "pretrain": 3003}
 
 
@@ -106,20 +98,19 @@ class Instance:
                                        "split": split, "source": TASK_VERSION})  # fmt: skip
 
 
-def make(rng: random.Random, n: int, span: tuple[int, int] = (LOW, HIGH)) -> Instance:
-    return Instance(tuple(rng.sample(range(span[0], span[1] + 1), n)))
+def make(rng: random.Random, n: int) -> Instance:
+    return Instance(tuple(rng.sample(range(LOW, HIGH + 1), n)))
 
 
 def instances(split: str, count: int, sizes: tuple[int, ...] = HARD_SIZES,
-              exclude: frozenset[tuple[int, ...]] = frozenset(),
-              span: tuple[int, int] = HARD_RANGE) -> list[Instance]:  # fmt: skip
-    """``count`` distinct instances of ``split`` (its fixed seed) with numbers in ``span``,
-    none whose sorted list is in ``exclude``; sizes cycle through ``sizes``."""
+              exclude: frozenset[tuple[int, ...]] = frozenset()) -> list[Instance]:  # fmt: skip
+    """``count`` distinct instances of ``split`` (its fixed seed), none whose sorted list is in
+    ``exclude``; sizes cycle through ``sizes``."""
     rng = random.Random(f"{TASK_VERSION}:{SEEDS[split]}")
     out: list[Instance] = []
     seen = set(exclude)
     while len(out) < count:
-        inst = make(rng, sizes[len(out) % len(sizes)], span)
+        inst = make(rng, sizes[len(out) % len(sizes)])
         if inst.sorted not in seen:
             seen.add(inst.sorted)
             out.append(inst)

@@ -3,14 +3,11 @@
     pope model pretrain --out runs/base-model [--minutes 12] [--seed 0]
 
 Supervised learning on easy material only (services/tasks/gaps.py): the whole solution,
-key step included, of lists of easy numbers (EASY_RANGE) at every length; such solutions
-continued from part or all of their sort (as POPE's hints give it); the routine alone on
-any numbers at every length, as a task of its own ("Give the gaps between neighbours of
-this sorted list: ..."). No sort of hard numbers is ever shown, and the hinted prompt is
-only ever seen with easy numbers (material v3 showed it with every whole hard sort, and its
-model took any given sort of hard numbers for a whole one). Prompts are built by the
-rollout service's own template, so the model meets exactly the text the pipeline sends.
-Lists of the hard train and eval splits never appear.
+key step included, for short lists (EASY_SIZES); the routine alone at every length, shown
+as POPE's guided prompt with the sorted list as the partial solution. The hard lengths'
+sort is never shown, so the model solves easy problems, and hard ones only when given the
+sort. Prompts are built by the rollout service's own template, so the model meets exactly
+the text the pipeline sends. Lists of the hard train and eval splits never appear.
 
 Prints progress (loss, steps/s, time left) and ends with accuracy on easy and hard
 problems, unhinted and hinted, written to ``<out>/pretrain_report.json``.
@@ -30,27 +27,16 @@ import torch
 from services.common.messages import Problem, Variant
 from services.engine.tiny_model import IM_END, TinyModelSpec, build_tiny_model
 from services.rollout.prompts import PromptTemplate, prompt_ids, user_message
-from services.tasks.gaps import (
-    EASY_RANGE,
-    EASY_SIZES,
-    HARD_RANGE,
-    HIGH,
-    LOW,
-    TASK_VERSION,
-    Instance,
-    hard_splits,
-    make,
-    solved,
-)
+from services.tasks.gaps import EASY_SIZES, TASK_VERSION, Instance, hard_splits, make, solved
 
 SPEC = TinyModelSpec(vocab_size=640, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                      num_kv_heads=2, head_dim=32, max_positions=1024)  # fmt: skip
 ROUTINE_SIZES = tuple(range(3, 11))
 MIX = (0.35, 0.25, 0.40)
-"""Shares of the material: whole easy solutions, easy solutions continued from part of the
-sort, the routine on any numbers (v1 of the material had no partial sorts,
+"""Shares of the material: whole short solutions, short solutions continued from part of the
+sort, the routine after a whole sort at any length (v1 of the material had no partial sorts,
 so the model could not use a hint shorter than the whole sort)."""
-MATERIAL_VERSION = "gaps-sft-v4"
+MATERIAL_VERSION = "gaps-sft-v2"
 # The experiment's prompt template (configurable and versioned like any): short words, so
 # the tiny model's compute goes to the task, not to reading an instruction.
 TEMPLATE = PromptTemplate(
@@ -67,31 +53,18 @@ def hinted_problem(inst: Instance, given: int | None = None) -> Problem:
     return inst.problem("train").model_copy(update={"hint": hint})
 
 
-def routine_message(inst: Instance) -> str:
-    """The routine as a task of its own: the sorted list is given, in words of its own (not
-    as a hinted prompt, so the hinted prompt is only ever seen with easy numbers)."""
-    return f"Give the gaps between neighbours of this sorted list: {' '.join(map(str, inst.sorted))}\n\n" + (
-        TEMPLATE.plain_instruction
-    )
-
-
 def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> tuple[str, str]:
-    """One (user message, assistant completion) pair of pretraining material: an easy list's
-    whole solution; an easy list's solution continued from part (or all) of its sort, as POPE's
-    hints give it; or the routine alone, on any numbers at any length."""
+    """One (user message, assistant completion) pair of pretraining material: the whole
+    solution of a short list; a short list's solution continued from part of its sort (as
+    POPE's shorter hints give it); or the routine after a whole sort, at any length."""
     while True:
         kind = rng.choices(("full", "partial", "routine"), weights=MIX)[0]
-        if kind == "routine":  # any numbers, half the time only hard ones (their gaps are small)
-            inst = make(rng, rng.choice(ROUTINE_SIZES), rng.choice(((LOW, HIGH), HARD_RANGE)))
-        else:  # the sort, whole or continued, only ever of easy numbers
-            inst = make(rng, rng.choice(EASY_SIZES), EASY_RANGE)
+        inst = make(rng, rng.choice(ROUTINE_SIZES if kind == "routine" else EASY_SIZES))
         if inst.sorted not in exclude:
             break
     if kind == "full":
         return user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), inst.solution
-    if kind == "routine":
-        return routine_message(inst), inst.solution[len(inst.key_step) + 2 :]
-    problem = hinted_problem(inst, rng.randrange(len(inst.numbers) + 1))
+    problem = hinted_problem(inst, rng.randrange(len(inst.numbers)) if kind == "partial" else None)
     assert problem.hint is not None
     return user_message(problem, Variant.HINTED, TEMPLATE), inst.solution[len(problem.hint) :]
 
@@ -136,7 +109,7 @@ def accuracy(model: Any, tokenizer: Any, cases: list[tuple[str, Instance]], temp
 def report(model: Any, tokenizer: Any, n: int = 200) -> dict[str, float]:
     """Accuracy (greedy) on easy and held-out hard problems, unhinted and hinted."""
     rng = random.Random(99)
-    easy = [make(rng, rng.choice(EASY_SIZES), EASY_RANGE) for _ in range(n)]
+    easy = [make(rng, rng.choice(EASY_SIZES)) for _ in range(n)]
     _, hard = hard_splits()
     hard = hard[:n]
 

@@ -35,7 +35,7 @@ def test_splits_are_fixed_disjoint_and_hard() -> None:
     assert len(train) == 400 and len(held_out) == 200
     assert not {i.sorted for i in train} & {i.sorted for i in held_out}
     assert {len(i.numbers) for i in train + held_out} == set(HARD_SIZES)
-    assert all(len(set(i.numbers)) == len(i.numbers) and all(35 <= x <= 59 for x in i.numbers) for i in train)
+    assert all(len(set(i.numbers)) == len(i.numbers) and all(10 <= x <= 59 for x in i.numbers) for i in train)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -72,7 +72,7 @@ def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() 
 
     from services.common.messages import Variant
     from services.rollout.prompts import user_message
-    from services.tasks.pretrain import TEMPLATE, examples, hinted_problem, routine_message
+    from services.tasks.pretrain import TEMPLATE, examples, hinted_problem
 
     train, held_out = hard_splits()
     exclude = {i.sorted for i in train + held_out}
@@ -80,19 +80,19 @@ def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() 
     seen = {"full": 0, "partial": 0, "routine": 0}
     for _ in range(600):
         user, completion = examples(rng, exclude)
-        if user.startswith("Give the gaps"):  # the routine alone, on any numbers, in words of its own
-            inst = Instance(tuple(int(x) for x in user.split(":")[1].split("\n")[0].split()))
-            assert user == routine_message(inst) and inst.key_step + "\n\n" + completion == inst.solution
-            seen["routine"] += 1
-            continue
         inst = parse_numbers(user.split("\n\n")[0])
         assert inst.sorted not in exclude
-        assert all(10 <= x <= 34 for x in inst.numbers)  # a sort is only ever shown of easy numbers
-        if completion == inst.solution:  # the whole solution, key step included
+        if completion == inst.solution:  # the whole solution, key step included: short lists only
+            assert len(inst.numbers) in (3, 4)
             assert user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE)
             seen["full"] += 1
-        else:  # continued from part or all of its sort
-            given = next(g for g in range(len(inst.numbers) + 1) if user.endswith("\n" + inst.partial_key_step(g)))
+        elif completion.startswith("\n\nGaps: "):  # the routine after a whole given sort, at any length
+            assert user == user_message(hinted_problem(inst), Variant.HINTED, TEMPLATE)
+            assert user.endswith(inst.key_step) and inst.key_step + completion == inst.solution
+            seen["routine"] += 1
+        else:  # a short list's solution continued from part of its sort
+            assert len(inst.numbers) in (3, 4)
+            given = next(g for g in range(len(inst.numbers)) if user.endswith("\n" + inst.partial_key_step(g)))
             assert user == user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE)
             assert inst.partial_key_step(given) + completion == inst.solution
             seen["partial"] += 1
