@@ -12,9 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 
-from services.tasks.experiment import ARMS, Spec, experiment, read_jsonl, read_metrics, run_one, spec_with
+from services.tasks.experiment import ARMS, Spec, experiment, read_jsonl, read_metrics, run_config, run_one, spec_with
 
 SPEC = Spec(train_problems=4, eval_problems=4, steps=1, group_size=2, prompts_per_step=2, max_new_tokens=8, eval_k=2,
             hint_k=2, hint_k_hint=1)  # fmt: skip
@@ -25,6 +26,18 @@ def test_experiment_runs_arms_skips_finished_runs_resumes_and_refuses_changed_se
 ) -> None:
     monkeypatch.setenv("REDIS_URL", redis_url)
     exp, spec, out = tmp_path / "exp", spec_with(SPEC, tiny_model), io.StringIO()
+    try:
+        check_experiment(exp, spec, out, tiny_model)
+    finally:  # the runs' Redis keys are their run directories' own: delete them
+        client = redis.Redis.from_url(redis_url)
+        for arm in ("pope", "grpo_easy"):
+            prefix = run_config(spec, arm, 0, exp / "runs" / arm / "seed0")["shared"]["key_prefix"]
+            if names := list(client.scan_iter(match=f"{prefix}*")):
+                client.delete(*names)
+        client.close()
+
+
+def check_experiment(exp: Path, spec: Spec, out: io.StringIO, tiny_model: Path) -> None:
     html = experiment(exp, tiny_model, 1, ["pope", "grpo_easy"], spec, out)
     log = out.getvalue()
 
