@@ -257,6 +257,15 @@ def build_hints(spec: Spec, base: Path, hard: list[Problem], log_dir: Path,
     return sorted(problems, key=lambda p: p.id), summary
 
 
+def arm_problems(searched: list[Problem], easy: list[Problem]) -> dict[str, list[Problem]]:
+    """Each arm's problems: the searched hard problems (with their hints: POPE), the same
+    problems plain (GRPO: no hint, so no search verdict either), with easy ones mixed in,
+    and only those that have a hint (the hinted-only ablation)."""
+    plain = [Problem.model_validate({**p.model_dump(), "hint": None, "label": None, "search": None}) for p in searched]
+    return {"pope": searched, "grpo": plain, "grpo_easy": plain + easy,
+            "hinted_only": [p for p in searched if p.hint is not None]}  # fmt: skip
+
+
 def prepare(exp_dir: Path, spec: Spec, base: Path, out: TextIO) -> dict[str, Any]:
     """Problems per arm, hints and the base model's evaluation, each made once (files)."""
     pdir = exp_dir / "problems"
@@ -270,10 +279,8 @@ def prepare(exp_dir: Path, spec: Spec, base: Path, out: TextIO) -> dict[str, Any
         searched, summary = build_hints(spec, base, hard, exp_dir / "logs" / "hints", out)
         write_jsonl(pdir / "hard_train.jsonl", searched)
         hints_path.write_text(json.dumps(summary, indent=2) + "\n")
-    searched = read_jsonl(pdir / "hard_train.jsonl")
-    plain = [p.model_copy(update={"hint": None}) for p in searched]
-    by_arm = {"pope": searched, "grpo": plain, "grpo_easy": plain + easy,
-              "hinted_only": [p for p in searched if p.hint is not None]}  # fmt: skip
+    by_arm = arm_problems(read_jsonl(pdir / "hard_train.jsonl"), easy)
+    searched = by_arm["pope"]
     for arm, rows in by_arm.items():
         write_jsonl(pdir / f"{arm}.jsonl", rows)
     if not by_arm["hinted_only"]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from services.tasks.experiment import ARMS, Spec, examples, read_metrics, run_config
+from services.common.messages import HintSearch, Problem, ProblemLabel
+from services.tasks.experiment import ARMS, Spec, arm_problems, examples, read_metrics, run_config, task_problems
 
 
 def _row(step: int, variant: str, reward: float, problem: str, text: str) -> dict[str, object]:
@@ -41,3 +42,22 @@ def test_arms_differ_only_in_problems_and_hinted_share(tmp_path: Path) -> None:
         assert c["trainer"]["learning_rate"] == spec.learning_rate
     assert len({c["shared"]["key_prefix"] for c in configs.values()}) == len(ARMS)  # no shared Redis state
     assert ARMS["pope"].hinted_fraction == 0.5 and ARMS["grpo"].hinted_fraction == 0.0
+
+
+def test_arm_problems_strip_hints_and_verdicts_for_grpo_and_keep_them_for_pope() -> None:
+    hard, _, easy = task_problems(Spec(train_problems=3, eval_problems=10))
+    hinted = hard[0].model_copy(update={"hint": "Largest: 50", "label": ProblemLabel.HARD_HINTED,
+                                        "search": HintSearch.model_validate({
+                                            "label": "hard_hinted", "unhinted_attempts": 8, "unhinted_successes": 0,
+                                            "prefix_chars": 11, "prefix_fraction": 0.1, "prefix_tokens": 3,
+                                            "hinted_attempts": 8, "hinted_successes": 1, "tokens_spent": 10,
+                                            "config": "x", "model_path": "m", "method": "linear",
+                                            "template_version": "gaps-v1"})})  # fmt: skip
+    searched = [hinted, *hard[1:]]
+    arms = arm_problems(searched, easy)
+    assert arms["pope"] == searched and arms["hinted_only"] == [hinted]
+    for p in arms["grpo"] + arms["grpo_easy"]:  # every row valid as the API will read it
+        Problem.model_validate_json(p.model_dump_json())
+    assert all(p.hint is None and p.search is None for p in arms["grpo"])
+    assert [p.id for p in arms["grpo"]] == [p.id for p in searched]
+    assert arms["grpo_easy"][3:] == easy and all(p.label == ProblemLabel.EASY for p in easy)
