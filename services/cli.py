@@ -134,7 +134,8 @@ def _experiment(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from services.tasks.experiment import DEMO_SPEC, base_model_or_exit, demo, spec_with
+    from services.tasks.demo import DEMO_SPEC, demo
+    from services.tasks.experiment import base_model_or_exit, spec_with
 
     base = base_model_or_exit(Path(args.base_model))
     return _interruptible(lambda: demo(Path(args.dir), base, spec_with(DEMO_SPEC, base, steps=args.steps,

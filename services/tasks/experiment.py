@@ -1,7 +1,7 @@
 """POPE against GRPO on the sorted-gaps task, through the real services (``pope up``).
 
     pope experiment pope-vs-grpo --seeds 4 [--dir runs/experiment] [--base-model runs/base-model]
-    pope demo [--dir runs/demo-pope]                  # one short POPE run and its report
+    (``pope demo``, services/tasks/demo.py: one short POPE run of this machinery, and its report)
 
 Everything an arm trains on is prepared once and frozen in ``<dir>/experiment.json``: the
 task version, the base model (by the hash of its weights), the problems, the hints the
@@ -23,8 +23,6 @@ position even into an empty Redis), so the experiment can span several sittings.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
 import math
@@ -32,8 +30,6 @@ import os
 import shutil
 import sys
 import time
-from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -41,12 +37,12 @@ from typing import Any, TextIO
 import yaml
 
 from services.common.messages import Problem, ProblemLabel
-from services.common.redis_server import free_port, redis_for
-from services.rollout.evaluation import EvalReport, evaluate
-from services.rollout.settings import EvalSettings, HintSettings, RolloutSettings
+from services.common.redis_server import free_port
+from services.rollout.evaluation import EvalReport
+from services.rollout.settings import EvalSettings, HintSettings
 from services.tasks.gaps import EASY_SIZES, TASK_VERSION, hard_splits, instances
+from services.tasks.jobs import build_hints, evaluate_model, say, summary_line
 from services.tasks.pretrain import TEMPLATE
-from services.up import Child, Stack
 
 
 @dataclass(frozen=True)
@@ -107,10 +103,6 @@ def weights_sha256(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-def say(text: str, out: TextIO) -> None:
-    print(f"[pope experiment] {text}", file=out, flush=True)
-
-
 # --- preparing: problems, hints, the base model's evaluation -----------------------------
 
 
@@ -161,102 +153,6 @@ def task_problems(spec: Spec) -> tuple[list[Problem], list[Problem], list[Proble
     return hard, evals, [p.model_copy(update={"label": ProblemLabel.EASY}) for p in easy]
 
 
-@contextlib.contextmanager
-def services(model: Path, *, verifier: bool, log_dir: Path, out: TextIO,
-             redis_url: str | None = None) -> Iterator[tuple[str, str | None, str]]:  # fmt: skip
-    """An engine serving ``model`` (and a verifier, and Redis) on free ports; yields their URLs."""
-    engine_port = free_port()
-    children = [Child("engine", ["engine", "--model", str(model), "--port", str(engine_port)],
-                      f"http://127.0.0.1:{engine_port}/health")]  # fmt: skip
-    with redis_for(redis_url or os.environ.get("REDIS_URL")) as url:
-        verifier_url = None
-        if verifier:
-            port = free_port()
-            verifier_url = f"http://127.0.0.1:{port}"
-            children.append(Child("verifier", ["verifier", "--port", str(port), "--redis-url", url, "--workers", "2"],
-                                  f"{verifier_url}/readyz"))  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "POPE_ENGINE__MAX_BATCH": "128"}
-        stack = Stack(children, log_dir, env, out, label="pope experiment")
-        try:
-            stack.start()
-            stack.wait_healthy(600, [False])
-            yield f"http://127.0.0.1:{engine_port}", verifier_url, url
-        finally:
-            stack.stop()
-
-
-def settings_for(spec: Spec, model: Path, engine_url: str, verifier_url: str, prefix: str) -> RolloutSettings:
-    return RolloutSettings(model_path=str(model), engine_url=engine_url, verifier_url=verifier_url, key_prefix=prefix,
-                           prompt_template=TEMPLATE, hints=spec.hint_settings(),
-                           evaluation=spec.eval_settings())  # fmt: skip
-
-
-async def _evaluate(settings: RolloutSettings, problems: list[Problem]) -> EvalReport:
-    from transformers import AutoTokenizer
-
-    from services.common.engine_client import EngineClient
-    from services.rollout.attempts import Attempter
-
-    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
-    async with EngineClient(settings.engine_url) as engine, settings.verifier_client() as verifier:
-        return await evaluate(problems, Attempter(engine, verifier, tokenizer, settings.prompt_template),
-                              settings.evaluation)  # fmt: skip
-
-
-def evaluate_model(spec: Spec, model: Path, problems: list[Problem], log_dir: Path, out: TextIO) -> EvalReport:
-    """The held-out evaluation of ``model`` on a fresh engine (one weight version throughout)."""
-    say(f"evaluating {model} on {len(problems)} held-out hard problems (k={spec.eval_k}, unhinted and hinted)", out)
-    with services(model, verifier=True, log_dir=log_dir, out=out) as (engine_url, verifier_url, _):
-        assert verifier_url is not None
-        settings = settings_for(spec, model, engine_url, verifier_url, "unused:")
-        report = asyncio.run(_evaluate(settings, problems))
-    say(f"  {summary_line(report)} ({report.seconds:.0f}s)", out)
-    return report
-
-
-def summary_line(report: EvalReport) -> str:
-    k = report.k
-    return " | ".join(f"{v} pass@1 {row['pass@1']:.3f} pass@{k} {row[f'pass@{k}']:.3f}"
-                      for v, row in report.summary.items())  # fmt: skip
-
-
-def build_hints(spec: Spec, base: Path, hard: list[Problem], log_dir: Path,
-                out: TextIO) -> tuple[list[Problem], dict[str, Any]]:  # fmt: skip
-    """The hint search over the hard train problems with the base model (hard-problem
-    filter, then the shortest working prefix); the problems with labels and hints."""
-    from redis.asyncio import Redis
-
-    from services.common.keys import Keys
-    from services.offline import build
-    from services.rollout.store import ProblemStore
-
-    prefix = f"pope-exp-{spec.base_model_sha256[:12]}-{os.getpid()}:hints:"
-    started = time.monotonic()
-    with services(base, verifier=True, log_dir=log_dir, out=out) as (engine_url, verifier_url, url):
-        assert verifier_url is not None
-        settings = settings_for(spec, base, engine_url, verifier_url, prefix)
-
-        async def go() -> tuple[list[Problem], int]:
-            redis = Redis.from_url(url)
-            store = ProblemStore(redis, Keys(prefix))
-            try:
-                await store.put_many(hard)
-                progress = await build(settings, url, split="train", ids=None, redo=False, out=out)
-                return await store.all(), progress.tokens
-            finally:
-                names = [n async for n in redis.scan_iter(match=f"{prefix}*", count=1000)]
-                if names:
-                    await redis.delete(*names)
-                await redis.aclose()
-
-        problems, tokens = asyncio.run(go())
-    counts = Counter(str(p.label.value if p.label else None) for p in problems)
-    fractions = [p.search.prefix_fraction for p in problems if p.hint and p.search and p.search.prefix_fraction]
-    summary = {"counts": dict(counts), "tokens": tokens, "seconds": time.monotonic() - started,
-               "hint_fraction_mean": sum(fractions) / len(fractions) if fractions else None}  # fmt: skip
-    return sorted(problems, key=lambda p: p.id), summary
-
-
 def arm_problems(searched: list[Problem], easy: list[Problem]) -> dict[str, list[Problem]]:
     """Each arm's problems: the searched hard problems (with their hints: POPE), the same
     problems plain (GRPO: no hint, so no search verdict either), with easy ones mixed in,
@@ -276,7 +172,8 @@ def prepare(exp_dir: Path, spec: Spec, base: Path, out: TextIO) -> dict[str, Any
     if not hints_path.exists():
         say(f"hint search over {len(hard)} hard train problems with the base model (k={spec.hint_k} unhinted, "
             f"k_hint={spec.hint_k_hint} per prefix)", out)  # fmt: skip
-        searched, summary = build_hints(spec, base, hard, exp_dir / "logs" / "hints", out)
+        prefix = f"pope-exp-{spec.base_model_sha256[:12]}-{os.getpid()}:hints:"
+        searched, summary = build_hints(spec.hint_settings(), base, hard, prefix, exp_dir / "logs" / "hints", out)
         write_jsonl(pdir / "hard_train.jsonl", searched)
         hints_path.write_text(json.dumps(summary, indent=2) + "\n")
     by_arm = arm_problems(read_jsonl(pdir / "hard_train.jsonl"), easy)
@@ -288,7 +185,7 @@ def prepare(exp_dir: Path, spec: Spec, base: Path, out: TextIO) -> dict[str, Any
             "like grpo, and hinted_only has nothing to train on", out)  # fmt: skip
     base_path = exp_dir / "base_eval.json"
     if not base_path.exists():
-        report = evaluate_model(spec, base, evals, exp_dir / "logs" / "base-eval", out)
+        report = evaluate_model(spec.eval_settings(), base, evals, exp_dir / "logs" / "base-eval", out)
         base_path.write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
     return {"hints": json.loads(hints_path.read_text()), "base": json.loads(base_path.read_text())}
 
@@ -364,8 +261,8 @@ def run_one(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, out: Tex
                              f"{spec.steps}; run the same command to resume it")  # fmt: skip
     final = latest(run_dir / "checkpoints")
     assert final is not None
-    report = evaluate_model(spec, final, read_jsonl(exp_dir / "problems" / "eval.jsonl"), run_dir / "logs" / "eval",
-                            out)  # fmt: skip
+    held_out = read_jsonl(exp_dir / "problems" / "eval.jsonl")
+    report = evaluate_model(spec.eval_settings(), final, held_out, run_dir / "logs" / "eval", out)
     sittings = [json.loads(x) for x in (run_dir / "sittings.jsonl").read_text().splitlines() if x.strip()]
     archive = run_dir / "rollouts" / "rollouts.jsonl"
     result = {"arm": arm, "seed": seed, "status": "done", "steps": spec.steps,
@@ -399,45 +296,6 @@ def experiment(exp_dir: Path, base: Path, seeds: int, arms: list[str], spec: Spe
     say(f"report: {html}; table: {exp_dir / 'table.md'}", out)
     print((exp_dir / "table.md").read_text(), file=out, flush=True)
     return html
-
-
-DEMO_SPEC = Spec(train_problems=32, steps=30)
-"""``pope demo``: one POPE run, sized for about 10 minutes on 2 cores."""
-
-
-def demo(out_dir: Path, base: Path, spec: Spec = DEMO_SPEC, out: TextIO = sys.stdout) -> Path:
-    """One POPE run (arm ``pope``, seed 0) and its report: before/after pass@k, training curves."""
-    from services.tasks.report import run_report
-
-    started = time.monotonic()
-    spec = freeze(out_dir, spec, out, start_over=True)  # a demo is not a comparison to protect
-    prepared = prepare(out_dir, spec, base, out)
-    result = run_one(out_dir, spec, base, "pope", 0, out)
-    data = {"title": f"POPE on {spec.task}: a short run on the CPU", "task": spec.task, "arm": "pope", "seed": 0,
-            "steps": spec.steps, "rollouts": result["rollouts"], "wall_s": time.monotonic() - started,
-            "base_model": str(base), "settings": asdict(spec), "before": prepared["base"], "after": result["after"],
-            "metrics": read_metrics(out_dir / "runs" / "pope" / "seed0"), "hints": prepared["hints"]}  # fmt: skip
-    data["examples"] = examples(out_dir / "runs" / "pope" / "seed0" / "rollouts" / "rollouts.jsonl")
-    html = run_report(out_dir, data)
-    base_row, after_row = prepared["base"]["summary"]["unhinted"], result["after"]["summary"]["unhinted"]
-    k = spec.eval_k
-    say(f"held-out hard, unhinted pass@{k}: before {base_row[f'pass@{k}']:.3f}, after {after_row[f'pass@{k}']:.3f}",
-        out)  # fmt: skip
-    say(f"report: {html} (open it in a browser); data: {out_dir / 'report.json'}", out)
-    return html
-
-
-def examples(archive: Path) -> list[dict[str, Any]]:
-    """From the last step with a solved hinted sample: that sample, and an unhinted sample of
-    the same problem (what POPE's two variants look like side by side)."""
-    rows = [json.loads(line) for line in archive.read_text().splitlines() if line.strip()] if archive.exists() else []
-    solved = [r for r in rows if r["variant"] == "hinted" and r["reward"] > 0]
-    if not solved:
-        return []
-    hit = max(solved, key=lambda r: r["step"])
-    plain = [r for r in rows if r["variant"] == "unhinted" and r["problem_id"] == hit["problem_id"]]
-    keep = ("variant", "step", "reward", "prompt", "text")
-    return [{k: r[k] for k in keep} for r in [hit, *plain[-1:]]]
 
 
 def base_model_or_exit(base: Path) -> Path:

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from services.common.messages import HintSearch, Problem, ProblemLabel
-from services.tasks.experiment import ARMS, Spec, arm_problems, examples, read_metrics, run_config, task_problems
+from services.tasks.demo import examples
+from services.tasks.experiment import ARMS, Spec, arm_problems, read_metrics, run_config, task_problems
 
 
 def _row(step: int, variant: str, reward: float, problem: str, text: str) -> dict[str, object]:
