@@ -83,3 +83,40 @@ def check_experiment(exp: Path, spec: Spec, out: io.StringIO, tiny_model: Path) 
     assert result["steps"] == 2 and [m["step"] for m in read_metrics(run)] == [1, 2]
     sittings = [json.loads(line) for line in (run / "sittings.jsonl").read_text().splitlines()]
     assert [(s["from_step"], s["to_step"]) for s in sittings] == [(0, 1), (1, 2)]
+
+
+def test_sigterm_stops_the_experiment_cleanly(tiny_model: Path, tmp_path: Path, redis_url: str) -> None:
+    """SIGTERM while the hint search runs: exit 130, the services it started are gone, and
+    the search's Redis keys are deleted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    log = tmp_path / "exp.log"
+    env = {**os.environ, "REDIS_URL": redis_url}
+    with log.open("wb") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "experiment", "pope-vs-grpo", "--seeds", "1",
+                                 "--base-model", str(tiny_model), "--dir", str(tmp_path / "exp"),
+                                 "--train-problems", "64"], stdout=f, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while "hint search over 64 problems" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "all processes stopped" in text and "interrupted" in text
+    pids = [int(line.split("(pid ")[1].split(")")[0]) for line in text.splitlines() if "(pid " in line]
+    assert pids
+    for pid in pids:  # each started service has exited
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    client = redis.Redis.from_url(redis_url)
+    assert not list(client.scan_iter(match=f"pope-exp-*-{proc.pid}:hints:*"))
+    client.close()
