@@ -10,14 +10,13 @@ report (PNG plots, a hinted and an unhinted sample as the model wrote them) plus
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from services.tasks.experiment import Spec, freeze, prepare, read_metrics, run_one
+from services.tasks.experiment import Spec, freeze, json_lines, prepare, read_metrics, run_one, run_path
 from services.tasks.jobs import say
 
 DEMO_SPEC = Spec(train_problems=32, steps=30)
@@ -32,11 +31,12 @@ def demo(out_dir: Path, base: Path, spec: Spec = DEMO_SPEC, out: TextIO = sys.st
     spec = freeze(out_dir, spec, out, start_over=True)  # a demo is not a comparison to protect
     prepared = prepare(out_dir, spec, base, out)
     result = run_one(out_dir, spec, base, "pope", 0, out)
+    run_dir = run_path(out_dir, "pope", 0)
     data = {"title": f"POPE on {spec.task}: a short run on the CPU", "task": spec.task, "arm": "pope", "seed": 0,
             "steps": spec.steps, "rollouts": result["rollouts"], "wall_s": time.monotonic() - started,
             "base_model": str(base), "settings": asdict(spec), "before": prepared["base"], "after": result["after"],
-            "metrics": read_metrics(out_dir / "runs" / "pope" / "seed0"), "hints": prepared["hints"]}  # fmt: skip
-    data["examples"] = examples(out_dir / "runs" / "pope" / "seed0" / "rollouts" / "rollouts.jsonl")
+            "metrics": read_metrics(run_dir), "hints": prepared["hints"]}  # fmt: skip
+    data["examples"] = examples(run_dir / "rollouts" / "rollouts.jsonl")
     html = run_report(out_dir, data)
     base_row, after_row = prepared["base"]["summary"]["unhinted"], result["after"]["summary"]["unhinted"]
     k = spec.eval_k
@@ -49,7 +49,7 @@ def demo(out_dir: Path, base: Path, spec: Spec = DEMO_SPEC, out: TextIO = sys.st
 def examples(archive: Path) -> list[dict[str, Any]]:
     """From the last step with a solved hinted sample: that sample, and an unhinted sample of
     the same problem (what POPE's two variants look like side by side)."""
-    rows = [json.loads(line) for line in archive.read_text().splitlines() if line.strip()] if archive.exists() else []
+    rows = json_lines(archive)
     solved = [r for r in rows if r["variant"] == "hinted" and r["reward"] > 0]
     if not solved:
         return []

@@ -210,6 +210,15 @@ def run_config(spec: Spec, arm: str, seed: int, run_dir: Path) -> dict[str, Any]
     }  # fmt: skip
 
 
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON Lines file (none if it does not exist)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run_path(exp_dir: Path, arm: str, seed: int) -> Path:
+    return exp_dir / "runs" / arm / f"seed{seed}"
+
+
 def trained_steps(run_dir: Path) -> int:
     from services.trainer.checkpoint import latest
 
@@ -218,10 +227,9 @@ def trained_steps(run_dir: Path) -> int:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     last: dict[int, dict[str, Any]] = {}
-    for row in rows:  # a resumed run may log a step twice: the later line is the one trained on
+    # A resumed run may log a step twice: the later line is the one trained on.
+    for row in json_lines(run_dir / "metrics.jsonl"):
         last[int(row["step"])] = row
     # NaN marks a step without groups of a variant; null keeps the report's JSON strict.
     return [
@@ -234,7 +242,7 @@ def run_one(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, out: Tex
     from services.trainer.checkpoint import latest
     from services.up import up
 
-    run_dir = exp_dir / "runs" / arm / f"seed{seed}"
+    run_dir = run_path(exp_dir, arm, seed)
     result_path = run_dir / "result.json"
     if result_path.exists():
         return dict(json.loads(result_path.read_text()))
@@ -253,17 +261,17 @@ def run_one(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, out: Tex
         # cut short before its first step and is wiped; otherwise everything resumes.
         code = up(str(base), str(config), None, exp_dir / "problems" / f"{arm}.jsonl", spec.steps, run_dir,
                   fresh=done == 0, out=out)  # fmt: skip
+        reached = trained_steps(run_dir)
         with (run_dir / "sittings.jsonl").open("a") as f:
-            f.write(json.dumps({"from_step": done, "to_step": trained_steps(run_dir),
-                                "seconds": time.monotonic() - started}) + "\n")  # fmt: skip
-        if code != 0 or trained_steps(run_dir) < spec.steps:
-            raise SystemExit(f"pope experiment: {arm} seed {seed} stopped at step {trained_steps(run_dir)} of "
-                             f"{spec.steps}; run the same command to resume it")  # fmt: skip
+            f.write(json.dumps({"from_step": done, "to_step": reached, "seconds": time.monotonic() - started}) + "\n")
+        if code != 0 or reached < spec.steps:
+            raise SystemExit(f"pope experiment: {arm} seed {seed} stopped at step {reached} of {spec.steps}; "
+                             "run the same command to resume it")  # fmt: skip
     final = latest(run_dir / "checkpoints")
     assert final is not None
     held_out = read_jsonl(exp_dir / "problems" / "eval.jsonl")
     report = evaluate_model(spec.eval_settings(), final, held_out, run_dir / "logs" / "eval", out)
-    sittings = [json.loads(x) for x in (run_dir / "sittings.jsonl").read_text().splitlines() if x.strip()]
+    sittings = json_lines(run_dir / "sittings.jsonl")
     archive = run_dir / "rollouts" / "rollouts.jsonl"
     result = {"arm": arm, "seed": seed, "status": "done", "steps": spec.steps,
               "rollouts": sum(1 for _ in archive.open()) if archive.exists() else 0,
