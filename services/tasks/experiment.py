@@ -74,7 +74,7 @@ class Spec:
     steps: int = 30
     group_size: int = 8
     prompts_per_step: int = 8
-    learning_rate: float = 2e-5
+    learning_rate: float = 3e-5
     temperature: float = 0.8
     top_p: float = 1.0
     max_new_tokens: int = 96

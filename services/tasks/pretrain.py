@@ -3,10 +3,12 @@
     pope model pretrain --out runs/base-model [--minutes 12] [--seed 0]
 
 Supervised learning on easy material only (services/tasks/gaps.py): the whole solution,
-key step included, for short lists (EASY_SIZES); the routine alone at every length, shown
-as POPE's guided prompt with the sorted list as the partial solution. The hard lengths'
-sort is never shown, so the model solves easy problems, and hard ones only when given the
-sort. Prompts are built by the rollout service's own template, so the model meets exactly
+key step included, for short lists (EASY_SIZES), also continued from any part of their
+sort; at every length, the routine after the whole sort and the sort's last one or two
+numbers (the last is the largest, stated on the key step's first line), shown as POPE's
+guided prompt with the given part as the partial solution. The hard lengths' sort is never
+shown beyond its end, so the model solves easy problems, and hard ones only when given
+(most of) the sort. Prompts are built by the rollout service's own template, so the model meets exactly
 the text the pipeline sends. Lists of the hard train and eval splits never appear.
 
 Prints progress (loss, steps/s, time left) and ends with accuracy on easy and hard
@@ -32,11 +34,16 @@ from services.tasks.gaps import EASY_SIZES, TASK_VERSION, Instance, hard_splits,
 SPEC = TinyModelSpec(vocab_size=640, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                      num_kv_heads=2, head_dim=32, max_positions=1024)  # fmt: skip
 ROUTINE_SIZES = tuple(range(3, 11))
-MIX = (0.35, 0.25, 0.40)
-"""Shares of the material: whole short solutions, short solutions continued from part of the
-sort, the routine after a whole sort at any length (v1 of the material had no partial sorts,
-so the model could not use a hint shorter than the whole sort)."""
-MATERIAL_VERSION = "gaps-sft-v2"
+MIX = (0.35, 0.20, 0.10, 0.35)
+"""Shares of the material: whole short solutions; short solutions continued from part of the
+sort; solutions of any length finished from all but the last one or two sorted numbers; the
+routine after a whole sort at any length. (Material v1 had no partial sorts, so the model
+could not use a hint shorter than the whole sort; v2 had them for short lists only, and its
+model never wrote a fifth sorted number, not even with four of five given: task v5, README.)"""
+FINISH_LEFT = (1, 2)
+"""How many sorted numbers a "finish" example leaves to write: the last is the largest, which
+the key step's first line already states, so these teach where a sort ends, not how to sort."""
+MATERIAL_VERSION = "gaps-sft-v3"
 # The experiment's prompt template (configurable and versioned like any): short words, so
 # the tiny model's compute goes to the task, not to reading an instruction.
 TEMPLATE = PromptTemplate(
@@ -58,13 +65,15 @@ def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> tuple[str, st
     solution of a short list; a short list's solution continued from part of its sort (as
     POPE's shorter hints give it); or the routine after a whole sort, at any length."""
     while True:
-        kind = rng.choices(("full", "partial", "routine"), weights=MIX)[0]
-        inst = make(rng, rng.choice(ROUTINE_SIZES if kind == "routine" else EASY_SIZES))
+        kind = rng.choices(("full", "partial", "finish", "routine"), weights=MIX)[0]
+        inst = make(rng, rng.choice(EASY_SIZES if kind in ("full", "partial") else ROUTINE_SIZES))
         if inst.sorted not in exclude:
             break
     if kind == "full":
         return user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), inst.solution
-    problem = hinted_problem(inst, rng.randrange(len(inst.numbers)) if kind == "partial" else None)
+    given = {"partial": lambda n: rng.randrange(n), "finish": lambda n: n - rng.choice(FINISH_LEFT),
+             "routine": lambda n: None}[kind](len(inst.numbers))  # fmt: skip
+    problem = hinted_problem(inst, given)
     assert problem.hint is not None
     return user_message(problem, Variant.HINTED, TEMPLATE), inst.solution[len(problem.hint) :]
 

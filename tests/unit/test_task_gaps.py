@@ -72,13 +72,14 @@ def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() 
 
     from services.common.messages import Variant
     from services.rollout.prompts import user_message
-    from services.tasks.pretrain import TEMPLATE, examples, hinted_problem
+    from services.tasks.gaps import EASY_SIZES
+    from services.tasks.pretrain import FINISH_LEFT, TEMPLATE, examples, hinted_problem
 
     train, held_out = hard_splits()
     exclude = {i.sorted for i in train + held_out}
     rng = random.Random(0)
-    seen = {"full": 0, "partial": 0, "routine": 0}
-    for _ in range(600):
+    seen = {"full": 0, "partial": 0, "finish": 0, "routine": 0}
+    for _ in range(1200):
         user, completion = examples(rng, exclude)
         inst = parse_numbers(user.split("\n\n")[0])
         assert inst.sorted not in exclude
@@ -90,13 +91,18 @@ def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() 
             assert user == user_message(hinted_problem(inst), Variant.HINTED, TEMPLATE)
             assert user.endswith(inst.key_step) and inst.key_step + completion == inst.solution
             seen["routine"] += 1
-        else:  # a short list's solution continued from part of its sort
-            assert len(inst.numbers) in (3, 4)
-            given = next(g for g in range(len(inst.numbers)) if user.endswith("\n" + inst.partial_key_step(g)))
+        else:  # continued from part of its sort: any part of a short list's, the last 1-2 numbers of any
+            n = len(inst.numbers)
+            given = next(g for g in range(n) if user.endswith("\n" + inst.partial_key_step(g)))
             assert user == user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE)
             assert inst.partial_key_step(given) + completion == inst.solution
-            seen["partial"] += 1
-    assert min(seen.values()) > 100, seen
+            if n in EASY_SIZES and given < n - max(FINISH_LEFT):
+                seen["partial"] += 1
+            else:  # a long list: only its end is written, which the first line ("Largest: x") states
+                assert n - given in FINISH_LEFT, (n, given)
+                seen["finish"] += 1 if n not in EASY_SIZES else 0
+                assert completion.split()[n - given - 1] == str(max(inst.numbers))
+    assert min(seen.values()) > 50, seen
 
 
 def test_the_experiment_config_uses_the_template_the_base_model_learned() -> None:
