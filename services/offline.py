@@ -114,28 +114,50 @@ def engine_and_verifier(settings: RolloutSettings, args: Any, label: str,
     assert settings.model_path is not None
     children = []
     if not _answers(f"{settings.engine_url}/health"):
-        port = free_port()
-        children.append(Child("engine", ["engine", "--model", settings.model_path, "--port", str(port)],
-                              f"http://127.0.0.1:{port}/health"))  # fmt: skip
-        settings = settings.model_copy(update={"engine_url": f"http://127.0.0.1:{port}"})
+        child, engine_url = engine_child(settings.model_path)
+        children.append(child)
+        settings = settings.model_copy(update={"engine_url": engine_url})
     with redis_for(args.redis_url or os.environ.get("REDIS_URL")) as url:
         if not _answers(f"{settings.verifier_url}/readyz"):
-            port = free_port()
-            children.append(Child("verifier", ["verifier", "--port", str(port), "--redis-url", url, "--workers", "2"],
-                                  f"http://127.0.0.1:{port}/readyz"))  # fmt: skip
-            settings = settings.model_copy(update={"verifier_url": f"http://127.0.0.1:{port}"})
-        stack = Stack(children, Path(args.run_dir) / "logs", {**os.environ, "PYTHONUNBUFFERED": "1"}, out,
-                      label=label)  # fmt: skip
-        try:
-            if children:
-                stack.say(f"no {' or '.join(c.name for c in children)} answered at the configured URL: starting "
-                          f"{'them' if len(children) > 1 else 'one'} (logs in {stack.log_dir})")  # fmt: skip
-                stack.start()
-                stack.wait_healthy(600, [False])
+            child, verifier_url = verifier_child(url)
+            children.append(child)
+            settings = settings.model_copy(update={"verifier_url": verifier_url})
+        if children:
+            print(f"[{label}] no {' or '.join(c.name for c in children)} answered at the configured URL: starting "
+                  f"{'them' if len(children) > 1 else 'one'} (logs in {Path(args.run_dir) / 'logs'})",
+                  file=out, flush=True)  # fmt: skip
+        with running(children, Path(args.run_dir) / "logs", {}, out, label):
             yield settings, url
-        finally:
-            if children:
-                stack.stop()
+
+
+def engine_child(model: str) -> tuple[Child, str]:
+    """A CPU engine serving ``model`` on a free port, and its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    return Child("engine", ["engine", "--model", model, "--port", str(port)], f"{url}/health"), url
+
+
+def verifier_child(redis_url: str) -> tuple[Child, str]:
+    """A verifier (two scoring workers) on a free port, and its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    return Child("verifier", ["verifier", "--port", str(port), "--redis-url", redis_url, "--workers", "2"],
+                 f"{url}/readyz"), url  # fmt: skip
+
+
+@contextlib.contextmanager
+def running(children: list[Child], log_dir: Path, env: dict[str, str], out: TextIO, label: str) -> Iterator[None]:
+    """``children`` started (logs in ``log_dir``, ``env`` over this process's) and healthy; stopped after."""
+    if not children:
+        yield
+        return
+    stack = Stack(children, log_dir, {**os.environ, "PYTHONUNBUFFERED": "1", **env}, out, label=label)
+    try:
+        stack.start()
+        stack.wait_healthy(600, [False])
+        yield
+    finally:
+        stack.stop()
 
 
 def hints_build(args: Any, out: TextIO = sys.stdout) -> int:
@@ -162,6 +184,15 @@ async def run_eval(settings: RolloutSettings, redis_url: str, ids: list[str] | N
         await redis.aclose()
     if not problems:
         raise SystemExit(f"pope eval: no problems in split {settings.evaluation.split!r} (pope data import ...)")
+    return await evaluate_problems(settings, problems, tokenizer)
+
+
+async def evaluate_problems(settings: RolloutSettings, problems: list[Problem], tokenizer: Any = None) -> EvalReport:
+    """``settings.evaluation`` of ``problems`` on the engine and verifier the settings name."""
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
     async with EngineClient(settings.engine_url) as engine, settings.verifier_client() as verifier:
         return await evaluate(problems, Attempter(engine, verifier, tokenizer, settings.prompt_template),
                               settings.evaluation)  # fmt: skip

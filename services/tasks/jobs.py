@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from services.common.messages import Problem
-from services.common.redis_server import free_port, redis_for
-from services.rollout.evaluation import EvalReport, evaluate
+from services.common.redis_server import redis_for
+from services.offline import engine_child, evaluate_problems, running, verifier_child
+from services.rollout.evaluation import EvalReport
 from services.rollout.settings import EvalSettings, HintSettings, RolloutSettings
 from services.tasks.pretrain import TEMPLATE
-from services.up import Child, Stack
 
 
 def say(text: str, out: TextIO) -> None:
@@ -34,42 +34,20 @@ def say(text: str, out: TextIO) -> None:
 def services(model: Path, *, verifier: bool, log_dir: Path, out: TextIO,
              redis_url: str | None = None) -> Iterator[tuple[str, str | None, str]]:  # fmt: skip
     """An engine serving ``model`` (and a verifier, and Redis) on free ports; yields their URLs."""
-    engine_port = free_port()
-    children = [Child("engine", ["engine", "--model", str(model), "--port", str(engine_port)],
-                      f"http://127.0.0.1:{engine_port}/health")]  # fmt: skip
+    engine, engine_url = engine_child(str(model))
     with redis_for(redis_url or os.environ.get("REDIS_URL")) as url:
-        verifier_url = None
+        children, verifier_url = [engine], None
         if verifier:
-            port = free_port()
-            verifier_url = f"http://127.0.0.1:{port}"
-            children.append(Child("verifier", ["verifier", "--port", str(port), "--redis-url", url, "--workers", "2"],
-                                  f"{verifier_url}/readyz"))  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "POPE_ENGINE__MAX_BATCH": "128"}
-        stack = Stack(children, log_dir, env, out, label="pope experiment")
-        try:
-            stack.start()
-            stack.wait_healthy(600, [False])
-            yield f"http://127.0.0.1:{engine_port}", verifier_url, url
-        finally:
-            stack.stop()
+            child, verifier_url = verifier_child(url)
+            children.append(child)
+        with running(children, log_dir, {"POPE_ENGINE__MAX_BATCH": "128"}, out, "pope experiment"):
+            yield engine_url, verifier_url, url
 
 
 def settings_for(model: Path, engine_url: str, verifier_url: str, prefix: str, **sections: Any) -> RolloutSettings:
     """The rollout settings the offline jobs read (``hints=`` or ``evaluation=`` as given)."""
     return RolloutSettings(model_path=str(model), engine_url=engine_url, verifier_url=verifier_url, key_prefix=prefix,
                            prompt_template=TEMPLATE, **sections)  # fmt: skip
-
-
-async def _evaluate(settings: RolloutSettings, problems: list[Problem]) -> EvalReport:
-    from transformers import AutoTokenizer
-
-    from services.common.engine_client import EngineClient
-    from services.rollout.attempts import Attempter
-
-    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
-    async with EngineClient(settings.engine_url) as engine, settings.verifier_client() as verifier:
-        return await evaluate(problems, Attempter(engine, verifier, tokenizer, settings.prompt_template),
-                              settings.evaluation)  # fmt: skip
 
 
 def evaluate_model(cfg: EvalSettings, model: Path, problems: list[Problem], log_dir: Path,
@@ -79,7 +57,7 @@ def evaluate_model(cfg: EvalSettings, model: Path, problems: list[Problem], log_
     with services(model, verifier=True, log_dir=log_dir, out=out) as (engine_url, verifier_url, _):
         assert verifier_url is not None
         settings = settings_for(model, engine_url, verifier_url, "unused:", evaluation=cfg)
-        report = asyncio.run(_evaluate(settings, problems))
+        report = asyncio.run(evaluate_problems(settings, problems))
     say(f"  {summary_line(report)} ({report.seconds:.0f}s)", out)
     return report
 

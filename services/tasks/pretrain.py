@@ -71,8 +71,11 @@ def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> tuple[str, st
             break
     if kind == "full":
         return user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), inst.solution
-    given = {"partial": lambda n: rng.randrange(n), "finish": lambda n: n - rng.choice(FINISH_LEFT),
-             "routine": lambda n: None}[kind](len(inst.numbers))  # fmt: skip
+    n, given = len(inst.numbers), None  # "routine": the whole sort given
+    if kind == "partial":
+        given = rng.randrange(n)
+    elif kind == "finish":
+        given = n - rng.choice(FINISH_LEFT)
     problem = hinted_problem(inst, given)
     assert problem.hint is not None
     return user_message(problem, Variant.HINTED, TEMPLATE), inst.solution[len(problem.hint) :]
