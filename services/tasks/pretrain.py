@@ -22,7 +22,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import torch
 
@@ -34,16 +34,21 @@ from services.tasks.gaps import EASY_SIZES, TASK_VERSION, Instance, hard_splits,
 SPEC = TinyModelSpec(vocab_size=640, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                      num_kv_heads=2, head_dim=32, max_positions=1024)  # fmt: skip
 ROUTINE_SIZES = tuple(range(3, 11))
-MIX = (0.35, 0.20, 0.10, 0.35)
+MIX = (0.30, 0.15, 0.10, 0.30, 0.15)
 """Shares of the material: whole short solutions; short solutions continued from part of the
 sort; solutions of any length finished from all but the last one or two sorted numbers; the
-routine after a whole sort at any length. (Material v1 had no partial sorts, so the model
-could not use a hint shorter than the whole sort; v2 had them for short lists only, and its
-model never wrote a fifth sorted number, not even with four of five given: task v5, README.)"""
+routine after a whole sort at any length; and "tails": the unhinted prompt at any length,
+its solution up to the last one or two sorted numbers given as the start of the answer
+(no loss on it), the rest learned. (Material v1 had no partial sorts, so the model could not
+use a hint shorter than the whole sort; v2 had them for short lists only, and its model
+never wrote a fifth sorted number, not even with four of five given; v3 added "finish", and
+its model broke on unhinted prompts longer than the short ones it had seen, from the first
+token: task v5, README.)"""
 FINISH_LEFT = (1, 2)
-"""How many sorted numbers a "finish" example leaves to write: the last is the largest, which
-the key step's first line already states, so these teach where a sort ends, not how to sort."""
-MATERIAL_VERSION = "gaps-sft-v3"
+"""How many sorted numbers a "finish" or "tail" example leaves to write: the last is the
+largest, which the key step's first line states, so these teach where a sort ends, not how
+to sort."""
+MATERIAL_VERSION = "gaps-sft-v4"
 # The experiment's prompt template (configurable and versioned like any): short words, so
 # the tiny model's compute goes to the task, not to reading an instruction.
 TEMPLATE = PromptTemplate(
@@ -60,30 +65,43 @@ def hinted_problem(inst: Instance, given: int | None = None) -> Problem:
     return inst.problem("train").model_copy(update={"hint": hint})
 
 
-def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> tuple[str, str]:
-    """One (user message, assistant completion) pair of pretraining material: the whole
-    solution of a short list; a short list's solution continued from part of its sort (as
-    POPE's shorter hints give it); or the routine after a whole sort, at any length."""
+class Example(NamedTuple):
+    """One piece of pretraining material: the user message, the start of the answer given
+    without loss ("tail" examples only), and the completion the loss is on."""
+
+    user: str
+    given: str
+    completion: str
+
+
+def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> Example:
+    """One piece of pretraining material (MIX): the whole solution of a short list; a short
+    list's solution continued from part of its sort (as POPE's shorter hints give it); any
+    list's finished from its last one or two sorted numbers, as a hint or as the start of an
+    unhinted answer; or the routine after a whole sort, at any length."""
     while True:
-        kind = rng.choices(("full", "partial", "finish", "routine"), weights=MIX)[0]
+        kind = rng.choices(("full", "partial", "finish", "routine", "tail"), weights=MIX)[0]
         inst = make(rng, rng.choice(EASY_SIZES if kind in ("full", "partial") else ROUTINE_SIZES))
         if inst.sorted not in exclude:
             break
-    if kind == "full":
-        return user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), inst.solution
-    n, given = len(inst.numbers), None  # "routine": the whole sort given
+    n = len(inst.numbers)
+    if kind in ("full", "tail"):
+        head = "" if kind == "full" else inst.partial_key_step(n - rng.choice(FINISH_LEFT))
+        return Example(user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), head,
+                       inst.solution[len(head) :])  # fmt: skip
+    given = None  # "routine": the whole sort given
     if kind == "partial":
         given = rng.randrange(n)
     elif kind == "finish":
         given = n - rng.choice(FINISH_LEFT)
     problem = hinted_problem(inst, given)
     assert problem.hint is not None
-    return user_message(problem, Variant.HINTED, TEMPLATE), inst.solution[len(problem.hint) :]
+    return Example(user_message(problem, Variant.HINTED, TEMPLATE), "", inst.solution[len(problem.hint) :])
 
 
 def corpus(n: int = 3000) -> list[str]:
     rng = random.Random(0)
-    return [q + "\n" + a for q, a in (examples(rng, set()) for _ in range(n))]
+    return [e.user + "\n" + e.given + e.completion for e in (examples(rng, set()) for _ in range(n))]
 
 
 def sft_batch(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,8 +185,10 @@ def pretrain(out: Path, minutes: float = 12.0, max_steps: int | None = None, see
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(elapsed / budget_s, 1.0)))
         rows = []
         for _ in range(batch):
-            q, a = examples(rng, exclude)
-            rows.append((prompt_ids(tokenizer, q), [*tokenizer.encode(a, add_special_tokens=False), end]))
+            e = examples(rng, exclude)
+            given = tokenizer.encode(e.given, add_special_tokens=False) if e.given else []
+            rows.append((prompt_ids(tokenizer, e.user) + given,
+                         [*tokenizer.encode(e.completion, add_special_tokens=False), end]))  # fmt: skip
         ids, attn, labels = sft_batch(rows)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         loss.backward()

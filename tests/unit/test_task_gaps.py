@@ -68,6 +68,8 @@ def test_the_key_step_fits_in_the_experiments_hint_budget() -> None:
 
 
 def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() -> None:
+    """The sort is learned whole only on short lists; on longer ones the model writes at most
+    its last one or two numbers (the last being the largest, stated on the first line)."""
     import random
 
     from services.common.messages import Variant
@@ -78,13 +80,20 @@ def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() 
     train, held_out = hard_splits()
     exclude = {i.sorted for i in train + held_out}
     rng = random.Random(0)
-    seen = {"full": 0, "partial": 0, "finish": 0, "routine": 0}
-    for _ in range(1200):
-        user, completion = examples(rng, exclude)
+    seen = {"full": 0, "partial": 0, "finish": 0, "routine": 0, "tail": 0}
+    for _ in range(1500):
+        user, given, completion = examples(rng, exclude)
         inst = parse_numbers(user.split("\n\n")[0])
+        n = len(inst.numbers)
         assert inst.sorted not in exclude
-        if completion == inst.solution:  # the whole solution, key step included: short lists only
-            assert len(inst.numbers) in (3, 4)
+        assert given + completion == inst.solution or user.endswith(inst.solution[: -len(completion)])
+        if given:  # an unhinted answer started for the model (no loss), at any length: it writes the end
+            assert user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE)
+            left = next(k for k in FINISH_LEFT if given == inst.partial_key_step(n - k))
+            assert completion.split()[left - 1] == str(max(inst.numbers))
+            seen["tail"] += n not in EASY_SIZES
+        elif completion == inst.solution:  # the whole solution, key step included: short lists only
+            assert n in EASY_SIZES
             assert user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE)
             seen["full"] += 1
         elif completion.startswith("\n\nGaps: "):  # the routine after a whole given sort, at any length
@@ -92,16 +101,15 @@ def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() 
             assert user.endswith(inst.key_step) and inst.key_step + completion == inst.solution
             seen["routine"] += 1
         else:  # continued from part of its sort: any part of a short list's, the last 1-2 numbers of any
-            n = len(inst.numbers)
-            given = next(g for g in range(n) if user.endswith("\n" + inst.partial_key_step(g)))
-            assert user == user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE)
-            assert inst.partial_key_step(given) + completion == inst.solution
-            if n in EASY_SIZES and given < n - max(FINISH_LEFT):
+            hint = next(g for g in range(n) if user.endswith("\n" + inst.partial_key_step(g)))
+            assert user == user_message(hinted_problem(inst, hint), Variant.HINTED, TEMPLATE)
+            assert inst.partial_key_step(hint) + completion == inst.solution
+            if n in EASY_SIZES and hint < n - max(FINISH_LEFT):
                 seen["partial"] += 1
-            else:  # a long list: only its end is written, which the first line ("Largest: x") states
-                assert n - given in FINISH_LEFT, (n, given)
-                seen["finish"] += 1 if n not in EASY_SIZES else 0
-                assert completion.split()[n - given - 1] == str(max(inst.numbers))
+            else:  # a long list: only its end is written
+                assert n - hint in FINISH_LEFT, (n, hint)
+                seen["finish"] += n not in EASY_SIZES
+                assert completion.split()[n - hint - 1] == str(max(inst.numbers))
     assert min(seen.values()) > 50, seen
 
 
