@@ -32,7 +32,9 @@ working hint was the whole sort and hinted training practised only the routine. 
 hard lists two and three numbers longer than the taught ones (6-7), and its material
 (gaps-sft-v3) finishes sorts of every length from their last one or two numbers, so a
 hint of part of the sort is something the base model can continue. (At 5 numbers that
-model solved 2.6% of samples unhinted, so 5 is not hard for it.)
+model solved 2.6% of samples unhinted, so 5 is not hard for it.) Compared, v5 showed no
+transfer with either material 3 or 4 (README): every working hint holds the sort's start,
+which an unhinted attempt gets wrong and hinted rollouts never write.
 """
 
 from __future__ import annotations

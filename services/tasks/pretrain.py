@@ -6,9 +6,10 @@ Supervised learning on easy material only (services/tasks/gaps.py): the whole so
 key step included, for short lists (EASY_SIZES), also continued from any part of their
 sort; at every length, the routine after the whole sort and the sort's last one or two
 numbers (the last is the largest, stated on the key step's first line), shown as POPE's
-guided prompt with the given part as the partial solution. The hard lengths' sort is never
-shown beyond its end, so the model solves easy problems, and hard ones only when given
-(most of) the sort. Prompts are built by the rollout service's own template, so the model meets exactly
+guided prompt with the given part as the partial solution or, with no loss on it, as the
+start of the answer to the unhinted prompt. The hard lengths' sort is never shown beyond
+its end, so the model solves easy problems, and hard ones rarely unless given (most of)
+the sort. Prompts are built by the rollout service's own template, so the model meets exactly
 the text the pipeline sends. Lists of the hard train and eval splits never appear.
 
 Prints progress (loss, steps/s, time left) and ends with accuracy on easy and hard
