@@ -100,6 +100,13 @@ def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> Example:
     return Example(user_message(problem, Variant.HINTED, TEMPLATE), "", inst.solution[len(problem.hint) :])
 
 
+def material_row(tokenizer: Any, e: Example, end: Any) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of one example: the chat up to the answer plus the given
+    start of the answer (no loss), then the completion and ``end`` (the loss)."""
+    given = tokenizer.encode(e.given, add_special_tokens=False) if e.given else []
+    return prompt_ids(tokenizer, e.user) + given, [*tokenizer.encode(e.completion, add_special_tokens=False), end]
+
+
 def corpus(n: int = 3000) -> list[str]:
     rng = random.Random(0)
     return [e.user + "\n" + e.given + e.completion for e in (examples(rng, set()) for _ in range(n))]
@@ -161,7 +168,7 @@ def report(model: Any, tokenizer: Any, n: int = 200) -> dict[str, float]:
 
 
 def pretrain(out: Path, minutes: float = 12.0, max_steps: int | None = None, seed: int = 0, batch: int = 32,
-             lr: float = 1e-3, log: TextIO | None = None) -> dict[str, Any]:  # fmt: skip
+             lr: float = 1e-3, log: TextIO | None = None, report_problems: int = 200) -> dict[str, Any]:  # fmt: skip
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def say(text: str) -> None:
@@ -186,10 +193,7 @@ def pretrain(out: Path, minutes: float = 12.0, max_steps: int | None = None, see
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(elapsed / budget_s, 1.0)))
         rows = []
         for _ in range(batch):
-            e = examples(rng, exclude)
-            given = tokenizer.encode(e.given, add_special_tokens=False) if e.given else []
-            rows.append((prompt_ids(tokenizer, e.user) + given,
-                         [*tokenizer.encode(e.completion, add_special_tokens=False), end]))  # fmt: skip
+            rows.append(material_row(tokenizer, examples(rng, exclude), end))
         ids, attn, labels = sft_batch(rows)
         loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         loss.backward()
@@ -204,7 +208,7 @@ def pretrain(out: Path, minutes: float = 12.0, max_steps: int | None = None, see
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     say(f"trained {step} steps in {(time.monotonic() - started) / 60:.1f} min; evaluating (greedy)")
-    acc = report(model, tokenizer)
+    acc = report(model, tokenizer, report_problems)
     result = {"task": TASK_VERSION, "material": MATERIAL_VERSION, "steps": step,
               "minutes": (time.monotonic() - started) / 60,
               "final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1), "accuracy": acc,

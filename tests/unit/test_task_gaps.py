@@ -120,3 +120,33 @@ def test_the_experiment_config_uses_the_template_the_base_model_learned() -> Non
     from tests.conftest import ROOT
 
     assert load_settings(RolloutSettings, ROOT / "configs" / "gaps.yaml").prompt_template == TEMPLATE
+
+
+def test_a_started_answer_is_context_and_the_rest_is_learned(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A "tail" example's given start of the answer sits in the prompt ids (no loss); the
+    loss covers exactly the rest of the solution and the end token; and pretraining runs."""
+    import json
+    import random
+
+    from transformers import AutoTokenizer
+
+    from services.engine.tiny_model import IM_END, build_tiny_model
+    from services.rollout.prompts import prompt_ids
+    from services.tasks import pretrain as p
+
+    build_tiny_model(tmp_path / "m", p.SPEC, corpus=p.corpus(300))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    end = tok.convert_tokens_to_ids(IM_END)
+    rng = random.Random(1)
+    tail = next(e for e in iter(lambda: p.examples(rng, set()), None) if e.given)
+    prompt, completion = p.material_row(tok, tail, end)
+    assert prompt[: len(prompt_ids(tok, tail.user))] == prompt_ids(tok, tail.user)
+    assert tok.decode(prompt[len(prompt_ids(tok, tail.user)) :]) == tail.given
+    assert tok.decode(completion[:-1]) == tail.completion and completion[-1] == end
+    _, _, labels = p.sft_batch([(prompt, completion)])
+    assert (labels[0, : len(prompt)] == -100).all() and labels[0, len(prompt) :].tolist() == completion
+
+    # Two steps of the real loop write a loadable model and the report (accuracy on 4 problems each).
+    result = p.pretrain(tmp_path / "base", max_steps=2, batch=4, report_problems=4)
+    assert result["steps"] == 2 and json.loads((tmp_path / "base" / "pretrain_report.json").read_text())["steps"] == 2
+    assert set(result["accuracy"]) == {"easy_unhinted", "easy_hinted", "hard_unhinted", "hard_hinted", "hard_half_sort"}
