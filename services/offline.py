@@ -174,9 +174,6 @@ def hints_build(args: Any, out: TextIO = sys.stdout) -> int:
 
 
 async def run_eval(settings: RolloutSettings, redis_url: str, ids: list[str] | None) -> EvalReport:
-    from transformers import AutoTokenizer
-
-    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
     redis = Redis.from_url(redis_url)
     try:
         problems = select(await ProblemStore(redis, Keys(settings.key_prefix)).all(), settings.evaluation.split, ids)
@@ -184,15 +181,14 @@ async def run_eval(settings: RolloutSettings, redis_url: str, ids: list[str] | N
         await redis.aclose()
     if not problems:
         raise SystemExit(f"pope eval: no problems in split {settings.evaluation.split!r} (pope data import ...)")
-    return await evaluate_problems(settings, problems, tokenizer)
+    return await evaluate_problems(settings, problems)
 
 
-async def evaluate_problems(settings: RolloutSettings, problems: list[Problem], tokenizer: Any = None) -> EvalReport:
+async def evaluate_problems(settings: RolloutSettings, problems: list[Problem]) -> EvalReport:
     """``settings.evaluation`` of ``problems`` on the engine and verifier the settings name."""
-    if tokenizer is None:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
     async with EngineClient(settings.engine_url) as engine, settings.verifier_client() as verifier:
         return await evaluate(problems, Attempter(engine, verifier, tokenizer, settings.prompt_template),
                               settings.evaluation)  # fmt: skip
