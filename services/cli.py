@@ -143,13 +143,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _experiment_parsers(sub: Any) -> None:
-    help = "POPE vs GRPO on the sorted-gaps task (matched compute), resumable; writes a table and a report"
+    help = "POPE vs GRPO on the link-chains task (matched compute), resumable; writes a table and a report"
     exp = sub.add_parser("experiment", help="POPE vs GRPO runs").add_subparsers(dest="name", required=True)
     pvg = exp.add_parser("pope-vs-grpo", help=help, description=help)
     pvg.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 of every arm (default 4)")
     pvg.add_argument("--arms", help="comma-separated subset of pope,grpo,grpo_easy,hinted_only (default: all)")
     pvg.add_argument("--dir", default="runs/experiment", help="experiment directory (default runs/experiment)")
-    demo = sub.add_parser("demo", help="a short POPE run on the sorted-gaps task and its HTML report")
+    demo = sub.add_parser("demo", help="a short POPE run on the link-chains task and its HTML report")
     demo.add_argument("--dir", default="runs/demo-pope", help="run directory (default runs/demo-pope)")
     for p in (pvg, demo):
         p.add_argument(
@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", metavar="DIR", required=True)
     init.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
     init.set_defaults(func=_model_init)
-    help = "train the sorted-gaps experiment's base model from scratch (easy material only)"
+    help = "train the POPE-vs-GRPO experiment's base model from scratch (easy material only)"
     pre = model.add_parser("pretrain", help=help, description=help + "; reports accuracy easy/hard, hinted/unhinted.")
     pre.add_argument("--out", metavar="DIR", required=True)
     pre.add_argument("--minutes", type=float, default=12.0, help="training time budget (default 12)")

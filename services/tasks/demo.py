@@ -1,4 +1,4 @@
-"""``pope demo``: one short POPE run on the sorted-gaps task and its report.
+"""``pope demo``: one short POPE run on the link-chains task and its report.
 
     pope demo [--dir runs/demo-pope] [--base-model runs/base-model]
 

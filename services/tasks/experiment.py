@@ -1,4 +1,4 @@
-"""POPE against GRPO on the sorted-gaps task, through the real services (``pope up``).
+"""POPE against GRPO on the link-chains task (services/tasks/chains.py), through the real services (``pope up``).
 
     pope experiment pope-vs-grpo --seeds 4 [--dir runs/experiment] [--base-model runs/base-model]
     (``pope demo``, services/tasks/demo.py: one short POPE run of this machinery, and its report)
@@ -11,7 +11,7 @@ rather than mixed in. Arms get the same rollouts per step (matched compute):
 
 - ``pope``: the hard problems; each one with a hint is shown hinted and unhinted, 1:1;
 - ``grpo``: the same hard problems, unhinted only (no reward where none is ever solved);
-- ``grpo_easy``: GRPO with as many easy problems (short lists) mixed in;
+- ``grpo_easy``: GRPO with as many easy problems (short chains) mixed in;
 - ``hinted_only``: the hard problems that have a hint, hinted only (the ablation).
 
 Each (arm, seed) is one ``pope up`` run in ``<dir>/runs/<arm>/seed<N>/``; its final
@@ -40,7 +40,7 @@ from services.common.messages import Problem, ProblemLabel
 from services.common.redis_server import free_port
 from services.rollout.evaluation import EvalReport
 from services.rollout.settings import EvalSettings, HintSettings
-from services.tasks.gaps import EASY_SIZES, TASK_VERSION, hard_splits, instances
+from services.tasks.chains import EASY_SIZES, TASK_VERSION, hard_splits, instances
 from services.tasks.jobs import build_hints, evaluate_model, say, summary_line
 from services.tasks.pretrain import TEMPLATE
 
@@ -142,13 +142,13 @@ def read_jsonl(path: Path) -> list[Problem]:
 
 
 def task_problems(spec: Spec) -> tuple[list[Problem], list[Problem], list[Problem]]:
-    """Hard train problems, held-out hard problems (hint: the whole sort, for hinted
-    evaluation), and easy train problems; all fixed by the task's seeds."""
+    """Hard train problems, held-out hard problems (hint: the first half of the path, for
+    hinted evaluation), and easy train problems; all fixed by the task's seeds."""
     train, held_out = hard_splits(eval=spec.eval_problems)
     hard = [i.problem("train") for i in train[: spec.train_problems]]
-    evals = [i.problem("eval").model_copy(update={"hint": i.key_step}) for i in held_out]
-    exclude = frozenset(i.sorted for i in train + held_out)
-    # Easy problems: short lists, whose sort the base model was taught.
+    evals = [i.problem("eval").model_copy(update={"hint": i.eval_hint}) for i in held_out]
+    exclude = frozenset(i.key for i in train + held_out)
+    # Easy problems: short chains, whose whole path the base model was taught.
     easy = [i.problem("train") for i in instances("pretrain", spec.train_problems, EASY_SIZES, exclude)]
     return hard, evals, [p.model_copy(update={"label": ProblemLabel.EASY}) for p in easy]
 

@@ -1,16 +1,15 @@
-"""``pope model pretrain``: the base model of the sorted-gaps experiment, trained from scratch.
+"""``pope model pretrain``: the base model of the POPE-vs-GRPO experiment, trained from scratch.
 
     pope model pretrain --out runs/base-model [--minutes 12] [--seed 0]
 
-Supervised learning on easy material only (services/tasks/gaps.py): the whole solution,
-key step included, for short lists (EASY_SIZES), also continued from any part of their
-sort; at every length, the routine after the whole sort and the sort's last one or two
-numbers (the last is the largest, stated on the key step's first line), shown as POPE's
-guided prompt with the given part as the partial solution or, with no loss on it, as the
-start of the answer to the unhinted prompt. The hard lengths' sort is never shown beyond
-its end, so the model solves easy problems, and hard ones rarely unless given (most of)
-the sort. Prompts are built by the rollout service's own template, so the model meets exactly
-the text the pipeline sends. Lists of the hard train and eval splits never appear.
+Supervised learning on easy material only (the task: services/tasks/chains.py): the whole
+solution, key step included, for short chains (EASY_SIZES), also continued from any part of
+their path; at every length (ALL_SIZES), the routine after the whole path and up to the last half of
+the path (ending on the node the problem names as the end), shown as
+POPE's guided prompt with the given part as the partial solution or, with no loss on it, as
+the start of the answer to the unhinted prompt. A long chain's path is never written from its start,
+so the model solves easy problems, and hard ones rarely unless given part of the path. Prompts are built by the rollout service's own template, so the model meets exactly
+the text the pipeline sends. Paths of the hard train and eval splits never appear.
 
 Prints progress (loss, steps/s, time left) and ends with accuracy on easy and hard
 problems, unhinted and hinted, written to ``<out>/pretrain_report.json``.
@@ -30,26 +29,27 @@ import torch
 from services.common.messages import Problem, Variant
 from services.engine.tiny_model import IM_END, TinyModelSpec, build_tiny_model
 from services.rollout.prompts import PromptTemplate, prompt_ids, user_message
-from services.tasks.gaps import EASY_SIZES, TASK_VERSION, Instance, hard_splits, make, solved
+from services.tasks.chains import ALL_SIZES, EASY_SIZES, TASK_VERSION, Instance, hard_splits, make, solved
 
 SPEC = TinyModelSpec(vocab_size=640, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                      num_kv_heads=2, head_dim=32, max_positions=1024)  # fmt: skip
-ROUTINE_SIZES = tuple(range(3, 11))
 MIX = (0.30, 0.15, 0.10, 0.30, 0.15)
 """Shares of the material: whole short solutions; short solutions continued from part of the
-sort; solutions of any length finished from all but the last one or two sorted numbers; the
-routine after a whole sort at any length; and "tails": the unhinted prompt at any length,
-its solution up to the last one or two sorted numbers given as the start of the answer
-(no loss on it), the rest learned. (Material v1 had no partial sorts, so the model could not
-use a hint shorter than the whole sort; v2 had them for short lists only, and its model
-never wrote a fifth sorted number, not even with four of five given; v3 added "finish", and
-its model broke on unhinted prompts longer than the short ones it had seen, from the first
-token: task v5, README.)"""
-FINISH_LEFT = (1, 2)
-"""How many sorted numbers a "finish" or "tail" example leaves to write: the last is the
-largest, which the key step's first line states, so these teach where a sort ends, not how
-to sort."""
-MATERIAL_VERSION = "gaps-sft-v4"
+path; solutions of any length finished from up to half their path (links_left); the
+routine after a whole path at any length; and "tails": the unhinted prompt at any length,
+its solution up to that point given as the start of the answer (no loss on it), the rest
+learned. (The same five kinds as the sorted-gaps material gaps-sft-v4, whose
+history is in services/tasks/gaps.py and the README.)"""
+def links_left(n: int) -> range:
+    """How many links a "finish" or "tail" example of an n-link chain leaves to write: up to
+    half the path (the end half), always ending on the end node the problem names, so the
+    model learns to stop by content and to look up links deep into a long chain, but never
+    writes a long chain's path from its start. (Material 1 left one or two links: its model
+    stopped one or two links after any hint of a long chain, wherever the path ended.)"""
+    return range(1, max(1, n // 2) + 1)
+
+
+MATERIAL_VERSION = "chains-sft-v2"
 # The experiment's prompt template (configurable and versioned like any): short words, so
 # the tiny model's compute goes to the task, not to reading an instruction.
 TEMPLATE = PromptTemplate(
@@ -61,7 +61,7 @@ TEMPLATE = PromptTemplate(
 
 
 def hinted_problem(inst: Instance, given: int | None = None) -> Problem:
-    """The problem with the first ``given`` numbers of its sort as the hint (all by default)."""
+    """The problem with the path up to its first ``given`` links as the hint (all by default)."""
     hint = inst.key_step if given is None else inst.partial_key_step(given)
     return inst.problem("train").model_copy(update={"hint": hint})
 
@@ -76,25 +76,25 @@ class Example(NamedTuple):
 
 
 def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> Example:
-    """One piece of pretraining material (MIX): the whole solution of a short list; a short
-    list's solution continued from part of its sort (as POPE's shorter hints give it); any
-    list's finished from its last one or two sorted numbers, as a hint or as the start of an
-    unhinted answer; or the routine after a whole sort, at any length."""
+    """One piece of pretraining material (MIX): the whole solution of a short chain; a short
+    chain's solution continued from part of its path (as POPE's shorter hints give it); any
+    chain's finished from its end half (up to half its links), as a hint or as the start of
+    an unhinted answer; or the routine after a whole path, at any length."""
     while True:
         kind = rng.choices(("full", "partial", "finish", "routine", "tail"), weights=MIX)[0]
-        inst = make(rng, rng.choice(EASY_SIZES if kind in ("full", "partial") else ROUTINE_SIZES))
-        if inst.sorted not in exclude:
+        inst = make(rng, rng.choice(EASY_SIZES if kind in ("full", "partial") else ALL_SIZES))
+        if inst.key not in exclude:
             break
-    n = len(inst.numbers)
+    n = inst.size
     if kind in ("full", "tail"):
-        head = "" if kind == "full" else inst.partial_key_step(n - rng.choice(FINISH_LEFT))
+        head = "" if kind == "full" else inst.partial_key_step(n - rng.choice(links_left(n)))
         return Example(user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), head,
                        inst.solution[len(head) :])  # fmt: skip
-    given = None  # "routine": the whole sort given
+    given = None  # "routine": the whole path given
     if kind == "partial":
         given = rng.randrange(n)
     elif kind == "finish":
-        given = n - rng.choice(FINISH_LEFT)
+        given = n - rng.choice(links_left(n))
     problem = hinted_problem(inst, given)
     assert problem.hint is not None
     return Example(user_message(problem, Variant.HINTED, TEMPLATE), "", inst.solution[len(problem.hint) :])
@@ -158,13 +158,13 @@ def report(model: Any, tokenizer: Any, n: int = 200) -> dict[str, float]:
         return [(user_message(hinted_problem(i), Variant.HINTED, TEMPLATE), i) for i in insts]
 
     def half(insts: list[Instance]) -> list[tuple[str, Instance]]:
-        return [(user_message(hinted_problem(i, len(i.numbers) // 2), Variant.HINTED, TEMPLATE), i) for i in insts]
+        return [(user_message(hinted_problem(i, i.size // 2), Variant.HINTED, TEMPLATE), i) for i in insts]
 
     return {"easy_unhinted": accuracy(model, tokenizer, plain(easy)),
             "easy_hinted": accuracy(model, tokenizer, hinted(easy)),
             "hard_unhinted": accuracy(model, tokenizer, plain(hard)),
             "hard_hinted": accuracy(model, tokenizer, hinted(hard)),
-            "hard_half_sort": accuracy(model, tokenizer, half(hard))}  # fmt: skip
+            "hard_half_key_step": accuracy(model, tokenizer, half(hard))}  # fmt: skip
 
 
 def pretrain(out: Path, minutes: float = 12.0, max_steps: int | None = None, seed: int = 0, batch: int = 32,
@@ -180,7 +180,7 @@ def pretrain(out: Path, minutes: float = 12.0, max_steps: int | None = None, see
     model = AutoModelForCausalLM.from_pretrained(out)
     end = tokenizer.convert_tokens_to_ids(IM_END)
     train, held_out = hard_splits()
-    exclude = {i.sorted for i in train + held_out}
+    exclude = {i.key for i in train + held_out}
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     budget_s = minutes * 60

@@ -1,0 +1,165 @@
+"""The link-chains task (v6): fixed, disjoint splits; reference solutions the verifier
+accepts; a checker under which near misses and guesses fail; and the base model's
+pretraining material, which teaches whole paths only on short chains."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from services.tasks.chains import (ALL_SIZES, EASY_SIZES, HARD_SIZES, TASK_VERSION, Instance, hard_splits, make,
+                                   parse, solved)  # fmt: skip
+from services.verifier.scoring import parse_gold, score_answer
+
+
+def test_an_instance_and_its_reference_solution() -> None:
+    inst = Instance(path=(23, 35, 41, 17, 52), order=(2, 0, 1, 3))
+    assert inst.prompt == "Follow the links from 23 to 52: 41 > 17, 23 > 35, 35 > 41, 17 > 52"
+    assert inst.size == 4 and inst.last == 52
+    assert inst.key_step == "Path: 23 35 41 17 52"
+    assert inst.partial_key_step(0) == "Path: 23" and inst.partial_key_step(2) == "Path: 23 35 41"
+    assert inst.eval_hint == "Path: 23 35 41"
+    assert inst.answer == "(23, 35, 41, 17, 52)"
+    assert inst.solution == "Path: 23 35 41 17 52\n\nSo the answer is \\boxed{(23, 35, 41, 17, 52)}"
+    problem = inst.problem("train")
+    assert problem.source == TASK_VERSION and problem.solution == inst.solution and problem.answer == "(23, 35, 41, 17, 52)"
+    assert parse(inst.prompt) == inst
+
+
+def test_a_prompt_that_is_not_one_path_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a link-chains"):
+        parse("Sort these numbers: 1 2 3")
+    with pytest.raises(ValueError, match="one path"):
+        parse("Follow the links from 23 to 52: 41 > 17, 23 > 35, 17 > 52")  # 35 leads nowhere
+    with pytest.raises(ValueError, match="one path"):
+        parse("Follow the links from 23 to 52: 23 > 35, 35 > 41, 41 > 17, 17 > 52, 60 > 61")  # a link off the path
+
+
+def test_splits_are_fixed_disjoint_and_hard() -> None:
+    train, held_out = hard_splits()
+    again_train, again_eval = hard_splits()
+    assert train == again_train and held_out == again_eval  # fixed by seed
+    assert len(train) == 400 and len(held_out) == 200
+    assert not {i.key for i in train} & {i.key for i in held_out}
+    assert {i.size for i in train + held_out} == set(HARD_SIZES)
+    assert not set(HARD_SIZES) & set(EASY_SIZES) and set(HARD_SIZES) <= set(ALL_SIZES)
+    assert all(len(set(i.path)) == len(i.path) and all(10 <= x <= 99 for x in i.path) for i in train)
+    assert all(parse(i.prompt) == i for i in train)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_verifier_accepts_the_reference_and_refuses_near_misses(seed: int) -> None:
+    inst = make(random.Random(seed), 8)
+    gold = parse_gold(inst.answer)
+    assert score_answer(gold, inst.solution).reward == 1.0 and solved(inst.solution, inst)
+    bare = f"So the answer is \\boxed{{{inst.answer[1:-1]}}}"  # without parentheses: still the tuple, in order
+    assert score_answer(gold, bare).reward == 1.0 and solved(bare, inst)
+    # One node wrong, two nodes swapped, or the path stopped one link early: wrong, for both.
+    path = list(inst.path)
+    off = [*path[:3], next(x for x in range(10, 100) if x not in path), *path[4:]]
+    swapped = [path[0], path[2], path[1], *path[3:]]
+    for wrong in (off, swapped, path[:-1]):
+        text = "(" + ", ".join(map(str, wrong)) + ")"
+        assert score_answer(gold, f"So the answer is \\boxed{{{text}}}").reward == 0.0
+        assert not solved(f"\\boxed{{{text}}}", inst)
+    assert not solved("no boxed answer", inst)
+
+
+def test_hints_up_to_half_the_path_fit_in_the_experiments_hint_budget() -> None:
+    """The experiment's hint search tries prefixes up to 35% of the solution's tokens: that
+    reaches past the middle of every hard path, so a hint can leave the model half the path
+    or less to write; and every cut of the path is a prefix of the solution. (Checked in
+    characters: a node is one token and three characters on the path, but the answer's
+    digits are two characters a token, so the path is a larger share of the tokens.)"""
+    from services.tasks.experiment import Spec
+
+    for inst in hard_splits()[0][:50]:
+        assert len(inst.eval_hint) < Spec().hint_settings().max_fraction * len(inst.solution)
+        assert inst.partial_key_step(inst.size) == inst.key_step
+        assert all(inst.solution.startswith(inst.partial_key_step(g) + " ") for g in range(inst.size))
+
+
+def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() -> None:
+    """Whole paths are learned only on short chains; on longer ones the model writes at most
+    the end half of the path (ending on the end node the problem names)."""
+    from services.common.messages import Variant
+    from services.rollout.prompts import user_message
+    from services.tasks.pretrain import TEMPLATE, examples, hinted_problem, links_left
+
+    train, held_out = hard_splits()
+    exclude = {i.key for i in train + held_out}
+    rng = random.Random(0)
+    seen = {"full": 0, "partial": 0, "finish": 0, "routine": 0, "tail": 0}
+    sizes = set()
+    for _ in range(1500):
+        user, given, completion = examples(rng, exclude)
+        inst = parse(user.split("\n\n")[0])
+        n = inst.size
+        sizes.add(n)
+        assert inst.key not in exclude
+        if given:  # an unhinted answer started for the model (no loss), at any length: it writes the end half
+            assert user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE)
+            left = next(k for k in links_left(n) if given == inst.partial_key_step(n - k))
+            assert given + completion == inst.solution
+            assert completion.split()[left - 1] == str(inst.last)
+            seen["tail"] += n not in EASY_SIZES
+        elif completion == inst.solution:  # the whole solution, key step included: short chains only
+            assert n in EASY_SIZES
+            assert user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE)
+            seen["full"] += 1
+        elif completion.startswith("\n\nSo the answer"):  # the routine after the whole path, at any length
+            assert user == user_message(hinted_problem(inst), Variant.HINTED, TEMPLATE)
+            assert user.endswith(inst.key_step) and inst.key_step + completion == inst.solution
+            seen["routine"] += 1
+        else:  # continued from part of its path: any part of a short chain's, the end half of any
+            hint = next(g for g in range(n) if user.endswith("\n" + inst.partial_key_step(g)))
+            assert user == user_message(hinted_problem(inst, hint), Variant.HINTED, TEMPLATE)
+            assert inst.partial_key_step(hint) + completion == inst.solution
+            if n in EASY_SIZES and n - hint not in links_left(n):
+                seen["partial"] += 1
+            else:  # a long chain: only its end is written
+                assert n - hint in links_left(n), (n, hint)
+                seen["finish"] += n not in EASY_SIZES
+                assert completion.split()[n - hint - 1] == str(inst.last)
+    assert min(seen.values()) > 50, seen
+    assert sizes == set(ALL_SIZES)
+
+
+def test_the_experiment_config_uses_the_template_the_base_model_learned() -> None:
+    from services.common.config import load_settings
+    from services.rollout.settings import RolloutSettings
+    from services.tasks.pretrain import TEMPLATE
+    from tests.conftest import ROOT
+
+    assert load_settings(RolloutSettings, ROOT / "configs" / "chains.yaml").prompt_template == TEMPLATE
+
+
+def test_a_started_answer_is_context_and_the_rest_is_learned(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A "tail" example's given start of the answer sits in the prompt ids (no loss); the
+    loss covers exactly the rest of the solution and the end token; and pretraining runs."""
+    import json
+    import random
+
+    from transformers import AutoTokenizer
+
+    from services.engine.tiny_model import IM_END, build_tiny_model
+    from services.rollout.prompts import prompt_ids
+    from services.tasks import pretrain as p
+
+    build_tiny_model(tmp_path / "m", p.SPEC, corpus=p.corpus(300))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    end = tok.convert_tokens_to_ids(IM_END)
+    rng = random.Random(1)
+    tail = next(e for e in iter(lambda: p.examples(rng, set()), None) if e.given)
+    prompt, completion = p.material_row(tok, tail, end)
+    assert prompt[: len(prompt_ids(tok, tail.user))] == prompt_ids(tok, tail.user)
+    assert tok.decode(prompt[len(prompt_ids(tok, tail.user)) :]) == tail.given
+    assert tok.decode(completion[:-1]) == tail.completion and completion[-1] == end
+    _, _, labels = p.sft_batch([(prompt, completion)])
+    assert (labels[0, : len(prompt)] == -100).all() and labels[0, len(prompt) :].tolist() == completion
+
+    # Two steps of the real loop write a loadable model and the report (accuracy on 4 problems each).
+    result = p.pretrain(tmp_path / "base", max_steps=2, batch=4, report_problems=4)
+    assert result["steps"] == 2 and json.loads((tmp_path / "base" / "pretrain_report.json").read_text())["steps"] == 2
+    assert set(result["accuracy"]) == {"easy_unhinted", "easy_hinted", "hard_unhinted", "hard_hinted", "hard_half_key_step"}
