@@ -4,12 +4,13 @@
 
 Supervised learning on easy material only (the task: services/tasks/chains.py): the whole
 solution, key step included, for short chains (EASY_SIZES), also continued from any part of
-their path; at every length (ALL_SIZES), the routine after the whole path and up to the last half of
-the path (ending on the node the problem names as the end), shown as
-POPE's guided prompt with the given part as the partial solution or, with no loss on it, as
-the start of the answer to the unhinted prompt. A long chain's path is never written from its start,
-so the model solves easy problems, and hard ones rarely unless given part of the path. Prompts are built by the rollout service's own template, so the model meets exactly
-the text the pipeline sends. Paths of the hard train and eval splits never appear.
+their path; at every length (ALL_SIZES), the routine after the whole path, and the path's
+end half at most (ending on the node the problem names as the end), shown as POPE's guided
+prompt with the given part as the partial solution or, with no loss on it, as the start of
+the answer to the unhinted prompt. A long chain's path is never written from its start, so
+the model solves easy problems, and hard ones rarely unless given part of the path. Prompts
+are built by the rollout service's own template, so the model meets exactly the text the
+pipeline sends. Paths of the hard train and eval splits never appear.
 
 Prints progress (loss, steps/s, time left) and ends with accuracy on easy and hard
 problems, unhinted and hinted, written to ``<out>/pretrain_report.json``.
@@ -40,6 +41,8 @@ routine after a whole path at any length; and "tails": the unhinted prompt at an
 its solution up to that point given as the start of the answer (no loss on it), the rest
 learned. (The same five kinds as the sorted-gaps material gaps-sft-v4, whose
 history is in services/tasks/gaps.py and the README.)"""
+
+
 def links_left(n: int) -> range:
     """How many links a "finish" or "tail" example of an n-link chain leaves to write: up to
     half the path (the end half), always ending on the end node the problem names, so the

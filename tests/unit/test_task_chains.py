@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from services.tasks.chains import (ALL_SIZES, EASY_SIZES, HARD_SIZES, TASK_VERSION, Instance, hard_splits, make,
-                                   parse, solved)  # fmt: skip
+from services.tasks import chains
+from services.tasks.chains import Instance, hard_splits, make, parse, solved
 from services.verifier.scoring import parse_gold, score_answer
 
 
@@ -23,7 +23,8 @@ def test_an_instance_and_its_reference_solution() -> None:
     assert inst.answer == "(23, 35, 41, 17, 52)"
     assert inst.solution == "Path: 23 35 41 17 52\n\nSo the answer is \\boxed{(23, 35, 41, 17, 52)}"
     problem = inst.problem("train")
-    assert problem.source == TASK_VERSION and problem.solution == inst.solution and problem.answer == "(23, 35, 41, 17, 52)"
+    assert problem.source == chains.TASK_VERSION and problem.solution == inst.solution
+    assert problem.answer == "(23, 35, 41, 17, 52)"
     assert parse(inst.prompt) == inst
 
 
@@ -42,8 +43,8 @@ def test_splits_are_fixed_disjoint_and_hard() -> None:
     assert train == again_train and held_out == again_eval  # fixed by seed
     assert len(train) == 400 and len(held_out) == 200
     assert not {i.key for i in train} & {i.key for i in held_out}
-    assert {i.size for i in train + held_out} == set(HARD_SIZES)
-    assert not set(HARD_SIZES) & set(EASY_SIZES) and set(HARD_SIZES) <= set(ALL_SIZES)
+    assert {i.size for i in train + held_out} == set(chains.HARD_SIZES)
+    assert not set(chains.HARD_SIZES) & set(chains.EASY_SIZES) and set(chains.HARD_SIZES) <= set(chains.ALL_SIZES)
     assert all(len(set(i.path)) == len(i.path) and all(10 <= x <= 99 for x in i.path) for i in train)
     assert all(parse(i.prompt) == i for i in train)
 
@@ -103,9 +104,9 @@ def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() 
             left = next(k for k in links_left(n) if given == inst.partial_key_step(n - k))
             assert given + completion == inst.solution
             assert completion.split()[left - 1] == str(inst.last)
-            seen["tail"] += n not in EASY_SIZES
+            seen["tail"] += n not in chains.EASY_SIZES
         elif completion == inst.solution:  # the whole solution, key step included: short chains only
-            assert n in EASY_SIZES
+            assert n in chains.EASY_SIZES
             assert user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE)
             seen["full"] += 1
         elif completion.startswith("\n\nSo the answer"):  # the routine after the whole path, at any length
@@ -116,14 +117,14 @@ def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() 
             hint = next(g for g in range(n) if user.endswith("\n" + inst.partial_key_step(g)))
             assert user == user_message(hinted_problem(inst, hint), Variant.HINTED, TEMPLATE)
             assert inst.partial_key_step(hint) + completion == inst.solution
-            if n in EASY_SIZES and n - hint not in links_left(n):
+            if n in chains.EASY_SIZES and n - hint not in links_left(n):
                 seen["partial"] += 1
             else:  # a long chain: only its end is written
                 assert n - hint in links_left(n), (n, hint)
-                seen["finish"] += n not in EASY_SIZES
+                seen["finish"] += n not in chains.EASY_SIZES
                 assert completion.split()[n - hint - 1] == str(inst.last)
     assert min(seen.values()) > 50, seen
-    assert sizes == set(ALL_SIZES)
+    assert sizes == set(chains.ALL_SIZES)
 
 
 def test_the_experiment_config_uses_the_template_the_base_model_learned() -> None:
@@ -162,4 +163,5 @@ def test_a_started_answer_is_context_and_the_rest_is_learned(tmp_path) -> None: 
     # Two steps of the real loop write a loadable model and the report (accuracy on 4 problems each).
     result = p.pretrain(tmp_path / "base", max_steps=2, batch=4, report_problems=4)
     assert result["steps"] == 2 and json.loads((tmp_path / "base" / "pretrain_report.json").read_text())["steps"] == 2
-    assert set(result["accuracy"]) == {"easy_unhinted", "easy_hinted", "hard_unhinted", "hard_hinted", "hard_half_key_step"}
+    kinds = {"easy_unhinted", "easy_hinted", "hard_unhinted", "hard_hinted", "hard_half_key_step"}
+    assert set(result["accuracy"]) == kinds

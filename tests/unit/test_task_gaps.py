@@ -1,5 +1,6 @@
-"""The sorted-gaps task (v1-v5, kept for the README's earlier tables): fixed, disjoint splits; reference solutions the verifier accepts;
-a checker under which near misses and guesses fail."""
+"""The sorted-gaps task (v1-v5, kept for the README's earlier tables): fixed, disjoint
+splits; reference solutions the verifier accepts; a checker under which near misses and
+guesses fail."""
 
 from __future__ import annotations
 
