@@ -42,6 +42,7 @@ import re
 from dataclasses import dataclass
 
 from services.common.messages import Problem
+from services.tasks.splits import distinct
 
 TASK_VERSION = "link-chains-v2"
 EASY_SIZES = (2, 3, 4)
@@ -120,15 +121,7 @@ def instances(split: str, count: int, sizes: tuple[int, ...] = HARD_SIZES,
               exclude: frozenset[tuple[int, ...]] = frozenset()) -> list[Instance]:  # fmt: skip
     """``count`` distinct instances of ``split`` (its fixed seed), none whose key is in
     ``exclude``; sizes cycle through ``sizes``."""
-    rng = random.Random(f"{TASK_VERSION}:{SEEDS[split]}")
-    out: list[Instance] = []
-    seen = set(exclude)
-    while len(out) < count:
-        inst = make(rng, sizes[len(out) % len(sizes)])
-        if inst.key not in seen:
-            seen.add(inst.key)
-            out.append(inst)
-    return out
+    return distinct(f"{TASK_VERSION}:{SEEDS[split]}", count, make, sizes, exclude)
 
 
 def hard_splits(train: int = 400, eval: int = 200) -> tuple[list[Instance], list[Instance]]:

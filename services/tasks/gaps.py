@@ -45,6 +45,7 @@ import re
 from dataclasses import dataclass
 
 from services.common.messages import Problem
+from services.tasks.splits import distinct
 
 TASK_VERSION = "sorted-gaps-v5"
 EASY_SIZES = (3, 4)
@@ -63,6 +64,11 @@ class Instance:
     @property
     def sorted(self) -> tuple[int, ...]:
         return tuple(sorted(self.numbers))
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        """What makes two instances the same problem (for disjoint splits): the sorted list."""
+        return self.sorted
 
     @property
     def gaps(self) -> tuple[int, ...]:
@@ -115,15 +121,7 @@ def instances(split: str, count: int, sizes: tuple[int, ...] = HARD_SIZES,
               exclude: frozenset[tuple[int, ...]] = frozenset()) -> list[Instance]:  # fmt: skip
     """``count`` distinct instances of ``split`` (its fixed seed), none whose sorted list is in
     ``exclude``; sizes cycle through ``sizes``."""
-    rng = random.Random(f"{TASK_VERSION}:{SEEDS[split]}")
-    out: list[Instance] = []
-    seen = set(exclude)
-    while len(out) < count:
-        inst = make(rng, sizes[len(out) % len(sizes)])
-        if inst.sorted not in seen:
-            seen.add(inst.sorted)
-            out.append(inst)
-    return out
+    return distinct(f"{TASK_VERSION}:{SEEDS[split]}", count, make, sizes, exclude)
 
 
 def hard_splits(train: int = 400, eval: int = 200) -> tuple[list[Instance], list[Instance]]:
