@@ -16,8 +16,8 @@ Difficulty is a property of the instance: a path of n links is right only if all
 lookups are, so a model that gets a lookup right with probability p solves it with about
 p^n, and a hint that gives the first h links raises that to p^(n-h). The base model
 (``pope model pretrain``) writes whole paths only for short chains (EASY_SIZES); on longer
-ones it is taught to write only the last one or two links, so long unhinted prompts stay
-in its distribution but its lookups there stay weak. The answer is the whole path, so a
+ones it is taught to write at most the end half of the path, so long unhinted prompts stay
+in its distribution but it never writes a long path from its start. The answer is the whole path, so a
 guess succeeds with probability about 90^-n; it is an ordered tuple in ``\\boxed{}``, which
 the normal verifier scores (order counts: two nodes swapped is wrong).
 
@@ -42,7 +42,7 @@ import re
 from dataclasses import dataclass
 
 from services.common.messages import Problem
-from services.tasks.splits import distinct
+from services.tasks.splits import distinct, train_and_held_out
 
 TASK_VERSION = "link-chains-v2"
 EASY_SIZES = (2, 3, 4)
@@ -126,8 +126,7 @@ def instances(split: str, count: int, sizes: tuple[int, ...] = HARD_SIZES,
 
 def hard_splits(train: int = 400, eval: int = 200) -> tuple[list[Instance], list[Instance]]:
     """The hard train and held-out eval splits, disjoint."""
-    held_out = instances("eval", eval)
-    return instances("train", train, exclude=frozenset(i.key for i in held_out)), held_out
+    return train_and_held_out(instances, train, eval)
 
 
 _PROMPT = re.compile(r"Follow the links from (\d+) to (\d+):((?:,?\s+\d+ > \d+)+)\s*$")

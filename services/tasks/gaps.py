@@ -45,7 +45,7 @@ import re
 from dataclasses import dataclass
 
 from services.common.messages import Problem
-from services.tasks.splits import distinct
+from services.tasks.splits import distinct, train_and_held_out
 
 TASK_VERSION = "sorted-gaps-v5"
 EASY_SIZES = (3, 4)
@@ -126,8 +126,7 @@ def instances(split: str, count: int, sizes: tuple[int, ...] = HARD_SIZES,
 
 def hard_splits(train: int = 400, eval: int = 200) -> tuple[list[Instance], list[Instance]]:
     """The hard train and held-out eval splits, disjoint."""
-    held_out = instances("eval", eval)
-    return instances("train", train, exclude=frozenset(i.sorted for i in held_out)), held_out
+    return train_and_held_out(instances, train, eval)
 
 
 def parse_numbers(prompt: str) -> Instance:

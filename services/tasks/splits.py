@@ -35,3 +35,10 @@ def distinct(seed_name: str, count: int, make: Callable[[random.Random, int], T]
             seen.add(inst.key)
             out.append(inst)
     return out
+
+
+def train_and_held_out(instances: Callable[..., list[T]], train: int, eval: int) -> tuple[list[T], list[T]]:
+    """A task's hard train and held-out eval splits, disjoint: ``instances(split, count,
+    exclude=...)`` draws a split; the train split leaves out every held-out key."""
+    held_out = instances("eval", eval)
+    return instances("train", train, exclude=frozenset(i.key for i in held_out)), held_out
