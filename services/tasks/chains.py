@@ -1,5 +1,5 @@
 """A synthetic task family whose key step is the same small computation at every position:
-*link chains* (task v6; v1-v5 were sorted gaps, services/tasks/gaps.py).
+*link chains* (tasks v6 and v7 of the experiment; v1-v5 were sorted gaps, services/tasks/gaps.py).
 
     Problem:  Follow the links from 23 to 52: 41 > 17, 23 > 35, 35 > 41, 17 > 52
     Solution: Path: 23 35 41 17 52                        <- the key step: one lookup per link
@@ -15,11 +15,15 @@ never wrote, and unhinted solving never moved through them.
 Difficulty is a property of the instance: a path of n links is right only if all n
 lookups are, so a model that gets a lookup right with probability p solves it with about
 p^n, and a hint that gives the first h links raises that to p^(n-h). The base model
-(``pope model pretrain``) writes whole paths only for short chains (EASY_SIZES); on longer
-ones it is taught to write at most the end half of the path, so long unhinted prompts stay
-in its distribution but it never writes a long path from its start. The answer is the whole path, so a
-guess succeeds with probability about 90^-n; it is an ordered tuple in ``\\boxed{}``, which
-the normal verifier scores (order counts: two nodes swapped is wrong).
+(``pope model pretrain``) works out whole paths only for short chains (EASY_SIZES); on
+longer ones it is given all but the end half of the path and works out only that end
+half. A guided answer restates the partial solution before it goes on (v3), so it is the
+same text as an unguided answer, and the end of the path that a hinted rollout works out
+comes in the same place of that text as in an unguided attempt that got the start right:
+the states POPE's hinted rollouts learn from are states unguided attempts reach too.
+The answer is the whole path, so a guess succeeds with probability about 90^-n; it is an
+ordered tuple in ``\\boxed{}``, which the normal verifier scores (order counts: two nodes
+swapped is wrong).
 
 Every node is written the same way everywhere (`` 35``: one token, space first), in the
 links, the path and the answer, so a lookup is a copy of a token the problem shows. (Task
@@ -28,11 +32,10 @@ and the answer as digit pieces; its base model could neither look up nor copy a 
 
 Splits are fixed by seeds and disjoint (no path appears in two splits); ``TASK_VERSION``
 changes whenever anything here does, so every result names the exact task it ran on.
-HARD_SIZES were chosen on the base model before the comparison: at 6 links it solved 0.5%
-of samples unhinted, at 7 and 8 none. Compared (README), v2 showed no transfer: unhinted
-attempts go wrong at the first link (99% of samples at 7 links), which every working hint
-gives, and the model learns lookups per position, so the path's end, which hinted rollouts
-write, does not teach its start.
+Compared (README): v2 (easy 2-4 links, hard 7-8; guided answers began where the hint ended)
+showed no transfer: unhinted attempts went wrong at the first link (99% of samples at 7
+links), which every working hint gives, and its hinted rollouts wrote the path's end in a
+place no unguided attempt reaches. v3: easy 2-5 links, hard 8, guided answers restate the hint.
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ from dataclasses import dataclass
 from services.common.messages import Problem
 from services.tasks.splits import distinct, train_and_held_out
 
-TASK_VERSION = "link-chains-v2"
-EASY_SIZES = (2, 3, 4)
+TASK_VERSION = "link-chains-v3"
+EASY_SIZES = (2, 3, 4, 5)
 """Chain lengths (links) whose whole path the base model is taught (easy instances)."""
-HARD_SIZES = (7, 8)
-"""Chain lengths of the hard split: the whole path is never shown at these lengths in pretraining."""
+HARD_SIZES = (8,)
+"""Chain lengths of the hard split: the whole path is never worked out at these lengths in
+pretraining. Chosen on the v3 base model before the comparison (README): sampled unhinted, it
+solved 0 of 1,984 samples at 8 links, against 1.0% at 7 links."""
 ALL_SIZES = tuple(range(2, 15))
 """Chain lengths the base model meets at all (the end of the path only, above EASY_SIZES)."""
 LOW, HIGH = 10, 99

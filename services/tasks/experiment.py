@@ -74,7 +74,8 @@ class Spec:
     steps: int = 30
     group_size: int = 8
     prompts_per_step: int = 8
-    learning_rate: float = 3e-5
+    learning_rate: float = 5e-5
+    """Task v7 (link-chains-v3) on; v6 ran at 3e-5, sorted gaps v3 at 2e-5 (each experiment.json records its own)."""
     temperature: float = 0.8
     top_p: float = 1.0
     max_new_tokens: int = 96

@@ -4,13 +4,14 @@
 
 Supervised learning on easy material only (the task: services/tasks/chains.py): the whole
 solution, key step included, for short chains (EASY_SIZES), also continued from any part of
-their path; at every length (ALL_SIZES), the routine after the whole path, and the path's
-end half at most (ending on the node the problem names as the end), shown as POPE's guided
-prompt with the given part as the partial solution or, with no loss on it, as the start of
-the answer to the unhinted prompt. A long chain's path is never written from its start, so
-the model solves easy problems, and hard ones rarely unless given part of the path. Prompts
-are built by the rollout service's own template, so the model meets exactly the text the
-pipeline sends. Paths of the hard train and eval splits never appear.
+their path; at every length (ALL_SIZES), the path's end half at most written after the rest
+of it was given, and the routine after a whole given path. Given parts come as POPE's guided
+prompt (the partial solution in the user message), and the answer *restates* the given part
+before it goes on, so a guided answer is the whole solution, written from its first token,
+the same text an unguided answer is. An unguided long chain's path is never written from
+its start, so the model solves easy problems, and hard ones rarely unless given part of the
+path. Prompts are built by the rollout service's own template, so the model meets exactly
+the text the pipeline sends. Paths of the hard train and eval splits never appear.
 
 Prints progress (loss, steps/s, time left) and ends with accuracy on easy and hard
 problems, unhinted and hinted, written to ``<out>/pretrain_report.json``.
@@ -34,17 +35,16 @@ from services.tasks.chains import ALL_SIZES, EASY_SIZES, TASK_VERSION, Instance,
 
 SPEC = TinyModelSpec(vocab_size=640, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                      num_kv_heads=2, head_dim=32, max_positions=1024)  # fmt: skip
-MIX = (0.30, 0.15, 0.10, 0.30, 0.15)
+MIX = (0.30, 0.15, 0.25, 0.30)
 """Shares of the material: whole short solutions; short solutions continued from part of the
 path; solutions of any length finished from up to half their path (links_left); the
-routine after a whole path at any length; and "tails": the unhinted prompt at any length,
-its solution up to that point given as the start of the answer (no loss on it), the rest
-learned. (The same five kinds as the sorted-gaps material gaps-sft-v4, whose
-history is in services/tasks/gaps.py and the README.)"""
+routine after a whole path at any length. Every guided answer restates what it was given.
+(Material chains-sft-v2 had a fifth kind, "tails", and guided answers that began where the
+hint ended; the README's "How the task got here" says why that changed.)"""
 
 
 def links_left(n: int) -> range:
-    """How many links a "finish" or "tail" example of an n-link chain leaves to write: up to
+    """How many links a "finish" example of an n-link chain leaves to work out: up to
     half the path (the end half), always ending on the end node the problem names, so the
     model learns to stop by content and to look up links deep into a long chain, but never
     writes a long chain's path from its start. (Material 1 left one or two links: its model
@@ -52,13 +52,13 @@ def links_left(n: int) -> range:
     return range(1, max(1, n // 2) + 1)
 
 
-MATERIAL_VERSION = "chains-sft-v2"
+MATERIAL_VERSION = "chains-sft-v3"
 # The experiment's prompt template (configurable and versioned like any): short words, so
 # the tiny model's compute goes to the task, not to reading an instruction.
 TEMPLATE = PromptTemplate(
-    version="gaps-v1",
+    version="chains-v1",
     plain_instruction="Answer in \\boxed{}.",
-    hint_instruction="Continue the partial solution.",
+    hint_instruction="Copy the partial solution and finish it.",
     hint_header="Partial solution:",
 )
 
@@ -70,49 +70,40 @@ def hinted_problem(inst: Instance, given: int | None = None) -> Problem:
 
 
 class Example(NamedTuple):
-    """One piece of pretraining material: the user message, the start of the answer given
-    without loss ("tail" examples only), and the completion the loss is on."""
+    """One piece of pretraining material: the user message and the answer (the loss is on the answer)."""
 
     user: str
-    given: str
     completion: str
 
 
 def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> Example:
     """One piece of pretraining material (MIX): the whole solution of a short chain; a short
-    chain's solution continued from part of its path (as POPE's shorter hints give it); any
-    chain's finished from its end half (up to half its links), as a hint or as the start of
-    an unhinted answer; or the routine after a whole path, at any length."""
+    chain's solution after part of its path was given (as POPE's shorter hints give it); any
+    chain's after all but its end half (up to half its links) was given; or the routine
+    after a whole given path, at any length. A guided answer is the whole solution: it
+    restates the given part and goes on."""
     while True:
-        kind = rng.choices(("full", "partial", "finish", "routine", "tail"), weights=MIX)[0]
+        kind = rng.choices(("full", "partial", "finish", "routine"), weights=MIX)[0]
         inst = make(rng, rng.choice(EASY_SIZES if kind in ("full", "partial") else ALL_SIZES))
         if inst.key not in exclude:
             break
     n = inst.size
-    if kind in ("full", "tail"):
-        head = "" if kind == "full" else inst.partial_key_step(n - rng.choice(links_left(n)))
-        return Example(user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), head,
-                       inst.solution[len(head) :])  # fmt: skip
-    given = None  # "routine": the whole path given
-    if kind == "partial":
-        given = rng.randrange(n)
-    elif kind == "finish":
-        given = n - rng.choice(links_left(n))
-    problem = hinted_problem(inst, given)
-    assert problem.hint is not None
-    return Example(user_message(problem, Variant.HINTED, TEMPLATE), "", inst.solution[len(problem.hint) :])
+    if kind == "full":
+        return Example(user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), inst.solution)
+    given = {"partial": lambda: rng.randrange(n), "finish": lambda: n - rng.choice(links_left(n)),
+             "routine": lambda: n}[kind]()  # fmt: skip
+    return Example(user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE), inst.solution)
 
 
 def material_row(tokenizer: Any, e: Example, end: Any) -> tuple[list[int], list[int]]:
-    """(prompt ids, completion ids) of one example: the chat up to the answer plus the given
-    start of the answer (no loss), then the completion and ``end`` (the loss)."""
-    given = tokenizer.encode(e.given, add_special_tokens=False) if e.given else []
-    return prompt_ids(tokenizer, e.user) + given, [*tokenizer.encode(e.completion, add_special_tokens=False), end]
+    """(prompt ids, completion ids) of one example: the chat up to the answer (no loss), then
+    the answer and ``end`` (the loss)."""
+    return prompt_ids(tokenizer, e.user), [*tokenizer.encode(e.completion, add_special_tokens=False), end]
 
 
 def corpus(n: int = 3000) -> list[str]:
     rng = random.Random(0)
-    return [e.user + "\n" + e.given + e.completion for e in (examples(rng, set()) for _ in range(n))]
+    return [e.user + "\n" + e.completion for e in (examples(rng, set()) for _ in range(n))]
 
 
 def sft_batch(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -82,8 +82,9 @@ def test_hints_up_to_half_the_path_fit_in_the_experiments_hint_budget() -> None:
 
 
 def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() -> None:
-    """Whole paths are learned only on short chains; on longer ones the model writes at most
-    the end half of the path (ending on the end node the problem names)."""
+    """Whole paths are worked out only on short chains; on longer ones the model is given all
+    but the end half of the path and works out at most that end half. Every answer is the
+    whole solution: a guided one restates its partial solution first."""
     from services.common.messages import Variant
     from services.rollout.prompts import user_message
     from services.tasks.pretrain import TEMPLATE, examples, hinted_problem, links_left
@@ -91,38 +92,28 @@ def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() 
     train, held_out = hard_splits()
     exclude = {i.key for i in train + held_out}
     rng = random.Random(0)
-    seen = {"full": 0, "partial": 0, "finish": 0, "routine": 0, "tail": 0}
+    seen = {"full": 0, "partial": 0, "finish": 0, "routine": 0}
     sizes = set()
     for _ in range(1500):
-        user, given, completion = examples(rng, exclude)
+        user, completion = examples(rng, exclude)
         inst = parse(user.split("\n\n")[0])
         n = inst.size
         sizes.add(n)
         assert inst.key not in exclude
-        if given:  # an unhinted answer started for the model (no loss), at any length: it writes the end half
-            assert user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE)
-            left = next(k for k in links_left(n) if given == inst.partial_key_step(n - k))
-            assert given + completion == inst.solution
-            assert completion.split()[left - 1] == str(inst.last)
-            seen["tail"] += n not in chains.EASY_SIZES
-        elif completion == inst.solution:  # the whole solution, key step included: short chains only
+        assert completion == inst.solution  # guided or not, the answer is the whole solution
+        if user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE):  # unguided: short chains only
             assert n in chains.EASY_SIZES
-            assert user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE)
             seen["full"] += 1
-        elif completion.startswith("\n\nSo the answer"):  # the routine after the whole path, at any length
-            assert user == user_message(hinted_problem(inst), Variant.HINTED, TEMPLATE)
-            assert user.endswith(inst.key_step) and inst.key_step + completion == inst.solution
+            continue
+        given = next(g for g in range(n + 1) if user.endswith("\n" + inst.partial_key_step(g)))
+        assert user == user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE)
+        if given == n:  # the routine after the whole path, at any length
             seen["routine"] += 1
-        else:  # continued from part of its path: any part of a short chain's, the end half of any
-            hint = next(g for g in range(n) if user.endswith("\n" + inst.partial_key_step(g)))
-            assert user == user_message(hinted_problem(inst, hint), Variant.HINTED, TEMPLATE)
-            assert inst.partial_key_step(hint) + completion == inst.solution
-            if n in chains.EASY_SIZES and n - hint not in links_left(n):
-                seen["partial"] += 1
-            else:  # a long chain: only its end is written
-                assert n - hint in links_left(n), (n, hint)
-                seen["finish"] += n not in chains.EASY_SIZES
-                assert completion.split()[n - hint - 1] == str(inst.last)
+        elif n in chains.EASY_SIZES and n - given not in links_left(n):  # any part of a short chain's path
+            seen["partial"] += 1
+        else:  # a long chain: only its end half is left to work out
+            assert n - given in links_left(n), (n, given)
+            seen["finish"] += n not in chains.EASY_SIZES
     assert min(seen.values()) > 50, seen
     assert sizes == set(chains.ALL_SIZES)
 
@@ -136,9 +127,9 @@ def test_the_experiment_config_uses_the_template_the_base_model_learned() -> Non
     assert load_settings(RolloutSettings, ROOT / "configs" / "chains.yaml").prompt_template == TEMPLATE
 
 
-def test_a_started_answer_is_context_and_the_rest_is_learned(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A "tail" example's given start of the answer sits in the prompt ids (no loss); the
-    loss covers exactly the rest of the solution and the end token; and pretraining runs."""
+def test_the_loss_is_on_the_answer_and_pretraining_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A material row's prompt ids are the pipeline's chat up to the answer (no loss); the
+    loss covers exactly the answer and the end token; and the real loop runs and reports."""
     import json
     import random
 
@@ -151,12 +142,10 @@ def test_a_started_answer_is_context_and_the_rest_is_learned(tmp_path) -> None: 
     build_tiny_model(tmp_path / "m", p.SPEC, corpus=p.corpus(300))
     tok = AutoTokenizer.from_pretrained(tmp_path / "m")
     end = tok.convert_tokens_to_ids(IM_END)
-    rng = random.Random(1)
-    tail = next(e for e in iter(lambda: p.examples(rng, set()), None) if e.given)
-    prompt, completion = p.material_row(tok, tail, end)
-    assert prompt[: len(prompt_ids(tok, tail.user))] == prompt_ids(tok, tail.user)
-    assert tok.decode(prompt[len(prompt_ids(tok, tail.user)) :]) == tail.given
-    assert tok.decode(completion[:-1]) == tail.completion and completion[-1] == end
+    example = p.examples(random.Random(1), set())
+    prompt, completion = p.material_row(tok, example, end)
+    assert prompt == prompt_ids(tok, example.user)
+    assert tok.decode(completion[:-1]) == example.completion and completion[-1] == end
     _, _, labels = p.sft_batch([(prompt, completion)])
     assert (labels[0, : len(prompt)] == -100).all() and labels[0, len(prompt) :].tolist() == completion
 
