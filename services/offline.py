@@ -34,7 +34,7 @@ from services.rollout.evaluation import EvalReport, evaluate, to_markdown
 from services.rollout.hint_builder import HintBuilder, Progress, summary_table
 from services.rollout.settings import EvalSettings, HintSettings, RolloutSettings
 from services.rollout.store import ProblemStore
-from services.up import Child, Stack
+from services.up import Child, Stack, say
 
 
 def _answers(url: str) -> bool:
@@ -123,9 +123,9 @@ def engine_and_verifier(settings: RolloutSettings, args: Any, label: str,
             children.append(child)
             settings = settings.model_copy(update={"verifier_url": verifier_url})
         if children:
-            print(f"[{label}] no {' or '.join(c.name for c in children)} answered at the configured URL: starting "
-                  f"{'them' if len(children) > 1 else 'one'} (logs in {Path(args.run_dir) / 'logs'})",
-                  file=out, flush=True)  # fmt: skip
+            names, which = " or ".join(c.name for c in children), "them" if len(children) > 1 else "one"
+            say(label, f"no {names} answered at the configured URL: starting {which} "
+                       f"(logs in {Path(args.run_dir) / 'logs'})", out)  # fmt: skip
         with running(children, Path(args.run_dir) / "logs", {}, out, label):
             yield settings, url
 

@@ -98,7 +98,12 @@ class Stack:
         self.say("all processes stopped")
 
     def say(self, text: str) -> None:
-        print(f"[{self.label}] {text}", file=self.out, flush=True)
+        say(self.label, text, self.out)
+
+
+def say(label: str, text: str, out: TextIO) -> None:
+    """One progress line of a command that runs services: ``[label] text``."""
+    print(f"[{label}] {text}", file=out, flush=True)
 
 
 def read_problems(path: Path) -> list[dict[str, Any]]:

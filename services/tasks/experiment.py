@@ -273,9 +273,8 @@ def run_one(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, out: Tex
     held_out = read_jsonl(exp_dir / "problems" / "eval.jsonl")
     report = evaluate_model(spec.eval_settings(), final, held_out, run_dir / "logs" / "eval", out)
     sittings = json_lines(run_dir / "sittings.jsonl")
-    archive = run_dir / "rollouts" / "rollouts.jsonl"
     result = {"arm": arm, "seed": seed, "status": "done", "steps": spec.steps,
-              "rollouts": sum(1 for _ in archive.open()) if archive.exists() else 0,
+              "rollouts": len(json_lines(run_dir / "rollouts" / "rollouts.jsonl")),
               "wall_s": sum(s["seconds"] for s in sittings), "after": report.model_dump(mode="json"),
               "checkpoint": str(final)}  # fmt: skip
     result_path.write_text(json.dumps(result, indent=2) + "\n")

@@ -24,10 +24,11 @@ from services.offline import engine_child, evaluate_problems, running, verifier_
 from services.rollout.evaluation import EvalReport
 from services.rollout.settings import EvalSettings, HintSettings, RolloutSettings
 from services.tasks.pretrain import TEMPLATE
+from services.up import say as say_as
 
 
 def say(text: str, out: TextIO) -> None:
-    print(f"[pope experiment] {text}", file=out, flush=True)
+    say_as("pope experiment", text, out)
 
 
 @contextlib.contextmanager
