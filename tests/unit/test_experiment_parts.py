@@ -7,7 +7,7 @@ from pathlib import Path
 
 from services.common.messages import HintSearch, Problem, ProblemLabel
 from services.tasks.demo import examples
-from services.tasks.experiment import ARMS, Spec, arm_problems, read_metrics, run_config, task_problems
+from services.tasks.experiment import ARMS, Spec, arm_problems, read_metrics, run_config, task_problems, within_reach
 
 
 def _row(step: int, variant: str, reward: float, problem: str, text: str) -> dict[str, object]:
@@ -62,3 +62,15 @@ def test_arm_problems_strip_hints_and_verdicts_for_grpo_and_keep_them_for_pope()
     assert all(p.hint is None and p.search is None for p in arms["grpo"])
     assert [p.id for p in arms["grpo"]] == [p.id for p in searched]
     assert arms["grpo_easy"][3:] == easy and all(p.label == ProblemLabel.EASY for p in easy)
+
+
+def test_a_base_that_solves_hard_problems_unhinted_is_warned_about() -> None:
+    """The comparison tests POPE only where the base never solves the hard split unhinted."""
+
+    def base(unhinted: float) -> dict[str, object]:
+        return {"k": 8, "summary": {"unhinted": {"pass@1": unhinted / 4, "pass@8": unhinted},
+                                    "hinted": {"pass@1": 0.9, "pass@8": 1.0}}}  # fmt: skip
+
+    assert within_reach(base(0.0)) is None
+    warning = within_reach(base(0.115))
+    assert warning is not None and "pass@8 0.115" in warning and "GRPO will get reward too" in warning

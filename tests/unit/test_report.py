@@ -60,6 +60,7 @@ def test_run_report_files_numbers_and_escaping(tmp_path: Path) -> None:
     page = out.read_text()
     assert '<img src="training.png"' in page and '<img src="passk.png"' in page
     assert "rose from 0.250 to 0.350" in page and "did not rise" not in page
+    assert "already solved some of them unhinted (pass@8 0.250)" in page  # the base was not at zero
     # before/after table: variant, pass@1 before/after, pass@8 before/after
     assert "<td>unhinted</td><td>0.050</td><td>0.070</td><td>0.250</td><td>0.350</td>" in page
     assert "<td>hinted</td><td>0.400</td><td>0.550</td><td>0.800</td><td>0.900</td>" in page
@@ -81,6 +82,13 @@ def test_run_report_says_when_pass_at_k_did_not_rise(tmp_path: Path) -> None:
     assert html.escape("did not rise (0.250 -> 0.250)") in page and "rose from" not in page
     assert "<td>hinted</td><td>0.400</td><td>-</td><td>0.800</td><td>-</td>" in page
     assert "No hint search summary." in page
+
+
+def test_run_report_says_nothing_of_reach_when_the_base_solved_none(tmp_path: Path) -> None:
+    data = run_data(after_unhinted_pk=0.10)
+    data["before"] = evaluation((0.0, 0.0), (0.40, 0.80))
+    page = run_report(tmp_path, data).read_text()
+    assert "rose from 0.000 to 0.100" in page and "already solved" not in page
 
 
 def experiment_data() -> dict[str, Any]:
