@@ -53,7 +53,9 @@ EASY_SIZES = (2, 3, 4, 5)
 HARD_SIZES = (8,)
 """Chain lengths of the hard split: the whole path is never worked out at these lengths in
 pretraining. Chosen on the v3 base model before the comparison (README): sampled unhinted, it
-solved 0 of 1,984 samples at 8 links, against 1.0% at 7 links."""
+solved 0 of 1,984 samples at 8 links, against 1.0% at 7 links. Other pretrainings of the same
+code stop unguided paths elsewhere (one solved 4.7% at 8 links, another 10.4%), so this holds
+for that base, not for every base ``pope model pretrain`` makes (README)."""
 ALL_SIZES = tuple(range(2, 15))
 """Chain lengths the base model meets at all (the end of the path only, above EASY_SIZES)."""
 LOW, HIGH = 10, 99
