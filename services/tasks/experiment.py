@@ -43,6 +43,7 @@ from services.rollout.settings import EvalSettings, HintSettings
 from services.tasks.chains import EASY_SIZES, TASK_VERSION, hard_splits, instances
 from services.tasks.jobs import build_hints, evaluate_model, say, summary_line
 from services.tasks.pretrain import TEMPLATE
+from services.tasks.report import within_reach
 
 
 @dataclass(frozen=True)
@@ -189,24 +190,9 @@ def prepare(exp_dir: Path, spec: Spec, base: Path, out: TextIO) -> dict[str, Any
         report = evaluate_model(spec.eval_settings(), base, evals, exp_dir / "logs" / "base-eval", out)
         base_path.write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
     base_eval = json.loads(base_path.read_text())
-    if warning := within_reach(base_eval):
-        say(warning, out)
+    if reach := within_reach(base_eval):
+        say(f"warning: on the held-out hard problems: {reach}", out)
     return {"hints": json.loads(hints_path.read_text()), "base": base_eval}
-
-
-def within_reach(base_eval: dict[str, Any]) -> str | None:
-    """A warning when the base model already solves held-out hard problems unhinted: then
-    the hard split is not out of its reach, GRPO gets reward too, and the comparison does
-    not test what POPE is for. (A base model is pretrained for a fixed time, so two
-    pretrainings differ; the README says on which base its tables were measured.)"""
-    k = int(base_eval["k"])
-    stats = base_eval["summary"].get("unhinted", {})
-    solved = stats.get(f"pass@{k}") or 0.0
-    if solved <= 0:
-        return None
-    return (f"warning: the base model already solves held-out hard problems unhinted (pass@1 "
-            f"{stats.get('pass@1', 0.0):.3f}, pass@{k} {solved:.3f}): they are not out of its reach, so GRPO "
-            "will get reward too; the README's comparison was measured on a base that solved none")  # fmt: skip
 
 
 def run_config(spec: Spec, arm: str, seed: int, run_dir: Path) -> dict[str, Any]:

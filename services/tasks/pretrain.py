@@ -47,8 +47,9 @@ def links_left(n: int) -> range:
     """How many links a "finish" example of an n-link chain leaves to work out: up to
     half the path (the end half), always ending on the end node the problem names, so the
     model learns to stop by content and to look up links deep into a long chain, but never
-    writes a long chain's path from its start. (Material 1 left one or two links: its model
-    stopped one or two links after any hint of a long chain, wherever the path ended.)"""
+    works out a long chain's path from its start (it only restates a given start). (Material
+    1 left one or two links: its model stopped one or two links after any hint of a long
+    chain, wherever the path ended.)"""
     return range(1, max(1, n // 2) + 1)
 
 
