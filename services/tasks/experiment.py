@@ -42,7 +42,7 @@ from services.rollout.evaluation import EvalReport
 from services.rollout.settings import EvalSettings, HintSettings
 from services.tasks.chains import EASY_SIZES, TASK_VERSION, hard_splits, instances
 from services.tasks.jobs import build_hints, evaluate_model, say, summary_line
-from services.tasks.pretrain import TEMPLATE
+from services.tasks.pretrain import TEMPLATE, weights_sha256
 from services.tasks.report import within_reach
 
 
@@ -96,13 +96,6 @@ class Spec:
         return HintSettings(k=self.hint_k, k_hint=self.hint_k_hint, max_new_tokens=self.max_new_tokens,
                             temperature=self.temperature, top_p=self.top_p, concurrency=8,
                             max_fraction=0.35)  # fmt: skip
-
-
-def weights_sha256(model_dir: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(model_dir.glob("*.safetensors")):
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 # --- preparing: problems, hints, the base model's evaluation -----------------------------
