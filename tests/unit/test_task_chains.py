@@ -155,5 +155,5 @@ def test_the_loss_is_on_the_answer_and_pretraining_runs(tmp_path) -> None:  # ty
     result = p.pretrain(tmp_path / "base", steps=2, batch=4, report_problems=4)
     assert result["steps"] == 2 and json.loads((tmp_path / "base" / "pretrain_report.json").read_text())["steps"] == 2
     kinds = {"easy_unhinted", "easy_hinted", "hard_unhinted", "hard_hinted", "hard_half_key_step",
-             "hard_end_third_left"}
+             "hard_end_third_left"}  # fmt: skip
     assert set(result["accuracy"]) == kinds
