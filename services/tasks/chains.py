@@ -1,5 +1,5 @@
 """A synthetic task family whose key step is the same small computation at every position:
-*link chains* (tasks v6 and v7 of the experiment; v1-v5 were sorted gaps, services/tasks/gaps.py).
+*link chains* (tasks v6-v8 of the experiment; v1-v5 were sorted gaps, services/tasks/gaps.py).
 
     Problem:  Follow the links from 23 to 52: 41 > 17, 23 > 35, 35 > 41, 17 > 52
     Solution: Path: 23 35 41 17 52                        <- the key step: one lookup per link
@@ -35,7 +35,10 @@ changes whenever anything here does, so every result names the exact task it ran
 Compared (README): v2 (easy 2-4 links, hard 7-8; guided answers began where the hint ended)
 showed no transfer: unhinted attempts went wrong at the first link (99% of samples at 7
 links), which every working hint gives, and its hinted rollouts wrote the path's end in a
-place no unguided attempt reaches. v3: easy 2-5 links, hard 8, guided answers restate the hint.
+place no unguided attempt reaches. v3: easy 2-5 links, hard 8, guided answers restate the
+hint; POPE above GRPO on its base, but other pretrainings solved 8 links unguided. v4:
+pretraining leaves at most the end third of a long path, hard 12: no arm solved a hard
+problem unhinted (POPE's hints gave 9 of 12 links; unguided attempts erred at the first ones).
 """
 
 from __future__ import annotations

@@ -51,7 +51,9 @@ def links_left(n: int) -> range:
     works out a long chain's path from its start (it only restates a given start). Material
     v3 left up to half: where its base models' unguided paths stopped was erratic across
     pretrainings, and some solved long chains unguided; with a third, five pretrainings
-    solved none of 11-14 links unguided (README, "How the task got here"). (Material 1 left
+    solved none of 11-14 links unguided, but the first lookups of a long chain, which this
+    material never shows, go wrong unguided, and no hint of the end third teaches them
+    (README, "Result on task v8"). (Material 1 left
     one or two links: its model stopped one or two links after any hint of a long chain,
     wherever the path ended.)"""
     return range(1, max(1, n // 3) + 1)
@@ -169,14 +171,15 @@ def report(model: Any, tokenizer: Any, n: int = 200) -> dict[str, float]:
 
 STEPS = 2700
 """Pretraining length: the base model is a function of the code and the seed alone (about
-12 minutes on 2 cores). Material v3 trained for a wall-clock budget with the learning rate
+13 minutes on 2 cores). Material v3 trained for a wall-clock budget with the learning rate
 annealed over time, so two pretrainings of one commit differed (README)."""
 
 
 def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32, lr: float = 1e-3,
              log: TextIO | None = None, report_problems: int = 200) -> dict[str, Any]:  # fmt: skip
     """Train the base model for ``steps`` steps (cosine learning rate over the steps) into
-    ``out``; deterministic for a given code, seed and machine (one process, fixed threads)."""
+    ``out``; deterministic for a given code and seed on one kind of machine with the same
+    number of torch threads (float sums can round differently elsewhere)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def say(text: str) -> None:
