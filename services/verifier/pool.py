@@ -6,7 +6,10 @@ expression can eat memory. So each answer gets ``timeout_s`` seconds, measured h
 the parent; a worker past it is killed (SIGKILL) and replaced, the answer scores 0 with
 ``timed_out``, and the rest of the group goes on in the fresh worker. A worker that dies
 on its own (a crash, the memory limit, someone's ``kill -9``) is replaced the same way
-and its answer is reported with an error. Nothing can hang or crash the service.
+and its answer is reported with an error. Nothing can hang or crash the service. A worker
+also caps its own CPU time per answer (twice the limit, enforced by the kernel), so one
+left behind by a verifier that was itself killed (``kill -9``, the OOM killer) stops within
+seconds instead of spinning on for minutes with nobody to kill it.
 
 Workers are forked from a forkserver that has math-verify imported already, so a
 replacement is ready in milliseconds rather than the seconds a fresh import takes.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import multiprocessing as mp
 import os
 import resource
@@ -44,9 +48,21 @@ _ctx = mp.get_context("forkserver")
 _ctx.set_forkserver_preload(["services.verifier.scoring", "math_verify"])
 
 
-def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
-    """Runs in the worker process: (gold, answers) tasks in, scores out, one by one."""
+def _limit_cpu(seconds: int) -> None:
+    """Let this process use at most ``seconds`` more CPU seconds; past that the kernel ends
+    it (SIGXCPU), whatever it is doing, C-level sympy work included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    _, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    soft = math.ceil(usage.ru_utime + usage.ru_stime) + seconds
+    resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
+def _worker_main(conn: Connection, memory_limit_mb: int | None, cpu_limit_s: int) -> None:
+    """Runs in the worker process: (gold, answers) tasks in, scores out, one by one; each
+    parse and score may use at most ``cpu_limit_s`` CPU seconds (the parent's wall-clock
+    limit comes first while the parent lives)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a worker ended by its CPU cap leaves no core file
     if memory_limit_mb:
         limit = memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -61,6 +77,7 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
         if task is None:
             return
         gold, answers = task
+        _limit_cpu(cpu_limit_s)
         try:
             gold_parsed = parse_gold(gold)
         except Exception as exc:
@@ -68,6 +85,7 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
             log.warning("gold %r failed to parse: %s", gold, exc)
         conn.send(("gold", None))
         for i, answer in enumerate(answers):
+            _limit_cpu(cpu_limit_s)
             try:
                 score = score_answer(gold_parsed, answer)
             except MemoryError:
@@ -174,7 +192,8 @@ class ScoringPool:
 
     def _spawn(self) -> _Proc:
         parent, child = _ctx.Pipe()
-        process = _ctx.Process(target=_worker_main, args=(child, self.memory_limit_mb), daemon=True,
+        cpu_limit_s = 2 * math.ceil(self.timeout_s) + 1  # never reached while this process lives
+        process = _ctx.Process(target=_worker_main, args=(child, self.memory_limit_mb, cpu_limit_s), daemon=True,
                                name="pope-verifier-worker")  # fmt: skip
         process.start()
         child.close()

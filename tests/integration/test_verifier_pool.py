@@ -66,3 +66,17 @@ async def test_garbage_and_huge_inputs_do_not_break_scoring(pool: ScoringPool) -
     scores = await pool.score("1", weird)
     assert len(scores) == len(weird) and all(s.reward == 0.0 for s in scores)
     assert pool.alive()
+
+
+def test_a_worker_whose_parent_is_gone_stops_itself() -> None:
+    """A verifier killed with SIGKILL cannot kill its busy worker; the worker's own CPU cap
+    (2 CPU seconds here) must end it while it spins on the tower, long before math-verify would."""
+    from services.verifier.pool import _ctx, _worker_main
+
+    parent, child = _ctx.Pipe()
+    worker = _ctx.Process(target=_worker_main, args=(child, None, 2), daemon=True)
+    worker.start()
+    child.close()
+    parent.send(("2", [TOWER]))  # nobody will kill it: this test only waits
+    worker.join(30)
+    assert worker.exitcode == -signal.SIGXCPU, worker.exitcode
