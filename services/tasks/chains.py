@@ -1,5 +1,5 @@
 """A synthetic task family whose key step is the same small computation at every position:
-*link chains* (tasks v6-v8 of the experiment; v1-v5 were sorted gaps, services/tasks/gaps.py).
+*link chains* (tasks v6-v9 of the experiment; v1-v5 were sorted gaps, services/tasks/gaps.py).
 
     Problem:  Follow the links from 23 to 52: 41 > 17, 23 > 35, 35 > 41, 17 > 52
     Solution: Path: 23 35 41 17 52                        <- the key step: one lookup per link
@@ -16,9 +16,9 @@ Difficulty is a property of the instance: a path of n links is right only if all
 lookups are, so a model that gets a lookup right with probability p solves it with about
 p^n, and a hint that gives the first h links raises that to p^(n-h). The base model
 (``pope model pretrain``) works out whole paths only for short chains (EASY_SIZES); on
-longer ones it is given all but the end third of the path and works out only that end
-third. A guided answer restates the partial solution before it goes on (v3), so it is the
-same text as an unguided answer, and the end of the path that a hinted rollout works out
+longer ones it is given at least the first half of the path and works out the rest. A
+guided answer restates the partial solution before it goes on (v3), so it is the same
+text as an unguided answer, and the end of the path that a hinted rollout works out
 comes in the same place of that text as in an unguided attempt that got the start right:
 the states POPE's hinted rollouts learn from are states unguided attempts reach too.
 The answer is the whole path, so a guess succeeds with probability about 90^-n; it is an
@@ -39,6 +39,7 @@ place no unguided attempt reaches. v3: easy 2-5 links, hard 8, guided answers re
 hint; POPE above GRPO on its base, but other pretrainings solved 8 links unguided. v4:
 pretraining leaves at most the end third of a long path, hard 12: no arm solved a hard
 problem unhinted (POPE's hints gave 9 of 12 links; unguided attempts erred at the first ones).
+v5: v3's material and hard length on a base pretrained by steps, so it can be made again.
 """
 
 from __future__ import annotations
@@ -50,16 +51,18 @@ from dataclasses import dataclass
 from services.common.messages import Problem
 from services.tasks.splits import distinct, train_and_held_out
 
-TASK_VERSION = "link-chains-v4"
+TASK_VERSION = "link-chains-v5"
 EASY_SIZES = (2, 3, 4, 5)
 """Chain lengths (links) whose whole path the base model is taught (easy instances)."""
-HARD_SIZES = (12,)
+HARD_SIZES = (8,)
 """Chain lengths of the hard split: the whole path is never worked out at these lengths in
-pretraining. Chosen for task v4 before its comparison from a sweep of pretrainings (README,
-"How the task got here"): five pretrainings of material v4 (seeds 3-7, on a GPU) solved 0 of
-512 sampled unguided attempts at each of 11-14 links, while one of them solved 26% at 10
-links. (Task v3 had 8 links, chosen on one base model; other pretrainings of its material
-solved 5-10% there.)"""
+pretraining. For task v5 (the README's v9) chosen on its base model (material v3,
+2,700 steps, seed 0, weights sha256 4e0dd207...) before its comparison: sampled (48 chains
+x 8, temperature 0.8) it solved 0 of 384 unguided attempts at every length from 6 to 14
+links, and at 8 links 366 of 384 had the first 5 links right, then ended the path early;
+given the first 1, 2 or 3 links of an 8-link path it solved 0.487, 0.768 and 0.987 of them.
+(Task v4 had 12 links, chosen from a sweep of pretrainings of material v4; task v3 had 8,
+chosen on a base that could not be made again.)"""
 ALL_SIZES = tuple(range(2, 15))
 """Chain lengths the base model meets at all (the end of the path only, above EASY_SIZES)."""
 LOW, HIGH = 10, 99

@@ -4,7 +4,7 @@
 
 Supervised learning on easy material only (the task: services/tasks/chains.py): the whole
 solution, key step included, for short chains (EASY_SIZES), also continued from any part of
-their path; at every length (ALL_SIZES), the path's end third at most written after the rest
+their path; at every length (ALL_SIZES), the path's end half at most written after the rest
 of it was given, and the routine after a whole given path. Given parts come as POPE's guided
 prompt (the partial solution in the user message), and the answer *restates* the given part
 before it goes on, so a guided answer is the whole solution, written from its first token,
@@ -39,28 +39,27 @@ SPEC = TinyModelSpec(vocab_size=640, hidden_size=128, intermediate_size=384, num
                      num_kv_heads=2, head_dim=32, max_positions=1024)  # fmt: skip
 MIX = (0.30, 0.15, 0.25, 0.30)
 """Shares of the material: whole short solutions; short solutions continued from part of the
-path; solutions of any length finished from up to a third of their path (links_left); the
+path; solutions of any length finished from up to half their path (links_left); the
 routine after a whole path at any length. Every guided answer restates what it was given.
 (Material chains-sft-v2 had a fifth kind, "tails", and guided answers that began where the
 hint ended; the README's "How the task got here" says why that changed.)"""
 
 
 def links_left(n: int) -> range:
-    """How many links a "finish" example of an n-link chain leaves to work out: up to a
-    third of the path (its end), always ending on the end node the problem names, so the
-    model learns to stop by content and to look up links deep into a long chain, but never
-    works out a long chain's path from its start (it only restates a given start). Material
-    v3 left up to half: where its base models' unguided paths stopped was erratic across
-    pretrainings, and some solved long chains unguided; with a third, five pretrainings
-    solved none of 11-14 links unguided, but the first lookups of a long chain, which this
-    material never shows, go wrong unguided, and no hint of the end third teaches them
-    (README, "Result on task v8"). (Material 1 left
-    one or two links: its model stopped one or two links after any hint of a long chain,
+    """How many links a "finish" example of an n-link chain leaves to work out: up to half
+    the path (its end half), always ending on the end node the problem names, so the model
+    learns to stop by content and to look up links from the middle of a long chain on, but
+    never works out a long chain's path from its start (it only restates a given start).
+    This is material v3 (task v7, and task v9 with pretraining by steps). Material v4 (task
+    v8) left up to a third: five pretrainings on a GPU solved none of 11-14 links unguided,
+    but the first lookups of a long chain, which it never shows, went wrong unguided, and no
+    hint of the end third teaches them (README, "Result on task v8"). (Material 1 left one
+    or two links: its model stopped one or two links after any hint of a long chain,
     wherever the path ended.)"""
-    return range(1, max(1, n // 3) + 1)
+    return range(1, max(1, n // 2) + 1)
 
 
-MATERIAL_VERSION = "chains-sft-v4"
+MATERIAL_VERSION = "chains-sft-v3"
 # The experiment's prompt template (configurable and versioned like any): short words, so
 # the tiny model's compute goes to the task, not to reading an instruction.
 TEMPLATE = PromptTemplate(
@@ -87,7 +86,7 @@ class Example(NamedTuple):
 def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> Example:
     """One piece of pretraining material (MIX): the whole solution of a short chain; a short
     chain's solution after part of its path was given (as POPE's shorter hints give it); any
-    chain's after all but its end third (up to a third of its links) was given; or the routine
+    chain's after all but its end half (up to half its links) was given; or the routine
     after a whole given path, at any length. A guided answer is the whole solution: it
     restates the given part and goes on."""
     while True:
