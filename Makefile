@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # POPE on the link-chains task, on this machine, through the real services (`pope up`):
-# pretrains the base model once (about 13 min; kept in runs/base-model), then a short POPE
+# pretrains the base model once (13-15 min; kept in runs/base-model), then a short POPE
 # run (about 10 min) and its report: runs/demo-pope/report.html. Each `make demo` starts
 # the run afresh; the base model, its hints and its evaluation are reused.
 BASE_MODEL := runs/base-model

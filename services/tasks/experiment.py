@@ -311,7 +311,7 @@ def base_model_or_exit(base: Path) -> Path:
     from services.common.config import model_dir_problem
 
     if problem := model_dir_problem(str(base), "pope experiment"):
-        raise SystemExit(f"{problem}\nmake the base model first: pope model pretrain --out {base}  (about 13 min)")
+        raise SystemExit(f"{problem}\nmake the base model first: pope model pretrain --out {base}  (13-15 min)")
     return base
 
 
