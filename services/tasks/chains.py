@@ -103,11 +103,16 @@ class Instance:
         return "Path: " + " ".join(map(str, self.path[: given + 1]))
 
     @property
+    def eval_links(self) -> int:
+        """How many links the held-out split's hinted evaluation gives: the first half of the
+        path (the whole path would leave only a copy to write, as the sorted-gaps split's whole
+        sort left only the routine)."""
+        return self.size // 2
+
+    @property
     def eval_hint(self) -> str:
-        """The hint of the held-out split's hinted evaluation: the first half of the path (the
-        whole path would leave only a copy to write, as the sorted-gaps split's whole sort
-        left only the routine)."""
-        return self.partial_key_step(self.size // 2)
+        """The hint of the held-out split's hinted evaluation (``eval_links`` links)."""
+        return self.partial_key_step(self.eval_links)
 
     @property
     def last(self) -> int:

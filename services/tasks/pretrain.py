@@ -158,16 +158,16 @@ def report(model: Any, tokenizer: Any, n: int = 200) -> dict[str, float]:
     def hinted(insts: list[Instance]) -> list[tuple[str, Instance]]:
         return [(user_message(hinted_problem(i), Variant.HINTED, TEMPLATE), i) for i in insts]
 
-    def given(insts: list[Instance], links: Callable[[int], int]) -> list[tuple[str, Instance]]:
-        """Hinted with the first ``links(size)`` links of each path given."""
-        return [(user_message(hinted_problem(i, links(i.size)), Variant.HINTED, TEMPLATE), i) for i in insts]
+    def given(insts: list[Instance], links: Callable[[Instance], int]) -> list[tuple[str, Instance]]:
+        """Hinted with the first ``links(instance)`` links of each path given."""
+        return [(user_message(hinted_problem(i, links(i)), Variant.HINTED, TEMPLATE), i) for i in insts]
 
     return {"easy_unhinted": accuracy(model, tokenizer, plain(easy)),
             "easy_hinted": accuracy(model, tokenizer, hinted(easy)),
             "hard_unhinted": accuracy(model, tokenizer, plain(hard)),
             "hard_hinted": accuracy(model, tokenizer, hinted(hard)),
-            "hard_half_key_step": accuracy(model, tokenizer, given(hard, lambda n: n // 2)),  # the eval's hint
-            "hard_end_third_left": accuracy(model, tokenizer, given(hard, lambda n: n - n // 3))}  # fmt: skip
+            "hard_half_key_step": accuracy(model, tokenizer, given(hard, lambda i: i.eval_links)),
+            "hard_end_third_left": accuracy(model, tokenizer, given(hard, lambda i: i.size - i.size // 3))}  # fmt: skip
 
 
 STEPS = 2700
