@@ -128,7 +128,8 @@ def _experiment(args: argparse.Namespace) -> int:
     from services.tasks.experiment import ARMS, Spec, base_model_or_exit, experiment, spec_with
 
     base = base_model_or_exit(Path(args.base_model))
-    spec = spec_with(Spec(), base, steps=args.steps, learning_rate=args.lr, train_problems=args.train_problems)
+    spec = spec_with(Spec(), base, args.trainer, steps=args.steps, learning_rate=args.lr,
+                     train_problems=args.train_problems)  # fmt: skip
     arms = args.arms.split(",") if args.arms else list(ARMS)
     return _interruptible(lambda: experiment(Path(args.dir), base, args.seeds, arms, spec))
 
@@ -138,8 +139,8 @@ def _demo(args: argparse.Namespace) -> int:
     from services.tasks.experiment import base_model_or_exit, spec_with
 
     base = base_model_or_exit(Path(args.base_model))
-    return _interruptible(lambda: demo(Path(args.dir), base, spec_with(DEMO_SPEC, base, steps=args.steps,
-                                                                       learning_rate=args.lr)))  # fmt: skip
+    spec = spec_with(DEMO_SPEC, base, args.trainer, steps=args.steps, learning_rate=args.lr)
+    return _interruptible(lambda: demo(Path(args.dir), base, spec))
 
 
 def _experiment_parsers(sub: Any) -> None:
@@ -157,6 +158,8 @@ def _experiment_parsers(sub: Any) -> None:
         )
         p.add_argument("--steps", type=int, help="trainer steps per run (frozen with the experiment)")
         p.add_argument("--lr", type=float, help="learning rate (frozen with the experiment)")
+        help = "a trainer setting, e.g. kl_coef=0.05 (repeatable; frozen with the experiment)"
+        p.add_argument("--trainer", action="append", default=[], metavar="KEY=VALUE", help=help)
     pvg.add_argument("--train-problems", type=int, help="hard train problems (frozen with the experiment)")
     pvg.set_defaults(func=_experiment)
     demo.set_defaults(func=_demo)

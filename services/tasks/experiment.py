@@ -310,11 +310,46 @@ def experiment(exp_dir: Path, base: Path, seeds: int, arms: list[str], spec: Spe
 def base_model_or_exit(base: Path) -> Path:
     from services.common.config import model_dir_problem
 
-    if problem := model_dir_problem(str(base), "pope experiment"):
+    if problem := model_dir_problem(str(base), "experiment"):
         raise SystemExit(f"{problem}\nmake the base model first: pope model pretrain --out {base}  (13-15 min)")
     return base
 
 
-def spec_with(spec: Spec, base: Path, **overrides: Any) -> Spec:
+RUN_OWNED = {"port", "engine_url", "model_path", "checkpoint_dir", "metrics_log", "tensorboard_dir", "group_size",
+             "prompts_per_step", "max_new_tokens", "seed", "max_steps", "consumer_name"}  # fmt: skip
+"""Trainer settings each run sets itself (or the experiment's own settings set)."""
+
+
+def trainer_extra(pairs: list[str], start: dict[str, Any]) -> dict[str, Any]:
+    """``--trainer KEY=VALUE`` options (VALUE read as YAML) over ``start``, each checked
+    against the trainer's settings: a typo or a bad value stops here, not in a run's trainer."""
+    from pydantic import ValidationError
+
+    from services.trainer.settings import TrainerSettings
+
+    extra = dict(start)
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SystemExit(f"pope: --trainer takes KEY=VALUE, got {pair!r}")
+        if key == "learning_rate":
+            raise SystemExit("pope: set the learning rate with --lr")
+        if key in RUN_OWNED or key not in TrainerSettings.model_fields:
+            raise SystemExit(f"pope: --trainer {key}: not a trainer setting an experiment can change "
+                             "(see pope config show trainer)")  # fmt: skip
+        value = yaml.safe_load(text) if text.strip() else None
+        try:
+            TrainerSettings.model_validate({key: value})
+        except ValidationError as e:
+            raise SystemExit(f"pope: --trainer {pair}: {e.errors()[0]['msg']}") from None
+        extra[key] = value
+    return extra
+
+
+def spec_with(spec: Spec, base: Path, trainer: list[str] | None = None, **overrides: Any) -> Spec:
+    """``spec`` with the options given (None: not given), ``--trainer`` settings over its own
+    extra ones, and the base model's hash."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    return Spec(**{**asdict(spec), **given, "base_model_sha256": weights_sha256(base)})
+    extra = trainer_extra(trainer or [], spec.extra)
+    return Spec(**{**asdict(spec), **given, "extra": extra, "base_model_sha256": weights_sha256(base)})

@@ -5,9 +5,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from services.common.messages import HintSearch, Problem, ProblemLabel
 from services.tasks.demo import examples
-from services.tasks.experiment import ARMS, Spec, arm_problems, read_metrics, run_config, task_problems, within_reach
+from services.tasks.experiment import (
+    ARMS,
+    Spec,
+    arm_problems,
+    read_metrics,
+    run_config,
+    task_problems,
+    trainer_extra,
+    within_reach,
+)
 
 
 def _row(step: int, variant: str, reward: float, problem: str, text: str) -> dict[str, object]:
@@ -74,3 +85,15 @@ def test_a_base_that_solves_hard_problems_unhinted_is_warned_about() -> None:
     assert within_reach(base(0.0)) is None
     warning = within_reach(base(0.115))
     assert warning is not None and "pass@8 0.115" in warning and "GRPO will get reward too" in warning
+
+
+def test_trainer_options_are_checked_against_the_trainers_settings_and_reach_every_run(tmp_path: Path) -> None:
+    extra = trainer_extra(["kl_coef=0.05", "lr_schedule=cosine", "tis_cap="], {"grad_clip": 1.0, "kl_coef": 0.1})
+    assert extra == {"grad_clip": 1.0, "kl_coef": 0.05, "lr_schedule": "cosine", "tis_cap": None}
+    config = run_config(Spec(extra=extra), "grpo", 0, tmp_path)
+    assert config["trainer"]["kl_coef"] == 0.05 and config["trainer"]["grad_clip"] == 1.0
+    for bad, says in [("kl_coef", "KEY=VALUE"), ("kl_coef=-1", "greater than or equal to 0"),
+                      ("kl_coeff=0.1", "not a trainer setting"), ("checkpoint_dir=/tmp", "not a trainer setting"),
+                      ("learning_rate=1e-4", "--lr"), ("lr_schedule=linear", "'constant'")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=says):
+            trainer_extra([bad], {})
