@@ -242,12 +242,30 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 def run_one(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, out: TextIO) -> dict[str, Any]:
     """One (arm, seed): train through ``pope up`` (resuming if begun), evaluate, mark done."""
     from services.trainer.checkpoint import latest
-    from services.up import up
 
     run_dir = run_path(exp_dir, arm, seed)
     result_path = run_dir / "result.json"
     if result_path.exists():
         return dict(json.loads(result_path.read_text()))
+    train(exp_dir, spec, base, arm, seed, out)
+    final = latest(run_dir / "checkpoints")
+    assert final is not None
+    held_out = read_jsonl(exp_dir / "problems" / "eval.jsonl")
+    report = evaluate_model(spec.eval_settings(), final, held_out, run_dir / "logs" / "eval", out)
+    sittings = json_lines(run_dir / "sittings.jsonl")
+    result = {"arm": arm, "seed": seed, "status": "done", "steps": spec.steps,
+              "rollouts": len(json_lines(run_dir / "rollouts" / "rollouts.jsonl")),
+              "wall_s": sum(s["seconds"] for s in sittings), "after": report.model_dump(mode="json"),
+              "checkpoint": str(final)}  # fmt: skip
+    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def train(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, out: TextIO) -> Path:
+    """Train (arm, seed) through ``pope up`` to ``spec.steps``, resuming if begun; its run directory."""
+    from services.up import up
+
+    run_dir = run_path(exp_dir, arm, seed)
     if not read_jsonl(exp_dir / "problems" / f"{arm}.jsonl"):
         raise SystemExit(f"pope experiment: arm {arm} has no problems to train on (see the hint search above); "
                          "leave it out with --arms")  # fmt: skip
@@ -269,17 +287,7 @@ def run_one(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, out: Tex
         if code != 0 or reached < spec.steps:
             raise SystemExit(f"pope experiment: {arm} seed {seed} stopped at step {reached} of {spec.steps}; "
                              "run the same command to resume it")  # fmt: skip
-    final = latest(run_dir / "checkpoints")
-    assert final is not None
-    held_out = read_jsonl(exp_dir / "problems" / "eval.jsonl")
-    report = evaluate_model(spec.eval_settings(), final, held_out, run_dir / "logs" / "eval", out)
-    sittings = json_lines(run_dir / "sittings.jsonl")
-    result = {"arm": arm, "seed": seed, "status": "done", "steps": spec.steps,
-              "rollouts": len(json_lines(run_dir / "rollouts" / "rollouts.jsonl")),
-              "wall_s": sum(s["seconds"] for s in sittings), "after": report.model_dump(mode="json"),
-              "checkpoint": str(final)}  # fmt: skip
-    result_path.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return run_dir
 
 
 def experiment(exp_dir: Path, base: Path, seeds: int, arms: list[str], spec: Spec,
