@@ -81,8 +81,9 @@ def test_batch_and_n_are_ordered_by_prompt(engine_url: str) -> None:
     assert isinstance(single, dict)
 
 
-async def test_logprobs_equal_a_plain_forward_pass(engine_url: str, hf_model: Any) -> None:
-    temperature = 0.7
+async def sampled_logprob_gap(engine_url: str, hf_model: Any, temperature: float = 0.7) -> float:
+    """The largest gap between the engine's logprobs of a sampled batch and a plain forward
+    pass of ``hf_model`` (log_softmax(logits / T)) on the same tokens."""
     params = SamplingParams(max_new_tokens=12, temperature=temperature, top_p=0.9, sampling_seed=11)
     async with EngineClient(engine_url) as engine:
         outs = await engine.generate(PROMPTS, params)  # a padded batch of different lengths
@@ -94,6 +95,11 @@ async def test_logprobs_equal_a_plain_forward_pass(engine_url: str, hf_model: An
         logp = torch.log_softmax(logits / temperature, dim=-1)
         expected = [logp[len(prompt) - 1 + i, tok].item() for i, tok in enumerate(out.output_ids)]
         worst = max(worst, *(abs(a - b) for a, b in zip(expected, out.logprobs, strict=True)))
+    return worst
+
+
+async def test_logprobs_equal_a_plain_forward_pass(engine_url: str, hf_model: Any) -> None:
+    worst = await sampled_logprob_gap(engine_url, hf_model)
     assert worst < 1e-4, f"engine logprobs differ from log_softmax(logits / T) by up to {worst}"
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from transformers import AutoModelForCausalLM
 
 from services.common.engine_client import EngineClient, EngineError, SamplingParams
 from services.common.redis_server import free_port
@@ -18,7 +19,7 @@ from services.engine.runtime import EngineRuntime
 from services.engine.server import create_app
 from services.engine.tiny_model import TinyModelSpec, build_tiny_model
 from tests.conftest import running_engine
-from tests.integration.test_engine import PROMPTS, wait_running
+from tests.integration.test_engine import PROMPTS, sampled_logprob_gap, wait_running
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
 
@@ -52,6 +53,10 @@ async def test_weight_update_changes_outputs_and_reports_the_version(
         after = await client.generate(PROMPTS, GREEDY)
         assert {o.weight_version for o in after} == {1} and await client.weight_version() == 1
         assert [o.output_ids for o in after] != [o.output_ids for o in before]
+        # The trainer's side of the seam after a push: the new weights' own logprobs, not a
+        # mix of old and new tensors (tied embeddings included).
+        pushed = AutoModelForCausalLM.from_pretrained(str(other_weights)).eval()
+        assert await sampled_logprob_gap(engine, pushed) < 1e-4
 
         await client.update_weights_from_disk(str(tiny_model), 2)  # back to the first weights
         again = await client.generate(PROMPTS, GREEDY)
