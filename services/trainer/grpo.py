@@ -13,7 +13,10 @@ Options (each a TrainerSettings field):
 - ``tis_cap``: truncated importance sampling. The PPO ratio is then taken against the
   trainer's own policy before the update (proximal), and the behaviour mismatch between
   that policy and the engine's sampling is corrected by a weight min(pi_prox / pi_engine, cap).
-- ``kl_coef``: k3 estimator of KL(pi || pi_ref) per token, exp(r) - r - 1 with r = ref - new.
+- ``kl_coef``: a KL(pi || pi_ref) penalty per token, with r = ref - new, by ``kl_estimator``:
+  "k3" (exp(r) - r - 1: unbiased, low variance; its gradient 1 - exp(r) grows exponentially
+  where the policy has made a token far less likely than the reference did) or "k2" (r^2 / 2:
+  its gradient -r is linear in the log-ratio, so a few collapsed tokens cannot swamp the step).
 - ``entropy_coef``: minus the policy's entropy per token (a bonus for exploration).
 - Aggregation ``agg``: "constant" (sum / nominal samples per step; the POPE authors'),
   "token_mean" (sum / the step's completion tokens), "seq_mean" (mean per sequence, then
@@ -30,6 +33,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 LossAgg = Literal["constant", "token_mean", "seq_mean", "dr_grpo"]
+KlEstimator = Literal["k3", "k2"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class LossConfig:
     clip_eps_high: float = 0.2
     tis_cap: float | None = None
     kl_coef: float = 0.0
+    kl_estimator: KlEstimator = "k3"
     entropy_coef: float = 0.0
 
 
@@ -152,7 +157,8 @@ def policy_loss(
         if ref_lp is None:
             raise ValueError("kl_coef > 0 needs the reference model's logprobs")
         r = ref_lp - new_lp  # [N, T]
-        per_token = per_token + cfg.kl_coef * (torch.exp(r) - r - 1.0)
+        kl = torch.exp(r) - r - 1.0 if cfg.kl_estimator == "k3" else 0.5 * r * r  # [N, T]
+        per_token = per_token + cfg.kl_coef * kl
     if cfg.entropy_coef > 0:
         if entropy is None:
             raise ValueError("entropy_coef > 0 needs the entropy")

@@ -42,7 +42,10 @@ class TrainerSettings(ServiceSettings):
     tis_cap: float | None = Field(None, gt=0.0)
     """Truncated importance sampling: correct the trainer/engine mismatch with weights capped here (e.g. 2.0)."""
     kl_coef: float = Field(0.0, ge=0.0)
-    """Weight of a k3 KL penalty to a frozen reference model (none by default)."""
+    """Weight of a KL penalty to a frozen reference model (none by default)."""
+    kl_estimator: Literal["k3", "k2"] = "k3"
+    """The penalty's per-token estimator (services/trainer/grpo.py): k3, exp(r) - r - 1, or
+    k2, r^2 / 2, whose gradient stays linear in the log-ratio r where k3's grows exponentially."""
     ref_model_path: str | None = None
     """Reference model for the KL penalty (default: model_path, the starting weights)."""
     entropy_coef: float = Field(0.0, ge=0.0)

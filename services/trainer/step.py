@@ -26,7 +26,8 @@ _SUMMED = ("tokens", "ratio", "clipped_low", "clipped_high", "approx_kl", "kl_re
 
 def loss_config(cfg: TrainerSettings) -> LossConfig:
     return LossConfig(agg=cfg.loss_agg, clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
-                      tis_cap=cfg.tis_cap, kl_coef=cfg.kl_coef, entropy_coef=cfg.entropy_coef)  # fmt: skip
+                      tis_cap=cfg.tis_cap, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
+                      entropy_coef=cfg.entropy_coef)  # fmt: skip
 
 
 def lr_lambda(cfg: TrainerSettings) -> Any:

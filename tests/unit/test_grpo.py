@@ -100,3 +100,22 @@ def test_checkpoint_retention_never_deletes_a_protected_directory(tmp_path: Path
     checkpoint.save(root, model, tok, opt, checkpoint.TrainerState(step=3), {}, keep=1)
     assert sorted(p.name for p in root.glob("step-*")) == ["step-000003"]
     assert checkpoint.load_state(checkpoint.latest(root)).step == 3  # type: ignore[arg-type]
+
+
+def test_kl_estimators_k3_and_k2_and_their_gradients() -> None:
+    ref = torch.zeros(1, 3)
+    new = torch.tensor([[0.0, -0.5, -12.0]], requires_grad=True)  # the last token nearly gone
+    mask = torch.ones(1, 3)
+    grads = {}
+    for est in ("k3", "k2"):
+        cfg = LossConfig(kl_coef=1.0, kl_estimator=est)  # type: ignore[arg-type]
+        loss, _ = policy_loss(new, new.detach(), torch.zeros(1), mask, cfg, 1.0, ref_lp=ref)
+        r = ref - new.detach()
+        expected = (torch.exp(r) - r - 1).sum() if est == "k3" else (0.5 * r * r).sum()
+        assert float(loss) == pytest.approx(float(expected), rel=1e-5)  # A = 0: the penalty alone
+        (grad,) = torch.autograd.grad(loss, new)
+        grads[est] = grad[0].tolist()
+    assert grads["k3"] == pytest.approx(
+        [0.0, 1 - float(torch.exp(torch.tensor(0.5))), 1 - float(torch.exp(torch.tensor(12.0)))]
+    )
+    assert grads["k2"] == pytest.approx([0.0, -0.5, -12.0])  # linear in the log-ratio
