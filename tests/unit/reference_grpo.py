@@ -21,6 +21,7 @@ def reference_loss(
     tis_cap,
     kl_coef,
     ref,
+    kl_estimator="k3",
     entropy_coef,
     entropy,
     nominal_samples,
@@ -48,7 +49,10 @@ def reference_loss(
             token_loss = -objective
             if kl_coef:
                 log_r = ref[i, t] - new[i, t]
-                token_loss = token_loss + kl_coef * (torch.exp(log_r) - log_r - 1)
+                if kl_estimator == "k3":
+                    token_loss = token_loss + kl_coef * (torch.exp(log_r) - log_r - 1)
+                else:
+                    token_loss = token_loss + kl_coef * log_r * log_r / 2
             if entropy_coef:
                 token_loss = token_loss - entropy_coef * entropy[i, t]
             total = total + token_loss

@@ -16,7 +16,8 @@ from services.trainer.grpo import LossConfig, normalizer, policy_loss, token_log
 from tests.unit.reference_grpo import reference_loss
 
 AGGS = ["constant", "token_mean", "seq_mean", "dr_grpo"]
-COMBOS = list(itertools.product(AGGS, [(0.2, 0.2), (0.2, 0.28)], [None, 2.0], [0.0, 0.1], [0.0, 0.01]))
+KL = [(0.0, "k3"), (0.1, "k3"), (0.1, "k2")]  # (kl_coef, kl_estimator)
+COMBOS = list(itertools.product(AGGS, [(0.2, 0.2), (0.2, 0.28)], [None, 2.0], KL, [0.0, 0.01]))
 
 
 def random_batch(seed: int) -> dict[str, torch.Tensor]:
@@ -33,19 +34,19 @@ def random_batch(seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(("agg", "clip", "tis", "kl", "ent"), COMBOS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_loss_and_gradients_match_the_reference(agg: str, clip: tuple[float, float], tis: float | None, kl: float,
-                                                ent: float, seed: int) -> None:  # fmt: skip
+def test_loss_and_gradients_match_the_reference(agg: str, clip: tuple[float, float], tis: float | None,
+                                                kl: tuple[float, str], ent: float, seed: int) -> None:  # fmt: skip
     b = random_batch(seed)
-    cfg = LossConfig(agg=agg, clip_eps_low=clip[0], clip_eps_high=clip[1], tis_cap=tis, kl_coef=kl,  # type: ignore[arg-type]
-                     entropy_coef=ent)  # fmt: skip
+    cfg = LossConfig(agg=agg, clip_eps_low=clip[0], clip_eps_high=clip[1], tis_cap=tis, kl_coef=kl[0],  # type: ignore[arg-type]
+                     kl_estimator=kl[1], entropy_coef=ent)  # type: ignore[arg-type]  # fmt: skip
     norm = normalizer(agg, nominal_samples=8, max_response_tokens=16, step_tokens=int(b["mask"].sum()),  # type: ignore[arg-type]
                       step_sequences=int((b["mask"].sum(-1) > 0).sum()))  # fmt: skip
     ours_new, ref_new = b["new"].clone().requires_grad_(), b["new"].clone().requires_grad_()
     ours_ent, ref_ent = b["entropy"].clone().requires_grad_(), b["entropy"].clone().requires_grad_()
     loss, _ = policy_loss(ours_new, b["old"], b["adv"], b["mask"], cfg, norm, ref_lp=b["ref"], entropy=ours_ent)
     expected = reference_loss(ref_new, b["old"], b["adv"], b["mask"], agg=agg, eps_low=clip[0], eps_high=clip[1],
-                              tis_cap=tis, kl_coef=kl, ref=b["ref"], entropy_coef=ent, entropy=ref_ent,
-                              nominal_samples=8, max_response_tokens=16)  # fmt: skip
+                              tis_cap=tis, kl_coef=kl[0], ref=b["ref"], kl_estimator=kl[1], entropy_coef=ent,
+                              entropy=ref_ent, nominal_samples=8, max_response_tokens=16)  # fmt: skip
     loss.backward()
     expected.backward()
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5, abs=1e-7)
