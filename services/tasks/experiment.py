@@ -77,10 +77,11 @@ class Spec:
     prompts_per_step: int = 8
     learning_rate: float = 4e-4
     """Task v9 (link-chains-v5) at 4e-4, chosen by pilot runs of POPE seed 0 after its comparison
-    at 5e-5 (README): POPE transferred in 2 seeds of 4 and the other 2 collapsed (a warm-up
-    only delayed the collapse in a pilot), so it is too high; v7 and v8 ran at 5e-5, v6 at
-    3e-5, sorted gaps v3 at 2e-5 (each experiment.json records its own). GRPO gets no gradient
-    at any rate while none of its samples earns reward."""
+    at 5e-5 (README): POPE transferred in 2 seeds of 4 and the other 2 collapsed, on both bases
+    measured, so it is too high; but no setting piloted (a warm-up, a KL term, 1e-4 or 2e-4,
+    a larger batch) was both stable and transferring. v7 and v8 ran at 5e-5, v6 at 3e-5,
+    sorted gaps v3 at 2e-5 (each experiment.json records its own). GRPO gets no gradient at
+    any rate while none of its samples earns reward."""
     temperature: float = 0.8
     top_p: float = 1.0
     max_new_tokens: int = 96

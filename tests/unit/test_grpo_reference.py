@@ -38,7 +38,7 @@ def test_loss_and_gradients_match_the_reference(agg: str, clip: tuple[float, flo
                                                 kl: tuple[float, str], ent: float, seed: int) -> None:  # fmt: skip
     b = random_batch(seed)
     cfg = LossConfig(agg=agg, clip_eps_low=clip[0], clip_eps_high=clip[1], tis_cap=tis, kl_coef=kl[0],  # type: ignore[arg-type]
-                     kl_estimator=kl[1], entropy_coef=ent)  # type: ignore[arg-type]  # fmt: skip
+                     kl_estimator=kl[1], entropy_coef=ent)  # fmt: skip
     norm = normalizer(agg, nominal_samples=8, max_response_tokens=16, step_tokens=int(b["mask"].sum()),  # type: ignore[arg-type]
                       step_sequences=int((b["mask"].sum(-1) > 0).sum()))  # fmt: skip
     ours_new, ref_new = b["new"].clone().requires_grad_(), b["new"].clone().requires_grad_()
