@@ -74,7 +74,8 @@ class Trainer:
         self.tokenizer: Any = AutoTokenizer.from_pretrained(source)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.learning_rate,
-                                           weight_decay=settings.weight_decay)  # fmt: skip
+                                           betas=(settings.adam_beta1, settings.adam_beta2),
+                                           eps=settings.adam_eps, weight_decay=settings.weight_decay)  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(settings))
         self.ref_model: Any = None
         if settings.kl_coef > 0:  # frozen: the starting weights unless told otherwise

@@ -33,6 +33,14 @@ class TrainerSettings(ServiceSettings):
     """AdamW learning rate."""
     weight_decay: float = Field(0.01, ge=0.0)
     """AdamW weight decay."""
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    """AdamW's first-moment decay."""
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    """AdamW's second-moment decay."""
+    adam_eps: float = Field(1e-8, gt=0.0)
+    """AdamW's epsilon. At the default (torch's) AdamW's first step moves every weight with a
+    gradient by about the learning rate whatever the gradient's size; an epsilon near the
+    gradients' own size makes small gradients take proportionally small steps."""
     grad_clip: float = Field(0.3, gt=0.0)
     """Max global gradient norm."""
     clip_eps_low: float = Field(0.2, gt=0.0, lt=1.0)

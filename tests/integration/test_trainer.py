@@ -151,3 +151,14 @@ async def test_train_push_drop_stale_and_resume(
     finally:
         stop.set()
         await task
+
+
+async def test_the_optimizer_takes_the_adam_settings(tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys,
+                                                     aredis: Redis) -> None:  # fmt: skip
+    default = await asyncio.to_thread(Trainer, settings(tiny_model, tmp_path / "a", redis_url, keys, ""), aredis, None)
+    assert (tuple(default.optimizer.param_groups[0]["betas"]), default.optimizer.param_groups[0]["eps"]) == (
+        (0.9, 0.999), 1e-8)  # fmt: skip
+    cfg = settings(tiny_model, tmp_path / "b", redis_url, keys, "", adam_beta1=0.8, adam_beta2=0.95, adam_eps=1e-5)
+    trainer = await asyncio.to_thread(Trainer, cfg, aredis, None)
+    group = trainer.optimizer.param_groups[0]
+    assert (tuple(group["betas"]), group["eps"]) == ((0.8, 0.95), 1e-5)
