@@ -131,7 +131,7 @@ def _experiment(args: argparse.Namespace) -> int:
     spec = spec_with(Spec(), base, args.trainer, steps=args.steps, learning_rate=args.lr,
                      train_problems=args.train_problems)  # fmt: skip
     arms = args.arms.split(",") if args.arms else list(ARMS)
-    return _interruptible(lambda: experiment(Path(args.dir), base, args.seeds, arms, spec))
+    return _interruptible(lambda: experiment(Path(args.dir), base, args.seeds, arms, spec, parallel=args.parallel))
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -161,6 +161,8 @@ def _experiment_parsers(sub: Any) -> None:
         help = "a trainer setting, e.g. kl_coef=0.05 (repeatable; frozen with the experiment)"
         p.add_argument("--trainer", action="append", default=[], metavar="KEY=VALUE", help=help)
     pvg.add_argument("--train-problems", type=int, help="hard train problems (frozen with the experiment)")
+    help = "runs at a time, each with its share of the cores (default 1); not frozen: any sitting may change it"
+    pvg.add_argument("--parallel", type=int, default=1, metavar="N", help=help)
     pvg.set_defaults(func=_experiment)
     demo.set_defaults(func=_demo)
 

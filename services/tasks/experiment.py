@@ -291,22 +291,86 @@ def train(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, out: TextI
     return run_dir
 
 
+def run_parallel(exp_dir: Path, spec: Spec, base: Path, pairs: list[tuple[str, int]], workers: int,
+                 out: TextIO) -> dict[tuple[str, int], dict[str, Any]]:  # fmt: skip
+    """``run_one`` for up to ``workers`` (arm, seed) pairs at once, each in its own process
+    with its share of the cores (torch threads); a run's own output goes to its
+    ``logs/experiment.log``, and a progress line comes every minute. Every run goes on when
+    another fails; the failures are reported together at the end. Ctrl-C or SIGTERM stops
+    every run cleanly (each resumes in the next sitting)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    say(f"{len(pairs)} runs, {workers} at a time, {threads} torch thread(s) each; each run's own log: "
+        f"{run_path(exp_dir, '<arm>', 0).parent}/seed<N>/logs/experiment.log", out)  # fmt: skip
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    failed: list[str] = []
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_one_logged, exp_dir, spec, base, arm, seed, threads): (arm, seed)
+                   for arm, seed in pairs}  # fmt: skip
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = cf.wait(pending, timeout=60, return_when=cf.FIRST_COMPLETED)
+                for f in finished:
+                    arm, seed = futures[f]
+                    try:
+                        results[arm, seed] = f.result()
+                    except (Exception, SystemExit) as e:
+                        failed.append(f"{arm} seed {seed}: {e}")
+                        say(f"{arm} seed {seed} failed: {e} (its log: "
+                            f"{run_path(exp_dir, arm, seed) / 'logs' / 'experiment.log'})", out)  # fmt: skip
+                        continue
+                    say(done_line(arm, seed, results[arm, seed]), out)
+                if pending:
+                    steps = {futures[f]: len(read_metrics(run_path(exp_dir, *futures[f]))) for f in pending}
+                    now = ", ".join(f"{a} s{n} step {k}/{spec.steps}" for (a, n), k in sorted(steps.items()))
+                    say(f"running: {now}", out)
+        except BaseException:
+            for child in mp.active_children():  # SIGTERM: each run's `pope up` stops cleanly
+                child.terminate()
+            raise
+    if failed:
+        raise SystemExit("pope experiment: " + "; ".join(failed) + "\nrun the same command to resume")
+    return results
+
+
+def done_line(arm: str, seed: int, result: dict[str, Any]) -> str:
+    return f"{arm} seed {seed} done: {summary_line(EvalReport.model_validate(result['after']))}"
+
+
+def _run_one_logged(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, threads: int) -> dict[str, Any]:
+    """``run_one`` in a worker process of ``run_parallel``: its torch threads, its own log."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the run's services
+    log_path = run_path(exp_dir, arm, seed) / "logs" / "experiment.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a") as log:
+        return run_one(exp_dir, spec, base, arm, seed, log)
+
+
 def experiment(exp_dir: Path, base: Path, seeds: int, arms: list[str], spec: Spec,
-               out: TextIO = sys.stdout) -> Path:  # fmt: skip
-    """Every (arm, seed) not yet done, seed by seed; then the table and report."""
+               out: TextIO = sys.stdout, parallel: int = 1) -> Path:  # fmt: skip
+    """Every (arm, seed) not yet done, seed by seed, or ``parallel`` at a time; then the
+    table and report."""
     from services.tasks.report import experiment_report
 
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise SystemExit(f"pope experiment: unknown arm(s) {unknown}; arms are {', '.join(ARMS)}")
+    if parallel < 1:
+        raise SystemExit(f"pope experiment: --parallel must be at least 1, got {parallel}")
     spec = freeze(exp_dir, spec, out)
     prepared = prepare(exp_dir, spec, base, out)
-    runs: list[dict[str, Any]] = []
-    for seed in range(seeds):
-        for arm in arms:
-            result = run_one(exp_dir, spec, base, arm, seed, out)
-            runs.append(result)
-            say(f"{arm} seed {seed} done: {summary_line(EvalReport.model_validate(result['after']))}", out)
+    pairs = [(arm, seed) for seed in range(seeds) for arm in arms]
+    if parallel > 1:
+        done = run_parallel(exp_dir, spec, base, pairs, parallel, out)
+    else:
+        done = {}
+        for arm, seed in pairs:
+            done[arm, seed] = run_one(exp_dir, spec, base, arm, seed, out)
+            say(done_line(arm, seed, done[arm, seed]), out)
+    runs = [done[pair] for pair in pairs]
     data = {"title": f"POPE vs GRPO on {spec.task}", "task": spec.task, "base_model": str(base),
             "settings": asdict(spec), "k": spec.eval_k, "base": prepared["base"], "arms": arms, "runs": runs,
             "hints": prepared["hints"]}  # fmt: skip

@@ -85,6 +85,34 @@ def check_experiment(exp: Path, spec: Spec, out: io.StringIO, tiny_model: Path) 
     assert [(s["from_step"], s["to_step"]) for s in sittings] == [(0, 1), (1, 2)]
 
 
+def test_parallel_runs_go_on_past_a_failed_one_each_with_its_own_log(
+    tiny_model: Path, tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``parallel=2``: two runs at once in worker processes. The tiny model finds no hint,
+    so hinted_only has nothing to train on and fails; pope finishes anyway, and the
+    failure is reported at the end."""
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    exp, spec, out = tmp_path / "exp", spec_with(SPEC, tiny_model), io.StringIO()
+    try:
+        with pytest.raises(SystemExit, match="hinted_only seed 0: .*no problems to train on"):
+            experiment(exp, tiny_model, 1, ["pope", "hinted_only"], spec, out, parallel=2)
+    finally:
+        client = redis.Redis.from_url(redis_url)
+        prefix = run_config(spec, "pope", 0, exp / "runs" / "pope" / "seed0")["shared"]["key_prefix"]
+        if names := list(client.scan_iter(match=f"{prefix}*")):
+            client.delete(*names)
+        client.close()
+    log = out.getvalue()
+    assert "2 runs, 2 at a time" in log and "pope seed 0 done" in log and "hinted_only seed 0 failed" in log
+    run = exp / "runs" / "pope" / "seed0"
+    assert json.loads((run / "result.json").read_text())["status"] == "done"
+    assert [m["step"] for m in read_metrics(run)] == [1]
+    # The run's own progress went to its log, not to the experiment's output.
+    assert "pope seed 0: starting" in (run / "logs" / "experiment.log").read_text()
+    assert "pope seed 0: starting" not in log
+    assert not (exp / "runs" / "hinted_only" / "seed0" / "result.json").exists()
+
+
 def test_sigterm_stops_the_experiment_cleanly(tiny_model: Path, tmp_path: Path, redis_url: str) -> None:
     """SIGTERM while the hint search runs: exit 130, the services it started are gone, and
     the search's Redis keys are deleted."""
