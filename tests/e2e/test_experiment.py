@@ -94,7 +94,7 @@ def test_parallel_runs_go_on_past_a_failed_one_each_with_its_own_log(
     monkeypatch.setenv("REDIS_URL", redis_url)
     exp, spec, out = tmp_path / "exp", spec_with(SPEC, tiny_model), io.StringIO()
     try:
-        with pytest.raises(SystemExit, match="hinted_only seed 0: .*no problems to train on"):
+        with pytest.raises(SystemExit, match=r"hinted_only seed 0: .*no problems to train on"):
             experiment(exp, tiny_model, 1, ["pope", "hinted_only"], spec, out, parallel=2)
     finally:
         client = redis.Redis.from_url(redis_url)
