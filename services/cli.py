@@ -103,7 +103,7 @@ def _verifier(args: argparse.Namespace) -> int:
 def _model_pretrain(args: argparse.Namespace) -> int:
     from services.tasks.pretrain import pretrain
 
-    pretrain(Path(args.out), steps=args.steps, seed=args.seed)
+    pretrain(Path(args.out), steps=args.steps, seed=args.seed, device=args.device)
     print(f"wrote the base model and pretrain_report.json to {args.out}")
     return 0
 
@@ -389,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--steps", type=int, help="training steps (default 2700, 13-15 min on 2 cores); the model "
                      "depends on the code, the steps and the seed only")  # fmt: skip
     pre.add_argument("--seed", type=int, default=0)
+    pre.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default cpu)")
     pre.set_defaults(func=_model_pretrain)
 
     _add_data_parser(sub)

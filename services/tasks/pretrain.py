@@ -137,7 +137,7 @@ def accuracy(model: Any, tokenizer: Any, cases: list[tuple[str, Instance]], temp
     for i in range(0, len(cases), 32):
         chunk = cases[i : i + 32]
         texts = [tokenizer.decode(prompt_ids(tokenizer, q)) for q, _ in chunk]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                              temperature=temperature or None, top_p=None, top_k=None)  # fmt: skip
         for row, (_, inst) in zip(out, chunk, strict=True):
@@ -178,10 +178,11 @@ commit differed (README)."""
 
 
 def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32, lr: float = 1e-3,
-             log: TextIO | None = None, report_problems: int = 200) -> dict[str, Any]:  # fmt: skip
+             log: TextIO | None = None, report_problems: int = 200, device: str = "cpu") -> dict[str, Any]:  # fmt: skip
     """Train the base model for ``steps`` steps (cosine learning rate over the steps) into
     ``out``; deterministic for a given code and seed on one kind of machine with the same
-    number of torch threads (float sums can round differently elsewhere)."""
+    number of torch threads (float sums can round differently elsewhere; on ``device``
+    "cuda" too). The model trains in float32 on ``device`` and is saved from the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def say(text: str) -> None:
@@ -193,7 +194,8 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
     torch.manual_seed(seed)
     build_tiny_model(out, SPEC, corpus=corpus(), init_std=0.02)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out)
+    model: Any = AutoModelForCausalLM.from_pretrained(out)
+    model.to(device)
     end = tokenizer.convert_tokens_to_ids(IM_END)
     train, held_out = hard_splits()
     exclude = {i.key for i in train + held_out}
@@ -208,7 +210,7 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
         rows = [material_row(tokenizer, examples(rng, exclude), end) for _ in range(batch)]
         ids, attn, labels = sft_batch(rows)
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss = model(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -219,13 +221,14 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
             say(f"step {step}/{steps}: loss {sum(losses[-100:]) / 100:.4f}, {step / elapsed:.1f} steps/s, "
                 f"{(steps - step) * elapsed / step / 60:.1f} min left")  # fmt: skip
     model.eval()
-    model.save_pretrained(out, safe_serialization=True)
+    model.to("cpu").save_pretrained(out, safe_serialization=True)
+    model.to(device)
     say(f"trained {steps} steps in {(time.monotonic() - started) / 60:.1f} min; evaluating (greedy)")
     acc = report(model, tokenizer, report_problems)
     result = {"task": TASK_VERSION, "material": MATERIAL_VERSION, "steps": steps,
               "minutes": (time.monotonic() - started) / 60,
               "final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1), "accuracy": acc,
-              "weights_sha256": weights_sha256(out), "spec": SPEC.__dict__, "seed": seed}  # fmt: skip
+              "weights_sha256": weights_sha256(out), "spec": SPEC.__dict__, "seed": seed, "device": device}  # fmt: skip
     (out / "pretrain_report.json").write_text(json.dumps(result, indent=2) + "\n")
     for name, value in acc.items():
         say(f"{name:>15}: {value:.1%}")

@@ -4,7 +4,8 @@ CI has no GPU, so these run only on a GPU machine: ``.venv/bin/python -m pytest 
 They check that the same code runs on CUDA and agrees with the CPU: a trainer step on CUDA
 in float32 equals the CPU step; with bf16 autocast it stays close and keeps float32
 weights; the engine serves on CUDA with logprobs the trainer reproduces (ratio 1); and the
-whole pipeline (`pope up`) trains with engine and trainer both on the GPU.
+whole pipeline (`pope up`) trains with engine and trainer both on the GPU; pretraining
+runs on CUDA.
 """
 
 from __future__ import annotations
@@ -104,3 +105,14 @@ def test_pope_up_trains_with_engine_and_trainer_on_cuda(tiny_model: Path, tmp_pa
     # bf16 engine against a bf16-autocast trainer: near ratio 1, not exactly.
     assert abs(first["ratio_mean"] - 1.0) < 0.05, first
     assert first["tokens"] > 0
+
+
+def test_pretraining_runs_on_cuda(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from services.tasks.pretrain import pretrain
+
+    result = pretrain(tmp_path / "base", steps=3, batch=4, report_problems=4, device="cuda")
+    assert result["device"] == "cuda" and set(result["accuracy"]) >= {"easy_unhinted", "hard_unhinted"}
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))  # saved from the CPU: loads anywhere
+    assert next(model.parameters()).device.type == "cpu"
