@@ -154,7 +154,9 @@ def _experiment_parsers(sub: Any) -> None:
     demo.add_argument("--dir", default="runs/demo-pope", help="run directory (default runs/demo-pope)")
     for p in (pvg, demo):
         p.add_argument(
-            "--base-model", default="runs/base-model", help="from pope model pretrain (default runs/base-model)"
+            "--base-model",
+            default="data/base-model",
+            help="from pope model pretrain (default data/base-model, the repository's own)",
         )
         p.add_argument("--steps", type=int, help="trainer steps per run (frozen with the experiment)")
         p.add_argument("--lr", type=float, help="learning rate (frozen with the experiment)")

@@ -1,6 +1,6 @@
 """``pope demo``: one short POPE run on the link-chains task and its report.
 
-    pope demo [--dir runs/demo-pope] [--base-model runs/base-model]
+    pope demo [--dir runs/demo-pope] [--base-model data/base-model]
 
 The experiment's machinery (services/tasks/experiment.py) with one arm and one seed, sized
 for a few minutes on 2 cores: the hint search and the base model's evaluation, a POPE run

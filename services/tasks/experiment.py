@@ -1,6 +1,6 @@
 """POPE against GRPO on the link-chains task (services/tasks/chains.py), through the real services (``pope up``).
 
-    pope experiment pope-vs-grpo --seeds 4 [--dir runs/experiment] [--base-model runs/base-model]
+    pope experiment pope-vs-grpo --seeds 4 [--dir runs/experiment] [--base-model data/base-model]
     (``pope demo``, services/tasks/demo.py: one short POPE run of this machinery, and its report)
 
 Everything an arm trains on is prepared once and frozen in ``<dir>/experiment.json``: the
@@ -384,7 +384,7 @@ def base_model_or_exit(base: Path) -> Path:
     from services.common.config import model_dir_problem
 
     if problem := model_dir_problem(str(base), "experiment"):
-        raise SystemExit(f"{problem}\nmake the base model first: pope model pretrain --out {base}  (13-15 min)")
+        raise SystemExit(f"{problem}\nmake the base model first: pope model pretrain --out {base} (13-30 min)")
     return base
 
 
