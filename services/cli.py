@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     help = "train the POPE-vs-GRPO experiment's base model from scratch (easy material only)"
     pre = model.add_parser("pretrain", help=help, description=help + "; reports accuracy easy/hard, hinted/unhinted.")
     pre.add_argument("--out", metavar="DIR", required=True)
-    pre.add_argument("--steps", type=int, help="training steps (default 2700, 13-15 min on 2 cores); the model "
+    pre.add_argument("--steps", type=int, help="training steps (default 2700, 13-30 min on 2 cores); the model "
                      "depends on the code, the steps and the seed only")  # fmt: skip
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default cpu)")

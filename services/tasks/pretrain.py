@@ -181,8 +181,8 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
              log: TextIO | None = None, report_problems: int = 200, device: str = "cpu") -> dict[str, Any]:  # fmt: skip
     """Train the base model for ``steps`` steps (cosine learning rate over the steps) into
     ``out``; deterministic for a given code and seed on one kind of machine with the same
-    number of torch threads (float sums can round differently elsewhere; on ``device``
-    "cuda" too). The model trains in float32 on ``device`` and is saved from the CPU."""
+    number of torch threads (float sums can round differently on another machine or on
+    CUDA). The model trains in float32 on ``device`` and is saved from the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def say(text: str) -> None:
