@@ -304,7 +304,7 @@ def run_parallel(exp_dir: Path, spec: Spec, base: Path, pairs: list[tuple[str, i
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     say(f"{len(pairs)} runs, {workers} at a time, {threads} torch thread(s) each; each run's own log: "
-        f"{run_path(exp_dir, '<arm>', 0).parent}/seed<N>/logs/experiment.log", out)  # fmt: skip
+        f"{exp_dir / 'runs'}/<arm>/seed<N>/logs/experiment.log", out)  # fmt: skip
     results: dict[tuple[str, int], dict[str, Any]] = {}
     failed: list[str] = []
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:

@@ -28,13 +28,18 @@ def test_experiment_runs_arms_skips_finished_runs_resumes_and_refuses_changed_se
     exp, spec, out = tmp_path / "exp", spec_with(SPEC, tiny_model), io.StringIO()
     try:
         check_experiment(exp, spec, out, tiny_model)
-    finally:  # the runs' Redis keys are their run directories' own: delete them
-        client = redis.Redis.from_url(redis_url)
-        for arm in ("pope", "grpo_easy"):
-            prefix = run_config(spec, arm, 0, exp / "runs" / arm / "seed0")["shared"]["key_prefix"]
-            if names := list(client.scan_iter(match=f"{prefix}*")):
-                client.delete(*names)
-        client.close()
+    finally:
+        delete_run_keys(redis_url, exp, spec, ["pope", "grpo_easy"])
+
+
+def delete_run_keys(redis_url: str, exp: Path, spec: Spec, arms: list[str]) -> None:
+    """The runs' Redis keys are their run directories' own (seed 0 here): delete them."""
+    client = redis.Redis.from_url(redis_url)
+    for arm in arms:
+        prefix = run_config(spec, arm, 0, exp / "runs" / arm / "seed0")["shared"]["key_prefix"]
+        if names := list(client.scan_iter(match=f"{prefix}*")):
+            client.delete(*names)
+    client.close()
 
 
 def check_experiment(exp: Path, spec: Spec, out: io.StringIO, tiny_model: Path) -> None:
@@ -97,11 +102,7 @@ def test_parallel_runs_go_on_past_a_failed_one_each_with_its_own_log(
         with pytest.raises(SystemExit, match=r"hinted_only seed 0: .*no problems to train on"):
             experiment(exp, tiny_model, 1, ["pope", "hinted_only"], spec, out, parallel=2)
     finally:
-        client = redis.Redis.from_url(redis_url)
-        prefix = run_config(spec, "pope", 0, exp / "runs" / "pope" / "seed0")["shared"]["key_prefix"]
-        if names := list(client.scan_iter(match=f"{prefix}*")):
-            client.delete(*names)
-        client.close()
+        delete_run_keys(redis_url, exp, spec, ["pope"])
     log = out.getvalue()
     assert "2 runs, 2 at a time" in log and "pope seed 0 done" in log and "hinted_only seed 0 failed" in log
     run = exp / "runs" / "pope" / "seed0"
