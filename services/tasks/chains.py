@@ -1,5 +1,5 @@
 """A synthetic task family whose key step is the same small computation at every position:
-*link chains* (tasks v6-v9 of the experiment; v1-v5 were sorted gaps, services/tasks/gaps.py).
+*link chains* (tasks v6-v10 of the experiment; v1-v5 were sorted gaps, services/tasks/gaps.py).
 
     Problem:  Follow the links from 23 to 52: 41 > 17, 23 > 35, 35 > 41, 17 > 52
     Solution: Path: 23 35 41 17 52                        <- the key step: one lookup per link
@@ -42,31 +42,48 @@ problem unhinted (POPE's hints gave 9 of 12 links; unguided attempts erred at th
 v5: v3's material and hard length on a base pretrained by steps, so it can be made again;
 at learning rate 5e-5 no arm solved a hard problem unhinted; at 4e-4 POPE did in 2 seeds
 of 4 (pass@8 0.88, 0.58; GRPO 0) and the other 2 collapsed in their first steps.
+
+Task v10 (this version, ``link-chains-v7``) adds *forks*: each of the first ``HARD_FORKS``
+nodes of a hard path has a second link, to a dead end (a node no link leaves, not the end):
+
+    Problem:  Follow the links from 23 to 52: 23 > 35, 17 > 52, 35 > 41, 23 > 88, 41 > 17
+    Solution: Path: 23 35 41 17 52                   <- 23 forks: 35 goes on, 88 leads nowhere
+
+The right branch is the one whose node a link leaves (or the end): a second lookup. The
+base model chooses at forks only on short chains (at most ``EASY_FORKS``, at the path's
+start); on longer ones it meets forks only inside a given part of the path, which it
+copies. It works out whole paths without forks at every length, unguided too, so unlike
+v9's base it does not take "no hint" to mean "a short path" (README, "Why nothing
+transfers on this base"), and its unguided and hinted attempts fail the same way: at the
+first fork they must choose at themselves.
+The key first step is the run of forks: a model that picks branches at random solves an
+instance with about 2^-HARD_FORKS, a hint through the first h forks raises that to
+2^-(HARD_FORKS - h), and what a hinted rollout then practises, picking the branch at a
+fork, is what an unguided attempt needs at every fork before it; after the forks the path
+is routine.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections import defaultdict
 from dataclasses import dataclass
 
 from services.common.messages import Problem
 from services.tasks.splits import distinct, train_and_held_out
 
-TASK_VERSION = "link-chains-v5"
+TASK_VERSION = "link-chains-v7"
 EASY_SIZES = (2, 3, 4, 5)
-"""Chain lengths (links) whose whole path the base model is taught (easy instances)."""
-HARD_SIZES = (8,)
-"""Chain lengths of the hard split: the whole path is never worked out at these lengths in
-pretraining. For task v5 (the README's v9) chosen on its base model (material v3,
-2,700 steps, seed 0, weights sha256 4e0dd207...) before its comparison: sampled (48 chains
-x 8, temperature 0.8) it solved 0 of 384 unguided attempts at every length from 6 to 14
-links, and at 8 links 366 of 384 had the first 5 links right, then ended the path early;
-given the first 1, 2 or 3 links of an 8-link path it solved 0.487, 0.768 and 0.987 of them.
-(Task v4 had 12 links, chosen from a sweep of pretrainings of material v4; task v3 had 8,
-chosen on a base that could not be made again.)"""
+"""Chain lengths (links) whose whole path, forks included, the base model is taught (easy instances)."""
+EASY_FORKS = 2
+"""The most forks an easy instance has (at the first nodes of its path)."""
+HARD_SIZES = (12,)
+"""Chain length of the hard split (task v10): 10 forks, then 2 routine links."""
+HARD_FORKS = 10
+"""Forks of a hard instance: each of the first 10 nodes of its path (task v10)."""
 ALL_SIZES = tuple(range(2, 15))
-"""Chain lengths the base model meets at all (the end of the path only, above EASY_SIZES)."""
+"""Chain lengths the base model meets at all (unforked above EASY_SIZES)."""
 LOW, HIGH = 10, 99
 """Nodes are distinct two-digit numbers (each one token of the tiny model's tokenizer)."""
 SEEDS = {"train": 1001, "eval": 2002, "pretrain": 3003}
@@ -77,12 +94,19 @@ class Instance:
     path: tuple[int, ...]
     """The nodes in order; link i goes from path[i] to path[i + 1]."""
     order: tuple[int, ...]
-    """The order the links are listed in the problem (a permutation of their indices)."""
+    """The order the links are listed in the problem: a permutation of their indices, the
+    path's links first, then the dead-end links (see ``links``)."""
+    decoys: tuple[int, ...] = ()
+    """Dead ends: path[i] also links to decoys[i] (a fork at each of the first len(decoys) nodes)."""
 
     @property
     def size(self) -> int:
-        """The number of links, i.e. of lookups in the key step."""
+        """The number of links on the path, i.e. of lookups in the key step."""
         return len(self.path) - 1
+
+    @property
+    def forks(self) -> int:
+        return len(self.decoys)
 
     @property
     def key(self) -> tuple[int, ...]:
@@ -90,9 +114,16 @@ class Instance:
         return self.path
 
     @property
+    def links(self) -> list[tuple[int, int]]:
+        """The path's links, then the dead-end ones (``order`` indexes this list)."""
+        on_path = [(self.path[i], self.path[i + 1]) for i in range(self.size)]
+        return on_path + [(self.path[i], d) for i, d in enumerate(self.decoys)]
+
+    @property
     def prompt(self) -> str:
-        links = ", ".join(f"{self.path[i]} > {self.path[i + 1]}" for i in self.order)
-        return f"Follow the links from {self.path[0]} to {self.path[-1]}: {links}"
+        links = self.links
+        listed = ", ".join(f"{links[i][0]} > {links[i][1]}" for i in self.order)
+        return f"Follow the links from {self.path[0]} to {self.path[-1]}: {listed}"
 
     @property
     def key_step(self) -> str:
@@ -132,17 +163,28 @@ class Instance:
                                        "split": split, "source": TASK_VERSION})  # fmt: skip
 
 
-def make(rng: random.Random, n: int) -> Instance:
-    order = list(range(n))
+def make(rng: random.Random, n: int, forks: int = 0) -> Instance:
+    """An n-link chain with a fork at each of its first ``forks`` nodes, links in random order."""
+    nodes = rng.sample(range(LOW, HIGH + 1), n + 1 + forks)
+    order = list(range(n + forks))
     rng.shuffle(order)
-    return Instance(tuple(rng.sample(range(LOW, HIGH + 1), n + 1)), tuple(order))
+    return Instance(tuple(nodes[: n + 1]), tuple(order), tuple(nodes[n + 1 :]))
+
+
+def make_easy(rng: random.Random, n: int) -> Instance:
+    """A short chain with 0 to EASY_FORKS forks (the material's and the easy problems' kind)."""
+    return make(rng, n, rng.randint(0, min(EASY_FORKS, n)))
+
+
+def make_hard(rng: random.Random, n: int) -> Instance:
+    return make(rng, n, HARD_FORKS)
 
 
 def instances(split: str, count: int, sizes: tuple[int, ...] = HARD_SIZES,
-              exclude: frozenset[tuple[int, ...]] = frozenset()) -> list[Instance]:  # fmt: skip
+              exclude: frozenset[tuple[int, ...]] = frozenset(), easy: bool = False) -> list[Instance]:  # fmt: skip
     """``count`` distinct instances of ``split`` (its fixed seed), none whose key is in
-    ``exclude``; sizes cycle through ``sizes``."""
-    return distinct(f"{TASK_VERSION}:{SEEDS[split]}", count, make, sizes, exclude)
+    ``exclude``; sizes cycle through ``sizes``; hard (HARD_FORKS forks) unless ``easy``."""
+    return distinct(f"{TASK_VERSION}:{SEEDS[split]}", count, make_easy if easy else make_hard, sizes, exclude)
 
 
 def hard_splits(train: int = 400, eval: int = 200) -> tuple[list[Instance], list[Instance]]:
@@ -154,19 +196,30 @@ _PROMPT = re.compile(r"Follow the links from (\d+) to (\d+):((?:,?\s+\d+ > \d+)+
 
 
 def parse(prompt: str) -> Instance:
-    """The instance a prompt of this task states (for checkers and reports)."""
+    """The instance a prompt of this task states (for checkers and reports). At a fork the
+    path takes the branch a link leaves (or the end); the other must be a dead end."""
     match = _PROMPT.search(prompt)
     if match is None:
         raise ValueError(f"not a {TASK_VERSION} prompt: {prompt[:80]!r}")
+    start, end = int(match.group(1)), int(match.group(2))
     links = [(int(a), int(b)) for a, b in (pair.split(">") for pair in match.group(3).split(","))]
-    after = dict(links)
-    path = [int(match.group(1))]
-    while path[-1] in after and len(path) <= len(links):
-        path.append(after[path[-1]])
-    if path[-1] != int(match.group(2)) or len(path) != len(links) + 1:
+    after: dict[int, list[int]] = defaultdict(list)
+    for a, b in links:
+        after[a].append(b)
+    path, decoys = [start], list[int]()
+    while path[-1] != end and len(path) <= len(links):
+        ahead = after.get(path[-1], [])
+        going = [b for b in ahead if b == end or b in after]
+        if len(going) != 1 or len(ahead) - 1 > 1 or (len(ahead) == 2 and len(decoys) != len(path) - 1):
+            break  # no way on, two, or a fork after an unforked node: not one of this task's paths
+        if len(ahead) == 2:
+            decoys.append(next(b for b in ahead if b != going[0]))
+        path.append(going[0])
+    if path[-1] != end or len(path) - 1 + len(decoys) != len(links):
         raise ValueError(f"the links of this prompt do not make one path from start to end: {prompt[:80]!r}")
-    index = {a: i for i, a in enumerate(path[:-1])}
-    return Instance(tuple(path), tuple(index[a] for a, _ in links))
+    inst = Instance(tuple(path), (), tuple(decoys))
+    index = {link: i for i, link in enumerate(inst.links)}
+    return Instance(inst.path, tuple(index[link] for link in links), inst.decoys)
 
 
 def solved(completion: str, inst: Instance) -> bool:

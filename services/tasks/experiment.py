@@ -76,13 +76,12 @@ class Spec:
     group_size: int = 8
     prompts_per_step: int = 8
     learning_rate: float = 1e-4
-    """On the repository's base (data/base-model) POPE trained stably at 1e-4 in pilots (4
-    seeds, 24-27 steps: hinted reward from about 0.7 to 0.84-0.96, the unguided attempts one
-    link longer; seed 0 for 90 steps: no unhinted success), while at 4e-4 all 4 seeds
-    collapsed within 10 steps at AdamW's default epsilon, and 2 of 4 with epsilon 1e-5, 1e-4
-    or 1e-3 (README). On two earlier bases 4e-4 transferred in 2 seeds of 4 and collapsed the
-    others. Each experiment.json records its own rate. GRPO gets no gradient at any rate
-    while none of its samples earns reward."""
+    """On task v10's base (data/base-model) POPE seed 0 trained stably at 1e-4 (hinted
+    samples solved 82 of 160 in steps 1-5, 120-141 later) and collapsed at 4e-4 (hinted
+    reward 0.03 at step 5, near 0 in steps 13-17); on task v9's base 1e-4 was stable in 4
+    seeds of 4 and 4e-4 collapsed all 4 (README). On two earlier bases 4e-4 transferred in 2
+    seeds of 4 and collapsed the others. Each experiment.json records its own rate. GRPO
+    gets no gradient at any rate while none of its samples earns reward."""
     temperature: float = 0.8
     top_p: float = 1.0
     max_new_tokens: int = 96
@@ -149,8 +148,8 @@ def task_problems(spec: Spec) -> tuple[list[Problem], list[Problem], list[Proble
     hard = [i.problem("train") for i in train[: spec.train_problems]]
     evals = [i.problem("eval").model_copy(update={"hint": i.eval_hint}) for i in held_out]
     exclude = frozenset(i.key for i in train + held_out)
-    # Easy problems: short chains, whose whole path the base model was taught.
-    easy = [i.problem("train") for i in instances("pretrain", spec.train_problems, EASY_SIZES, exclude)]
+    # Easy problems: short chains with up to EASY_FORKS forks, whose whole path the base model was taught.
+    easy = [i.problem("train") for i in instances("pretrain", spec.train_problems, EASY_SIZES, exclude, easy=True)]
     return hard, evals, [p.model_copy(update={"label": ProblemLabel.EASY}) for p in easy]
 
 

@@ -2,16 +2,18 @@
 
     pope model pretrain --out runs/base-model [--steps 2700] [--seed 0]
 
-Supervised learning on easy material only (the task: services/tasks/chains.py): the whole
-solution, key step included, for short chains (EASY_SIZES), also continued from any part of
-their path; at every length (ALL_SIZES), the path's end half at most written after the rest
-of it was given, and the routine after a whole given path. Given parts come as POPE's guided
-prompt (the partial solution in the user message), and the answer *restates* the given part
-before it goes on, so a guided answer is the whole solution, written from its first token,
-the same text an unguided answer is. An unguided long chain's path is never written from
-its start, so the model solves easy problems, and hard ones rarely unless given part of the
-path. Prompts are built by the rollout service's own template, so the model meets exactly
-the text the pipeline sends. Paths of the hard train and eval splits never appear.
+Supervised learning on easy material only (the task: services/tasks/chains.py, v10): whole
+solutions of chains of every length (ALL_SIZES), unguided and continued from any given part
+of the path, and the routine after a whole given path. Forks (the key step) the model must
+choose at itself appear only on short chains (EASY_SIZES, at most EASY_FORKS); on longer
+chains forks lie only inside the given part, which the answer restates. Given parts come as
+POPE's guided prompt (the partial solution in the user message), and the answer *restates*
+the given part before it goes on, so a guided answer is the whole solution, written from
+its first token, the same text an unguided answer is. So the model solves easy problems
+and long unforked ones, copies a given path through forks, and solves hard ones
+(HARD_FORKS forks) rarely unless given the path through most of its forks. Prompts are
+built by the rollout service's own template, so the model meets exactly the text the
+pipeline sends. Paths of the hard train and eval splits never appear.
 
 Prints progress (loss, steps/s, time left) and ends with accuracy on easy and hard
 problems, unhinted and hinted, written to ``<out>/pretrain_report.json``.
@@ -33,33 +35,34 @@ import torch
 from services.common.messages import Problem, Variant
 from services.engine.tiny_model import IM_END, TinyModelSpec, build_tiny_model
 from services.rollout.prompts import PromptTemplate, prompt_ids, user_message
-from services.tasks.chains import ALL_SIZES, EASY_SIZES, TASK_VERSION, Instance, hard_splits, make, solved
+from services.tasks.chains import (
+    ALL_SIZES,
+    EASY_FORKS,
+    EASY_SIZES,
+    TASK_VERSION,
+    Instance,
+    hard_splits,
+    make,
+    make_easy,
+    solved,
+)
 
 SPEC = TinyModelSpec(vocab_size=640, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                      num_kv_heads=2, head_dim=32, max_positions=1024)  # fmt: skip
+KINDS = ("whole", "forked", "partial", "routine")
 MIX = (0.30, 0.15, 0.25, 0.30)
-"""Shares of the material: whole short solutions; short solutions continued from part of the
-path; solutions of any length finished from up to half their path (links_left); the
-routine after a whole path at any length. Every guided answer restates what it was given.
-(Material chains-sft-v2 had a fifth kind, "tails", and guided answers that began where the
-hint ended; the README's "How the task got here" says why that changed.)"""
+"""Shares of the material (material v5, task v10): whole solutions of chains of any length
+(short ones with up to EASY_FORKS forks, longer ones without); whole solutions of short
+chains with 1 to EASY_FORKS forks; solutions continued from any part of the path given, at
+any length, with forks only in the given part above EASY_SIZES; the routine after a whole
+given path, through any number of forks. Every guided answer restates what it was given.
+Material v4 had no forks in long chains at all: its model resolved every fork by lookup,
+even one the hint had passed, so a hint did not help. Material v3 (task v9) showed whole
+paths only for short chains and, given at least half of a long path, finished its end
+half: its model took "no hint" for "a short path", so hinted practice never reached
+unguided attempts (README)."""
 
-
-def links_left(n: int) -> range:
-    """How many links a "finish" example of an n-link chain leaves to work out: up to half
-    the path (its end half), always ending on the end node the problem names, so the model
-    learns to stop by content and to look up links from the middle of a long chain on, but
-    never works out a long chain's path from its start (it only restates a given start).
-    This is material v3 (task v7, and task v9 with pretraining by steps). Material v4 (task
-    v8) left up to a third: five pretrainings on a GPU solved none of 11-14 links unguided,
-    but the first lookups of a long chain, which it never shows, went wrong unguided, and no
-    hint of the end third teaches them (README, "Result on task v8"). (Material 1 left one
-    or two links: its model stopped one or two links after any hint of a long chain,
-    wherever the path ended.)"""
-    return range(1, max(1, n // 2) + 1)
-
-
-MATERIAL_VERSION = "chains-sft-v3"
+MATERIAL_VERSION = "chains-sft-v5"
 # The experiment's prompt template (configurable and versioned like any): short words, so
 # the tiny model's compute goes to the task, not to reading an instruction.
 TEMPLATE = PromptTemplate(
@@ -84,21 +87,28 @@ class Example(NamedTuple):
 
 
 def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> Example:
-    """One piece of pretraining material (MIX): the whole solution of a short chain; a short
-    chain's solution after part of its path was given (as POPE's shorter hints give it); any
-    chain's after all but its end half (up to half its links) was given; or the routine
-    after a whole given path, at any length. A guided answer is the whole solution: it
-    restates the given part and goes on."""
+    """One piece of pretraining material (KINDS, MIX): a whole solution, unguided; or a
+    solution after part of its path (possibly none of it but the start) or the whole path
+    was given, as POPE's hints give it. A guided answer is the whole solution: it restates
+    the given part and goes on. Forks the model resolves itself appear on short chains only;
+    on longer ones every fork lies in the given part (the answer restates it, which teaches
+    copying a given path through forks, not choosing at one)."""
     while True:
-        kind = rng.choices(("full", "partial", "finish", "routine"), weights=MIX)[0]
-        inst = make(rng, rng.choice(EASY_SIZES if kind in ("full", "partial") else ALL_SIZES))
+        kind = rng.choices(KINDS, weights=MIX)[0]
+        if kind == "forked":
+            n = rng.choice(EASY_SIZES)
+            inst = make(rng, n, rng.randint(1, min(EASY_FORKS, n)))
+        elif kind == "whole":
+            n = rng.choice(ALL_SIZES)
+            inst = make(rng, n, rng.randint(0, min(EASY_FORKS, n)) if n in EASY_SIZES else 0)
+        else:
+            n = rng.choice(ALL_SIZES)
+            given = rng.randrange(n) if kind == "partial" else n
+            inst = make(rng, n, rng.randint(0, min(EASY_FORKS, n) if n in EASY_SIZES else given))
         if inst.key not in exclude:
             break
-    n = inst.size
-    if kind == "full":
+    if kind in ("whole", "forked"):
         return Example(user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), inst.solution)
-    given = {"partial": lambda: rng.randrange(n), "finish": lambda: n - rng.choice(links_left(n)),
-             "routine": lambda: n}[kind]()  # fmt: skip
     return Example(user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE), inst.solution)
 
 
@@ -148,7 +158,7 @@ def accuracy(model: Any, tokenizer: Any, cases: list[tuple[str, Instance]], temp
 def report(model: Any, tokenizer: Any, n: int = 200) -> dict[str, float]:
     """Accuracy (greedy) on easy and held-out hard problems, unhinted and hinted."""
     rng = random.Random(99)
-    easy = [make(rng, rng.choice(EASY_SIZES)) for _ in range(n)]
+    easy = [make_easy(rng, rng.choice(EASY_SIZES)) for _ in range(n)]
     _, hard = hard_splits()
     hard = hard[:n]
 

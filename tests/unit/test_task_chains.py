@@ -1,6 +1,6 @@
-"""The link-chains task (v6): fixed, disjoint splits; reference solutions the verifier
-accepts; a checker under which near misses and guesses fail; and the base model's
-pretraining material, which teaches whole paths only on short chains."""
+"""The link-chains task (v10: forked chains): fixed, disjoint splits; reference solutions the
+verifier accepts; a checker under which near misses and guesses fail; and the base model's
+pretraining material, which shows forks only on short chains."""
 
 from __future__ import annotations
 
@@ -28,6 +28,18 @@ def test_an_instance_and_its_reference_solution() -> None:
     assert parse(inst.prompt) == inst
 
 
+def test_a_forked_instance_states_its_dead_ends_and_parses_back() -> None:
+    inst = Instance(path=(23, 35, 41, 17, 52), order=(0, 3, 1, 5, 2, 4), decoys=(88, 60))
+    assert inst.forks == 2 and inst.links[4:] == [(23, 88), (35, 60)]
+    assert inst.prompt == "Follow the links from 23 to 52: 23 > 35, 17 > 52, 35 > 41, 35 > 60, 41 > 17, 23 > 88"
+    assert inst.solution == "Path: 23 35 41 17 52\n\nSo the answer is \\boxed{(23, 35, 41, 17, 52)}"
+    assert parse(inst.prompt) == inst
+    # Taking a dead end is wrong, for the checker and the verifier alike.
+    gold = parse_gold(inst.answer)
+    assert not solved("\\boxed{(23, 88, 52)}", inst)
+    assert score_answer(gold, "So the answer is \\boxed{(23, 88, 52)}").reward == 0.0
+
+
 def test_a_prompt_that_is_not_one_path_is_refused() -> None:
     with pytest.raises(ValueError, match="not a link-chains"):
         parse("Sort these numbers: 1 2 3")
@@ -35,6 +47,10 @@ def test_a_prompt_that_is_not_one_path_is_refused() -> None:
         parse("Follow the links from 23 to 52: 41 > 17, 23 > 35, 17 > 52")  # 35 leads nowhere
     with pytest.raises(ValueError, match="one path"):
         parse("Follow the links from 23 to 52: 23 > 35, 35 > 41, 41 > 17, 17 > 52, 60 > 61")  # a link off the path
+    with pytest.raises(ValueError, match="one path"):
+        parse("Follow the links from 23 to 52: 23 > 35, 35 > 41, 35 > 60, 41 > 52")  # a fork after an unforked node
+    with pytest.raises(ValueError, match="one path"):
+        parse("Follow the links from 23 to 52: 23 > 35, 23 > 41, 35 > 52, 41 > 52")  # two ways on
 
 
 def test_splits_are_fixed_disjoint_and_hard() -> None:
@@ -45,7 +61,9 @@ def test_splits_are_fixed_disjoint_and_hard() -> None:
     assert not {i.key for i in train} & {i.key for i in held_out}
     assert {i.size for i in train + held_out} == set(chains.HARD_SIZES)
     assert not set(chains.HARD_SIZES) & set(chains.EASY_SIZES) and set(chains.HARD_SIZES) <= set(chains.ALL_SIZES)
-    assert all(len(set(i.path)) == len(i.path) and all(10 <= x <= 99 for x in i.path) for i in train)
+    assert {i.forks for i in train + held_out} == {chains.HARD_FORKS} and chains.HARD_FORKS > chains.EASY_FORKS
+    nodes = [(*i.path, *i.decoys) for i in train]
+    assert all(len(set(n)) == len(n) and all(10 <= x <= 99 for x in n) for n in nodes)
     assert all(parse(i.prompt) == i for i in train)
 
 
@@ -82,17 +100,19 @@ def test_hints_up_to_half_the_path_fit_in_the_experiments_hint_budget() -> None:
 
 
 def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() -> None:
-    """Whole paths are worked out only on short chains; on longer ones the model is given all
-    but the end half of the path and works out at most that end half. Every answer is the
-    whole solution: a guided one restates its partial solution first."""
+    """Forks the model must resolve itself appear only on short chains (at most EASY_FORKS);
+    longer chains have forks only within the given part of a guided example; whole paths
+    without forks are worked out at every length, unguided and from any given part; the
+    hard splits' paths never appear. Every answer is the whole solution: a guided one restates its partial
+    solution first."""
     from services.common.messages import Variant
     from services.rollout.prompts import user_message
-    from services.tasks.pretrain import TEMPLATE, examples, hinted_problem, links_left
+    from services.tasks.pretrain import TEMPLATE, examples, hinted_problem
 
     train, held_out = hard_splits()
     exclude = {i.key for i in train + held_out}
     rng = random.Random(0)
-    seen = {"full": 0, "partial": 0, "finish": 0, "routine": 0}
+    seen = {"whole_long": 0, "forked": 0, "partial_long": 0, "routine": 0, "given_forks_long": 0}
     sizes = set()
     for _ in range(1500):
         user, completion = examples(rng, exclude)
@@ -101,19 +121,19 @@ def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() 
         sizes.add(n)
         assert inst.key not in exclude
         assert completion == inst.solution  # guided or not, the answer is the whole solution
-        if user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE):  # unguided: short chains only
-            assert n in chains.EASY_SIZES
-            seen["full"] += 1
+        if user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE):
+            assert inst.forks <= chains.EASY_FORKS and (inst.forks == 0 or n in chains.EASY_SIZES)
+            seen["whole_long"] += n not in chains.EASY_SIZES
+            seen["forked"] += inst.forks > 0
             continue
         given = next(g for g in range(n + 1) if user.endswith("\n" + inst.partial_key_step(g)))
         assert user == user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE)
-        if given == n:  # the routine after the whole path, at any length
-            seen["routine"] += 1
-        elif n in chains.EASY_SIZES and n - given not in links_left(n):  # any part of a short chain's path
-            seen["partial"] += 1
-        else:  # a long chain: only its end half is left to work out
-            assert n - given in links_left(n), (n, given)
-            seen["finish"] += n not in chains.EASY_SIZES
+        # Guided: a fork the model must resolve itself only on a short chain; on a longer one
+        # every fork lies within the given part of the path.
+        assert inst.forks <= given or (n in chains.EASY_SIZES and inst.forks <= chains.EASY_FORKS)
+        seen["routine"] += given == n
+        seen["partial_long"] += given < n and n not in chains.EASY_SIZES
+        seen["given_forks_long"] += inst.forks > chains.EASY_FORKS
     assert min(seen.values()) > 50, seen
     assert sizes == set(chains.ALL_SIZES)
 
