@@ -129,7 +129,8 @@ def _experiment(args: argparse.Namespace) -> int:
 
     base = base_model_or_exit(Path(args.base_model))
     spec = spec_with(Spec(), base, args.trainer, steps=args.steps, learning_rate=args.lr,
-                     train_problems=args.train_problems)  # fmt: skip
+                     train_problems=args.train_problems, hint_anneal_at=args.hint_anneal_at,
+                     hint_anneal_window=args.hint_anneal_window)  # fmt: skip
     arms = args.arms.split(",") if args.arms else list(ARMS)
     return _interruptible(lambda: experiment(Path(args.dir), base, args.seeds, arms, spec, parallel=args.parallel))
 
@@ -139,7 +140,8 @@ def _demo(args: argparse.Namespace) -> int:
     from services.tasks.experiment import base_model_or_exit, spec_with
 
     base = base_model_or_exit(Path(args.base_model))
-    spec = spec_with(DEMO_SPEC, base, args.trainer, steps=args.steps, learning_rate=args.lr)
+    spec = spec_with(DEMO_SPEC, base, args.trainer, steps=args.steps, learning_rate=args.lr,
+                     hint_anneal_at=args.hint_anneal_at, hint_anneal_window=args.hint_anneal_window)  # fmt: skip
     return _interruptible(lambda: demo(Path(args.dir), base, spec))
 
 
@@ -162,6 +164,12 @@ def _experiment_parsers(sub: Any) -> None:
         p.add_argument("--lr", type=float, help="learning rate (frozen with the experiment)")
         help = "a trainer setting, e.g. kl_coef=0.05 (repeatable; frozen with the experiment)"
         p.add_argument("--trainer", action="append", default=[], metavar="KEY=VALUE", help=help)
+        help = (
+            "cut every hint back by one more cut point of its solution each time the hinted reward over "
+            "--hint-anneal-window steps reaches this (0-1; off by default; frozen with the experiment)"
+        )
+        p.add_argument("--hint-anneal-at", type=float, metavar="REWARD", help=help)
+        p.add_argument("--hint-anneal-window", type=int, metavar="STEPS", help="trainer steps per decision (default 5)")
     pvg.add_argument("--train-problems", type=int, help="hard train problems (frozen with the experiment)")
     help = "runs at a time, each with its share of the cores (default 1); not frozen: any sitting may change it"
     pvg.add_argument("--parallel", type=int, default=1, metavar="N", help=help)

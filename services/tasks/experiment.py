@@ -90,6 +90,9 @@ class Spec:
     eval_top_p: float = 1.0
     hint_k: int = 8
     hint_k_hint: int = 8
+    hint_anneal_at: float | None = None
+    """Hint annealing in the arms with hints (rollout.hint_anneal_at; off: the paper's fixed hints)."""
+    hint_anneal_window: int = 5
     extra: dict[str, Any] = field(default_factory=dict)
     """Trainer settings beyond the defaults (loss, clipping ...), as config keys."""
 
@@ -112,7 +115,8 @@ def freeze(exp_dir: Path, spec: Spec, out: TextIO, start_over: bool = False) -> 
     path = exp_dir / "experiment.json"
     mine = asdict(spec)
     if path.exists():
-        frozen = json.loads(path.read_text())
+        # A setting added after an experiment was frozen ran at its default (the old behaviour).
+        frozen = {**asdict(Spec()), **json.loads(path.read_text())}
         diff = {k: (frozen.get(k), v) for k, v in mine.items() if frozen.get(k) != v}
         if diff and start_over:
             say(f"settings or base model changed ({', '.join(diff)}): starting {exp_dir} over", out)
@@ -205,6 +209,8 @@ def run_config(spec: Spec, arm: str, seed: int, run_dir: Path) -> dict[str, Any]
         "engine": {"port": free_port(), "max_batch": 64},
         "rollout": {"port": free_port(), "prompt_template": TEMPLATE.model_dump(), "hinted_fraction": a.hinted_fraction,
                     "include_easy": True, "temperature": spec.temperature, "top_p": spec.top_p,
+                    "hints": spec.hint_settings().model_dump(), "hint_anneal_at": spec.hint_anneal_at,
+                    "hint_anneal_window": spec.hint_anneal_window,
                     "archive_dir": str(run_dir / "rollouts"), "eval_dir": str(run_dir / "eval")},
         "verifier": {"port": free_port(), "workers": 1},
         "trainer": {"port": free_port(), "checkpoint_dir": str(run_dir / "checkpoints"), "tensorboard_dir": None,

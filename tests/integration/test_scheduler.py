@@ -77,3 +77,56 @@ async def test_a_trainer_short_of_groups_gets_a_top_up_not_a_deadlock(aredis: Re
         await s._generate_step(s.step, 1, top_up=True)
         assert s.step == 1 and len(await published(aredis, keys)) == 5
         assert await s._starving() == 0  # one is on its way now: no second top-up
+
+
+async def test_hint_annealing_cuts_hints_back_as_hinted_groups_get_solved(aredis: Redis, keys: Keys, engine_url: str,
+                                                                         tiny_model: Path) -> None:  # fmt: skip
+    """With rollout.hint_anneal_at, a window of trainer steps whose hinted reward reaches it
+    cuts every hint back by one cut point of its solution (a new window starts after each
+    cut); the offset survives a restart; a lower reward, or too few steps, changes nothing."""
+    import json
+
+    from services.rollout.anneal import HintAnnealer
+
+    solution = "Step one.\n\nStep two.\n\nStep three.\n\nSo the answer is \\boxed{4}"
+    searched = "Step one.\n\nStep two.\n\nStep three."
+    problem = Problem(id="a", prompt="Compute 2+2.", answer="4", solution=solution, hint=searched)
+
+    async def trainer_steps(*rewards: float | None) -> None:
+        start = len(await aredis.lrange(keys.history("trainer"), 0, -1))
+        for i, r in enumerate(rewards, start + 1):  # newest first, as the trainer pushes them
+            record = {"step": i} | ({} if r is None else {"reward_hinted": r})
+            await aredis.lpush(keys.history("trainer"), json.dumps(record))
+
+    async with EngineClient(engine_url) as engine:
+        s = await make(aredis, keys, engine, tiny_model, hint_anneal_at=0.9, hint_anneal_window=3,
+                       hints={"max_fraction": 1.0})  # fmt: skip
+        await s.store.put_many([problem])
+        await trainer_steps(1.0, 1.0)  # two steps: not a full window yet
+        await s.annealer.update()
+        assert s.annealer.offset == 0 and s.annealer.apply(problem) == problem
+        await trainer_steps(None, 0.95)  # a step without hinted groups does not count
+        await s.annealer.update()
+        assert s.annealer.offset == 1 and s.annealer.since == 4
+        group = await s.sample_group(problem, Variant.HINTED, step=5)
+        assert "Step one.\n\nStep two." in group.prompt and "Step three." not in group.prompt
+        unhinted = await s.sample_group(problem, Variant.UNHINTED, step=5)
+        assert "Step one." not in unhinted.prompt
+        await s.annealer.update()  # the same window does not cut twice
+        assert s.annealer.offset == 1
+        await trainer_steps(0.5, 1.0, 1.0)  # a new window, below the threshold on average
+        await s.annealer.update()
+        assert s.annealer.offset == 1
+        await trainer_steps(1.0, 1.0, 1.0)
+        await s.annealer.update()
+        assert s.annealer.offset == 2
+        assert s.annealer.apply(problem).hint == "Step one."
+        restarted = HintAnnealer(s.settings, aredis, s.tokenizer)
+        await restarted.restore()
+        assert (restarted.offset, restarted.since) == (2, 10)
+        for _ in range(5):  # never shorter than the first cut point
+            restarted.offset += 1
+        assert restarted.apply(problem).hint not in ("", None) and solution.startswith(restarted.apply(problem).hint)
+        off = await make(aredis, keys, engine, tiny_model)
+        await off.annealer.update()
+        assert not off.annealer.on and off.annealer.offset == 0 and off.annealer.apply(problem) == problem
