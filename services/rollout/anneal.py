@@ -58,7 +58,7 @@ class HintAnnealer:
         self.offset = 0
         self.since = 0
         """The trainer step at which the offset was last raised (its window starts after it)."""
-        self._ends: dict[str, list[int]] = {}
+        self._ends: dict[str, list[int]] = {}  # solution -> its token ends
 
     @property
     def on(self) -> bool:
@@ -80,9 +80,9 @@ class HintAnnealer:
         hinted = [(int(r["step"]), float(r["reward_hinted"])) for r in records
                   if int(r.get("step", 0)) > self.since and r.get("reward_hinted") is not None
                   and math.isfinite(float(r["reward_hinted"]))][:window]  # fmt: skip
-        if len(hinted) < window or sum(r for _, r in hinted) / window < at:
-            return
         mean = sum(r for _, r in hinted) / window
+        if len(hinted) < window or mean < at:
+            return
         self.offset += 1
         self.since = hinted[0][0]
         await self.redis.hset(self.keys.state("rollout"), mapping={"hint_offset": self.offset,  # type: ignore[misc]
@@ -94,7 +94,8 @@ class HintAnnealer:
         """``problem`` with its hint cut back by the current offset (as it is when annealing is off)."""
         if self.offset == 0 or problem.hint is None or not problem.solution:
             return problem
-        if problem.id not in self._ends:
-            self._ends[problem.id] = token_ends(self.tokenizer, problem.solution)
-        hint = shorter_hint(problem.solution, problem.hint, self._ends[problem.id], self.settings.hints, self.offset)
+        if problem.solution not in self._ends:
+            self._ends[problem.solution] = token_ends(self.tokenizer, problem.solution)
+        ends = self._ends[problem.solution]
+        hint = shorter_hint(problem.solution, problem.hint, ends, self.settings.hints, self.offset)
         return problem if hint == problem.hint else problem.model_copy(update={"hint": hint})
