@@ -210,7 +210,7 @@ def parse(prompt: str) -> Instance:
     while path[-1] != end and len(path) <= len(links):
         ahead = after.get(path[-1], [])
         going = [b for b in ahead if b == end or b in after]
-        if len(going) != 1 or len(ahead) - 1 > 1 or (len(ahead) == 2 and len(decoys) != len(path) - 1):
+        if len(going) != 1 or len(ahead) > 2 or (len(ahead) == 2 and len(decoys) != len(path) - 1):
             break  # no way on, two, or a fork after an unforked node: not one of this task's paths
         if len(ahead) == 2:
             decoys.append(next(b for b in ahead if b != going[0]))
