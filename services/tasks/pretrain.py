@@ -100,7 +100,7 @@ def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> Example:
             inst = make(rng, n, rng.randint(1, min(EASY_FORKS, n)))
         elif kind == "whole":
             n = rng.choice(ALL_SIZES)
-            inst = make(rng, n, rng.randint(0, min(EASY_FORKS, n)) if n in EASY_SIZES else 0)
+            inst = make_easy(rng, n) if n in EASY_SIZES else make(rng, n)
         else:
             n = rng.choice(ALL_SIZES)
             given = rng.randrange(n) if kind == "partial" else n
