@@ -103,7 +103,12 @@ def _verifier(args: argparse.Namespace) -> int:
 def _model_pretrain(args: argparse.Namespace) -> int:
     from services.tasks.pretrain import pretrain
 
-    pretrain(Path(args.out), steps=args.steps, seed=args.seed, device=args.device)
+    start = Path(args.start) if args.start else None
+    if start is not None and not (start / "config.json").exists():
+        raise SystemExit(f"pope model pretrain: --from {start}: not a model directory (no config.json)")
+    if args.lr <= 0:
+        raise SystemExit(f"pope model pretrain: --lr must be positive, got {args.lr}")
+    pretrain(Path(args.out), steps=args.steps, seed=args.seed, device=args.device, lr=args.lr, start=start)
     print(f"wrote the base model and pretrain_report.json to {args.out}")
     return 0
 
@@ -400,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "depends on the code, the steps and the seed only")  # fmt: skip
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default cpu)")
+    pre.add_argument("--from", dest="start", metavar="DIR", help="go on from this model (and its tokenizer) "
+                     "instead of from scratch, e.g. an earlier task version's base")  # fmt: skip
+    pre.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the cosine (default 1e-3)")
     pre.set_defaults(func=_model_pretrain)
 
     _add_data_parser(sub)

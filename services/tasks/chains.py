@@ -1,5 +1,5 @@
 """A synthetic task family whose key step is the same small computation at every position:
-*link chains* (tasks v6-v10 of the experiment; v1-v5 were sorted gaps, services/tasks/gaps.py).
+*link chains* (tasks v6-v11 of the experiment; v1-v5 were sorted gaps, services/tasks/gaps.py).
 
     Problem:  Follow the links from 23 to 52: 41 > 17, 23 > 35, 35 > 41, 17 > 52
     Solution: Path: 23 35 41 17 52                        <- the key step: one lookup per link
@@ -43,24 +43,29 @@ v5: v3's material and hard length on a base pretrained by steps, so it can be ma
 at learning rate 5e-5 no arm solved a hard problem unhinted; at 4e-4 POPE did in 2 seeds
 of 4 (pass@8 0.88, 0.58; GRPO 0) and the other 2 collapsed in their first steps.
 
-Task v10 (this version, ``link-chains-v7``) adds *forks*: each of the first ``HARD_FORKS``
-nodes of a hard path has a second link, to a dead end (a node no link leaves, not the end):
+Task v10 (``link-chains-v7``) added *forks*: each of the first nodes of a hard path has a
+second link, to a dead end (a node no link leaves, not the end):
 
     Problem:  Follow the links from 23 to 52: 23 > 35, 17 > 52, 35 > 41, 23 > 88, 41 > 17
     Solution: Path: 23 35 41 17 52                   <- 23 forks: 35 goes on, 88 leads nowhere
 
-The right branch is the one whose node a link leaves (or the end): a second lookup. The
-base model chooses at forks only on short chains (at most ``EASY_FORKS``, at the path's
-start); on longer ones it meets forks only inside a given part of the path, which it
-copies. It works out whole paths without forks at every length, unguided too, so unlike
-v9's base it does not take "no hint" to mean "a short path" (README, "Why nothing
-transfers on this base"), and its unguided and hinted attempts fail the same way: at the
-first fork they must choose at themselves.
-The key first step is the run of forks: a model that picks branches at random solves an
-instance with about 2^-HARD_FORKS, a hint through the first h forks raises that to
-2^-(HARD_FORKS - h), and what a hinted rollout then practises, picking the branch at a
-fork, is what an unguided attempt needs at every fork before it; after the forks the path
-is routine.
+The right branch is the one whose node a link leaves (or the end): a second lookup. v10's
+base chose at forks only on short chains and, on long ones, picked at chance (0.5 right at
+every fork, teacher-forced): it did not have the rule there, and POPE's hinted training
+learned its training problems' branches, not the rule (README).
+
+Task v11 (this version, ``link-chains-v8``) keeps the forks and makes the rule a skill the
+base model has but does not trust. A fork is *tricky* when its dead end is the smaller of
+the two numbers; the pretraining material's teacher (pretrain.FOLLOW) is always right at
+other forks and, at a tricky one, follows the rule 2 times in 5 and otherwise takes the
+smaller number (and ends there). So a model of the material prefers the wrong branch at
+every tricky fork (greedy decoding never solves a hard instance) yet puts real probability
+on the right one. A hard instance has HARD_FORKS forks at its first nodes, exactly
+HARD_TRICKY of them tricky, at random places: at about 0.4 per tricky fork it is solved
+about 0.4^7 of the time, a hint through the first forks leaves fewer, and what hinted
+practice rewards, trusting the rule over the cue, is what an unguided attempt needs at
+every tricky fork. No shortcut picks every branch: half the forks of a hard instance have
+the larger number as their dead end.
 """
 
 from __future__ import annotations
@@ -73,17 +78,20 @@ from dataclasses import dataclass
 from services.common.messages import Problem
 from services.tasks.splits import distinct, train_and_held_out
 
-TASK_VERSION = "link-chains-v7"
+TASK_VERSION = "link-chains-v8"
 EASY_SIZES = (2, 3, 4, 5)
 """Chain lengths (links) whose whole path, forks included, the base model is taught (easy instances)."""
 EASY_FORKS = 2
 """The most forks an easy instance has (at the first nodes of its path)."""
-HARD_SIZES = (12,)
-"""Chain length of the hard split (task v10): 10 forks, then 2 routine links."""
-HARD_FORKS = 10
-"""Forks of a hard instance: each of the first 10 nodes of its path (task v10)."""
-ALL_SIZES = tuple(range(2, 15))
-"""Chain lengths the base model meets at all (unforked above EASY_SIZES)."""
+HARD_SIZES = (16,)
+"""Chain length of the hard split (task v11): 14 forks, then 2 routine links."""
+HARD_FORKS = 14
+"""Forks of a hard instance: each of the first 14 nodes of its path (task v11)."""
+HARD_TRICKY = 7
+"""Tricky forks of a hard instance (task v11): forks whose dead end is the smaller number,
+at random places among its forks (the rest have the larger number as their dead end)."""
+ALL_SIZES = tuple(range(2, 17))
+"""Chain lengths the base model meets at all."""
 LOW, HIGH = 10, 99
 """Nodes are distinct two-digit numbers (each one token of the tiny model's tokenizer)."""
 SEEDS = {"train": 1001, "eval": 2002, "pretrain": 3003}
@@ -107,6 +115,11 @@ class Instance:
     @property
     def forks(self) -> int:
         return len(self.decoys)
+
+    @property
+    def tricky(self) -> tuple[int, ...]:
+        """The forks whose dead end is the smaller of the two numbers (a cue that misleads there)."""
+        return tuple(i for i, d in enumerate(self.decoys) if d < self.path[i + 1])
 
     @property
     def key(self) -> tuple[int, ...]:
@@ -156,11 +169,18 @@ class Instance:
 
     @property
     def solution(self) -> str:
-        return f"{self.key_step}\n\nSo the answer is \\boxed{{{self.answer}}}"
+        return write_solution(self.path)
 
     def problem(self, split: str) -> Problem:
         return Problem.model_validate({"prompt": self.prompt, "answer": self.answer, "solution": self.solution,
                                        "split": split, "source": TASK_VERSION})  # fmt: skip
+
+
+def write_solution(path: tuple[int, ...] | list[int]) -> str:
+    """The solution text that ends at ``path``'s last node (the reference solution for the
+    instance's own path; a wrong one for a path that stops at a dead end)."""
+    nodes = " ".join(map(str, path))
+    return f"Path: {nodes}\n\nSo the answer is \\boxed{{({', '.join(map(str, path))})}}"
 
 
 def make(rng: random.Random, n: int, forks: int = 0) -> Instance:
@@ -177,7 +197,11 @@ def make_easy(rng: random.Random, n: int) -> Instance:
 
 
 def make_hard(rng: random.Random, n: int) -> Instance:
-    return make(rng, n, HARD_FORKS)
+    """A hard instance: HARD_FORKS forks, exactly HARD_TRICKY of them tricky (drawn again until so)."""
+    while True:
+        inst = make(rng, n, HARD_FORKS)
+        if len(inst.tricky) == HARD_TRICKY:
+            return inst
 
 
 def instances(split: str, count: int, sizes: tuple[int, ...] = HARD_SIZES,

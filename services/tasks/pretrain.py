@@ -2,18 +2,19 @@
 
     pope model pretrain --out runs/base-model [--steps 2700] [--seed 0]
 
-Supervised learning on easy material only (the task: services/tasks/chains.py, v10): whole
-solutions of chains of every length (ALL_SIZES), unguided and continued from any given part
-of the path, and the routine after a whole given path. Forks (the key step) the model must
-choose at itself appear only on short chains (EASY_SIZES, at most EASY_FORKS); on longer
-chains forks lie only inside the given part, which the answer restates. Given parts come as
-POPE's guided prompt (the partial solution in the user message), and the answer *restates*
-the given part before it goes on, so a guided answer is the whole solution, written from
-its first token, the same text an unguided answer is. So the model solves easy problems
-and long unforked ones, copies a given path through forks, and solves hard ones
-(HARD_FORKS forks) rarely unless given the path through most of its forks. Prompts are
-built by the rollout service's own template, so the model meets exactly the text the
-pipeline sends. Paths of the hard train and eval splits never appear.
+Supervised learning on a teacher's solutions (the task: services/tasks/chains.py, v11):
+chains of every length (ALL_SIZES) with forks at their first 0..n nodes, worked out
+unguided, continued from any given part of the path, and the routine after a whole given
+path. The teacher is imperfect in one way (FOLLOW): at a tricky fork (the dead end the
+smaller number) it trusts that cue 3 times in 5 and ends at the dead end. Given parts come
+as POPE's guided prompt (the partial solution in the user message), and the answer
+*restates* the given part before it goes on, so a guided answer is the whole solution,
+written from its first token, the same text an unguided answer is. So the model copies
+given paths, looks links up at any length, picks right at forks where the cues agree, and
+at tricky forks mostly wrong: it solves hard instances (HARD_TRICKY tricky forks) rarely
+unless given the path through most of them. Prompts are built by the rollout service's own
+template, so the model meets exactly the text the pipeline sends. Paths of the hard train
+and eval splits never appear.
 
 Prints progress (loss, steps/s, time left) and ends with accuracy on easy and hard
 problems, unhinted and hinted, written to ``<out>/pretrain_report.json``.
@@ -25,6 +26,7 @@ import hashlib
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +39,6 @@ from services.engine.tiny_model import IM_END, TinyModelSpec, build_tiny_model
 from services.rollout.prompts import PromptTemplate, prompt_ids, user_message
 from services.tasks.chains import (
     ALL_SIZES,
-    EASY_FORKS,
     EASY_SIZES,
     TASK_VERSION,
     Instance,
@@ -45,24 +46,31 @@ from services.tasks.chains import (
     make,
     make_easy,
     solved,
+    write_solution,
 )
 
 SPEC = TinyModelSpec(vocab_size=640, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                      num_kv_heads=2, head_dim=32, max_positions=1024)  # fmt: skip
-KINDS = ("whole", "forked", "partial", "routine")
-MIX = (0.30, 0.15, 0.25, 0.30)
-"""Shares of the material (material v5, task v10): whole solutions of chains of any length
-(short ones with up to EASY_FORKS forks, longer ones without); whole solutions of short
-chains with 1 to EASY_FORKS forks; solutions continued from any part of the path given, at
-any length, with forks only in the given part above EASY_SIZES; the routine after a whole
-given path, through any number of forks. Every guided answer restates what it was given.
-Material v4 had no forks in long chains at all: its model resolved every fork by lookup,
-even one the hint had passed, so a hint did not help. Material v3 (task v9) showed whole
-paths only for short chains and, given at least half of a long path, finished its end
-half: its model took "no hint" for "a short path", so hinted practice never reached
-unguided attempts (README)."""
+KINDS = ("whole", "partial", "routine")
+MIX = (0.40, 0.35, 0.25)
+"""Shares of the material (material v6, task v11): whole solutions of chains of any length,
+unguided; solutions continued from any part of the path given; the routine after a whole
+given path. Every chain has a fork at each of its first 0..n nodes (drawn evenly), so forks
+come at every position and length, guided and unguided; every guided answer restates what it
+was given. Material v5 (task v10) showed forks the model chose at only on short chains: its
+base picked branches of long chains at chance (0.5 right at every fork, teacher-forced), a
+rule it did not have there, and POPE's hinted training learned the training problems'
+branches, not the rule (README). Material v4 had no forks in long chains at all, v3 whole
+paths only for short chains."""
+FOLLOW = 0.4
+"""The teacher's skill at a tricky fork (chains.Instance.tricky, the dead end the smaller
+number): it takes the branch a link leaves 2 times in 5 and the smaller number otherwise,
+and the path ends at that dead end (a wrong answer, boxed as written). At every other fork
+the two cues agree and it is always right. So the base model has the rule, and trusts the
+wrong cue where the two disagree: right at a tricky fork about 2 times in 5 (0.38 at
+temperature 0.8), which a hard instance's 7 tricky forks compound."""
 
-MATERIAL_VERSION = "chains-sft-v5"
+MATERIAL_VERSION = "chains-sft-v6"
 # The experiment's prompt template (configurable and versioned like any): short words, so
 # the tiny model's compute goes to the task, not to reading an instruction.
 TEMPLATE = PromptTemplate(
@@ -86,30 +94,34 @@ class Example(NamedTuple):
     completion: str
 
 
+def taught_path(inst: Instance, given: int, rng: random.Random) -> tuple[int, ...]:
+    """The path the material's teacher writes after the first ``given`` links (copied): at a
+    tricky fork it goes on with probability FOLLOW, else takes the dead end and stops there."""
+    path = list(inst.path[: given + 1])
+    for i in range(given, inst.size):
+        if i in inst.tricky and rng.random() >= FOLLOW:
+            return (*path, inst.decoys[i])
+        path.append(inst.path[i + 1])
+    return tuple(path)
+
+
 def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> Example:
-    """One piece of pretraining material (KINDS, MIX): a whole solution, unguided; or a
-    solution after part of its path (possibly none of it but the start) or the whole path
-    was given, as POPE's hints give it. A guided answer is the whole solution: it restates
-    the given part and goes on. Forks the model resolves itself appear on short chains only;
-    on longer ones every fork lies in the given part (the answer restates it, which teaches
-    copying a given path through forks, not choosing at one)."""
+    """One piece of pretraining material (KINDS, MIX): a chain of any length with forks at its
+    first 0..n nodes; its solution unguided, or after part of its path (possibly none of it
+    but the start) or the whole path was given, as POPE's hints give it. A guided answer is
+    the whole solution: it restates the given part and goes on. The teacher's branch at each
+    fork past the given part is ``taught_path``'s."""
     while True:
         kind = rng.choices(KINDS, weights=MIX)[0]
-        if kind == "forked":
-            n = rng.choice(EASY_SIZES)
-            inst = make(rng, n, rng.randint(1, min(EASY_FORKS, n)))
-        elif kind == "whole":
-            n = rng.choice(ALL_SIZES)
-            inst = make_easy(rng, n) if n in EASY_SIZES else make(rng, n)
-        else:
-            n = rng.choice(ALL_SIZES)
-            given = rng.randrange(n) if kind == "partial" else n
-            inst = make(rng, n, rng.randint(0, min(EASY_FORKS, n) if n in EASY_SIZES else given))
+        n = rng.choice(ALL_SIZES)
+        inst = make(rng, n, rng.randint(0, n))
         if inst.key not in exclude:
             break
-    if kind in ("whole", "forked"):
-        return Example(user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), inst.solution)
-    return Example(user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE), inst.solution)
+    given = {"whole": 0, "partial": rng.randrange(n), "routine": n}[kind]
+    answer = write_solution(taught_path(inst, given, rng))
+    if kind == "whole":
+        return Example(user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), answer)
+    return Example(user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE), answer)
 
 
 def material_row(tokenizer: Any, e: Example, end: Any) -> tuple[list[int], list[int]]:
@@ -188,11 +200,13 @@ commit differed (README)."""
 
 
 def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32, lr: float = 1e-3,
-             log: TextIO | None = None, report_problems: int = 200, device: str = "cpu") -> dict[str, Any]:  # fmt: skip
+             log: TextIO | None = None, report_problems: int = 200, device: str = "cpu",
+             start: Path | None = None) -> dict[str, Any]:  # fmt: skip
     """Train the base model for ``steps`` steps (cosine learning rate over the steps) into
-    ``out``; deterministic for a given code and seed on one kind of machine with the same
-    number of torch threads (float sums can round differently on another machine or on
-    CUDA). The model trains in float32 on ``device`` and is saved from the CPU."""
+    ``out``, from scratch or on from the model (and tokenizer) in ``start``; deterministic
+    for a given code, seed and start on one kind of machine with the same number of torch
+    threads (float sums can round differently on another machine or on CUDA). The model
+    trains in float32 on ``device`` and is saved from the CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def say(text: str) -> None:
@@ -202,7 +216,13 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     torch.manual_seed(seed)
-    build_tiny_model(out, SPEC, corpus=corpus(), init_std=0.02)
+    if start is None:
+        build_tiny_model(out, SPEC, corpus=corpus(), init_std=0.02)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for f in start.iterdir():
+            if f.is_file() and f.name not in ("README.md", "pretrain_report.json"):
+                shutil.copy(f, out / f.name)
     tokenizer = AutoTokenizer.from_pretrained(out)
     model: Any = AutoModelForCausalLM.from_pretrained(out)
     model.to(device)
@@ -213,7 +233,8 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     started, losses = time.monotonic(), []
     say(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {steps} steps of {batch}; "
-        f"task {TASK_VERSION}, material {MATERIAL_VERSION}, seed {seed}")  # fmt: skip
+        f"task {TASK_VERSION}, material {MATERIAL_VERSION}, seed {seed}, learning rate {lr}"
+        + (f", from {start} (sha256 {weights_sha256(start)[:12]})" if start else ", from scratch"))  # fmt: skip
     model.train()
     for step in range(1, steps + 1):
         for group in opt.param_groups:  # cosine over the steps
@@ -238,7 +259,9 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
     result = {"task": TASK_VERSION, "material": MATERIAL_VERSION, "steps": steps,
               "minutes": (time.monotonic() - started) / 60,
               "final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1), "accuracy": acc,
-              "weights_sha256": weights_sha256(out), "spec": SPEC.__dict__, "seed": seed, "device": device}  # fmt: skip
+              "weights_sha256": weights_sha256(out), "spec": SPEC.__dict__, "seed": seed, "device": device,
+              "lr": lr, "start": None if start is None else {"path": str(start),
+                                                             "weights_sha256": weights_sha256(start)}}  # fmt: skip
     (out / "pretrain_report.json").write_text(json.dumps(result, indent=2) + "\n")
     for name, value in acc.items():
         say(f"{name:>15}: {value:.1%}")

@@ -1,6 +1,7 @@
-"""The link-chains task (v10: forked chains): fixed, disjoint splits; reference solutions the
-verifier accepts; a checker under which near misses and guesses fail; and the base model's
-pretraining material, which shows forks only on short chains."""
+"""The link-chains task (v11: forked chains with tricky forks): fixed, disjoint splits;
+reference solutions the verifier accepts; a checker under which near misses and guesses
+fail; and the base model's pretraining material, whose teacher trusts a misleading cue at
+tricky forks."""
 
 from __future__ import annotations
 
@@ -62,6 +63,12 @@ def test_splits_are_fixed_disjoint_and_hard() -> None:
     assert {i.size for i in train + held_out} == set(chains.HARD_SIZES)
     assert not set(chains.HARD_SIZES) & set(chains.EASY_SIZES) and set(chains.HARD_SIZES) <= set(chains.ALL_SIZES)
     assert {i.forks for i in train + held_out} == {chains.HARD_FORKS} and chains.HARD_FORKS > chains.EASY_FORKS
+    # Exactly HARD_TRICKY forks of each hard instance have the smaller number as their dead
+    # end, at places that vary: no rule of position or size picks every branch right.
+    assert {len(i.tricky) for i in train + held_out} == {chains.HARD_TRICKY}
+    assert len({i.tricky for i in train}) > 100 and {f for i in train for f in i.tricky} == set(
+        range(chains.HARD_FORKS)
+    )
     nodes = [(*i.path, *i.decoys) for i in train]
     assert all(len(set(n)) == len(n) and all(10 <= x <= 99 for x in n) for n in nodes)
     assert all(parse(i.prompt) == i for i in train)
@@ -99,79 +106,53 @@ def test_hints_up_to_half_the_path_fit_in_the_experiments_hint_budget() -> None:
         assert all(inst.solution.startswith(inst.partial_key_step(g) + " ") for g in range(inst.size))
 
 
-def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() -> None:
-    """Forks the model must resolve itself appear only on short chains (at most EASY_FORKS);
-    longer chains have forks only within the given part of a guided example; whole paths
-    without forks are worked out at every length, unguided and from any given part; the
-    hard splits' paths never appear. Every answer is the whole solution: a guided one restates its partial
-    solution first."""
+def test_an_instances_tricky_forks_are_those_whose_dead_end_is_the_smaller_number() -> None:
+    inst = Instance(path=(23, 35, 41, 17, 52), order=(0, 3, 1, 5, 2, 4, 6), decoys=(88, 30, 12))
+    assert inst.tricky == (1, 2)  # 30 < 41 and 12 < 17; 88 > 35
+    assert chains.write_solution((23, 35, 30)) == "Path: 23 35 30\n\nSo the answer is \\boxed{(23, 35, 30)}"
+
+
+def test_pretraining_material_forks_everywhere_and_its_teacher_trusts_the_smaller_number() -> None:
+    """Chains of every length with forks at their first 0..n nodes, unguided and guided from
+    any given part (restated); the hard splits' paths never appear. The teacher's answer is
+    the whole solution except at a tricky fork past the given part, where it takes the dead
+    end (and stops) 3 times in 5; at any other fork it is right."""
     from services.common.messages import Variant
     from services.rollout.prompts import user_message
-    from services.tasks.pretrain import TEMPLATE, examples, hinted_problem
+    from services.tasks.pretrain import FOLLOW, TEMPLATE, examples, hinted_problem
 
     train, held_out = hard_splits()
     exclude = {i.key for i in train + held_out}
     rng = random.Random(0)
-    seen = {"whole_long": 0, "forked": 0, "partial_long": 0, "routine": 0, "given_forks_long": 0}
+    seen = {"unguided_long_forked": 0, "partial_long_forked": 0, "routine": 0}
+    tricky_met = tricky_followed = 0
     sizes = set()
-    for _ in range(1500):
+    for _ in range(3000):
         user, completion = examples(rng, exclude)
         inst = parse(user.split("\n\n")[0])
         n = inst.size
         sizes.add(n)
         assert inst.key not in exclude
-        assert completion == inst.solution  # guided or not, the answer is the whole solution
         if user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE):
-            assert inst.forks <= chains.EASY_FORKS and (inst.forks == 0 or n in chains.EASY_SIZES)
-            seen["whole_long"] += n not in chains.EASY_SIZES
-            seen["forked"] += inst.forks > 0
-            continue
-        given = next(g for g in range(n + 1) if user.endswith("\n" + inst.partial_key_step(g)))
-        assert user == user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE)
-        # Guided: a fork the model must resolve itself only on a short chain; on a longer one
-        # every fork lies within the given part of the path.
-        assert inst.forks <= given or (n in chains.EASY_SIZES and inst.forks <= chains.EASY_FORKS)
-        seen["routine"] += given == n
-        seen["partial_long"] += given < n and n not in chains.EASY_SIZES
-        seen["given_forks_long"] += inst.forks > chains.EASY_FORKS
-    assert min(seen.values()) > 50, seen
+            given = 0
+            seen["unguided_long_forked"] += n not in chains.EASY_SIZES and inst.forks > chains.EASY_FORKS
+        else:
+            given = next(g for g in range(n + 1) if user.endswith("\n" + inst.partial_key_step(g)))
+            assert user == user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE)
+            seen["routine"] += given == n
+            seen["partial_long_forked"] += given < n and n not in chains.EASY_SIZES and inst.forks > given + 2
+        written = completion.split("\n")[0].split()[1:]
+        # The given part is restated; past it the path is right up to where it ends, and it
+        # ends early only at the dead end of a tricky fork.
+        assert written[: given + 1] == [str(x) for x in inst.path[: given + 1]]
+        stop = len(written) - 1
+        assert written[:stop] == [str(x) for x in inst.path[:stop]]
+        wrong = completion != inst.solution
+        if wrong:  # the dead end of fork stop - 1, a tricky one past the given part
+            assert stop - 1 in inst.tricky and written[stop] == str(inst.decoys[stop - 1]) and stop - 1 >= given
+        met = [f for f in inst.tricky if given <= f < stop]
+        tricky_met += len(met)
+        tricky_followed += len(met) - wrong
+    assert min(seen.values()) > 100, seen
     assert sizes == set(chains.ALL_SIZES)
-
-
-def test_the_experiment_config_uses_the_template_the_base_model_learned() -> None:
-    from services.common.config import load_settings
-    from services.rollout.settings import RolloutSettings
-    from services.tasks.pretrain import TEMPLATE
-    from tests.conftest import ROOT
-
-    assert load_settings(RolloutSettings, ROOT / "configs" / "chains.yaml").prompt_template == TEMPLATE
-
-
-def test_the_loss_is_on_the_answer_and_pretraining_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A material row's prompt ids are the pipeline's chat up to the answer (no loss); the
-    loss covers exactly the answer and the end token; and the real loop runs and reports."""
-    import json
-    import random
-
-    from transformers import AutoTokenizer
-
-    from services.engine.tiny_model import IM_END, build_tiny_model
-    from services.rollout.prompts import prompt_ids
-    from services.tasks import pretrain as p
-
-    build_tiny_model(tmp_path / "m", p.SPEC, corpus=p.corpus(300))
-    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
-    end = tok.convert_tokens_to_ids(IM_END)
-    example = p.examples(random.Random(1), set())
-    prompt, completion = p.material_row(tok, example, end)
-    assert prompt == prompt_ids(tok, example.user)
-    assert tok.decode(completion[:-1]) == example.completion and completion[-1] == end
-    _, _, labels = p.sft_batch([(prompt, completion)])
-    assert (labels[0, : len(prompt)] == -100).all() and labels[0, len(prompt) :].tolist() == completion
-
-    # Two steps of the real loop write a loadable model and the report (accuracy on 4 problems each).
-    result = p.pretrain(tmp_path / "base", steps=2, batch=4, report_problems=4)
-    assert result["steps"] == 2 and json.loads((tmp_path / "base" / "pretrain_report.json").read_text())["steps"] == 2
-    kinds = {"easy_unhinted", "easy_hinted", "hard_unhinted", "hard_hinted", "hard_half_key_step",
-             "hard_end_third_left"}  # fmt: skip
-    assert set(result["accuracy"]) == kinds
+    assert abs(tricky_followed / tricky_met - FOLLOW) < 0.03, (tricky_followed, tricky_met)
