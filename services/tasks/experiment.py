@@ -76,7 +76,9 @@ class Spec:
     group_size: int = 8
     prompts_per_step: int = 8
     learning_rate: float = 1e-4
-    """On task v10's base (data/base-model) POPE seed 0 trained stably at 1e-4 (hinted
+    """On task v11's base (data/base-model) POPE seed 0 trained stably at 1e-4 (30 steps)
+    and 2e-4 (60 steps) and fell apart at 4e-4 (hinted reward 0.60 in steps 1-5, 0.20 in
+    26-30). On task v10's base POPE seed 0 trained stably at 1e-4 (hinted
     samples solved 82 of 160 in steps 1-5, 120-141 later) and collapsed at 4e-4 (hinted
     reward 0.03 at step 5, near 0 in steps 13-17); on task v9's base 1e-4 was stable in 4
     seeds of 4 and 4e-4 collapsed all 4 (README). On two earlier bases 4e-4 transferred in 2
