@@ -106,6 +106,8 @@ def _model_pretrain(args: argparse.Namespace) -> int:
     start = Path(args.start) if args.start else None
     if start is not None and not (start / "config.json").exists():
         raise SystemExit(f"pope model pretrain: --from {start}: not a model directory (no config.json)")
+    if start is not None and start.resolve() == Path(args.out).resolve():
+        raise SystemExit(f"pope model pretrain: --from and --out are both {start}; write the new model elsewhere")
     if args.lr <= 0:
         raise SystemExit(f"pope model pretrain: --lr must be positive, got {args.lr}")
     pretrain(Path(args.out), steps=args.steps, seed=args.seed, device=args.device, lr=args.lr, start=start)

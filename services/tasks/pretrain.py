@@ -1,6 +1,6 @@
 """``pope model pretrain``: the base model of the POPE-vs-GRPO experiment, trained from scratch.
 
-    pope model pretrain --out runs/base-model [--steps 2700] [--seed 0]
+    pope model pretrain --out runs/base-model [--steps 2700] [--seed 0] [--from DIR] [--lr 1e-3]
 
 Supervised learning on a teacher's solutions (the task: services/tasks/chains.py, v11):
 chains of every length (ALL_SIZES) with forks at their first 0..n nodes, worked out
@@ -218,10 +218,12 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
     torch.manual_seed(seed)
     if start is None:
         build_tiny_model(out, SPEC, corpus=corpus(), init_std=0.02)
+    elif out.resolve() == start.resolve():
+        raise ValueError(f"pretraining goes on from {start} into a new directory, not into {start} itself")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        for f in start.iterdir():
-            if f.is_file() and f.name not in ("README.md", "pretrain_report.json"):
+        for f in start.iterdir():  # the model and its tokenizer, not what describes the start
+            if f.is_file() and f.name != "README.md" and not f.name.startswith("pretrain_report"):
                 shutil.copy(f, out / f.name)
     tokenizer = AutoTokenizer.from_pretrained(out)
     model: Any = AutoModelForCausalLM.from_pretrained(out)
