@@ -22,7 +22,7 @@ import logging
 import random
 import time
 import uuid
-from collections import deque
+from collections import defaultdict, deque
 from typing import Any
 
 from prometheus_client import Counter, Gauge
@@ -44,6 +44,19 @@ log = logging.getLogger(__name__)
 PUBLISHED = Counter("pope_rollout_groups_total", "Raw groups published", ["variant"])
 STEP = Gauge("pope_rollout_step", "The step the scheduler is generating for")
 WAITING = Gauge("pope_rollout_waiting", "1 while the scheduler waits (trainer, engine or problems)")
+
+
+def repeat_salts(plan: list[tuple[Problem, Variant]]) -> list[str]:
+    """A seed salt per planned group: none for the first group of a (problem, variant) in a
+    step, ``#k`` for its k-th repeat, so repeats (a hinted-only mix plans each problem's
+    pair as two hinted groups) are independent samples, not copies of one group."""
+    seen: defaultdict[tuple[str, Variant], int] = defaultdict(int)
+    salts = []
+    for problem, variant in plan:
+        k = seen[problem.id, variant]
+        seen[problem.id, variant] += 1
+        salts.append(f"#{k}" if k else "")
+    return salts
 
 
 class Scheduler:
@@ -165,7 +178,7 @@ class Scheduler:
             self.top_ups += 1
             salt = f"top-up-{self.top_ups}"
 
-        async def one(problem: Problem, variant: Variant) -> None:
+        async def one(problem: Problem, variant: Variant, salt: str) -> None:
             async with limit:
                 group = await self.sample_group(problem, variant, step, salt)
                 await publish(self.redis, self.keys.rollouts, group, self.settings.streams)
@@ -174,8 +187,8 @@ class Scheduler:
 
         try:
             async with asyncio.TaskGroup() as tg:  # one failure cancels the rest of the step
-                for p, v in plan:
-                    tg.create_task(one(p, v))
+                for (p, v), repeat in zip(plan, repeat_salts(plan), strict=True):
+                    tg.create_task(one(p, v, salt + repeat))
         except* (EngineError, RedisError) as group_error:
             raise group_error.exceptions[0] from None
         if top_up:
@@ -199,7 +212,7 @@ class Scheduler:
         seed = random.Random(f"{cfg.seed}:{step}:{problem.id}:{variant.value}{salt}").randrange(2**31)
         params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                                 max_new_tokens=cfg.max_new_tokens, sampling_seed=seed)  # fmt: skip
-        outs = await self.engine.generate([ids], params, rid=f"{step}-{problem.id}-{variant.value}")
+        outs = await self.engine.generate([ids], params, rid=f"{step}-{problem.id}-{variant.value}{salt}")
         samples = [
             Sample(problem_id=problem.id, variant=variant, prompt_ids=ids, completion_ids=o.output_ids,
                    logprobs=o.logprobs, finish_reason=o.finish_reason, weight_version=o.weight_version, text=o.text)

@@ -58,3 +58,17 @@ def test_a_restored_planner_continues_exactly_where_it_left_off() -> None:
     b.restore(json.loads(json.dumps(a.state())))  # through JSON, as it is kept in Redis
     for _ in range(4):
         assert [(p.id, v) for p, v in a.plan(HINTED + PLAIN, 5)] == [(p.id, v) for p, v in b.plan(HINTED + PLAIN, 5)]
+
+
+def test_a_repeated_group_in_a_step_gets_its_own_seed_and_pope_pairs_keep_theirs() -> None:
+    """At hinted_fraction 1.0 a visit plans a problem's pair as two hinted groups: the
+    second is salted so its samples are drawn anew, not a copy of the first (the hinted-only
+    arm of tasks v10-v11 trained on such copies). A POPE step repeats nothing: no salts."""
+    from services.rollout.scheduler import repeat_salts
+
+    hinted_only = Planner(hinted_fraction=1.0).plan(HINTED, 8)
+    assert Counter((p.id, v) for p, v in hinted_only) == {(p.id, Variant.HINTED): 2 for p in HINTED}
+    salts = repeat_salts(hinted_only)
+    assert sorted(salts) == ["", "", "", "", "#1", "#1", "#1", "#1"]
+    assert len({(p.id, s) for (p, _v), s in zip(hinted_only, salts, strict=True)}) == 8
+    assert repeat_salts(Planner(hinted_fraction=0.5).plan(HINTED, 8)) == [""] * 8
