@@ -101,15 +101,13 @@ def _verifier(args: argparse.Namespace) -> int:
 
 
 def _model_pretrain(args: argparse.Namespace) -> int:
-    from services.tasks.pretrain import pretrain
+    from services.tasks.pretrain import STEPS, check_settings, pretrain
 
     start = Path(args.start) if args.start else None
-    if start is not None and not (start / "config.json").exists():
-        raise SystemExit(f"pope model pretrain: --from {start}: not a model directory (no config.json)")
-    if start is not None and start.resolve() == Path(args.out).resolve():
-        raise SystemExit(f"pope model pretrain: --from and --out are both {start}; write the new model elsewhere")
-    if args.lr <= 0:
-        raise SystemExit(f"pope model pretrain: --lr must be positive, got {args.lr}")
+    try:
+        check_settings(Path(args.out), STEPS if args.steps is None else args.steps, args.lr, start)
+    except ValueError as e:
+        raise SystemExit(f"pope model pretrain: {e}") from None
     pretrain(Path(args.out), steps=args.steps, seed=args.seed, device=args.device, lr=args.lr, start=start)
     print(f"wrote the base model and pretrain_report.json to {args.out}")
     return 0

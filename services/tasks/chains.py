@@ -144,7 +144,7 @@ class Instance:
 
     def partial_key_step(self, given: int) -> str:
         """The path up to its first ``given`` links followed (0: the start node only)."""
-        return "Path: " + " ".join(map(str, self.path[: given + 1]))
+        return path_line(self.path[: given + 1])
 
     @property
     def eval_links(self) -> int:
@@ -165,7 +165,7 @@ class Instance:
 
     @property
     def answer(self) -> str:
-        return "(" + ", ".join(map(str, self.path)) + ")"
+        return path_tuple(self.path)
 
     @property
     def solution(self) -> str:
@@ -176,11 +176,20 @@ class Instance:
                                        "split": split, "source": TASK_VERSION})  # fmt: skip
 
 
+def path_line(path: tuple[int, ...] | list[int]) -> str:
+    """The key step's text for ``path`` (``Path: 23 35 41``)."""
+    return "Path: " + " ".join(map(str, path))
+
+
+def path_tuple(path: tuple[int, ...] | list[int]) -> str:
+    """``path`` as the boxed answer's ordered tuple (``(23, 35, 41)``)."""
+    return "(" + ", ".join(map(str, path)) + ")"
+
+
 def write_solution(path: tuple[int, ...] | list[int]) -> str:
     """The solution text that ends at ``path``'s last node (the reference solution for the
     instance's own path; a wrong one for a path that stops at a dead end)."""
-    nodes = " ".join(map(str, path))
-    return f"Path: {nodes}\n\nSo the answer is \\boxed{{({', '.join(map(str, path))})}}"
+    return f"{path_line(path)}\n\nSo the answer is \\boxed{{{path_tuple(path)}}}"
 
 
 def make(rng: random.Random, n: int, forks: int = 0) -> Instance:

@@ -97,9 +97,9 @@ class Example(NamedTuple):
 def taught_path(inst: Instance, given: int, rng: random.Random) -> tuple[int, ...]:
     """The path the material's teacher writes after the first ``given`` links (copied): at a
     tricky fork it goes on with probability FOLLOW, else takes the dead end and stops there."""
-    path = list(inst.path[: given + 1])
+    path, tricky = list(inst.path[: given + 1]), set(inst.tricky)
     for i in range(given, inst.size):
-        if i in inst.tricky and rng.random() >= FOLLOW:
+        if i in tricky and rng.random() >= FOLLOW:
             return (*path, inst.decoys[i])
         path.append(inst.path[i + 1])
     return tuple(path)
@@ -199,6 +199,19 @@ wall-clock budget with the learning rate annealed over time, so two pretrainings
 commit differed (README)."""
 
 
+def check_settings(out: Path, steps: int, lr: float, start: Path | None) -> None:
+    """ValueError, saying what to change, for settings ``pretrain`` cannot run with."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if lr <= 0:
+        raise ValueError(f"--lr must be positive, got {lr}")
+    if start is not None and not (start / "config.json").exists():
+        raise ValueError(f"--from {start}: not a model directory (no config.json)")
+    if start is not None and out.resolve() == start.resolve():
+        raise ValueError(f"--from and --out are both {start}: pretraining goes on from a model into a new "
+                         "directory; write the new model elsewhere")  # fmt: skip
+
+
 def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32, lr: float = 1e-3,
              log: TextIO | None = None, report_problems: int = 200, device: str = "cpu",
              start: Path | None = None) -> dict[str, Any]:  # fmt: skip
@@ -213,13 +226,11 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
         print(f"[pretrain] {text}", file=log, flush=True)
 
     steps = STEPS if steps is None else steps
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    check_settings(out, steps, lr, start)
     torch.manual_seed(seed)
+    start_sha = weights_sha256(start) if start is not None else ""
     if start is None:
         build_tiny_model(out, SPEC, corpus=corpus(), init_std=0.02)
-    elif out.resolve() == start.resolve():
-        raise ValueError(f"pretraining goes on from {start} into a new directory, not into {start} itself")
     else:
         out.mkdir(parents=True, exist_ok=True)
         for f in start.iterdir():  # the model and its tokenizer, not what describes the start
@@ -236,7 +247,7 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
     started, losses = time.monotonic(), []
     say(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {steps} steps of {batch}; "
         f"task {TASK_VERSION}, material {MATERIAL_VERSION}, seed {seed}, learning rate {lr}"
-        + (f", from {start} (sha256 {weights_sha256(start)[:12]})" if start else ", from scratch"))  # fmt: skip
+        + (f", from {start} (sha256 {start_sha[:12]})" if start_sha else ", from scratch"))  # fmt: skip
     model.train()
     for step in range(1, steps + 1):
         for group in opt.param_groups:  # cosine over the steps
@@ -262,8 +273,8 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
               "minutes": (time.monotonic() - started) / 60,
               "final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1), "accuracy": acc,
               "weights_sha256": weights_sha256(out), "spec": SPEC.__dict__, "seed": seed, "device": device,
-              "lr": lr, "start": None if start is None else {"path": str(start),
-                                                             "weights_sha256": weights_sha256(start)}}  # fmt: skip
+              "lr": lr,
+              "start": None if start is None else {"path": str(start), "weights_sha256": start_sha}}  # fmt: skip
     (out / "pretrain_report.json").write_text(json.dumps(result, indent=2) + "\n")
     for name, value in acc.items():
         say(f"{name:>15}: {value:.1%}")
