@@ -43,55 +43,42 @@ v5: v3's material and hard length on a base pretrained by steps, so it can be ma
 at learning rate 5e-5 no arm solved a hard problem unhinted; at 4e-4 POPE did in 2 seeds
 of 4 (pass@8 0.88, 0.58; GRPO 0) and the other 2 collapsed in their first steps.
 
-Task v10 (``link-chains-v7``) added *forks*: each of the first nodes of a hard path has a
-second link, to a dead end (a node no link leaves, not the end):
+Task v10 (``link-chains-v7``) added *forks* (a second link from a node of the path, to a
+dead end) at the first nodes of a hard path; v11 (``link-chains-v8``) made some forks
+*tricky* (the dead end the smaller number) with a teacher that trusts that cue. On both,
+POPE's hinted training learned its 64 training problems' branches and no held-out hard
+problem was solved unhinted by any arm (README; their code: commit c5108d4). A choice at a
+fork is a fact about one problem; what transferred in link-chains-v3 and -v5 was a behaviour
+every problem shares: going on past where an unguided path stops.
 
-    Problem:  Follow the links from 23 to 52: 23 > 35, 17 > 52, 35 > 41, 23 > 88, 41 > 17
-    Solution: Path: 23 35 41 17 52                   <- 23 forks: 35 goes on, 88 leads nowhere
-
-The right branch is the one whose node a link leaves (or the end): a second lookup. v10's
-base chose at forks only on short chains and, on long ones, picked at chance (0.5 right at
-every fork, teacher-forced): it did not have the rule there, and POPE's hinted training
-learned its training problems' branches, not the rule (README).
-
-Task v11 (this version, ``link-chains-v8``) keeps the forks and makes the rule a skill the
-base model has but does not trust. A fork is *tricky* when its dead end is the smaller of
-the two numbers; the pretraining material's teacher (pretrain.FOLLOW) is always right at
-other forks and, at a tricky one, follows the rule 2 times in 5 and otherwise takes the
-smaller number (and ends there). So a model of the material prefers the wrong branch at
-every tricky fork (greedy decoding never solves a hard instance) yet puts real probability
-on the right one. A hard instance has HARD_FORKS forks at its first nodes, exactly
-HARD_TRICKY of them tricky, at random places: at about 0.4 per tricky fork it is solved
-about 0.4^7 of the time (the repository's base is right at 0.23 of them: README), a hint
-through the first forks leaves fewer, and what hinted practice rewards, trusting the rule
-over the cue, is what an unguided attempt needs at every tricky fork. No shortcut picks
-every branch: half the forks of a hard instance have the larger number as their dead end.
+Task v12 (this version, ``link-chains-v9``) is link-chains-v5's task and material on the
+base model the repository keeps for it (data/base-model, ``ebae51ee...``, the v5 base chosen
+among 8 GPU pretrainings), with the hard length moved to where that base's wall is: at 7
+links its unguided attempts write the first 5 links right and then the end node (one
+node short), 0 solved of 512 (README). At 8 links (v5) POPE moved those attempts by one
+node on this base and no further; at 7, one node is the whole gap.
 """
 
 from __future__ import annotations
 
 import random
 import re
-from collections import defaultdict
 from dataclasses import dataclass
 
 from services.common.messages import Problem
 from services.tasks.splits import distinct, train_and_held_out
 
-TASK_VERSION = "link-chains-v8"
+TASK_VERSION = "link-chains-v9"
 EASY_SIZES = (2, 3, 4, 5)
-"""Chain lengths (links) whose whole path, forks included, the base model is taught (easy instances)."""
-EASY_FORKS = 2
-"""The most forks an easy instance has (at the first nodes of its path)."""
-HARD_SIZES = (16,)
-"""Chain length of the hard split (task v11): 14 forks, then 2 routine links."""
-HARD_FORKS = 14
-"""Forks of a hard instance: each of the first 14 nodes of its path (task v11)."""
-HARD_TRICKY = 7
-"""Tricky forks of a hard instance (task v11): forks whose dead end is the smaller number,
-at random places among its forks (the rest have the larger number as their dead end)."""
-ALL_SIZES = tuple(range(2, 17))
-"""Chain lengths the base model meets at all."""
+"""Chain lengths (links) whose whole path the base model is taught (easy instances)."""
+HARD_SIZES = (7,)
+"""Chain length of the hard split. For task v12 chosen on the repository's base model
+(``ebae51ee...``) before any training on it at this length, by the rule "the shortest length
+at which it solves none of 512 unguided samples" (64 random chains x 8, temperature 0.8):
+6 links 0.723, 7 links 0 (443 of 512 wrote the first 5 links right, then the end node).
+(Task v5 had 8, v4 12, v3 8.)"""
+ALL_SIZES = tuple(range(2, 15))
+"""Chain lengths the base model meets at all (the end of the path only, above EASY_SIZES)."""
 LOW, HIGH = 10, 99
 """Nodes are distinct two-digit numbers (each one token of the tiny model's tokenizer)."""
 SEEDS = {"train": 1001, "eval": 2002, "pretrain": 3003}
@@ -102,24 +89,12 @@ class Instance:
     path: tuple[int, ...]
     """The nodes in order; link i goes from path[i] to path[i + 1]."""
     order: tuple[int, ...]
-    """The order the links are listed in the problem: a permutation of their indices, the
-    path's links first, then the dead-end links (see ``links``)."""
-    decoys: tuple[int, ...] = ()
-    """Dead ends: path[i] also links to decoys[i] (a fork at each of the first len(decoys) nodes)."""
+    """The order the links are listed in the problem (a permutation of their indices)."""
 
     @property
     def size(self) -> int:
-        """The number of links on the path, i.e. of lookups in the key step."""
+        """The number of links, i.e. of lookups in the key step."""
         return len(self.path) - 1
-
-    @property
-    def forks(self) -> int:
-        return len(self.decoys)
-
-    @property
-    def tricky(self) -> tuple[int, ...]:
-        """The forks whose dead end is the smaller of the two numbers (a cue that misleads there)."""
-        return tuple(i for i, d in enumerate(self.decoys) if d < self.path[i + 1])
 
     @property
     def key(self) -> tuple[int, ...]:
@@ -127,16 +102,9 @@ class Instance:
         return self.path
 
     @property
-    def links(self) -> list[tuple[int, int]]:
-        """The path's links, then the dead-end ones (``order`` indexes this list)."""
-        on_path = [(self.path[i], self.path[i + 1]) for i in range(self.size)]
-        return on_path + [(self.path[i], d) for i, d in enumerate(self.decoys)]
-
-    @property
     def prompt(self) -> str:
-        links = self.links
-        listed = ", ".join(f"{links[i][0]} > {links[i][1]}" for i in self.order)
-        return f"Follow the links from {self.path[0]} to {self.path[-1]}: {listed}"
+        links = ", ".join(f"{self.path[i]} > {self.path[i + 1]}" for i in self.order)
+        return f"Follow the links from {self.path[0]} to {self.path[-1]}: {links}"
 
     @property
     def key_step(self) -> str:
@@ -144,7 +112,7 @@ class Instance:
 
     def partial_key_step(self, given: int) -> str:
         """The path up to its first ``given`` links followed (0: the start node only)."""
-        return path_line(self.path[: given + 1])
+        return "Path: " + " ".join(map(str, self.path[: given + 1]))
 
     @property
     def eval_links(self) -> int:
@@ -165,59 +133,30 @@ class Instance:
 
     @property
     def answer(self) -> str:
-        return path_tuple(self.path)
+        return "(" + ", ".join(map(str, self.path)) + ")"
 
     @property
     def solution(self) -> str:
-        return write_solution(self.path)
+        return f"{self.key_step}\n\nSo the answer is \\boxed{{{self.answer}}}"
 
     def problem(self, split: str) -> Problem:
         return Problem.model_validate({"prompt": self.prompt, "answer": self.answer, "solution": self.solution,
                                        "split": split, "source": TASK_VERSION})  # fmt: skip
 
 
-def path_line(path: tuple[int, ...] | list[int]) -> str:
-    """The key step's text for ``path`` (``Path: 23 35 41``)."""
-    return "Path: " + " ".join(map(str, path))
-
-
-def path_tuple(path: tuple[int, ...] | list[int]) -> str:
-    """``path`` as the boxed answer's ordered tuple (``(23, 35, 41)``)."""
-    return "(" + ", ".join(map(str, path)) + ")"
-
-
-def write_solution(path: tuple[int, ...] | list[int]) -> str:
-    """The solution text that ends at ``path``'s last node (the reference solution for the
-    instance's own path; a wrong one for a path that stops at a dead end)."""
-    return f"{path_line(path)}\n\nSo the answer is \\boxed{{{path_tuple(path)}}}"
-
-
-def make(rng: random.Random, n: int, forks: int = 0) -> Instance:
-    """An n-link chain with a fork at each of its first ``forks`` nodes, links in random order."""
-    nodes = rng.sample(range(LOW, HIGH + 1), n + 1 + forks)
-    order = list(range(n + forks))
+def make(rng: random.Random, n: int) -> Instance:
+    """An n-link chain, its links listed in random order (link-chains-v5's draw, so the
+    material of the repository's base is drawn again exactly)."""
+    order = list(range(n))
     rng.shuffle(order)
-    return Instance(tuple(nodes[: n + 1]), tuple(order), tuple(nodes[n + 1 :]))
-
-
-def make_easy(rng: random.Random, n: int) -> Instance:
-    """A short chain with 0 to EASY_FORKS forks (the material's and the easy problems' kind)."""
-    return make(rng, n, rng.randint(0, min(EASY_FORKS, n)))
-
-
-def make_hard(rng: random.Random, n: int) -> Instance:
-    """A hard instance: HARD_FORKS forks, exactly HARD_TRICKY of them tricky (drawn again until so)."""
-    while True:
-        inst = make(rng, n, HARD_FORKS)
-        if len(inst.tricky) == HARD_TRICKY:
-            return inst
+    return Instance(tuple(rng.sample(range(LOW, HIGH + 1), n + 1)), tuple(order))
 
 
 def instances(split: str, count: int, sizes: tuple[int, ...] = HARD_SIZES,
-              exclude: frozenset[tuple[int, ...]] = frozenset(), easy: bool = False) -> list[Instance]:  # fmt: skip
+              exclude: frozenset[tuple[int, ...]] = frozenset()) -> list[Instance]:  # fmt: skip
     """``count`` distinct instances of ``split`` (its fixed seed), none whose key is in
-    ``exclude``; sizes cycle through ``sizes``; hard (HARD_FORKS forks) unless ``easy``."""
-    return distinct(f"{TASK_VERSION}:{SEEDS[split]}", count, make_easy if easy else make_hard, sizes, exclude)
+    ``exclude``; sizes cycle through ``sizes``."""
+    return distinct(f"{TASK_VERSION}:{SEEDS[split]}", count, make, sizes, exclude)
 
 
 def hard_splits(train: int = 400, eval: int = 200) -> tuple[list[Instance], list[Instance]]:
@@ -229,30 +168,19 @@ _PROMPT = re.compile(r"Follow the links from (\d+) to (\d+):((?:,?\s+\d+ > \d+)+
 
 
 def parse(prompt: str) -> Instance:
-    """The instance a prompt of this task states (for checkers and reports). At a fork the
-    path takes the branch a link leaves (or the end); the other must be a dead end."""
+    """The instance a prompt of this task states (for checkers and reports)."""
     match = _PROMPT.search(prompt)
     if match is None:
         raise ValueError(f"not a {TASK_VERSION} prompt: {prompt[:80]!r}")
-    start, end = int(match.group(1)), int(match.group(2))
     links = [(int(a), int(b)) for a, b in (pair.split(">") for pair in match.group(3).split(","))]
-    after: dict[int, list[int]] = defaultdict(list)
-    for a, b in links:
-        after[a].append(b)
-    path, decoys = [start], list[int]()
-    while path[-1] != end and len(path) <= len(links):
-        ahead = after.get(path[-1], [])
-        going = [b for b in ahead if b == end or b in after]
-        if len(going) != 1 or len(ahead) > 2 or (len(ahead) == 2 and len(decoys) != len(path) - 1):
-            break  # no way on, two, or a fork after an unforked node: not one of this task's paths
-        if len(ahead) == 2:
-            decoys.append(next(b for b in ahead if b != going[0]))
-        path.append(going[0])
-    if path[-1] != end or len(path) - 1 + len(decoys) != len(links):
+    after = dict(links)
+    path = [int(match.group(1))]
+    while path[-1] in after and len(path) <= len(links):
+        path.append(after[path[-1]])
+    if path[-1] != int(match.group(2)) or len(path) != len(links) + 1:
         raise ValueError(f"the links of this prompt do not make one path from start to end: {prompt[:80]!r}")
-    inst = Instance(tuple(path), (), tuple(decoys))
-    index = {link: i for i, link in enumerate(inst.links)}
-    return Instance(inst.path, tuple(index[link] for link in links), inst.decoys)
+    index = {a: i for i, a in enumerate(path[:-1])}
+    return Instance(tuple(path), tuple(index[a] for a, _ in links))
 
 
 def solved(completion: str, inst: Instance) -> bool:

@@ -154,8 +154,8 @@ def task_problems(spec: Spec) -> tuple[list[Problem], list[Problem], list[Proble
     hard = [i.problem("train") for i in train[: spec.train_problems]]
     evals = [i.problem("eval").model_copy(update={"hint": i.eval_hint}) for i in held_out]
     exclude = frozenset(i.key for i in train + held_out)
-    # Easy problems: short chains with up to EASY_FORKS forks, whose whole path the base model was taught.
-    easy = [i.problem("train") for i in instances("pretrain", spec.train_problems, EASY_SIZES, exclude, easy=True)]
+    # Easy problems: short chains, whose whole path the base model was taught.
+    easy = [i.problem("train") for i in instances("pretrain", spec.train_problems, EASY_SIZES, exclude)]
     return hard, evals, [p.model_copy(update={"label": ProblemLabel.EASY}) for p in easy]
 
 

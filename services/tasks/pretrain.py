@@ -2,19 +2,17 @@
 
     pope model pretrain --out runs/base-model [--steps 2700] [--seed 0] [--from DIR] [--lr 1e-3]
 
-Supervised learning on a teacher's solutions (the task: services/tasks/chains.py, v11):
-chains of every length (ALL_SIZES) with forks at their first 0..n nodes, worked out
-unguided, continued from any given part of the path, and the routine after a whole given
-path. The teacher is imperfect in one way (FOLLOW): at a tricky fork (the dead end the
-smaller number) it trusts that cue 3 times in 5 and ends at the dead end. Given parts come
-as POPE's guided prompt (the partial solution in the user message), and the answer
-*restates* the given part before it goes on, so a guided answer is the whole solution,
-written from its first token, the same text an unguided answer is. So the model copies
-given paths, looks links up at any length, picks right at forks where the cues agree, and
-at tricky forks mostly wrong: it solves hard instances (HARD_TRICKY tricky forks) rarely
-unless given the path through most of them. Prompts are built by the rollout service's own
-template, so the model meets exactly the text the pipeline sends. Paths of the hard train
-and eval splits never appear.
+Supervised learning on easy material only (the task: services/tasks/chains.py,
+task v12; material chains-sft-v3, which made the repository's base): the whole
+solution, key step included, for short chains (EASY_SIZES), also continued from any part of
+their path; at every length (ALL_SIZES), the path's end half at most written after the rest
+of it was given, and the routine after a whole given path. Given parts come as POPE's guided
+prompt (the partial solution in the user message), and the answer *restates* the given part
+before it goes on, so a guided answer is the whole solution, written from its first token,
+the same text an unguided answer is. An unguided long chain's path is never written from
+its start, so the model solves easy problems, and hard ones rarely unless given part of the
+path. Prompts are built by the rollout service's own template, so the model meets exactly
+the text the pipeline sends. Paths of the hard train and eval splits never appear.
 
 Prints progress (loss, steps/s, time left) and ends with accuracy on easy and hard
 problems, unhinted and hinted, written to ``<out>/pretrain_report.json``.
@@ -37,40 +35,34 @@ import torch
 from services.common.messages import Problem, Variant
 from services.engine.tiny_model import IM_END, TinyModelSpec, build_tiny_model
 from services.rollout.prompts import PromptTemplate, prompt_ids, user_message
-from services.tasks.chains import (
-    ALL_SIZES,
-    EASY_SIZES,
-    TASK_VERSION,
-    Instance,
-    hard_splits,
-    make,
-    make_easy,
-    solved,
-    write_solution,
-)
+from services.tasks.chains import ALL_SIZES, EASY_SIZES, TASK_VERSION, Instance, hard_splits, make, solved
 
 SPEC = TinyModelSpec(vocab_size=640, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
                      num_kv_heads=2, head_dim=32, max_positions=1024)  # fmt: skip
-KINDS = ("whole", "partial", "routine")
-MIX = (0.40, 0.35, 0.25)
-"""Shares of the material (material v6, task v11): whole solutions of chains of any length,
-unguided; solutions continued from any part of the path given; the routine after a whole
-given path. Every chain has a fork at each of its first 0..n nodes (drawn evenly), so forks
-come at every position and length, guided and unguided; every guided answer restates what it
-was given. Material v5 (task v10) showed forks the model chose at only on short chains: its
-base picked branches of long chains at chance (0.5 right at every fork, teacher-forced), a
-rule it did not have there, and POPE's hinted training learned the training problems'
-branches, not the rule (README). Material v4 had no forks in long chains at all, v3 whole
-paths only for short chains."""
-FOLLOW = 0.4
-"""The teacher's skill at a tricky fork (chains.Instance.tricky, the dead end the smaller
-number): it takes the branch a link leaves 2 times in 5 and the smaller number otherwise,
-and the path ends at that dead end (a wrong answer, boxed as written). At every other fork
-the two cues agree and it is always right. So the base model has the rule, and trusts the
-wrong cue where the two disagree: right at a tricky fork about 2 times in 5 (0.38 at
-temperature 0.8), which a hard instance's 7 tricky forks compound."""
+MIX = (0.30, 0.15, 0.25, 0.30)
+"""Shares of the material: whole short solutions; short solutions continued from part of the
+path; solutions of any length finished from up to half their path (links_left); the
+routine after a whole path at any length. Every guided answer restates what it was given.
+Materials v5 and v6 (tasks v10-v11) taught forks; their code is at commit c5108d4.
+(Material chains-sft-v2 had a fifth kind, "tails", and guided answers that began where the
+hint ended; the README's "How the task got here" says why that changed.)"""
 
-MATERIAL_VERSION = "chains-sft-v6"
+
+def links_left(n: int) -> range:
+    """How many links a "finish" example of an n-link chain leaves to work out: up to half
+    the path (its end half), always ending on the end node the problem names, so the model
+    learns to stop by content and to look up links from the middle of a long chain on, but
+    never works out a long chain's path from its start (it only restates a given start).
+    This is material v3 (task v7, and task v9 with pretraining by steps). Material v4 (task
+    v8) left up to a third: five pretrainings on a GPU solved none of 11-14 links unguided,
+    but the first lookups of a long chain, which it never shows, went wrong unguided, and no
+    hint of the end third teaches them (README, "Result on task v8"). (Material 1 left one
+    or two links: its model stopped one or two links after any hint of a long chain,
+    wherever the path ended.)"""
+    return range(1, max(1, n // 2) + 1)
+
+
+MATERIAL_VERSION = "chains-sft-v3"
 # The experiment's prompt template (configurable and versioned like any): short words, so
 # the tiny model's compute goes to the task, not to reading an instruction.
 TEMPLATE = PromptTemplate(
@@ -94,34 +86,23 @@ class Example(NamedTuple):
     completion: str
 
 
-def taught_path(inst: Instance, given: int, rng: random.Random) -> tuple[int, ...]:
-    """The path the material's teacher writes after the first ``given`` links (copied): at a
-    tricky fork it goes on with probability FOLLOW, else takes the dead end and stops there."""
-    path, tricky = list(inst.path[: given + 1]), set(inst.tricky)
-    for i in range(given, inst.size):
-        if i in tricky and rng.random() >= FOLLOW:
-            return (*path, inst.decoys[i])
-        path.append(inst.path[i + 1])
-    return tuple(path)
-
-
 def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> Example:
-    """One piece of pretraining material (KINDS, MIX): a chain of any length with forks at its
-    first 0..n nodes; its solution unguided, or after part of its path (possibly none of it
-    but the start) or the whole path was given, as POPE's hints give it. A guided answer is
-    the whole solution: it restates the given part and goes on. The teacher's branch at each
-    fork past the given part is ``taught_path``'s."""
+    """One piece of pretraining material (MIX): the whole solution of a short chain; a short
+    chain's solution after part of its path was given (as POPE's shorter hints give it); any
+    chain's after all but its end half (up to half its links) was given; or the routine
+    after a whole given path, at any length. A guided answer is the whole solution: it
+    restates the given part and goes on."""
     while True:
-        kind = rng.choices(KINDS, weights=MIX)[0]
-        n = rng.choice(ALL_SIZES)
-        inst = make(rng, n, rng.randint(0, n))
+        kind = rng.choices(("full", "partial", "finish", "routine"), weights=MIX)[0]
+        inst = make(rng, rng.choice(EASY_SIZES if kind in ("full", "partial") else ALL_SIZES))
         if inst.key not in exclude:
             break
-    given = {"whole": 0, "partial": rng.randrange(n), "routine": n}[kind]
-    answer = write_solution(taught_path(inst, given, rng))
-    if kind == "whole":
-        return Example(user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), answer)
-    return Example(user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE), answer)
+    n = inst.size
+    if kind == "full":
+        return Example(user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), inst.solution)
+    given = {"partial": lambda: rng.randrange(n), "finish": lambda: n - rng.choice(links_left(n)),
+             "routine": lambda: n}[kind]()  # fmt: skip
+    return Example(user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE), inst.solution)
 
 
 def material_row(tokenizer: Any, e: Example, end: Any) -> tuple[list[int], list[int]]:
@@ -170,7 +151,7 @@ def accuracy(model: Any, tokenizer: Any, cases: list[tuple[str, Instance]], temp
 def report(model: Any, tokenizer: Any, n: int = 200) -> dict[str, float]:
     """Accuracy (greedy) on easy and held-out hard problems, unhinted and hinted."""
     rng = random.Random(99)
-    easy = [make_easy(rng, rng.choice(EASY_SIZES)) for _ in range(n)]
+    easy = [make(rng, rng.choice(EASY_SIZES)) for _ in range(n)]
     _, hard = hard_splits()
     hard = hard[:n]
 

@@ -1,7 +1,6 @@
-"""The link-chains task (v11: forked chains with tricky forks): fixed, disjoint splits;
-reference solutions the verifier accepts; a checker under which near misses and guesses
-fail; and the base model's pretraining material, whose teacher trusts a misleading cue at
-tricky forks."""
+"""The link-chains task (v12, ``link-chains-v9``): fixed, disjoint splits; reference solutions
+the verifier accepts; a checker under which near misses and guesses fail; and the base
+model's pretraining material (chains-sft-v3), which teaches whole paths only on short chains."""
 
 from __future__ import annotations
 
@@ -29,18 +28,6 @@ def test_an_instance_and_its_reference_solution() -> None:
     assert parse(inst.prompt) == inst
 
 
-def test_a_forked_instance_states_its_dead_ends_and_parses_back() -> None:
-    inst = Instance(path=(23, 35, 41, 17, 52), order=(0, 3, 1, 5, 2, 4), decoys=(88, 60))
-    assert inst.forks == 2 and inst.links[4:] == [(23, 88), (35, 60)]
-    assert inst.prompt == "Follow the links from 23 to 52: 23 > 35, 17 > 52, 35 > 41, 35 > 60, 41 > 17, 23 > 88"
-    assert inst.solution == "Path: 23 35 41 17 52\n\nSo the answer is \\boxed{(23, 35, 41, 17, 52)}"
-    assert parse(inst.prompt) == inst
-    # Taking a dead end is wrong, for the checker and the verifier alike.
-    gold = parse_gold(inst.answer)
-    assert not solved("\\boxed{(23, 88, 52)}", inst)
-    assert score_answer(gold, "So the answer is \\boxed{(23, 88, 52)}").reward == 0.0
-
-
 def test_a_prompt_that_is_not_one_path_is_refused() -> None:
     with pytest.raises(ValueError, match="not a link-chains"):
         parse("Sort these numbers: 1 2 3")
@@ -48,10 +35,6 @@ def test_a_prompt_that_is_not_one_path_is_refused() -> None:
         parse("Follow the links from 23 to 52: 41 > 17, 23 > 35, 17 > 52")  # 35 leads nowhere
     with pytest.raises(ValueError, match="one path"):
         parse("Follow the links from 23 to 52: 23 > 35, 35 > 41, 41 > 17, 17 > 52, 60 > 61")  # a link off the path
-    with pytest.raises(ValueError, match="one path"):
-        parse("Follow the links from 23 to 52: 23 > 35, 35 > 41, 35 > 60, 41 > 52")  # a fork after an unforked node
-    with pytest.raises(ValueError, match="one path"):
-        parse("Follow the links from 23 to 52: 23 > 35, 23 > 41, 35 > 52, 41 > 52")  # two ways on
 
 
 def test_splits_are_fixed_disjoint_and_hard() -> None:
@@ -62,15 +45,7 @@ def test_splits_are_fixed_disjoint_and_hard() -> None:
     assert not {i.key for i in train} & {i.key for i in held_out}
     assert {i.size for i in train + held_out} == set(chains.HARD_SIZES)
     assert not set(chains.HARD_SIZES) & set(chains.EASY_SIZES) and set(chains.HARD_SIZES) <= set(chains.ALL_SIZES)
-    assert {i.forks for i in train + held_out} == {chains.HARD_FORKS} and chains.HARD_FORKS > chains.EASY_FORKS
-    # Exactly HARD_TRICKY forks of each hard instance have the smaller number as their dead
-    # end, at places that vary: no rule of position or size picks every branch right.
-    assert {len(i.tricky) for i in train + held_out} == {chains.HARD_TRICKY}
-    assert len({i.tricky for i in train}) > 100 and {f for i in train for f in i.tricky} == set(
-        range(chains.HARD_FORKS)
-    )
-    nodes = [(*i.path, *i.decoys) for i in train]
-    assert all(len(set(n)) == len(n) and all(10 <= x <= 99 for x in n) for n in nodes)
+    assert all(len(set(i.path)) == len(i.path) and all(10 <= x <= 99 for x in i.path) for i in train)
     assert all(parse(i.prompt) == i for i in train)
 
 
@@ -106,53 +81,77 @@ def test_hints_up_to_half_the_path_fit_in_the_experiments_hint_budget() -> None:
         assert all(inst.solution.startswith(inst.partial_key_step(g) + " ") for g in range(inst.size))
 
 
-def test_an_instances_tricky_forks_are_those_whose_dead_end_is_the_smaller_number() -> None:
-    inst = Instance(path=(23, 35, 41, 17, 52), order=(0, 3, 1, 5, 2, 4, 6), decoys=(88, 30, 12))
-    assert inst.tricky == (1, 2)  # 30 < 41 and 12 < 17; 88 > 35
-    assert chains.write_solution((23, 35, 30)) == "Path: 23 35 30\n\nSo the answer is \\boxed{(23, 35, 30)}"
-
-
-def test_pretraining_material_forks_everywhere_and_its_teacher_trusts_the_smaller_number() -> None:
-    """Chains of every length with forks at their first 0..n nodes, unguided and guided from
-    any given part (restated); the hard splits' paths never appear. The teacher's answer is
-    the whole solution except at a tricky fork past the given part, where it takes the dead
-    end (and stops) 3 times in 5; at any other fork it is right."""
+def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() -> None:
+    """Whole paths are worked out only on short chains; on longer ones the model is given all
+    but the end half of the path and works out at most that end half. Every answer is the
+    whole solution: a guided one restates its partial solution first."""
     from services.common.messages import Variant
     from services.rollout.prompts import user_message
-    from services.tasks.pretrain import FOLLOW, TEMPLATE, examples, hinted_problem
+    from services.tasks.pretrain import TEMPLATE, examples, hinted_problem, links_left
 
     train, held_out = hard_splits()
     exclude = {i.key for i in train + held_out}
     rng = random.Random(0)
-    seen = {"unguided_long_forked": 0, "partial_long_forked": 0, "routine": 0}
-    tricky_met = tricky_followed = 0
+    seen = {"full": 0, "partial": 0, "finish": 0, "routine": 0}
     sizes = set()
-    for _ in range(3000):
+    for _ in range(1500):
         user, completion = examples(rng, exclude)
         inst = parse(user.split("\n\n")[0])
         n = inst.size
         sizes.add(n)
         assert inst.key not in exclude
-        if user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE):
-            given = 0
-            seen["unguided_long_forked"] += n not in chains.EASY_SIZES and inst.forks > chains.EASY_FORKS
-        else:
-            given = next(g for g in range(n + 1) if user.endswith("\n" + inst.partial_key_step(g)))
-            assert user == user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE)
-            seen["routine"] += given == n
-            seen["partial_long_forked"] += given < n and n not in chains.EASY_SIZES and inst.forks > given + 2
-        written = completion.split("\n")[0].split()[1:]
-        # The given part is restated; past it the path is right up to where it ends, and it
-        # ends early only at the dead end of a tricky fork.
-        assert written[: given + 1] == [str(x) for x in inst.path[: given + 1]]
-        stop = len(written) - 1
-        assert written[:stop] == [str(x) for x in inst.path[:stop]]
-        wrong = completion != inst.solution
-        if wrong:  # the dead end of fork stop - 1, a tricky one past the given part
-            assert stop - 1 in inst.tricky and written[stop] == str(inst.decoys[stop - 1]) and stop - 1 >= given
-        met = [f for f in inst.tricky if given <= f < stop]
-        tricky_met += len(met)
-        tricky_followed += len(met) - wrong
-    assert min(seen.values()) > 100, seen
+        assert completion == inst.solution  # guided or not, the answer is the whole solution
+        if user == user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE):  # unguided: short chains only
+            assert n in chains.EASY_SIZES
+            seen["full"] += 1
+            continue
+        given = next(g for g in range(n + 1) if user.endswith("\n" + inst.partial_key_step(g)))
+        assert user == user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE)
+        if given == n:  # the routine after the whole path, at any length
+            seen["routine"] += 1
+        elif n in chains.EASY_SIZES and n - given not in links_left(n):  # any part of a short chain's path
+            seen["partial"] += 1
+        else:  # a long chain: only its end half is left to work out
+            assert n - given in links_left(n), (n, given)
+            seen["finish"] += n not in chains.EASY_SIZES
+    assert min(seen.values()) > 50, seen
     assert sizes == set(chains.ALL_SIZES)
-    assert abs(tricky_followed / tricky_met - FOLLOW) < 0.03, (tricky_followed, tricky_met)
+
+
+def test_the_experiment_config_uses_the_template_the_base_model_learned() -> None:
+    from services.common.config import load_settings
+    from services.rollout.settings import RolloutSettings
+    from services.tasks.pretrain import TEMPLATE
+    from tests.conftest import ROOT
+
+    assert load_settings(RolloutSettings, ROOT / "configs" / "chains.yaml").prompt_template == TEMPLATE
+
+
+def test_the_loss_is_on_the_answer_and_pretraining_runs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A material row's prompt ids are the pipeline's chat up to the answer (no loss); the
+    loss covers exactly the answer and the end token; and the real loop runs and reports."""
+    import json
+    import random
+
+    from transformers import AutoTokenizer
+
+    from services.engine.tiny_model import IM_END, build_tiny_model
+    from services.rollout.prompts import prompt_ids
+    from services.tasks import pretrain as p
+
+    build_tiny_model(tmp_path / "m", p.SPEC, corpus=p.corpus(300))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    end = tok.convert_tokens_to_ids(IM_END)
+    example = p.examples(random.Random(1), set())
+    prompt, completion = p.material_row(tok, example, end)
+    assert prompt == prompt_ids(tok, example.user)
+    assert tok.decode(completion[:-1]) == example.completion and completion[-1] == end
+    _, _, labels = p.sft_batch([(prompt, completion)])
+    assert (labels[0, : len(prompt)] == -100).all() and labels[0, len(prompt) :].tolist() == completion
+
+    # Two steps of the real loop write a loadable model and the report (accuracy on 4 problems each).
+    result = p.pretrain(tmp_path / "base", steps=2, batch=4, report_problems=4)
+    assert result["steps"] == 2 and json.loads((tmp_path / "base" / "pretrain_report.json").read_text())["steps"] == 2
+    kinds = {"easy_unhinted", "easy_hinted", "hard_unhinted", "hard_hinted", "hard_half_key_step",
+             "hard_end_third_left"}  # fmt: skip
+    assert set(result["accuracy"]) == kinds
