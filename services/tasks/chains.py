@@ -51,12 +51,15 @@ problem was solved unhinted by any arm (README; their code: commit c5108d4). A c
 fork is a fact about one problem; what transferred in link-chains-v3 and -v5 was a behaviour
 every problem shares: going on past where an unguided path stops.
 
-Task v12 (this version, ``link-chains-v9``) is link-chains-v5's task and material on the
-base model the repository keeps for it (data/base-model, ``ebae51ee...``, the v5 base chosen
-among 8 GPU pretrainings), with the hard length moved to where that base's wall is: at 7
-links its unguided attempts write the first 5 links right and then the end node (one
-node short), 0 solved of 512 (README). At 8 links (v5) POPE moved those attempts by one
-node on this base and no further; at 7, one node is the whole gap.
+Task v12 (``link-chains-v9``) is link-chains-v5's task and material on the base model the
+repository keeps for it (data/base-model, ``ebae51ee...``, the v5 base chosen among 8 GPU
+pretrainings), with the hard length moved to 7 links, where that base's unguided attempts
+write the first 5 links right and then the end node (one node short). POPE's hinted
+rollouts there almost never ended early, so they did not practise what the unguided
+attempts lacked: held-out unhinted pass@8 above 0 in 1 seed of 4 (README).
+
+Task v13 (this version, ``link-chains-v10``): the same with hard = 7 and 8 links, half each
+(HARD_SIZES says why).
 """
 
 from __future__ import annotations
@@ -68,15 +71,19 @@ from dataclasses import dataclass
 from services.common.messages import Problem
 from services.tasks.splits import distinct, train_and_held_out
 
-TASK_VERSION = "link-chains-v9"
+TASK_VERSION = "link-chains-v10"
 EASY_SIZES = (2, 3, 4, 5)
 """Chain lengths (links) whose whole path the base model is taught (easy instances)."""
-HARD_SIZES = (7,)
-"""Chain length of the hard split. For task v12 chosen on the repository's base model
-(``ebae51ee...``) before any training on it at this length, by the rule "the shortest length
-at which it solves none of 512 unguided samples" (64 random chains x 8, temperature 0.8):
-6 links 0.723, 7 links 0 (443 of 512 wrote the first 5 links right, then the end node).
-(Task v5 had 8, v4 12, v3 8.)"""
+HARD_SIZES = (7, 8)
+"""Chain lengths of the hard split (task v13: half 7 links, half 8), on the repository's base
+model (``ebae51ee...``), whose unguided attempts at both write the first 5 links right and then
+the end node, 0 solved of 512 at each (64 random chains x 8, temperature 0.8; 6 links: 0.723).
+At 7 links one node is the whole gap, and there (task v12) POPE's hinted rollouts, given
+the path's first link, finished it 80-97% of the time and ended early almost never, so they
+met the unguided attempts' failure too rarely to train it away. Given 1-2 links of an
+8-link path this base finishes 6-23% and sometimes ends one node short: the hinted
+practice of going on is on the 8-link half, the first unguided successes it should bring
+on the 7-link half. (Task v12 had 7, v5 8, v4 12, v3 8.)"""
 ALL_SIZES = tuple(range(2, 15))
 """Chain lengths the base model meets at all (the end of the path only, above EASY_SIZES)."""
 LOW, HIGH = 10, 99
