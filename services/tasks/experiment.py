@@ -314,7 +314,9 @@ def run_parallel(exp_dir: Path, spec: Spec, base: Path, pairs: list[tuple[str, i
         f"{exp_dir / 'runs'}/<arm>/seed<N>/logs/experiment.log", out)  # fmt: skip
     results: dict[tuple[str, int], dict[str, Any]] = {}
     failed: list[str] = []
-    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+    ctx = mp.get_context("spawn")
+    stopping = ctx.Event()
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(stopping,)) as pool:
         futures = {pool.submit(_run_one_logged, exp_dir, spec, base, arm, seed, threads): (arm, seed)
                    for arm, seed in pairs}  # fmt: skip
         pending = set(futures)
@@ -336,7 +338,11 @@ def run_parallel(exp_dir: Path, spec: Spec, base: Path, pairs: list[tuple[str, i
                     now = ", ".join(f"{a} s{n} step {k}/{spec.steps}" for (a, n), k in sorted(steps.items()))
                     say(f"running: {now}", out)
         except BaseException:
-            for child in mp.active_children():  # SIGTERM: each run's `pope up` stops cleanly
+            # Ctrl-C or SIGTERM: no queued run may start (a worker whose run stopped would
+            # take the next one), and each running `pope up` stops cleanly.
+            stopping.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for child in mp.active_children():
                 child.terminate()
             raise
     if failed:
@@ -348,8 +354,20 @@ def done_line(arm: str, seed: int, result: dict[str, Any]) -> str:
     return f"{arm} seed {seed} done: {summary_line(EvalReport.model_validate(result['after']))}"
 
 
+_STOPPING: Any = None
+"""In a worker process of ``run_parallel``: the event set when the experiment is stopping."""
+
+
+def _worker_init(stopping: Any) -> None:
+    global _STOPPING
+    _STOPPING = stopping
+
+
 def _run_one_logged(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, threads: int) -> dict[str, Any]:
-    """``run_one`` in a worker process of ``run_parallel``: its torch threads, its own log."""
+    """``run_one`` in a worker process of ``run_parallel``: its torch threads, its own log;
+    refused once the experiment is stopping (a run queued to this worker before the stop)."""
+    if _STOPPING is not None and _STOPPING.is_set():
+        raise SystemExit("not started: the experiment was stopping")
     os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the run's services
     log_path = run_path(exp_dir, arm, seed) / "logs" / "experiment.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -149,3 +149,53 @@ def test_sigterm_stops_the_experiment_cleanly(tiny_model: Path, tmp_path: Path, 
     client = redis.Redis.from_url(redis_url)
     assert not list(client.scan_iter(match=f"pope-exp-*-{proc.pid}:hints:*"))
     client.close()
+
+
+def test_sigterm_during_parallel_runs_stops_them_and_starts_no_queued_one(
+    tiny_model: Path, tmp_path: Path, redis_url: str
+) -> None:
+    """Three runs, two at a time, SIGTERM while the first two train: exit 130, both stop
+    cleanly (their services gone, no result), and the third, queued, never starts (a
+    worker whose run stopped used to take the next one, and the experiment went on)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exp, log = tmp_path / "exp", tmp_path / "exp.log"
+    spec = replace(spec_with(SPEC, tiny_model), steps=400)
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom services.cli import _interruptible\n"
+        "from services.tasks.experiment import Spec, experiment\n"
+        f"spec = Spec(**{asdict(spec)!r})\n"
+        f"sys.exit(_interruptible(lambda: experiment(Path({str(exp)!r}), Path({str(tiny_model)!r}), 1, "
+        "['pope', 'grpo', 'grpo_easy'], spec, parallel=2)))\n"
+    )
+    env = {**os.environ, "REDIS_URL": redis_url}
+    with log.open("wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=f, stderr=subprocess.STDOUT, env=env)
+    first = [exp / "runs" / arm / "seed0" for arm in ("pope", "grpo")]
+    try:
+        deadline = time.monotonic() + 240
+        while not all(read_metrics(run) for run in first if run.exists()) or not all(r.exists() for r in first):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 130, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        delete_run_keys(redis_url, exp, spec, ["pope", "grpo"])
+    assert "interrupted" in log.read_text()
+    for run in first:
+        run_log = (run / "logs" / "experiment.log").read_text()
+        assert "all processes stopped" in run_log and not (run / "result.json").exists()
+        assert 1 <= len(read_metrics(run)) < 400
+        pids = [int(line.split("(pid ")[1].split(")")[0]) for line in run_log.splitlines() if "(pid " in line]
+        assert pids
+        for pid in pids:  # each service the run started has exited
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    queued = exp / "runs" / "grpo_easy" / "seed0"
+    assert not (queued / "metrics.jsonl").exists(), (queued / "logs" / "experiment.log").read_text()
