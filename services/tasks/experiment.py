@@ -76,12 +76,13 @@ class Spec:
     group_size: int = 8
     prompts_per_step: int = 8
     learning_rate: float = 1e-4
-    """On task v11's base (data/base-model) POPE seed 0 trained stably at 1e-4 (30 steps)
-    and 2e-4 (60 steps) and fell apart at 4e-4 (hinted reward 0.60 in steps 1-5, 0.20 in
-    26-30). On task v10's base POPE seed 0 trained stably at 1e-4 (hinted
-    samples solved 82 of 160 in steps 1-5, 120-141 later) and collapsed at 4e-4 (hinted
-    reward 0.03 at step 5, near 0 in steps 13-17); on task v9's base 1e-4 was stable in 4
-    seeds of 4 and 4e-4 collapsed all 4 (README). On two earlier bases 4e-4 transferred in 2
+    """On task v13 (data/base-model, ``ebae51ee...``) POPE beat GRPO in 3 seeds of 4 at 1e-4
+    (30 steps) and in 2 of 4 at 2e-4 with ``adam_eps`` 1e-3 (README). On task v11's base
+    POPE seed 0 trained stably at 1e-4 (30 steps) and 2e-4 (60 steps) and fell apart at
+    4e-4 (hinted reward 0.60 in steps 1-5, 0.20 in 26-30). On task v10's base POPE seed 0
+    trained stably at 1e-4 (hinted samples solved 82 of 160 in steps 1-5, 120-141 later)
+    and collapsed at 4e-4 (hinted reward 0.03 at step 5, near 0 in steps 13-17); on this
+    base with task v9, 1e-4 was stable in 4 seeds of 4 and 4e-4 collapsed all 4 (README). On two earlier bases 4e-4 transferred in 2
     seeds of 4 and collapsed the others. Each experiment.json records its own rate. GRPO
     gets no gradient at any rate while none of its samples earns reward."""
     temperature: float = 0.8
