@@ -82,9 +82,10 @@ class Spec:
     4e-4 (hinted reward 0.60 in steps 1-5, 0.20 in 26-30). On task v10's base POPE seed 0
     trained stably at 1e-4 (hinted samples solved 82 of 160 in steps 1-5, 120-141 later)
     and collapsed at 4e-4 (hinted reward 0.03 at step 5, near 0 in steps 13-17); on this
-    base with task v9, 1e-4 was stable in 4 seeds of 4 and 4e-4 collapsed all 4 (README). On two earlier bases 4e-4 transferred in 2
-    seeds of 4 and collapsed the others. Each experiment.json records its own rate. GRPO
-    gets no gradient at any rate while none of its samples earns reward."""
+    base with task v9, 1e-4 was stable in 4 seeds of 4 and 4e-4 collapsed all 4 (README).
+    On two earlier bases 4e-4 transferred in 2 seeds of 4 and collapsed the others. Each
+    experiment.json records its own rate. GRPO gets no gradient at any rate while none of
+    its samples earns reward."""
     temperature: float = 0.8
     top_p: float = 1.0
     max_new_tokens: int = 96
