@@ -58,8 +58,10 @@ write the first 5 links right and then the end node (one node short). POPE's hin
 rollouts there almost never ended early, so they did not practise what the unguided
 attempts lacked: held-out unhinted pass@8 above 0 in 1 seed of 4 (README).
 
-Task v13 (this version, ``link-chains-v10``): the same with hard = 7 and 8 links, half each
-(HARD_SIZES says why).
+Task v13 (``link-chains-v10``): hard = 7 and 8 links, half each, so that hinted 8-link
+rollouts, unsure whether to go on, teach the unguided attempts the one node the 7-link half
+lacks; POPE beat GRPO in 3 seeds of 4 (README). Task v14 (this version, ``link-chains-v11``):
+7 and 9 links (HARD_SIZES says why).
 """
 
 from __future__ import annotations
@@ -71,19 +73,19 @@ from dataclasses import dataclass
 from services.common.messages import Problem
 from services.tasks.splits import distinct, train_and_held_out
 
-TASK_VERSION = "link-chains-v10"
+TASK_VERSION = "link-chains-v11"
 EASY_SIZES = (2, 3, 4, 5)
 """Chain lengths (links) whose whole path the base model is taught (easy instances)."""
-HARD_SIZES = (7, 8)
-"""Chain lengths of the hard split (task v13: half 7 links, half 8), on the repository's base
-model (``ebae51ee...``), whose unguided attempts at both write the first 5 links right and then
-the end node, 0 solved of 512 at each (64 random chains x 8, temperature 0.8; 6 links: 0.723).
-At 7 links one node is the whole gap, and there (task v12) POPE's hinted rollouts, given
-the path's first link, finished it 80-97% of the time and ended early almost never, so they
-met the unguided attempts' failure too rarely to train it away. Given 1-2 links of an
-8-link path this base finishes 6-23% and sometimes ends one node short: the hinted
-practice of going on is on the 8-link half, the first unguided successes it should bring
-on the 7-link half. (Task v12 had 7, v5 8, v4 12, v3 8.)"""
+HARD_SIZES = (7, 9)
+"""Chain lengths of the hard split (task v14: half 7 links, half 9), on the repository's base
+model (``ebae51ee...``), which solves none of 512 unguided samples at 7, 8 or 9 links (at 7
+and 8 most write the first 5 links right, then the end node; 6 links: 0.723). The 7-link
+half is one node past that wall; the 9-link half is where hinted rollouts practise going
+on: given 2 or 3 of its links this base finishes 0.033 and 0.355 of them and often ends
+early (60 and 43 of 512), so its hinted groups stay mixed. Task v13 had 7 and 8 (8-link
+hinted groups were 93-98% solved within 10-30 steps, after which they gave no gradient:
+POPE beat GRPO in 3 seeds of 4); v12 had 7 alone (hinted rollouts never ended early; 1 of
+4); v5 8, v4 12, v3 8."""
 ALL_SIZES = tuple(range(2, 15))
 """Chain lengths the base model meets at all (the end of the path only, above EASY_SIZES)."""
 LOW, HIGH = 10, 99

@@ -1,4 +1,4 @@
-"""The link-chains task (v13, ``link-chains-v10``): fixed, disjoint splits; reference solutions
+"""The link-chains task (v14, ``link-chains-v11``): fixed, disjoint splits; reference solutions
 the verifier accepts; a checker under which near misses and guesses fail; and the base
 model's pretraining material (chains-sft-v3), which teaches whole paths only on short chains."""
 
