@@ -82,9 +82,9 @@ model (``ebae51ee...``), which solves none of 512 unguided samples at 7, 8 or 9 
 and 8 most write the first 5 links right, then the end node; 6 links: 0.723). The 7-link
 half is one node past that wall; the 9-link half is where hinted rollouts practise going
 on: given 2 or 3 of its links this base finishes 0.033 and 0.355 of them and often ends
-early (60 and 43 of 512), so its hinted groups stay mixed. Task v13 had 7 and 8 (8-link
-hinted groups were 93-98% solved within 10-30 steps, after which they gave no gradient:
-POPE beat GRPO in 3 seeds of 4); v12 had 7 alone (hinted rollouts never ended early; 1 of
+early (60 and 43 of 512), so its hinted groups stay mixed. Task v13 had 7 and 8 (its
+hinted groups were 91-98% solved after 10-30 steps and then gave little gradient: POPE beat
+GRPO in 3 seeds of 4); v12 had 7 alone (hinted rollouts never ended early; 1 of
 4); v5 8, v4 12, v3 8."""
 ALL_SIZES = tuple(range(2, 15))
 """Chain lengths the base model meets at all (the end of the path only, above EASY_SIZES)."""
