@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -118,10 +120,8 @@ def test_sigterm_stops_the_experiment_cleanly(tiny_model: Path, tmp_path: Path, 
     """SIGTERM while the hint search runs: exit 130, the services it started are gone, and
     the search's Redis keys are deleted."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     log = tmp_path / "exp.log"
     env = {**os.environ, "REDIS_URL": redis_url}
@@ -130,12 +130,7 @@ def test_sigterm_stops_the_experiment_cleanly(tiny_model: Path, tmp_path: Path, 
                                  "--base-model", str(tiny_model), "--dir", str(tmp_path / "exp"),
                                  "--train-problems", "64"], stdout=f, stderr=subprocess.STDOUT, env=env)  # fmt: skip
     try:
-        deadline = time.monotonic() + 240
-        while "hint search over 64 problems" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 130, log.read_text()[-3000:]
+        sigterm_when(proc, log, lambda: "hint search over 64 problems" in log.read_text())
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -158,10 +153,8 @@ def test_sigterm_during_parallel_runs_stops_them_and_starts_no_queued_one(
     cleanly (their services gone, no result), and the third, queued, never starts (a
     worker whose run stopped used to take the next one, and the experiment went on)."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
 
     exp, log = tmp_path / "exp", tmp_path / "exp.log"
     spec = replace(spec_with(SPEC, tiny_model), steps=400)
@@ -177,12 +170,7 @@ def test_sigterm_during_parallel_runs_stops_them_and_starts_no_queued_one(
         proc = subprocess.Popen([sys.executable, "-c", script], stdout=f, stderr=subprocess.STDOUT, env=env)
     first = [exp / "runs" / arm / "seed0" for arm in ("pope", "grpo")]
     try:
-        deadline = time.monotonic() + 240
-        while not all(read_metrics(run) for run in first if run.exists()) or not all(r.exists() for r in first):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 130, log.read_text()[-3000:]
+        sigterm_when(proc, log, lambda: all(run.exists() and read_metrics(run) for run in first))
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -199,3 +187,17 @@ def test_sigterm_during_parallel_runs_stops_them_and_starts_no_queued_one(
                 os.kill(pid, 0)
     queued = exp / "runs" / "grpo_easy" / "seed0"
     assert not (queued / "metrics.jsonl").exists(), (queued / "logs" / "experiment.log").read_text()
+
+
+def sigterm_when(proc: Any, log: Path, ready: Callable[[], bool]) -> None:
+    """Wait (up to 240 s) until ``ready()``, then SIGTERM ``proc``, which must exit 130 (interrupted)
+    within 120 s; its output so far is ``log``."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + 240
+    while not ready():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 130, log.read_text()[-3000:]
