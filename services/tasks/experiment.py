@@ -76,8 +76,9 @@ class Spec:
     group_size: int = 8
     prompts_per_step: int = 8
     learning_rate: float = 1e-4
-    """On task v13 (data/base-model, ``ebae51ee...``) POPE beat GRPO in 3 seeds of 4 at 1e-4
-    (30 steps) and in 2 of 4 at 2e-4 with ``adam_eps`` 1e-3 (README). On task v11's base
+    """On task v14 (data/base-model, ``ebae51ee...``) POPE beat GRPO in 4 seeds of 4 at 1e-4
+    (30 steps), two of them by 1-2 held-out problems; on v13, 3 of 4 at 1e-4 and 2 of 4 at
+    2e-4 with ``adam_eps`` 1e-3 (README). On task v11's base
     POPE seed 0 trained stably at 1e-4 (30 steps) and 2e-4 (60 steps) and fell apart at
     4e-4 (hinted reward 0.60 in steps 1-5, 0.20 in 26-30). On task v10's base POPE seed 0
     trained stably at 1e-4 (hinted samples solved 82 of 160 in steps 1-5, 120-141 later)
