@@ -2,8 +2,8 @@
 
     pope model pretrain --out runs/base-model [--steps 2700] [--seed 0] [--from DIR] [--lr 1e-3]
 
-Supervised learning on easy material only (the task: services/tasks/chains.py,
-task v12; material chains-sft-v3, which made the repository's base): the whole
+Supervised learning on easy material only (the task: services/tasks/chains.py, tasks
+v12-v14; material chains-sft-v3, which made the repository's base): the whole
 solution, key step included, for short chains (EASY_SIZES), also continued from any part of
 their path; at every length (ALL_SIZES), the path's end half at most written after the rest
 of it was given, and the routine after a whole given path. Given parts come as POPE's guided
