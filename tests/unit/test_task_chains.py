@@ -155,3 +155,38 @@ def test_the_loss_is_on_the_answer_and_pretraining_runs(tmp_path) -> None:  # ty
     kinds = {"easy_unhinted", "easy_hinted", "hard_unhinted", "hard_hinted", "hard_half_key_step",
              "hard_end_third_left"}  # fmt: skip
     assert set(result["accuracy"]) == kinds
+
+
+@pytest.mark.slow
+def test_the_repository_base_never_saw_a_split_path_of_this_task_or_its_own(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """data/base-model was pretrained for task v9 (its report's ``task``, 8-link splits) with
+    that task's split paths left out of its material. Its material stream drawn again (its
+    report's seed and steps, batch 32 as its README says) with nothing left out holds no path
+    of this task's splits nor of v9's, so leaving either out never changed a draw: the stream
+    is what ``pope model pretrain`` draws today, and no held-out problem of this task was
+    pretraining material. Its tokenizer is the one built from today's ``corpus()``."""
+    import json
+
+    from services.engine.tiny_model import build_tokenizer
+    from services.tasks.pretrain import SPEC, corpus, examples
+    from services.tasks.splits import distinct
+    from tests.conftest import ROOT
+
+    base = ROOT / "data" / "base-model"
+    report = json.loads((base / "pretrain_report.json").read_text())
+    rng = random.Random(report["seed"])
+    drawn = set()
+    for _ in range(report["steps"] * 32):
+        first_line = examples(rng, set()).completion.split("\n")[0]  # "Path: a b c ..."
+        drawn.add(tuple(int(x) for x in first_line.split()[1:]))
+    assert len(drawn) > 50_000  # the stream was drawn (distinct paths among 86,400 examples)
+
+    train, held_out = hard_splits()
+    own_held_out = distinct(f"{report['task']}:{chains.SEEDS['eval']}", 200, make, (8,))
+    own_train = distinct(f"{report['task']}:{chains.SEEDS['train']}", 400, make, (8,),
+                         frozenset(i.key for i in own_held_out))  # fmt: skip
+    for split in (train, held_out, own_train, own_held_out):
+        assert len(split) in (200, 400) and not drawn & {i.key for i in split}
+
+    build_tokenizer(SPEC.vocab_size, SPEC.seed, corpus=corpus()).save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
