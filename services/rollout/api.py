@@ -1,6 +1,6 @@
 """The rollout service's user-facing HTTP API for problems and archived rollouts (DESIGN.md 4a).
 
-    POST /v1/problems                 a JSON list of problems; all-or-nothing; 201 {"ids": [...]}
+    POST /v1/problems?allow_leakage=  a JSON list of problems; all-or-nothing; 201 {"ids": [...], "leaked": [...]}
     GET  /v1/problems?label=&split=   {"count": n, "problems": [...]}; label "none": not searched yet
     GET  /v1/problems/{id}            {"problem": {...}, "stats": {"hinted": {...}, "unhinted": {...}}}
     GET  /v1/rollouts?limit=&cursor=&problem_id=&variant=&weight_version=
@@ -25,6 +25,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from services.common.http import bearer
 from services.common.messages import Problem, ProblemLabel, Variant
 from services.rollout.archive import RolloutArchive, RolloutRecord
+from services.rollout.dataset import LeakedPair, exclude_leaks, keep_search, split_id
 from services.rollout.store import ProblemStore
 
 MAX_PROBLEM_ROWS = 100_000
@@ -44,6 +45,10 @@ class RowError(BaseModel):
 class Created(BaseModel):
     ids: list[str]
     """One id per posted row, in order (a duplicated row's id appears once per row)."""
+    leaked: list[LeakedPair] = []
+    """Train problems (posted or stored) whose text is a posted or stored eval problem's, where
+    one of the two was posted: each is excluded from training (``Problem.excluded``) unless
+    ``allow_leakage`` was set."""
 
 
 class ProblemList(BaseModel):
@@ -88,10 +93,13 @@ def problems_and_rollouts_router(
     router = APIRouter(prefix="/v1")
 
     @router.post("/problems", status_code=201, dependencies=[Depends(bearer(api_token))])
-    async def post_problems(body: Annotated[Any, Body()]) -> Created:
+    async def post_problems(body: Annotated[Any, Body()], allow_leakage: bool = False) -> Created:
         """Store a JSON list of problems: validated whole first, so either every row is
-        stored or none is. A row whose id exists replaces it; a row without an id gets
-        one derived from its prompt and answer; within one request the last row wins."""
+        stored or none is. A row whose id exists replaces it (keeping its hint search if its
+        prompt and answer are unchanged); a row without an id gets one derived from its
+        prompt and answer (its split's name appended when the same problem is stored in the
+        other split); within one request the last row wins. A train problem that is also
+        an eval problem is excluded from training unless ``allow_leakage``."""
         # The body is taken as Any so that a bad row is reported by its index with our
         # error shape, not as FastAPI's "body.3.answer" location.
         if not isinstance(body, list):
@@ -103,7 +111,18 @@ def problems_and_rollouts_router(
         problems, errors = validate_rows(body)
         if errors:
             raise _unprocessable(errors)
-        return Created(ids=await store.put_many(problems))
+        # Planned against the stored problems, like `pope data import` (and, like it, not
+        # isolated from a concurrent writer between the read and the one-transaction write).
+        before = {p.id: p for p in await store.all()}
+        batch: dict[str, Problem] = {}
+        ids = []
+        for problem in problems:
+            problem = split_id(problem, batch.get(problem.id) or before.get(problem.id))
+            batch[problem.id] = keep_search(problem, before.get(problem.id))
+            ids.append(problem.id)
+        leaked, _ = exclude_leaks(batch, before, allow_leakage)
+        await store.put_many(list(batch.values()))
+        return Created(ids=ids, leaked=leaked)
 
     @router.get("/problems")
     async def list_problems(

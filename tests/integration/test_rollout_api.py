@@ -19,7 +19,7 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from services.common.keys import Keys
-from services.common.messages import Score, ScoredGroup, Variant, problem_id_for
+from services.common.messages import HintSearch, Problem, ProblemLabel, Score, ScoredGroup, Variant, problem_id_for
 from services.common.redis_server import free_port
 from services.rollout.api import problems_and_rollouts_router
 from services.rollout.archive import RolloutArchive, RolloutRecord
@@ -108,6 +108,52 @@ def test_a_row_with_an_existing_id_replaces_it_and_the_last_duplicate_wins(api: 
     assert count(api) == 1
     problem = httpx.get(f"{api.url}/v1/problems/q1").json()["problem"]
     assert (problem["prompt"], problem["answer"], problem["hint"]) == ("newest", "3", "h")
+
+
+async def test_reposting_a_searched_problem_keeps_its_hint_search(api: Api, aredis: Redis, keys: Keys) -> None:
+    """Like `pope data import`: a problem sent again without search fields keeps what the hint
+    search found for it; one whose prompt or answer changed under its id keeps nothing."""
+    search = HintSearch(label=ProblemLabel.HARD_HINTED, unhinted_attempts=8, unhinted_successes=0, prefix_chars=5,
+                        prefix_fraction=0.2, hinted_successes=1, tokens_spent=100, method="linear", config="c",
+                        template_version="v1")  # fmt: skip
+    searched = Problem(prompt="Find x.", answer="7", solution="x is 7", hint="x is", label="hard_hinted", search=search)
+    await ProblemStore(aredis, keys).put_many([searched])
+    async with httpx.AsyncClient(base_url=api.url) as http:
+        resp = await http.post("/v1/problems", json=[{"prompt": "Find x.", "answer": "7", "source": "again"}])
+        assert resp.status_code == 201 and resp.json()["ids"] == [searched.id]
+        got = Problem.model_validate((await http.get(f"/v1/problems/{searched.id}")).json()["problem"])
+        assert (got.label, got.search, got.hint, got.source) == (ProblemLabel.HARD_HINTED, search, "x is", "again")
+        changed = [{"id": searched.id, "prompt": "Find y.", "answer": "8"}]
+        assert (await http.post("/v1/problems", json=changed)).status_code == 201
+        got = Problem.model_validate((await http.get(f"/v1/problems/{searched.id}")).json()["problem"])
+        assert (got.prompt, got.label, got.search, got.hint) == ("Find y.", None, None, None)
+
+
+def test_a_posted_train_copy_of_an_eval_problem_is_excluded_from_training(api: Api) -> None:
+    """The same check as `pope data import`: against stored problems and within the request;
+    the eval copy of a stored train problem gets its own id and replaces nothing."""
+    train = {"prompt": "Compute 2+2.", "answer": "4"}
+    [train_id] = httpx.post(f"{api.url}/v1/problems", json=[train]).json()["ids"]
+    resp = httpx.post(f"{api.url}/v1/problems", json=[{**train, "split": "eval"}])
+    assert resp.status_code == 201, resp.text
+    [eval_id] = resp.json()["ids"]
+    assert eval_id == f"{train_id}-eval" and resp.json()["leaked"] == [{"train_id": train_id, "eval_id": eval_id}]
+    stored = {p["id"]: p for p in httpx.get(f"{api.url}/v1/problems").json()["problems"]}
+    assert stored[train_id]["split"] == "train" and stored[eval_id]["split"] == "eval"
+    assert stored[train_id]["excluded"] == f"same problem as eval problem {eval_id}"
+    assert "excluded" not in stored[eval_id] or stored[eval_id]["excluded"] is None
+
+    both = [{"prompt": "Compute 3+3.", "answer": "6", "split": "eval"}, {"prompt": "compute 3 + 3 .", "answer": "6"}]
+    resp = httpx.post(f"{api.url}/v1/problems", json=both)
+    eval_3, train_3 = resp.json()["ids"]
+    assert resp.json()["leaked"] == [{"train_id": train_3, "eval_id": eval_3}]
+    assert httpx.get(f"{api.url}/v1/problems/{train_3}").json()["problem"]["excluded"]
+
+    allowed = [{"prompt": "Compute 4+4.", "answer": "8", "split": "eval"}, {"prompt": "compute 4 + 4 .", "answer": "8"}]
+    resp = httpx.post(f"{api.url}/v1/problems", params={"allow_leakage": "true"}, json=allowed)
+    eval_4, train_4 = resp.json()["ids"]
+    assert resp.json()["leaked"] == [{"train_id": train_4, "eval_id": eval_4}]
+    assert httpx.get(f"{api.url}/v1/problems/{train_4}").json()["problem"].get("excluded") is None
 
 
 def test_an_invalid_row_refuses_the_whole_request(api: Api) -> None:

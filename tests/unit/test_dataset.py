@@ -141,6 +141,16 @@ def test_reimport_keeps_what_the_hint_search_found() -> None:
     assert (new.label, new.search, new.hint, new.source) == (ProblemLabel.HARD_HINTED, search, "hello", "again")
 
 
+def test_a_problem_changed_under_its_id_keeps_no_old_search() -> None:
+    search = HintSearch(label=ProblemLabel.HARD_HINTED, unhinted_attempts=8, unhinted_successes=0, prefix_chars=5,
+                        prefix_fraction=0.2, hinted_successes=1, tokens_spent=100, method="linear", config="c",
+                        template_version="v1")  # fmt: skip
+    old = Problem(id="q1", prompt="q", answer="a", solution="hello world", hint="hello", label="hard_hinted",
+                  search=search)  # fmt: skip
+    [new], report = plan([{"id": "q1", "prompt": "q, but another", "answer": "b"}], [old])
+    assert report.replaced == 1 and (new.label, new.search, new.hint) == (None, None, None)
+
+
 # Leakage ------------------------------------------------------------------------------
 
 
