@@ -25,7 +25,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from services.common.http import bearer
 from services.common.messages import Problem, ProblemLabel, Variant
 from services.rollout.archive import RolloutArchive, RolloutRecord
-from services.rollout.dataset import LeakedPair, exclude_leaks, keep_search, split_id
+from services.rollout.merge import LeakedPair, exclude_leaks, keep_search, split_id
 from services.rollout.store import ProblemStore
 
 MAX_PROBLEM_ROWS = 100_000

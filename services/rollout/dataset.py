@@ -12,8 +12,8 @@ field, and the good rows still import. Rows are de-duplicated by content within 
 and a train problem whose text is also an eval problem's is excluded from training
 (``Problem.excluded``) unless leakage is allowed. Reading and planning are pure
 (``read_rows``, ``plan_import``); only ``import_rows``/``export_problems`` touch Redis.
-``POST /v1/problems`` keeps the same rules for ids, hint searches and leakage (``split_id``,
-``keep_search``, ``exclude_leaks``), but there a row whose id exists replaces that problem.
+The rules for ids, hint searches and leakage are ``services/rollout/merge.py``'s, shared
+with ``POST /v1/problems`` (where a row whose id exists replaces that problem).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 
 from services.common.keys import Keys
-from services.common.messages import Problem, ProblemLabel, normalized_text, problem_id_for
+from services.common.messages import Problem, ProblemLabel, normalized_text
+from services.rollout.merge import LeakedPair, exclude_leaks, keep_search, split_id
 from services.rollout.store import ProblemStore
 
 PROBLEM_FIELDS = frozenset(Problem.model_fields)
@@ -60,13 +61,6 @@ class RowError(BaseModel):
     @property
     def where(self) -> str:
         return f"{self.file + ' ' if self.file else ''}{self.unit} {self.line}"
-
-
-class LeakedPair(BaseModel):
-    """A train problem whose text (normalized) is also an eval problem's."""
-
-    train_id: str
-    eval_id: str
 
 
 class ImportReport(BaseModel):
@@ -228,50 +222,6 @@ def to_problem(data: Mapping[str, Any], options: ImportOptions) -> Problem:
 
 def _content_key(p: Problem) -> tuple[str, str, str]:
     return p.split, normalized_text(p.prompt), p.answer.strip()
-
-
-def split_id(new: Problem, same_id: Problem | None) -> Problem:
-    """The same prompt and answer in both splits derive one id; the later copy's id names its split,
-    so neither replaces the other and the leakage check sees both."""
-    if same_id is None or same_id.split == new.split or new.id != problem_id_for(new.prompt, new.answer):
-        return new
-    return new.model_copy(update={"id": f"{new.id}-{new.split}"})
-
-
-def keep_search(new: Problem, old: Problem | None) -> Problem:
-    """Re-sending a problem must not wipe what the hard-problem filter and hint search found for
-    it (a problem whose prompt or answer changed under its id is a new problem: nothing is kept)."""
-    if old is None or old.search is None or new.search is not None or new.label is not None:
-        return new
-    if (old.prompt, old.answer) != (new.prompt, new.answer):
-        return new
-    kept = {name: getattr(old, name) for name in ("label", "search", "hint") if getattr(new, name) is None}
-    return Problem.model_validate({**new.model_dump(), **kept})
-
-
-def exclude_leaks(
-    batch: dict[str, Problem], before: Mapping[str, Problem], allow_leakage: bool
-) -> tuple[list[LeakedPair], int]:
-    """Leakage: every train problem (stored or in ``batch``) whose text is an eval problem's,
-    where at least one of the two is in ``batch``. Unless leakage is allowed, each such train
-    problem not yet excluded is put in ``batch`` marked excluded from training. Returns the
-    pairs and how many were newly excluded (not counting those stored excluded)."""
-    everything = {**before, **batch}
-    evals: dict[str, list[str]] = {}
-    for p in sorted(everything.values(), key=lambda p: p.id):
-        if p.split == "eval":
-            evals.setdefault(normalized_text(p.prompt), []).append(p.id)
-    leaked: list[LeakedPair] = []
-    newly = 0
-    for p in sorted(everything.values(), key=lambda p: p.id):
-        matches = evals.get(normalized_text(p.prompt), []) if p.split == "train" else []
-        if not matches or not (p.id in batch or any(e in batch for e in matches)):
-            continue
-        leaked.append(LeakedPair(train_id=p.id, eval_id=matches[0]))
-        if not allow_leakage and p.excluded is None:
-            batch[p.id] = p.model_copy(update={"excluded": f"same problem as eval problem {matches[0]}"})
-            newly += before.get(p.id, p).excluded is None
-    return leaked, newly
 
 
 def plan_import(
