@@ -169,7 +169,7 @@ def test_the_repository_base_never_saw_a_split_path_of_this_task_or_its_own(tmp_
 
     from services.engine.tiny_model import build_tokenizer
     from services.tasks.pretrain import SPEC, corpus, examples
-    from services.tasks.splits import distinct
+    from services.tasks.splits import distinct, train_and_held_out
     from tests.conftest import ROOT
 
     base = ROOT / "data" / "base-model"
@@ -181,10 +181,12 @@ def test_the_repository_base_never_saw_a_split_path_of_this_task_or_its_own(tmp_
         drawn.add(tuple(int(x) for x in first_line.split()[1:]))
     assert len(drawn) > 50_000  # the stream was drawn (distinct paths among 86,400 examples)
 
+    def own_instances(split: str, count: int, exclude: frozenset[tuple[int, ...]] = frozenset()) -> list[Instance]:
+        """``chains.instances`` as it was for the base's own task: its version string, 8 links."""
+        return distinct(f"{report['task']}:{chains.SEEDS[split]}", count, make, (8,), exclude)
+
     train, held_out = hard_splits()
-    own_held_out = distinct(f"{report['task']}:{chains.SEEDS['eval']}", 200, make, (8,))
-    own_train = distinct(f"{report['task']}:{chains.SEEDS['train']}", 400, make, (8,),
-                         frozenset(i.key for i in own_held_out))  # fmt: skip
+    own_train, own_held_out = train_and_held_out(own_instances, 400, 200)
     for split in (train, held_out, own_train, own_held_out):
         assert len(split) in (200, 400) and not drawn & {i.key for i in split}
 
