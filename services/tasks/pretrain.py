@@ -130,6 +130,38 @@ def sft_batch(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, to
     return ids, attn, labels
 
 
+MICRO_BATCHES = 3
+"""A step's rows, sorted by length, go through the model in this many parts, each padded to
+its own longest row rather than the batch's (sft_backward). Measured on 2 cores (AMD EPYC,
+2 torch threads, batch 32 of the material, median of 40 steps against one padded batch
+with HF's loss): 2 parts 1.43x, 3 parts 1.58x, 4 parts 1.58x as fast; more parts pad less
+but run smaller matrix products."""
+
+
+def sft_backward(model: Any, rows: list[tuple[list[int], list[int]]], micro_batches: int = MICRO_BATCHES) -> float:
+    """Accumulate in ``model`` the gradient of the batch's loss, the mean cross-entropy over
+    all its completion tokens, and return that loss: the same loss and gradient (up to float
+    rounding; test) as one right-padded batch of ``rows`` through HF's loss, for less compute.
+    The rows, sorted by length, go in ``micro_batches`` parts, each padded to its own longest
+    row; with no attention mask, as under right padding and causal attention no real token
+    sees a pad (the positions are the same); and the LM head only where there is a label.
+    Each part's summed loss is divided by the whole batch's count of completion tokens."""
+    rows = sorted(rows, key=lambda r: len(r[0]) + len(r[1]))
+    tokens = sum(len(t) for _, t in rows)
+    parts = max(1, min(micro_batches, len(rows)))
+    device, total = next(model.parameters()).device, 0.0
+    for j in range(parts):
+        ids, _, labels = sft_batch(rows[j * len(rows) // parts : (j + 1) * len(rows) // parts])
+        hidden = model.model(input_ids=ids.to(device)).last_hidden_state[:, :-1]
+        targets = labels[:, 1:].to(device)  # position t predicts token t + 1
+        scored = targets != -100
+        logits = model.lm_head(hidden[scored]).float()
+        loss = torch.nn.functional.cross_entropy(logits, targets[scored], reduction="sum") / tokens
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
 @torch.no_grad()
 def accuracy(model: Any, tokenizer: Any, cases: list[tuple[str, Instance]], temperature: float = 0.0,
              max_new_tokens: int = 96) -> float:  # fmt: skip
@@ -234,13 +266,10 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
         for group in opt.param_groups:  # cosine over the steps
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
         rows = [material_row(tokenizer, examples(rng, exclude), end) for _ in range(batch)]
-        ids, attn, labels = sft_batch(rows)
-        loss = model(input_ids=ids.to(device), attention_mask=attn.to(device), labels=labels.to(device)).loss
-        loss.backward()
+        losses.append(sft_backward(model, rows))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss.detach()))
         if step % 100 == 0:
             elapsed = time.monotonic() - started
             say(f"step {step}/{steps}: loss {sum(losses[-100:]) / 100:.4f}, {step / elapsed:.1f} steps/s, "

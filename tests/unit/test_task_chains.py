@@ -157,6 +157,44 @@ def test_the_loss_is_on_the_answer_and_pretraining_runs(tmp_path) -> None:  # ty
     assert set(result["accuracy"]) == kinds
 
 
+def test_micro_batches_give_one_padded_batchs_loss_and_gradient(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """sft_backward (rows sorted by length in parts, each padded to its own longest, no
+    attention mask, the LM head only where there is a label) gives the loss and gradient of
+    the whole batch right-padded with its attention mask through HF's own loss."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.engine.tiny_model import IM_END, build_tiny_model
+    from services.tasks import pretrain as p
+
+    torch.manual_seed(0)
+    build_tiny_model(tmp_path / "m", p.SPEC, corpus=p.corpus(300), init_std=0.02)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    end = tok.convert_tokens_to_ids(IM_END)
+    rng = random.Random(3)
+    rows = [p.material_row(tok, p.examples(rng, set()), end) for _ in range(12)]
+    assert len({len(a) + len(b) for a, b in rows}) > 4  # lengths differ, so the parts pad differently
+
+    def gradient() -> torch.Tensor:
+        g = torch.cat([q.grad.flatten() for q in model.parameters()])
+        model.zero_grad()
+        return g
+
+    ids, attn, labels = p.sft_batch(rows)
+    reference = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+    reference.backward()
+    expected = gradient()
+    for parts in (1, 3, 5, 12, 40):
+        loss = p.sft_backward(model, rows, parts)
+        got = gradient()
+        assert abs(loss - float(reference.detach())) < 1e-5, parts
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6), (parts, float((got - expected).abs().max()))
+    assert float(expected.norm()) > 0.1
+
+
 @pytest.mark.slow
 def test_the_repository_base_never_saw_a_split_path_of_this_task_or_its_own(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """data/base-model was pretrained for task v9 (its report's ``task``, 8-link splits) with
