@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, TextIO
 
 import torch
 
+from services.common import malloc
 from services.common.messages import Problem, Variant
 from services.engine.tiny_model import IM_END, TinyModelSpec, build_tiny_model
 from services.rollout.prompts import PromptTemplate, prompt_ids, user_message
@@ -227,12 +228,14 @@ def check_settings(out: Path, steps: int, lr: float, start: Path | None) -> None
 
 def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32, lr: float = 1e-3,
              log: TextIO | None = None, report_problems: int = 200, device: str = "cpu",
-             start: Path | None = None) -> dict[str, Any]:  # fmt: skip
+             start: Path | None = None, keep_freed_memory: bool = True) -> dict[str, Any]:  # fmt: skip
     """Train the base model for ``steps`` steps (cosine learning rate over the steps) into
     ``out``, from scratch or on from the model (and tokenizer) in ``start``; deterministic
     for a given code, seed and start on one kind of machine with the same number of torch
     threads (float sums can round differently on another machine or on CUDA). The model
-    trains in float32 on ``device`` and is saved from the CPU."""
+    trains in float32 on ``device`` and is saved from the CPU. ``keep_freed_memory`` sets
+    glibc's malloc to keep freed memory for the next step (services/common/malloc.py;
+    False only to measure without it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def say(text: str) -> None:
@@ -240,6 +243,8 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
 
     steps = STEPS if steps is None else steps
     check_settings(out, steps, lr, start)
+    if keep_freed_memory:
+        malloc.keep_freed_memory()
     torch.manual_seed(seed)
     start_sha = weights_sha256(start) if start is not None else ""
     if start is None:
