@@ -207,8 +207,8 @@ def report(model: Any, tokenizer: Any, n: int = 200) -> dict[str, float]:
 
 
 STEPS = 2700
-"""Pretraining length: the base model is a function of the code and the seed alone (13-22
-minutes on 2 cores, by machine and day: 13.1, 15.4 and 21.4 measured). Material v3 trained for a
+"""Pretraining length: the base model is a function of the code and the seed alone (12.2
+minutes on 2 cores, README "The task"). Material v3 trained for a
 wall-clock budget with the learning rate annealed over time, so two pretrainings of one
 commit differed (README)."""
 
