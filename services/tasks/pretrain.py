@@ -132,11 +132,13 @@ def sft_batch(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, to
 
 
 MICRO_BATCHES = 3
-"""A step's rows, sorted by length, go through the model in this many parts, each padded to
-its own longest row rather than the batch's (sft_backward). Measured on 2 cores (AMD EPYC,
-2 torch threads, batch 32 of the material, median of 40 steps against one padded batch
-with HF's loss): 2 parts 1.43x, 3 parts 1.58x, 4 parts 1.58x as fast; more parts pad less
-but run smaller matrix products."""
+"""On a CPU, a step's rows, sorted by length, go through the model in this many parts, each
+padded to its own longest row rather than the batch's (sft_backward). bench/pretrain.py on
+2 cores (AMD EPYC, 2 torch threads, 24 steps of the material): against one padded batch
+through HF's loss, 1 part 1.10x, 2 parts 1.51x, 3 parts 1.54x, 4 parts 1.58x as fast (3 and
+4 within the noise of each other); more parts pad less but run smaller matrix products. On
+CUDA a step of this tiny model is bound by kernel launches, not by padded compute, so it
+runs in one part there (not measured since: no GPU in that session)."""
 
 
 def sft_backward(model: Any, rows: list[tuple[list[int], list[int]]], micro_batches: int = MICRO_BATCHES) -> float:
@@ -150,7 +152,8 @@ def sft_backward(model: Any, rows: list[tuple[list[int], list[int]]], micro_batc
     rows = sorted(rows, key=lambda r: len(r[0]) + len(r[1]))
     tokens = sum(len(t) for _, t in rows)
     parts = max(1, min(micro_batches, len(rows)))
-    device, total = next(model.parameters()).device, 0.0
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
     for j in range(parts):
         ids, _, labels = sft_batch(rows[j * len(rows) // parts : (j + 1) * len(rows) // parts])
         hidden = model.model(input_ids=ids.to(device)).last_hidden_state[:, :-1]
@@ -159,8 +162,8 @@ def sft_backward(model: Any, rows: list[tuple[list[int], list[int]]], micro_batc
         logits = model.lm_head(hidden[scored]).float()
         loss = torch.nn.functional.cross_entropy(logits, targets[scored], reduction="sum") / tokens
         loss.backward()
-        total += float(loss.detach())
-    return total
+        total += loss.detach()
+    return float(total)
 
 
 @torch.no_grad()
@@ -271,7 +274,7 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
         for group in opt.param_groups:  # cosine over the steps
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
         rows = [material_row(tokenizer, examples(rng, exclude), end) for _ in range(batch)]
-        losses.append(sft_backward(model, rows))
+        losses.append(sft_backward(model, rows, MICRO_BATCHES if model.device.type == "cpu" else 1))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
