@@ -112,7 +112,7 @@ def test_kl_estimators_k3_and_k2_and_their_gradients() -> None:
         loss, _ = policy_loss(new, new.detach(), torch.zeros(1), mask, cfg, 1.0, ref_lp=ref)
         r = ref - new.detach()
         expected = (torch.exp(r) - r - 1).sum() if est == "k3" else (0.5 * r * r).sum()
-        assert float(loss) == pytest.approx(float(expected), rel=1e-5)  # A = 0: the penalty alone
+        assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)  # A = 0: the penalty alone
         (grad,) = torch.autograd.grad(loss, new)
         grads[est] = grad[0].tolist()
     assert grads["k3"] == pytest.approx(
