@@ -26,7 +26,7 @@ test: $(STAMP)
 # a short POPE run from the repository's base model (data/base-model; README there) and
 # its report: runs/demo-pope/report.html. Each `make demo` starts the run afresh; the hints
 # and the base evaluation are reused. BASE_MODEL=runs/base-model uses (and first
-# pretrains from scratch, about 12 min on 2 cores) a base made on this machine instead
+# pretrains from scratch, about 11 min on 2 cores) a base made on this machine instead
 # (another machine's pretraining is another model, whose unguided paths may stop elsewhere:
 # README, "The task").
 BASE_MODEL ?= data/base-model

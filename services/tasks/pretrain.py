@@ -138,7 +138,7 @@ padded to its own longest row rather than the batch's (sft_backward). bench/pret
 through HF's loss, 1 part 1.10x, 2 parts 1.51x, 3 parts 1.54x, 4 parts 1.58x as fast (3 and
 4 within the noise of each other); more parts pad less but run smaller matrix products. On
 CUDA a step of this tiny model is bound by kernel launches, not by padded compute, so it
-runs in one part there (not measured since: no GPU in that session)."""
+runs in one part there (not measured: no GPU was lent when this changed)."""
 
 
 def sft_backward(model: Any, rows: list[tuple[list[int], list[int]]], micro_batches: int = MICRO_BATCHES) -> float:
@@ -210,7 +210,7 @@ def report(model: Any, tokenizer: Any, n: int = 200) -> dict[str, float]:
 
 
 STEPS = 2700
-"""Pretraining length: the base model is a function of the code and the seed alone (12.2
+"""Pretraining length: the base model is a function of the code and the seed alone (11.1
 minutes on 2 cores, README "The task"). Material v3 trained for a
 wall-clock budget with the learning rate annealed over time, so two pretrainings of one
 commit differed (README)."""
