@@ -109,7 +109,7 @@ def test_through_a_real_model_the_step_gradient_is_the_policy_gradient(tiny_mode
         plain_entropy = -(lp[len(prompts[1]) - 1].exp() * lp[len(prompts[1]) - 1]).sum()
     # Rows are right-padded, so row 1's first completion position is its own prompt length - 1.
     # The LM head's logits are taken in float32 (as under bf16 autocast), hence 1e-6.
-    assert float(entropy[1, len(prompts[1]) - 1]) == pytest.approx(float(plain_entropy), rel=1e-6)
+    assert float(entropy[1, len(prompts[1]) - 1].detach()) == pytest.approx(float(plain_entropy), rel=1e-6)
     loss, _ = policy_loss(new, b.old_logprobs.double(), b.advantages.double(), b.loss_mask, LossConfig(), 4.0)
     ours = torch.autograd.grad(loss, list(model.parameters()))
 
