@@ -20,7 +20,6 @@ minor page faults of each, and their ratio. ``--loop-steps 0`` leaves this part 
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import subprocess
 import sys
@@ -34,14 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.engine.tiny_model import IM_END, build_tiny_model
+from services.engine.tiny_model import build_tiny_model
 from services.tasks import pretrain as p
-from services.tasks.chains import hard_splits
-
-Rows = list[tuple[list[int], list[int]]]
 
 
-def padded_batch(model: Any, rows: Rows) -> float:
+def padded_batch(model: Any, rows: p.Rows) -> float:
     ids, attn, labels = p.sft_batch(rows)
     loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
     loss.backward()
@@ -93,14 +89,9 @@ def main() -> None:
     out = Path(tempfile.mkdtemp()) / "model"
     torch.manual_seed(0)
     build_tiny_model(out, p.SPEC, corpus=p.corpus(), init_std=0.02)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    end = tokenizer.convert_tokens_to_ids(IM_END)
-    train, held_out = hard_splits()
-    exclude = {i.key for i in train + held_out}
-    rng = random.Random(0)
-    batches = [[p.material_row(tokenizer, p.examples(rng, exclude), end) for _ in range(args.batch)]
-               for _ in range(args.steps)]  # fmt: skip
-    ways: dict[str, Callable[[Any, Rows], float]] = {"one padded batch": padded_batch}
+    stream = p.material(AutoTokenizer.from_pretrained(out), 0, args.batch)
+    batches = [next(stream) for _ in range(args.steps)]
+    ways: dict[str, Callable[[Any, p.Rows], float]] = {"one padded batch": padded_batch}
     for parts in (1, 2, 3, 4):
         ways[f"sft_backward, {parts} part{'s' * (parts > 1)}"] = lambda m, r, k=parts: p.sft_backward(m, r, k)
     models = {name: AutoModelForCausalLM.from_pretrained(out).train() for name in ways}

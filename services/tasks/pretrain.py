@@ -26,7 +26,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
@@ -112,12 +112,27 @@ def material_row(tokenizer: Any, e: Example, end: Any) -> tuple[list[int], list[
     return prompt_ids(tokenizer, e.user), [*tokenizer.encode(e.completion, add_special_tokens=False), end]
 
 
+Rows = list[tuple[list[int], list[int]]]
+"""(prompt ids, completion ids) per example, as ``material_row`` makes them."""
+
+
+def material(tokenizer: Any, seed: int, batch: int) -> Iterator[Rows]:
+    """The pretraining stream, one step's ``batch`` rows at a time: seed ``seed``'s draw of
+    ``examples`` with every path of the hard train and eval splits left out."""
+    end = tokenizer.convert_tokens_to_ids(IM_END)
+    train, held_out = hard_splits()
+    exclude = {i.key for i in train + held_out}
+    rng = random.Random(seed)
+    while True:
+        yield [material_row(tokenizer, examples(rng, exclude), end) for _ in range(batch)]
+
+
 def corpus(n: int = 3000) -> list[str]:
     rng = random.Random(0)
     return [e.user + "\n" + e.completion for e in (examples(rng, set()) for _ in range(n))]
 
 
-def sft_batch(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sft_batch(rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(prompt ids, completion ids) rows -> input ids, attention mask, labels [B, L] (loss on
     completions only; right-padded)."""
     width = max(len(p) + len(t) for p, t in rows)
@@ -141,7 +156,7 @@ CUDA a step of this tiny model is bound by kernel launches, not by padded comput
 runs in one part there (not measured: no GPU was lent when this changed)."""
 
 
-def sft_backward(model: Any, rows: list[tuple[list[int], list[int]]], micro_batches: int = MICRO_BATCHES) -> float:
+def sft_backward(model: Any, rows: Rows, micro_batches: int = MICRO_BATCHES) -> float:
     """Accumulate in ``model`` the gradient of the batch's loss, the mean cross-entropy over
     all its completion tokens, and return that loss: the same loss and gradient (up to float
     rounding; test) as one right-padded batch of ``rows`` through HF's loss, for less compute.
@@ -260,10 +275,7 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
     tokenizer = AutoTokenizer.from_pretrained(out)
     model: Any = AutoModelForCausalLM.from_pretrained(out)
     model.to(device)
-    end = tokenizer.convert_tokens_to_ids(IM_END)
-    train, held_out = hard_splits()
-    exclude = {i.key for i in train + held_out}
-    rng = random.Random(seed)
+    stream = material(tokenizer, seed, batch)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     started, losses = time.monotonic(), []
     say(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {steps} steps of {batch}; "
@@ -273,8 +285,7 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
     for step in range(1, steps + 1):
         for group in opt.param_groups:  # cosine over the steps
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
-        rows = [material_row(tokenizer, examples(rng, exclude), end) for _ in range(batch)]
-        losses.append(sft_backward(model, rows, MICRO_BATCHES if model.device.type == "cpu" else 1))
+        losses.append(sft_backward(model, next(stream), MICRO_BATCHES if model.device.type == "cpu" else 1))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
