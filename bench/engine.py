@@ -40,9 +40,16 @@ def bench_transformers(model: object, rows: list[list[int]], new: int, pad: int)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(  # type: ignore[attr-defined]
-            input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.8, top_p=1.0, top_k=0,
-            max_new_tokens=new, min_new_tokens=new, pad_token_id=pad,
-        )  # fmt: skip
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=0.8,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=pad,
+        )
     elapsed = time.perf_counter() - start
     assert out.shape[1] == width + new
     return len(rows) * new / elapsed
@@ -65,9 +72,12 @@ def bench_http(model_dir: Path, rows: list[list[int]], new: int, repeats: int) -
 
     port = free_port()
     pope = str(Path(sys.executable).parent / "pope")
-    proc = subprocess.Popen([pope, "engine", "--model", str(model_dir), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={"POPE_ENGINE__TORCH_THREADS": "1", "PATH": ""})  # fmt: skip
+    proc = subprocess.Popen(
+        [pope, "engine", "--model", str(model_dir), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={"POPE_ENGINE__TORCH_THREADS": "1", "PATH": ""},
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -76,8 +86,11 @@ def bench_http(model_dir: Path, rows: list[list[int]], new: int, repeats: int) -
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        body = {"input_ids": rows, "sampling_params": {"max_new_tokens": new, "temperature": 0.8,
-                                                       "ignore_eos": True}, "return_logprob": True}  # fmt: skip
+        body = {
+            "input_ids": rows,
+            "sampling_params": {"max_new_tokens": new, "temperature": 0.8, "ignore_eos": True},
+            "return_logprob": True,
+        }
         rates = []
         for _ in range(repeats + 1):
             start = time.perf_counter()
@@ -108,8 +121,10 @@ def main() -> None:
         pad = model.generation_config.pad_token_id or 0
         eos = model.generation_config.eos_token_id
         rows = prompts(args.batch, model.config.vocab_size)
-        print(f"model {model_dir} ({sum(p.numel() for p in model.parameters()):,} params), batch {args.batch}, "
-              f"{args.new_tokens} new tokens, temperature 0.8, torch threads {torch.get_num_threads()}")  # fmt: skip
+        print(
+            f"model {model_dir} ({sum(p.numel() for p in model.parameters()):,} params), batch {args.batch}, "
+            f"{args.new_tokens} new tokens, temperature 0.8, torch threads {torch.get_num_threads()}"
+        )
         bench_engine(model, rows, 8, pad, eos)  # warm-up
         bench_transformers(model, rows, 8, pad)
         hf, ours = [], []

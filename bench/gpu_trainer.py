@@ -28,11 +28,25 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.step import lr_lambda, train_step
 
 SHAPES = {  # Qwen3-0.6B: 28 layers, hidden 1024, 16 heads (8 KV), head_dim 128, MLP 3072, vocab 151936
-    "qwen3-0.6b": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
-                   "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936},
-    "small": {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 4096},
-}  # fmt: skip
+    "qwen3-0.6b": {
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+    },
+    "small": {
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "vocab_size": 4096,
+    },
+}
 
 
 def groups(n_groups: int, size: int, prompt_len: int, response_len: int, vocab: int) -> list[ScoredGroup]:
@@ -40,12 +54,30 @@ def groups(n_groups: int, size: int, prompt_len: int, response_len: int, vocab: 
     out = []
     for g in range(n_groups):
         prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
-        samples = [Sample(problem_id=f"p{g}", variant="hinted" if g % 2 else "unhinted", prompt_ids=prompt,
-                          completion_ids=torch.randint(0, vocab, (response_len,), generator=gen).tolist(),
-                          logprobs=[-math.log(vocab)] * response_len, finish_reason="stop",
-                          weight_version=0, text="") for _ in range(size)]  # fmt: skip
-        raw = RawGroup(group_id=f"g{g}", problem_id=f"p{g}", variant=samples[0].variant, prompt="", answer="1",
-                       samples=samples, weight_version=0, step=1, temperature=1.0)  # fmt: skip
+        samples = [
+            Sample(
+                problem_id=f"p{g}",
+                variant="hinted" if g % 2 else "unhinted",
+                prompt_ids=prompt,
+                completion_ids=torch.randint(0, vocab, (response_len,), generator=gen).tolist(),
+                logprobs=[-math.log(vocab)] * response_len,
+                finish_reason="stop",
+                weight_version=0,
+                text="",
+            )
+            for _ in range(size)
+        ]
+        raw = RawGroup(
+            group_id=f"g{g}",
+            problem_id=f"p{g}",
+            variant=samples[0].variant,
+            prompt="",
+            answer="1",
+            samples=samples,
+            weight_version=0,
+            step=1,
+            temperature=1.0,
+        )
         out.append(ScoredGroup.from_raw(raw, [Score(reward=float(i % 2)) for i in range(size)]))
     return out
 
@@ -70,16 +102,24 @@ def main() -> None:
         args.prompt_len, args.response_len = min(args.prompt_len, 64), min(args.response_len, 128)
     torch.manual_seed(0)
     model: Any = Qwen3ForCausalLM(Qwen3Config(**SHAPES[shape], max_position_embeddings=8192)).to(device)
-    cfg = TrainerSettings(device=device, bf16=cuda, prompts_per_step=args.groups, group_size=args.group_size,
-                          micro_batch_tokens=args.micro_batch_tokens, learning_rate=1e-6,
-                          max_new_tokens=args.response_len)  # fmt: skip
+    cfg = TrainerSettings(
+        device=device,
+        bf16=cuda,
+        prompts_per_step=args.groups,
+        group_size=args.group_size,
+        micro_batch_tokens=args.micro_batch_tokens,
+        learning_rate=1e-6,
+        max_new_tokens=args.response_len,
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     data = groups(args.groups, args.group_size, args.prompt_len, args.response_len, SHAPES[shape]["vocab_size"])
     params = sum(p.numel() for p in model.parameters())
-    print(f"{shape} ({params / 1e6:.0f}M params) on {device}{' bf16 autocast' if cfg.bf16 else ''}: "
-          f"{args.groups} groups x {args.group_size} samples, prompt {args.prompt_len} + response "
-          f"{args.response_len} tokens, micro-batch budget {args.micro_batch_tokens} tokens")  # fmt: skip
+    print(
+        f"{shape} ({params / 1e6:.0f}M params) on {device}{' bf16 autocast' if cfg.bf16 else ''}: "
+        f"{args.groups} groups x {args.group_size} samples, prompt {args.prompt_len} + response "
+        f"{args.response_len} tokens, micro-batch budget {args.micro_batch_tokens} tokens"
+    )
     times, rates, fb, opt = [], [], [], []
     for step in range(args.steps + 1):
         if cuda:
@@ -95,9 +135,11 @@ def main() -> None:
         rates.append(stats["tokens"] / elapsed)
         fb.append(stats["time_forward_backward_s"])
         opt.append(stats["time_optimizer_s"])
-    print(f"step time median {statistics.median(times):.3f}s (forward+backward {statistics.median(fb):.3f}s, "
-          f"optimizer {statistics.median(opt):.3f}s); "
-          f"trained tokens/s median {statistics.median(rates):,.0f}")  # fmt: skip
+    print(
+        f"step time median {statistics.median(times):.3f}s (forward+backward {statistics.median(fb):.3f}s, "
+        f"optimizer {statistics.median(opt):.3f}s); "
+        f"trained tokens/s median {statistics.median(rates):,.0f}"
+    )
     if cuda:
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 

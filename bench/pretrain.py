@@ -62,8 +62,13 @@ def whole_loop(steps: int, threads: int) -> None:
     print(f"pretrain() for {steps} steps, torch threads {threads}, in child processes", flush=True)
     for _ in range(2):
         for name, flag in (("glibc default", "0"), ("keep_freed_memory", "1")):
-            out = subprocess.run([sys.executable, "-c", LOOP, str(steps), str(threads), flag], cwd=root,
-                                 capture_output=True, text=True, check=True)  # fmt: skip
+            out = subprocess.run(
+                [sys.executable, "-c", LOOP, str(steps), str(threads), flag],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             seconds, faults = out.stdout.split()[-2:]
             runs[name].append((float(seconds), int(faults)))
             print(f"  {name}: {float(seconds):.1f} s, {int(faults):,} minor page faults", flush=True)
@@ -99,8 +104,11 @@ def main() -> None:
     first_grad: dict[str, torch.Tensor] = {}
     real = sum(len(a) + len(b) for rows in batches for a, b in rows)
     padded = sum(len(rows) * max(len(a) + len(b) for a, b in rows) for rows in batches)
-    print(f"{args.steps} steps of {args.batch} rows, torch threads {args.threads}; "
-          f"real tokens {real / padded:.0%} of the padded batches", flush=True)  # fmt: skip
+    print(
+        f"{args.steps} steps of {args.batch} rows, torch threads {args.threads}; "
+        f"real tokens {real / padded:.0%} of the padded batches",
+        flush=True,
+    )
     for i, rows in enumerate(batches):
         for name, way in ways.items():
             model = models[name]

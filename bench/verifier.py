@@ -69,11 +69,20 @@ def bench_raw(work: list[tuple[str, list[str]]]) -> float:
 
 def start_verifier(workers: int, redis_url: str, keys: Keys, consume: bool) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "POPE_VERIFIER__KEY_PREFIX": keys.prefix,
-           "POPE_VERIFIER__CONSUME": str(consume).lower(), "POPE_VERIFIER__LOG_LEVEL": "WARNING"}  # fmt: skip
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "POPE_VERIFIER__KEY_PREFIX": keys.prefix,
+        "POPE_VERIFIER__CONSUME": str(consume).lower(),
+        "POPE_VERIFIER__LOG_LEVEL": "WARNING",
+    }
     pope = str(Path(sys.executable).parent / "pope")
-    proc = subprocess.Popen([pope, "verifier", "--workers", str(workers), "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [pope, "verifier", "--workers", str(workers), "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -102,12 +111,31 @@ def bench_stream(r: Redis, keys: Keys, work: list[tuple[str, list[str]]]) -> flo
     groups = []
     for i, (gold, answers) in enumerate(work):
         samples = [
-            Sample(problem_id=f"p{i}", variant="unhinted", prompt_ids=[1], completion_ids=[2], logprobs=[-0.1],
-                   finish_reason="stop", weight_version=0, text=a)
+            Sample(
+                problem_id=f"p{i}",
+                variant="unhinted",
+                prompt_ids=[1],
+                completion_ids=[2],
+                logprobs=[-0.1],
+                finish_reason="stop",
+                weight_version=0,
+                text=a,
+            )
             for a in answers
-        ]  # fmt: skip
-        groups.append(RawGroup(group_id=f"{uuid.uuid4().hex}", problem_id=f"p{i}", variant="unhinted", prompt="q",
-                               answer=gold, samples=samples, weight_version=0, step=0, temperature=1.0))  # fmt: skip
+        ]
+        groups.append(
+            RawGroup(
+                group_id=f"{uuid.uuid4().hex}",
+                problem_id=f"p{i}",
+                variant="unhinted",
+                prompt="q",
+                answer=gold,
+                samples=samples,
+                weight_version=0,
+                step=0,
+                temperature=1.0,
+            )
+        )
     before = r.xlen(keys.scored)
     start = time.perf_counter()
     pipe = r.pipeline()
@@ -130,8 +158,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     work = workload(args.groups, args.group_size)
-    print(f"{args.groups} groups x {args.group_size} answers, {len(FORMS)} answer forms, "
-          f"medians of {args.repeats} runs, {os.cpu_count()} CPUs")  # fmt: skip
+    print(
+        f"{args.groups} groups x {args.group_size} answers, {len(FORMS)} answer forms, "
+        f"medians of {args.repeats} runs, {os.cpu_count()} CPUs"
+    )
     bench_raw(work[:4])  # warm-up (imports, caches)
     raw = statistics.median(bench_raw(work) for _ in range(args.repeats))
     print(f"{'path':38s} {'answers/s':>10s} {'vs raw':>8s} {'per worker':>11s}")

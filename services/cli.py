@@ -52,9 +52,13 @@ def _engine(args: argparse.Namespace) -> int:
     from services.engine.settings import EngineSettings
 
     settings = load_settings(
-        EngineSettings, args.config, model_path=args.model, port=args.port, host=args.host,
+        EngineSettings,
+        args.config,
+        model_path=args.model,
+        port=args.port,
+        host=args.host,
         weight_version=args.weight_version,
-    )  # fmt: skip
+    )
     from services.engine.server import serve
 
     serve(settings)
@@ -70,8 +74,15 @@ def _up(args: argparse.Namespace) -> int:
 def _rollout(args: argparse.Namespace) -> int:
     from services.rollout.settings import RolloutSettings
 
-    settings = load_settings(RolloutSettings, args.config, port=args.port, host=args.host, redis_url=args.redis_url,
-                             engine_url=args.engine_url, model_path=args.model)  # fmt: skip
+    settings = load_settings(
+        RolloutSettings,
+        args.config,
+        port=args.port,
+        host=args.host,
+        redis_url=args.redis_url,
+        engine_url=args.engine_url,
+        model_path=args.model,
+    )
     from services.rollout.service import serve
 
     serve(settings)
@@ -81,8 +92,15 @@ def _rollout(args: argparse.Namespace) -> int:
 def _trainer(args: argparse.Namespace) -> int:
     from services.trainer.settings import TrainerSettings
 
-    settings = load_settings(TrainerSettings, args.config, port=args.port, host=args.host, redis_url=args.redis_url,
-                             engine_url=args.engine_url, model_path=args.model)  # fmt: skip
+    settings = load_settings(
+        TrainerSettings,
+        args.config,
+        port=args.port,
+        host=args.host,
+        redis_url=args.redis_url,
+        engine_url=args.engine_url,
+        model_path=args.model,
+    )
     from services.trainer.service import serve
 
     serve(settings)
@@ -92,8 +110,9 @@ def _trainer(args: argparse.Namespace) -> int:
 def _verifier(args: argparse.Namespace) -> int:
     from services.verifier.settings import VerifierSettings
 
-    settings = load_settings(VerifierSettings, args.config, port=args.port, host=args.host,
-                             redis_url=args.redis_url, workers=args.workers)  # fmt: skip
+    settings = load_settings(
+        VerifierSettings, args.config, port=args.port, host=args.host, redis_url=args.redis_url, workers=args.workers
+    )
     from services.verifier.service import serve
 
     serve(settings)
@@ -133,9 +152,16 @@ def _experiment(args: argparse.Namespace) -> int:
     from services.tasks.experiment import ARMS, Spec, base_model_or_exit, experiment, spec_with
 
     base = base_model_or_exit(Path(args.base_model))
-    spec = spec_with(Spec(), base, args.trainer, steps=args.steps, learning_rate=args.lr,
-                     train_problems=args.train_problems, hint_anneal_at=args.hint_anneal_at,
-                     hint_anneal_window=args.hint_anneal_window)  # fmt: skip
+    spec = spec_with(
+        Spec(),
+        base,
+        args.trainer,
+        steps=args.steps,
+        learning_rate=args.lr,
+        train_problems=args.train_problems,
+        hint_anneal_at=args.hint_anneal_at,
+        hint_anneal_window=args.hint_anneal_window,
+    )
     arms = args.arms.split(",") if args.arms else list(ARMS)
     return _interruptible(lambda: experiment(Path(args.dir), base, args.seeds, arms, spec, parallel=args.parallel))
 
@@ -145,8 +171,15 @@ def _demo(args: argparse.Namespace) -> int:
     from services.tasks.experiment import base_model_or_exit, spec_with
 
     base = base_model_or_exit(Path(args.base_model))
-    spec = spec_with(DEMO_SPEC, base, args.trainer, steps=args.steps, learning_rate=args.lr,
-                     hint_anneal_at=args.hint_anneal_at, hint_anneal_window=args.hint_anneal_window)  # fmt: skip
+    spec = spec_with(
+        DEMO_SPEC,
+        base,
+        args.trainer,
+        steps=args.steps,
+        learning_rate=args.lr,
+        hint_anneal_at=args.hint_anneal_at,
+        hint_anneal_window=args.hint_anneal_window,
+    )
     return _interruptible(lambda: demo(Path(args.dir), base, spec))
 
 
@@ -337,8 +370,11 @@ def _hints_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     actions = sub.add_parser("hints", help="the hard-problem filter and hint (privileged prefix) search")
     help = "label problems easy / hard_hinted / hard_unsolved and find each hard one's shortest helpful prefix"
     b = actions.add_subparsers(dest="action", required=True).add_parser(
-        "build", help=help, description=help + ". Resumable: a rerun skips problems already searched with the "
-        "same settings. Uses the engine and verifier at the configured URLs, or starts its own.")  # fmt: skip
+        "build",
+        help=help,
+        description=help + ". Resumable: a rerun skips problems already searched with the "
+        "same settings. Uses the engine and verifier at the configured URLs, or starts its own.",
+    )
     _offline_flags(b, "rollout.hints")
     b.add_argument("--split", choices=["train", "eval"], default="train", help="problems of this split (train)")
     b.add_argument("--k", type=int, help="unhinted attempts per problem (default 128)")
@@ -371,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start a new run: delete this run's Redis keys (key_prefix), checkpoints and rollouts",
     )
-    up.set_defaults(func=_up)  # fmt: skip
+    up.set_defaults(func=_up)
 
     engine = _service_parser(sub, "engine", "the CPU inference engine (SGLang's native API)", redis=False)
     engine.add_argument("--model", metavar="DIR", help="HF-format model directory")
@@ -379,8 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     engine.set_defaults(func=_engine)
 
-    rollout = _service_parser(sub, "rollout", "the rollout service: problems, HTTP API, hinted/unhinted scheduling",
-                              engine=True)  # fmt: skip
+    rollout = _service_parser(
+        sub, "rollout", "the rollout service: problems, HTTP API, hinted/unhinted scheduling", engine=True
+    )
     rollout.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     rollout.add_argument("--model", metavar="DIR", help="model whose tokenizer builds the prompts")
     rollout.set_defaults(func=_rollout)
@@ -401,12 +438,20 @@ def build_parser() -> argparse.ArgumentParser:
     help = "train the POPE-vs-GRPO experiment's base model from scratch (easy material only)"
     pre = model.add_parser("pretrain", help=help, description=help + "; reports accuracy easy/hard, hinted/unhinted.")
     pre.add_argument("--out", metavar="DIR", required=True)
-    pre.add_argument("--steps", type=int, help="training steps (default 2700, 13-30 min on 2 cores); the model "
-                     "depends on the code, the steps and the seed only")  # fmt: skip
+    pre.add_argument(
+        "--steps",
+        type=int,
+        help="training steps (default 2700, 13-30 min on 2 cores); the model "
+        "depends on the code, the steps and the seed only",
+    )
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default cpu)")
-    pre.add_argument("--from", dest="start", metavar="DIR", help="go on from this model (and its tokenizer) "
-                     "instead of from scratch, e.g. an earlier task version's base")  # fmt: skip
+    pre.add_argument(
+        "--from",
+        dest="start",
+        metavar="DIR",
+        help="go on from this model (and its tokenizer) instead of from scratch, e.g. an earlier task version's base",
+    )
     pre.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the cosine (default 1e-3)")
     pre.set_defaults(func=_model_pretrain)
 

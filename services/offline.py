@@ -52,8 +52,9 @@ def select(problems: list[Problem], split: str | None, ids: list[str] | None) ->
     return chosen
 
 
-async def build(settings: RolloutSettings, redis_url: str, *, split: str | None, ids: list[str] | None,
-                redo: bool, out: TextIO) -> Progress:  # fmt: skip
+async def build(
+    settings: RolloutSettings, redis_url: str, *, split: str | None, ids: list[str] | None, redo: bool, out: TextIO
+) -> Progress:
     from transformers import AutoTokenizer
 
     assert settings.model_path is not None
@@ -63,37 +64,51 @@ async def build(settings: RolloutSettings, redis_url: str, *, split: str | None,
     async with EngineClient(settings.engine_url) as engine, settings.verifier_client() as verifier:
         version = await engine.weight_version()
         if version != 0:
-            print(f"warning: the engine serves weight version {version}, not the base model's 0; the search "
-                  "labels problems for the weights it is given", file=out)  # fmt: skip
+            print(
+                f"warning: the engine serves weight version {version}, not the base model's 0; the search "
+                "labels problems for the weights it is given",
+                file=out,
+            )
         attempter = Attempter(engine, verifier, tokenizer, settings.prompt_template)
-        builder = HintBuilder(settings.hints, attempter, tokenizer, store, settings.prompt_template.version,
-                              settings.model_path)  # fmt: skip
+        builder = HintBuilder(
+            settings.hints, attempter, tokenizer, store, settings.prompt_template.version, settings.model_path
+        )
         # Problems kept out of training (an eval problem's twin) need no hint.
         problems = [p for p in select(await store.all(), split, ids) if not p.excluded]
         todo = builder.pending(problems, redo)
         h = settings.hints
-        print(f"hint search over {len(problems)} problems ({len(problems) - len(todo)} already done with these "
-              f"settings, {len(todo)} to go): k={h.k}, k_hint={h.k_hint}, max_new_tokens={h.max_new_tokens}, "
-              f"max_fraction={h.max_fraction}, method={h.method}, config {builder.config}",
-              file=out, flush=True)  # fmt: skip
-        progress = await builder.run(problems, redo=redo,
-                                     on_progress=lambda p, pr: print(pr.line(p), file=out, flush=True))  # fmt: skip
+        print(
+            f"hint search over {len(problems)} problems ({len(problems) - len(todo)} already done with these "
+            f"settings, {len(todo)} to go): k={h.k}, k_hint={h.k_hint}, max_new_tokens={h.max_new_tokens}, "
+            f"max_fraction={h.max_fraction}, method={h.method}, config {builder.config}",
+            file=out,
+            flush=True,
+        )
+        progress = await builder.run(
+            problems, redo=redo, on_progress=lambda p, pr: print(pr.line(p), file=out, flush=True)
+        )
         final = select(await store.all(), split, ids)
     await redis.aclose()
-    print(f"\ndone: {progress.done} searched, {progress.skipped} already done, {progress.tokens:,} tokens\n",
-          file=out)  # fmt: skip
+    print(f"\ndone: {progress.done} searched, {progress.skipped} already done, {progress.tokens:,} tokens\n", file=out)
     print(summary_table(final), file=out, flush=True)
     return progress
 
 
-def _settings(args: Any, section: str, model: type[HintSettings] | type[EvalSettings],
-              flags: dict[str, Any]) -> RolloutSettings:  # fmt: skip
+def _settings(
+    args: Any, section: str, model: type[HintSettings] | type[EvalSettings], flags: dict[str, Any]
+) -> RolloutSettings:
     """The rollout section with ``flags`` (those given) over ``rollout.<section>``; checked like the file."""
     from services.common.config import ConfigError, load_settings
 
-    settings = load_settings(RolloutSettings, args.config, redis_url=args.redis_url, engine_url=args.engine_url,
-                             model_path=args.model, verifier_url=args.verifier_url,
-                             key_prefix=args.key_prefix)  # fmt: skip
+    settings = load_settings(
+        RolloutSettings,
+        args.config,
+        redis_url=args.redis_url,
+        engine_url=args.engine_url,
+        model_path=args.model,
+        verifier_url=args.verifier_url,
+        key_prefix=args.key_prefix,
+    )
     given = {k: v for k, v in flags.items() if v is not None}
     try:
         sub = model.model_validate({**getattr(settings, section).model_dump(), **given})
@@ -103,8 +118,9 @@ def _settings(args: Any, section: str, model: type[HintSettings] | type[EvalSett
 
 
 @contextlib.contextmanager
-def engine_and_verifier(settings: RolloutSettings, args: Any, label: str,
-                        out: TextIO) -> Iterator[tuple[RolloutSettings, str]]:  # fmt: skip
+def engine_and_verifier(
+    settings: RolloutSettings, args: Any, label: str, out: TextIO
+) -> Iterator[tuple[RolloutSettings, str]]:
     """Redis, and the engine and verifier the settings name, started here if they do not
     answer; yields the settings (URLs updated) and the Redis URL. Stops what it started."""
     from services.common.config import model_dir_problem
@@ -124,8 +140,11 @@ def engine_and_verifier(settings: RolloutSettings, args: Any, label: str,
             settings = settings.model_copy(update={"verifier_url": verifier_url})
         if children:
             names, which = " or ".join(c.name for c in children), "them" if len(children) > 1 else "one"
-            say(label, f"no {names} answered at the configured URL: starting {which} "
-                       f"(logs in {Path(args.run_dir) / 'logs'})", out)  # fmt: skip
+            say(
+                label,
+                f"no {names} answered at the configured URL: starting {which} (logs in {Path(args.run_dir) / 'logs'})",
+                out,
+            )
         with running(children, Path(args.run_dir) / "logs", {}, out, label):
             yield settings, url
 
@@ -141,8 +160,9 @@ def verifier_child(redis_url: str) -> tuple[Child, str]:
     """A verifier (two scoring workers) on a free port, and its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    return Child("verifier", ["verifier", "--port", str(port), "--redis-url", redis_url, "--workers", "2"],
-                 f"{url}/readyz"), url  # fmt: skip
+    return Child(
+        "verifier", ["verifier", "--port", str(port), "--redis-url", redis_url, "--workers", "2"], f"{url}/readyz"
+    ), url
 
 
 @contextlib.contextmanager
@@ -161,8 +181,15 @@ def running(children: list[Child], log_dir: Path, env: dict[str, str], out: Text
 
 
 def hints_build(args: Any, out: TextIO = sys.stdout) -> int:
-    flags = {"k": args.k, "k_hint": args.k_hint, "max_new_tokens": args.max_new_tokens, "method": args.method,
-             "max_fraction": args.max_fraction, "concurrency": args.concurrency, "seed": args.seed}  # fmt: skip
+    flags = {
+        "k": args.k,
+        "k_hint": args.k_hint,
+        "max_new_tokens": args.max_new_tokens,
+        "method": args.method,
+        "max_fraction": args.max_fraction,
+        "concurrency": args.concurrency,
+        "seed": args.seed,
+    }
     settings = _settings(args, "hints", HintSettings, flags)
     try:
         with engine_and_verifier(settings, args, "pope hints build", out) as (settings, url):
@@ -190,8 +217,9 @@ async def evaluate_problems(settings: RolloutSettings, problems: list[Problem]) 
 
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
     async with EngineClient(settings.engine_url) as engine, settings.verifier_client() as verifier:
-        return await evaluate(problems, Attempter(engine, verifier, tokenizer, settings.prompt_template),
-                              settings.evaluation)  # fmt: skip
+        return await evaluate(
+            problems, Attempter(engine, verifier, tokenizer, settings.prompt_template), settings.evaluation
+        )
 
 
 def write_report(report: EvalReport, out_dir: Path, name: str) -> tuple[Path, Path]:
@@ -204,14 +232,26 @@ def write_report(report: EvalReport, out_dir: Path, name: str) -> tuple[Path, Pa
 
 
 def eval_command(args: Any, out: TextIO = sys.stdout) -> int:
-    flags = {"split": args.split, "k": args.k, "hinted": args.hinted or None, "max_new_tokens": args.max_new_tokens,
-             "temperature": args.temperature, "top_p": args.top_p, "limit": args.limit,
-             "concurrency": args.concurrency, "seed": args.seed}  # fmt: skip
+    flags = {
+        "split": args.split,
+        "k": args.k,
+        "hinted": args.hinted or None,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "limit": args.limit,
+        "concurrency": args.concurrency,
+        "seed": args.seed,
+    }
     settings = _settings(args, "evaluation", EvalSettings, flags)
     e = settings.evaluation
     with engine_and_verifier(settings, args, "pope eval", out) as (settings, url):
-        print(f"evaluating split {e.split!r}: k={e.k}{' (and hinted)' if e.hinted else ''}, temperature "
-              f"{e.temperature}, top-p {e.top_p}, max_new_tokens {e.max_new_tokens}", file=out, flush=True)  # fmt: skip
+        print(
+            f"evaluating split {e.split!r}: k={e.k}{' (and hinted)' if e.hinted else ''}, temperature "
+            f"{e.temperature}, top-p {e.top_p}, max_new_tokens {e.max_new_tokens}",
+            file=out,
+            flush=True,
+        )
         report = asyncio.run(run_eval(settings, url, args.problem_id))
     json_path, md_path = write_report(report, Path(args.out), args.name or f"eval-{e.split}")
     print(to_markdown(report), file=out)

@@ -44,8 +44,9 @@ class Child:
 
 
 class Stack:
-    def __init__(self, children: list[Child], log_dir: Path, env: dict[str, str], out: TextIO,
-                 label: str = "pope up") -> None:  # fmt: skip
+    def __init__(
+        self, children: list[Child], log_dir: Path, env: dict[str, str], out: TextIO, label: str = "pope up"
+    ) -> None:
         self.children, self.log_dir, self.env, self.out, self.label = children, log_dir, env, out, label
 
     def start(self) -> None:
@@ -53,8 +54,13 @@ class Stack:
         for c in self.children:
             c.log_path = self.log_dir / f"{c.name}.log"
             with c.log_path.open("wb") as log:  # this run's log only: old lines would mislead
-                c.proc = subprocess.Popen([sys.executable, "-m", "services.cli", *c.args], stdout=log,
-                                          stderr=subprocess.STDOUT, env=self.env, start_new_session=True)  # fmt: skip
+                c.proc = subprocess.Popen(
+                    [sys.executable, "-m", "services.cli", *c.args],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    start_new_session=True,
+                )
             self.say(f"started {c.name} (pid {c.proc.pid}), log {c.log_path}")
 
     def wait_healthy(self, within_s: float, stopping: list[bool]) -> None:
@@ -123,12 +129,14 @@ def progress_line(status: dict[str, Any], started: float) -> str:
     t, r, s = status.get("trainer", {}), status.get("rollout", {}), status.get("streams", {})
     waiting = f" (waiting for {r['waiting_for']})" if r.get("waiting_for") else ""
     pending = (s.get("rollouts", {}).get("verifiers") or {}).get("pending", "-")
-    return (f"[{time.monotonic() - started:7.1f}s] trainer step {int(t.get('version', 0))} | "
-            f"loss {_fmt(t.get('loss'))} | reward hinted {_fmt(t.get('reward_hinted'))} "
-            f"unhinted {_fmt(t.get('reward_unhinted'))} | groups solved hinted {_fmt(t.get('hinted/solve_rate'))} "
-            f"unhinted {_fmt(t.get('unhinted/solve_rate'))} | rollout step {r.get('step') or 0}{waiting} | "
-            f"{r.get('groups_per_min') or 0:.0f} groups/min | unscored groups {pending} | "
-            f"engine v{status.get('engine', {}).get('weight_version')}")  # fmt: skip
+    return (
+        f"[{time.monotonic() - started:7.1f}s] trainer step {int(t.get('version', 0))} | "
+        f"loss {_fmt(t.get('loss'))} | reward hinted {_fmt(t.get('reward_hinted'))} "
+        f"unhinted {_fmt(t.get('reward_unhinted'))} | groups solved hinted {_fmt(t.get('hinted/solve_rate'))} "
+        f"unhinted {_fmt(t.get('unhinted/solve_rate'))} | rollout step {r.get('step') or 0}{waiting} | "
+        f"{r.get('groups_per_min') or 0:.0f} groups/min | unscored groups {pending} | "
+        f"engine v{status.get('engine', {}).get('weight_version')}"
+    )
 
 
 def wipe(url: str, rollout: RolloutSettings, trainer: TrainerSettings, out: TextIO) -> None:
@@ -154,8 +162,16 @@ def wipe(url: str, rollout: RolloutSettings, trainer: TrainerSettings, out: Text
         print(f"[pope up] --fresh: deleted {path}", file=out)
 
 
-def up(model: str | None, config: str | None, redis_url: str | None, problems: Path | None, steps: int | None,
-       run_dir: Path, fresh: bool = False, out: TextIO = sys.stdout) -> int:  # fmt: skip
+def up(
+    model: str | None,
+    config: str | None,
+    redis_url: str | None,
+    problems: Path | None,
+    steps: int | None,
+    run_dir: Path,
+    fresh: bool = False,
+    out: TextIO = sys.stdout,
+) -> int:
     """Run the stack until ``steps`` (or Ctrl-C / SIGTERM); 0 when it stopped cleanly. The
     signal handlers it installs are put back on return, so a caller's own Ctrl-C works after."""
     stopping = [False]
@@ -172,8 +188,17 @@ def up(model: str | None, config: str | None, redis_url: str | None, problems: P
             signal.signal(s, handler)
 
 
-def _up(model: str | None, config: str | None, redis_url: str | None, problems: Path | None, steps: int | None,
-        run_dir: Path, fresh: bool, out: TextIO, stopping: list[bool]) -> int:  # fmt: skip
+def _up(
+    model: str | None,
+    config: str | None,
+    redis_url: str | None,
+    problems: Path | None,
+    steps: int | None,
+    run_dir: Path,
+    fresh: bool,
+    out: TextIO,
+    stopping: list[bool],
+) -> int:
     engine_s, rollout_s = load_settings(EngineSettings, config), load_settings(RolloutSettings, config)
     verifier_s, trainer_s = load_settings(VerifierSettings, config), load_settings(TrainerSettings, config)
     sections = {"engine": engine_s, "rollout": rollout_s, "verifier": verifier_s, "trainer": trainer_s}
@@ -189,19 +214,54 @@ def _up(model: str | None, config: str | None, redis_url: str | None, problems: 
         if fresh:
             wipe(url, rollout_s, trainer_s, out)
         # The rollout service scores evaluations on this stack's verifier.
-        env = {**os.environ, "REDIS_URL": url, "PYTHONUNBUFFERED": "1",
-               "POPE_ROLLOUT__VERIFIER_URL": f"http://127.0.0.1:{ports['verifier']}"}  # fmt: skip
+        env = {
+            **os.environ,
+            "REDIS_URL": url,
+            "PYTHONUNBUFFERED": "1",
+            "POPE_ROLLOUT__VERIFIER_URL": f"http://127.0.0.1:{ports['verifier']}",
+        }
         if steps is not None:  # the trainer stops at N itself, not one step late while all stop
             env["POPE_TRAINER__MAX_STEPS"] = str(steps)
         children = [
             Child("engine", ["engine", "--model", model, "--port", str(ports["engine"]), *cfg], f"{engine_url}/health"),
-            Child("verifier", ["verifier", "--port", str(ports["verifier"]), "--redis-url", url, *cfg],
-                  f"http://127.0.0.1:{ports['verifier']}/readyz"),
-            Child("trainer", ["trainer", "--port", str(ports["trainer"]), "--redis-url", url, "--engine-url",
-                              engine_url, "--model", model, *cfg], f"http://127.0.0.1:{ports['trainer']}/readyz"),
-            Child("rollout", ["rollout", "--port", str(ports["rollout"]), "--redis-url", url, "--engine-url",
-                              engine_url, "--model", model, *cfg], f"http://127.0.0.1:{ports['rollout']}/readyz"),
-        ]  # fmt: skip
+            Child(
+                "verifier",
+                ["verifier", "--port", str(ports["verifier"]), "--redis-url", url, *cfg],
+                f"http://127.0.0.1:{ports['verifier']}/readyz",
+            ),
+            Child(
+                "trainer",
+                [
+                    "trainer",
+                    "--port",
+                    str(ports["trainer"]),
+                    "--redis-url",
+                    url,
+                    "--engine-url",
+                    engine_url,
+                    "--model",
+                    model,
+                    *cfg,
+                ],
+                f"http://127.0.0.1:{ports['trainer']}/readyz",
+            ),
+            Child(
+                "rollout",
+                [
+                    "rollout",
+                    "--port",
+                    str(ports["rollout"]),
+                    "--redis-url",
+                    url,
+                    "--engine-url",
+                    engine_url,
+                    "--model",
+                    model,
+                    *cfg,
+                ],
+                f"http://127.0.0.1:{ports['rollout']}/readyz",
+            ),
+        ]
         stack = Stack(children, run_dir / "logs", env, out)
         stack.say(f"redis at {url}; logs in {run_dir / 'logs'}")
         rollout_url = f"http://127.0.0.1:{ports['rollout']}"
@@ -232,7 +292,7 @@ def _up(model: str | None, config: str | None, redis_url: str | None, problems: 
     )
     stack.say(f"checkpoints: {trainer_s.checkpoint_dir} (HF safetensors + run_record.json)")
     tensorboard = f"; TensorBoard: {trainer_s.tensorboard_dir}" if trainer_s.tensorboard_dir else ""
-    stack.say(f"metrics:     {trainer_s.metrics_log} (per step, by variant){tensorboard}")  # fmt: skip
+    stack.say(f"metrics:     {trainer_s.metrics_log} (per step, by variant){tensorboard}")
     stack.say(f"logs:        {run_dir / 'logs'}")
     return code
 

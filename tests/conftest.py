@@ -80,8 +80,9 @@ def running_pope(args: list[str], health_path: str, env: dict[str, str] | None =
     port = free_port()
     pope = str(Path(sys.executable).parent / "pope")
     with tempfile.TemporaryFile() as log:
-        proc = Popen([pope, *args, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                     env={**os.environ, **(env or {})})  # fmt: skip
+        proc = Popen(
+            [pope, *args, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
         proc.url = f"http://127.0.0.1:{port}"
         proc.log = log
         try:
@@ -144,8 +145,12 @@ def sglang_api() -> Any:
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp,
-                                   "sglang==0.5.23"], capture_output=True, text=True, timeout=600)  # fmt: skip
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, "sglang==0.5.23"],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             assert proc.returncode == 0, f"pip download sglang==0.5.23 failed: {proc.stderr[-2000:]}"
             [wheel] = Path(tmp).glob("sglang-*.whl")
             with zipfile.ZipFile(wheel) as zf:

@@ -20,8 +20,9 @@ import torch
 WRONG = "I do not know."
 
 
-def train_planted_model(out: Path, answers_for: Callable[[Any], dict[str, str]], steps: int = 300,
-                        seed: int = 0) -> Path:  # fmt: skip
+def train_planted_model(
+    out: Path, answers_for: Callable[[Any], dict[str, str]], steps: int = 300, seed: int = 0
+) -> Path:
     """Build the tiny model at ``out`` and teach it ``answers_for(tokenizer)`` (user message ->
     completion; the tokenizer is the model's, for callers that cut text by tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -240,8 +240,10 @@ def model_dir_problem(model_path: str | None, service: str) -> str | None:
         return f"pope {service}: no model given (--model DIR); build a tiny one with: pope model init --out DIR"
     looks_local = model_path.startswith(("/", ".", "~")) or os.path.exists(model_path)
     if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(model_path), "config.json")):
-        return (f"pope {service}: no HF model directory at {model_path} (no config.json); "
-                "build a tiny one with: pope model init --out DIR")  # fmt: skip
+        return (
+            f"pope {service}: no HF model directory at {model_path} (no config.json); "
+            "build a tiny one with: pope model init --out DIR"
+        )
     return None
 
 

@@ -120,17 +120,32 @@ def parse_version(value: str | None) -> int:
 class EngineClient(retry.RetryingClient):
     """Async client for the engine's native API; use as an async context manager."""
 
-    def __init__(self, base_url: str, *, timeout: float = 600.0, retries: int = 5, backoff: float = 0.5,
-                 api_key: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 600.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        api_key: str | None = None,
+    ) -> None:
         super().__init__(base_url, timeout=timeout, retries=retries, backoff=backoff, token=api_key)
 
     async def _request(self, method: str, path: str, json: Any = None, *, ok_400: bool = False) -> httpx.Response:
         def accept(resp: httpx.Response) -> bool:
             return resp.status_code < 400 or (ok_400 and resp.status_code == 400)
 
-        return await retry.request(self._http, method, path, json, peer=f"the engine at {self.base_url}",
-                                   retries=self.retries, backoff=self.backoff, fail=EngineError,
-                                   accept=accept)  # fmt: skip
+        return await retry.request(
+            self._http,
+            method,
+            path,
+            json,
+            peer=f"the engine at {self.base_url}",
+            retries=self.retries,
+            backoff=self.backoff,
+            fail=EngineError,
+            accept=accept,
+        )
 
     @staticmethod
     def generate_payload(
@@ -147,9 +162,13 @@ class EngineClient(retry.RetryingClient):
         return body
 
     async def generate(
-        self, input_ids: list[list[int]], params: SamplingParams, *, return_logprob: bool = True,
+        self,
+        input_ids: list[list[int]],
+        params: SamplingParams,
+        *,
+        return_logprob: bool = True,
         rid: str | None = None,
-    ) -> list[GenerateOutput]:  # fmt: skip
+    ) -> list[GenerateOutput]:
         """Sample ``params.n`` completions of each prompt; results are ordered by prompt."""
         if not input_ids:
             return []
@@ -163,10 +182,14 @@ class EngineClient(retry.RetryingClient):
             raise EngineError(f"engine returned {len(rows)} outputs for {expected} requested")
         return [GenerateOutput.model_validate(r) for r in rows]
 
-    async def update_weights_from_disk(self, model_path: str, weight_version: int, *,
-                                       abort_all_requests: bool = False) -> str:  # fmt: skip
-        body = {"model_path": model_path, "weight_version": str(weight_version),
-                "abort_all_requests": abort_all_requests}  # fmt: skip
+    async def update_weights_from_disk(
+        self, model_path: str, weight_version: int, *, abort_all_requests: bool = False
+    ) -> str:
+        body = {
+            "model_path": model_path,
+            "weight_version": str(weight_version),
+            "abort_all_requests": abort_all_requests,
+        }
         resp = await self._request("POST", "/update_weights_from_disk", body, ok_400=True)
         data = resp.json()
         if resp.status_code == 400 or not data.get("success"):

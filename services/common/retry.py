@@ -34,9 +34,18 @@ def _ok(resp: httpx.Response) -> bool:
     return resp.status_code < 400
 
 
-async def request(http: httpx.AsyncClient, method: str, path: str, json: Any = None, *, peer: str, retries: int,
-                  backoff: float, fail: Callable[[str, int | None], Exception],
-                  accept: Callable[[httpx.Response], bool] = _ok) -> httpx.Response:  # fmt: skip
+async def request(
+    http: httpx.AsyncClient,
+    method: str,
+    path: str,
+    json: Any = None,
+    *,
+    peer: str,
+    retries: int,
+    backoff: float,
+    fail: Callable[[str, int | None], Exception],
+    accept: Callable[[httpx.Response], bool] = _ok,
+) -> httpx.Response:
     """``method path`` on ``http``; ``peer`` names the server in messages ("the engine at URL");
     ``fail(message, status)`` builds the error raised; ``accept`` says which answers are results."""
     delay = backoff
@@ -64,12 +73,14 @@ class RetryingClient:
     """An async HTTP client of one peer with a bearer token, retries and backoff; use it as
     an async context manager. Subclasses add the peer's endpoints."""
 
-    def __init__(self, base_url: str, *, timeout: float, retries: int = 5, backoff: float = 0.5,
-                 token: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, base_url: str, *, timeout: float, retries: int = 5, backoff: float = 0.5, token: str | None = None
+    ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=5.0),
-                                       headers=headers)  # fmt: skip
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=httpx.Timeout(timeout, connect=5.0), headers=headers
+        )
         self.retries, self.backoff = retries, backoff
 
     async def __aenter__(self) -> Self:

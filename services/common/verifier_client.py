@@ -21,8 +21,15 @@ class VerifierError(RuntimeError):
 
 
 class VerifierClient(retry.RetryingClient):
-    def __init__(self, base_url: str, *, timeout: float = 300.0, retries: int = 5, api_token: str | None = None,
-                 backoff: float = 0.5) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 300.0,
+        retries: int = 5,
+        api_token: str | None = None,
+        backoff: float = 0.5,
+    ) -> None:
         super().__init__(base_url, timeout=timeout, retries=retries, backoff=backoff, token=api_token)
 
     async def verify(self, pairs: list[tuple[str, str]]) -> list[Score]:
@@ -34,9 +41,16 @@ class VerifierClient(retry.RetryingClient):
         return out
 
     async def _post(self, rows: list[dict[str, str]]) -> list[object]:
-        resp = await retry.request(self._http, "POST", "/v1/verify", rows, peer=f"the verifier at {self.base_url}",
-                                   retries=self.retries, backoff=self.backoff,
-                                   fail=lambda message, status: VerifierError(message))  # fmt: skip
+        resp = await retry.request(
+            self._http,
+            "POST",
+            "/v1/verify",
+            rows,
+            peer=f"the verifier at {self.base_url}",
+            retries=self.retries,
+            backoff=self.backoff,
+            fail=lambda message, status: VerifierError(message),
+        )
         body = resp.json()
         if not isinstance(body, list) or len(body) != len(rows):
             raise VerifierError(f"verifier answered {str(body)[:200]!r} for {len(rows)} rows")

@@ -18,19 +18,51 @@ import torch
 # implement answer 400 unless they carry their default (so a client that sends a full
 # default-filled object still works).
 SGLANG_DEFAULTS: dict[str, Any] = {
-    "max_new_tokens": 128, "stop": None, "stop_token_ids": None, "stop_regex": None,
-    "temperature": 1.0, "top_p": 1.0, "top_k": 1 << 30, "min_p": 0.0,
-    "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
-    "min_new_tokens": 0, "n": 1, "json_schema": None, "regex": None, "ebnf": None,
-    "structural_tag": None, "ignore_eos": False, "skip_special_tokens": True,
-    "spaces_between_special_tokens": True, "no_stop_trim": False, "stream_interval": None,
-    "logit_bias": None, "sampling_seed": None, "custom_params": None, "beam_width": None,
-    "watermark": None, "choice": None,
-}  # fmt: skip
+    "max_new_tokens": 128,
+    "stop": None,
+    "stop_token_ids": None,
+    "stop_regex": None,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "top_k": 1 << 30,
+    "min_p": 0.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_new_tokens": 0,
+    "n": 1,
+    "json_schema": None,
+    "regex": None,
+    "ebnf": None,
+    "structural_tag": None,
+    "ignore_eos": False,
+    "skip_special_tokens": True,
+    "spaces_between_special_tokens": True,
+    "no_stop_trim": False,
+    "stream_interval": None,
+    "logit_bias": None,
+    "sampling_seed": None,
+    "custom_params": None,
+    "beam_width": None,
+    "watermark": None,
+    "choice": None,
+}
 SUPPORTED = frozenset(
-    {"max_new_tokens", "stop_token_ids", "temperature", "top_p", "top_k", "min_p", "n",
-     "ignore_eos", "skip_special_tokens", "no_stop_trim", "sampling_seed", "spaces_between_special_tokens"}
-)  # fmt: skip
+    {
+        "max_new_tokens",
+        "stop_token_ids",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "n",
+        "ignore_eos",
+        "skip_special_tokens",
+        "no_stop_trim",
+        "sampling_seed",
+        "spaces_between_special_tokens",
+    }
+)
 
 
 class SamplingError(ValueError):

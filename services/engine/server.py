@@ -39,8 +39,11 @@ log = logging.getLogger(__name__)
 REQUESTS = Counter("pope_engine_requests_total", "Generate requests", ["outcome"])
 PROMPT_TOKENS = Counter("pope_engine_prompt_tokens_total", "Prompt tokens prefilled")
 GEN_TOKENS = Counter("pope_engine_generation_tokens_total", "Tokens generated")
-LATENCY = Histogram("pope_engine_e2e_latency_seconds", "Generate request latency",
-                    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))  # fmt: skip
+LATENCY = Histogram(
+    "pope_engine_e2e_latency_seconds",
+    "Generate request latency",
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
 WEIGHT_VERSION = Gauge("pope_engine_weight_version", "Weight version being served (as a number)")
 QUEUE = Gauge("pope_engine_queue_depth", "Requests waiting for a batch")
 RUNNING = Gauge("pope_engine_running_sequences", "Sequences in the batch being decoded")
@@ -110,8 +113,10 @@ async def generate(rt: EngineRuntime, body: dict[str, Any]) -> Any:
         raise BadRequest("streaming is not supported by the CPU engine")
     prompts, batch = _prompts(body, rt)
     try:
-        specs = [SamplingSpec.parse(p, rt.vocab_size)
-                 for p in _per_prompt(body.get("sampling_params"), len(prompts), "sampling_params")]  # fmt: skip
+        specs = [
+            SamplingSpec.parse(p, rt.vocab_size)
+            for p in _per_prompt(body.get("sampling_params"), len(prompts), "sampling_params")
+        ]
     except SamplingError as exc:
         raise BadRequest(str(exc)) from exc
     logprob = _per_prompt(body.get("return_logprob") or False, len(prompts), "return_logprob")
@@ -215,8 +220,10 @@ def create_app(
 
         @app.middleware("http")
         async def require_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            if request.url.path not in ("/health", "/health_generate", "/metrics") and \
-                    request.headers.get("authorization") != f"Bearer {api_key}":  # fmt: skip
+            if (
+                request.url.path not in ("/health", "/health_generate", "/metrics")
+                and request.headers.get("authorization") != f"Bearer {api_key}"
+            ):
                 return error("missing or wrong API key", 401)
             return await call_next(request)
 

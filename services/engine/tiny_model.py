@@ -120,8 +120,9 @@ def build_tokenizer(vocab_size: int, seed: int, corpus: list[str] | None = None)
     return fast
 
 
-def build_tiny_model(out: Path, spec: TinyModelSpec | None = None, corpus: list[str] | None = None,
-                     init_std: float = 0.2) -> Path:  # fmt: skip
+def build_tiny_model(
+    out: Path, spec: TinyModelSpec | None = None, corpus: list[str] | None = None, init_std: float = 0.2
+) -> Path:
     """Write the tokenizer (BPE trained on ``corpus``, default a math-flavoured one) and a
     random Qwen3 model (weights ~ N(0, ``init_std``)) to ``out``; return ``out``."""
     import torch

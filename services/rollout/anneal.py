@@ -77,18 +77,34 @@ class HintAnnealer:
         # The newest `window` steps since the last cut that trained on hinted groups.
         raw = await self.redis.lrange(self.keys.history("trainer"), 0, 4 * window + 16)  # type: ignore[misc]
         records = [json.loads(r) for r in raw]  # newest first
-        hinted = [(int(r["step"]), float(r["reward_hinted"])) for r in records
-                  if int(r.get("step", 0)) > self.since and r.get("reward_hinted") is not None
-                  and math.isfinite(float(r["reward_hinted"]))][:window]  # fmt: skip
+        hinted = [
+            (int(r["step"]), float(r["reward_hinted"]))
+            for r in records
+            if int(r.get("step", 0)) > self.since
+            and r.get("reward_hinted") is not None
+            and math.isfinite(float(r["reward_hinted"]))
+        ][:window]
         mean = sum(r for _, r in hinted) / window
         if len(hinted) < window or mean < at:
             return
         self.offset += 1
         self.since = hinted[0][0]
-        await self.redis.hset(self.keys.state("rollout"), mapping={"hint_offset": self.offset,  # type: ignore[misc]
-                                                                    "hint_offset_since": self.since})  # fmt: skip
-        log.info("hint annealing: hinted reward %.2f over trainer steps %d-%d reached %.2f: hints are now %d cut "
-                 "point(s) shorter than searched", mean, hinted[-1][0], self.since, at, self.offset)  # fmt: skip
+        await self.redis.hset(
+            self.keys.state("rollout"),
+            mapping={
+                "hint_offset": self.offset,  # type: ignore[misc]
+                "hint_offset_since": self.since,
+            },
+        )
+        log.info(
+            "hint annealing: hinted reward %.2f over trainer steps %d-%d reached %.2f: hints are now %d cut "
+            "point(s) shorter than searched",
+            mean,
+            hinted[-1][0],
+            self.since,
+            at,
+            self.offset,
+        )
 
     def apply(self, problem: Problem) -> Problem:
         """``problem`` with its hint cut back by the current offset (as it is when annealing is off)."""

@@ -132,10 +132,11 @@ def problems_and_rollouts_router(
         """Stored problems (each with its hint-search record, if searched), filtered by
         label (``none``: not labelled yet) and split."""
         problems = [
-            p for p in await store.all()
+            p
+            for p in await store.all()
             if (label is None or (p.label is None if label == "none" else p.label == label))
             and (split is None or p.split == split)
-        ]  # fmt: skip
+        ]
         return ProblemList(count=len(problems), problems=problems)
 
     @router.get("/problems/{problem_id}")

@@ -33,13 +33,20 @@ class AttemptResult:
 
 
 class Attempter:
-    def __init__(self, engine: EngineClient, verifier: VerifierClient, tokenizer: Any, template: PromptTemplate,
-                 request_n: int = 64) -> None:  # fmt: skip
+    def __init__(
+        self,
+        engine: EngineClient,
+        verifier: VerifierClient,
+        tokenizer: Any,
+        template: PromptTemplate,
+        request_n: int = 64,
+    ) -> None:
         self.engine, self.verifier, self.tokenizer, self.template = engine, verifier, tokenizer, template
         self.request_n = request_n
 
-    async def attempt(self, problem: Problem, *, hint: str | None, k: int, params: SamplingParams, seed: int,
-                      rid: str | None = None) -> AttemptResult:  # fmt: skip
+    async def attempt(
+        self, problem: Problem, *, hint: str | None, k: int, params: SamplingParams, seed: int, rid: str | None = None
+    ) -> AttemptResult:
         """``k`` samples of ``problem`` (with ``hint`` as the partial solution, if given), scored."""
         if hint is None:
             text = user_message(problem.model_copy(update={"hint": None}), Variant.UNHINTED, self.template)

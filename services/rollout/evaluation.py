@@ -82,10 +82,13 @@ def summarize(results: list[ProblemResult], k: int) -> dict[str, dict[str, float
         if not mine:
             continue
         samples = sum(r.n for r in mine)
-        row = {"problems": float(len(mine)), "samples": float(samples),
-               "pass@1": sum(r.successes / r.n for r in mine) / len(mine),
-               "response_tokens_mean": sum(r.tokens for r in mine) / samples,
-               "truncated_frac": sum(r.truncated for r in mine) / samples}  # fmt: skip
+        row = {
+            "problems": float(len(mine)),
+            "samples": float(samples),
+            "pass@1": sum(r.successes / r.n for r in mine) / len(mine),
+            "response_tokens_mean": sum(r.tokens for r in mine) / samples,
+            "truncated_frac": sum(r.truncated for r in mine) / samples,
+        }
         row[f"pass@{k}"] = sum(pass_at_k(r.n, r.successes, k) for r in mine) / len(mine)
         out[variant.value] = row
     return out
@@ -104,12 +107,25 @@ async def evaluate(problems: list[Problem], attempter: Attempter, cfg: EvalSetti
         digest = hashlib.sha256(f"{cfg.seed}:{problem.id}:{variant.value}".encode()).digest()
         hint = problem.hint if variant is Variant.HINTED else None
         async with limit:
-            r = await attempter.attempt(problem, hint=hint, k=cfg.k, params=params,
-                                        seed=int.from_bytes(digest[:4], "big") >> 1,
-                                        rid=f"eval-{problem.id}-{variant.value}")  # fmt: skip
+            r = await attempter.attempt(
+                problem,
+                hint=hint,
+                k=cfg.k,
+                params=params,
+                seed=int.from_bytes(digest[:4], "big") >> 1,
+                rid=f"eval-{problem.id}-{variant.value}",
+            )
         versions.update(r.weight_versions)
-        results.append(ProblemResult(problem_id=problem.id, variant=variant, n=r.attempts, successes=r.successes,
-                                     tokens=r.tokens, truncated=r.truncated))  # fmt: skip
+        results.append(
+            ProblemResult(
+                problem_id=problem.id,
+                variant=variant,
+                n=r.attempts,
+                successes=r.successes,
+                tokens=r.tokens,
+                truncated=r.truncated,
+            )
+        )
 
     async with asyncio.TaskGroup() as tg:
         for p in chosen:
@@ -117,21 +133,32 @@ async def evaluate(problems: list[Problem], attempter: Attempter, cfg: EvalSetti
             if cfg.hinted and p.hint is not None:
                 tg.create_task(one(p, Variant.HINTED))
     results.sort(key=lambda r: (r.problem_id, r.variant.value))
-    return EvalReport(split=cfg.split, k=cfg.k, weight_versions=sorted(versions), settings=cfg,
-                      summary=summarize(results, cfg.k), problems=results,
-                      seconds=time.monotonic() - started)  # fmt: skip
+    return EvalReport(
+        split=cfg.split,
+        k=cfg.k,
+        weight_versions=sorted(versions),
+        settings=cfg,
+        summary=summarize(results, cfg.k),
+        problems=results,
+        seconds=time.monotonic() - started,
+    )
 
 
 def to_markdown(report: EvalReport) -> str:
     k = report.k
-    lines = [f"Evaluation of split `{report.split}` at weight version(s) {report.weight_versions}: "
-             f"{report.settings.k} samples per problem, temperature {report.settings.temperature}, "
-             f"top-p {report.settings.top_p}, up to {report.settings.max_new_tokens} tokens.", "",
-             f"| variant | problems | pass@1 | pass@{k} | mean response tokens | truncated |",
-             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        f"Evaluation of split `{report.split}` at weight version(s) {report.weight_versions}: "
+        f"{report.settings.k} samples per problem, temperature {report.settings.temperature}, "
+        f"top-p {report.settings.top_p}, up to {report.settings.max_new_tokens} tokens.",
+        "",
+        f"| variant | problems | pass@1 | pass@{k} | mean response tokens | truncated |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for variant, row in report.summary.items():
-        lines.append(f"| {variant} | {int(row['problems'])} | {row['pass@1']:.3f} | {row[f'pass@{k}']:.3f} | "
-                     f"{row['response_tokens_mean']:.1f} | {row['truncated_frac']:.1%} |")  # fmt: skip
+        lines.append(
+            f"| {variant} | {int(row['problems'])} | {row['pass@1']:.3f} | {row[f'pass@{k}']:.3f} | "
+            f"{row['response_tokens_mean']:.1f} | {row['truncated_frac']:.1%} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -144,9 +171,17 @@ class PeriodicEval:
     Prometheus, and to ``eval_dir/step-<version>.json`` and ``.md``.
     """
 
-    def __init__(self, cfg: EvalSettings, eval_dir: Path, redis: Redis, keys: Keys, store: ProblemStore,
-                 attempter: Callable[[], Awaitable[Attempter]], engine_version: Callable[[], Awaitable[int]],
-                 poll_s: float = 1.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: EvalSettings,
+        eval_dir: Path,
+        redis: Redis,
+        keys: Keys,
+        store: ProblemStore,
+        attempter: Callable[[], Awaitable[Attempter]],
+        engine_version: Callable[[], Awaitable[int]],
+        poll_s: float = 1.0,
+    ) -> None:
         self.cfg, self.eval_dir, self.redis, self.keys, self.store = cfg, eval_dir, redis, keys, store
         self.attempter, self.engine_version, self.poll_s = attempter, engine_version, poll_s
         self.waiting_for = ""
@@ -193,6 +228,11 @@ class PeriodicEval:
         stem = self.eval_dir / f"step-{version:06d}"
         stem.with_suffix(".json").write_text(json.dumps(report.model_dump(mode="json"), indent=2) + "\n")
         stem.with_suffix(".md").write_text(to_markdown(report))
-        log.info("evaluation at weight version %d: %s", version, ", ".join(
-            f"{v} pass@1 {s['pass@1']:.3f} pass@{report.k} {s[f'pass@{report.k}']:.3f}"
-            for v, s in report.summary.items()))  # fmt: skip
+        log.info(
+            "evaluation at weight version %d: %s",
+            version,
+            ", ".join(
+                f"{v} pass@1 {s['pass@1']:.3f} pass@{report.k} {s[f'pass@{report.k}']:.3f}"
+                for v, s in report.summary.items()
+            ),
+        )

@@ -40,8 +40,9 @@ POLICY_VERSION = 2
 def fingerprint(cfg: HintSettings, template_version: str, model_path: str | None) -> str:
     """Settings that change a record; concurrency does not (it only changes speed)."""
     fields = cfg.model_dump(exclude={"concurrency"})
-    text = json.dumps({**fields, "template": template_version, "model": model_path, "policy": POLICY_VERSION},
-                      sort_keys=True)  # fmt: skip
+    text = json.dumps(
+        {**fields, "template": template_version, "model": model_path, "policy": POLICY_VERSION}, sort_keys=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -83,18 +84,33 @@ class Progress:
             what += f", {s.prefixes_tried} of {s.candidates} prefixes tried"
         rate = self.done / max(time.monotonic() - self.started, 1e-9) * 60
         eta = "-" if self.eta_s is None else time.strftime("%H:%M:%S", time.gmtime(self.eta_s))
-        return (f"[{self.done}/{self.total}] {problem.id}: {what}; unhinted {s.unhinted_successes}/"
-                f"{s.unhinted_attempts}, {s.tokens_spent:,} tokens | {rate:.1f} problems/min, ETA {eta}")  # fmt: skip
+        return (
+            f"[{self.done}/{self.total}] {problem.id}: {what}; unhinted {s.unhinted_successes}/"
+            f"{s.unhinted_attempts}, {s.tokens_spent:,} tokens | {rate:.1f} problems/min, ETA {eta}"
+        )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"total": self.total, "done": self.done, "skipped": self.skipped, "tokens": self.tokens,
-                "labels": dict(self.labels), "elapsed_s": time.monotonic() - self.started,
-                "eta_s": self.eta_s}  # fmt: skip
+        return {
+            "total": self.total,
+            "done": self.done,
+            "skipped": self.skipped,
+            "tokens": self.tokens,
+            "labels": dict(self.labels),
+            "elapsed_s": time.monotonic() - self.started,
+            "eta_s": self.eta_s,
+        }
 
 
 class HintBuilder:
-    def __init__(self, cfg: HintSettings, attempter: Attempter, tokenizer: Any, store: ProblemStore,
-                 template_version: str, model_path: str | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: HintSettings,
+        attempter: Attempter,
+        tokenizer: Any,
+        store: ProblemStore,
+        template_version: str,
+        model_path: str | None,
+    ) -> None:
         self.cfg, self.attempter, self.tokenizer, self.store = cfg, attempter, tokenizer, store
         self.template_version, self.model_path = template_version, model_path
         self.config = fingerprint(cfg, template_version, model_path)
@@ -104,8 +120,13 @@ class HintBuilder:
         """Those not yet searched with these settings (all of them with ``redo``)."""
         return [p for p in problems if redo or p.search is None or p.search.config != self.config]
 
-    async def run(self, problems: list[Problem], *, redo: bool = False,
-                  on_progress: Callable[[Problem, Progress], None] | None = None) -> Progress:  # fmt: skip
+    async def run(
+        self,
+        problems: list[Problem],
+        *,
+        redo: bool = False,
+        on_progress: Callable[[Problem, Progress], None] | None = None,
+    ) -> Progress:
         """Search every pending problem of ``problems``, ``concurrency`` at a time; store each."""
         todo = self.pending(problems, redo)
         progress = Progress(total=len(todo), skipped=len(problems) - len(todo))
@@ -128,18 +149,27 @@ class HintBuilder:
         return progress
 
     async def _attempt(self, problem: Problem, hint: str | None, k: int, stage: str) -> AttemptResult:
-        return await self.attempter.attempt(problem, hint=hint, k=k, params=self.params,
-                                            seed=stage_seed(self.cfg.seed, problem.id, stage),
-                                            rid=f"hints-{problem.id}-{stage}")  # fmt: skip
+        return await self.attempter.attempt(
+            problem,
+            hint=hint,
+            k=k,
+            params=self.params,
+            seed=stage_seed(self.cfg.seed, problem.id, stage),
+            rid=f"hints-{problem.id}-{stage}",
+        )
 
     async def search(self, problem: Problem) -> Problem:
         """The problem with its label, hint (if one was found) and search record."""
         cfg = self.cfg
         plain = await self._attempt(problem, None, cfg.k, "unhinted")
         record: dict[str, Any] = {
-            "unhinted_attempts": plain.attempts, "unhinted_successes": plain.successes, "method": cfg.method,
-            "config": self.config, "template_version": self.template_version, "model_path": self.model_path,
-        }  # fmt: skip
+            "unhinted_attempts": plain.attempts,
+            "unhinted_successes": plain.successes,
+            "method": cfg.method,
+            "config": self.config,
+            "template_version": self.template_version,
+            "model_path": self.model_path,
+        }
         spent = plain.tokens
         update: dict[str, Any] = {}
         if plain.successes > 0:
@@ -148,25 +178,39 @@ class HintBuilder:
             label = ProblemLabel.HARD_UNSOLVED
         else:
             solution = problem.solution
-            level, cuts = cut_points(solution, token_ends(self.tokenizer, solution), max_fraction=cfg.max_fraction,
-                                     min_cuts=cfg.min_cuts, max_cuts=cfg.max_cuts)  # fmt: skip
+            level, cuts = cut_points(
+                solution,
+                token_ends(self.tokenizer, solution),
+                max_fraction=cfg.max_fraction,
+                min_cuts=cfg.min_cuts,
+                max_cuts=cfg.max_cuts,
+            )
             results: dict[int, AttemptResult] = {}
 
             async def works(i: int) -> bool:
-                results[i] = await self._attempt(problem, solution[: cuts[i].chars], cfg.k_hint,
-                                                 f"prefix-{cuts[i].tokens}")  # fmt: skip
+                results[i] = await self._attempt(
+                    problem, solution[: cuts[i].chars], cfg.k_hint, f"prefix-{cuts[i].tokens}"
+                )
                 return results[i].successes > 0
 
             chosen, tried = await shortest_working(len(cuts), works, cfg.method)
             spent += sum(r.tokens for r in results.values())
-            record |= {"candidates": len(cuts), "prefixes_tried": len(tried), "cut_level": level,
-                       "hinted_attempts": sum(r.attempts for r in results.values())}  # fmt: skip
+            record |= {
+                "candidates": len(cuts),
+                "prefixes_tried": len(tried),
+                "cut_level": level,
+                "hinted_attempts": sum(r.attempts for r in results.values()),
+            }
             if chosen is None:
                 label = ProblemLabel.HARD_UNSOLVED
             else:
                 label, cut = ProblemLabel.HARD_HINTED, cuts[chosen]
-                record |= {"prefix_chars": cut.chars, "prefix_tokens": cut.tokens, "prefix_fraction": cut.fraction,
-                           "hinted_successes": results[chosen].successes}  # fmt: skip
+                record |= {
+                    "prefix_chars": cut.chars,
+                    "prefix_tokens": cut.tokens,
+                    "prefix_fraction": cut.fraction,
+                    "hinted_successes": results[chosen].successes,
+                }
                 update["hint"] = solution[: cut.chars]
         search = HintSearch(label=label, tokens_spent=spent, **record)
         return Problem.model_validate({**problem.model_dump(), **update, "label": label, "search": search})
@@ -174,8 +218,10 @@ class HintBuilder:
 
 def summary_table(problems: list[Problem]) -> str:
     """A markdown table of searched problems by label."""
-    rows = ["| label | problems | mean prefix (share of solution) | mean prefixes tried | tokens spent |",
-            "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    rows = [
+        "| label | problems | mean prefix (share of solution) | mean prefixes tried | tokens spent |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for label in ProblemLabel:
         mine = [p.search for p in problems if p.search is not None and p.search.label is label]
         if not mine:
@@ -183,6 +229,7 @@ def summary_table(problems: list[Problem]) -> str:
         fractions = [s.prefix_fraction for s in mine if s.prefix_fraction is not None]
         mean_frac = f"{sum(fractions) / len(fractions):.1%}" if fractions else "-"
         tried = sum(s.prefixes_tried for s in mine) / len(mine)
-        rows.append(f"| {label.value} | {len(mine)} | {mean_frac} | {tried:.1f} | "
-                    f"{sum(s.tokens_spent for s in mine):,} |")  # fmt: skip
+        rows.append(
+            f"| {label.value} | {len(mine)} | {mean_frac} | {tried:.1f} | {sum(s.tokens_spent for s in mine):,} |"
+        )
     return "\n".join(rows)

@@ -63,8 +63,14 @@ class HintJob(BaseModel):
 class HintJobs:
     """Starts, tracks and resumes hint-search jobs for the rollout service."""
 
-    def __init__(self, settings: RolloutSettings, redis: Redis, store: ProblemStore, engine: EngineClient,
-                 tokenizer: Callable[[], Any]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        settings: RolloutSettings,
+        redis: Redis,
+        store: ProblemStore,
+        engine: EngineClient,
+        tokenizer: Callable[[], Any],
+    ) -> None:
         self.settings, self.redis, self.store, self.engine = settings, redis, store, engine
         self.keys = Keys(settings.key_prefix)
         self.tokenizer = tokenizer  # loads the model's tokenizer on first use
@@ -84,8 +90,9 @@ class HintJobs:
 
     async def start(self, request: HintJobRequest) -> HintJob:
         if self.running is not None:
-            raise HTTPException(409, f"hint job {self.running} is running; wait for it (GET /v1/hints/jobs/"
-                                     f"{self.running})")  # fmt: skip
+            raise HTTPException(
+                409, f"hint job {self.running} is running; wait for it (GET /v1/hints/jobs/{self.running})"
+            )
         if not self.settings.model_path:
             raise HTTPException(409, "the rollout service has no model (--model DIR): the search needs its tokenizer")
         try:
@@ -93,8 +100,9 @@ class HintJobs:
         except ValueError as exc:
             raise HTTPException(422, f"hints: {exc}") from None
         now = time.time()
-        job = HintJob(id=uuid.uuid4().hex[:12], state="running", request=request, settings=cfg, created_at=now,
-                      updated_at=now)  # fmt: skip
+        job = HintJob(
+            id=uuid.uuid4().hex[:12], state="running", request=request, settings=cfg, created_at=now, updated_at=now
+        )
         await self._save(job)
         self._launch(job)
         return job
@@ -115,8 +123,14 @@ class HintJobs:
             tokenizer = await asyncio.to_thread(self.tokenizer)
             async with self.settings.verifier_client() as verifier:
                 attempter = Attempter(self.engine, verifier, tokenizer, self.settings.prompt_template)
-                builder = HintBuilder(job.settings, attempter, tokenizer, self.store,
-                                      self.settings.prompt_template.version, self.settings.model_path)  # fmt: skip
+                builder = HintBuilder(
+                    job.settings,
+                    attempter,
+                    tokenizer,
+                    self.store,
+                    self.settings.prompt_template.version,
+                    self.settings.model_path,
+                )
                 req = job.request
                 problems = [p for p in await self.store.all() if _chosen(p, req)]
                 pending: list[asyncio.Task[None]] = []
@@ -139,8 +153,11 @@ class HintJobs:
 
 
 def _chosen(p: Problem, req: HintJobRequest) -> bool:
-    return (not p.excluded and (req.split is None or p.split == req.split)
-            and (req.problem_ids is None or p.id in req.problem_ids))  # fmt: skip
+    return (
+        not p.excluded
+        and (req.split is None or p.split == req.split)
+        and (req.problem_ids is None or p.id in req.problem_ids)
+    )
 
 
 def hint_jobs_router(jobs: HintJobs, api_token: SecretStr | None) -> APIRouter:

@@ -44,8 +44,9 @@ class Cut:
     """``tokens`` over the solution's token count."""
 
 
-def cut_points(solution: str, token_ends: list[int], *, max_fraction: float = 0.25, min_cuts: int = 3,
-               max_cuts: int = 16) -> tuple[Level, list[Cut]]:  # fmt: skip
+def cut_points(
+    solution: str, token_ends: list[int], *, max_fraction: float = 0.25, min_cuts: int = 3, max_cuts: int = 16
+) -> tuple[Level, list[Cut]]:
     """Candidate prefixes of ``solution``, shortest first, at most ``max_fraction`` of its tokens.
 
     token_ends: the character offset where each token of ``solution`` ends, in order (from
@@ -91,8 +92,9 @@ def _thin(cuts: list[Cut], most: int) -> list[Cut]:
     return [cuts[i] for i in picks]
 
 
-async def shortest_working(n: int, works: Callable[[int], Awaitable[bool]],
-                           method: Method = "linear") -> tuple[int | None, list[int]]:  # fmt: skip
+async def shortest_working(
+    n: int, works: Callable[[int], Awaitable[bool]], method: Method = "linear"
+) -> tuple[int | None, list[int]]:
     """The index of the shortest working cut among ``n`` (None if none works), and the
     indices tried, in order. ``works(i)`` is called at most once per index."""
     tried: list[int] = []

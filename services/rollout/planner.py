@@ -60,8 +60,13 @@ class Planner:
 
     def state(self) -> dict[str, Any]:
         """Where the planner is (JSON-able), so a restarted scheduler keeps the mix exact."""
-        return {"order": self._order, "pos": self._pos, "credit": self._credit,
-                "carry": [[pid, v.value] for pid, v in self._carry], "rng": rng_state_json(self._rng)}  # fmt: skip
+        return {
+            "order": self._order,
+            "pos": self._pos,
+            "credit": self._credit,
+            "carry": [[pid, v.value] for pid, v in self._carry],
+            "rng": rng_state_json(self._rng),
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         self._order, self._pos, self._credit = list(state["order"]), int(state["pos"]), float(state["credit"])

@@ -44,8 +44,9 @@ def user_message(problem: Problem, variant: Variant, template: PromptTemplate) -
 
 def prompt_ids(tokenizer: Any, message: str) -> list[int]:
     """Token ids of a one-turn chat ending where the assistant's answer begins."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": message}], add_generation_prompt=True,
-                                        tokenize=True)  # fmt: skip
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": message}], add_generation_prompt=True, tokenize=True
+    )
     if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return [int(t) for t in ids]

@@ -60,8 +60,9 @@ def repeat_salts(plan: list[tuple[Problem, Variant]]) -> list[str]:
 
 
 class Scheduler:
-    def __init__(self, settings: RolloutSettings, redis: Redis, engine: EngineClient, store: ProblemStore,
-                 tokenizer: Any) -> None:  # fmt: skip
+    def __init__(
+        self, settings: RolloutSettings, redis: Redis, engine: EngineClient, store: ProblemStore, tokenizer: Any
+    ) -> None:
         self.settings, self.redis, self.engine, self.store, self.tokenizer = settings, redis, engine, store, tokenizer
         self.keys = Keys(settings.key_prefix)
         self.planner = Planner(settings.hinted_fraction, settings.include_easy, settings.seed)
@@ -109,8 +110,13 @@ class Scheduler:
         theirs = int(float(theirs)) if theirs is not None else None
         if theirs is not None and theirs != lag:
             if not self._warned_lag:
-                log.error("rollout.max_staleness=%d but trainer.max_staleness=%d: using %d (set it once, in "
-                          "the config's shared section)", lag, theirs, min(lag, theirs))  # fmt: skip
+                log.error(
+                    "rollout.max_staleness=%d but trainer.max_staleness=%d: using %d (set it once, in "
+                    "the config's shared section)",
+                    lag,
+                    theirs,
+                    min(lag, theirs),
+                )
                 self._warned_lag = True
             lag = min(lag, theirs)
         return lag
@@ -149,9 +155,14 @@ class Scheduler:
             return 0
         rollouts = await group_info(self.redis, self.keys.rollouts, VERIFIERS)
         scored = await group_info(self.redis, self.keys.scored, TRAINERS)
-        drained = (rollouts is not None and rollouts["pending"] == 0 and rollouts["lag"] == 0
-                   and scored is not None and scored["lag"] == 0
-                   and scored["pending"] == int(float(state[b"buffered"])))  # fmt: skip
+        drained = (
+            rollouts is not None
+            and rollouts["pending"] == 0
+            and rollouts["lag"] == 0
+            and scored is not None
+            and scored["lag"] == 0
+            and scored["pending"] == int(float(state[b"buffered"]))
+        )
         if not drained:
             return 0
         # Top-up groups must not be stale on arrival: the engine must serve recent weights.
@@ -159,8 +170,12 @@ class Scheduler:
         if await self.engine.weight_version() < version - await self.lag():
             self.waiting_for = "the engine to load the trainer's weights (the trainer re-pushes them)"
             return 0
-        log.warning("the trainer needs %d more groups for step %d and none are on the way (some were "
-                    "dead-lettered or dropped as stale): topping up", need, self.step)  # fmt: skip
+        log.warning(
+            "the trainer needs %d more groups for step %d and none are on the way (some were "
+            "dead-lettered or dropped as stale): topping up",
+            need,
+            self.step,
+        )
         return need
 
     async def _generate_step(self, step: int, n_groups: int | None = None, top_up: bool = False) -> None:
@@ -194,12 +209,24 @@ class Scheduler:
         if top_up:
             return
         self.step = step
-        await self.redis.hset(self.keys.state("rollout"), mapping={  # type: ignore[misc]
-            "step": step, "updated_at": time.time(), "last_step_seconds": time.monotonic() - started,
-            "planner": json.dumps(self.planner.state())})  # fmt: skip
+        await self.redis.hset(
+            self.keys.state("rollout"),
+            mapping={  # type: ignore[misc]
+                "step": step,
+                "updated_at": time.time(),
+                "last_step_seconds": time.monotonic() - started,
+                "planner": json.dumps(self.planner.state()),
+            },
+        )
         hinted = sum(v is Variant.HINTED for _, v in plan)
-        log.info("step %d: published %d groups (%d hinted, %d unhinted) in %.1fs", step, len(plan), hinted,
-                 len(plan) - hinted, time.monotonic() - started)  # fmt: skip
+        log.info(
+            "step %d: published %d groups (%d hinted, %d unhinted) in %.1fs",
+            step,
+            len(plan),
+            hinted,
+            len(plan) - hinted,
+            time.monotonic() - started,
+        )
 
     async def sample_group(self, problem: Problem, variant: Variant, step: int, salt: str = "") -> RawGroup:
         """G samples of one variant of one problem, as a RawGroup."""
@@ -210,14 +237,27 @@ class Scheduler:
         ids = prompt_ids(self.tokenizer, text)
         # Reproducible per (seed, step, problem, variant), distinct across them.
         seed = random.Random(f"{cfg.seed}:{step}:{problem.id}:{variant.value}{salt}").randrange(2**31)
-        params = SamplingParams(n=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
-                                max_new_tokens=cfg.max_new_tokens, sampling_seed=seed)  # fmt: skip
+        params = SamplingParams(
+            n=cfg.group_size,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            sampling_seed=seed,
+        )
         outs = await self.engine.generate([ids], params, rid=f"{step}-{problem.id}-{variant.value}{salt}")
         samples = [
-            Sample(problem_id=problem.id, variant=variant, prompt_ids=ids, completion_ids=o.output_ids,
-                   logprobs=o.logprobs, finish_reason=o.finish_reason, weight_version=o.weight_version, text=o.text)
+            Sample(
+                problem_id=problem.id,
+                variant=variant,
+                prompt_ids=ids,
+                completion_ids=o.output_ids,
+                logprobs=o.logprobs,
+                finish_reason=o.finish_reason,
+                weight_version=o.weight_version,
+                text=o.text,
+            )
             for o in outs
-        ]  # fmt: skip
+        ]
         return RawGroup(
             group_id=f"{step}-{problem.id}-{variant.value}-{uuid.uuid4().hex[:8]}",
             problem_id=problem.id,

@@ -66,8 +66,16 @@ def create_app(settings: RolloutSettings) -> FastAPI:
     async def attempter() -> Attempter:
         return Attempter(engine, verifier, await asyncio.to_thread(tokenizer), settings.prompt_template)
 
-    evaluator = PeriodicEval(settings.evaluation, settings.eval_dir, redis, keys, store, attempter,
-                             engine.weight_version, settings.poll_interval_s)  # fmt: skip
+    evaluator = PeriodicEval(
+        settings.evaluation,
+        settings.eval_dir,
+        redis,
+        keys,
+        store,
+        attempter,
+        engine.weight_version,
+        settings.poll_interval_s,
+    )
 
     # Groups this process appended: the file append is not in the Redis transaction, so a
     # commit that fails after it would otherwise append the redelivered group again. (A
@@ -87,8 +95,12 @@ def create_app(settings: RolloutSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         instance = f"rollout-{socket.gethostname()}-{os.getpid()}"
-        archiver = Worker(GroupReader(redis, keys, keys.scored, ARCHIVERS, instance, settings.streams), ScoredGroup,
-                          archive_group, key_of=lambda g: g.group_id)  # fmt: skip
+        archiver = Worker(
+            GroupReader(redis, keys, keys.scored, ARCHIVERS, instance, settings.streams),
+            ScoredGroup,
+            archive_group,
+            key_of=lambda g: g.group_id,
+        )
         tasks = [asyncio.create_task(archiver.run(stop)), asyncio.create_task(evaluator.run(stop))]
         if settings.schedule:
             if not settings.model_path:
@@ -108,8 +120,11 @@ def create_app(settings: RolloutSettings) -> FastAPI:
         await verifier.aclose()
         await redis.aclose()
 
-    app = FastAPI(title="POPE-RL rollout service", lifespan=lifespan,
-                  description="Problems in, hinted and unhinted rollouts out (POPE).")  # fmt: skip
+    app = FastAPI(
+        title="POPE-RL rollout service",
+        lifespan=lifespan,
+        description="Problems in, hinted and unhinted rollouts out (POPE).",
+    )
     app.include_router(problems_and_rollouts_router(store, archive, settings.api_token))
     app.include_router(hint_jobs_router(hint_jobs, settings.api_token))
 

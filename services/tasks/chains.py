@@ -149,8 +149,15 @@ class Instance:
         return f"{self.key_step}\n\nSo the answer is \\boxed{{{self.answer}}}"
 
     def problem(self, split: str) -> Problem:
-        return Problem.model_validate({"prompt": self.prompt, "answer": self.answer, "solution": self.solution,
-                                       "split": split, "source": TASK_VERSION})  # fmt: skip
+        return Problem.model_validate(
+            {
+                "prompt": self.prompt,
+                "answer": self.answer,
+                "solution": self.solution,
+                "split": split,
+                "source": TASK_VERSION,
+            }
+        )
 
 
 def make(rng: random.Random, n: int) -> Instance:
@@ -161,8 +168,9 @@ def make(rng: random.Random, n: int) -> Instance:
     return Instance(tuple(rng.sample(range(LOW, HIGH + 1), n + 1)), tuple(order))
 
 
-def instances(split: str, count: int, sizes: tuple[int, ...] = HARD_SIZES,
-              exclude: frozenset[tuple[int, ...]] = frozenset()) -> list[Instance]:  # fmt: skip
+def instances(
+    split: str, count: int, sizes: tuple[int, ...] = HARD_SIZES, exclude: frozenset[tuple[int, ...]] = frozenset()
+) -> list[Instance]:
     """``count`` distinct instances of ``split`` (its fixed seed), none whose key is in
     ``exclude``; sizes cycle through ``sizes``."""
     return distinct(f"{TASK_VERSION}:{SEEDS[split]}", count, make, sizes, exclude)

@@ -36,16 +36,28 @@ def demo(out_dir: Path, base: Path, spec: Spec = DEMO_SPEC, out: TextIO = sys.st
     prepared = prepare(out_dir, spec, base, out)
     result = run_one(out_dir, spec, base, "pope", 0, out)
     run_dir = run_path(out_dir, "pope", 0)
-    data = {"title": f"POPE on {spec.task}: a short run on the CPU", "task": spec.task, "arm": "pope", "seed": 0,
-            "steps": spec.steps, "rollouts": result["rollouts"], "wall_s": time.monotonic() - started,
-            "base_model": str(base), "settings": asdict(spec), "before": prepared["base"], "after": result["after"],
-            "metrics": read_metrics(run_dir), "hints": prepared["hints"]}  # fmt: skip
+    data = {
+        "title": f"POPE on {spec.task}: a short run on the CPU",
+        "task": spec.task,
+        "arm": "pope",
+        "seed": 0,
+        "steps": spec.steps,
+        "rollouts": result["rollouts"],
+        "wall_s": time.monotonic() - started,
+        "base_model": str(base),
+        "settings": asdict(spec),
+        "before": prepared["base"],
+        "after": result["after"],
+        "metrics": read_metrics(run_dir),
+        "hints": prepared["hints"],
+    }
     data["examples"] = examples(run_dir / "rollouts" / "rollouts.jsonl")
     html = run_report(out_dir, data)
     base_row, after_row = prepared["base"]["summary"]["unhinted"], result["after"]["summary"]["unhinted"]
     k = spec.eval_k
-    say(f"held-out hard, unhinted pass@{k}: before {base_row[f'pass@{k}']:.3f}, after {after_row[f'pass@{k}']:.3f}",
-        out)  # fmt: skip
+    say(
+        f"held-out hard, unhinted pass@{k}: before {base_row[f'pass@{k}']:.3f}, after {after_row[f'pass@{k}']:.3f}", out
+    )
     say(f"report: {html} (open it in a browser); data: {out_dir / 'report.json'}", out)
     return html
 

@@ -102,13 +102,26 @@ class Spec:
     """Trainer settings beyond the defaults (loss, clipping ...), as config keys."""
 
     def eval_settings(self) -> EvalSettings:
-        return EvalSettings(split="eval", k=self.eval_k, hinted=True, temperature=self.eval_temperature,
-                            top_p=self.eval_top_p, max_new_tokens=self.max_new_tokens, concurrency=16)  # fmt: skip
+        return EvalSettings(
+            split="eval",
+            k=self.eval_k,
+            hinted=True,
+            temperature=self.eval_temperature,
+            top_p=self.eval_top_p,
+            max_new_tokens=self.max_new_tokens,
+            concurrency=16,
+        )
 
     def hint_settings(self) -> HintSettings:
-        return HintSettings(k=self.hint_k, k_hint=self.hint_k_hint, max_new_tokens=self.max_new_tokens,
-                            temperature=self.temperature, top_p=self.top_p, concurrency=8,
-                            max_fraction=0.35)  # fmt: skip
+        return HintSettings(
+            k=self.hint_k,
+            k_hint=self.hint_k_hint,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            concurrency=8,
+            max_fraction=0.35,
+        )
 
 
 # --- preparing: problems, hints, the base model's evaluation -----------------------------
@@ -129,8 +142,10 @@ def freeze(exp_dir: Path, spec: Spec, out: TextIO, start_over: bool = False) -> 
             return freeze(exp_dir, spec, out)
         if diff:
             lines = "\n".join(f"  {k}: frozen {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise SystemExit(f"pope experiment: {path} was frozen with other settings:\n{lines}\n"
-                             "finish it with the same settings, or start a new one with another --dir")  # fmt: skip
+            raise SystemExit(
+                f"pope experiment: {path} was frozen with other settings:\n{lines}\n"
+                "finish it with the same settings, or start a new one with another --dir"
+            )
         say(f"resuming the experiment frozen in {path}", out)
     else:
         exp_dir.mkdir(parents=True, exist_ok=True)
@@ -167,8 +182,12 @@ def arm_problems(searched: list[Problem], easy: list[Problem]) -> dict[str, list
     problems plain (GRPO: no hint, so no search verdict either), with easy ones mixed in,
     and only those that have a hint (the hinted-only ablation)."""
     plain = [Problem.model_validate({**p.model_dump(), "hint": None, "label": None, "search": None}) for p in searched]
-    return {"pope": searched, "grpo": plain, "grpo_easy": plain + easy,
-            "hinted_only": [p for p in searched if p.hint is not None]}  # fmt: skip
+    return {
+        "pope": searched,
+        "grpo": plain,
+        "grpo_easy": plain + easy,
+        "hinted_only": [p for p in searched if p.hint is not None],
+    }
 
 
 def prepare(exp_dir: Path, spec: Spec, base: Path, out: TextIO) -> dict[str, Any]:
@@ -179,8 +198,11 @@ def prepare(exp_dir: Path, spec: Spec, base: Path, out: TextIO) -> dict[str, Any
         write_jsonl(pdir / "eval.jsonl", evals)
     hints_path = exp_dir / "hints.json"
     if not hints_path.exists():
-        say(f"hint search over {len(hard)} hard train problems with the base model (k={spec.hint_k} unhinted, "
-            f"k_hint={spec.hint_k_hint} per prefix)", out)  # fmt: skip
+        say(
+            f"hint search over {len(hard)} hard train problems with the base model (k={spec.hint_k} unhinted, "
+            f"k_hint={spec.hint_k_hint} per prefix)",
+            out,
+        )
         prefix = f"pope-exp-{spec.base_model_sha256[:12]}-{os.getpid()}:hints:"
         searched, summary = build_hints(spec.hint_settings(), base, hard, prefix, exp_dir / "logs" / "hints", out)
         write_jsonl(pdir / "hard_train.jsonl", searched)
@@ -190,8 +212,11 @@ def prepare(exp_dir: Path, spec: Spec, base: Path, out: TextIO) -> dict[str, Any
     for arm, rows in by_arm.items():
         write_jsonl(pdir / f"{arm}.jsonl", rows)
     if not by_arm["hinted_only"]:
-        say(f"warning: the hint search found no working hint for any of {len(searched)} problems: pope trains "
-            "like grpo, and hinted_only has nothing to train on", out)  # fmt: skip
+        say(
+            f"warning: the hint search found no working hint for any of {len(searched)} problems: pope trains "
+            "like grpo, and hinted_only has nothing to train on",
+            out,
+        )
     base_path = exp_dir / "base_eval.json"
     if not base_path.exists():
         report = evaluate_model(spec.eval_settings(), base, evals, exp_dir / "logs" / "base-eval", out)
@@ -208,20 +233,40 @@ def run_config(spec: Spec, arm: str, seed: int, run_dir: Path) -> dict[str, Any]
     a = ARMS[arm]
     where = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
     return {
-        "shared": {"key_prefix": f"pope-exp-{where}:{arm}:s{seed}:",
-                   "group_size": spec.group_size, "prompts_per_step": spec.prompts_per_step, "max_staleness": 1,
-                   "max_new_tokens": spec.max_new_tokens, "seed": seed},
+        "shared": {
+            "key_prefix": f"pope-exp-{where}:{arm}:s{seed}:",
+            "group_size": spec.group_size,
+            "prompts_per_step": spec.prompts_per_step,
+            "max_staleness": 1,
+            "max_new_tokens": spec.max_new_tokens,
+            "seed": seed,
+        },
         "engine": {"port": free_port(), "max_batch": 64},
-        "rollout": {"port": free_port(), "prompt_template": TEMPLATE.model_dump(), "hinted_fraction": a.hinted_fraction,
-                    "include_easy": True, "temperature": spec.temperature, "top_p": spec.top_p,
-                    "hints": spec.hint_settings().model_dump(), "hint_anneal_at": spec.hint_anneal_at,
-                    "hint_anneal_window": spec.hint_anneal_window,
-                    "archive_dir": str(run_dir / "rollouts"), "eval_dir": str(run_dir / "eval")},
+        "rollout": {
+            "port": free_port(),
+            "prompt_template": TEMPLATE.model_dump(),
+            "hinted_fraction": a.hinted_fraction,
+            "include_easy": True,
+            "temperature": spec.temperature,
+            "top_p": spec.top_p,
+            "hints": spec.hint_settings().model_dump(),
+            "hint_anneal_at": spec.hint_anneal_at,
+            "hint_anneal_window": spec.hint_anneal_window,
+            "archive_dir": str(run_dir / "rollouts"),
+            "eval_dir": str(run_dir / "eval"),
+        },
         "verifier": {"port": free_port(), "workers": 1},
-        "trainer": {"port": free_port(), "checkpoint_dir": str(run_dir / "checkpoints"), "tensorboard_dir": None,
-                    "metrics_log": str(run_dir / "metrics.jsonl"), "learning_rate": spec.learning_rate,
-                    "micro_batch_tokens": 8192, "keep_checkpoints": 2, **spec.extra},
-    }  # fmt: skip
+        "trainer": {
+            "port": free_port(),
+            "checkpoint_dir": str(run_dir / "checkpoints"),
+            "tensorboard_dir": None,
+            "metrics_log": str(run_dir / "metrics.jsonl"),
+            "learning_rate": spec.learning_rate,
+            "micro_batch_tokens": 8192,
+            "keep_checkpoints": 2,
+            **spec.extra,
+        },
+    }
 
 
 def json_lines(path: Path) -> list[dict[str, Any]]:
@@ -265,10 +310,16 @@ def run_one(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, out: Tex
     held_out = read_jsonl(exp_dir / "problems" / "eval.jsonl")
     report = evaluate_model(spec.eval_settings(), final, held_out, run_dir / "logs" / "eval", out)
     sittings = json_lines(run_dir / "sittings.jsonl")
-    result = {"arm": arm, "seed": seed, "status": "done", "steps": spec.steps,
-              "rollouts": len(json_lines(run_dir / "rollouts" / "rollouts.jsonl")),
-              "wall_s": sum(s["seconds"] for s in sittings), "after": report.model_dump(mode="json"),
-              "checkpoint": str(final)}  # fmt: skip
+    result = {
+        "arm": arm,
+        "seed": seed,
+        "status": "done",
+        "steps": spec.steps,
+        "rollouts": len(json_lines(run_dir / "rollouts" / "rollouts.jsonl")),
+        "wall_s": sum(s["seconds"] for s in sittings),
+        "after": report.model_dump(mode="json"),
+        "checkpoint": str(final),
+    }
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -279,31 +330,46 @@ def train(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, out: TextI
 
     run_dir = run_path(exp_dir, arm, seed)
     if not read_jsonl(exp_dir / "problems" / f"{arm}.jsonl"):
-        raise SystemExit(f"pope experiment: arm {arm} has no problems to train on (see the hint search above); "
-                         "leave it out with --arms")  # fmt: skip
+        raise SystemExit(
+            f"pope experiment: arm {arm} has no problems to train on (see the hint search above); "
+            "leave it out with --arms"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     done = trained_steps(run_dir)
     if done < spec.steps:
-        say(f"{arm} seed {seed}: " + (f"resuming at step {done}" if done else "starting") + f" ({spec.steps} steps)",
-            out)  # fmt: skip
+        say(
+            f"{arm} seed {seed}: " + (f"resuming at step {done}" if done else "starting") + f" ({spec.steps} steps)",
+            out,
+        )
         config = run_dir / "config.yaml"
         config.write_text(yaml.safe_dump(run_config(spec, arm, seed, run_dir), sort_keys=False))
         started = time.monotonic()
         # No checkpoint yet: a new run, so any Redis state under its keys is from an attempt
         # cut short before its first step and is wiped; otherwise everything resumes.
-        code = up(str(base), str(config), None, exp_dir / "problems" / f"{arm}.jsonl", spec.steps, run_dir,
-                  fresh=done == 0, out=out)  # fmt: skip
+        code = up(
+            str(base),
+            str(config),
+            None,
+            exp_dir / "problems" / f"{arm}.jsonl",
+            spec.steps,
+            run_dir,
+            fresh=done == 0,
+            out=out,
+        )
         reached = trained_steps(run_dir)
         with (run_dir / "sittings.jsonl").open("a") as f:
             f.write(json.dumps({"from_step": done, "to_step": reached, "seconds": time.monotonic() - started}) + "\n")
         if code != 0 or reached < spec.steps:
-            raise SystemExit(f"pope experiment: {arm} seed {seed} stopped at step {reached} of {spec.steps}; "
-                             "run the same command to resume it")  # fmt: skip
+            raise SystemExit(
+                f"pope experiment: {arm} seed {seed} stopped at step {reached} of {spec.steps}; "
+                "run the same command to resume it"
+            )
     return run_dir
 
 
-def run_parallel(exp_dir: Path, spec: Spec, base: Path, pairs: list[tuple[str, int]], workers: int,
-                 out: TextIO) -> dict[tuple[str, int], dict[str, Any]]:  # fmt: skip
+def run_parallel(
+    exp_dir: Path, spec: Spec, base: Path, pairs: list[tuple[str, int]], workers: int, out: TextIO
+) -> dict[tuple[str, int], dict[str, Any]]:
     """``run_one`` for up to ``workers`` (arm, seed) pairs at once, each in its own process
     with its share of the cores (torch threads); a run's own output goes to its
     ``logs/experiment.log``, and a progress line comes every minute. Every run goes on when
@@ -313,15 +379,19 @@ def run_parallel(exp_dir: Path, spec: Spec, base: Path, pairs: list[tuple[str, i
     import multiprocessing as mp
 
     threads = max(1, (os.cpu_count() or 1) // workers)
-    say(f"{len(pairs)} runs, {workers} at a time, {threads} torch thread(s) each; each run's own log: "
-        f"{exp_dir / 'runs'}/<arm>/seed<N>/logs/experiment.log", out)  # fmt: skip
+    say(
+        f"{len(pairs)} runs, {workers} at a time, {threads} torch thread(s) each; each run's own log: "
+        f"{exp_dir / 'runs'}/<arm>/seed<N>/logs/experiment.log",
+        out,
+    )
     results: dict[tuple[str, int], dict[str, Any]] = {}
     failed: list[str] = []
     ctx = mp.get_context("spawn")
     stopping = ctx.Event()
     with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(stopping,)) as pool:
-        futures = {pool.submit(_run_one_logged, exp_dir, spec, base, arm, seed, threads): (arm, seed)
-                   for arm, seed in pairs}  # fmt: skip
+        futures = {
+            pool.submit(_run_one_logged, exp_dir, spec, base, arm, seed, threads): (arm, seed) for arm, seed in pairs
+        }
         pending = set(futures)
         try:
             while pending:
@@ -332,8 +402,11 @@ def run_parallel(exp_dir: Path, spec: Spec, base: Path, pairs: list[tuple[str, i
                         results[arm, seed] = f.result()
                     except (Exception, SystemExit) as e:
                         failed.append(f"{arm} seed {seed}: {e}")
-                        say(f"{arm} seed {seed} failed: {e} (its log: "
-                            f"{run_path(exp_dir, arm, seed) / 'logs' / 'experiment.log'})", out)  # fmt: skip
+                        say(
+                            f"{arm} seed {seed} failed: {e} (its log: "
+                            f"{run_path(exp_dir, arm, seed) / 'logs' / 'experiment.log'})",
+                            out,
+                        )
                         continue
                     say(done_line(arm, seed, results[arm, seed]), out)
                 if pending:
@@ -378,8 +451,9 @@ def _run_one_logged(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, 
         return run_one(exp_dir, spec, base, arm, seed, log)
 
 
-def experiment(exp_dir: Path, base: Path, seeds: int, arms: list[str], spec: Spec,
-               out: TextIO = sys.stdout, parallel: int = 1) -> Path:  # fmt: skip
+def experiment(
+    exp_dir: Path, base: Path, seeds: int, arms: list[str], spec: Spec, out: TextIO = sys.stdout, parallel: int = 1
+) -> Path:
     """Every (arm, seed) not yet done, seed by seed, or ``parallel`` at a time; then the
     table and report."""
     from services.tasks.report import experiment_report
@@ -400,9 +474,17 @@ def experiment(exp_dir: Path, base: Path, seeds: int, arms: list[str], spec: Spe
             done[arm, seed] = run_one(exp_dir, spec, base, arm, seed, out)
             say(done_line(arm, seed, done[arm, seed]), out)
     runs = [done[pair] for pair in pairs]
-    data = {"title": f"POPE vs GRPO on {spec.task}", "task": spec.task, "base_model": str(base),
-            "settings": asdict(spec), "k": spec.eval_k, "base": prepared["base"], "arms": arms, "runs": runs,
-            "hints": prepared["hints"]}  # fmt: skip
+    data = {
+        "title": f"POPE vs GRPO on {spec.task}",
+        "task": spec.task,
+        "base_model": str(base),
+        "settings": asdict(spec),
+        "k": spec.eval_k,
+        "base": prepared["base"],
+        "arms": arms,
+        "runs": runs,
+        "hints": prepared["hints"],
+    }
     html = experiment_report(exp_dir, data)
     say(f"report: {html}; table: {exp_dir / 'table.md'}", out)
     print((exp_dir / "table.md").read_text(), file=out, flush=True)
@@ -417,8 +499,20 @@ def base_model_or_exit(base: Path) -> Path:
     return base
 
 
-RUN_OWNED = {"port", "engine_url", "model_path", "checkpoint_dir", "metrics_log", "tensorboard_dir", "group_size",
-             "prompts_per_step", "max_new_tokens", "seed", "max_steps", "consumer_name"}  # fmt: skip
+RUN_OWNED = {
+    "port",
+    "engine_url",
+    "model_path",
+    "checkpoint_dir",
+    "metrics_log",
+    "tensorboard_dir",
+    "group_size",
+    "prompts_per_step",
+    "max_new_tokens",
+    "seed",
+    "max_steps",
+    "consumer_name",
+}
 """Trainer settings each run sets itself (or the experiment's own settings set)."""
 
 
@@ -438,8 +532,9 @@ def trainer_extra(pairs: list[str], start: dict[str, Any]) -> dict[str, Any]:
         if key == "learning_rate":
             raise SystemExit("pope: set the learning rate with --lr")
         if key in RUN_OWNED or key not in TrainerSettings.model_fields:
-            raise SystemExit(f"pope: --trainer {key}: not a trainer setting an experiment can change "
-                             "(see pope config show trainer)")  # fmt: skip
+            raise SystemExit(
+                f"pope: --trainer {key}: not a trainer setting an experiment can change (see pope config show trainer)"
+            )
         value = yaml.safe_load(text) if text.strip() else None
         try:
             TrainerSettings.model_validate({key: value})

@@ -32,8 +32,9 @@ def say(text: str, out: TextIO) -> None:
 
 
 @contextlib.contextmanager
-def services(model: Path, *, verifier: bool, log_dir: Path, out: TextIO,
-             redis_url: str | None = None) -> Iterator[tuple[str, str | None, str]]:  # fmt: skip
+def services(
+    model: Path, *, verifier: bool, log_dir: Path, out: TextIO, redis_url: str | None = None
+) -> Iterator[tuple[str, str | None, str]]:
     """An engine serving ``model`` (and a verifier, and Redis) on free ports; yields their URLs."""
     engine, engine_url = engine_child(str(model))
     with redis_for(redis_url or os.environ.get("REDIS_URL")) as url:
@@ -47,12 +48,17 @@ def services(model: Path, *, verifier: bool, log_dir: Path, out: TextIO,
 
 def settings_for(model: Path, engine_url: str, verifier_url: str, prefix: str, **sections: Any) -> RolloutSettings:
     """The rollout settings the offline jobs read (``hints=`` or ``evaluation=`` as given)."""
-    return RolloutSettings(model_path=str(model), engine_url=engine_url, verifier_url=verifier_url, key_prefix=prefix,
-                           prompt_template=TEMPLATE, **sections)  # fmt: skip
+    return RolloutSettings(
+        model_path=str(model),
+        engine_url=engine_url,
+        verifier_url=verifier_url,
+        key_prefix=prefix,
+        prompt_template=TEMPLATE,
+        **sections,
+    )
 
 
-def evaluate_model(cfg: EvalSettings, model: Path, problems: list[Problem], log_dir: Path,
-                   out: TextIO) -> EvalReport:  # fmt: skip
+def evaluate_model(cfg: EvalSettings, model: Path, problems: list[Problem], log_dir: Path, out: TextIO) -> EvalReport:
     """The held-out evaluation of ``model`` on a fresh engine (one weight version throughout)."""
     say(f"evaluating {model} on {len(problems)} held-out hard problems (k={cfg.k}, unhinted and hinted)", out)
     with services(model, verifier=True, log_dir=log_dir, out=out) as (engine_url, verifier_url, _):
@@ -65,12 +71,14 @@ def evaluate_model(cfg: EvalSettings, model: Path, problems: list[Problem], log_
 
 def summary_line(report: EvalReport) -> str:
     k = report.k
-    return " | ".join(f"{v} pass@1 {row['pass@1']:.3f} pass@{k} {row[f'pass@{k}']:.3f}"
-                      for v, row in report.summary.items())  # fmt: skip
+    return " | ".join(
+        f"{v} pass@1 {row['pass@1']:.3f} pass@{k} {row[f'pass@{k}']:.3f}" for v, row in report.summary.items()
+    )
 
 
-def build_hints(cfg: HintSettings, base: Path, hard: list[Problem], prefix: str, log_dir: Path,
-                out: TextIO) -> tuple[list[Problem], dict[str, Any]]:  # fmt: skip
+def build_hints(
+    cfg: HintSettings, base: Path, hard: list[Problem], prefix: str, log_dir: Path, out: TextIO
+) -> tuple[list[Problem], dict[str, Any]]:
     """The hint search over the hard train problems with the base model (hard-problem
     filter, then the shortest working prefix), under Redis keys ``prefix`` (deleted after);
     the problems with labels and hints, and a summary."""
@@ -101,6 +109,10 @@ def build_hints(cfg: HintSettings, base: Path, hard: list[Problem], prefix: str,
         problems, tokens = asyncio.run(go())
     counts = Counter(str(p.label.value if p.label else None) for p in problems)
     fractions = [p.search.prefix_fraction for p in problems if p.hint and p.search and p.search.prefix_fraction]
-    summary = {"counts": dict(counts), "tokens": tokens, "seconds": time.monotonic() - started,
-               "hint_fraction_mean": sum(fractions) / len(fractions) if fractions else None}  # fmt: skip
+    summary = {
+        "counts": dict(counts),
+        "tokens": tokens,
+        "seconds": time.monotonic() - started,
+        "hint_fraction_mean": sum(fractions) / len(fractions) if fractions else None,
+    }
     return sorted(problems, key=lambda p: p.id), summary

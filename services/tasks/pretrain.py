@@ -38,8 +38,16 @@ from services.engine.tiny_model import IM_END, TinyModelSpec, build_tiny_model
 from services.rollout.prompts import PromptTemplate, prompt_ids, user_message
 from services.tasks.chains import ALL_SIZES, EASY_SIZES, TASK_VERSION, Instance, hard_splits, make, solved
 
-SPEC = TinyModelSpec(vocab_size=640, hidden_size=128, intermediate_size=384, num_layers=4, num_heads=4,
-                     num_kv_heads=2, head_dim=32, max_positions=1024)  # fmt: skip
+SPEC = TinyModelSpec(
+    vocab_size=640,
+    hidden_size=128,
+    intermediate_size=384,
+    num_layers=4,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=32,
+    max_positions=1024,
+)
 MIX = (0.30, 0.15, 0.25, 0.30)
 """Shares of the material: whole short solutions; short solutions continued from part of the
 path; solutions of any length finished from up to half their path (links_left); the
@@ -101,8 +109,11 @@ def examples(rng: random.Random, exclude: set[tuple[int, ...]]) -> Example:
     n = inst.size
     if kind == "full":
         return Example(user_message(inst.problem("train"), Variant.UNHINTED, TEMPLATE), inst.solution)
-    given = {"partial": lambda: rng.randrange(n), "finish": lambda: n - rng.choice(links_left(n)),
-             "routine": lambda: n}[kind]()  # fmt: skip
+    given = {
+        "partial": lambda: rng.randrange(n),
+        "finish": lambda: n - rng.choice(links_left(n)),
+        "routine": lambda: n,
+    }[kind]()
     return Example(user_message(hinted_problem(inst, given), Variant.HINTED, TEMPLATE), inst.solution)
 
 
@@ -182,8 +193,9 @@ def sft_backward(model: Any, rows: Rows, micro_batches: int = MICRO_BATCHES) -> 
 
 
 @torch.no_grad()
-def accuracy(model: Any, tokenizer: Any, cases: list[tuple[str, Instance]], temperature: float = 0.0,
-             max_new_tokens: int = 96) -> float:  # fmt: skip
+def accuracy(
+    model: Any, tokenizer: Any, cases: list[tuple[str, Instance]], temperature: float = 0.0, max_new_tokens: int = 96
+) -> float:
     """Share of cases solved (greedy by default), with the task's exact checker."""
     model.eval()
     tokenizer.padding_side = "left"
@@ -192,8 +204,14 @@ def accuracy(model: Any, tokenizer: Any, cases: list[tuple[str, Instance]], temp
         chunk = cases[i : i + 32]
         texts = [tokenizer.decode(prompt_ids(tokenizer, q)) for q, _ in chunk]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                             temperature=temperature or None, top_p=None, top_k=None)  # fmt: skip
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature or None,
+            top_p=None,
+            top_k=None,
+        )
         for row, (_, inst) in zip(out, chunk, strict=True):
             hits += solved(tokenizer.decode(row[enc["input_ids"].shape[1] :], skip_special_tokens=True), inst)
     return hits / len(cases)
@@ -216,12 +234,14 @@ def report(model: Any, tokenizer: Any, n: int = 200) -> dict[str, float]:
         """Hinted with the first ``links(instance)`` links of each path given."""
         return [(user_message(hinted_problem(i, links(i)), Variant.HINTED, TEMPLATE), i) for i in insts]
 
-    return {"easy_unhinted": accuracy(model, tokenizer, plain(easy)),
-            "easy_hinted": accuracy(model, tokenizer, hinted(easy)),
-            "hard_unhinted": accuracy(model, tokenizer, plain(hard)),
-            "hard_hinted": accuracy(model, tokenizer, hinted(hard)),
-            "hard_half_key_step": accuracy(model, tokenizer, given(hard, lambda i: i.eval_links)),
-            "hard_end_third_left": accuracy(model, tokenizer, given(hard, lambda i: i.size - i.size // 3))}  # fmt: skip
+    return {
+        "easy_unhinted": accuracy(model, tokenizer, plain(easy)),
+        "easy_hinted": accuracy(model, tokenizer, hinted(easy)),
+        "hard_unhinted": accuracy(model, tokenizer, plain(hard)),
+        "hard_hinted": accuracy(model, tokenizer, hinted(hard)),
+        "hard_half_key_step": accuracy(model, tokenizer, given(hard, lambda i: i.eval_links)),
+        "hard_end_third_left": accuracy(model, tokenizer, given(hard, lambda i: i.size - i.size // 3)),
+    }
 
 
 STEPS = 2700
@@ -240,13 +260,24 @@ def check_settings(out: Path, steps: int, lr: float, start: Path | None) -> None
     if start is not None and not (start / "config.json").exists():
         raise ValueError(f"--from {start}: not a model directory (no config.json)")
     if start is not None and out.resolve() == start.resolve():
-        raise ValueError(f"--from and --out are both {start}: pretraining goes on from a model into a new "
-                         "directory; write the new model elsewhere")  # fmt: skip
+        raise ValueError(
+            f"--from and --out are both {start}: pretraining goes on from a model into a new "
+            "directory; write the new model elsewhere"
+        )
 
 
-def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32, lr: float = 1e-3,
-             log: TextIO | None = None, report_problems: int = 200, device: str = "cpu",
-             start: Path | None = None, keep_freed_memory: bool = True) -> dict[str, Any]:  # fmt: skip
+def pretrain(
+    out: Path,
+    steps: int | None = None,
+    seed: int = 0,
+    batch: int = 32,
+    lr: float = 1e-3,
+    log: TextIO | None = None,
+    report_problems: int = 200,
+    device: str = "cpu",
+    start: Path | None = None,
+    keep_freed_memory: bool = True,
+) -> dict[str, Any]:
     """Train the base model for ``steps`` steps (cosine learning rate over the steps) into
     ``out``, from scratch or on from the model (and tokenizer) in ``start``; deterministic
     for a given code, seed and start on one kind of machine with the same number of torch
@@ -278,9 +309,11 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
     stream = material(tokenizer, seed, batch)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     started, losses = time.monotonic(), []
-    say(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {steps} steps of {batch}; "
+    say(
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; {steps} steps of {batch}; "
         f"task {TASK_VERSION}, material {MATERIAL_VERSION}, seed {seed}, learning rate {lr}"
-        + (f", from {start} (sha256 {start_sha[:12]})" if start_sha else ", from scratch"))  # fmt: skip
+        + (f", from {start} (sha256 {start_sha[:12]})" if start_sha else ", from scratch")
+    )
     model.train()
     for step in range(1, steps + 1):
         for group in opt.param_groups:  # cosine over the steps
@@ -291,19 +324,29 @@ def pretrain(out: Path, steps: int | None = None, seed: int = 0, batch: int = 32
         opt.zero_grad()
         if step % 100 == 0:
             elapsed = time.monotonic() - started
-            say(f"step {step}/{steps}: loss {sum(losses[-100:]) / 100:.4f}, {step / elapsed:.1f} steps/s, "
-                f"{(steps - step) * elapsed / step / 60:.1f} min left")  # fmt: skip
+            say(
+                f"step {step}/{steps}: loss {sum(losses[-100:]) / 100:.4f}, {step / elapsed:.1f} steps/s, "
+                f"{(steps - step) * elapsed / step / 60:.1f} min left"
+            )
     model.eval()
     model.to("cpu").save_pretrained(out, safe_serialization=True)
     model.to(device)
     say(f"trained {steps} steps in {(time.monotonic() - started) / 60:.1f} min; evaluating (greedy)")
     acc = report(model, tokenizer, report_problems)
-    result = {"task": TASK_VERSION, "material": MATERIAL_VERSION, "steps": steps,
-              "minutes": (time.monotonic() - started) / 60,
-              "final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1), "accuracy": acc,
-              "weights_sha256": weights_sha256(out), "spec": SPEC.__dict__, "seed": seed, "device": device,
-              "lr": lr,
-              "start": None if start is None else {"path": str(start), "weights_sha256": start_sha}}  # fmt: skip
+    result = {
+        "task": TASK_VERSION,
+        "material": MATERIAL_VERSION,
+        "steps": steps,
+        "minutes": (time.monotonic() - started) / 60,
+        "final_loss": sum(losses[-100:]) / max(len(losses[-100:]), 1),
+        "accuracy": acc,
+        "weights_sha256": weights_sha256(out),
+        "spec": SPEC.__dict__,
+        "seed": seed,
+        "device": device,
+        "lr": lr,
+        "start": None if start is None else {"path": str(start), "weights_sha256": start_sha},
+    }
     (out / "pretrain_report.json").write_text(json.dumps(result, indent=2) + "\n")
     for name, value in acc.items():
         say(f"{name:>15}: {value:.1%}")

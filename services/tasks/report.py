@@ -24,9 +24,11 @@ if TYPE_CHECKING:
 
 VARIANTS = ("unhinted", "hinted")
 COLORS = {"unhinted": "tab:blue", "hinted": "tab:orange"}
-CSS = ("body{font-family:sans-serif;max-width:62rem;margin:2rem auto;padding:0 1rem;color:#222}"
-       "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;"
-       "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}")  # fmt: skip
+CSS = (
+    "body{font-family:sans-serif;max-width:62rem;margin:2rem auto;padding:0 1rem;color:#222}"
+    "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.25rem .6rem;"
+    "text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+)
 
 
 def _num(x: Any) -> float | None:
@@ -93,8 +95,10 @@ def _rolling(values: list[float], window: int = 5) -> list[float]:
 
 def _plot_training(path: Path, metrics: list[dict[str, Any]]) -> None:
     fig = _figure(11, 4)
-    panels = (("mean reward (share of samples solved)", "reward_{}"),
-              ("solve rate (share of groups with a success)", "{}/solve_rate"))  # fmt: skip
+    panels = (
+        ("mean reward (share of samples solved)", "reward_{}"),
+        ("solve rate (share of groups with a success)", "{}/solve_rate"),
+    )
     for i, (title, key) in enumerate(panels):
         ax = fig.add_subplot(1, 2, i + 1)
         for variant in VARIANTS:
@@ -136,16 +140,20 @@ def _story(data: dict[str, Any]) -> str:
     k = int(data["after"]["k"])
     hinted = _mean(_series(data["metrics"], "reward_hinted")[1])
     unhinted = _mean(_series(data["metrics"], "reward_unhinted")[1])
-    text = (f"This run ({data['arm']}, seed {data['seed']}) trained {data['base_model']} on {data['task']} "
-            f"problems for {data['steps']} steps, generating {data['rollouts']} samples in "
-            f"{data['wall_s'] / 60:.1f} min. ")  # fmt: skip
+    text = (
+        f"This run ({data['arm']}, seed {data['seed']}) trained {data['base_model']} on {data['task']} "
+        f"problems for {data['steps']} steps, generating {data['rollouts']} samples in "
+        f"{data['wall_s'] / 60:.1f} min. "
+    )
     if hinted is None:
         text += f"It trained on unhinted groups only, with a mean reward of {_fmt(unhinted)} per sample. "
     else:
-        text += (f"POPE tries each hard problem both as is (unhinted) and with the start of a solution in the prompt "
-                 f"(hinted): hinted groups earn reward where unhinted groups do not, and learning from them is meant "
-                 f"to carry over to the unhinted problem. Mean reward per sample was {_fmt(hinted)} in hinted groups "
-                 f"and {_fmt(unhinted)} in unhinted ones. ")  # fmt: skip
+        text += (
+            f"POPE tries each hard problem both as is (unhinted) and with the start of a solution in the prompt "
+            f"(hinted): hinted groups earn reward where unhinted groups do not, and learning from them is meant "
+            f"to carry over to the unhinted problem. Mean reward per sample was {_fmt(hinted)} in hinted groups "
+            f"and {_fmt(unhinted)} in unhinted ones. "
+        )
     before, after = (_stat(data[w], "unhinted", f"pass@{k}") for w in ("before", "after"))
     text += _rise(before, after, k)
     if reach := within_reach(data["before"]):
@@ -162,15 +170,20 @@ def within_reach(base_eval: dict[str, Any]) -> str | None:
     solved = _stat(base_eval, "unhinted", f"pass@{k}")
     if not solved:
         return None
-    return (f"The base model already solved some of them unhinted (pass@{k} {solved:.3f}), so they were not "
-            "out of its reach: plain GRPO will get reward too.")  # fmt: skip
+    return (
+        f"The base model already solved some of them unhinted (pass@{k} {solved:.3f}), so they were not "
+        "out of its reach: plain GRPO will get reward too."
+    )
 
 
 def _before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
     k = int(after["k"])
     names = ("pass@1", f"pass@{k}")
-    rows = [(v, *(_fmt(_stat(r, v, n)) for n in names for r in (before, after)))
-            for v in VARIANTS if v in before["summary"] or v in after["summary"]]  # fmt: skip
+    rows = [
+        (v, *(_fmt(_stat(r, v, n)) for n in names for r in (before, after)))
+        for v in VARIANTS
+        if v in before["summary"] or v in after["summary"]
+    ]
     return _table(["variant", "pass@1 before", "pass@1 after", f"pass@{k} before", f"pass@{k} after"], rows)
 
 
@@ -178,8 +191,9 @@ def _hints(hints: dict[str, Any] | None) -> str:
     if not hints:
         return "<h2>Hint search</h2>\n<p>No hint search summary.</p>"
     frac = _fmt(_num(hints.get("hint_fraction_mean")), ".1%")
-    return (f"<h2>Hint search</h2>\n<p>Mean hint length: {frac} of the solution.</p>\n"
-            + _table(["result", "problems"], sorted(hints.get("counts", {}).items())))  # fmt: skip
+    return f"<h2>Hint search</h2>\n<p>Mean hint length: {frac} of the solution.</p>\n" + _table(
+        ["result", "problems"], sorted(hints.get("counts", {}).items())
+    )
 
 
 def _samples(examples: list[dict[str, Any]]) -> str:
@@ -188,9 +202,11 @@ def _samples(examples: list[dict[str, Any]]) -> str:
         return ""
     parts = ["<h2>What the model wrote</h2>"]
     for e in examples:
-        parts.append(f"<h3>{html.escape(str(e['variant']))} sample at step {int(e['step'])}, reward "
-                     f"{float(e['reward']):.0f}</h3><pre>{html.escape(str(e['prompt']))}</pre>"
-                     f"<pre style=\"background:#f4f4f4\">{html.escape(str(e['text']))}</pre>")  # fmt: skip
+        parts.append(
+            f"<h3>{html.escape(str(e['variant']))} sample at step {int(e['step'])}, reward "
+            f"{float(e['reward']):.0f}</h3><pre>{html.escape(str(e['prompt']))}</pre>"
+            f'<pre style="background:#f4f4f4">{html.escape(str(e["text"]))}</pre>'
+        )
     return "".join(parts)
 
 
@@ -200,10 +216,17 @@ def run_report(out_dir: Path, data: dict[str, Any]) -> Path:
     (out_dir / "report.json").write_text(json.dumps(data, indent=2) + "\n")
     _plot_training(out_dir / "training.png", data["metrics"])
     _plot_passk(out_dir / "passk.png", data["before"], data["after"])
-    body = [f"<p>{html.escape(_story(data))}</p>", "<h2>Evaluation before and after</h2>",
-            _before_after(data["before"], data["after"]), '<img src="passk.png" alt="pass@k before and after">',
-            "<h2>Training</h2>", '<img src="training.png" alt="reward and solve rate per step">',
-            _samples(data.get("examples") or []), _settings(data["settings"]), _hints(data.get("hints"))]  # fmt: skip
+    body = [
+        f"<p>{html.escape(_story(data))}</p>",
+        "<h2>Evaluation before and after</h2>",
+        _before_after(data["before"], data["after"]),
+        '<img src="passk.png" alt="pass@k before and after">',
+        "<h2>Training</h2>",
+        '<img src="training.png" alt="reward and solve rate per step">',
+        _samples(data.get("examples") or []),
+        _settings(data["settings"]),
+        _hints(data.get("hints")),
+    ]
     path = out_dir / "report.html"
     path.write_text(_page(data["title"], body))
     return path
@@ -228,9 +251,19 @@ def _minutes(seconds: float | None) -> str:
 def _rows(data: dict[str, Any]) -> list[list[str]]:
     """Header, the base model, then per arm its finished runs by seed and their mean (seed column 'n=<count>')."""
     k = int(data["k"])
-    rows = [["arm", "seed", "unhinted pass@1", f"unhinted pass@{k}", "hinted pass@1", f"hinted pass@{k}",
-             "rollouts", "wall min"],
-            ["base", "-", *map(_fmt, _cells(data["base"], k)), "0", "-"]]  # fmt: skip
+    rows = [
+        [
+            "arm",
+            "seed",
+            "unhinted pass@1",
+            f"unhinted pass@{k}",
+            "hinted pass@1",
+            f"hinted pass@{k}",
+            "rollouts",
+            "wall min",
+        ],
+        ["base", "-", *map(_fmt, _cells(data["base"], k)), "0", "-"],
+    ]
     for arm in data["arms"]:
         runs = _finished(data, arm)
         cells = [[*_cells(r["after"], k), _num(r["rollouts"]), _num(r["wall_s"])] for r in runs]
@@ -258,14 +291,24 @@ def _plot_arms(path: Path, data: dict[str, Any]) -> None:
         if vals:
             mean = sum(vals) / len(vals)
             ax.bar(i, mean, 0.6, color="tab:blue", alpha=0.35, label=None if ax.containers else "arm mean")
-            ax.scatter([i + 0.12 * (j - (len(vals) - 1) / 2) for j in range(len(vals))], vals, color="black", zorder=3,
-                       s=18, label=None if ax.collections else "one seed")  # fmt: skip
+            ax.scatter(
+                [i + 0.12 * (j - (len(vals) - 1) / 2) for j in range(len(vals))],
+                vals,
+                color="black",
+                zorder=3,
+                s=18,
+                label=None if ax.collections else "one seed",
+            )
     base = _stat(data["base"], "unhinted", name)
     if base is not None:
         ax.axhline(base, color="gray", linestyle="--", label=f"base model ({base:.3f})")
     ax.set_xticks(range(len(data["arms"])), data["arms"])
-    ax.set(xlim=(-0.6, len(data["arms"]) - 0.4), ylim=(0, 1.05), ylabel=f"unhinted {name}",
-           title=f"Unhinted {name} after training, per arm")  # fmt: skip
+    ax.set(
+        xlim=(-0.6, len(data["arms"]) - 0.4),
+        ylim=(0, 1.05),
+        ylabel=f"unhinted {name}",
+        title=f"Unhinted {name} after training, per arm",
+    )
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
 
@@ -283,11 +326,18 @@ def experiment_report(out_dir: Path, data: dict[str, Any]) -> Path:
     (out_dir / "table.md").write_text(experiment_table(data))
     _plot_arms(out_dir / "arms.png", data)
     header, *rows = _rows(data)
-    intro = (f"Arms {', '.join(data['arms'])} trained from {data['base_model']} on {data['task']} problems; "
-             f"each run is evaluated on the evaluation split with k={data['k']} samples per problem.")  # fmt: skip
-    body = [f"<p>{html.escape(intro)}</p>", "<h2>Results</h2>", _table(header, rows),
-            '<img src="arms.png" alt="unhinted pass@k per arm">', _pending(data),
-            _settings(data["settings"])]  # fmt: skip
+    intro = (
+        f"Arms {', '.join(data['arms'])} trained from {data['base_model']} on {data['task']} problems; "
+        f"each run is evaluated on the evaluation split with k={data['k']} samples per problem."
+    )
+    body = [
+        f"<p>{html.escape(intro)}</p>",
+        "<h2>Results</h2>",
+        _table(header, rows),
+        '<img src="arms.png" alt="unhinted pass@k per arm">',
+        _pending(data),
+        _settings(data["settings"]),
+    ]
     path = out_dir / "report.html"
     path.write_text(_page(data["title"], body))
     return path

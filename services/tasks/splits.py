@@ -22,8 +22,13 @@ class Keyed(Protocol):
 T = TypeVar("T", bound=Keyed)
 
 
-def distinct(seed_name: str, count: int, make: Callable[[random.Random, int], T], sizes: tuple[int, ...],
-             exclude: frozenset[Hashable] = frozenset()) -> list[T]:  # fmt: skip
+def distinct(
+    seed_name: str,
+    count: int,
+    make: Callable[[random.Random, int], T],
+    sizes: tuple[int, ...],
+    exclude: frozenset[Hashable] = frozenset(),
+) -> list[T]:
     """``count`` distinct instances drawn from the stream ``seed_name``, none whose key is in
     ``exclude``; sizes cycle through ``sizes``."""
     rng = random.Random(seed_name)

@@ -46,8 +46,13 @@ def zero_variance(group: ScoredGroup) -> bool:
     return len(set(group.rewards)) <= 1
 
 
-def rows_from_groups(groups: list[ScoredGroup], *, scale_by_std: bool, mask_truncated: bool,
-                     variant_weights: dict[str, float] | None = None) -> list[Row]:  # fmt: skip
+def rows_from_groups(
+    groups: list[ScoredGroup],
+    *,
+    scale_by_std: bool,
+    mask_truncated: bool,
+    variant_weights: dict[str, float] | None = None,
+) -> list[Row]:
     """One Row per sample. Each group's advantages are normalised within that group (hinted
     and unhinted groups are never merged), then scaled by the variant's loss weight."""
     rows = []
@@ -56,10 +61,17 @@ def rows_from_groups(groups: list[ScoredGroup], *, scale_by_std: bool, mask_trun
         adv = group_advantages(torch.tensor(g.rewards, dtype=torch.float32), scale_by_std) * weight  # [G]
         for s, a in zip(g.samples, adv.tolist(), strict=True):
             truncated = s.finish_reason is FinishReason.LENGTH
-            rows.append(Row(ids=s.prompt_ids + s.completion_ids, prompt_len=len(s.prompt_ids),
-                            old_logprobs=s.logprobs, advantage=a, temperature=g.temperature,
-                            trainable=bool(s.completion_ids) and not (mask_truncated and truncated),
-                            variant=g.variant))  # fmt: skip
+            rows.append(
+                Row(
+                    ids=s.prompt_ids + s.completion_ids,
+                    prompt_len=len(s.prompt_ids),
+                    old_logprobs=s.logprobs,
+                    advantage=a,
+                    temperature=g.temperature,
+                    trainable=bool(s.completion_ids) and not (mask_truncated and truncated),
+                    variant=g.variant,
+                )
+            )
     return rows
 
 

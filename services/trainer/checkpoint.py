@@ -60,8 +60,16 @@ def latest(root: Path) -> Path | None:
     return max(done, key=lambda p: p.name) if done else None
 
 
-def save(root: Path, model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer, state: TrainerState,
-         run_record: dict[str, Any], keep: int, protect: frozenset[Path] = frozenset()) -> Path:  # fmt: skip
+def save(
+    root: Path,
+    model: Any,
+    tokenizer: Any,
+    optimizer: torch.optim.Optimizer,
+    state: TrainerState,
+    run_record: dict[str, Any],
+    keep: int,
+    protect: frozenset[Path] = frozenset(),
+) -> Path:
     """Write checkpoint ``state.step``; then delete all but the newest ``keep``, never one in
     ``protect`` (the directory the engine was last told to load stays while it may read it)."""
     final = step_dir(root, state.step)
@@ -141,8 +149,16 @@ def _fsync_dir(path: Path) -> None:
 def run_record(config: dict[str, Any], seed: int) -> dict[str, Any]:
     """What reproduces this run: config, code version, package versions, seeds."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None  # fmt: skip
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
     packages: dict[str, str | None] = {}

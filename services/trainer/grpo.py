@@ -59,20 +59,28 @@ def group_advantages(rewards: torch.Tensor, scale_by_std: bool = False, eps: flo
     return adv
 
 
-def normalizer(agg: LossAgg, *, nominal_samples: int, max_response_tokens: int, step_tokens: int,
-               step_sequences: int) -> float:  # fmt: skip
+def normalizer(
+    agg: LossAgg, *, nominal_samples: int, max_response_tokens: int, step_tokens: int, step_sequences: int
+) -> float:
     """What the summed per-token losses of a whole step are divided by, per aggregation."""
-    return float({
-        "constant": nominal_samples,
-        "dr_grpo": nominal_samples * max_response_tokens,
-        "token_mean": max(step_tokens, 1),
-        "seq_mean": max(step_sequences, 1),
-    }[agg])  # fmt: skip
+    return float(
+        {
+            "constant": nominal_samples,
+            "dr_grpo": nominal_samples * max_response_tokens,
+            "token_mean": max(step_tokens, 1),
+            "seq_mean": max(step_sequences, 1),
+        }[agg]
+    )
 
 
-def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: torch.Tensor,
-                   with_entropy: bool = False,
-                   chunk_tokens: int = 4096) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def token_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: torch.Tensor,
+    with_entropy: bool = False,
+    chunk_tokens: int = 4096,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log_softmax(logits / T) of each next token, [N, L] ids -> [N, L-1] logprobs, and the
     entropy of each predicted distribution [N, L-1] when asked.
 
@@ -92,15 +100,19 @@ def token_logprobs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Te
     parts = []
     for i in range(0, n * t, chunk_tokens):
         part = slice(i, i + chunk_tokens)
-        parts.append(checkpoint(_head_logprobs, head, flat_h[part], targets[part], temps[part], with_entropy,
-                                use_reentrant=False))  # fmt: skip
+        parts.append(
+            checkpoint(
+                _head_logprobs, head, flat_h[part], targets[part], temps[part], with_entropy, use_reentrant=False
+            )
+        )
     logp = torch.cat([lp for lp, _ in parts]).view(n, t)  # [N, T]
     entropy = torch.cat([e for _, e in parts]).view(n, t) if with_entropy else None  # [N, T]
     return logp, entropy
 
 
-def _head_logprobs(head: Any, hidden: torch.Tensor, targets: torch.Tensor, temps: torch.Tensor,
-                   with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _head_logprobs(
+    head: Any, hidden: torch.Tensor, targets: torch.Tensor, temps: torch.Tensor, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logprob of each target [C] and entropy [C] (zeros unless asked) from hidden states [C, H]."""
     logits = head(hidden).float() / temps[:, None]  # [C, V]
     lse = torch.logsumexp(logits, dim=-1)  # [C]

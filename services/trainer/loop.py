@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from collections import deque
 from pathlib import Path
@@ -47,11 +48,17 @@ GROUPS = Counter("pope_trainer_groups_total", "Scored groups, by what happened t
 VERSION = Gauge("pope_trainer_weight_version", "The trainer's current weight version (its step)")
 LOSS = Gauge("pope_trainer_loss", "Loss of the last step")
 REWARD = Gauge("pope_trainer_reward_mean", "Mean reward of the last step's groups", ["variant"])
-STEP_METRIC = Gauge("pope_trainer_step_metric", "Last step's metrics by variant (reward_mean, solve_rate, "
-                    "zero_variance_frac, clip_frac, approx_kl, entropy, response_len_mean, truncated, ...)",
-                    ["name", "variant"])  # fmt: skip
-STEP_SECONDS = Histogram("pope_trainer_step_seconds", "Wall time of one optimizer step",
-                         buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600))  # fmt: skip
+STEP_METRIC = Gauge(
+    "pope_trainer_step_metric",
+    "Last step's metrics by variant (reward_mean, solve_rate, "
+    "zero_variance_frac, clip_frac, approx_kl, entropy, response_len_mean, truncated, ...)",
+    ["name", "variant"],
+)
+STEP_SECONDS = Histogram(
+    "pope_trainer_step_seconds",
+    "Wall time of one optimizer step",
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+)
 
 
 class Trainer:
@@ -73,9 +80,13 @@ class Trainer:
         self.model: Any = model.to(settings.device)
         self.tokenizer: Any = AutoTokenizer.from_pretrained(source)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.learning_rate,
-                                           betas=(settings.adam_beta1, settings.adam_beta2),
-                                           eps=settings.adam_eps, weight_decay=settings.weight_decay)  # fmt: skip
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=settings.learning_rate,
+            betas=(settings.adam_beta1, settings.adam_beta2),
+            eps=settings.adam_eps,
+            weight_decay=settings.weight_decay,
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(settings))
         self.ref_model: Any = None
         if settings.kl_coef > 0:  # frozen: the starting weights unless told otherwise
@@ -95,8 +106,9 @@ class Trainer:
         self._served: Path | None = None  # the checkpoint the engine was last told to load
         self._idle_since = time.monotonic()  # when the trainer last finished a step (data wait)
         self.trained = set(self.state.trained_group_ids)
-        self.reader = GroupReader(redis, self.keys, self.keys.scored, TRAINERS, settings.consumer_name,
-                                  settings.streams)  # fmt: skip
+        self.reader = GroupReader(
+            redis, self.keys, self.keys.scored, TRAINERS, settings.consumer_name, settings.streams
+        )
         self.buffer: list[tuple[Entry, ScoredGroup]] = []
         self.in_flight: list[tuple[Entry, ScoredGroup]] = []  # the groups of the step being trained
         self._dirty = True  # the state in Redis is behind this object's
@@ -170,8 +182,13 @@ class Trainer:
         await self.redis.hincrby(self.keys.state("trainer"), "dropped_stale", len(stale))  # type: ignore[misc]
         await self.reader.ack(*[e.id for e, _ in stale])
         GROUPS.labels("dropped_stale").inc(len(stale))
-        log.info("dropped %d stale groups (weight versions %s; trainer at %d, max_staleness %d)", len(stale),
-                 sorted({g.weight_version for _, g in stale}), self.version, limit)  # fmt: skip
+        log.info(
+            "dropped %d stale groups (weight versions %s; trainer at %d, max_staleness %d)",
+            len(stale),
+            sorted({g.weight_version for _, g in stale}),
+            self.version,
+            limit,
+        )
 
     async def step(self) -> None:
         """One optimizer step on the oldest buffered groups, then checkpoint, ack, push."""
@@ -180,19 +197,40 @@ class Trainer:
         self.in_flight, self.buffer = self.buffer[: cfg.prompts_per_step], self.buffer[cfg.prompts_per_step :]
         groups = [g for _, g in self.in_flight]
         started = time.monotonic()
-        stats = await asyncio.to_thread(train_step, self.model, self.ref_model, self.optimizer, self.scheduler,
-                                        groups, cfg, self.pad_id, self.version)  # fmt: skip
+        stats = await asyncio.to_thread(
+            train_step,
+            self.model,
+            self.ref_model,
+            self.optimizer,
+            self.scheduler,
+            groups,
+            cfg,
+            self.pad_id,
+            self.version,
+        )
         ids = [g.group_id for g in groups]
         rollout = await self.redis.hgetall(self.keys.state("rollout"))  # type: ignore[misc]
-        after = checkpoint.TrainerState(step=self.version + 1, trained_group_ids=self.state.trained_group_ids + ids,
-                                        dropped_stale=self.state.dropped_stale,
-                                        lr_scheduler=self.scheduler.state_dict(),
-                                        rollout={k.decode(): v.decode() for k, v in rollout.items()})  # fmt: skip
+        after = checkpoint.TrainerState(
+            step=self.version + 1,
+            trained_group_ids=self.state.trained_group_ids + ids,
+            dropped_stale=self.state.dropped_stale,
+            lr_scheduler=self.scheduler.state_dict(),
+            rollout={k.decode(): v.decode() for k, v in rollout.items()},
+        )
         saving = time.monotonic()
         async with self._weights_lock:  # the engine watcher must not see a half-finished version
             protect = frozenset([self._served]) if self._served else frozenset()
-            path = await asyncio.to_thread(checkpoint.save, self.ckpt_dir, self.model, self.tokenizer, self.optimizer,
-                                           after, self.record, cfg.keep_checkpoints, protect)  # fmt: skip
+            path = await asyncio.to_thread(
+                checkpoint.save,
+                self.ckpt_dir,
+                self.model,
+                self.tokenizer,
+                self.optimizer,
+                after,
+                self.record,
+                cfg.keep_checkpoints,
+                protect,
+            )
             self.state = after
             self.trained.update(ids)
         stats["time_checkpoint_s"] = time.monotonic() - saving
@@ -202,8 +240,13 @@ class Trainer:
         pushing = time.monotonic()
         async with self._weights_lock:
             pushed = await self.push(path, self.version)
-        stats.update(time_push_s=time.monotonic() - pushing, pushed=float(pushed), time_waiting_for_data_s=waited,
-                     step_seconds=time.monotonic() - started, version=float(self.version))  # fmt: skip
+        stats.update(
+            time_push_s=time.monotonic() - pushing,
+            pushed=float(pushed),
+            time_waiting_for_data_s=waited,
+            step_seconds=time.monotonic() - started,
+            version=float(self.version),
+        )
         stats["tokens_per_s"] = stats["tokens"] / max(stats["time_forward_backward_s"], 1e-9)
         self._record(stats)
         record = json.dumps({"step": self.version, "at": time.time(), **_finite(stats)})
@@ -212,8 +255,12 @@ class Trainer:
             pipe.ltrim(self.keys.history("trainer"), 0, cfg.history_len - 1)
             await pipe.execute()
         await self.publish_state()
-        await publish(self.redis, self.keys.events, WeightsUpdated(weight_version=self.version, path=str(path)),
-                      self.settings.streams)  # fmt: skip
+        await publish(
+            self.redis,
+            self.keys.events,
+            WeightsUpdated(weight_version=self.version, path=str(path)),
+            self.settings.streams,
+        )
         self._idle_since = time.monotonic()
 
     def _record(self, stats: dict[str, float]) -> None:
@@ -226,7 +273,7 @@ class Trainer:
         LOSS.set(stats["loss"])
         STEP_SECONDS.observe(stats["step_seconds"])
         for key, value in stats.items():
-            if "/" in key and value == value:
+            if "/" in key and not math.isnan(value):
                 variant, name = key.split("/", 1)
                 STEP_METRIC.labels(name, variant).set(value)
         path = self.settings.metrics_log
@@ -239,14 +286,25 @@ class Trainer:
 
                 self._tb = SummaryWriter(str(self.settings.tensorboard_dir))
             for key, value in stats.items():
-                if value == value:
+                if not math.isnan(value):
                     self._tb.add_scalar(key, value, self.version)
             self._tb.flush()
-        log.info("step %d: loss %.4f, reward hinted %.3f unhinted %.3f, ratio max %.4f, clip %.3f, kl %.2e, "
-                 "entropy %.3f, grad norm %.3f, %d tokens, %.1fs (push %.2fs)", self.version, stats["loss"],
-                 stats["reward_hinted"], stats["reward_unhinted"], stats["ratio_max"], stats["clip_frac"],
-                 stats["approx_kl_mean"], stats["entropy_mean"], stats["grad_norm"], stats["tokens"],
-                 stats["step_seconds"], stats["time_push_s"])  # fmt: skip
+        log.info(
+            "step %d: loss %.4f, reward hinted %.3f unhinted %.3f, ratio max %.4f, clip %.3f, kl %.2e, "
+            "entropy %.3f, grad norm %.3f, %d tokens, %.1fs (push %.2fs)",
+            self.version,
+            stats["loss"],
+            stats["reward_hinted"],
+            stats["reward_unhinted"],
+            stats["ratio_max"],
+            stats["clip_frac"],
+            stats["approx_kl_mean"],
+            stats["entropy_mean"],
+            stats["grad_norm"],
+            stats["tokens"],
+            stats["step_seconds"],
+            stats["time_push_s"],
+        )
 
     async def push(self, path: Path, version: int) -> bool:
         """Tell the engine to load ``path`` as ``version``; False (logged) if it fails."""
@@ -262,15 +320,17 @@ class Trainer:
 
     async def publish_state(self) -> None:
         """The state the rollout scheduler and /v1/status read; retried each pass until it lands."""
-        fields: dict[str, Any] = {k: v for k, v in self.last.items() if v == v}  # NaN-free
-        fields.update({  # the fields others act on come last, so no metric can shadow them
-            "version": self.version,
-            "step": self.version,
-            "buffered": len(self.buffer),
-            "dropped_stale": self.state.dropped_stale,
-            "max_staleness": self.settings.max_staleness,
-            "updated_at": time.time(),
-        })  # fmt: skip
+        fields: dict[str, Any] = {k: v for k, v in self.last.items() if not math.isnan(v)}  # NaN-free
+        fields.update(
+            {  # the fields others act on come last, so no metric can shadow them
+                "version": self.version,
+                "step": self.version,
+                "buffered": len(self.buffer),
+                "dropped_stale": self.state.dropped_stale,
+                "max_staleness": self.settings.max_staleness,
+                "updated_at": time.time(),
+            }
+        )
         await self.redis.hset(self.keys.state("trainer"), mapping=fields)  # type: ignore[misc]
         self._dirty = False
 
@@ -292,8 +352,9 @@ class Trainer:
                     newest = checkpoint.latest(self.ckpt_dir)
                     step = checkpoint.load_state(newest).step if newest is not None else 0
                     if newest is not None and served < step:
-                        log.warning("engine serves v%d, the latest checkpoint is v%d: re-pushing %s", served, step,
-                                    newest)  # fmt: skip
+                        log.warning(
+                            "engine serves v%d, the latest checkpoint is v%d: re-pushing %s", served, step, newest
+                        )
                         await self.push(newest, step)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.repush_interval_s)
@@ -301,4 +362,4 @@ class Trainer:
 
 def _finite(stats: dict[str, float]) -> dict[str, float | None]:
     """NaN (e.g. the reward of a variant absent from the step) as null, so the JSON is valid."""
-    return {k: (v if v == v else None) for k, v in stats.items()}
+    return {k: (None if math.isnan(v) else v) for k, v in stats.items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -59,15 +60,19 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         trainer: Trainer | None = holder.get("trainer")
         if trainer is None:
             return {"status": "starting"}
-        return {"version": trainer.version, "buffered": len(trainer.buffer),
-                "dropped_stale": trainer.state.dropped_stale, "last_step": trainer.last}  # fmt: skip
+        return {
+            "version": trainer.version,
+            "buffered": len(trainer.buffer),
+            "dropped_stale": trainer.state.dropped_stale,
+            "last_step": trainer.last,
+        }
 
     @app.get("/v1/history")
     async def history(limit: int = 100) -> list[dict[str, Any]]:
         """The last ``limit`` steps' metrics, oldest first (also in the JSONL metrics log)."""
         trainer: Trainer | None = holder.get("trainer")
         rows = list(trainer.history)[-limit:] if trainer else []
-        return [{k: (v if v == v else None) for k, v in row.items()} for row in rows]
+        return [{k: (None if math.isnan(v) else v) for k, v in row.items()} for row in rows]
 
     return app
 

@@ -25,9 +25,15 @@ _SUMMED = ("tokens", "ratio", "clipped_low", "clipped_high", "approx_kl", "kl_re
 
 
 def loss_config(cfg: TrainerSettings) -> LossConfig:
-    return LossConfig(agg=cfg.loss_agg, clip_eps_low=cfg.clip_eps_low, clip_eps_high=cfg.clip_eps_high,
-                      tis_cap=cfg.tis_cap, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator,
-                      entropy_coef=cfg.entropy_coef)  # fmt: skip
+    return LossConfig(
+        agg=cfg.loss_agg,
+        clip_eps_low=cfg.clip_eps_low,
+        clip_eps_high=cfg.clip_eps_high,
+        tis_cap=cfg.tis_cap,
+        kl_coef=cfg.kl_coef,
+        kl_estimator=cfg.kl_estimator,
+        entropy_coef=cfg.entropy_coef,
+    )
 
 
 def lr_lambda(cfg: TrainerSettings) -> Any:
@@ -45,19 +51,33 @@ def lr_lambda(cfg: TrainerSettings) -> Any:
     return factor
 
 
-def train_step(model: Any, ref_model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-               groups: list[ScoredGroup], cfg: TrainerSettings, pad_id: int,
-               version: int) -> dict[str, float]:  # fmt: skip
+def train_step(
+    model: Any,
+    ref_model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    groups: list[ScoredGroup],
+    cfg: TrainerSettings,
+    pad_id: int,
+    version: int,
+) -> dict[str, float]:
     """Update ``model`` on ``groups``; return the step's metrics (``<variant>/<name>`` keys too)."""
     started = time.monotonic()
     kept = [g for g in groups if not (cfg.filter_zero_variance and zero_variance(g))]
-    rows = rows_from_groups(kept, scale_by_std=cfg.scale_adv_by_std, mask_truncated=cfg.mask_truncated,
-                            variant_weights=dict(cfg.variant_weights))  # fmt: skip
+    rows = rows_from_groups(
+        kept,
+        scale_by_std=cfg.scale_adv_by_std,
+        mask_truncated=cfg.mask_truncated,
+        variant_weights=dict(cfg.variant_weights),
+    )
     loss_cfg = loss_config(cfg)
-    norm = normalizer(cfg.loss_agg, nominal_samples=cfg.prompts_per_step * cfg.group_size,
-                      max_response_tokens=cfg.max_new_tokens,
-                      step_tokens=sum(len(r.old_logprobs) for r in rows if r.trainable),
-                      step_sequences=sum(r.trainable for r in rows))  # fmt: skip
+    norm = normalizer(
+        cfg.loss_agg,
+        nominal_samples=cfg.prompts_per_step * cfg.group_size,
+        max_response_tokens=cfg.max_new_tokens,
+        step_tokens=sum(len(r.old_logprobs) for r in rows if r.trainable),
+        step_sequences=sum(r.trainable for r in rows),
+    )
     model.train()
     optimizer.zero_grad(set_to_none=True)
     dev, head_chunk = cfg.device, cfg.logits_chunk_tokens
@@ -74,8 +94,16 @@ def train_step(model: Any, ref_model: Any, optimizer: torch.optim.Optimizer, sch
                     ref, _ = token_logprobs(ref_model, ids, attn, temp, chunk_tokens=head_chunk)
             if cfg.entropy_coef == 0 and entropy is not None:
                 entropy = entropy.detach()  # a metric only: no graph through the softmax
-            loss, st = policy_loss(new, b.old_logprobs.to(dev), b.advantages.to(dev), b.loss_mask.to(dev), loss_cfg,
-                                   norm, ref_lp=ref, entropy=entropy)  # fmt: skip
+            loss, st = policy_loss(
+                new,
+                b.old_logprobs.to(dev),
+                b.advantages.to(dev),
+                b.loss_mask.to(dev),
+                loss_cfg,
+                norm,
+                ref_lp=ref,
+                entropy=entropy,
+            )
         loss.backward()
         loss_total += float(loss.detach())
         ratio_max = max(ratio_max, st.ratio_max)
@@ -103,8 +131,9 @@ def train_step(model: Any, ref_model: Any, optimizer: torch.optim.Optimizer, sch
     return out
 
 
-def _variant_metrics(groups: list[ScoredGroup], sums: dict[str, dict[str, float]], cfg: TrainerSettings,
-                     version: int) -> dict[str, float]:  # fmt: skip
+def _variant_metrics(
+    groups: list[ScoredGroup], sums: dict[str, dict[str, float]], cfg: TrainerSettings, version: int
+) -> dict[str, float]:
     out: dict[str, float] = {}
     all_tokens = sum(s["tokens"] for s in sums.values())
     for key in ("ratio", "approx_kl", "kl_ref", "entropy"):
@@ -123,8 +152,9 @@ def _variant_metrics(groups: list[ScoredGroup], sums: dict[str, dict[str, float]
         out[f"{name}/solve_rate"] = sum(any(r > 0 for r in g.rewards) for g in mine) / n
         out[f"{name}/zero_variance_frac"] = sum(zero_variance(g) for g in mine) / n
         out[f"{name}/truncated"] = float(sum(x.finish_reason is FinishReason.LENGTH for x in samples))
-        out[f"{name}/response_len_mean"] = (sum(len(x.completion_ids) for x in samples) / len(samples)
-                                            if samples else float("nan"))  # fmt: skip
+        out[f"{name}/response_len_mean"] = (
+            sum(len(x.completion_ids) for x in samples) / len(samples) if samples else float("nan")
+        )
         tok = max(s["tokens"], 1.0)
         out[f"{name}/clip_frac"] = (s["clipped_low"] + s["clipped_high"]) / tok
         out[f"{name}/approx_kl"] = s["approx_kl"] / tok

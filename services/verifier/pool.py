@@ -41,8 +41,11 @@ from services.verifier.scoring import last_boxed
 log = logging.getLogger(__name__)
 
 RESTARTS = Counter("pope_verifier_worker_restarts_total", "Worker processes replaced", ["reason"])
-ANSWER_SECONDS = Histogram("pope_verifier_answer_seconds", "Time to score one answer",
-                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30))  # fmt: skip
+ANSWER_SECONDS = Histogram(
+    "pope_verifier_answer_seconds",
+    "Time to score one answer",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
 
 _ctx = mp.get_context("forkserver")
 _ctx.set_forkserver_preload(["services.verifier.scoring", "math_verify"])
@@ -168,8 +171,7 @@ class ScoringPool:
                     reason = "died"
                     break
                 if msg is None:
-                    failure = Score(reward=0.0, timed_out=True,
-                                    error=f"scoring took longer than {self.timeout_s:g}s")  # fmt: skip
+                    failure = Score(reward=0.0, timed_out=True, error=f"scoring took longer than {self.timeout_s:g}s")
                     reason = "timeout"
                     break
                 proc.busy = True  # past the gold parse: an answer is in progress
@@ -193,8 +195,12 @@ class ScoringPool:
     def _spawn(self) -> _Proc:
         parent, child = _ctx.Pipe()
         cpu_limit_s = 2 * math.ceil(self.timeout_s) + 1  # never reached while this process lives
-        process = _ctx.Process(target=_worker_main, args=(child, self.memory_limit_mb, cpu_limit_s), daemon=True,
-                               name="pope-verifier-worker")  # fmt: skip
+        process = _ctx.Process(
+            target=_worker_main,
+            args=(child, self.memory_limit_mb, cpu_limit_s),
+            daemon=True,
+            name="pope-verifier-worker",
+        )
         process.start()
         child.close()
         proc = _Proc(process, parent)

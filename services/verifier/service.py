@@ -111,8 +111,13 @@ def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAP
             for i in range(settings.workers)
         ]
         tasks = [asyncio.create_task(w.run(stop)) for w in workers] if settings.consume else []
-        log.info("verifier %s: %d scoring workers, consuming %s: %s", instance, settings.workers,
-                 keys.rollouts, settings.consume)  # fmt: skip
+        log.info(
+            "verifier %s: %d scoring workers, consuming %s: %s",
+            instance,
+            settings.workers,
+            keys.rollouts,
+            settings.consume,
+        )
         yield
         stop.set()  # each stream worker finishes the group in hand, hands back the rest
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -28,8 +28,12 @@ def profile_services(profile: str) -> dict[str, dict[str, Any]]:
 
 def test_compose_file_is_valid_against_the_compose_specification() -> None:
     tool = Path(sys.executable).parent / "check-jsonschema"
-    run = subprocess.run([str(tool), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)], capture_output=True,
-                         text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [str(tool), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 

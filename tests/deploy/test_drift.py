@@ -21,8 +21,12 @@ from services.verifier.settings import VerifierSettings
 from tests.conftest import ROOT
 from tests.deploy.test_compose import compose
 
-SECTIONS: dict[str, type[SectionSettings]] = {"engine": EngineSettings, "rollout": RolloutSettings,
-                                              "verifier": VerifierSettings, "trainer": TrainerSettings}  # fmt: skip
+SECTIONS: dict[str, type[SectionSettings]] = {
+    "engine": EngineSettings,
+    "rollout": RolloutSettings,
+    "verifier": VerifierSettings,
+    "trainer": TrainerSettings,
+}
 # Read by something other than the settings: the Redis URL convention, Python, the HF hub
 # client, the image's health check, Kubernetes' $(VAR) expansion of the Redis password.
 OTHER_ENV = {"REDIS_URL", "REDIS_PASSWORD", "PYTHONUNBUFFERED", "HF_HUB_OFFLINE", "HEALTHCHECK_URL", "HOME"}
@@ -42,11 +46,13 @@ def placeholders(value: str) -> str:
     return re.sub(r"\$\{[^}]*\}|\$\([A-Z_]+\)", "x", str(value))
 
 
-def check_container(section: str, env: dict[str, str], config: Path | None, where: str,
-                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def check_container(
+    section: str, env: dict[str, str], config: Path | None, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in env:
         assert name in OTHER_ENV or name.startswith(f"POPE_{section.upper()}__"), (
-            f"{where}: {name} is read by no setting of section {section!r}")  # fmt: skip
+            f"{where}: {name} is read by no setting of section {section!r}"
+        )
     with monkeypatch.context() as m:
         for var in list(os.environ):
             if var.startswith("POPE_") or var == "REDIS_URL":
@@ -85,8 +91,13 @@ def test_compose_containers_get_only_variables_the_services_read(monkeypatch: py
         section = section_of(service.get("command") or [])
         if section is None:
             continue  # redis, SGLang: not ours
-        check_container(section, service.get("environment") or {}, ROOT / "configs" / "compose.yaml",
-                        f"docker-compose.yml service {name}", monkeypatch)  # fmt: skip
+        check_container(
+            section,
+            service.get("environment") or {},
+            ROOT / "configs" / "compose.yaml",
+            f"docker-compose.yml service {name}",
+            monkeypatch,
+        )
         checked += 1
     assert checked == 5  # engine-cpu, verifier, rollout, trainer, trainer-cpu
 

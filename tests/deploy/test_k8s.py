@@ -22,8 +22,19 @@ import yaml
 from tests.conftest import ROOT
 
 OVERLAYS = ["cpu", "gpu"]
-KINDS = {"StatefulSet", "Deployment", "Service", "Ingress", "HorizontalPodAutoscaler", "Job", "NetworkPolicy",
-         "PodDisruptionBudget", "PersistentVolumeClaim", "ConfigMap", "Secret"}  # fmt: skip
+KINDS = {
+    "StatefulSet",
+    "Deployment",
+    "Service",
+    "Ingress",
+    "HorizontalPodAutoscaler",
+    "Job",
+    "NetworkPolicy",
+    "PodDisruptionBudget",
+    "PersistentVolumeClaim",
+    "ConfigMap",
+    "Secret",
+}
 WORKLOADS = {"Deployment", "StatefulSet", "Job"}
 NAMESPACE = "pope"
 
@@ -33,8 +44,9 @@ def _render(overlay: str) -> str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed (it renders the kustomize overlays)")
-    proc = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay} failed:\n{proc.stderr}"
     return proc.stdout
 
@@ -66,8 +78,9 @@ def test_overlay_renders_and_passes_the_api_schemas(overlay: str, tmp_path: Path
     validate = Path(sys.executable).with_name("kubernetes-validate")
     if not validate.exists():
         pytest.skip(f"{validate} is not installed (the test extras install it)")
-    proc = subprocess.run([str(validate), "--strict", "--quiet", str(manifest)],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [str(validate), "--strict", "--quiet", str(manifest)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, f"kubernetes-validate --strict k8s/overlays/{overlay}:\n{proc.stdout}{proc.stderr}"
 
 
@@ -141,8 +154,9 @@ def test_references_resolve(overlay: str) -> None:
     """Every Secret key, ConfigMap, claim, selector and backend points at something
     rendered, and REDIS_URL comes after the REDIS_PASSWORD it expands."""
     docs = rendered(overlay)
-    secrets = {d["metadata"]["name"]: set(d.get("stringData") or d.get("data") or {}) for d in docs
-               if d["kind"] == "Secret"}  # fmt: skip
+    secrets = {
+        d["metadata"]["name"]: set(d.get("stringData") or d.get("data") or {}) for d in docs if d["kind"] == "Secret"
+    }
     config_maps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
     claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
     pods = []

@@ -19,8 +19,17 @@ import yaml
 
 from services.tasks.experiment import ARMS, Spec, experiment, read_jsonl, read_metrics, run_config, run_one, spec_with
 
-SPEC = Spec(train_problems=4, eval_problems=4, steps=1, group_size=2, prompts_per_step=2, max_new_tokens=8, eval_k=2,
-            hint_k=2, hint_k_hint=1)  # fmt: skip
+SPEC = Spec(
+    train_problems=4,
+    eval_problems=4,
+    steps=1,
+    group_size=2,
+    prompts_per_step=2,
+    max_new_tokens=8,
+    eval_k=2,
+    hint_k=2,
+    hint_k_hint=1,
+)
 
 
 def test_experiment_runs_arms_skips_finished_runs_resumes_and_refuses_changed_settings(
@@ -126,9 +135,26 @@ def test_sigterm_stops_the_experiment_cleanly(tiny_model: Path, tmp_path: Path, 
     log = tmp_path / "exp.log"
     env = {**os.environ, "REDIS_URL": redis_url}
     with log.open("wb") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "experiment", "pope-vs-grpo", "--seeds", "1",
-                                 "--base-model", str(tiny_model), "--dir", str(tmp_path / "exp"),
-                                 "--train-problems", "64"], stdout=f, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "experiment",
+                "pope-vs-grpo",
+                "--seeds",
+                "1",
+                "--base-model",
+                str(tiny_model),
+                "--dir",
+                str(tmp_path / "exp"),
+                "--train-problems",
+                "64",
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         sigterm_when(proc, log, lambda: "hint search over 64 problems" in log.read_text())
     finally:

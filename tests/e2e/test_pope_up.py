@@ -40,34 +40,70 @@ def poll(url: str, check: Any, within_s: float, proc: subprocess.Popen[bytes], l
         time.sleep(0.5)
 
 
-def test_pope_up_trains_on_hinted_and_unhinted_groups(tiny_model: Path, tmp_path: Path, redis_url: str,
-                                                      keys: Keys) -> None:  # fmt: skip
+def test_pope_up_trains_on_hinted_and_unhinted_groups(
+    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys
+) -> None:
     metrics = run_pope_up(tiny_model, tmp_path, redis_url, keys)
     assert [m["step"] for m in metrics][:2] == [1, 2]
 
 
-def run_pope_up(tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, *, engine: dict[str, Any] | None = None,
-                trainer: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def run_pope_up(
+    tiny_model: Path,
+    tmp_path: Path,
+    redis_url: str,
+    keys: Keys,
+    *,
+    engine: dict[str, Any] | None = None,
+    trainer: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """Run `pope up` for two training steps and check the pipeline end to end; return the
     trainer's metrics log. ``engine`` and ``trainer`` add to those config sections."""
     ports = {name: free_port() for name in ("engine", "rollout", "verifier", "trainer")}
     config = tmp_path / "pope.yaml"
-    config.write_text(json.dumps({  # JSON is YAML
-        "shared": {"key_prefix": keys.prefix, "group_size": 4, "prompts_per_step": 4, "max_staleness": 1},
-        "engine": {"port": ports["engine"], **(engine or {})},
-        "rollout": {"port": ports["rollout"], "max_new_tokens": 16, "archive_dir": str(tmp_path / "rollouts"),
+    config.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "shared": {"key_prefix": keys.prefix, "group_size": 4, "prompts_per_step": 4, "max_staleness": 1},
+                "engine": {"port": ports["engine"], **(engine or {})},
+                "rollout": {
+                    "port": ports["rollout"],
+                    "max_new_tokens": 16,
+                    "archive_dir": str(tmp_path / "rollouts"),
                     "eval_dir": str(tmp_path / "eval"),
-                    "evaluation": {"every_steps": 1, "k": 2, "max_new_tokens": 8}},
-        "verifier": {"port": ports["verifier"], "workers": 1},
-        "trainer": {"port": ports["trainer"], "checkpoint_dir": str(tmp_path / "ckpt"),
-                    "metrics_log": str(tmp_path / "metrics.jsonl"), "tensorboard_dir": str(tmp_path / "tb"),
-                    **(trainer or {})},
-    }))  # fmt: skip
+                    "evaluation": {"every_steps": 1, "k": 2, "max_new_tokens": 8},
+                },
+                "verifier": {"port": ports["verifier"], "workers": 1},
+                "trainer": {
+                    "port": ports["trainer"],
+                    "checkpoint_dir": str(tmp_path / "ckpt"),
+                    "metrics_log": str(tmp_path / "metrics.jsonl"),
+                    "tensorboard_dir": str(tmp_path / "tb"),
+                    **(trainer or {}),
+                },
+            }
+        )
+    )
     log = tmp_path / "up.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--model", str(tiny_model), "--config",
-                                 str(config), "--redis-url", redis_url, "--run-dir", str(tmp_path / "run")],
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "services.cli",
+                "up",
+                "--model",
+                str(tiny_model),
+                "--config",
+                str(config),
+                "--redis-url",
+                redis_url,
+                "--run-dir",
+                str(tmp_path / "run"),
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     api = f"http://127.0.0.1:{ports['rollout']}"
     try:
         poll(f"{api}/readyz", lambda body: body.get("status") == "ready", 300, proc, log)
@@ -76,14 +112,20 @@ def run_pope_up(tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, *,
         ids = resp.json()["ids"]
 
         # Two training steps, and the engine serving the trainer's new weights.
-        status = poll(f"{api}/v1/status?history=5", lambda s: s if s["trainer"].get("version", 0) >= 2 else None,
-                      600, proc, log)  # fmt: skip
+        status = poll(
+            f"{api}/v1/status?history=5", lambda s: s if s["trainer"].get("version", 0) >= 2 else None, 600, proc, log
+        )
         assert status["engine"]["weight_version"] >= 1
         assert [h["step"] for h in status["history"]][-2:] == [2, 1]  # newest first
         assert "hinted/reward_mean" in status["history"][0]
         # Evaluated at step 0 and after each step, through the same engine and verifier.
-        evaluated = poll(f"{api}/v1/status", lambda s: s["evaluation"] if s["evaluation"].get("weight_version", 0)
-                         >= 1 else None, 120, proc, log)  # fmt: skip
+        evaluated = poll(
+            f"{api}/v1/status",
+            lambda s: s["evaluation"] if s["evaluation"].get("weight_version", 0) >= 1 else None,
+            120,
+            proc,
+            log,
+        )
         assert evaluated["unhinted/problems"] == 1 and 0 <= evaluated["unhinted/pass@2"] <= 1
         assert (tmp_path / "eval" / "step-000000.json").is_file() and (tmp_path / "eval" / "step-000000.md").is_file()
 

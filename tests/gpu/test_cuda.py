@@ -40,8 +40,15 @@ def _step(model: Any, groups: Any, device: str, bf16: bool) -> dict[str, float]:
     """One train_step with plain SGD at rate 1, so each weight moves by exactly its clipped
     gradient (AdamW's first step is ~lr * sign(grad), which amplifies float noise in
     near-zero gradients and would hide what is compared)."""
-    cfg = TrainerSettings(device=device, bf16=bf16, prompts_per_step=2, group_size=4, learning_rate=1.0,
-                          micro_batch_tokens=24, max_new_tokens=12)  # fmt: skip
+    cfg = TrainerSettings(
+        device=device,
+        bf16=bf16,
+        prompts_per_step=2,
+        group_size=4,
+        learning_rate=1.0,
+        micro_batch_tokens=24,
+        max_new_tokens=12,
+    )
     opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     return train_step(model, None, opt, sched, groups, cfg, pad_id=0, version=0)
@@ -64,8 +71,9 @@ async def test_the_engine_serves_on_cuda_and_the_trainer_reproduces_its_logprobs
     for device in ("cuda", "cpu"):
         model = _load(tiny_model, device).eval()
         with torch.no_grad():
-            new, _ = token_logprobs(model, b.input_ids.to(device), b.attention_mask.to(device),
-                                    b.temperature.to(device))  # fmt: skip
+            new, _ = token_logprobs(
+                model, b.input_ids.to(device), b.attention_mask.to(device), b.temperature.to(device)
+            )
         gap = float((new.cpu() - b.old_logprobs)[mask].abs().max())  # max |log ratio| over tokens
         assert gap < 1e-3, (device, gap)
 
@@ -96,11 +104,17 @@ async def test_a_cuda_train_step_equals_the_cpu_step_and_bf16_stays_close(tiny_m
     assert moved > 0
 
 
-def test_pope_up_trains_with_engine_and_trainer_on_cuda(tiny_model: Path, tmp_path: Path, redis_url: str,
-                                                         keys: Keys) -> None:  # fmt: skip
-    metrics = run_pope_up(tiny_model, tmp_path, redis_url, keys,
-                          engine={"device": "cuda", "dtype": "bfloat16"},
-                          trainer={"device": "cuda", "bf16": True})  # fmt: skip
+def test_pope_up_trains_with_engine_and_trainer_on_cuda(
+    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys
+) -> None:
+    metrics = run_pope_up(
+        tiny_model,
+        tmp_path,
+        redis_url,
+        keys,
+        engine={"device": "cuda", "dtype": "bfloat16"},
+        trainer={"device": "cuda", "bf16": True},
+    )
     first = metrics[0]
     # bf16 engine against a bf16-autocast trainer: near ratio 1, not exactly.
     assert abs(first["ratio_mean"] - 1.0) < 0.05, first

@@ -37,19 +37,29 @@ PLANTED = Problem(
 PROBLEMS = [
     Problem(prompt="Compute the value. \\boxed{7}", answer="7", solution="Seven."),  # solved unhinted
     PLANTED,  # solvable from its third paragraph on
-    Problem(prompt="Find the count.", answer="13",
-            solution="Clearly \\boxed{13}\n\nMore words here.\n\nEven more words." + FILLER),  # from the first
-    Problem(prompt="Find the total.", answer="99",
-            solution="Add them.\n\nCarry the one.\n\nWrite it down." + FILLER + " \\boxed{99}"),  # too late
+    Problem(
+        prompt="Find the count.",
+        answer="13",
+        solution="Clearly \\boxed{13}\n\nMore words here.\n\nEven more words." + FILLER,
+    ),  # from the first
+    Problem(
+        prompt="Find the total.",
+        answer="99",
+        solution="Add them.\n\nCarry the one.\n\nWrite it down." + FILLER + " \\boxed{99}",
+    ),  # too late
     Problem(prompt="Find the rest.", answer="5"),  # no solution to cut
-]  # fmt: skip
+]
 EXPECTED = ["easy", "hard_hinted", "hard_hinted", "hard_unsolved", "hard_unsolved"]
 FIRST_WORKING_CUT = [None, 2, 0, None, None]  # the planted behaviour, per problem
 TEMPLATE = PromptTemplate(version="planted-test-v1")
 TOKEN = "verifier-secret"  # the verifier requires it; the search and evaluation send it
 WITH_TOKEN = {**os.environ, "POPE_ROLLOUT__VERIFIER_TOKEN": TOKEN}
-CONFIG = {"rollout": {"prompt_template": TEMPLATE.model_dump(),
-                      "hints": {"k": 4, "k_hint": 4, "max_new_tokens": 12, "concurrency": 1}}}  # fmt: skip
+CONFIG = {
+    "rollout": {
+        "prompt_template": TEMPLATE.model_dump(),
+        "hints": {"k": 4, "k_hint": 4, "max_new_tokens": 12, "concurrency": 1},
+    }
+}
 
 
 def planted_answers(tokenizer: Any) -> dict[str, str]:
@@ -109,22 +119,49 @@ def put(redis_url: str, keys: Keys, problems: list[Problem]) -> None:
     asyncio.run(write())
 
 
-def build_cmd(planted_model: Path, tmp_path: Path, redis_url: str, keys: Keys, services: dict[str, str],
-              *extra: str) -> list[str]:  # fmt: skip
-    return [sys.executable, "-m", "services.cli", "hints", "build", "--model", str(planted_model), "--config",
-            str(config_file(tmp_path)), "--redis-url", redis_url, "--key-prefix", keys.prefix, "--engine-url",
-            services["engine"], "--verifier-url", services["verifier"], "--run-dir", str(tmp_path), *extra]  # fmt: skip
+def build_cmd(
+    planted_model: Path, tmp_path: Path, redis_url: str, keys: Keys, services: dict[str, str], *extra: str
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "hints",
+        "build",
+        "--model",
+        str(planted_model),
+        "--config",
+        str(config_file(tmp_path)),
+        "--redis-url",
+        redis_url,
+        "--key-prefix",
+        keys.prefix,
+        "--engine-url",
+        services["engine"],
+        "--verifier-url",
+        services["verifier"],
+        "--run-dir",
+        str(tmp_path),
+        *extra,
+    ]
 
 
 def records(problems: dict[str, Problem]) -> dict[str, Any]:
     return {pid: (p.label, p.hint, p.search) for pid, p in problems.items()}
 
 
-def test_the_search_finds_the_planted_prefix(planted_model: Path, tmp_path: Path, redis_url: str, keys: Keys,
-                                                   services: dict[str, str]) -> None:  # fmt: skip
+def test_the_search_finds_the_planted_prefix(
+    planted_model: Path, tmp_path: Path, redis_url: str, keys: Keys, services: dict[str, str]
+) -> None:
     put(redis_url, keys, PROBLEMS)
-    run = subprocess.run(build_cmd(planted_model, tmp_path, redis_url, keys, services), cwd=ROOT, env=WITH_TOKEN,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        build_cmd(planted_model, tmp_path, redis_url, keys, services),
+        cwd=ROOT,
+        env=WITH_TOKEN,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     out = stored(redis_url, keys)
     assert [out[p.id].label for p in PROBLEMS] == [ProblemLabel(x) for x in EXPECTED], run.stdout
@@ -148,27 +185,45 @@ def test_the_search_finds_the_planted_prefix(planted_model: Path, tmp_path: Path
     assert "[5/5]" in run.stdout and "ETA" in run.stdout and "| hard_hinted | 2 |" in run.stdout, run.stdout
 
     # Run again: nothing to do, nothing changed.
-    again = subprocess.run(build_cmd(planted_model, tmp_path, redis_url, keys, services), cwd=ROOT, env=WITH_TOKEN,
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        build_cmd(planted_model, tmp_path, redis_url, keys, services),
+        cwd=ROOT,
+        env=WITH_TOKEN,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0 and "5 already done" in again.stdout, again.stdout + again.stderr
     assert records(stored(redis_url, keys)) == records(out)
 
 
-def test_kill_9_mid_build_then_resume_gives_identical_records(planted_model: Path, tmp_path: Path,
-                                                                    redis_url: str, keys: Keys,
-                                                                    services: dict[str, str]) -> None:  # fmt: skip
+def test_kill_9_mid_build_then_resume_gives_identical_records(
+    planted_model: Path, tmp_path: Path, redis_url: str, keys: Keys, services: dict[str, str]
+) -> None:
     # More problems, so the kill lands mid-build: variants of the five with other answers.
     many = [p.model_copy(update={"id": f"{p.id}-{i}"}) for i in range(4) for p in PROBLEMS]
     reference = Keys(keys.prefix + "ref:")
     put(redis_url, reference, many)
-    run = subprocess.run(build_cmd(planted_model, tmp_path, redis_url, reference, services), cwd=ROOT, env=WITH_TOKEN,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        build_cmd(planted_model, tmp_path, redis_url, reference, services),
+        cwd=ROOT,
+        env=WITH_TOKEN,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     expected = stored(redis_url, reference)
 
     put(redis_url, keys, many)
-    proc = subprocess.Popen(build_cmd(planted_model, tmp_path, redis_url, keys, services), cwd=ROOT, env=WITH_TOKEN,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        build_cmd(planted_model, tmp_path, redis_url, keys, services),
+        cwd=ROOT,
+        env=WITH_TOKEN,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert proc.stdout is not None
     for line in proc.stdout:  # kill it as soon as the third problem is stored
         if line.startswith("[3/"):
@@ -180,18 +235,31 @@ def test_kill_9_mid_build_then_resume_gives_identical_records(planted_model: Pat
     finished = sum(p.search is not None for p in partial.values())
     assert 3 <= finished < len(many)
 
-    resumed = subprocess.run(build_cmd(planted_model, tmp_path, redis_url, keys, services), cwd=ROOT, env=WITH_TOKEN,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    resumed = subprocess.run(
+        build_cmd(planted_model, tmp_path, redis_url, keys, services),
+        cwd=ROOT,
+        env=WITH_TOKEN,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"{finished} already done" in resumed.stdout
     assert records(stored(redis_url, keys)) == records(expected)
 
 
-def test_hint_jobs_over_http_and_problems_by_label(planted_model: Path, tmp_path: Path, redis_url: str,
-                                                         keys: Keys, services: dict[str, str]) -> None:  # fmt: skip
-    env = {"REDIS_URL": redis_url, "POPE_ROLLOUT__KEY_PREFIX": keys.prefix, "POPE_ROLLOUT__SCHEDULE": "false",
-           "POPE_ROLLOUT__ENGINE_URL": services["engine"], "POPE_ROLLOUT__VERIFIER_URL": services["verifier"],
-           "POPE_ROLLOUT__ARCHIVE_DIR": str(tmp_path / "archive"), "POPE_ROLLOUT__VERIFIER_TOKEN": TOKEN}  # fmt: skip
+def test_hint_jobs_over_http_and_problems_by_label(
+    planted_model: Path, tmp_path: Path, redis_url: str, keys: Keys, services: dict[str, str]
+) -> None:
+    env = {
+        "REDIS_URL": redis_url,
+        "POPE_ROLLOUT__KEY_PREFIX": keys.prefix,
+        "POPE_ROLLOUT__SCHEDULE": "false",
+        "POPE_ROLLOUT__ENGINE_URL": services["engine"],
+        "POPE_ROLLOUT__VERIFIER_URL": services["verifier"],
+        "POPE_ROLLOUT__ARCHIVE_DIR": str(tmp_path / "archive"),
+        "POPE_ROLLOUT__VERIFIER_TOKEN": TOKEN,
+    }
     args = ["rollout", "--model", str(planted_model), "--config", str(config_file(tmp_path))]
     with running_pope(args, "/readyz", env) as api:
         resp = httpx.post(f"{api.url}/v1/problems", json=[p.model_dump(mode="json") for p in PROBLEMS])
@@ -208,8 +276,11 @@ def test_hint_jobs_over_http_and_problems_by_label(planted_model: Path, tmp_path
             time.sleep(0.2)
             job = httpx.get(f"{api.url}/v1/hints/jobs/{job['id']}").json()
         assert job["state"] == "done", job
-        assert job["progress"]["done"] == 5 and job["progress"]["labels"] == {"easy": 1, "hard_hinted": 2,
-                                                                              "hard_unsolved": 2}  # fmt: skip
+        assert job["progress"]["done"] == 5 and job["progress"]["labels"] == {
+            "easy": 1,
+            "hard_hinted": 2,
+            "hard_unsolved": 2,
+        }
         hinted = httpx.get(f"{api.url}/v1/problems", params={"label": "hard_hinted"}).json()
         assert hinted["count"] == 2
         assert {p["id"] for p in hinted["problems"]} == {PROBLEMS[1].id, PROBLEMS[2].id}
@@ -219,14 +290,20 @@ def test_hint_jobs_over_http_and_problems_by_label(planted_model: Path, tmp_path
         assert httpx.get(f"{api.url}/v1/hints/jobs/nope").status_code == 404
 
 
-def test_pope_eval_reports_pass_at_k_unhinted_and_hinted(planted_model: Path, tmp_path: Path, redis_url: str,
-                                                        keys: Keys, services: dict[str, str]) -> None:  # fmt: skip
+def test_pope_eval_reports_pass_at_k_unhinted_and_hinted(
+    planted_model: Path, tmp_path: Path, redis_url: str, keys: Keys, services: dict[str, str]
+) -> None:
     # The eval split: problem 0 is solved unhinted; with its planted prefix as the hint,
     # problem 1 is solved hinted; problem 3's first cut as its hint solves nothing.
     hint_1 = "We have the sum.\n\nSo the product is given.\n\nTherefore \\boxed{42}"
     hint_3 = "Add them."
-    evals = [PROBLEMS[0], PROBLEMS[1].model_copy(update={"hint": hint_1}), PROBLEMS[2],
-             PROBLEMS[3].model_copy(update={"hint": hint_3}), PROBLEMS[4]]  # fmt: skip
+    evals = [
+        PROBLEMS[0],
+        PROBLEMS[1].model_copy(update={"hint": hint_1}),
+        PROBLEMS[2],
+        PROBLEMS[3].model_copy(update={"hint": hint_3}),
+        PROBLEMS[4],
+    ]
     put(redis_url, keys, [p.model_copy(update={"split": "eval"}) for p in evals])
     cmd = build_cmd(planted_model, tmp_path, redis_url, keys, services)
     cmd[cmd.index("hints") : cmd.index("build") + 1] = ["eval"]

@@ -108,8 +108,13 @@ async def test_top_k_1_is_transformers_greedy(engine_url: str, hf_model: Any) ->
         outs = await engine.generate(PROMPTS, SamplingParams(max_new_tokens=16, top_k=1, temperature=0.8))
     for prompt, out in zip(PROMPTS, outs, strict=True):
         eos = hf_model.generation_config.eos_token_id
-        ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=eos,
-                                pad_token_id=hf_model.generation_config.pad_token_id)  # fmt: skip
+        ref = hf_model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=hf_model.generation_config.pad_token_id,
+        )
         assert out.output_ids == ref[0, len(prompt) :].tolist()
 
 
@@ -119,8 +124,9 @@ async def test_seeds_reproduce_and_copies_differ(engine_url: str) -> None:
         a = await engine.generate([PROMPTS[0]], params)
         b = await engine.generate([PROMPTS[0]], params)
         third = await engine.generate([PROMPTS[0]], params.model_copy(update={"n": 1, "sampling_seed": 125}))
-        unseeded = [await engine.generate([PROMPTS[0]], params.model_copy(update={"sampling_seed": None}))
-                    for _ in range(2)]  # fmt: skip
+        unseeded = [
+            await engine.generate([PROMPTS[0]], params.model_copy(update={"sampling_seed": None})) for _ in range(2)
+        ]
     assert [o.output_ids for o in a] == [o.output_ids for o in b]
     assert len({tuple(o.output_ids) for o in a}) > 1, "copies with seeds seed+i must differ"
     assert third[0].output_ids == a[2].output_ids  # copy i is seeded with sampling_seed + i
@@ -134,8 +140,9 @@ async def test_stop_tokens_and_length_limits(engine_url: str) -> None:
         assert free.meta_info.finish_reason is not None and free.meta_info.finish_reason.length == 8
         stop_at = free.output_ids[3]
         first = free.output_ids.index(stop_at)
-        [stopped] = await engine.generate([PROMPTS[1]], SamplingParams(max_new_tokens=8, temperature=0,
-                                                                       stop_token_ids=[stop_at]))  # fmt: skip
+        [stopped] = await engine.generate(
+            [PROMPTS[1]], SamplingParams(max_new_tokens=8, temperature=0, stop_token_ids=[stop_at])
+        )
     assert stopped.finish_reason == "stop" and stopped.meta_info.finish_reason.matched == stop_at  # type: ignore[union-attr]
     assert stopped.output_ids == free.output_ids[: first + 1]  # the stop token is the last output id
 

@@ -113,9 +113,18 @@ def test_a_row_with_an_existing_id_replaces_it_and_the_last_duplicate_wins(api: 
 async def test_reposting_a_searched_problem_keeps_its_hint_search(api: Api, aredis: Redis, keys: Keys) -> None:
     """Like `pope data import`: a problem sent again without search fields keeps what the hint
     search found for it; one whose prompt or answer changed under its id keeps nothing."""
-    search = HintSearch(label=ProblemLabel.HARD_HINTED, unhinted_attempts=8, unhinted_successes=0, prefix_chars=5,
-                        prefix_fraction=0.2, hinted_successes=1, tokens_spent=100, method="linear", config="c",
-                        template_version="v1")  # fmt: skip
+    search = HintSearch(
+        label=ProblemLabel.HARD_HINTED,
+        unhinted_attempts=8,
+        unhinted_successes=0,
+        prefix_chars=5,
+        prefix_fraction=0.2,
+        hinted_successes=1,
+        tokens_spent=100,
+        method="linear",
+        config="c",
+        template_version="v1",
+    )
     searched = Problem(prompt="Find x.", answer="7", solution="x is 7", hint="x is", label="hard_hinted", search=search)
     await ProblemStore(aredis, keys).put_many([searched])
     async with httpx.AsyncClient(base_url=api.url) as http:
@@ -259,15 +268,24 @@ def test_rollouts_bad_cursor_is_400(api: Api) -> None:
     assert resp.status_code == 400 and "malformed cursor" in resp.json()["detail"]
 
 
-def test_the_rollout_service_answers_unreadable_bodies_in_the_row_error_shape(redis_url: str, keys: Keys,
-                                                                               tmp_path: Path) -> None:  # fmt: skip
+def test_the_rollout_service_answers_unreadable_bodies_in_the_row_error_shape(
+    redis_url: str, keys: Keys, tmp_path: Path
+) -> None:
     from tests.conftest import running_pope
 
-    env = {"REDIS_URL": redis_url, "POPE_ROLLOUT__KEY_PREFIX": keys.prefix, "POPE_ROLLOUT__SCHEDULE": "false",
-           "POPE_ROLLOUT__ARCHIVE_DIR": str(tmp_path / "archive")}  # fmt: skip
+    env = {
+        "REDIS_URL": redis_url,
+        "POPE_ROLLOUT__KEY_PREFIX": keys.prefix,
+        "POPE_ROLLOUT__SCHEDULE": "false",
+        "POPE_ROLLOUT__ARCHIVE_DIR": str(tmp_path / "archive"),
+    }
     with running_pope(["rollout"], "/readyz", env) as proc:
-        resp = httpx.post(f"{proc.url}/v1/problems", content=b'[{"prompt": "x", ', timeout=10,
-                          headers={"Content-Type": "application/json"})  # fmt: skip
+        resp = httpx.post(
+            f"{proc.url}/v1/problems",
+            content=b'[{"prompt": "x", ',
+            timeout=10,
+            headers={"Content-Type": "application/json"},
+        )
         assert resp.status_code == 422
         [error] = resp.json()["detail"]
         assert error["row"] is None and error["message"].startswith("the body is not valid JSON")

@@ -23,8 +23,14 @@ PROBLEMS = [
 
 
 async def make(aredis: Redis, keys: Keys, engine: EngineClient, tiny_model: Path, **kw: object) -> Scheduler:
-    settings = RolloutSettings(key_prefix=keys.prefix, group_size=2, prompts_per_step=4, max_new_tokens=4,
-                               streams=DeliveryPolicy(block_ms=50), **kw)  # type: ignore[arg-type]  # fmt: skip
+    settings = RolloutSettings(
+        key_prefix=keys.prefix,
+        group_size=2,
+        prompts_per_step=4,
+        max_new_tokens=4,
+        streams=DeliveryPolicy(block_ms=50),
+        **kw,
+    )  # type: ignore[arg-type]
     store = ProblemStore(aredis, keys)
     await store.put_many(PROBLEMS)
     return Scheduler(settings, aredis, engine, store, AutoTokenizer.from_pretrained(str(tiny_model)))
@@ -34,8 +40,9 @@ async def published(aredis: Redis, keys: Keys) -> list[RawGroup]:
     return [decode(RawGroup, f[DATA]) for _i, f in await aredis.xrange(keys.rollouts)]
 
 
-async def test_never_more_than_max_staleness_ahead_and_the_pope_mix(aredis: Redis, keys: Keys, engine_url: str,
-                                                                    tiny_model: Path) -> None:  # fmt: skip
+async def test_never_more_than_max_staleness_ahead_and_the_pope_mix(
+    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path
+) -> None:
     async with EngineClient(engine_url) as engine:
         s = await make(aredis, keys, engine, tiny_model, max_staleness=1)
         await aredis.hset(keys.state("trainer"), mapping={"version": 0, "buffered": 0})
@@ -55,8 +62,9 @@ async def test_never_more_than_max_staleness_ahead_and_the_pope_mix(aredis: Redi
     assert all(len(g.samples) == 2 and g.temperature == 0.8 and g.template_version for g in groups)
 
 
-async def test_a_trainer_short_of_groups_gets_a_top_up_not_a_deadlock(aredis: Redis, keys: Keys, engine_url: str,
-                                                                      tiny_model: Path) -> None:  # fmt: skip
+async def test_a_trainer_short_of_groups_gets_a_top_up_not_a_deadlock(
+    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path
+) -> None:
     async with EngineClient(engine_url) as engine:
         s = await make(aredis, keys, engine, tiny_model, max_staleness=0)
         await aredis.hset(keys.state("trainer"), mapping={"version": 0, "buffered": 0})
@@ -79,8 +87,9 @@ async def test_a_trainer_short_of_groups_gets_a_top_up_not_a_deadlock(aredis: Re
         assert await s._starving() == 0  # one is on its way now: no second top-up
 
 
-async def test_hint_annealing_cuts_hints_back_as_hinted_groups_get_solved(aredis: Redis, keys: Keys, engine_url: str,
-                                                                         tiny_model: Path) -> None:  # fmt: skip
+async def test_hint_annealing_cuts_hints_back_as_hinted_groups_get_solved(
+    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path
+) -> None:
     """With rollout.hint_anneal_at, a window of trainer steps whose hinted reward reaches it
     cuts every hint back by one cut point of its solution (a new window starts after each
     cut); the offset survives a restart; a lower reward, or too few steps, changes nothing."""
@@ -99,8 +108,9 @@ async def test_hint_annealing_cuts_hints_back_as_hinted_groups_get_solved(aredis
             await aredis.lpush(keys.history("trainer"), json.dumps(record))
 
     async with EngineClient(engine_url) as engine:
-        s = await make(aredis, keys, engine, tiny_model, hint_anneal_at=0.9, hint_anneal_window=3,
-                       hints={"max_fraction": 1.0})  # fmt: skip
+        s = await make(
+            aredis, keys, engine, tiny_model, hint_anneal_at=0.9, hint_anneal_window=3, hints={"max_fraction": 1.0}
+        )
         await s.store.put_many([problem])
         await trainer_steps(1.0, 1.0)  # two steps: not a full window yet
         await s.annealer.update()

@@ -40,10 +40,19 @@ async def engine(engine_url: str) -> AsyncIterator[EngineClient]:
 def settings(
     tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, engine_url: str, **kw: Any
 ) -> TrainerSettings:
-    return TrainerSettings(model_path=str(tiny_model), checkpoint_dir=tmp_path / "ckpt", redis_url=redis_url,
-                           metrics_log=tmp_path / "metrics.jsonl", tensorboard_dir=None,
-                           key_prefix=keys.prefix, engine_url=engine_url, prompts_per_step=2, group_size=4,
-                           streams=POLICY, **kw)  # fmt: skip
+    return TrainerSettings(
+        model_path=str(tiny_model),
+        checkpoint_dir=tmp_path / "ckpt",
+        redis_url=redis_url,
+        metrics_log=tmp_path / "metrics.jsonl",
+        tensorboard_dir=None,
+        key_prefix=keys.prefix,
+        engine_url=engine_url,
+        prompts_per_step=2,
+        group_size=4,
+        streams=POLICY,
+        **kw,
+    )
 
 
 async def sample_groups(engine: EngineClient, step: int, rewards: list[list[float]]) -> list[ScoredGroup]:
@@ -52,12 +61,30 @@ async def sample_groups(engine: EngineClient, step: int, rewards: list[list[floa
     groups = []
     for i, prompt in enumerate(PROMPTS):
         copies = outs[4 * i : 4 * i + 4]
-        samples = [Sample(problem_id=f"p{i}", variant="hinted" if i == 0 else "unhinted", prompt_ids=prompt,
-                          completion_ids=o.output_ids, logprobs=o.logprobs, finish_reason=o.finish_reason,
-                          weight_version=o.weight_version, text=o.text) for o in copies]  # fmt: skip
-        raw = RawGroup(group_id=f"s{step}-g{i}", problem_id=f"p{i}", variant=samples[0].variant, prompt="q",
-                       answer="1", samples=samples, weight_version=min(s.weight_version for s in samples), step=step,
-                       temperature=0.8)  # fmt: skip
+        samples = [
+            Sample(
+                problem_id=f"p{i}",
+                variant="hinted" if i == 0 else "unhinted",
+                prompt_ids=prompt,
+                completion_ids=o.output_ids,
+                logprobs=o.logprobs,
+                finish_reason=o.finish_reason,
+                weight_version=o.weight_version,
+                text=o.text,
+            )
+            for o in copies
+        ]
+        raw = RawGroup(
+            group_id=f"s{step}-g{i}",
+            problem_id=f"p{i}",
+            variant=samples[0].variant,
+            prompt="q",
+            answer="1",
+            samples=samples,
+            weight_version=min(s.weight_version for s in samples),
+            step=step,
+            temperature=0.8,
+        )
         groups.append(ScoredGroup.from_raw(raw, [Score(reward=r) for r in rewards[i]]))
     return groups
 
@@ -153,11 +180,14 @@ async def test_train_push_drop_stale_and_resume(
         await task
 
 
-async def test_the_optimizer_takes_the_adam_settings(tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys,
-                                                     aredis: Redis) -> None:  # fmt: skip
+async def test_the_optimizer_takes_the_adam_settings(
+    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, aredis: Redis
+) -> None:
     default = await asyncio.to_thread(Trainer, settings(tiny_model, tmp_path / "a", redis_url, keys, ""), aredis, None)
     assert (tuple(default.optimizer.param_groups[0]["betas"]), default.optimizer.param_groups[0]["eps"]) == (
-        (0.9, 0.999), 1e-8)  # fmt: skip
+        (0.9, 0.999),
+        1e-8,
+    )
     cfg = settings(tiny_model, tmp_path / "b", redis_url, keys, "", adam_beta1=0.8, adam_beta2=0.95, adam_eps=1e-5)
     trainer = await asyncio.to_thread(Trainer, cfg, aredis, None)
     group = trainer.optimizer.param_groups[0]

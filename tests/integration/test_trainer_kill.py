@@ -22,12 +22,29 @@ N_GROUPS = 16
 
 def scored(i: int) -> ScoredGroup:
     samples = [
-        Sample(problem_id="p", variant="unhinted", prompt_ids=[1, 40, 41], completion_ids=[50 + j, 60],
-               logprobs=[-3.0, -4.0], finish_reason="stop", weight_version=0, text="")
+        Sample(
+            problem_id="p",
+            variant="unhinted",
+            prompt_ids=[1, 40, 41],
+            completion_ids=[50 + j, 60],
+            logprobs=[-3.0, -4.0],
+            finish_reason="stop",
+            weight_version=0,
+            text="",
+        )
         for j in range(2)
-    ]  # fmt: skip
-    raw = RawGroup(group_id=f"g{i:02d}", problem_id="p", variant="unhinted", prompt="q", answer="1", samples=samples,
-                   weight_version=0, step=1, temperature=0.8)  # fmt: skip
+    ]
+    raw = RawGroup(
+        group_id=f"g{i:02d}",
+        problem_id="p",
+        variant="unhinted",
+        prompt="q",
+        answer="1",
+        samples=samples,
+        weight_version=0,
+        step=1,
+        temperature=0.8,
+    )
     return ScoredGroup.from_raw(raw, [Score(reward=1.0), Score(reward=0.0)])
 
 
@@ -36,16 +53,23 @@ def ledger(ckpt: Path) -> list[str]:
     return checkpoint.load_state(latest).trained_group_ids if latest else []
 
 
-def test_kill_9_then_restart_trains_every_group_exactly_once(tiny_model: Path, tmp_path: Path, redis_url: str,
-                                                             keys: Keys) -> None:  # fmt: skip
+def test_kill_9_then_restart_trains_every_group_exactly_once(
+    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys
+) -> None:
     r = Redis.from_url(redis_url)
     ckpt = tmp_path / "ckpt"
-    env = {"REDIS_URL": redis_url, "POPE_TRAINER__KEY_PREFIX": keys.prefix, "POPE_TRAINER__ENGINE_URL": "",
-           "POPE_TRAINER__CHECKPOINT_DIR": str(ckpt), "POPE_TRAINER__PROMPTS_PER_STEP": "2",
-           "POPE_TRAINER__GROUP_SIZE": "2", "POPE_TRAINER__MAX_STALENESS": "1000",
-           "POPE_TRAINER__METRICS_LOG": str(tmp_path / "m.jsonl"),
-           "POPE_TRAINER__TENSORBOARD_DIR": str(tmp_path / "tb"),
-           "POPE_TRAINER__STREAMS": json.dumps({"block_ms": 100, "lease_ms": 2000})}  # fmt: skip
+    env = {
+        "REDIS_URL": redis_url,
+        "POPE_TRAINER__KEY_PREFIX": keys.prefix,
+        "POPE_TRAINER__ENGINE_URL": "",
+        "POPE_TRAINER__CHECKPOINT_DIR": str(ckpt),
+        "POPE_TRAINER__PROMPTS_PER_STEP": "2",
+        "POPE_TRAINER__GROUP_SIZE": "2",
+        "POPE_TRAINER__MAX_STALENESS": "1000",
+        "POPE_TRAINER__METRICS_LOG": str(tmp_path / "m.jsonl"),
+        "POPE_TRAINER__TENSORBOARD_DIR": str(tmp_path / "tb"),
+        "POPE_TRAINER__STREAMS": json.dumps({"block_ms": 100, "lease_ms": 2000}),
+    }
     for i in range(N_GROUPS):
         r.xadd(keys.scored, {DATA: encode(scored(i))})
     with running_pope(["trainer", "--model", str(tiny_model)], "/readyz", env) as first:

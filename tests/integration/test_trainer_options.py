@@ -31,11 +31,29 @@ def group(trainer: Trainer, gid: str, variant: Variant, rewards: list[float], tr
             logits = trainer.model(torch.tensor([prompt + completion])).logits[0] / 0.8
         lp = torch.log_softmax(logits, -1)
         logprobs = [float(lp[len(prompt) - 1 + k, t]) for k, t in enumerate(completion)]
-        samples.append(Sample(problem_id="p", variant=variant, prompt_ids=prompt, completion_ids=completion,
-                              logprobs=logprobs, weight_version=trainer.version, text="",
-                              finish_reason=FinishReason.LENGTH if truncated else FinishReason.STOP))  # fmt: skip
-    raw = RawGroup(group_id=gid, problem_id="p", variant=variant, prompt="q", answer="1", samples=samples,
-                   weight_version=trainer.version, step=trainer.version + 1, temperature=0.8)  # fmt: skip
+        samples.append(
+            Sample(
+                problem_id="p",
+                variant=variant,
+                prompt_ids=prompt,
+                completion_ids=completion,
+                logprobs=logprobs,
+                weight_version=trainer.version,
+                text="",
+                finish_reason=FinishReason.LENGTH if truncated else FinishReason.STOP,
+            )
+        )
+    raw = RawGroup(
+        group_id=gid,
+        problem_id="p",
+        variant=variant,
+        prompt="q",
+        answer="1",
+        samples=samples,
+        weight_version=trainer.version,
+        step=trainer.version + 1,
+        temperature=0.8,
+    )
     return ScoredGroup.from_raw(raw, [Score(reward=r) for r in rewards])
 
 
@@ -56,19 +74,38 @@ async def run_steps(trainer: Trainer, aredis: Redis, keys: Keys, batches: list[l
     return list(trainer.history)
 
 
-async def test_each_option_shows_in_the_metrics(tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys,
-                                                aredis: Redis) -> None:  # fmt: skip
+async def test_each_option_shows_in_the_metrics(
+    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, aredis: Redis
+) -> None:
     cfg = TrainerSettings(
-        model_path=str(tiny_model), checkpoint_dir=tmp_path / "ckpt", metrics_log=tmp_path / "m.jsonl",
+        model_path=str(tiny_model),
+        checkpoint_dir=tmp_path / "ckpt",
+        metrics_log=tmp_path / "m.jsonl",
         tensorboard_dir=tmp_path / "tb",
-        redis_url=redis_url, key_prefix=keys.prefix, streams=POLICY, prompts_per_step=3, group_size=4,
-        learning_rate=1e-2, lr_schedule="cosine", warmup_steps=2, total_steps=4, filter_zero_variance=True,
-        kl_coef=0.1, entropy_coef=0.01, tis_cap=2.0, clip_eps_high=0.28, mask_truncated=True,
-        variant_weights={"hinted": 2.0, "unhinted": 1.0}, max_steps=2,
-    )  # fmt: skip
+        redis_url=redis_url,
+        key_prefix=keys.prefix,
+        streams=POLICY,
+        prompts_per_step=3,
+        group_size=4,
+        learning_rate=1e-2,
+        lr_schedule="cosine",
+        warmup_steps=2,
+        total_steps=4,
+        filter_zero_variance=True,
+        kl_coef=0.1,
+        entropy_coef=0.01,
+        tis_cap=2.0,
+        clip_eps_high=0.28,
+        mask_truncated=True,
+        variant_weights={"hinted": 2.0, "unhinted": 1.0},
+        max_steps=2,
+    )
     trainer = await asyncio.to_thread(Trainer, cfg, aredis, None)
-    first = [group(trainer, "a", Variant.HINTED, [1, 0, 0, 1]), group(trainer, "b", Variant.UNHINTED, [0, 0, 0, 0]),
-             group(trainer, "c", Variant.UNHINTED, [1, 0, 1, 0], truncated=True)]  # fmt: skip
+    first = [
+        group(trainer, "a", Variant.HINTED, [1, 0, 0, 1]),
+        group(trainer, "b", Variant.UNHINTED, [0, 0, 0, 0]),
+        group(trainer, "c", Variant.UNHINTED, [1, 0, 1, 0], truncated=True),
+    ]
     [one] = await run_steps(trainer, aredis, keys, [first])
     assert one["groups_filtered_zero_variance"] == 1  # group b: no signal, left out, counted
     assert one["unhinted/zero_variance_frac"] == 0.5 and one["hinted/zero_variance_frac"] == 0.0

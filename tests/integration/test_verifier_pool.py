@@ -61,8 +61,15 @@ async def test_worker_killed_mid_answer_is_replaced_and_the_group_still_scored()
 
 
 async def test_garbage_and_huge_inputs_do_not_break_scoring(pool: ScoringPool) -> None:
-    weird = ["", "\\boxed{", "}}}{{{", "\\boxed{\\frac{1}{0}}", "\x00\xff" * 100, "\\boxed{" + "(" * 5000 + "}",
-             "a" * 200_000]  # fmt: skip
+    weird = [
+        "",
+        "\\boxed{",
+        "}}}{{{",
+        "\\boxed{\\frac{1}{0}}",
+        "\x00\xff" * 100,
+        "\\boxed{" + "(" * 5000 + "}",
+        "a" * 200_000,
+    ]
     scores = await pool.score("1", weird)
     assert len(scores) == len(weird) and all(s.reward == 0.0 for s in scores)
     assert pool.alive()

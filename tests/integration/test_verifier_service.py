@@ -51,12 +51,29 @@ def test_verify_over_http(redis_url: str, keys: Keys) -> None:
 def raw_group(i: int, slow: bool) -> RawGroup:
     texts = ["\\boxed{4}", TOWER if slow else "\\boxed{5}", "\\boxed{2+2}"]
     samples = [
-        Sample(problem_id=f"p{i}", variant="unhinted", prompt_ids=[1], completion_ids=[2], logprobs=[-0.1],
-               finish_reason="stop", weight_version=0, text=t)
+        Sample(
+            problem_id=f"p{i}",
+            variant="unhinted",
+            prompt_ids=[1],
+            completion_ids=[2],
+            logprobs=[-0.1],
+            finish_reason="stop",
+            weight_version=0,
+            text=t,
+        )
         for t in texts
-    ]  # fmt: skip
-    return RawGroup(group_id=f"g{i}", problem_id=f"p{i}", variant="unhinted", prompt="2+2?", answer="4",
-                    samples=samples, weight_version=0, step=0, temperature=1.0)  # fmt: skip
+    ]
+    return RawGroup(
+        group_id=f"g{i}",
+        problem_id=f"p{i}",
+        variant="unhinted",
+        prompt="2+2?",
+        answer="4",
+        samples=samples,
+        weight_version=0,
+        step=0,
+        temperature=1.0,
+    )
 
 
 def scored(r: Redis, keys: Keys) -> list[ScoredGroup]:
@@ -76,10 +93,17 @@ def wait_scored(r: Redis, keys: Keys, n: int, within_s: float = 60) -> None:
 def test_killed_verifier_loses_no_group_and_none_is_scored_twice(redis_url: str, keys: Keys) -> None:
     r = Redis.from_url(redis_url)
     n = 8
-    env = env_for(redis_url, keys, POPE_VERIFIER__TIMEOUT_S="1.5", POPE_VERIFIER__STREAMS__LEASE_MS="1000",
-                  POPE_VERIFIER__STREAMS__BLOCK_MS="200")  # fmt: skip
-    with running_pope(["verifier", "--workers", "1"], "/readyz", env) as a, \
-            running_pope(["verifier", "--workers", "1"], "/readyz", env) as b:  # fmt: skip
+    env = env_for(
+        redis_url,
+        keys,
+        POPE_VERIFIER__TIMEOUT_S="1.5",
+        POPE_VERIFIER__STREAMS__LEASE_MS="1000",
+        POPE_VERIFIER__STREAMS__BLOCK_MS="200",
+    )
+    with (
+        running_pope(["verifier", "--workers", "1"], "/readyz", env) as a,
+        running_pope(["verifier", "--workers", "1"], "/readyz", env) as b,
+    ):
         for i in range(n):
             r.xadd(keys.rollouts, {DATA: encode(raw_group(i, slow=True))})
         wait_scored(r, keys, 1)

@@ -55,8 +55,9 @@ def test_model_init_builds_a_model_transformers_loads(tmp_path: Path) -> None:
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "m"))
     assert type(model).__name__ == "Qwen3ForCausalLM" and model.config.vocab_size == len(tok)
     assert (tmp_path / "m" / "model.safetensors").is_file()
-    text = tok.apply_chat_template([{"role": "user", "content": "Compute 2+2."}], add_generation_prompt=True,
-                                   tokenize=False)  # fmt: skip
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Compute 2+2."}], add_generation_prompt=True, tokenize=False
+    )
     assert text.endswith("<|im_start|>assistant\n") and tok.eos_token == "<|im_end|>"
 
 

@@ -49,7 +49,12 @@ def write_jsonl(path: Path, lines: list[str]) -> Path:
 def test_mapping_renames_columns_ignores_others_and_stringifies_answers() -> None:
     p = to_problem(MATH_ROWS[0], ImportOptions(MATH_MAP, split="eval", source="math"))
     assert (p.prompt, p.answer, p.solution, p.split, p.source) == (
-        "Compute $2+2$.", "4", "Add: $\\boxed{4}$.", "eval", "math")  # fmt: skip
+        "Compute $2+2$.",
+        "4",
+        "Add: $\\boxed{4}$.",
+        "eval",
+        "math",
+    )
     assert p.id == problem_id_for("Compute $2+2$.", "4")
 
 
@@ -72,16 +77,19 @@ def test_parse_map_and_unknown_fields() -> None:
 
 
 def test_bad_rows_name_line_and_field_and_good_rows_still_import(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        '{"prompt": "Compute 1+1.", "answer": "2"}',
-        "",
-        '{"prompt": "Compute 1+2.", "answer": ""}',
-        '{"prompt": "Compute 1+3.", "answer": "4", "split": "test"}',
-        '{"prompt": "Compute 1+4.", "answer": "5",',
-        "[1, 2]",
-        '{"prompt": "Compute 1+5.", "answer": "6", "label": "hard_hinted"}',
-        '{"prompt": "Compute 1+6.", "answer": "7"}',
-    ])  # fmt: skip
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            '{"prompt": "Compute 1+1.", "answer": "2"}',
+            "",
+            '{"prompt": "Compute 1+2.", "answer": ""}',
+            '{"prompt": "Compute 1+3.", "answer": "4", "split": "test"}',
+            '{"prompt": "Compute 1+4.", "answer": "5",',
+            "[1, 2]",
+            '{"prompt": "Compute 1+5.", "answer": "6", "label": "hard_hinted"}',
+            '{"prompt": "Compute 1+6.", "answer": "7"}',
+        ],
+    )
     batch, report = plan_import(read_rows(path), [], ImportOptions())
     assert sorted(p.prompt for p in batch) == ["Compute 1+1.", "Compute 1+6."]
     assert (report.read, report.imported, len(report.errors)) == (7, 2, 5)
@@ -102,8 +110,15 @@ def test_a_missing_mapped_column_names_the_column() -> None:
 
 
 def test_nested_errors_have_dotted_paths() -> None:
-    search = {"label": "easy", "unhinted_attempts": "many", "unhinted_successes": 0, "tokens_spent": 1,
-              "method": "linear", "config": "c", "template_version": "v1"}  # fmt: skip
+    search = {
+        "label": "easy",
+        "unhinted_attempts": "many",
+        "unhinted_successes": 0,
+        "tokens_spent": 1,
+        "method": "linear",
+        "config": "c",
+        "template_version": "v1",
+    }
     _, report = plan([{"prompt": "q", "answer": "a", "search": search}])
     assert [e.field for e in report.errors] == ["search.unhinted_attempts"]
 
@@ -126,27 +141,47 @@ def test_duplicates_by_normalized_text_and_answer_within_a_split() -> None:
 
 def test_stored_problems_count_as_replaced_or_duplicate() -> None:
     stored = [Problem(prompt="What is 6*7?", answer="42")]
-    batch, report = plan([{"prompt": "What is 6*7?", "answer": "42"}, {"prompt": "what is 6 * 7 ?", "answer": "42"}],
-                         stored)  # fmt: skip
+    batch, report = plan(
+        [{"prompt": "What is 6*7?", "answer": "42"}, {"prompt": "what is 6 * 7 ?", "answer": "42"}], stored
+    )
     assert (report.imported, report.replaced, report.duplicates) == (0, 1, 1)
     assert [p.id for p in batch] == [stored[0].id]
 
 
 def test_reimport_keeps_what_the_hint_search_found() -> None:
-    search = HintSearch(label=ProblemLabel.HARD_HINTED, unhinted_attempts=8, unhinted_successes=0, prefix_chars=5,
-                        prefix_fraction=0.2, hinted_successes=1, tokens_spent=100, method="linear", config="c",
-                        template_version="v1")  # fmt: skip
+    search = HintSearch(
+        label=ProblemLabel.HARD_HINTED,
+        unhinted_attempts=8,
+        unhinted_successes=0,
+        prefix_chars=5,
+        prefix_fraction=0.2,
+        hinted_successes=1,
+        tokens_spent=100,
+        method="linear",
+        config="c",
+        template_version="v1",
+    )
     old = Problem(prompt="q", answer="a", solution="hello world", hint="hello", label="hard_hinted", search=search)
     [new], _ = plan([{"prompt": "q", "answer": "a", "solution": "hello world", "source": "again"}], [old])
     assert (new.label, new.search, new.hint, new.source) == (ProblemLabel.HARD_HINTED, search, "hello", "again")
 
 
 def test_a_problem_changed_under_its_id_keeps_no_old_search() -> None:
-    search = HintSearch(label=ProblemLabel.HARD_HINTED, unhinted_attempts=8, unhinted_successes=0, prefix_chars=5,
-                        prefix_fraction=0.2, hinted_successes=1, tokens_spent=100, method="linear", config="c",
-                        template_version="v1")  # fmt: skip
-    old = Problem(id="q1", prompt="q", answer="a", solution="hello world", hint="hello", label="hard_hinted",
-                  search=search)  # fmt: skip
+    search = HintSearch(
+        label=ProblemLabel.HARD_HINTED,
+        unhinted_attempts=8,
+        unhinted_successes=0,
+        prefix_chars=5,
+        prefix_fraction=0.2,
+        hinted_successes=1,
+        tokens_spent=100,
+        method="linear",
+        config="c",
+        template_version="v1",
+    )
+    old = Problem(
+        id="q1", prompt="q", answer="a", solution="hello world", hint="hello", label="hard_hinted", search=search
+    )
     [new], report = plan([{"id": "q1", "prompt": "q, but another", "answer": "b"}], [old])
     assert report.replaced == 1 and (new.label, new.search, new.hint) == (None, None, None)
 
@@ -168,8 +203,10 @@ def test_train_copy_of_an_eval_problem_is_excluded() -> None:
 def test_leakage_against_the_store_both_ways() -> None:
     stored_train = Problem(prompt="Compute 2+2.", answer="4")
     stored_eval = Problem(prompt="Compute 3+3.", answer="6", split="eval")
-    batch, report = plan([{"prompt": "Compute 2+2.", "answer": "4", "split": "eval"},
-                          {"prompt": "Compute 3+3.", "answer": "6"}], [stored_train, stored_eval])  # fmt: skip
+    batch, report = plan(
+        [{"prompt": "Compute 2+2.", "answer": "4", "split": "eval"}, {"prompt": "Compute 3+3.", "answer": "6"}],
+        [stored_train, stored_eval],
+    )
     excluded = {p.id: p.excluded for p in batch if p.split == "train"}
     # The train row has the stored eval problem's content, so its id is made to name its split.
     assert set(excluded) == {stored_train.id, problem_id_for("Compute 3+3.", "6") + "-train"}
@@ -182,7 +219,9 @@ def test_the_very_same_problem_in_both_splits_keeps_both_copies() -> None:
     eval_id = problem_id_for("Compute 2+2.", "4")
     batch, report = plan(items)
     assert [(p.id, p.split, p.excluded) for p in batch] == [
-        (eval_id, "eval", None), (eval_id + "-train", "train", f"same problem as eval problem {eval_id}")]  # fmt: skip
+        (eval_id, "eval", None),
+        (eval_id + "-train", "train", f"same problem as eval problem {eval_id}"),
+    ]
     assert report.excluded == 1 and [(x.train_id, x.eval_id) for x in report.leaked] == [(eval_id + "-train", eval_id)]
     # Importing the train copy again (now against the store) finds that copy, not a new one.
     again, report2 = plan(items[1:], batch)

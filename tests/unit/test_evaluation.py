@@ -44,7 +44,8 @@ def test_summary_averages_over_problems_per_variant() -> None:
     assert s["unhinted"]["pass@2"] == pytest.approx((0.5 + 0) / 2)
     assert s["unhinted"]["truncated_frac"] == pytest.approx(1 / 8) and s["unhinted"]["response_tokens_mean"] == 7.5
     assert s["hinted"]["pass@1"] == 1.0 and s["hinted"]["problems"] == 1
-    report = EvalReport(split="eval", k=2, weight_versions=[3], settings=EvalSettings(k=2), summary=s,
-                        problems=results, seconds=1.0)  # fmt: skip
+    report = EvalReport(
+        split="eval", k=2, weight_versions=[3], settings=EvalSettings(k=2), summary=s, problems=results, seconds=1.0
+    )
     table = to_markdown(report)
     assert "| unhinted | 2 | 0.125 | 0.250 | 7.5 | 12.5% |" in table and "weight version(s) [3]" in table

@@ -22,15 +22,26 @@ from services.tasks.experiment import (
 
 
 def _row(step: int, variant: str, reward: float, problem: str, text: str) -> dict[str, object]:
-    return {"step": step, "variant": variant, "reward": reward, "problem_id": problem, "prompt": f"P {problem}",
-            "text": text, "group_id": "g"}  # fmt: skip
+    return {
+        "step": step,
+        "variant": variant,
+        "reward": reward,
+        "problem_id": problem,
+        "prompt": f"P {problem}",
+        "text": text,
+        "group_id": "g",
+    }
 
 
 def test_examples_pair_the_last_solved_hinted_sample_with_an_unhinted_one_of_its_problem(tmp_path: Path) -> None:
     archive = tmp_path / "rollouts.jsonl"
-    rows = [_row(1, "hinted", 1.0, "a", "early win"), _row(2, "unhinted", 0.0, "b", "b plain"),
-            _row(3, "hinted", 1.0, "b", "late win"), _row(3, "hinted", 0.0, "c", "loss"),
-            _row(4, "unhinted", 0.0, "b", "b plain later")]  # fmt: skip
+    rows = [
+        _row(1, "hinted", 1.0, "a", "early win"),
+        _row(2, "unhinted", 0.0, "b", "b plain"),
+        _row(3, "hinted", 1.0, "b", "late win"),
+        _row(3, "hinted", 0.0, "c", "loss"),
+        _row(4, "unhinted", 0.0, "b", "b plain later"),
+    ]
     archive.write_text("".join(json.dumps(r) + "\n" for r in rows))
     picked = examples(archive)
     assert [(e["variant"], e["text"]) for e in picked] == [("hinted", "late win"), ("unhinted", "b plain later")]
@@ -58,13 +69,29 @@ def test_arms_differ_only_in_problems_and_hinted_share(tmp_path: Path) -> None:
 
 def test_arm_problems_strip_hints_and_verdicts_for_grpo_and_keep_them_for_pope() -> None:
     hard, _, easy = task_problems(Spec(train_problems=3, eval_problems=10))
-    hinted = hard[0].model_copy(update={"hint": "Largest: 50", "label": ProblemLabel.HARD_HINTED,
-                                        "search": HintSearch.model_validate({
-                                            "label": "hard_hinted", "unhinted_attempts": 8, "unhinted_successes": 0,
-                                            "prefix_chars": 11, "prefix_fraction": 0.1, "prefix_tokens": 3,
-                                            "hinted_attempts": 8, "hinted_successes": 1, "tokens_spent": 10,
-                                            "config": "x", "model_path": "m", "method": "linear",
-                                            "template_version": "gaps-v1"})})  # fmt: skip
+    hinted = hard[0].model_copy(
+        update={
+            "hint": "Largest: 50",
+            "label": ProblemLabel.HARD_HINTED,
+            "search": HintSearch.model_validate(
+                {
+                    "label": "hard_hinted",
+                    "unhinted_attempts": 8,
+                    "unhinted_successes": 0,
+                    "prefix_chars": 11,
+                    "prefix_fraction": 0.1,
+                    "prefix_tokens": 3,
+                    "hinted_attempts": 8,
+                    "hinted_successes": 1,
+                    "tokens_spent": 10,
+                    "config": "x",
+                    "model_path": "m",
+                    "method": "linear",
+                    "template_version": "gaps-v1",
+                }
+            ),
+        }
+    )
     searched = [hinted, *hard[1:]]
     arms = arm_problems(searched, easy)
     assert arms["pope"] == searched and arms["hinted_only"] == [hinted]
@@ -79,8 +106,13 @@ def test_a_base_that_solves_hard_problems_unhinted_is_warned_about() -> None:
     """The comparison tests POPE only where the base never solves the hard split unhinted."""
 
     def base(unhinted: float) -> dict[str, object]:
-        return {"k": 8, "summary": {"unhinted": {"pass@1": unhinted / 4, "pass@8": unhinted},
-                                    "hinted": {"pass@1": 0.9, "pass@8": 1.0}}}  # fmt: skip
+        return {
+            "k": 8,
+            "summary": {
+                "unhinted": {"pass@1": unhinted / 4, "pass@8": unhinted},
+                "hinted": {"pass@1": 0.9, "pass@8": 1.0},
+            },
+        }
 
     assert within_reach(base(0.0)) is None
     warning = within_reach(base(0.115))
@@ -92,8 +124,13 @@ def test_trainer_options_are_checked_against_the_trainers_settings_and_reach_eve
     assert extra == {"grad_clip": 1.0, "kl_coef": 0.05, "lr_schedule": "cosine", "tis_cap": None}
     config = run_config(Spec(extra=extra), "grpo", 0, tmp_path)
     assert config["trainer"]["kl_coef"] == 0.05 and config["trainer"]["grad_clip"] == 1.0
-    for bad, says in [("kl_coef", "KEY=VALUE"), ("kl_coef=-1", "greater than or equal to 0"),
-                      ("kl_coeff=0.1", "not a trainer setting"), ("checkpoint_dir=/tmp", "not a trainer setting"),
-                      ("learning_rate=1e-4", "--lr"), ("lr_schedule=linear", "'constant'")]:  # fmt: skip
+    for bad, says in [
+        ("kl_coef", "KEY=VALUE"),
+        ("kl_coef=-1", "greater than or equal to 0"),
+        ("kl_coeff=0.1", "not a trainer setting"),
+        ("checkpoint_dir=/tmp", "not a trainer setting"),
+        ("learning_rate=1e-4", "--lr"),
+        ("lr_schedule=linear", "'constant'"),
+    ]:
         with pytest.raises(SystemExit, match=says):
             trainer_extra([bad], {})

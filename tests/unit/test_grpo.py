@@ -14,13 +14,38 @@ from services.trainer.grpo import LossConfig, group_advantages, policy_loss
 CONSTANT = LossConfig()
 
 
-def scored(prompt: list[int], completions: list[list[int]], rewards: list[float], variant: str = "hinted",
-           finish: FinishReason = FinishReason.STOP) -> ScoredGroup:  # fmt: skip
-    samples = [Sample(problem_id="p", variant=variant, prompt_ids=prompt, completion_ids=c, logprobs=[-0.5] * len(c),
-                      finish_reason=finish, weight_version=0, text="") for c in completions]  # fmt: skip
-    return ScoredGroup(group_id="g", problem_id="p", variant=variant, prompt="q + hint", answer="1",
-                       samples=samples, weight_version=0, step=1, temperature=0.8,
-                       scores=[Score(reward=r) for r in rewards])  # fmt: skip
+def scored(
+    prompt: list[int],
+    completions: list[list[int]],
+    rewards: list[float],
+    variant: str = "hinted",
+    finish: FinishReason = FinishReason.STOP,
+) -> ScoredGroup:
+    samples = [
+        Sample(
+            problem_id="p",
+            variant=variant,
+            prompt_ids=prompt,
+            completion_ids=c,
+            logprobs=[-0.5] * len(c),
+            finish_reason=finish,
+            weight_version=0,
+            text="",
+        )
+        for c in completions
+    ]
+    return ScoredGroup(
+        group_id="g",
+        problem_id="p",
+        variant=variant,
+        prompt="q + hint",
+        answer="1",
+        samples=samples,
+        weight_version=0,
+        step=1,
+        temperature=0.8,
+        scores=[Score(reward=r) for r in rewards],
+    )
 
 
 def test_advantage_is_reward_minus_group_mean() -> None:

@@ -34,19 +34,46 @@ def random_batch(seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(("agg", "clip", "tis", "kl", "ent"), COMBOS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_loss_and_gradients_match_the_reference(agg: str, clip: tuple[float, float], tis: float | None,
-                                                kl: tuple[float, str], ent: float, seed: int) -> None:  # fmt: skip
+def test_loss_and_gradients_match_the_reference(
+    agg: str, clip: tuple[float, float], tis: float | None, kl: tuple[float, str], ent: float, seed: int
+) -> None:
     b = random_batch(seed)
-    cfg = LossConfig(agg=agg, clip_eps_low=clip[0], clip_eps_high=clip[1], tis_cap=tis, kl_coef=kl[0],  # type: ignore[arg-type]
-                     kl_estimator=kl[1], entropy_coef=ent)  # fmt: skip
-    norm = normalizer(agg, nominal_samples=8, max_response_tokens=16, step_tokens=int(b["mask"].sum()),  # type: ignore[arg-type]
-                      step_sequences=int((b["mask"].sum(-1) > 0).sum()))  # fmt: skip
+    cfg = LossConfig(
+        agg=agg,
+        clip_eps_low=clip[0],
+        clip_eps_high=clip[1],
+        tis_cap=tis,
+        kl_coef=kl[0],  # type: ignore[arg-type]
+        kl_estimator=kl[1],
+        entropy_coef=ent,
+    )
+    norm = normalizer(
+        agg,
+        nominal_samples=8,
+        max_response_tokens=16,
+        step_tokens=int(b["mask"].sum()),  # type: ignore[arg-type]
+        step_sequences=int((b["mask"].sum(-1) > 0).sum()),
+    )
     ours_new, ref_new = b["new"].clone().requires_grad_(), b["new"].clone().requires_grad_()
     ours_ent, ref_ent = b["entropy"].clone().requires_grad_(), b["entropy"].clone().requires_grad_()
     loss, _ = policy_loss(ours_new, b["old"], b["adv"], b["mask"], cfg, norm, ref_lp=b["ref"], entropy=ours_ent)
-    expected = reference_loss(ref_new, b["old"], b["adv"], b["mask"], agg=agg, eps_low=clip[0], eps_high=clip[1],
-                              tis_cap=tis, kl_coef=kl[0], ref=b["ref"], kl_estimator=kl[1], entropy_coef=ent,
-                              entropy=ref_ent, nominal_samples=8, max_response_tokens=16)  # fmt: skip
+    expected = reference_loss(
+        ref_new,
+        b["old"],
+        b["adv"],
+        b["mask"],
+        agg=agg,
+        eps_low=clip[0],
+        eps_high=clip[1],
+        tis_cap=tis,
+        kl_coef=kl[0],
+        ref=b["ref"],
+        kl_estimator=kl[1],
+        entropy_coef=ent,
+        entropy=ref_ent,
+        nominal_samples=8,
+        max_response_tokens=16,
+    )
     loss.backward()
     expected.backward()
     assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5, abs=1e-7)
@@ -64,8 +91,13 @@ def test_an_on_policy_step_is_the_plain_policy_gradient(agg: str, tis: float | N
     (per token length too, for seq_mean): REINFORCE with the group baseline."""
     b = random_batch(3)
     new = b["old"].clone().requires_grad_()
-    norm = normalizer(agg, nominal_samples=8, max_response_tokens=16, step_tokens=int(b["mask"].sum()),  # type: ignore[arg-type]
-                      step_sequences=int((b["mask"].sum(-1) > 0).sum()))  # fmt: skip
+    norm = normalizer(
+        agg,
+        nominal_samples=8,
+        max_response_tokens=16,
+        step_tokens=int(b["mask"].sum()),  # type: ignore[arg-type]
+        step_sequences=int((b["mask"].sum(-1) > 0).sum()),
+    )
     loss, _ = policy_loss(new, b["old"], b["adv"], b["mask"], LossConfig(agg=agg, tis_cap=tis), norm)  # type: ignore[arg-type]
     loss.backward()
     per_token = b["adv"][:, None] * b["mask"] / norm
@@ -93,16 +125,35 @@ def test_through_a_real_model_the_step_gradient_is_the_policy_gradient(tiny_mode
             lp = torch.log_softmax(logits, -1)
             old.append([float(lp[len(p) - 1 + k, tok]) for k, tok in enumerate(c)])
     samples = [
-        Sample(problem_id="q", variant="hinted", prompt_ids=p, completion_ids=c, logprobs=o, finish_reason="stop",
-               weight_version=0, text="")
+        Sample(
+            problem_id="q",
+            variant="hinted",
+            prompt_ids=p,
+            completion_ids=c,
+            logprobs=o,
+            finish_reason="stop",
+            weight_version=0,
+            text="",
+        )
         for p, c, o in zip(prompts, completions, old, strict=True)
-    ]  # fmt: skip
+    ]
     scores = [Score(reward=r) for r in rewards]
-    group = ScoredGroup(group_id="g", problem_id="q", variant="hinted", prompt="", answer="1", samples=samples,
-                        weight_version=0, step=1, temperature=temperature, scores=scores)  # fmt: skip
+    group = ScoredGroup(
+        group_id="g",
+        problem_id="q",
+        variant="hinted",
+        prompt="",
+        answer="1",
+        samples=samples,
+        weight_version=0,
+        step=1,
+        temperature=temperature,
+        scores=scores,
+    )
     b = collate(rows_from_groups([group], scale_by_std=False, mask_truncated=False), pad_id=0)
-    new, entropy = token_logprobs(model, b.input_ids, b.attention_mask, b.temperature.double(), with_entropy=True,
-                                  chunk_tokens=chunk)  # fmt: skip
+    new, entropy = token_logprobs(
+        model, b.input_ids, b.attention_mask, b.temperature.double(), with_entropy=True, chunk_tokens=chunk
+    )
     assert entropy is not None
     with torch.no_grad():  # entropy of row 1's first completion position, computed plainly
         lp = torch.log_softmax(model(torch.tensor([prompts[1] + completions[1]])).logits[0] / temperature, -1)

@@ -22,8 +22,19 @@ trl = pytest.importorskip("trl", reason="trl is installed with the test extras")
 PAIRS = [("grpo", "seq_mean"), ("bnpo", "token_mean"), ("dr_grpo", "dr_grpo")]
 
 
-def trl_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, *, loss_type: str,
-             eps_low: float, eps_high: float, beta: float, ref: torch.Tensor | None, max_len: int) -> Any:  # fmt: skip
+def trl_loss(
+    new_lp: torch.Tensor,
+    old_lp: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+    ref: torch.Tensor | None,
+    max_len: int,
+) -> Any:
     t: Any = trl.GRPOTrainer.__new__(trl.GRPOTrainer)
     t.model = torch.nn.Linear(1, 1).train()
     t.top_entropy_quantile, t.off_policy_mask_threshold, t.importance_sampling_level = 1.0, None, "token"
@@ -35,9 +46,14 @@ def trl_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, mask
     t._metrics = defaultdict(lambda: defaultdict(list))
     t._get_per_token_logps_and_entropies = lambda *a, **k: (new_lp, torch.zeros_like(new_lp), None)
     n, width = new_lp.shape
-    inputs = {"prompt_ids": torch.zeros(n, 2, dtype=torch.long), "prompt_mask": torch.ones(n, 2, dtype=torch.long),
-              "completion_ids": torch.zeros(n, width, dtype=torch.long), "completion_mask": mask.long(),
-              "advantages": adv, "old_per_token_logps": old_lp}  # fmt: skip
+    inputs = {
+        "prompt_ids": torch.zeros(n, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(n, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(n, width, dtype=torch.long),
+        "completion_mask": mask.long(),
+        "advantages": adv,
+        "old_per_token_logps": old_lp,
+    }
     if ref is not None:
         inputs["ref_per_token_logps"] = ref
     return t._compute_loss(None, inputs)
@@ -47,8 +63,9 @@ def trl_loss(new_lp: torch.Tensor, old_lp: torch.Tensor, adv: torch.Tensor, mask
 @pytest.mark.parametrize("clip", [(0.2, 0.2), (0.2, 0.28)])
 @pytest.mark.parametrize("beta", [0.0, 0.05])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_loss_and_gradient_match_trl(trl_type: str, ours: str, clip: tuple[float, float], beta: float,
-                                     seed: int) -> None:  # fmt: skip
+def test_loss_and_gradient_match_trl(
+    trl_type: str, ours: str, clip: tuple[float, float], beta: float, seed: int
+) -> None:
     g = torch.Generator().manual_seed(seed)
     n, width = 6, 9
     old = -torch.rand(n, width, generator=g) * 3
@@ -60,14 +77,29 @@ def test_loss_and_gradient_match_trl(trl_type: str, ours: str, clip: tuple[float
     adv = torch.randn(n, generator=g)
 
     theirs_new = drift.clone().requires_grad_()
-    theirs = trl_loss(theirs_new, old, adv, mask, loss_type=trl_type, eps_low=clip[0], eps_high=clip[1], beta=beta,
-                      ref=ref if beta else None, max_len=width)  # fmt: skip
+    theirs = trl_loss(
+        theirs_new,
+        old,
+        adv,
+        mask,
+        loss_type=trl_type,
+        eps_low=clip[0],
+        eps_high=clip[1],
+        beta=beta,
+        ref=ref if beta else None,
+        max_len=width,
+    )
     theirs.backward()
 
     mine_new = drift.clone().requires_grad_()
     cfg = LossConfig(agg=ours, clip_eps_low=clip[0], clip_eps_high=clip[1], kl_coef=beta)  # type: ignore[arg-type]
-    norm = normalizer(ours, nominal_samples=n, max_response_tokens=width, step_tokens=int(mask.sum()),  # type: ignore[arg-type]
-                      step_sequences=n)  # fmt: skip
+    norm = normalizer(
+        ours,
+        nominal_samples=n,
+        max_response_tokens=width,
+        step_tokens=int(mask.sum()),  # type: ignore[arg-type]
+        step_sequences=n,
+    )
     mine, _ = policy_loss(mine_new, old, adv, mask, cfg, norm, ref_lp=ref)
     mine.backward()
 

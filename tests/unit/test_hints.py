@@ -16,8 +16,11 @@ def test_paragraphs_come_first_and_cuts_stop_at_max_fraction() -> None:
     solution = "Step one.\n\nStep two.\n\nStep three.\n\n" + "x" * 200
     level, cuts = cut_points(solution, char_tokens(solution), max_fraction=0.25)
     assert level == "paragraph"
-    assert [solution[: c.chars] for c in cuts] == ["Step one.", "Step one.\n\nStep two.",
-                                                   "Step one.\n\nStep two.\n\nStep three."]  # fmt: skip
+    assert [solution[: c.chars] for c in cuts] == [
+        "Step one.",
+        "Step one.\n\nStep two.",
+        "Step one.\n\nStep two.\n\nStep three.",
+    ]
     assert all(c.fraction <= 0.25 and c.tokens == c.chars for c in cuts)
     # A quarter of the 235 characters allows none of the 200-long tail.
     assert cuts[-1].fraction == pytest.approx(len("Step one.\n\nStep two.\n\nStep three.") / len(solution))
@@ -27,9 +30,12 @@ def test_sentences_then_lines_when_paragraphs_are_too_few() -> None:
     solution = "Let x be 3. Then 2x is 6. So y = 3.5 here! Done? " + "z" * 200
     level, cuts = cut_points(solution, char_tokens(solution), max_fraction=0.25)
     assert level == "sentence"
-    assert [solution[: c.chars] for c in cuts] == ["Let x be 3.", "Let x be 3. Then 2x is 6.",
-                                                   "Let x be 3. Then 2x is 6. So y = 3.5 here!",
-                                                   "Let x be 3. Then 2x is 6. So y = 3.5 here! Done?"]  # fmt: skip
+    assert [solution[: c.chars] for c in cuts] == [
+        "Let x be 3.",
+        "Let x be 3. Then 2x is 6.",
+        "Let x be 3. Then 2x is 6. So y = 3.5 here!",
+        "Let x be 3. Then 2x is 6. So y = 3.5 here! Done?",
+    ]
     lines = "a = 1\nb = 2\nc = 3\n" + "w" * 100
     level, cuts = cut_points(lines, char_tokens(lines), max_fraction=0.25)
     assert level == "line" and [lines[: c.chars] for c in cuts] == ["a = 1", "a = 1\nb = 2", "a = 1\nb = 2\nc = 3"]

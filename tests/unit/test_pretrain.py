@@ -31,15 +31,27 @@ def test_pretraining_goes_on_from_a_given_model_and_records_it(tmp_path: Path) -
 
 
 def test_the_cli_refuses_a_start_that_is_not_a_model(tmp_path: Path) -> None:
-    out = subprocess.run([POPE, "model", "pretrain", "--out", str(tmp_path / "b"), "--from", str(tmp_path)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [POPE, "model", "pretrain", "--out", str(tmp_path / "b"), "--from", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0 and "not a model directory" in out.stderr
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
-    out = subprocess.run([POPE, "model", "pretrain", "--out", str(tmp_path / "m"), "--from", str(tmp_path / "m")],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [POPE, "model", "pretrain", "--out", str(tmp_path / "m"), "--from", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0 and "write the new model elsewhere" in out.stderr
-    out = subprocess.run([POPE, "model", "pretrain", "--out", str(tmp_path / "b"), "--lr", "0"],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [POPE, "model", "pretrain", "--out", str(tmp_path / "b"), "--lr", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode != 0 and "--lr must be positive" in out.stderr
     assert not (tmp_path / "b").exists()

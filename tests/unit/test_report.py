@@ -15,32 +15,61 @@ def evaluation(unhinted: tuple[float, float], hinted: tuple[float, float] | None
     """An EvalReport dump (model_dump(mode="json")) with the given (pass@1, pass@k) per variant."""
 
     def row(p1: float, pk: float) -> dict[str, float]:
-        return {"problems": 20.0, "samples": 160.0, "pass@1": p1, f"pass@{k}": pk,
-                "response_tokens_mean": 61.5, "truncated_frac": 0.0125}  # fmt: skip
+        return {
+            "problems": 20.0,
+            "samples": 160.0,
+            "pass@1": p1,
+            f"pass@{k}": pk,
+            "response_tokens_mean": 61.5,
+            "truncated_frac": 0.0125,
+        }
 
     summary = {"unhinted": row(*unhinted)}
     if hinted is not None:
         summary["hinted"] = row(*hinted)
     settings = {"split": "eval", "k": k, "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 256}
-    return {"split": "eval", "k": k, "weight_versions": [0], "settings": settings, "summary": summary,
-            "problems": [], "seconds": 12.5}  # fmt: skip
+    return {
+        "split": "eval",
+        "k": k,
+        "weight_versions": [0],
+        "settings": settings,
+        "summary": summary,
+        "problems": [],
+        "seconds": 12.5,
+    }
 
 
 def run_data(after_unhinted_pk: float, title: str = "POPE run <b>seed 1</b>") -> dict[str, Any]:
     metrics: list[dict[str, Any]] = []
     for step in range(1, 13):
-        m: dict[str, Any] = {"step": step, "loss": 0.1, "entropy": 0.5, "reward_unhinted": 0.02 * (step % 3),
-                             "unhinted/solve_rate": 0.1 * (step % 2), "reward_hinted": 0.3 + 0.02 * step,
-                             "hinted/solve_rate": 0.6}  # fmt: skip
+        m: dict[str, Any] = {
+            "step": step,
+            "loss": 0.1,
+            "entropy": 0.5,
+            "reward_unhinted": 0.02 * (step % 3),
+            "unhinted/solve_rate": 0.1 * (step % 2),
+            "reward_hinted": 0.3 + 0.02 * step,
+            "hinted/solve_rate": 0.6,
+        }
         metrics.append(m)
     metrics[3]["reward_hinted"] = math.nan  # a step without a hinted group
     metrics[3]["hinted/solve_rate"] = math.nan
     del metrics[5]["reward_unhinted"], metrics[5]["unhinted/solve_rate"]  # an older log line without them
-    return {"title": title, "task": "sorted-gaps-v2", "arm": "pope", "seed": 1, "steps": 12, "rollouts": 3072,
-            "wall_s": 754.0, "base_model": "tiny-gaps-base", "settings": {"lr": 1e-6, "group": 8, "note": "a<b"},
-            "before": evaluation((0.05, 0.25), (0.40, 0.80)),
-            "after": evaluation((0.07, after_unhinted_pk), (0.55, 0.9)),
-            "metrics": metrics, "hints": {"counts": {"found": 14, "none": 6}, "hint_fraction_mean": 0.18}}  # fmt: skip
+    return {
+        "title": title,
+        "task": "sorted-gaps-v2",
+        "arm": "pope",
+        "seed": 1,
+        "steps": 12,
+        "rollouts": 3072,
+        "wall_s": 754.0,
+        "base_model": "tiny-gaps-base",
+        "settings": {"lr": 1e-6, "group": 8, "note": "a<b"},
+        "before": evaluation((0.05, 0.25), (0.40, 0.80)),
+        "after": evaluation((0.07, after_unhinted_pk), (0.55, 0.9)),
+        "metrics": metrics,
+        "hints": {"counts": {"found": 14, "none": 6}, "hint_fraction_mean": 0.18},
+    }
 
 
 def assert_png(path: Path) -> None:
@@ -92,24 +121,59 @@ def test_run_report_says_nothing_of_reach_when_the_base_solved_none(tmp_path: Pa
 
 
 def experiment_data() -> dict[str, Any]:
-    runs = [{"arm": "pope", "seed": 2, "status": "done", "rollouts": 3000, "wall_s": 600.0,
-             "after": evaluation((0.10, 0.40), (0.50, 0.90))},
-            {"arm": "pope", "seed": 1, "status": "done", "rollouts": 3100, "wall_s": 660.0,
-             "after": evaluation((0.12, 0.50))},  # hinted not evaluated
-            {"arm": "grpo", "seed": 1, "status": "done", "rollouts": 2900, "wall_s": 540.0,
-             "after": evaluation((0.06, 0.30), (0.45, 0.85))},
-            {"arm": "grpo", "seed": 2, "status": "pending", "rollouts": 0, "wall_s": 0.0, "after": None}]  # fmt: skip
-    return {"title": "POPE vs GRPO <i>v2</i>", "task": "sorted-gaps-v2", "base_model": "tiny-gaps-base",
-            "settings": {"steps": 40}, "k": 8, "base": evaluation((0.05, 0.25), (0.40, 0.80)),
-            "arms": ["pope", "grpo"], "runs": runs}  # fmt: skip
+    runs = [
+        {
+            "arm": "pope",
+            "seed": 2,
+            "status": "done",
+            "rollouts": 3000,
+            "wall_s": 600.0,
+            "after": evaluation((0.10, 0.40), (0.50, 0.90)),
+        },
+        {
+            "arm": "pope",
+            "seed": 1,
+            "status": "done",
+            "rollouts": 3100,
+            "wall_s": 660.0,
+            "after": evaluation((0.12, 0.50)),
+        },  # hinted not evaluated
+        {
+            "arm": "grpo",
+            "seed": 1,
+            "status": "done",
+            "rollouts": 2900,
+            "wall_s": 540.0,
+            "after": evaluation((0.06, 0.30), (0.45, 0.85)),
+        },
+        {"arm": "grpo", "seed": 2, "status": "pending", "rollouts": 0, "wall_s": 0.0, "after": None},
+    ]
+    return {
+        "title": "POPE vs GRPO <i>v2</i>",
+        "task": "sorted-gaps-v2",
+        "base_model": "tiny-gaps-base",
+        "settings": {"steps": 40},
+        "k": 8,
+        "base": evaluation((0.05, 0.25), (0.40, 0.80)),
+        "arms": ["pope", "grpo"],
+        "runs": runs,
+    }
 
 
 def test_experiment_table_rows_and_means() -> None:
     rows = [
         [c.strip() for c in line.strip("|").split("|")] for line in experiment_table(experiment_data()).splitlines()
     ]
-    assert rows[0] == ["arm", "seed", "unhinted pass@1", "unhinted pass@8", "hinted pass@1", "hinted pass@8",
-                       "rollouts", "wall min"]  # fmt: skip
+    assert rows[0] == [
+        "arm",
+        "seed",
+        "unhinted pass@1",
+        "unhinted pass@8",
+        "hinted pass@1",
+        "hinted pass@8",
+        "rollouts",
+        "wall min",
+    ]
     body = rows[2:]
     assert body[0] == ["base", "-", "0.050", "0.250", "0.400", "0.800", "0", "-"]
     assert body[1] == ["pope", "1", "0.120", "0.500", "-", "-", "3100", "11.0"]

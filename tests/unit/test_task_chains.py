@@ -152,8 +152,14 @@ def test_the_loss_is_on_the_answer_and_pretraining_runs(tmp_path) -> None:  # ty
     # Two steps of the real loop write a loadable model and the report (accuracy on 4 problems each).
     result = p.pretrain(tmp_path / "base", steps=2, batch=4, report_problems=4)
     assert result["steps"] == 2 and json.loads((tmp_path / "base" / "pretrain_report.json").read_text())["steps"] == 2
-    kinds = {"easy_unhinted", "easy_hinted", "hard_unhinted", "hard_hinted", "hard_half_key_step",
-             "hard_end_third_left"}  # fmt: skip
+    kinds = {
+        "easy_unhinted",
+        "easy_hinted",
+        "hard_unhinted",
+        "hard_hinted",
+        "hard_half_key_step",
+        "hard_end_third_left",
+    }
     assert set(result["accuracy"]) == kinds
 
 
