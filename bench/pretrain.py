@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments import pretrain as p
 from services.engine.tiny_model import build_tiny_model
-from services.tasks import pretrain as p
 
 
 def padded_batch(model: Any, rows: p.Rows) -> float:
@@ -47,7 +47,7 @@ def padded_batch(model: Any, rows: p.Rows) -> float:
 LOOP = """
 import resource, sys, tempfile, time, torch
 from pathlib import Path
-from services.tasks.pretrain import pretrain
+from experiments.pretrain import pretrain
 torch.set_num_threads(int(sys.argv[2]))
 start, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 pretrain(Path(tempfile.mkdtemp()) / "m", steps=int(sys.argv[1]), report_problems=1,

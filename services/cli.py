@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from services.common.config import ConfigError, SectionSettings, check_shared_keys, load_settings, resolved
 
@@ -117,102 +117,6 @@ def _verifier(args: argparse.Namespace) -> int:
 
     serve(settings)
     return 0
-
-
-def _model_pretrain(args: argparse.Namespace) -> int:
-    from services.tasks.pretrain import STEPS, check_settings, pretrain
-
-    start = Path(args.start) if args.start else None
-    try:
-        check_settings(Path(args.out), STEPS if args.steps is None else args.steps, args.lr, start)
-    except ValueError as e:
-        raise SystemExit(f"pope model pretrain: {e}") from None
-    pretrain(Path(args.out), steps=args.steps, seed=args.seed, device=args.device, lr=args.lr, start=start)
-    print(f"wrote the base model and pretrain_report.json to {args.out}")
-    return 0
-
-
-def _interruptible(run: Callable[[], object]) -> int:
-    """Run a long job so that Ctrl-C and SIGTERM both stop it cleanly (the services it
-    started are stopped by their context managers); 130 when interrupted."""
-
-    def on_term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        run()
-    except KeyboardInterrupt:
-        print("pope: interrupted; what finished is kept: run the same command to go on", file=sys.stderr)
-        return 130
-    return 0
-
-
-def _experiment(args: argparse.Namespace) -> int:
-    from services.tasks.experiment import ARMS, Spec, base_model_or_exit, experiment, spec_with
-
-    base = base_model_or_exit(Path(args.base_model))
-    spec = spec_with(
-        Spec(),
-        base,
-        args.trainer,
-        steps=args.steps,
-        learning_rate=args.lr,
-        train_problems=args.train_problems,
-        hint_anneal_at=args.hint_anneal_at,
-        hint_anneal_window=args.hint_anneal_window,
-    )
-    arms = args.arms.split(",") if args.arms else list(ARMS)
-    return _interruptible(lambda: experiment(Path(args.dir), base, args.seeds, arms, spec, parallel=args.parallel))
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from services.tasks.demo import DEMO_SPEC, demo
-    from services.tasks.experiment import base_model_or_exit, spec_with
-
-    base = base_model_or_exit(Path(args.base_model))
-    spec = spec_with(
-        DEMO_SPEC,
-        base,
-        args.trainer,
-        steps=args.steps,
-        learning_rate=args.lr,
-        hint_anneal_at=args.hint_anneal_at,
-        hint_anneal_window=args.hint_anneal_window,
-    )
-    return _interruptible(lambda: demo(Path(args.dir), base, spec))
-
-
-def _experiment_parsers(sub: Any) -> None:
-    help = "POPE vs GRPO on the link-chains task (matched compute), resumable; writes a table and a report"
-    exp = sub.add_parser("experiment", help="POPE vs GRPO runs").add_subparsers(dest="name", required=True)
-    pvg = exp.add_parser("pope-vs-grpo", help=help, description=help)
-    pvg.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 of every arm (default 4)")
-    pvg.add_argument("--arms", help="comma-separated subset of pope,grpo,grpo_easy,hinted_only (default: all)")
-    pvg.add_argument("--dir", default="runs/experiment", help="experiment directory (default runs/experiment)")
-    demo = sub.add_parser("demo", help="a short POPE run on the link-chains task and its HTML report")
-    demo.add_argument("--dir", default="runs/demo-pope", help="run directory (default runs/demo-pope)")
-    for p in (pvg, demo):
-        p.add_argument(
-            "--base-model",
-            default="data/base-model",
-            help="from pope model pretrain (default data/base-model, the repository's own)",
-        )
-        p.add_argument("--steps", type=int, help="trainer steps per run (frozen with the experiment)")
-        p.add_argument("--lr", type=float, help="learning rate (frozen with the experiment)")
-        help = "a trainer setting, e.g. kl_coef=0.05 (repeatable; frozen with the experiment)"
-        p.add_argument("--trainer", action="append", default=[], metavar="KEY=VALUE", help=help)
-        help = (
-            "cut every hint back by one more cut point of its solution each time the hinted reward over "
-            "--hint-anneal-window steps reaches this (0-1; off by default; frozen with the experiment)"
-        )
-        p.add_argument("--hint-anneal-at", type=float, metavar="REWARD", help=help)
-        p.add_argument("--hint-anneal-window", type=int, metavar="STEPS", help="trainer steps per decision (default 5)")
-    pvg.add_argument("--train-problems", type=int, help="hard train problems (frozen with the experiment)")
-    help = "runs at a time, each with its share of the cores (default 1); not frozen: any sitting may change it"
-    pvg.add_argument("--parallel", type=int, default=1, metavar="N", help=help)
-    pvg.set_defaults(func=_experiment)
-    demo.set_defaults(func=_demo)
 
 
 def _model_init(args: argparse.Namespace) -> int:
@@ -385,7 +289,20 @@ def _hints_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     b.set_defaults(func=_hints_build)
 
 
+def _experiment_commands() -> ModuleType | None:
+    """The experiment commands (experiments/cli.py), where that package is installed: in a
+    checkout and with the ``experiments`` extra, not in the service images."""
+    try:
+        import experiments.cli
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("experiments", "experiments.cli"):
+            raise
+        return None
+    return experiments.cli
+
+
 def build_parser() -> argparse.ArgumentParser:
+    experiments = _experiment_commands()
     parser = argparse.ArgumentParser(
         prog="pope", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -435,30 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", metavar="DIR", required=True)
     init.add_argument("--seed", type=int, default=0, help="seed of the random weights and tokenizer corpus")
     init.set_defaults(func=_model_init)
-    help = "train the POPE-vs-GRPO experiment's base model from scratch (easy material only)"
-    pre = model.add_parser("pretrain", help=help, description=help + "; reports accuracy easy/hard, hinted/unhinted.")
-    pre.add_argument("--out", metavar="DIR", required=True)
-    pre.add_argument(
-        "--steps",
-        type=int,
-        help="training steps (default 2700, 13-30 min on 2 cores); the model "
-        "depends on the code, the steps and the seed only",
-    )
-    pre.add_argument("--seed", type=int, default=0)
-    pre.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default cpu)")
-    pre.add_argument(
-        "--from",
-        dest="start",
-        metavar="DIR",
-        help="go on from this model (and its tokenizer) instead of from scratch, e.g. an earlier task version's base",
-    )
-    pre.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the cosine (default 1e-3)")
-    pre.set_defaults(func=_model_pretrain)
+    if experiments is not None:
+        experiments.add_pretrain_parser(model)
 
     _add_data_parser(sub)
     _hints_parser(sub)
     _eval_parser(sub)
-    _experiment_parsers(sub)
+    if experiments is not None:
+        experiments.add_parsers(sub)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
     show = config.add_parser("show", help="print a section's resolved settings (file + environment)")

@@ -27,9 +27,9 @@ def train_planted_model(
     completion; the tokenizer is the model's, for callers that cut text by tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from experiments.pretrain import sft_batch
     from services.engine.tiny_model import IM_END, build_tiny_model
     from services.rollout.prompts import prompt_ids
-    from services.tasks.pretrain import sft_batch
 
     build_tiny_model(out)
     tokenizer = AutoTokenizer.from_pretrained(out)

@@ -4,7 +4,6 @@
         wait until s <= trainer_version + 1 + max_staleness     (never run too far ahead)
         wait until the engine serves at least s - 1 - max_staleness
         plan prompts_per_step groups (planner.py: hinted/unhinted 1:1 for hinted problems)
-        (with rollout.hint_anneal_at: cut hints back as hinted groups get solved, anneal.py)
         for each group (several at once): /generate with n = group_size -> RawGroup
         publish every RawGroup to pope:rollouts
 
@@ -33,7 +32,6 @@ from services.common.engine_client import EngineClient, EngineError, SamplingPar
 from services.common.keys import TRAINERS, VERIFIERS, Keys
 from services.common.messages import Problem, RawGroup, Sample, Variant
 from services.common.streams import group_info, publish
-from services.rollout.anneal import HintAnnealer
 from services.rollout.planner import Planner
 from services.rollout.prompts import prompt_ids, user_message
 from services.rollout.settings import RolloutSettings
@@ -66,7 +64,6 @@ class Scheduler:
         self.settings, self.redis, self.engine, self.store, self.tokenizer = settings, redis, engine, store, tokenizer
         self.keys = Keys(settings.key_prefix)
         self.planner = Planner(settings.hinted_fraction, settings.include_easy, settings.seed)
-        self.annealer = HintAnnealer(settings, redis, tokenizer)
         self.step = 0
         self.waiting_for = "starting"
         self.published: deque[float] = deque(maxlen=10_000)  # publish times, for rates
@@ -82,7 +79,6 @@ class Scheduler:
         self.step = max(int(float(saved[0])) if saved[0] else 0, await self.trainer_version())
         if saved[1]:
             self.planner.restore(json.loads(saved[1]))
-        await self.annealer.restore()
         while not stop.is_set():
             try:
                 if await self._ready_for(self.step + 1):
@@ -180,8 +176,6 @@ class Scheduler:
 
     async def _generate_step(self, step: int, n_groups: int | None = None, top_up: bool = False) -> None:
         STEP.set(step)
-        if not top_up:
-            await self.annealer.update()
         plan = self.planner.plan(await self.store.all(), n_groups or self.settings.prompts_per_step)
         if not plan:
             self.waiting_for = "train problems (none are eligible: split 'train', not excluded)"
@@ -231,8 +225,6 @@ class Scheduler:
     async def sample_group(self, problem: Problem, variant: Variant, step: int, salt: str = "") -> RawGroup:
         """G samples of one variant of one problem, as a RawGroup."""
         cfg = self.settings
-        if variant is Variant.HINTED:
-            problem = self.annealer.apply(problem)
         text = user_message(problem, variant, cfg.prompt_template)
         ids = prompt_ids(self.tokenizer, text)
         # Reproducible per (seed, step, problem, variant), distinct across them.

@@ -110,13 +110,6 @@ class RolloutSettings(ServiceSettings):
     """How often a waiting scheduler re-checks the trainer, the engine and the problems."""
     prompt_template: PromptTemplate = Field(default_factory=PromptTemplate)
     """The words around each problem (plain and guided), with their version."""
-    hint_anneal_at: float | None = Field(None, gt=0.0, le=1.0)
-    """Hint annealing (off by default; not in the paper): each time the hinted groups' mean
-    reward over ``hint_anneal_window`` trainer steps reaches this, every hint is cut back by
-    one more cut point of its solution (``hints``' cut points), so hinted rollouts practise
-    earlier parts of the solution as they learn the later ones (services/rollout/anneal.py)."""
-    hint_anneal_window: int = Field(5, ge=1)
-    """Trainer steps whose hinted reward decides each cut (a cut starts a new window)."""
     verifier_url: str = "http://127.0.0.1:8001"
     """Verifier service, for the hint search and evaluation (POST /v1/verify)."""
     verifier_token: SecretStr | None = None

@@ -17,7 +17,7 @@ import pytest
 import redis
 import yaml
 
-from services.tasks.experiment import ARMS, Spec, experiment, read_jsonl, read_metrics, run_config, run_one, spec_with
+from experiments.experiment import ARMS, Spec, experiment, read_jsonl, read_metrics, run_config, run_one, spec_with
 
 SPEC = Spec(
     train_problems=4,
@@ -185,8 +185,8 @@ def test_sigterm_during_parallel_runs_stops_them_and_starts_no_queued_one(
     exp, log = tmp_path / "exp", tmp_path / "exp.log"
     spec = replace(spec_with(SPEC, tiny_model), steps=400)
     script = (
-        "import sys\nfrom pathlib import Path\nfrom services.cli import _interruptible\n"
-        "from services.tasks.experiment import Spec, experiment\n"
+        "import sys\nfrom pathlib import Path\nfrom experiments.cli import _interruptible\n"
+        "from experiments.experiment import Spec, experiment\n"
         f"spec = Spec(**{asdict(spec)!r})\n"
         f"sys.exit(_interruptible(lambda: experiment(Path({str(exp)!r}), Path({str(tiny_model)!r}), 1, "
         "['pope', 'grpo', 'grpo_easy'], spec, parallel=2)))\n"

@@ -124,7 +124,7 @@ def test_pope_up_trains_with_engine_and_trainer_on_cuda(
 def test_pretraining_runs_on_cuda(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from services.tasks.pretrain import pretrain
+    from experiments.pretrain import pretrain
 
     result = pretrain(tmp_path / "base", steps=3, batch=4, report_problems=4, device="cuda")
     assert result["device"] == "cuda" and set(result["accuracy"]) >= {"easy_unhinted", "hard_unhinted"}

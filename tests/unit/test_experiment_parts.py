@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.messages import HintSearch, Problem, ProblemLabel
-from services.tasks.demo import examples
-from services.tasks.experiment import (
+from experiments.demo import examples
+from experiments.experiment import (
     ARMS,
     Spec,
     arm_problems,
@@ -19,6 +18,7 @@ from services.tasks.experiment import (
     trainer_extra,
     within_reach,
 )
+from services.common.messages import HintSearch, Problem, ProblemLabel
 
 
 def _row(step: int, variant: str, reward: float, problem: str, text: str) -> dict[str, object]:

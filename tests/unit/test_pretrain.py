@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from services.tasks.pretrain import pretrain, weights_sha256
+from experiments.pretrain import pretrain, weights_sha256
 
 POPE = str(Path(sys.executable).parent / "pope")
 

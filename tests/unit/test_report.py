@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from services.tasks.report import experiment_report, experiment_table, run_report
+from experiments.report import experiment_report, experiment_table, run_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

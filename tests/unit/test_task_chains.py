@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from services.tasks import chains
-from services.tasks.chains import Instance, hard_splits, make, parse, solved
+from experiments import chains
+from experiments.chains import Instance, hard_splits, make, parse, solved
 from services.verifier.scoring import parse_gold, score_answer
 
 
@@ -73,7 +73,7 @@ def test_hints_up_to_half_the_path_fit_in_the_experiments_hint_budget() -> None:
     or less to write; and every cut of the path is a prefix of the solution. (Checked in
     characters: a node is one token and three characters on the path, but the answer's
     digits are two characters a token, so the path is a larger share of the tokens.)"""
-    from services.tasks.experiment import Spec
+    from experiments.experiment import Spec
 
     for inst in hard_splits()[0][:50]:
         assert len(inst.eval_hint) < Spec().hint_settings().max_fraction * len(inst.solution)
@@ -85,9 +85,9 @@ def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() 
     """Whole paths are worked out only on short chains; on longer ones the model is given all
     but the end half of the path and works out at most that end half. Every answer is the
     whole solution: a guided one restates its partial solution first."""
+    from experiments.pretrain import TEMPLATE, examples, hinted_problem, links_left
     from services.common.messages import Variant
     from services.rollout.prompts import user_message
-    from services.tasks.pretrain import TEMPLATE, examples, hinted_problem, links_left
 
     train, held_out = hard_splits()
     exclude = {i.key for i in train + held_out}
@@ -119,9 +119,9 @@ def test_pretraining_material_is_easy_only_and_in_the_pipelines_prompt_format() 
 
 
 def test_the_experiment_config_uses_the_template_the_base_model_learned() -> None:
+    from experiments.pretrain import TEMPLATE
     from services.common.config import load_settings
     from services.rollout.settings import RolloutSettings
-    from services.tasks.pretrain import TEMPLATE
     from tests.conftest import ROOT
 
     assert load_settings(RolloutSettings, ROOT / "configs" / "chains.yaml").prompt_template == TEMPLATE
@@ -135,9 +135,9 @@ def test_the_loss_is_on_the_answer_and_pretraining_runs(tmp_path) -> None:  # ty
 
     from transformers import AutoTokenizer
 
+    from experiments import pretrain as p
     from services.engine.tiny_model import IM_END, build_tiny_model
     from services.rollout.prompts import prompt_ids
-    from services.tasks import pretrain as p
 
     build_tiny_model(tmp_path / "m", p.SPEC, corpus=p.corpus(300))
     tok = AutoTokenizer.from_pretrained(tmp_path / "m")
@@ -172,8 +172,8 @@ def test_micro_batches_give_one_padded_batchs_loss_and_gradient(tmp_path) -> Non
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from experiments import pretrain as p
     from services.engine.tiny_model import IM_END, build_tiny_model
-    from services.tasks import pretrain as p
 
     torch.manual_seed(0)
     build_tiny_model(tmp_path / "m", p.SPEC, corpus=p.corpus(300), init_std=0.02)
@@ -211,9 +211,9 @@ def test_the_repository_base_never_saw_a_split_path_of_this_task_or_its_own(tmp_
     pretraining material. Its tokenizer is the one built from today's ``corpus()``."""
     import json
 
+    from experiments.pretrain import SPEC, corpus, examples
+    from experiments.splits import distinct, train_and_held_out
     from services.engine.tiny_model import build_tokenizer
-    from services.tasks.pretrain import SPEC, corpus, examples
-    from services.tasks.splits import distinct, train_and_held_out
     from tests.conftest import ROOT
 
     base = ROOT / "data" / "base-model"

@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from experiments.pretrain import TEMPLATE
 from services.common.messages import Problem
 from services.common.redis_server import redis_for
 from services.offline import engine_child, evaluate_problems, running, verifier_child
 from services.rollout.evaluation import EvalReport
 from services.rollout.settings import EvalSettings, HintSettings, RolloutSettings
-from services.tasks.pretrain import TEMPLATE
 from services.up import say as say_as
 
 

@@ -2,7 +2,7 @@
 
     pope model pretrain --out runs/base-model [--steps 2700] [--seed 0] [--from DIR] [--lr 1e-3]
 
-Supervised learning on easy material only (the task: services/tasks/chains.py, tasks
+Supervised learning on easy material only (the task: experiments/chains.py, tasks
 v12-v14; material chains-sft-v3, which made the repository's base): the whole
 solution, key step included, for short chains (EASY_SIZES), also continued from any part of
 their path; at every length (ALL_SIZES), the path's end half at most written after the rest
@@ -32,11 +32,11 @@ from typing import Any, NamedTuple, TextIO
 
 import torch
 
+from experiments.chains import ALL_SIZES, EASY_SIZES, TASK_VERSION, Instance, hard_splits, make, solved
 from services.common import malloc
 from services.common.messages import Problem, Variant
 from services.engine.tiny_model import IM_END, TinyModelSpec, build_tiny_model
 from services.rollout.prompts import PromptTemplate, prompt_ids, user_message
-from services.tasks.chains import ALL_SIZES, EASY_SIZES, TASK_VERSION, Instance, hard_splits, make, solved
 
 SPEC = TinyModelSpec(
     vocab_size=640,

@@ -2,7 +2,7 @@
 
     pope demo [--dir runs/demo-pope] [--base-model data/base-model]
 
-The experiment's machinery (services/tasks/experiment.py) with one arm and one seed, sized
+The experiment's machinery (experiments/experiment.py) with one arm and one seed, sized
 for a few minutes on 2 cores: the hint search and the base model's evaluation, a POPE run
 through ``pope up`` with live progress, the final checkpoint's evaluation, and an HTML
 report (PNG plots, a hinted and an unhinted sample as the model wrote them) plus JSON.
@@ -16,8 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from services.tasks.experiment import Spec, freeze, json_lines, prepare, read_metrics, run_one, run_path
-from services.tasks.jobs import say
+from experiments.experiment import Spec, freeze, json_lines, prepare, read_metrics, run_one, run_path
+from experiments.jobs import say
 
 DEMO_SPEC = Spec(train_problems=32, steps=60)
 """``pope demo``: one POPE run, sized for about 10 minutes on 2 cores. 60 steps, not the
@@ -29,7 +29,7 @@ this one sat on the edge); 60 steps gave 0.465, 0.360, 0.425 and 0.460 over seed
 
 def demo(out_dir: Path, base: Path, spec: Spec = DEMO_SPEC, out: TextIO = sys.stdout) -> Path:
     """One POPE run (arm ``pope``, seed 0) and its report: before/after pass@k, training curves."""
-    from services.tasks.report import run_report
+    from experiments.report import run_report
 
     started = time.monotonic()
     spec = freeze(out_dir, spec, out, start_over=True)  # a demo is not a comparison to protect

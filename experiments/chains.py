@@ -1,5 +1,5 @@
 """A synthetic task family whose key step is the same small computation at every position:
-*link chains* (tasks v6-v11 of the experiment; v1-v5 were sorted gaps, services/tasks/gaps.py).
+*link chains* (tasks v6-v11 of the experiment; v1-v5 were sorted gaps, experiments/gaps.py).
 
     Problem:  Follow the links from 23 to 52: 41 > 17, 23 > 35, 35 > 41, 17 > 52
     Solution: Path: 23 35 41 17 52                        <- the key step: one lookup per link
@@ -70,8 +70,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from experiments.splits import distinct, train_and_held_out
 from services.common.messages import Problem
-from services.tasks.splits import distinct, train_and_held_out
 
 TASK_VERSION = "link-chains-v11"
 EASY_SIZES = (2, 3, 4, 5)

@@ -1,7 +1,7 @@
-"""POPE against GRPO on the link-chains task (services/tasks/chains.py), through the real services (``pope up``).
+"""POPE against GRPO on the link-chains task (experiments/chains.py), through the real services (``pope up``).
 
     pope experiment pope-vs-grpo --seeds 4 [--dir runs/experiment] [--base-model data/base-model]
-    (``pope demo``, services/tasks/demo.py: one short POPE run of this machinery, and its report)
+    (``pope demo``, experiments/demo.py: one short POPE run of this machinery, and its report)
 
 Everything an arm trains on is prepared once and frozen in ``<dir>/experiment.json``: the
 task version, the base model (by the hash of its weights), the problems, the hints the
@@ -36,14 +36,14 @@ from typing import Any, TextIO
 
 import yaml
 
+from experiments.chains import EASY_SIZES, TASK_VERSION, hard_splits, instances
+from experiments.jobs import build_hints, evaluate_model, say, summary_line
+from experiments.pretrain import TEMPLATE, weights_sha256
+from experiments.report import within_reach
 from services.common.messages import Problem, ProblemLabel
 from services.common.redis_server import free_port
 from services.rollout.evaluation import EvalReport
 from services.rollout.settings import EvalSettings, HintSettings
-from services.tasks.chains import EASY_SIZES, TASK_VERSION, hard_splits, instances
-from services.tasks.jobs import build_hints, evaluate_model, say, summary_line
-from services.tasks.pretrain import TEMPLATE, weights_sha256
-from services.tasks.report import within_reach
 
 
 @dataclass(frozen=True)
@@ -95,9 +95,6 @@ class Spec:
     eval_top_p: float = 1.0
     hint_k: int = 8
     hint_k_hint: int = 8
-    hint_anneal_at: float | None = None
-    """Hint annealing in the arms with hints (rollout.hint_anneal_at; off: the paper's fixed hints)."""
-    hint_anneal_window: int = 5
     extra: dict[str, Any] = field(default_factory=dict)
     """Trainer settings beyond the defaults (loss, clipping ...), as config keys."""
 
@@ -127,6 +124,11 @@ class Spec:
 # --- preparing: problems, hints, the base model's evaluation -----------------------------
 
 
+REMOVED: dict[str, Any] = {"hint_anneal_at": None}
+"""Settings an experiment could be frozen with that no longer exist, with their off values
+(hint annealing: docs/experiments/hint-annealing.md)."""
+
+
 def freeze(exp_dir: Path, spec: Spec, out: TextIO, start_over: bool = False) -> Spec:
     """Write ``experiment.json``, or check that the one there matches ``spec``; with
     ``start_over`` a mismatch deletes what was made under the old settings instead."""
@@ -136,6 +138,8 @@ def freeze(exp_dir: Path, spec: Spec, out: TextIO, start_over: bool = False) -> 
         # A setting added after an experiment was frozen ran at its default (the old behaviour).
         frozen = {**asdict(Spec()), **json.loads(path.read_text())}
         diff = {k: (frozen.get(k), v) for k, v in mine.items() if frozen.get(k) != v}
+        # A setting since removed must have been off there, or its runs differ from these.
+        diff |= {k: (frozen[k], off) for k, off in REMOVED.items() if frozen.get(k, off) != off}
         if diff and start_over:
             say(f"settings or base model changed ({', '.join(diff)}): starting {exp_dir} over", out)
             shutil.rmtree(exp_dir)
@@ -250,8 +254,6 @@ def run_config(spec: Spec, arm: str, seed: int, run_dir: Path) -> dict[str, Any]
             "temperature": spec.temperature,
             "top_p": spec.top_p,
             "hints": spec.hint_settings().model_dump(),
-            "hint_anneal_at": spec.hint_anneal_at,
-            "hint_anneal_window": spec.hint_anneal_window,
             "archive_dir": str(run_dir / "rollouts"),
             "eval_dir": str(run_dir / "eval"),
         },
@@ -456,7 +458,7 @@ def experiment(
 ) -> Path:
     """Every (arm, seed) not yet done, seed by seed, or ``parallel`` at a time; then the
     table and report."""
-    from services.tasks.report import experiment_report
+    from experiments.report import experiment_report
 
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
