@@ -28,14 +28,14 @@ test: $(STAMP)
 # and the base evaluation are reused. BASE_MODEL=runs/base-model uses (and first
 # pretrains from scratch, about 11 min on 2 cores) a base made on this machine instead
 # (another machine's pretraining is another model, whose unguided paths may stop elsewhere:
-# README, "The task").
+# docs/experiments/README.md, "The task").
 BASE_MODEL ?= data/base-model
 demo: $(STAMP)
 	@test -f $(BASE_MODEL)/pretrain_report.json || $(VENV)/bin/pope model pretrain --out $(BASE_MODEL)
 	rm -rf runs/demo-pope/runs
 	$(VENV)/bin/pope demo --base-model $(BASE_MODEL) --dir runs/demo-pope
 
-# The matched-compute comparison (README, "POPE vs GRPO"): 4 arms x SEEDS seeds, resumable.
+# The matched-compute comparison (docs/experiments/README.md): 4 arms x SEEDS seeds, resumable.
 SEEDS ?= 4
 experiment: $(STAMP)
 	@test -f $(BASE_MODEL)/pretrain_report.json || $(VENV)/bin/pope model pretrain --out $(BASE_MODEL)

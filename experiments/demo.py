@@ -21,10 +21,8 @@ from experiments.jobs import say
 
 DEMO_SPEC = Spec(train_problems=32, steps=60)
 """``pope demo``: one POPE run, sized for about 10 minutes on 2 cores. 60 steps, not the
-comparison's 30: on these 32 problems 30 steps moved the held-out unhinted pass@8 from 0 to
-0.465 in one sitting and to 0.015 and 0.000 in two others (a run repeats only nearly, and
-this one sat on the edge); 60 steps gave 0.465, 0.360, 0.425 and 0.460 over seeds 0-3
-(README, "Demo")."""
+comparison's 30: on these 32 problems 30 steps sit on the edge of transfer, and a run
+repeats only nearly; 60 steps transferred in every pilot seed (docs/experiments/demo.md)."""
 
 
 def demo(out_dir: Path, base: Path, spec: Spec = DEMO_SPEC, out: TextIO = sys.stdout) -> Path:

@@ -76,17 +76,10 @@ class Spec:
     group_size: int = 8
     prompts_per_step: int = 8
     learning_rate: float = 1e-4
-    """On task v14 (data/base-model, ``ebae51ee...``) POPE beat GRPO in 4 seeds of 4 at 1e-4
-    (30 steps), two of them by 1-2 held-out problems; on v13, 3 of 4 at 1e-4 and 2 of 4 at
-    2e-4 with ``adam_eps`` 1e-3 (README). On task v11's base
-    POPE seed 0 trained stably at 1e-4 (30 steps) and 2e-4 (60 steps) and fell apart at
-    4e-4 (hinted reward 0.60 in steps 1-5, 0.20 in 26-30). On task v10's base POPE seed 0
-    trained stably at 1e-4 (hinted samples solved 82 of 160 in steps 1-5, 120-141 later)
-    and collapsed at 4e-4 (hinted reward 0.03 at step 5, near 0 in steps 13-17); on this
-    base with task v9, 1e-4 was stable in 4 seeds of 4 and 4e-4 collapsed all 4 (README).
-    On two earlier bases 4e-4 transferred in 2 seeds of 4 and collapsed the others. Each
-    experiment.json records its own rate. GRPO gets no gradient at any rate while none of
-    its samples earns reward."""
+    """1e-4: on the repository's base model (data/base-model) POPE trains stably at it over
+    30 steps and beats GRPO on the current task; 4e-4 collapsed every seed there with task v9
+    (the rates tried, per task version: docs/experiments/). Each experiment.json records its own rate. GRPO gets
+    no gradient at any rate while none of its samples earns reward."""
     temperature: float = 0.8
     top_p: float = 1.0
     max_new_tokens: int = 96

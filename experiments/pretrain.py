@@ -2,8 +2,8 @@
 
     pope model pretrain --out runs/base-model [--steps 2700] [--seed 0] [--from DIR] [--lr 1e-3]
 
-Supervised learning on easy material only (the task: experiments/chains.py, tasks
-v12-v14; material chains-sft-v3, which made the repository's base): the whole
+Supervised learning on easy material only (the task: experiments/chains.py; material
+MATERIAL_VERSION, which made the repository's base, data/base-model): the whole
 solution, key step included, for short chains (EASY_SIZES), also continued from any part of
 their path; at every length (ALL_SIZES), the path's end half at most written after the rest
 of it was given, and the routine after a whole given path. Given parts come as POPE's guided
@@ -51,10 +51,8 @@ SPEC = TinyModelSpec(
 MIX = (0.30, 0.15, 0.25, 0.30)
 """Shares of the material: whole short solutions; short solutions continued from part of the
 path; solutions of any length finished from up to half their path (links_left); the
-routine after a whole path at any length. Every guided answer restates what it was given.
-Materials v5 and v6 (tasks v10-v11) taught forks; their code is at commit c5108d4.
-(Material chains-sft-v2 had a fifth kind, "tails", and guided answers that began where the
-hint ended; the README's "How the task got here" says why that changed.)"""
+routine after a whole path at any length. Every guided answer restates what it was given,
+so a hinted rollout writes the same text an unguided attempt does."""
 
 
 def links_left(n: int) -> range:
@@ -62,12 +60,8 @@ def links_left(n: int) -> range:
     the path (its end half), always ending on the end node the problem names, so the model
     learns to stop by content and to look up links from the middle of a long chain on, but
     never works out a long chain's path from its start (it only restates a given start).
-    This is material v3 (task v7, and task v9 with pretraining by steps). Material v4 (task
-    v8) left up to a third: five pretrainings on a GPU solved none of 11-14 links unguided,
-    but the first lookups of a long chain, which it never shows, went wrong unguided, and no
-    hint of the end third teaches them (README, "Result on task v8"). (Material 1 left one
-    or two links: its model stopped one or two links after any hint of a long chain,
-    wherever the path ended.)"""
+    Leaving less than half (a third, one or two links) gave bases that fail in ways hints
+    cannot teach across (docs/experiments/history.md)."""
     return range(1, max(1, n // 2) + 1)
 
 
@@ -159,12 +153,11 @@ def sft_batch(rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 MICRO_BATCHES = 3
 """On a CPU, a step's rows, sorted by length, go through the model in this many parts, each
-padded to its own longest row rather than the batch's (sft_backward). bench/pretrain.py on
-2 cores (AMD EPYC, 2 torch threads, 24 steps of the material): against one padded batch
-through HF's loss, 1 part 1.10x, 2 parts 1.51x, 3 parts 1.54x, 4 parts 1.58x as fast (3 and
-4 within the noise of each other); more parts pad less but run smaller matrix products. On
-CUDA a step of this tiny model is bound by kernel launches, not by padded compute, so it
-runs in one part there (not measured: no GPU was lent when this changed)."""
+padded to its own longest row rather than the batch's (sft_backward): 3 parts are about
+1.5 times as fast as one padded batch on 2 cores, and more parts pad less but run smaller
+matrix products (bench/pretrain.py; docs/benchmarks.md). On CUDA a step of this tiny model
+is bound by kernel launches, not by padded compute, so it runs in one part there (not
+measured)."""
 
 
 def sft_backward(model: Any, rows: Rows, micro_batches: int = MICRO_BATCHES) -> float:
@@ -245,10 +238,8 @@ def report(model: Any, tokenizer: Any, n: int = 200) -> dict[str, float]:
 
 
 STEPS = 2700
-"""Pretraining length: the base model is a function of the code and the seed alone (11.1
-minutes on 2 cores, README "The task"). Material v3 trained for a
-wall-clock budget with the learning rate annealed over time, so two pretrainings of one
-commit differed (README)."""
+"""Pretraining length, in steps rather than wall-clock time, so the base model is a function
+of the code and the seed alone (11.1 minutes on 2 cores: docs/benchmarks.md)."""
 
 
 def check_settings(out: Path, steps: int, lr: float, start: Path | None) -> None:

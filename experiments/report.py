@@ -164,8 +164,8 @@ def _story(data: dict[str, Any]) -> str:
 def within_reach(base_eval: dict[str, Any]) -> str | None:
     """What to say when the base model already solved held-out hard problems unhinted: then
     they are not out of its reach, GRPO gets reward too, and a run does not test what POPE
-    is for. (Bases of other materials, seeds or machines differ; the README says on which
-    base, by the hash of its weights, each table was measured.) None when it solved none."""
+    is for. (Bases of other materials, seeds or machines differ; docs/experiments/ names each
+    table's base by the hash of its weights.) None when it solved none."""
     k = int(base_eval["k"])
     solved = _stat(base_eval, "unhinted", f"pass@{k}")
     if not solved:

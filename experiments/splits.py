@@ -1,4 +1,4 @@
-"""Fixed, disjoint splits of a synthetic task family, shared by its versions (chains.py, gaps.py).
+"""Fixed, disjoint splits of a synthetic task family (chains.py).
 
     held_out = distinct("link-chains-v2:2002", 200, make, sizes=(7, 8))
 
