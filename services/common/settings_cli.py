@@ -18,7 +18,8 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, TypeVar, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, NamedTuple, TypeVar, Union, get_args, get_origin
 
 from pydantic import SecretStr
 from pydantic_core import PydanticUndefined, to_jsonable_python
@@ -40,7 +41,7 @@ DEST = "setting:"  # argparse dest of a setting's option: "setting:streams.lease
 VALUES = (
     "Values: numbers and words as written; true/false for switches (a switch alone means true); "
     "null for none where a setting allows it; JSON for mappings and lists. Precedence: flag > "
-    "env POPE_{S}__<FIELD>[__<SUB>] > REDIS_URL (redis_url) > the --config file's '{s}' section > "
+    "env POPE_{S}__<FIELD>[__<SUB>]{redis} > the --config file's '{s}' section > "
     "its 'shared' section > default. Reference: docs/configuration.md."
 )
 
@@ -83,12 +84,11 @@ def _type_name(annotation: Any) -> str:
         return "None"
     if get_origin(annotation) is Literal:
         return " | ".join(json.dumps(v) for v in get_args(annotation))
-    args = get_args(annotation)
-    origin = get_origin(annotation)
-    if args and origin is not None and isinstance(origin, type):
-        return f"{origin.__name__}[{', '.join(map(_type_name, args))}]"
-    if args:  # a union
+    args, origin = get_args(annotation), get_origin(annotation)
+    if origin in (Union, UnionType):
         return " | ".join(map(_type_name, args))
+    if args and isinstance(origin, type):
+        return f"{origin.__name__}[{', '.join(map(_type_name, args))}]"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -121,7 +121,8 @@ def add_setting_flags(
     """One option per setting of ``model`` (nested ones in a group each), plus ``aliases``
     (setting dotted name -> extra option strings, e.g. {"model_path": ["--model"]})."""
     aliases = aliases or {}
-    parser.epilog = VALUES.format(S=model.section.upper(), s=model.section)
+    redis = " > REDIS_URL (redis_url)" if "redis_url" in model.model_fields else ""
+    parser.epilog = VALUES.format(S=model.section.upper(), s=model.section, redis=redis)
     groups: dict[tuple[str, ...], argparse._ActionsContainer] = {(): parser}
     for setting in setting_fields(model):
         if setting.nested:
@@ -220,17 +221,25 @@ def render_docs(models: Sequence[type[SectionSettings]], aliases: Mapping[str, S
             f"File section `{section}:`, environment `POPE_{section.upper()}__<FIELD>`, flag `--<field>`",
             "(underscores as dashes).",
         ]
-        for setting in setting_fields(model):
-            names = [f"`{n}`" for n in (flag_name(setting.path), *aliases.get(setting.dotted, ()))]
-            env = f"`{env_name(model, setting)}`"
-            if setting.nested:
-                out += ["", f"### `{section}.{setting.dotted}`", "", setting.doc, "", f"Environment {env}`__<SUB>`."]
-                continue
-            default = "unset" if setting.secret and not setting.default else f"`{shown(setting.default)}`"
-            kind = _type_name(setting.info.annotation).replace("|", "\\|")
-            out += [
-                "",
-                f"- **`{setting.dotted}`** ({kind}, default {default}): flag {', '.join(names)}, env {env}",
-                f"  {setting.doc}" + (" Secret." if setting.secret else ""),
-            ]
+        settings = setting_fields(model)
+        for group in [None, *(s for s in settings if s.nested)]:  # top-level first, then each nested section
+            if group is not None:
+                env = env_name(model, group)
+                where = f"In the file a mapping `{group.dotted}:` under `{section}:`; environment `{env}__<SUB>`;"
+                out += ["", f"### `{section}.{group.dotted}`", "", group.doc, "", where]
+                out += [f"flags `{flag_name(group.path)}.<sub>`."]
+            for setting in settings:
+                if not setting.nested and setting.path[:-1] == (group.path if group else ()):
+                    out += _doc_entry(model, setting, aliases)
     return "\n".join(out) + "\n"
+
+
+def _doc_entry(model: type[SectionSettings], setting: Setting, aliases: Mapping[str, Sequence[str]]) -> list[str]:
+    names = ", ".join(f"`{n}`" for n in (flag_name(setting.path), *aliases.get(setting.dotted, ())))
+    default = "unset" if setting.secret and not setting.default else f"`{shown(setting.default)}`"
+    kind = _type_name(setting.info.annotation).replace("|", "\\|")
+    return [
+        "",
+        f"- **`{setting.dotted}`**: {setting.doc}" + (" Secret." if setting.secret else ""),
+        f"  Type {kind}, default {default}; flag {names}; env `{env_name(model, setting)}`.",
+    ]
