@@ -335,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = config.add_parser("show", help="print a section's resolved settings (file, environment, flags)")
     sections = show.add_subparsers(dest="section", required=True, metavar="SECTION")
     for name in SECTIONS:
-        _service_parser(sections, name, f"the {name} section").set_defaults(func=_config_show)
+        section = _service_parser(sections, name, f"the {name} section as resolved (secrets masked)")
+        section.set_defaults(func=_config_show)
     docs = config.add_parser("docs", help="print the configuration reference (docs/configuration.md)")
     docs.set_defaults(func=_config_docs)
     return parser

@@ -18,7 +18,9 @@ Each service validates its own section with its own settings model (a subclass o
     5. the field's default
 
 A bad value fails start-up with a ``ConfigError`` naming where it came from: the file,
-section and field, or the environment variable, or the flag.
+section and field, or the environment variable, or the flag. Every setting, nested ones
+too (``setting_fields``), is a flag of its service's command (services/common/settings_cli.py)
+and is listed in docs/configuration.md, both generated from the field docstrings.
 """
 
 from __future__ import annotations
