@@ -58,3 +58,9 @@ clean:
 # a training step out. See scripts/container_smoke.sh.
 smoke-containers: $(STAMP)
 	scripts/container_smoke.sh
+
+# docs/configuration.md is generated from the settings models (tests/unit/test_configuration_doc.py
+# fails when it is out of date).
+.PHONY: config-docs
+config-docs: $(STAMP)
+	$(VENV)/bin/pope config docs > docs/configuration.md.tmp && mv docs/configuration.md.tmp docs/configuration.md

@@ -6,10 +6,12 @@
     pope model init --out DIR                 build a tiny local model
     pope data import FILE | export OUT        problems in and out of the problem store
     pope config show SECTION [--config FILE]  print a section's resolved settings
+    pope config docs                          print the configuration reference
 
-Every service takes ``--config FILE`` (one YAML file, a section per service), and
-``--redis-url``, ``--engine-url`` and ``--port`` where they apply. Heavy imports happen
-inside the command that needs them, so ``pope --help`` is instant.
+Every service takes ``--config FILE`` (one YAML file, a section per service), and every
+setting of its section as a flag (``pope trainer --help``; docs/configuration.md, made by
+``pope config docs``). Heavy imports happen inside the command that needs them, so
+``pope --help`` is quick.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 from services.common.config import ConfigError, SectionSettings, check_shared_keys, load_settings, resolved
+from services.common.settings_cli import add_setting_flags, render_docs, settings_from_args
 
 if TYPE_CHECKING:
     from services.rollout.dataset import ImportOptions, ImportReport, SourceRow
@@ -48,17 +51,15 @@ def _settings_model(section: str) -> type[SectionSettings]:
     raise ConfigError(f"no settings section {section!r} (engine, rollout, verifier, trainer)")
 
 
+# Options older than the generated ones (every setting is ``--field-name``), kept as aliases.
+SETTING_ALIASES = {"model_path": ("--model",)}
+SECTIONS = ("engine", "rollout", "verifier", "trainer")
+
+
 def _engine(args: argparse.Namespace) -> int:
     from services.engine.settings import EngineSettings
 
-    settings = load_settings(
-        EngineSettings,
-        args.config,
-        model_path=args.model,
-        port=args.port,
-        host=args.host,
-        weight_version=args.weight_version,
-    )
+    settings = settings_from_args(EngineSettings, args)
     from services.engine.server import serve
 
     serve(settings)
@@ -74,15 +75,7 @@ def _up(args: argparse.Namespace) -> int:
 def _rollout(args: argparse.Namespace) -> int:
     from services.rollout.settings import RolloutSettings
 
-    settings = load_settings(
-        RolloutSettings,
-        args.config,
-        port=args.port,
-        host=args.host,
-        redis_url=args.redis_url,
-        engine_url=args.engine_url,
-        model_path=args.model,
-    )
+    settings = settings_from_args(RolloutSettings, args)
     from services.rollout.service import serve
 
     serve(settings)
@@ -92,15 +85,7 @@ def _rollout(args: argparse.Namespace) -> int:
 def _trainer(args: argparse.Namespace) -> int:
     from services.trainer.settings import TrainerSettings
 
-    settings = load_settings(
-        TrainerSettings,
-        args.config,
-        port=args.port,
-        host=args.host,
-        redis_url=args.redis_url,
-        engine_url=args.engine_url,
-        model_path=args.model,
-    )
+    settings = settings_from_args(TrainerSettings, args)
     from services.trainer.service import serve
 
     serve(settings)
@@ -110,9 +95,7 @@ def _trainer(args: argparse.Namespace) -> int:
 def _verifier(args: argparse.Namespace) -> int:
     from services.verifier.settings import VerifierSettings
 
-    settings = load_settings(
-        VerifierSettings, args.config, port=args.port, host=args.host, redis_url=args.redis_url, workers=args.workers
-    )
+    settings = settings_from_args(VerifierSettings, args)
     from services.verifier.service import serve
 
     serve(settings)
@@ -168,26 +151,24 @@ async def _data_export(url: str, prefix: str, args: argparse.Namespace) -> int:
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    settings = load_settings(_settings_model(args.section), args.config)
+    settings = settings_from_args(_settings_model(args.section), args)
     print(json.dumps(resolved(settings), indent=2, sort_keys=True))
     return 0
 
 
+def _config_docs(args: argparse.Namespace) -> int:
+    print(render_docs([_settings_model(s) for s in SECTIONS], SETTING_ALIASES), end="")
+    return 0
+
+
 def _service_parser(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    name: str,
-    help: str,
-    *,
-    redis: bool = True,
-    engine: bool = False,
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
 ) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help, description=help)
+    """A command taking ``--config`` and every setting of section ``name`` as a flag."""
+    usage = "%(prog)s [-h] [--config FILE] [--<setting> VALUE ...]"
+    p = sub.add_parser(name, help=help, description=help, usage=usage)
     p.add_argument("--config", metavar="FILE", help="YAML config file (a section per service)")
-    p.add_argument("--port", type=int, help="HTTP port")
-    if redis:
-        p.add_argument("--redis-url", help="Redis URL (default: REDIS_URL, else redis://127.0.0.1:6379/0)")
-    if engine:
-        p.add_argument("--engine-url", help="inference engine URL (default http://127.0.0.1:30000)")
+    add_setting_flags(p, _settings_model(name), SETTING_ALIASES)
     return p
 
 
@@ -326,25 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(func=_up)
 
-    engine = _service_parser(sub, "engine", "the CPU inference engine (SGLang's native API)", redis=False)
-    engine.add_argument("--model", metavar="DIR", help="HF-format model directory")
-    engine.add_argument("--weight-version", type=int, help="version of the start-up weights (default 0)")
-    engine.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    # Every setting of a service's section is a flag (services/common/settings_cli.py).
+    engine = _service_parser(sub, "engine", "the CPU inference engine (SGLang's native API)")
     engine.set_defaults(func=_engine)
-
-    rollout = _service_parser(
-        sub, "rollout", "the rollout service: problems, HTTP API, hinted/unhinted scheduling", engine=True
-    )
-    rollout.add_argument("--host", help="interface to bind (default 127.0.0.1)")
-    rollout.add_argument("--model", metavar="DIR", help="model whose tokenizer builds the prompts")
+    rollout = _service_parser(sub, "rollout", "the rollout service: problems, HTTP API, hinted/unhinted scheduling")
     rollout.set_defaults(func=_rollout)
-    trainer = _service_parser(sub, "trainer", "the GRPO trainer: updates, checkpoints, weight pushes", engine=True)
-    trainer.add_argument("--host", help="interface to bind (default 127.0.0.1)")
-    trainer.add_argument("--model", metavar="DIR", help="HF-format model directory to start from")
+    trainer = _service_parser(sub, "trainer", "the GRPO trainer: updates, checkpoints, weight pushes")
     trainer.set_defaults(func=_trainer)
     verifier = _service_parser(sub, "verifier", "the verifier service: math-verify scoring of raw groups")
-    verifier.add_argument("--host", help="interface to bind (default 127.0.0.1)")
-    verifier.add_argument("--workers", type=int, help="scoring worker processes (default 2)")
     verifier.set_defaults(func=_verifier)
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="action", required=True)
@@ -362,10 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
         experiments.add_parsers(sub)
 
     config = sub.add_parser("config", help="configuration").add_subparsers(dest="action", required=True)
-    show = config.add_parser("show", help="print a section's resolved settings (file + environment)")
-    show.add_argument("section", choices=["engine", "rollout", "verifier", "trainer"])
-    show.add_argument("--config", metavar="FILE")
-    show.set_defaults(func=_config_show)
+    show = config.add_parser("show", help="print a section's resolved settings (file, environment, flags)")
+    sections = show.add_subparsers(dest="section", required=True, metavar="SECTION")
+    for name in SECTIONS:
+        section = _service_parser(sections, name, f"the {name} section as resolved (secrets masked)")
+        section.set_defaults(func=_config_show)
+    docs = config.add_parser("docs", help="print the configuration reference (docs/configuration.md)")
+    docs.set_defaults(func=_config_docs)
     return parser
 
 
@@ -373,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "config", None):
-            check_shared_keys(args.config, [_settings_model(s) for s in ("engine", "rollout", "verifier", "trainer")])
+            check_shared_keys(args.config, [_settings_model(s) for s in SECTIONS])
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"pope: {exc}", file=sys.stderr)

@@ -18,18 +18,23 @@ Each service validates its own section with its own settings model (a subclass o
     5. the field's default
 
 A bad value fails start-up with a ``ConfigError`` naming where it came from: the file,
-section and field, or the environment variable, or the flag.
+section and field, or the environment variable, or the flag. Every setting, nested ones
+too (``setting_fields``), is a flag of its service's command (services/common/settings_cli.py)
+and is listed in docs/configuration.md, both generated from the field docstrings.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from types import UnionType
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -59,6 +64,7 @@ def section_config(section: str) -> SettingsConfigDict:
         env_nested_delimiter="__",
         extra="forbid",
         validate_default=True,
+        use_attribute_docstrings=True,
     )
 
 
@@ -90,7 +96,7 @@ class SectionSettings(BaseSettings):
     """Base of every section's settings: where to listen and how to log."""
 
     section: ClassVar[str]
-    model_config = SettingsConfigDict(extra="forbid", validate_default=True)
+    model_config = SettingsConfigDict(extra="forbid", validate_default=True, use_attribute_docstrings=True)
 
     host: str = "127.0.0.1"
     """Interface the HTTP server binds; 0.0.0.0 in containers."""
@@ -154,18 +160,30 @@ def read_config_file(path: Path) -> dict[str, dict[str, Any]]:
 
 def load_settings(model: type[S], config_file: Path | str | None = None, **explicit: Any) -> S:
     """Build ``model`` from flags (``explicit``; None values are ignored), env and file."""
+    flags = {k: v for k, v in explicit.items() if v is not None}
+    return load_settings_with_flags(model, config_file, flags)
+
+
+def load_settings_with_flags(
+    model: type[S],
+    config_file: Path | str | None,
+    flags: dict[str, Any],
+    flag_names: Mapping[tuple[str, ...], str] | None = None,
+) -> S:
+    """Build ``model`` from ``flags`` (nested like the file's section: ``{"streams":
+    {"lease_ms": 1}}``; a None is a value), env and file. ``flag_names`` names the option
+    each setting path came from, for error messages (default ``--field-name``)."""
     section = model.section
     path = Path(config_file) if config_file else None
     sections = read_config_file(path) if path else {}
     shared = {k: v for k, v in sections.get(SHARED, {}).items() if k in model.model_fields}
     from_file = _deep_merge(shared, sections.get(section, {}))
-    flags = {k: v for k, v in explicit.items() if v is not None}
     _check_env_names(model)
     token = _yaml_values.set(from_file)
     try:
         return model(**flags)
     except ValidationError as exc:
-        raise ConfigError(_explain(model, exc, path, sections, flags)) from None
+        raise ConfigError(_explain(model, exc, path, sections, flags, flag_names or {})) from None
     finally:
         _yaml_values.reset(token)
 
@@ -198,30 +216,121 @@ def _explain(
     path: Path | None,
     sections: dict[str, dict[str, Any]],
     flags: dict[str, Any],
+    flag_names: Mapping[tuple[str, ...], str],
 ) -> str:
     section = model.section
     env = EnvSettingsSource(model)()
     prefix = str(model.model_config.get("env_prefix", ""))
+    fields = {s.path: s for s in setting_fields(model)}
     lines = [f"invalid configuration for section {section!r}:"]
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        field = loc[0] if loc else "?"
-        dotted = ".".join(loc)
-        if field in flags:
-            origin = f"command-line option --{field.replace('_', '-')}"
-        elif field in env:
+        loc = tuple(str(p) for p in err["loc"])
+        # The setting the error is about: the longest prefix of loc that is a setting (one
+        # more part for an unknown key under a nested section); loc goes on into a value.
+        n = 0
+        while n < len(loc) and loc[: n + 1] in fields:
+            n += 1
+        if n < len(loc) and (n == 0 or fields[loc[:n]].nested):
+            n += 1
+        key, dotted = loc[:n], ".".join(loc)
+        if _given(flags, loc):
+            origin = f"command-line option {flag_names.get(key) or flag_name(key)}"
+        elif _given(env, loc):
             origin = f"environment variable {prefix}{'__'.join(loc).upper()}"
-        elif field == "redis_url" and os.environ.get("REDIS_URL"):
+        elif loc[:1] == ("redis_url",) and os.environ.get("REDIS_URL"):
             origin = "environment variable REDIS_URL"
-        elif field in sections.get(section, {}):
+        elif _given(sections.get(section, {}), loc):
             origin = f"{path}, section {section!r}, field {dotted!r}"
-        elif field in sections.get(SHARED, {}):
+        elif _given(sections.get(SHARED, {}), loc):
             origin = f"{path}, section {SHARED!r}, field {dotted!r}"
         else:
             origin = f"field {dotted!r}"
-        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        shown = "input" in err and not isinstance(err["input"], dict) and not (key in fields and fields[key].secret)
+        got = f" (got {err['input']!r})" if shown else ""
         lines.append(f"  {section}.{dotted}: {err['msg']}{got} [from {origin}]")
     return "\n".join(lines)
+
+
+def _given(data: Any, loc: tuple[str, ...]) -> bool:
+    """Whether ``data`` (a source's values, nested) holds the value at ``loc``, or above it."""
+    for part in loc:
+        if not isinstance(data, dict):
+            return True
+        if part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def flag_name(path: tuple[str, ...]) -> str:
+    """The command-line option of a setting: ``("streams", "lease_ms")`` is ``--streams.lease-ms``."""
+    return "--" + ".".join(part.replace("_", "-") for part in path)
+
+
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """The types of a union annotation (``int | None``: int, NoneType), or the annotation."""
+    if get_origin(annotation) in (Union, UnionType):
+        return get_args(annotation)
+    return (annotation,)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a section, at any depth: ``path`` from the section down
+    (``("streams", "lease_ms")``); ``nested`` when it is itself a model of settings."""
+
+    path: tuple[str, ...]
+    info: FieldInfo
+    default: Any
+    """The default value (for a nested setting, its default model's value; PydanticUndefined when required)."""
+
+    @property
+    def dotted(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def doc(self) -> str:
+        return " ".join((self.info.description or "").split())
+
+    @property
+    def nested(self) -> bool:
+        ann = self.info.annotation
+        return isinstance(ann, type) and issubclass(ann, BaseModel)
+
+    @property
+    def secret(self) -> bool:
+        return SecretStr in _members(self.info.annotation)
+
+    @property
+    def optional(self) -> bool:
+        return type(None) in _members(self.info.annotation)
+
+    @property
+    def types(self) -> tuple[Any, ...]:
+        """The annotation's types but None."""
+        return tuple(t for t in _members(self.info.annotation) if t is not type(None))
+
+    @property
+    def is_bool(self) -> bool:
+        return self.types == (bool,)
+
+    @property
+    def is_json(self) -> bool:
+        """Given as JSON on the command line and in the environment: mappings, lists, ..."""
+        scalar = (str, int, float, bool, Path, SecretStr)
+        return not all(t in scalar or get_origin(t) is Literal for t in self.types)
+
+
+def setting_fields(model: type[BaseModel], _path: tuple[str, ...] = (), _defaults: Any = None) -> list[Setting]:
+    """Every setting of ``model``, depth first, each nested section before its settings."""
+    out: list[Setting] = []
+    for name, info in model.model_fields.items():
+        default = info.get_default(call_default_factory=True) if _defaults is None else getattr(_defaults, name)
+        setting = Setting((*_path, name), info, default)
+        out.append(setting)
+        if setting.nested:
+            out.extend(setting_fields(info.annotation, setting.path, default))  # type: ignore[arg-type]
+    return out
 
 
 def resolved(settings: SectionSettings) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -47,6 +47,8 @@ TRIMMED = Counter(
 
 class DeliveryPolicy(BaseModel):
     """How a stream is capped and how its consumers share, retry and give up on work."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
 
     lease_ms: int = Field(60_000, gt=0)
     """A consumer holding an entry longer than this without renewing is presumed dead."""

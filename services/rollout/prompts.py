@@ -18,7 +18,7 @@ from services.common.messages import Problem, Variant
 class PromptTemplate(BaseModel):
     """The words around a problem; change ``version`` whenever any of them changes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     version: str = "pope-guided-v1"
     """Recorded in every group as ``template_version``."""

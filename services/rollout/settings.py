@@ -21,7 +21,7 @@ class HintSettings(BaseModel):
     Defaults follow the paper where it says (k = 128, prefixes up to 1/4 of the solution,
     linear scan); the CPU demo overrides sizes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     k: int = Field(128, ge=1)
     """Unhinted attempts per problem; a problem is hard when none succeeds."""
@@ -32,6 +32,7 @@ class HintSettings(BaseModel):
     temperature: float = Field(0.8, gt=0.0)
     """Sampling temperature: training's, so 'hard' means hard for the rollouts RL will see."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    """Nucleus sampling in the search (1.0: the full distribution, as in training)."""
     max_fraction: float = Field(0.25, gt=0.0, le=1.0)
     """Longest prefix tried, as a share of the solution's tokens."""
     method: Literal["linear", "galloping"] = "linear"
@@ -52,7 +53,7 @@ class HintSettings(BaseModel):
 class EvalSettings(BaseModel):
     """Evaluation (``rollout.evaluation``); sampling defaults are the paper's evaluation settings."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     split: Literal["train", "eval"] = "eval"
     """Problems evaluated."""
@@ -61,13 +62,17 @@ class EvalSettings(BaseModel):
     hinted: bool = False
     """Also evaluate the hinted variant of problems that have a hint."""
     temperature: float = Field(0.8, gt=0.0)
+    """Sampling temperature of the evaluation samples."""
     top_p: float = Field(0.95, gt=0.0, le=1.0)
+    """Nucleus sampling of the evaluation samples."""
     max_new_tokens: int = Field(16384, ge=1)
+    """Longest response; a truncated response scores 0."""
     every_steps: int = Field(0, ge=0)
     """The rollout service evaluates at trainer step 0 and every this many steps (0: never)."""
     concurrency: int = Field(4, ge=1)
     """Problems sampled at once."""
     seed: int = 0
+    """Seeds every request (per problem and variant), so a rerun draws the same samples."""
     limit: int | None = Field(None, ge=1)
     """Evaluate only the first this many problems (by id), for quick checks."""
 
