@@ -7,7 +7,7 @@
             one optimizer step on them            -> version v + 1
             checkpoint (HF safetensors + state)   -> durable
             ack those groups                      (after the checkpoint, never before)
-            push the checkpoint to the weight sink    (the engine: /update_weights_from_disk "v + 1")
+            push it to the weight sink            (an engine: /update_weights_from_disk, version "v + 1")
 
 Exactly once in effect: the checkpoint records the ids of the groups it trained, so a
 group redelivered after a crash between checkpoint and ack is acked, not retrained.
