@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import httpx
 from redis import Redis
 
-from services.common.keys import Keys
+from services.common.keys import Keys, delete_prefix
 from services.common.messages import RawGroup, Sample, encode
 from services.common.redis_server import free_port, redis_for
 from services.common.streams import DATA
@@ -179,8 +179,7 @@ def main() -> None:
                 finally:
                     proc.terminate()
                     proc.wait(30)
-                    for k in r.scan_iter(match=keys.pattern):
-                        r.delete(k)
+                    delete_prefix(r, keys.prefix)
                 label = f"{'POST /v1/verify' if path == 'http' else 'stream rollouts->scored'}, {workers} worker(s)"
                 print(f"{label:38s} {rate:10.1f} {rate / raw:7.2f}x {rate / raw / workers:10.2f}x")
         r.close()

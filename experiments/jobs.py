@@ -21,10 +21,11 @@ from typing import Any, TextIO
 from experiments.pretrain import TEMPLATE
 from services.common.messages import Problem
 from services.common.redis_server import redis_for
-from services.offline import engine_child, evaluate_problems, running, verifier_child
+from services.offline import evaluate_problems
 from services.rollout.evaluation import EvalReport
 from services.rollout.settings import EvalSettings, HintSettings, RolloutSettings
-from services.up import say as say_as
+from services.stack import engine_child, running, verifier_child
+from services.stack import say as say_as
 
 
 def say(text: str, out: TextIO) -> None:
@@ -42,7 +43,7 @@ def services(
         if verifier:
             child, verifier_url = verifier_child(url)
             children.append(child)
-        with running(children, log_dir, {"POPE_ENGINE__MAX_BATCH": "128"}, out, "pope experiment"):
+        with running(children, log_dir, out, "pope experiment", env={"POPE_ENGINE__MAX_BATCH": "128"}):
             yield engine_url, verifier_url, url
 
 
@@ -84,7 +85,7 @@ def build_hints(
     the problems with labels and hints, and a summary."""
     from redis.asyncio import Redis
 
-    from services.common.keys import Keys
+    from services.common.keys import Keys, adelete_prefix
     from services.offline import build
     from services.rollout.store import ProblemStore
 
@@ -101,9 +102,7 @@ def build_hints(
                 progress = await build(settings, url, split="train", ids=None, redo=False, out=out)
                 return await store.all(), progress.tokens
             finally:
-                names = [n async for n in redis.scan_iter(match=f"{prefix}*", count=1000)]
-                if names:
-                    await redis.delete(*names)
+                await adelete_prefix(redis, prefix)
                 await redis.aclose()
 
         problems, tokens = asyncio.run(go())

@@ -28,13 +28,13 @@ from redis.asyncio import Redis
 from services.common.engine_client import EngineClient
 from services.common.keys import Keys
 from services.common.messages import Problem
-from services.common.redis_server import free_port, redis_for
+from services.common.redis_server import redis_for
 from services.rollout.attempts import Attempter
 from services.rollout.evaluation import EvalReport, evaluate, to_markdown
 from services.rollout.hint_builder import HintBuilder, Progress, summary_table
 from services.rollout.settings import EvalSettings, HintSettings, RolloutSettings
 from services.rollout.store import ProblemStore
-from services.up import Child, Stack, say
+from services.stack import engine_child, running, say, verifier_child
 
 
 def _answers(url: str) -> bool:
@@ -145,39 +145,8 @@ def engine_and_verifier(
                 f"no {names} answered at the configured URL: starting {which} (logs in {Path(args.run_dir) / 'logs'})",
                 out,
             )
-        with running(children, Path(args.run_dir) / "logs", {}, out, label):
+        with running(children, Path(args.run_dir) / "logs", out, label):
             yield settings, url
-
-
-def engine_child(model: str) -> tuple[Child, str]:
-    """A CPU engine serving ``model`` on a free port, and its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    return Child("engine", ["engine", "--model", model, "--port", str(port)], f"{url}/health"), url
-
-
-def verifier_child(redis_url: str) -> tuple[Child, str]:
-    """A verifier (two scoring workers) on a free port, and its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    return Child(
-        "verifier", ["verifier", "--port", str(port), "--redis-url", redis_url, "--workers", "2"], f"{url}/readyz"
-    ), url
-
-
-@contextlib.contextmanager
-def running(children: list[Child], log_dir: Path, env: dict[str, str], out: TextIO, label: str) -> Iterator[None]:
-    """``children`` started (logs in ``log_dir``, ``env`` over this process's) and healthy; stopped after."""
-    if not children:
-        yield
-        return
-    stack = Stack(children, log_dir, {**os.environ, "PYTHONUNBUFFERED": "1", **env}, out, label=label)
-    try:
-        stack.start()
-        stack.wait_healthy(600, [False])
-        yield
-    finally:
-        stack.stop()
 
 
 def hints_build(args: Any, out: TextIO = sys.stdout) -> int:

@@ -17,99 +17,23 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
 
 from services.common.config import load_settings, model_dir_problem
+from services.common.keys import delete_prefix
 from services.common.redis_server import redis_for
 from services.engine.settings import EngineSettings
 from services.rollout.settings import RolloutSettings
+from services.stack import Child, Stack, engine_child, running, say, verifier_child
 from services.trainer.settings import TrainerSettings
 from services.verifier.settings import VerifierSettings
 
-
-@dataclass
-class Child:
-    name: str
-    args: list[str]
-    health: str
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
-
-
-class Stack:
-    def __init__(
-        self, children: list[Child], log_dir: Path, env: dict[str, str], out: TextIO, label: str = "pope up"
-    ) -> None:
-        self.children, self.log_dir, self.env, self.out, self.label = children, log_dir, env, out, label
-
-    def start(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        for c in self.children:
-            c.log_path = self.log_dir / f"{c.name}.log"
-            with c.log_path.open("wb") as log:  # this run's log only: old lines would mislead
-                c.proc = subprocess.Popen(
-                    [sys.executable, "-m", "services.cli", *c.args],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=self.env,
-                    start_new_session=True,
-                )
-            self.say(f"started {c.name} (pid {c.proc.pid}), log {c.log_path}")
-
-    def wait_healthy(self, within_s: float, stopping: list[bool]) -> None:
-        deadline = time.monotonic() + within_s
-        waiting = list(self.children)
-        while waiting:
-            if stopping[0]:
-                raise KeyboardInterrupt
-            self.check_alive()
-            for c in list(waiting):
-                try:
-                    if httpx.get(c.health, timeout=2).status_code == 200:
-                        waiting.remove(c)
-                        self.say(f"{c.name} is ready ({c.health})")
-                except httpx.HTTPError:
-                    pass
-            if time.monotonic() > deadline:
-                names = ", ".join(c.name for c in waiting)
-                raise RuntimeError(f"not healthy after {within_s:.0f}s: {names} (see their logs in {self.log_dir})")
-            time.sleep(0.3)
-
-    def check_alive(self) -> None:
-        for c in self.children:
-            if c.proc is not None and c.proc.poll() is not None:
-                tail = c.log_path.read_text(errors="replace")[-2000:] if c.log_path else ""
-                raise RuntimeError(f"{c.name} exited with status {c.proc.returncode}; its log ends:\n{tail}")
-
-    def stop(self, grace_s: float = 30.0) -> None:
-        """One at a time, producers first and the engine last, so no service is left
-        retrying against one already gone; each gets ``grace_s`` to finish its work."""
-        for c in reversed(self.children):
-            if c.proc is None or c.proc.poll() is not None:
-                continue
-            c.proc.send_signal(signal.SIGTERM)
-            try:
-                c.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                self.say(f"{c.name} did not stop within {grace_s:.0f}s; killing it")
-                c.proc.kill()
-                c.proc.wait()
-        self.say("all processes stopped")
-
-    def say(self, text: str) -> None:
-        say(self.label, text, self.out)
-
-
-def say(label: str, text: str, out: TextIO) -> None:
-    """One progress line of a command that runs services: ``[label] text``."""
-    print(f"[{label}] {text}", file=out, flush=True)
+LABEL = "pope up"
 
 
 def read_problems(path: Path) -> list[dict[str, Any]]:
@@ -146,10 +70,8 @@ def wipe(url: str, rollout: RolloutSettings, trainer: TrainerSettings, out: Text
     client = redis.Redis.from_url(url)
     try:
         for prefix in {rollout.key_prefix, trainer.key_prefix}:
-            names = list(client.scan_iter(match=f"{prefix}*", count=1000))
-            if names:
-                client.delete(*names)
-            print(f"[pope up] --fresh: deleted {len(names)} Redis keys under {prefix!r}", file=out)
+            deleted = delete_prefix(client, prefix)
+            say(LABEL, f"--fresh: deleted {deleted} Redis keys under {prefix!r}", out)
     finally:
         client.close()
     for path in (trainer.checkpoint_dir, rollout.archive_dir, trainer.tensorboard_dir, trainer.metrics_log):
@@ -159,7 +81,7 @@ def wipe(url: str, rollout: RolloutSettings, trainer: TrainerSettings, out: Text
             shutil.rmtree(path)
         else:
             path.unlink()
-        print(f"[pope up] --fresh: deleted {path}", file=out)
+        say(LABEL, f"--fresh: deleted {path}", out)
 
 
 def up(
@@ -210,25 +132,18 @@ def _up(
     ports = {name: s.port for name, s in sections.items()}
     engine_url = f"http://127.0.0.1:{ports['engine']}"
     cfg = ["--config", config] if config else []
+
+    def tell(text: str) -> None:
+        say(LABEL, text, out)
+
     with redis_for(redis_url or os.environ.get("REDIS_URL")) as url:
         if fresh:
             wipe(url, rollout_s, trainer_s, out)
-        # The rollout service scores evaluations on this stack's verifier.
-        env = {
-            **os.environ,
-            "REDIS_URL": url,
-            "PYTHONUNBUFFERED": "1",
-            "POPE_ROLLOUT__VERIFIER_URL": f"http://127.0.0.1:{ports['verifier']}",
-        }
-        if steps is not None:  # the trainer stops at N itself, not one step late while all stop
-            env["POPE_TRAINER__MAX_STEPS"] = str(steps)
+        engine, _ = engine_child(model, ports["engine"], cfg)
+        verifier, verifier_url = verifier_child(url, ports["verifier"], cfg)
         children = [
-            Child("engine", ["engine", "--model", model, "--port", str(ports["engine"]), *cfg], f"{engine_url}/health"),
-            Child(
-                "verifier",
-                ["verifier", "--port", str(ports["verifier"]), "--redis-url", url, *cfg],
-                f"http://127.0.0.1:{ports['verifier']}/readyz",
-            ),
+            engine,
+            verifier,
             Child(
                 "trainer",
                 [
@@ -262,38 +177,37 @@ def _up(
                 f"http://127.0.0.1:{ports['rollout']}/readyz",
             ),
         ]
-        stack = Stack(children, run_dir / "logs", env, out)
-        stack.say(f"redis at {url}; logs in {run_dir / 'logs'}")
+        # The rollout service scores evaluations on this stack's verifier.
+        env = {"REDIS_URL": url, "POPE_ROLLOUT__VERIFIER_URL": verifier_url}
+        if steps is not None:  # the trainer stops at N itself, not one step late while all stop
+            env["POPE_TRAINER__MAX_STEPS"] = str(steps)
+        tell(f"redis at {url}; logs in {run_dir / 'logs'}")
         rollout_url = f"http://127.0.0.1:{ports['rollout']}"
         code = 0
         try:
-            stack.start()
-            stack.wait_healthy(600, stopping)
-            stack.say(f"all services ready. API: {rollout_url}/docs  status: {rollout_url}/v1/status")
-            if problems is not None:
-                resp = httpx.post(f"{rollout_url}/v1/problems", json=read_problems(problems), timeout=60)
-                if resp.status_code != 201:
-                    raise RuntimeError(f"submitting {problems} failed: {resp.status_code} {resp.text[:500]}")
-                stack.say(f"submitted {len(resp.json()['ids'])} problems from {problems}")
-            code = watch(stack, rollout_url, steps, stopping)
+            with running(children, run_dir / "logs", out, LABEL, env=env, stopping=stopping) as stack:
+                stack.say(f"all services ready. API: {rollout_url}/docs  status: {rollout_url}/v1/status")
+                if problems is not None:
+                    resp = httpx.post(f"{rollout_url}/v1/problems", json=read_problems(problems), timeout=60)
+                    if resp.status_code != 201:
+                        raise RuntimeError(f"submitting {problems} failed: {resp.status_code} {resp.text[:500]}")
+                    stack.say(f"submitted {len(resp.json()['ids'])} problems from {problems}")
+                code = watch(stack, rollout_url, steps, stopping)
         except KeyboardInterrupt:
-            stack.say("interrupted")
+            tell("interrupted")
         except RuntimeError as exc:
-            stack.say(f"error: {exc}")
+            tell(f"error: {exc}")
             code = 1
-        finally:
-            stack.say("stopping (Ctrl-C again does not skip the clean stop)")
-            stack.stop()
     if code != 0:
         return code
-    stack.say(
+    tell(
         f"rollouts:    {rollout_s.archive_dir / 'rollouts.jsonl'} (one JSON line per scored sample; "
         "GET /v1/rollouts pages it)"
     )
-    stack.say(f"checkpoints: {trainer_s.checkpoint_dir} (HF safetensors + run_record.json)")
+    tell(f"checkpoints: {trainer_s.checkpoint_dir} (HF safetensors + run_record.json)")
     tensorboard = f"; TensorBoard: {trainer_s.tensorboard_dir}" if trainer_s.tensorboard_dir else ""
-    stack.say(f"metrics:     {trainer_s.metrics_log} (per step, by variant){tensorboard}")
-    stack.say(f"logs:        {run_dir / 'logs'}")
+    tell(f"metrics:     {trainer_s.metrics_log} (per step, by variant){tensorboard}")
+    tell(f"logs:        {run_dir / 'logs'}")
     return code
 
 

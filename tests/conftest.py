@@ -27,7 +27,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from services.common.keys import Keys
+from services.common.keys import Keys, delete_prefix
 from services.common.redis_server import DEFAULT_PROBE_URL, redis_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,9 +49,7 @@ def keys(redis_url: str) -> Iterator[Keys]:
     yield k
     client = redis.Redis.from_url(redis_url)
     try:
-        names = list(client.scan_iter(match=k.pattern, count=1000))
-        if names:
-            client.delete(*names)
+        delete_prefix(client, k.prefix)
     finally:
         client.close()
 

@@ -17,11 +17,19 @@ key name.
     pope:state:<name>        hash: shared state (trainer step, engine version, ...)
     pope:history:<name>      list, newest first: e.g. the trainer's per-step metrics
     pope:health:<service>:<instance>   string with TTL: a live worker's heartbeat
+
+``delete_prefix`` (and ``adelete_prefix``, for asyncio clients) deletes every key under a
+prefix: a run's or a test's whole state.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    import redis
+    import redis.asyncio
 
 DEFAULT_PREFIX = "pope:"
 
@@ -92,7 +100,31 @@ class Keys:
         """Hash: hint-search job id -> the job's JSON (its request, state and progress)."""
         return f"{self.prefix}hints:jobs"
 
-    @property
-    def pattern(self) -> str:
-        """Glob matching every key of this prefix (for SCAN; never for KEYS in production)."""
-        return f"{self.prefix}*"
+
+def prefix_glob(prefix: str) -> str:
+    """The SCAN pattern matching exactly the keys that start with ``prefix`` (its glob
+    characters escaped, so a prefix such as ``run[1]:`` matches only itself)."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in prefix) + "*"
+
+
+def delete_prefix(client: redis.Redis, prefix: str, batch: int = 1000) -> int:
+    """Delete every key under ``prefix``, ``batch`` at a time (SCAN, never KEYS: the Redis
+    may be shared and large); the number deleted."""
+    deleted, names = 0, []
+    for name in client.scan_iter(match=prefix_glob(prefix), count=batch):
+        names.append(name)
+        if len(names) >= batch:
+            deleted += cast(int, client.delete(*names))
+            names = []
+    return deleted + (cast(int, client.delete(*names)) if names else 0)
+
+
+async def adelete_prefix(client: redis.asyncio.Redis, prefix: str, batch: int = 1000) -> int:
+    """``delete_prefix`` for an asyncio client."""
+    deleted, names = 0, []
+    async for name in client.scan_iter(match=prefix_glob(prefix), count=batch):
+        names.append(name)
+        if len(names) >= batch:
+            deleted += await client.delete(*names)
+            names = []
+    return deleted + (await client.delete(*names) if names else 0)

@@ -7,12 +7,13 @@
             one optimizer step on them            -> version v + 1
             checkpoint (HF safetensors + state)   -> durable
             ack those groups                      (after the checkpoint, never before)
-            /update_weights_from_disk on the engine, version "v + 1"
+            push it to the weight sink            (an engine: /update_weights_from_disk, version "v + 1")
 
 Exactly once in effect: the checkpoint records the ids of the groups it trained, so a
 group redelivered after a crash between checkpoint and ack is acked, not retrained.
 Buffered groups keep their leases renewed while a step runs. An engine that restarted
-(serving its start-up weights) is noticed and re-pushed the latest checkpoint.
+(serving its start-up weights) is noticed and re-pushed the latest checkpoint. Where the
+weights go is the sink's business (sink.py): an engine, or nowhere (``NoSink``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import logging
 import math
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,12 +33,12 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.common.config import resolved
-from services.common.engine_client import EngineClient, EngineError
 from services.common.keys import TRAINERS, Keys
 from services.common.messages import MessageError, ScoredGroup, WeightsUpdated, decode
 from services.common.streams import Entry, GroupReader, publish
 from services.trainer import checkpoint
 from services.trainer.settings import TrainerSettings
+from services.trainer.sink import WeightSink
 from services.trainer.step import lr_lambda, train_step
 
 log = logging.getLogger(__name__)
@@ -62,12 +62,13 @@ STEP_SECONDS = Histogram(
 
 
 class Trainer:
-    """Owns the policy, its optimizer and the trainers' consumer; ``await run(stop)``."""
+    """Owns the policy, its optimizer and the trainers' consumer; ``await run(stop)``.
+    New weights go to ``sink`` (which it does not close)."""
 
-    def __init__(self, settings: TrainerSettings, redis: Redis, engine: EngineClient | None) -> None:
+    def __init__(self, settings: TrainerSettings, redis: Redis, sink: WeightSink) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.settings, self.redis, self.engine = settings, redis, engine
+        self.settings, self.redis, self.sink = settings, redis, sink
         self.keys = Keys(settings.key_prefix)
         torch.manual_seed(settings.seed)
         # Absolute: the path is sent to the engine, which may run from another directory.
@@ -103,7 +104,6 @@ class Trainer:
             log.info("resumed from %s at step %d", resume, self.state.step)
         self.history: deque[dict[str, float]] = deque(maxlen=1000)
         self._tb: Any = None  # TensorBoard writer, made on the first step
-        self._served: Path | None = None  # the checkpoint the engine was last told to load
         self._idle_since = time.monotonic()  # when the trainer last finished a step (data wait)
         self.trained = set(self.state.trained_group_ids)
         self.reader = GroupReader(
@@ -219,7 +219,7 @@ class Trainer:
         )
         saving = time.monotonic()
         async with self._weights_lock:  # the engine watcher must not see a half-finished version
-            protect = frozenset([self._served]) if self._served else frozenset()
+            protect = frozenset([self.sink.loading]) if self.sink.loading else frozenset()
             path = await asyncio.to_thread(
                 checkpoint.save,
                 self.ckpt_dir,
@@ -239,7 +239,7 @@ class Trainer:
         self.in_flight = []
         pushing = time.monotonic()
         async with self._weights_lock:
-            pushed = await self.push(path, self.version)
+            pushed = await self.sink.push(path, self.version)
         stats.update(
             time_push_s=time.monotonic() - pushing,
             pushed=float(pushed),
@@ -306,18 +306,6 @@ class Trainer:
             stats["time_push_s"],
         )
 
-    async def push(self, path: Path, version: int) -> bool:
-        """Tell the engine to load ``path`` as ``version``; False (logged) if it fails."""
-        if self.engine is None:
-            return False
-        self._served = path  # protected from deletion from the moment the engine may read it
-        try:
-            await self.engine.update_weights_from_disk(str(path), version)
-        except EngineError as exc:
-            log.warning("pushing weights v%d to the engine failed (will retry): %s", version, exc)
-            return False
-        return True
-
     async def publish_state(self) -> None:
         """The state the rollout scheduler and /v1/status read; retried each pass until it lands."""
         fields: dict[str, Any] = {k: v for k, v in self.last.items() if not math.isnan(v)}  # NaN-free
@@ -342,20 +330,19 @@ class Trainer:
                 await self.reader.renew(*[e.id for e, _ in self.buffer + self.in_flight])
 
     async def _watch_engine(self, stop: asyncio.Event) -> None:
-        """Re-push the latest weights whenever the engine serves an older version."""
-        if self.engine is None:
-            return
+        """Re-push the latest weights whenever the engine serves an older version (one
+        that restarted serves its start-up weights); a failed push is retried next time."""
         while not stop.is_set():
-            with contextlib.suppress(EngineError):
-                async with self._weights_lock:
-                    served = await self.engine.weight_version()
-                    newest = checkpoint.latest(self.ckpt_dir)
-                    step = checkpoint.load_state(newest).step if newest is not None else 0
-                    if newest is not None and served < step:
+            async with self._weights_lock:
+                served = await self.sink.served_version()
+                newest = checkpoint.latest(self.ckpt_dir) if served is not None else None
+                if served is not None and newest is not None:
+                    step = checkpoint.load_state(newest).step
+                    if served < step:
                         log.warning(
                             "engine serves v%d, the latest checkpoint is v%d: re-pushing %s", served, step, newest
                         )
-                        await self.push(newest, step)
+                        await self.sink.push(newest, step)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.repush_interval_s)
 

@@ -16,11 +16,11 @@ from typing import Any
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
-from services.common.engine_client import EngineClient
 from services.common.http import add_health_routes, redis_unready, stop_if_failed
 from services.common.http import serve as run_server
 from services.trainer.loop import Trainer
 from services.trainer.settings import TrainerSettings
+from services.trainer.sink import sink_for
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,15 @@ def create_app(settings: TrainerSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = Redis.from_url(settings.redis_url)
-        engine = EngineClient(settings.engine_url) if settings.engine_url else None
-        trainer = await asyncio.to_thread(Trainer, settings, redis, engine)
+        sink = sink_for(settings)
+        trainer = await asyncio.to_thread(Trainer, settings, redis, sink)
         holder["trainer"], holder["redis"] = trainer, redis
         task = asyncio.create_task(trainer.run(stop))
         task.add_done_callback(lambda t: stop_if_failed(app, t, "training loop"))
         yield
         stop.set()
         await asyncio.gather(task, return_exceptions=True)
-        if engine is not None:
-            await engine.aclose()
+        await sink.aclose()
         await redis.aclose()
 
     app = FastAPI(title="POPE-RL trainer", lifespan=lifespan)

@@ -20,7 +20,7 @@ class TrainerSettings(ServiceSettings):
     port: int = Field(8002, ge=0, le=65535)
     """HTTP: health, metrics and training state."""
     engine_url: str = "http://127.0.0.1:30000"
-    """Engine that receives new weights (/update_weights_from_disk)."""
+    """Engine that receives new weights (/update_weights_from_disk); empty: none (checkpoints only)."""
     model_path: str | None = None
     """HF-format model directory to start training from."""
     checkpoint_dir: Path = Path("runs/checkpoints")

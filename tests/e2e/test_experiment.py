@@ -18,6 +18,7 @@ import redis
 import yaml
 
 from experiments.experiment import ARMS, Spec, experiment, read_jsonl, read_metrics, run_config, run_one, spec_with
+from services.common.keys import delete_prefix
 
 SPEC = Spec(
     train_problems=4,
@@ -48,8 +49,7 @@ def delete_run_keys(redis_url: str, exp: Path, spec: Spec, arms: list[str]) -> N
     client = redis.Redis.from_url(redis_url)
     for arm in arms:
         prefix = run_config(spec, arm, 0, exp / "runs" / arm / "seed0")["shared"]["key_prefix"]
-        if names := list(client.scan_iter(match=f"{prefix}*")):
-            client.delete(*names)
+        delete_prefix(client, prefix)
     client.close()
 
 

@@ -19,6 +19,7 @@ from services.common.streams import DATA, DeliveryPolicy, publish
 from services.trainer import checkpoint
 from services.trainer.loop import Trainer
 from services.trainer.settings import TrainerSettings
+from services.trainer.sink import EngineSink, NoSink
 from tests.conftest import running_engine
 
 PROMPTS = [[1, 87, 85, 261, 201], [1, 40, 41, 42]]
@@ -108,7 +109,7 @@ async def test_train_push_drop_stale_and_resume(
 ) -> None:
     await engine.update_weights_from_disk(str(tiny_model), 0)  # the engine starts each test at v0
     cfg = settings(tiny_model, tmp_path, redis_url, keys, engine_url, max_staleness=1, repush_interval_s=0.2)
-    trainer = await asyncio.to_thread(Trainer, cfg, aredis, engine)
+    trainer = await asyncio.to_thread(Trainer, cfg, aredis, EngineSink(engine))
     stop = asyncio.Event()
     task = asyncio.create_task(trainer.run(stop))
     try:
@@ -163,7 +164,7 @@ async def test_train_push_drop_stale_and_resume(
     assert record["packages"]["torch"].startswith("2.13") and "git_commit" in record
 
     # Resume: a new trainer picks up at step 2 and does not retrain a redelivered group.
-    again = await asyncio.to_thread(Trainer, cfg, aredis, engine)
+    again = await asyncio.to_thread(Trainer, cfg, aredis, EngineSink(engine))
     assert again.version == 2 and "s1-g0" in again.trained
     stop = asyncio.Event()
     task = asyncio.create_task(again.run(stop))
@@ -183,12 +184,14 @@ async def test_train_push_drop_stale_and_resume(
 async def test_the_optimizer_takes_the_adam_settings(
     tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, aredis: Redis
 ) -> None:
-    default = await asyncio.to_thread(Trainer, settings(tiny_model, tmp_path / "a", redis_url, keys, ""), aredis, None)
+    default = await asyncio.to_thread(
+        Trainer, settings(tiny_model, tmp_path / "a", redis_url, keys, ""), aredis, NoSink()
+    )
     assert (tuple(default.optimizer.param_groups[0]["betas"]), default.optimizer.param_groups[0]["eps"]) == (
         (0.9, 0.999),
         1e-8,
     )
     cfg = settings(tiny_model, tmp_path / "b", redis_url, keys, "", adam_beta1=0.8, adam_beta2=0.95, adam_eps=1e-5)
-    trainer = await asyncio.to_thread(Trainer, cfg, aredis, None)
+    trainer = await asyncio.to_thread(Trainer, cfg, aredis, NoSink())
     group = trainer.optimizer.param_groups[0]
     assert (tuple(group["betas"]), group["eps"]) == ((0.8, 0.95), 1e-5)

@@ -16,6 +16,7 @@ from services.common.messages import FinishReason, RawGroup, Sample, Score, Scor
 from services.common.streams import DeliveryPolicy, publish
 from services.trainer.loop import Trainer
 from services.trainer.settings import TrainerSettings
+from services.trainer.sink import NoSink
 
 POLICY = DeliveryPolicy(block_ms=100)
 
@@ -100,7 +101,7 @@ async def test_each_option_shows_in_the_metrics(
         variant_weights={"hinted": 2.0, "unhinted": 1.0},
         max_steps=2,
     )
-    trainer = await asyncio.to_thread(Trainer, cfg, aredis, None)
+    trainer = await asyncio.to_thread(Trainer, cfg, aredis, NoSink())
     first = [
         group(trainer, "a", Variant.HINTED, [1, 0, 0, 1]),
         group(trainer, "b", Variant.UNHINTED, [0, 0, 0, 0]),

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.keys import Keys
+from services.common.keys import Keys, prefix_glob
 
 
 def test_every_name_is_under_the_prefix() -> None:
@@ -27,3 +27,8 @@ def test_every_name_is_under_the_prefix() -> None:
 def test_bad_prefix_is_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="prefix"):
         Keys(bad)
+
+
+def test_prefix_glob_escapes_glob_characters() -> None:
+    assert prefix_glob("run7:") == "run7:*"
+    assert prefix_glob("run[1]*?\\:") == "run\\[1\\]\\*\\?\\\\:*"
