@@ -39,7 +39,8 @@ def _need_plots(command: str) -> None:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    from experiments.experiment import ARMS, Spec, base_model_or_exit, experiment, spec_with
+    from experiments.experiment import experiment
+    from experiments.spec import ARMS, Spec, base_model_or_exit, spec_with
 
     _need_plots("experiment")
     base = base_model_or_exit(Path(args.base_model))
@@ -52,7 +53,7 @@ def _experiment(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from experiments.demo import DEMO_SPEC, demo
-    from experiments.experiment import base_model_or_exit, spec_with
+    from experiments.spec import base_model_or_exit, spec_with
 
     _need_plots("demo")
     base = base_model_or_exit(Path(args.base_model))

@@ -16,8 +16,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from experiments.experiment import Spec, freeze, json_lines, prepare, read_metrics, run_one, run_path
+from experiments.experiment import json_lines, prepare, read_metrics, run_one, run_path
 from experiments.jobs import say
+from experiments.spec import Spec, freeze
 
 DEMO_SPEC = Spec(train_problems=32, steps=60)
 """``pope demo``: one POPE run, sized for about 10 minutes on 2 cores. 60 steps, not the

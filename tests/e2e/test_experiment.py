@@ -17,7 +17,8 @@ import pytest
 import redis
 import yaml
 
-from experiments.experiment import ARMS, Spec, experiment, read_jsonl, read_metrics, run_config, run_one, spec_with
+from experiments.experiment import experiment, read_jsonl, read_metrics, run_config, run_one
+from experiments.spec import ARMS, Spec, spec_with
 from services.common.keys import delete_prefix
 
 SPEC = Spec(
@@ -186,7 +187,7 @@ def test_sigterm_during_parallel_runs_stops_them_and_starts_no_queued_one(
     spec = replace(spec_with(SPEC, tiny_model), steps=400)
     script = (
         "import sys\nfrom pathlib import Path\nfrom experiments.cli import _interruptible\n"
-        "from experiments.experiment import Spec, experiment\n"
+        "from experiments.experiment import experiment\nfrom experiments.spec import Spec\n"
         f"spec = Spec(**{asdict(spec)!r})\n"
         f"sys.exit(_interruptible(lambda: experiment(Path({str(exp)!r}), Path({str(tiny_model)!r}), 1, "
         "['pope', 'grpo', 'grpo_easy'], spec, parallel=2)))\n"

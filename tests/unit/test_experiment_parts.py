@@ -8,16 +8,8 @@ from pathlib import Path
 import pytest
 
 from experiments.demo import examples
-from experiments.experiment import (
-    ARMS,
-    Spec,
-    arm_problems,
-    read_metrics,
-    run_config,
-    task_problems,
-    trainer_extra,
-    within_reach,
-)
+from experiments.experiment import arm_problems, read_metrics, run_config, task_problems, within_reach
+from experiments.spec import ARMS, Spec, trainer_extra
 from services.common.messages import HintSearch, Problem, ProblemLabel
 
 

@@ -73,7 +73,7 @@ def test_hints_up_to_half_the_path_fit_in_the_experiments_hint_budget() -> None:
     or less to write; and every cut of the path is a prefix of the solution. (Checked in
     characters: a node is one token and three characters on the path, but the answer's
     digits are two characters a token, so the path is a larger share of the tokens.)"""
-    from experiments.experiment import Spec
+    from experiments.spec import Spec
 
     for inst in hard_splits()[0][:50]:
         assert len(inst.eval_hint) < Spec().hint_settings().max_fraction * len(inst.solution)
