@@ -22,7 +22,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
 
 from services.common.config import ConfigError, SectionSettings, check_shared_keys, load_settings, resolved
 from services.common.settings_cli import add_setting_flags, render_docs, settings_from_args
@@ -221,7 +223,16 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_command(args)
 
 
-def _offline_flags(p: argparse.ArgumentParser, what: str) -> None:
+def _job_flag(p: argparse.ArgumentParser, model: type[BaseModel], name: str, **kwargs: Any) -> None:
+    """``--name`` for one field of a job's settings (``rollout.hints``, ``rollout.evaluation``):
+    its help is the field's docstring and default, read from the model, never written here."""
+    field = model.model_fields[name]
+    doc = " ".join((field.description or "").replace("``", "").split())
+    help = f"{doc} (default {field.default})".replace("%", "%%")
+    p.add_argument(f"--{name.replace('_', '-')}", help=help, **kwargs)
+
+
+def _offline_flags(p: argparse.ArgumentParser, what: str, model: type[BaseModel]) -> None:
     """Where the problems, the engine and the verifier are (shared by hints build and eval)."""
     p.add_argument("--model", metavar="DIR", help="the model (its tokenizer builds the prompts)")
     p.add_argument("--config", metavar="FILE", help=f"YAML config file; reads the 'rollout' section and {what}")
@@ -230,28 +241,31 @@ def _offline_flags(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--engine-url", help="inference engine (default http://127.0.0.1:30000; started if absent)")
     p.add_argument("--verifier-url", help="verifier service (default http://127.0.0.1:8001; started if absent)")
     p.add_argument("--problem-id", action="append", metavar="ID", help="only this problem (repeatable)")
-    p.add_argument("--concurrency", type=int, help="problems sampled at once (default 4)")
-    p.add_argument("--seed", type=int, help="seed of every request (default 0)")
-    p.add_argument("--max-new-tokens", type=int, help="longest response")
+    for name in ("concurrency", "seed", "max_new_tokens"):
+        _job_flag(p, model, name, type=int)
     p.add_argument("--run-dir", type=Path, default=Path("runs"), help="logs of an engine/verifier it starts (runs/)")
 
 
 def _eval_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from services.rollout.settings import EvalSettings
+
     help = "pass@1 and pass@k (unbiased estimator) through the engine and the verifier"
     e = sub.add_parser("eval", help=help, description=help + "; writes JSON and a markdown table.")
-    _offline_flags(e, "rollout.evaluation")
-    e.add_argument("--split", choices=["train", "eval"], help="problems of this split (default eval)")
-    e.add_argument("--k", type=int, help="samples per problem and variant (default 16)")
-    e.add_argument("--hinted", action="store_true", help="also evaluate the hinted variant of problems with a hint")
-    e.add_argument("--temperature", type=float, help="sampling temperature (default 0.8)")
-    e.add_argument("--top-p", type=float, help="nucleus sampling (default 0.95)")
-    e.add_argument("--limit", type=int, help="only the first N problems (by id)")
+    _offline_flags(e, "rollout.evaluation", EvalSettings)
+    _job_flag(e, EvalSettings, "split", choices=["train", "eval"])
+    _job_flag(e, EvalSettings, "k", type=int)
+    _job_flag(e, EvalSettings, "hinted", action="store_true")
+    _job_flag(e, EvalSettings, "temperature", type=float)
+    _job_flag(e, EvalSettings, "top_p", type=float)
+    _job_flag(e, EvalSettings, "limit", type=int)
     e.add_argument("--out", default="runs/eval", help="directory of the JSON and markdown (default runs/eval)")
     e.add_argument("--name", help="file name stem (default eval-<split>)")
     e.set_defaults(func=_eval)
 
 
 def _hints_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from services.rollout.settings import HintSettings
+
     actions = sub.add_parser("hints", help="the hard-problem filter and hint (privileged prefix) search")
     help = "label problems easy / hard_hinted / hard_unsolved and find each hard one's shortest helpful prefix"
     b = actions.add_subparsers(dest="action", required=True).add_parser(
@@ -260,12 +274,12 @@ def _hints_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         description=help + ". Resumable: a rerun skips problems already searched with the "
         "same settings. Uses the engine and verifier at the configured URLs, or starts its own.",
     )
-    _offline_flags(b, "rollout.hints")
+    _offline_flags(b, "rollout.hints", HintSettings)
     b.add_argument("--split", choices=["train", "eval"], default="train", help="problems of this split (train)")
-    b.add_argument("--k", type=int, help="unhinted attempts per problem (default 128)")
-    b.add_argument("--k-hint", type=int, help="attempts per candidate prefix (default 8)")
-    b.add_argument("--max-fraction", type=float, help="longest prefix, as a share of the solution (default 0.25)")
-    b.add_argument("--method", choices=["linear", "galloping"], help="linear scan (default) or galloping (approx.)")
+    _job_flag(b, HintSettings, "k", type=int)
+    _job_flag(b, HintSettings, "k_hint", type=int)
+    _job_flag(b, HintSettings, "max_fraction", type=float)
+    _job_flag(b, HintSettings, "method", choices=["linear", "galloping"])
     b.add_argument("--redo", action="store_true", help="search again problems already searched with these settings")
     b.set_defaults(func=_hints_build)
 

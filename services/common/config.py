@@ -46,10 +46,9 @@ from pydantic_settings import (
 from services.common.keys import DEFAULT_PREFIX
 from services.common.streams import DeliveryPolicy
 
-# Top-level keys a config file may have. A key not listed is a typo, and an error.
-KNOWN_SECTIONS = frozenset(
-    {"shared", "engine", "rollout", "verifier", "trainer", "up", "data", "hints", "eval", "experiment"}
-)
+# Top-level keys a config file may have: a section per service and ``shared``. Any other
+# key is a typo (or a sub-section out of place, like ``hints:`` for ``rollout.hints``): an error.
+KNOWN_SECTIONS = frozenset({"shared", "engine", "rollout", "verifier", "trainer"})
 SHARED = "shared"
 
 

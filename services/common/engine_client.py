@@ -2,7 +2,6 @@
 engine; it cannot tell which, by design: DESIGN.md 3).
 
     async with EngineClient("http://127.0.0.1:30000") as engine:
-        await engine.wait_healthy(within_s=120)
         outs = await engine.generate([[1, 2, 3]], SamplingParams(n=8, max_new_tokens=512,
                                                                   temperature=0.8, sampling_seed=1))
         outs[0].logprobs, outs[0].finish_reason, outs[0].weight_version   # typed
@@ -15,8 +14,6 @@ ever leaves this client. Weight versions are ints here (the engine speaks string
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any, Literal
 
 import httpx
@@ -210,14 +207,6 @@ class EngineClient(retry.RetryingClient):
             return False
         return resp.status_code == 200
 
-    async def wait_healthy(self, within_s: float = 300.0) -> None:
-        """Until /health answers 200 (an engine loading a model answers 503 or nothing)."""
-        deadline = time.monotonic() + within_s
-        while not await self.healthy():
-            if time.monotonic() > deadline:
-                raise EngineError(f"engine at {self.base_url} not healthy after {within_s:.0f}s")
-            await asyncio.sleep(0.2)
-
     async def pause(self, mode: Literal["abort", "in_place", "retract"] = "abort") -> None:
         await self._request("POST", "/pause_generation", {"mode": mode})
 
@@ -226,6 +215,3 @@ class EngineClient(retry.RetryingClient):
 
     async def abort(self, rid: str | None = None, *, abort_all: bool = False) -> None:
         await self._request("POST", "/abort_request", {"rid": rid or "", "abort_all": abort_all})
-
-    async def flush_cache(self) -> None:
-        await self._request("POST", "/flush_cache")

@@ -17,6 +17,7 @@ key name.
     pope:state:<name>        hash: shared state (trainer step, engine version, ...)
     pope:history:<name>      list, newest first: e.g. the trainer's per-step metrics
     pope:health:<service>:<instance>   string with TTL: a live worker's heartbeat
+    pope:hints:jobs          hash job-id -> hint-search job JSON (request, state, progress)
 
 ``delete_prefix`` (and ``adelete_prefix``, for asyncio clients) deletes every key under a
 prefix: a run's or a test's whole state.

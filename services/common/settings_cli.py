@@ -105,14 +105,15 @@ def _metavar(setting: Setting) -> str:
 
 def _help(model: type[SectionSettings], setting: Setting) -> str:
     env = env_name(model, setting)
+    doc = setting.doc.replace("``", "")  # the docstrings' literals, plain in a terminal
     if setting.secret:
-        return f"{setting.doc} Secret, never shown; prefer env {env} (flags are visible in ps)."
+        return f"{doc} Secret, never shown; prefer env {env} (flags are visible in ps)."
     extra = ["alone: true"] if setting.is_bool else []
     extra += ["null: none"] if setting.optional else []
     if setting.default is not PydanticUndefined:
         extra.append(f"default: {shown(setting.default)}")
     extra.append(f"env {env}")
-    return f"{setting.doc} ({'; '.join(extra)})".replace("%", "%%")
+    return f"{doc} ({'; '.join(extra)})".replace("%", "%%")
 
 
 def add_setting_flags(

@@ -1,2 +1,3 @@
 """The rollout service: problems, hints, the user-facing HTTP API, and the scheduler that
-samples hinted and unhinted groups from the engine into ``pope:rollouts``. Not built yet."""
+samples hinted and unhinted groups from the engine into ``pope:rollouts``; the hint search
+and pass@k evaluation run through the same engine and the verifier."""

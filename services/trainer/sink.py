@@ -74,7 +74,7 @@ class EngineSink:
 
 
 class NoSink:
-    """No engine: every push is accepted, applied nowhere, and reported as not applied."""
+    """No engine: a push goes nowhere and returns False (not applied); nothing is served."""
 
     loading: Path | None = None
 

@@ -90,6 +90,9 @@ def test_unknown_field_section_and_env_typo_are_errors(tmp_path: Path, monkeypat
         load_settings(TrainerSettings, write(tmp_path, "trainer:\n  learning_rat: 1\n"))
     with pytest.raises(ConfigError, match="unknown section 'trainr'"):
         load_settings(TrainerSettings, write(tmp_path, "trainr:\n  learning_rate: 1\n"))
+    # A sub-section out of place (rollout.hints at the top) is refused, not silently ignored.
+    with pytest.raises(ConfigError, match="unknown section 'hints'"):
+        load_settings(RolloutSettings, write(tmp_path, "hints:\n  k: 3\n"))
     with pytest.raises(ConfigError, match="section 'trainer' must be a mapping"):
         load_settings(TrainerSettings, write(tmp_path, "trainer: 3\n"))
     with pytest.raises(ConfigError, match="not valid YAML"):
