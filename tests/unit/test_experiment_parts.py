@@ -79,7 +79,7 @@ def test_arm_problems_strip_hints_and_verdicts_for_grpo_and_keep_them_for_pope()
                     "config": "x",
                     "model_path": "m",
                     "method": "linear",
-                    "template_version": "gaps-v1",
+                    "template_version": "chains-v1",
                 }
             ),
         }

@@ -57,13 +57,13 @@ def run_data(after_unhinted_pk: float, title: str = "POPE run <b>seed 1</b>") ->
     del metrics[5]["reward_unhinted"], metrics[5]["unhinted/solve_rate"]  # an older log line without them
     return {
         "title": title,
-        "task": "sorted-gaps-v2",
+        "task": "link-chains-v11",
         "arm": "pope",
         "seed": 1,
         "steps": 12,
         "rollouts": 3072,
         "wall_s": 754.0,
-        "base_model": "tiny-gaps-base",
+        "base_model": "tiny-chains-base",
         "settings": {"lr": 1e-6, "group": 8, "note": "a<b"},
         "before": evaluation((0.05, 0.25), (0.40, 0.80)),
         "after": evaluation((0.07, after_unhinted_pk), (0.55, 0.9)),
@@ -150,8 +150,8 @@ def experiment_data() -> dict[str, Any]:
     ]
     return {
         "title": "POPE vs GRPO <i>v2</i>",
-        "task": "sorted-gaps-v2",
-        "base_model": "tiny-gaps-base",
+        "task": "link-chains-v11",
+        "base_model": "tiny-chains-base",
         "settings": {"steps": 40},
         "k": 8,
         "base": evaluation((0.05, 0.25), (0.40, 0.80)),
