@@ -59,7 +59,7 @@ fmt: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
 
-# Containers, end to end (not part of CI; needs root, podman, runc, debootstrap): the image
+# Containers, end to end (not part of CI; needs root, podman, runc, debootstrap, iptables): the image
 # from a local Debian base, docker-compose.yml's CPU stack under podman-compose, problems in,
 # a training step out. See scripts/container_smoke.sh.
 smoke-containers: $(STAMP)

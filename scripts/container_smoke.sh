@@ -4,7 +4,7 @@
 # submit problems, and wait for a training step and the engine serving its weights.
 #
 # Needs root, podman + runc + netavark/aardvark-dns, debootstrap (Debian: apt-get install
-# podman runc debootstrap), and .venv (make venv). Everything it makes lives in runs/smoke/.
+# podman runc debootstrap iptables: netavark needs iptables), and .venv (make venv). Everything it makes lives in runs/smoke/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=runs/smoke
