@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 from services.common.keys import Keys
-from services.common.messages import RawGroup, Sample, Score, ScoredGroup, Variant
+from services.common.messages import HintSearch, ProblemLabel, RawGroup, Sample, Score, ScoredGroup, Variant
 from services.common.worker import Effects
+
+
+def hard_hinted_search() -> HintSearch:
+    """The record of a search that found a 5-character hint (a fifth of the solution)."""
+    return HintSearch(
+        label=ProblemLabel.HARD_HINTED,
+        unhinted_attempts=8,
+        unhinted_successes=0,
+        prefix_chars=5,
+        prefix_fraction=0.2,
+        hinted_successes=1,
+        tokens_spent=100,
+        method="linear",
+        config="c",
+        template_version="v1",
+    )
 
 
 def sample(

@@ -19,12 +19,12 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from services.common.keys import Keys
-from services.common.messages import HintSearch, Problem, ProblemLabel, Score, ScoredGroup, Variant, problem_id_for
+from services.common.messages import Problem, ProblemLabel, Score, ScoredGroup, Variant, problem_id_for
 from services.common.redis_server import free_port
 from services.rollout.api import problems_and_rollouts_router
 from services.rollout.archive import RolloutArchive, RolloutRecord
 from services.rollout.store import ProblemStore
-from tests.factories import group
+from tests.factories import group, hard_hinted_search
 
 
 @dataclass
@@ -113,18 +113,7 @@ def test_a_row_with_an_existing_id_replaces_it_and_the_last_duplicate_wins(api: 
 async def test_reposting_a_searched_problem_keeps_its_hint_search(api: Api, aredis: Redis, keys: Keys) -> None:
     """Like `pope data import`: a problem sent again without search fields keeps what the hint
     search found for it; one whose prompt or answer changed under its id keeps nothing."""
-    search = HintSearch(
-        label=ProblemLabel.HARD_HINTED,
-        unhinted_attempts=8,
-        unhinted_successes=0,
-        prefix_chars=5,
-        prefix_fraction=0.2,
-        hinted_successes=1,
-        tokens_spent=100,
-        method="linear",
-        config="c",
-        template_version="v1",
-    )
+    search = hard_hinted_search()
     searched = Problem(prompt="Find x.", answer="7", solution="x is 7", hint="x is", label="hard_hinted", search=search)
     await ProblemStore(aredis, keys).put_many([searched])
     async with httpx.AsyncClient(base_url=api.url) as http:

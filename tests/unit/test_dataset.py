@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet
 import pytest
 
-from services.common.messages import HintSearch, Problem, ProblemLabel, problem_id_for
+from services.common.messages import Problem, ProblemLabel, problem_id_for
 from services.rollout.dataset import (
     DatasetError,
     ImportOptions,
@@ -22,6 +22,7 @@ from services.rollout.dataset import (
     read_rows,
     to_problem,
 )
+from tests.factories import hard_hinted_search
 
 MATH_ROWS = [
     {"problem": "Compute $2+2$.", "solution": "Add: $\\boxed{4}$.", "final_answer": 4, "level": "1"},
@@ -149,36 +150,14 @@ def test_stored_problems_count_as_replaced_or_duplicate() -> None:
 
 
 def test_reimport_keeps_what_the_hint_search_found() -> None:
-    search = HintSearch(
-        label=ProblemLabel.HARD_HINTED,
-        unhinted_attempts=8,
-        unhinted_successes=0,
-        prefix_chars=5,
-        prefix_fraction=0.2,
-        hinted_successes=1,
-        tokens_spent=100,
-        method="linear",
-        config="c",
-        template_version="v1",
-    )
+    search = hard_hinted_search()
     old = Problem(prompt="q", answer="a", solution="hello world", hint="hello", label="hard_hinted", search=search)
     [new], _ = plan([{"prompt": "q", "answer": "a", "solution": "hello world", "source": "again"}], [old])
     assert (new.label, new.search, new.hint, new.source) == (ProblemLabel.HARD_HINTED, search, "hello", "again")
 
 
 def test_a_problem_changed_under_its_id_keeps_no_old_search() -> None:
-    search = HintSearch(
-        label=ProblemLabel.HARD_HINTED,
-        unhinted_attempts=8,
-        unhinted_successes=0,
-        prefix_chars=5,
-        prefix_fraction=0.2,
-        hinted_successes=1,
-        tokens_spent=100,
-        method="linear",
-        config="c",
-        template_version="v1",
-    )
+    search = hard_hinted_search()
     old = Problem(
         id="q1", prompt="q", answer="a", solution="hello world", hint="hello", label="hard_hinted", search=search
     )
