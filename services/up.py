@@ -13,12 +13,14 @@ logs to ``<run_dir>/logs/<name>.log``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -94,121 +96,114 @@ def up(
     fresh: bool = False,
     out: TextIO = sys.stdout,
 ) -> int:
-    """Run the stack until ``steps`` (or Ctrl-C / SIGTERM); 0 when it stopped cleanly. The
-    signal handlers it installs are put back on return, so a caller's own Ctrl-C works after."""
+    """Run the stack until ``steps`` (or Ctrl-C / SIGTERM); 0 when it stopped cleanly."""
+    with stop_on_signals() as stopping:
+        engine_s, rollout_s = load_settings(EngineSettings, config), load_settings(RolloutSettings, config)
+        verifier_s, trainer_s = load_settings(VerifierSettings, config), load_settings(TrainerSettings, config)
+        sections = {"engine": engine_s, "rollout": rollout_s, "verifier": verifier_s, "trainer": trainer_s}
+        model = model or engine_s.model_path
+        problem = model_dir_problem(model, "up")
+        if model is None or problem:
+            print(problem, file=sys.stderr)
+            return 2
+        ports = {name: s.port for name, s in sections.items()}
+        engine_url = f"http://127.0.0.1:{ports['engine']}"
+        cfg = ["--config", config] if config else []
+
+        def tell(text: str) -> None:
+            say(LABEL, text, out)
+
+        with redis_for(redis_url or os.environ.get("REDIS_URL")) as url:
+            if fresh:
+                wipe(url, rollout_s, trainer_s, out)
+            engine, _ = engine_child(model, ports["engine"], cfg)
+            verifier, verifier_url = verifier_child(url, ports["verifier"], cfg)
+            children = [
+                engine,
+                verifier,
+                Child(
+                    "trainer",
+                    [
+                        "trainer",
+                        "--port",
+                        str(ports["trainer"]),
+                        "--redis-url",
+                        url,
+                        "--engine-url",
+                        engine_url,
+                        "--model",
+                        model,
+                        *cfg,
+                    ],
+                    f"http://127.0.0.1:{ports['trainer']}/readyz",
+                ),
+                Child(
+                    "rollout",
+                    [
+                        "rollout",
+                        "--port",
+                        str(ports["rollout"]),
+                        "--redis-url",
+                        url,
+                        "--engine-url",
+                        engine_url,
+                        "--model",
+                        model,
+                        *cfg,
+                    ],
+                    f"http://127.0.0.1:{ports['rollout']}/readyz",
+                ),
+            ]
+            # The rollout service scores evaluations on this stack's verifier.
+            env = {"REDIS_URL": url, "POPE_ROLLOUT__VERIFIER_URL": verifier_url}
+            if steps is not None:  # the trainer stops at N itself, not one step late while all stop
+                env["POPE_TRAINER__MAX_STEPS"] = str(steps)
+            tell(f"redis at {url}; logs in {run_dir / 'logs'}")
+            rollout_url = f"http://127.0.0.1:{ports['rollout']}"
+            code = 0
+            try:
+                with running(children, run_dir / "logs", out, LABEL, env=env, stopping=stopping) as stack:
+                    stack.say(f"all services ready. API: {rollout_url}/docs  status: {rollout_url}/v1/status")
+                    if problems is not None:
+                        resp = httpx.post(f"{rollout_url}/v1/problems", json=read_problems(problems), timeout=60)
+                        if resp.status_code != 201:
+                            raise RuntimeError(f"submitting {problems} failed: {resp.status_code} {resp.text[:500]}")
+                        stack.say(f"submitted {len(resp.json()['ids'])} problems from {problems}")
+                    code = watch(stack, rollout_url, steps, stopping)
+            except KeyboardInterrupt:
+                tell("interrupted")
+            except RuntimeError as exc:
+                tell(f"error: {exc}")
+                code = 1
+        if code != 0:
+            return code
+        tell(
+            f"rollouts:    {rollout_s.archive_dir / 'rollouts.jsonl'} (one JSON line per scored sample; "
+            "GET /v1/rollouts pages it)"
+        )
+        tell(f"checkpoints: {trainer_s.checkpoint_dir} (HF safetensors + run_record.json)")
+        tensorboard = f"; TensorBoard: {trainer_s.tensorboard_dir}" if trainer_s.tensorboard_dir else ""
+        tell(f"metrics:     {trainer_s.metrics_log} (per step, by variant){tensorboard}")
+        tell(f"logs:        {run_dir / 'logs'}")
+        return code
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[list[bool]]:
+    """A flag that Ctrl-C and SIGTERM set while inside: the stack then stops cleanly, and a
+    second Ctrl-C does not skip that either. The previous handlers are put back on leaving,
+    so a caller's own Ctrl-C works after."""
     stopping = [False]
 
     def on_signal(signum: int, frame: object) -> None:
         stopping[0] = True
 
-    # A second Ctrl-C must not skip the clean stop either: the handler only sets a flag.
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _up(model, config, redis_url, problems, steps, run_dir, fresh, out, stopping)
+        yield stopping
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-
-
-def _up(
-    model: str | None,
-    config: str | None,
-    redis_url: str | None,
-    problems: Path | None,
-    steps: int | None,
-    run_dir: Path,
-    fresh: bool,
-    out: TextIO,
-    stopping: list[bool],
-) -> int:
-    engine_s, rollout_s = load_settings(EngineSettings, config), load_settings(RolloutSettings, config)
-    verifier_s, trainer_s = load_settings(VerifierSettings, config), load_settings(TrainerSettings, config)
-    sections = {"engine": engine_s, "rollout": rollout_s, "verifier": verifier_s, "trainer": trainer_s}
-    model = model or engine_s.model_path
-    problem = model_dir_problem(model, "up")
-    if model is None or problem:
-        print(problem, file=sys.stderr)
-        return 2
-    ports = {name: s.port for name, s in sections.items()}
-    engine_url = f"http://127.0.0.1:{ports['engine']}"
-    cfg = ["--config", config] if config else []
-
-    def tell(text: str) -> None:
-        say(LABEL, text, out)
-
-    with redis_for(redis_url or os.environ.get("REDIS_URL")) as url:
-        if fresh:
-            wipe(url, rollout_s, trainer_s, out)
-        engine, _ = engine_child(model, ports["engine"], cfg)
-        verifier, verifier_url = verifier_child(url, ports["verifier"], cfg)
-        children = [
-            engine,
-            verifier,
-            Child(
-                "trainer",
-                [
-                    "trainer",
-                    "--port",
-                    str(ports["trainer"]),
-                    "--redis-url",
-                    url,
-                    "--engine-url",
-                    engine_url,
-                    "--model",
-                    model,
-                    *cfg,
-                ],
-                f"http://127.0.0.1:{ports['trainer']}/readyz",
-            ),
-            Child(
-                "rollout",
-                [
-                    "rollout",
-                    "--port",
-                    str(ports["rollout"]),
-                    "--redis-url",
-                    url,
-                    "--engine-url",
-                    engine_url,
-                    "--model",
-                    model,
-                    *cfg,
-                ],
-                f"http://127.0.0.1:{ports['rollout']}/readyz",
-            ),
-        ]
-        # The rollout service scores evaluations on this stack's verifier.
-        env = {"REDIS_URL": url, "POPE_ROLLOUT__VERIFIER_URL": verifier_url}
-        if steps is not None:  # the trainer stops at N itself, not one step late while all stop
-            env["POPE_TRAINER__MAX_STEPS"] = str(steps)
-        tell(f"redis at {url}; logs in {run_dir / 'logs'}")
-        rollout_url = f"http://127.0.0.1:{ports['rollout']}"
-        code = 0
-        try:
-            with running(children, run_dir / "logs", out, LABEL, env=env, stopping=stopping) as stack:
-                stack.say(f"all services ready. API: {rollout_url}/docs  status: {rollout_url}/v1/status")
-                if problems is not None:
-                    resp = httpx.post(f"{rollout_url}/v1/problems", json=read_problems(problems), timeout=60)
-                    if resp.status_code != 201:
-                        raise RuntimeError(f"submitting {problems} failed: {resp.status_code} {resp.text[:500]}")
-                    stack.say(f"submitted {len(resp.json()['ids'])} problems from {problems}")
-                code = watch(stack, rollout_url, steps, stopping)
-        except KeyboardInterrupt:
-            tell("interrupted")
-        except RuntimeError as exc:
-            tell(f"error: {exc}")
-            code = 1
-    if code != 0:
-        return code
-    tell(
-        f"rollouts:    {rollout_s.archive_dir / 'rollouts.jsonl'} (one JSON line per scored sample; "
-        "GET /v1/rollouts pages it)"
-    )
-    tell(f"checkpoints: {trainer_s.checkpoint_dir} (HF safetensors + run_record.json)")
-    tensorboard = f"; TensorBoard: {trainer_s.tensorboard_dir}" if trainer_s.tensorboard_dir else ""
-    tell(f"metrics:     {trainer_s.metrics_log} (per step, by variant){tensorboard}")
-    tell(f"logs:        {run_dir / 'logs'}")
-    return code
 
 
 def watch(stack: Stack, rollout_url: str, steps: int | None, stopping: list[bool]) -> int:
