@@ -61,6 +61,11 @@ STEP_SECONDS = Histogram(
 )
 
 
+class StepNotSaved(RuntimeError):
+    """An optimizer step whose checkpoint could not be written: the process must not go on
+    with those weights (``run`` lets it out, so the service exits and is restarted)."""
+
+
 class Trainer:
     """Owns the policy, its optimizer and the trainers' consumer; ``await run(stop)``.
     New weights go to ``sink`` (which it does not close)."""
@@ -197,6 +202,10 @@ class Trainer:
         self.in_flight, self.buffer = self.buffer[: cfg.prompts_per_step], self.buffer[cfg.prompts_per_step :]
         groups = [g for _, g in self.in_flight]
         started = time.monotonic()
+        # Everything the checkpoint needs from Redis is read before the optimizer steps: from
+        # the step to the durable checkpoint nothing may fail and leave the groups unacked
+        # (they would be redelivered and trained again on weights that already hold them).
+        rollout = await self.redis.hgetall(self.keys.state("rollout"))  # type: ignore[misc]
         stats = await asyncio.to_thread(
             train_step,
             self.model,
@@ -209,30 +218,37 @@ class Trainer:
             self.version,
         )
         ids = [g.group_id for g in groups]
-        rollout = await self.redis.hgetall(self.keys.state("rollout"))  # type: ignore[misc]
-        after = checkpoint.TrainerState(
-            step=self.version + 1,
-            trained_group_ids=self.state.trained_group_ids + ids,
-            dropped_stale=self.state.dropped_stale,
-            lr_scheduler=self.scheduler.state_dict(),
-            rollout={k.decode(): v.decode() for k, v in rollout.items()},
-        )
         saving = time.monotonic()
-        async with self._weights_lock:  # the engine watcher must not see a half-finished version
-            protect = frozenset([self.sink.loading]) if self.sink.loading else frozenset()
-            path = await asyncio.to_thread(
-                checkpoint.save,
-                self.ckpt_dir,
-                self.model,
-                self.tokenizer,
-                self.optimizer,
-                after,
-                self.record,
-                cfg.keep_checkpoints,
-                protect,
+        try:
+            after = checkpoint.TrainerState(
+                step=self.version + 1,
+                trained_group_ids=self.state.trained_group_ids + ids,
+                dropped_stale=self.state.dropped_stale,
+                lr_scheduler=self.scheduler.state_dict(),
+                rollout={k.decode(): v.decode() for k, v in rollout.items()},
             )
-            self.state = after
-            self.trained.update(ids)
+            async with self._weights_lock:  # the engine watcher must not see a half-finished version
+                protect = frozenset([self.sink.loading]) if self.sink.loading else frozenset()
+                path = await asyncio.to_thread(
+                    checkpoint.save,
+                    self.ckpt_dir,
+                    self.model,
+                    self.tokenizer,
+                    self.optimizer,
+                    after,
+                    self.record,
+                    cfg.keep_checkpoints,
+                    protect,
+                )
+                self.state = after
+                self.trained.update(ids)
+        except Exception as exc:
+            # The weights hold a step no checkpoint has: going on would train on them again
+            # once these groups are redelivered. Exit; a restart resumes from the last checkpoint.
+            raise StepNotSaved(
+                f"trainer step {self.version + 1} was taken but its checkpoint was not written ({exc!r}); "
+                "exiting so that a restart resumes from the last checkpoint"
+            ) from exc
         stats["time_checkpoint_s"] = time.monotonic() - saving
         self._dirty = True
         await self.reader.ack(*[e.id for e, _ in self.in_flight])  # only now: the checkpoint holds their effect

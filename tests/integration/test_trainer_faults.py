@@ -1,0 +1,125 @@
+"""The trainer under faults between its optimizer step and the durable checkpoint, on a real
+Redis: no group is ever trained twice on weights that already hold it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from services.common.keys import TRAINERS, Keys
+from services.common.messages import Score, ScoredGroup, Variant
+from services.common.streams import DeliveryPolicy, publish
+from services.trainer import checkpoint, loop
+from services.trainer.loop import StepNotSaved, Trainer
+from services.trainer.settings import TrainerSettings
+from services.trainer.sink import NoSink
+from tests.factories import group
+
+POLICY = DeliveryPolicy(block_ms=100)
+
+
+def scored(group_id: str) -> ScoredGroup:
+    raw = group(group_id, f"p-{group_id}", Variant.UNHINTED, size=4)
+    return ScoredGroup.from_raw(raw, [Score(reward=r) for r in (1.0, 0.0, 0.0, 1.0)])
+
+
+def settings(tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys) -> TrainerSettings:
+    return TrainerSettings(
+        model_path=str(tiny_model),
+        checkpoint_dir=tmp_path / "ckpt",
+        redis_url=redis_url,
+        metrics_log=tmp_path / "metrics.jsonl",
+        tensorboard_dir=None,
+        key_prefix=keys.prefix,
+        engine_url="",
+        prompts_per_step=2,
+        group_size=4,
+        max_staleness=100,
+        streams=POLICY,
+    )
+
+
+def optimizer_steps(trainer: Trainer) -> int:
+    """How many times AdamW has stepped (its per-parameter step count)."""
+    (state, *_) = trainer.optimizer.state.values()
+    return int(torch.as_tensor(state["step"]).item())
+
+
+async def until(condition: Any, within_s: float = 60) -> None:
+    async with asyncio.timeout(within_s):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+async def test_a_redis_error_after_the_optimizer_step_never_trains_the_groups_again(
+    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, aredis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first Redis command the first step sends after the optimizer has stepped fails,
+    as a dropped connection does. The step's groups must not come back into another optimizer
+    step: each group is in exactly one, and AdamW stepped once per trainer step."""
+    trainer = await asyncio.to_thread(Trainer, settings(tiny_model, tmp_path, redis_url, keys), aredis, NoSink())
+    stepped: list[list[str]] = []
+    armed = [False]
+    real_step, real_command = loop.train_step, aredis.execute_command
+    run_task: list[asyncio.Task[None]] = []
+
+    def counting_step(*args: Any, **kwargs: Any) -> dict[str, float]:
+        stats = real_step(*args, **kwargs)
+        stepped.append(sorted(g.group_id for g in args[4]))
+        armed[0] = len(stepped) == 1  # the first step only: one transient fault
+        return stats
+
+    async def flaky(*args: Any, **kwargs: Any) -> Any:
+        if armed[0] and asyncio.current_task() is run_task[0]:
+            armed[0] = False
+            raise RedisConnectionError("injected: connection lost after the optimizer step")
+        return await real_command(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", counting_step)
+    monkeypatch.setattr(aredis, "execute_command", flaky)
+    stop = asyncio.Event()
+    run_task.append(asyncio.create_task(trainer.run(stop)))
+    try:
+        for gid in ("a", "b"):
+            await publish(aredis, keys.scored, scored(gid), POLICY)
+        await until(lambda: trainer.version >= 1 and not armed[0])
+        for gid in ("c", "d"):
+            await publish(aredis, keys.scored, scored(gid), POLICY)
+        await until(lambda: trainer.version >= 2)
+        await asyncio.sleep(0.5)  # time for a wrongly redelivered group to be trained again
+    finally:
+        stop.set()
+        await run_task[0]
+    assert stepped == [["a", "b"], ["c", "d"]]
+    assert optimizer_steps(trainer) == trainer.version == 2
+    assert (await aredis.xpending(keys.scored, TRAINERS))["pending"] == 0
+    ckpt = checkpoint.latest(trainer.ckpt_dir)
+    assert ckpt is not None and checkpoint.load_state(ckpt).trained_group_ids == ["a", "b", "c", "d"]
+
+
+async def test_a_checkpoint_that_cannot_be_written_stops_the_trainer(
+    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, aredis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed save after the optimizer step ends ``run`` with StepNotSaved (the service
+    exits and resumes from its last checkpoint); the groups stay pending for that restart."""
+    cfg = settings(tiny_model, tmp_path, redis_url, keys)
+    trainer = await asyncio.to_thread(Trainer, cfg, aredis, NoSink())
+
+    def full_disk(*args: Any, **kwargs: Any) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    for gid in ("a", "b"):
+        await publish(aredis, keys.scored, scored(gid), POLICY)
+    with pytest.raises(StepNotSaved, match="trainer step 1 was taken but its checkpoint was not written"):
+        await asyncio.wait_for(trainer.run(asyncio.Event()), 60)
+    assert (await aredis.xpending(keys.scored, TRAINERS))["pending"] == 2
+    monkeypatch.undo()
+    again = await asyncio.to_thread(Trainer, cfg, aredis, NoSink())  # the restart: from scratch, no checkpoint
+    assert again.version == 0 and not again.trained
