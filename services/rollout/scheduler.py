@@ -20,7 +20,6 @@ import json
 import logging
 import random
 import time
-import uuid
 from collections import defaultdict, deque
 from typing import Any
 
@@ -42,6 +41,13 @@ log = logging.getLogger(__name__)
 PUBLISHED = Counter("pope_rollout_groups_total", "Raw groups published", ["variant"])
 STEP = Gauge("pope_rollout_step", "The step the scheduler is generating for")
 WAITING = Gauge("pope_rollout_waiting", "1 while the scheduler waits (trainer, engine or problems)")
+
+
+def group_id(step: int, problem_id: str, variant: Variant, salt: str) -> str:
+    """A planned group's identity: its step, problem, variant, repeat within the step and
+    top-up index (``salt``), and nothing random, so the same group planned again (a restart
+    in the middle of a step) is a duplicate by id, which every consumer skips."""
+    return f"{step}-{problem_id}-{variant.value}" + (f"/{salt}" if salt else "")
 
 
 def repeat_salts(plan: list[tuple[Problem, Variant]]) -> list[str]:
@@ -67,7 +73,7 @@ class Scheduler:
         self.step = 0
         self.waiting_for = "starting"
         self.published: deque[float] = deque(maxlen=10_000)  # publish times, for rates
-        self.top_ups = 0  # salts the seeds of top-up groups, so they differ from the step's own
+        self.top_ups = 0  # top-ups so far (kept in Redis): salts their ids and seeds, so they differ
         self._warned_lag = False
 
     async def trainer_version(self) -> int:
@@ -75,10 +81,11 @@ class Scheduler:
         return int(float(raw)) if raw is not None else 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        saved = await self.redis.hmget(self.keys.state("rollout"), ["step", "planner"])  # type: ignore[misc]
+        saved = await self.redis.hmget(self.keys.state("rollout"), ["step", "planner", "top_ups"])  # type: ignore[misc]
         self.step = max(int(float(saved[0])) if saved[0] else 0, await self.trainer_version())
         if saved[1]:
             self.planner.restore(json.loads(saved[1]))
+        self.top_ups = int(saved[2]) if saved[2] else 0
         while not stop.is_set():
             try:
                 if await self._ready_for(self.step + 1):
@@ -184,7 +191,10 @@ class Scheduler:
         limit = asyncio.Semaphore(self.settings.max_concurrent_groups)
         salt = ""
         if top_up:
+            # Counted before any of its groups is published, so a top-up planned again after a
+            # restart gets new ids: its first groups may be trained already.
             self.top_ups += 1
+            await self.redis.hset(self.keys.state("rollout"), "top_ups", self.top_ups)  # type: ignore[misc]
             salt = f"top-up-{self.top_ups}"
 
         async def one(problem: Problem, variant: Variant, salt: str) -> None:
@@ -229,6 +239,7 @@ class Scheduler:
         ids = prompt_ids(self.tokenizer, text)
         # Reproducible per (seed, step, problem, variant), distinct across them.
         seed = random.Random(f"{cfg.seed}:{step}:{problem.id}:{variant.value}{salt}").randrange(2**31)
+        gid = group_id(step, problem.id, variant, salt)
         params = SamplingParams(
             n=cfg.group_size,
             temperature=cfg.temperature,
@@ -236,7 +247,7 @@ class Scheduler:
             max_new_tokens=cfg.max_new_tokens,
             sampling_seed=seed,
         )
-        outs = await self.engine.generate([ids], params, rid=f"{step}-{problem.id}-{variant.value}{salt}")
+        outs = await self.engine.generate([ids], params, rid=gid)
         samples = [
             Sample(
                 problem_id=problem.id,
@@ -251,7 +262,7 @@ class Scheduler:
             for o in outs
         ]
         return RawGroup(
-            group_id=f"{step}-{problem.id}-{variant.value}-{uuid.uuid4().hex[:8]}",
+            group_id=gid,
             problem_id=problem.id,
             variant=variant,
             prompt=text,

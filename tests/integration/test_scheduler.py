@@ -4,8 +4,11 @@ mix in published groups, and the top-up that keeps a short trainer from deadlock
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from transformers import AutoTokenizer
 
 from services.common.engine_client import EngineClient
@@ -85,3 +88,45 @@ async def test_a_trainer_short_of_groups_gets_a_top_up_not_a_deadlock(
         await s._generate_step(s.step, 1, top_up=True)
         assert s.step == 1 and len(await published(aredis, keys)) == 5
         assert await s._starving() == 0  # one is on its way now: no second top-up
+    groups = await published(aredis, keys)
+    top_up = groups[-1]
+    assert top_up.group_id.endswith("/top-up-1") and top_up.step == 1
+    # The top-up count is kept with the scheduler's position: a restarted scheduler's next
+    # top-up of the same step has a new identity, not the first one's again.
+    assert await aredis.hget(keys.state("rollout"), "top_ups") == b"1"
+
+
+async def test_a_step_planned_again_after_a_crash_publishes_the_same_group_ids(
+    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rollout service dies in the middle of a step (two of its four groups published);
+    the restarted scheduler plans the step again. Every group it publishes has the id it had
+    the first time, so downstream the copies are duplicates by id and nothing is trained
+    twice under two names."""
+    from services.rollout import scheduler
+
+    real_publish = scheduler.publish
+    calls = [0]
+
+    async def dies_after_two(*args: Any, **kwargs: Any) -> str:
+        calls[0] += 1
+        if calls[0] > 2:
+            raise RedisConnectionError("injected: the rollout service loses Redis mid-step")
+        return await real_publish(*args, **kwargs)
+
+    async with EngineClient(engine_url) as engine:
+        await aredis.hset(keys.state("trainer"), mapping={"version": 0, "buffered": 0})
+        first = await make(aredis, keys, engine, tiny_model, max_concurrent_groups=1)
+        monkeypatch.setattr(scheduler, "publish", dies_after_two)
+        with pytest.raises(RedisConnectionError):
+            await first._generate_step(1)
+        monkeypatch.setattr(scheduler, "publish", real_publish)
+        assert len(await published(aredis, keys)) == 2 and first.step == 0  # the step was not finished
+        restarted = await make(aredis, keys, engine, tiny_model, max_concurrent_groups=1)
+        await restarted._generate_step(1)
+    groups = await published(aredis, keys)
+    assert len(groups) == 6
+    again = [g.group_id for g in groups[2:]]
+    assert len(set(again)) == 4  # the step's 4 planned groups, each under its own id
+    assert {g.group_id for g in groups[:2]} <= set(again)  # the first two, again under their ids
+    assert len({g.group_id for g in groups}) == 4
