@@ -194,7 +194,7 @@ class Scheduler:
             # Counted before any of its groups is published, so a top-up planned again after a
             # restart gets new ids: its first groups may be trained already.
             self.top_ups += 1
-            await self.redis.hset(self.keys.state("rollout"), "top_ups", self.top_ups)  # type: ignore[misc]
+            await self.redis.hset(self.keys.state("rollout"), "top_ups", str(self.top_ups))  # type: ignore[misc]
             salt = f"top-up-{self.top_ups}"
 
         async def one(problem: Problem, variant: Variant, salt: str) -> None:
