@@ -137,9 +137,21 @@ class Scheduler:
         if await self.store.count() == 0:
             self.waiting_for = "problems (POST /v1/problems)"
             return False
+        if step == 1 and not await self._start_evaluated():
+            self.waiting_for = "the evaluation of the start weights (rollout.evaluation.every_steps)"
+            return False
         self.waiting_for = ""
         WAITING.set(0)
         return True
+
+    async def _start_evaluated(self) -> bool:
+        """Whether training may begin: with periodic evaluation on and problems to evaluate,
+        only once the start weights (v0) are evaluated; a fast first step would otherwise
+        move the engine on before the evaluator samples them, and the run has no baseline."""
+        cfg = self.settings.evaluation
+        if cfg.every_steps == 0 or await self.redis.hexists(self.keys.state("eval"), "weight_version"):  # type: ignore[misc]
+            return True
+        return not any(p.split == cfg.split for p in await self.store.all())
 
     async def _starving(self) -> int:
         """Groups the trainer still needs for its next step when none are on the way.

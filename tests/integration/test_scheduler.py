@@ -130,3 +130,19 @@ async def test_a_step_planned_again_after_a_crash_publishes_the_same_group_ids(
     assert len(set(again)) == 4  # the step's 4 planned groups, each under its own id
     assert {g.group_id for g in groups[:2]} <= set(again)  # the first two, again under their ids
     assert len({g.group_id for g in groups}) == 4
+
+
+async def test_with_periodic_evaluation_training_waits_for_the_start_weights_evaluation(
+    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path
+) -> None:
+    """rollout.evaluation.every_steps on: step 1 waits until v0 is evaluated (a fast first
+    step would otherwise move the engine on first, and the run would have no baseline);
+    without problems of the evaluation's split there is nothing to wait for."""
+    async with EngineClient(engine_url) as engine:
+        s = await make(aredis, keys, engine, tiny_model, evaluation={"every_steps": 1})
+        await aredis.hset(keys.state("trainer"), mapping={"version": 0, "buffered": 0})
+        assert await s._ready_for(1)  # no eval problems: no baseline to take
+        await s.store.put_many([Problem(id="e", prompt="1+1?", answer="2", split="eval")])
+        assert not await s._ready_for(1) and "evaluation of the start weights" in s.waiting_for
+        await aredis.hset(keys.state("eval"), "weight_version", 0)  # as PeriodicEval.record writes it
+        assert await s._ready_for(1) and await s._ready_for(2)
