@@ -14,14 +14,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.common.keys import TRAINERS, Keys
 from services.common.messages import Score, ScoredGroup, Variant
-from services.common.streams import DeliveryPolicy, publish
+from services.common.streams import publish
 from services.trainer import checkpoint, loop
 from services.trainer.loop import StepNotSaved, Trainer
 from services.trainer.settings import TrainerSettings
 from services.trainer.sink import NoSink
 from tests.factories import group
-
-POLICY = DeliveryPolicy(block_ms=100)
+from tests.integration.test_trainer import POLICY
+from tests.integration.test_trainer import settings as trainer_settings
 
 
 def scored(group_id: str) -> ScoredGroup:
@@ -30,19 +30,8 @@ def scored(group_id: str) -> ScoredGroup:
 
 
 def settings(tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys) -> TrainerSettings:
-    return TrainerSettings(
-        model_path=str(tiny_model),
-        checkpoint_dir=tmp_path / "ckpt",
-        redis_url=redis_url,
-        metrics_log=tmp_path / "metrics.jsonl",
-        tensorboard_dir=None,
-        key_prefix=keys.prefix,
-        engine_url="",
-        prompts_per_step=2,
-        group_size=4,
-        max_staleness=100,
-        streams=POLICY,
-    )
+    """test_trainer's settings, with no engine (NoSink) and no stale drops."""
+    return trainer_settings(tiny_model, tmp_path, redis_url, keys, "", max_staleness=100)
 
 
 def optimizer_steps(trainer: Trainer) -> int:
