@@ -22,12 +22,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
 from services.common.config import ConfigError, SectionSettings, check_shared_keys, load_settings, resolved
-from services.common.settings_cli import add_setting_flags, render_docs, settings_from_args
+from services.common.settings_cli import add_field_flag, add_setting_flags, render_docs, settings_from_args
 
 if TYPE_CHECKING:
     from services.rollout.dataset import ImportOptions, ImportReport, SourceRow
@@ -223,15 +223,6 @@ def _eval(args: argparse.Namespace) -> int:
     return eval_command(args)
 
 
-def _job_flag(p: argparse.ArgumentParser, model: type[BaseModel], name: str, **kwargs: Any) -> None:
-    """``--name`` for one field of a job's settings (``rollout.hints``, ``rollout.evaluation``):
-    its help is the field's docstring and default, read from the model, never written here."""
-    field = model.model_fields[name]
-    doc = " ".join((field.description or "").replace("``", "").split())
-    help = f"{doc} (default {field.default})".replace("%", "%%")
-    p.add_argument(f"--{name.replace('_', '-')}", help=help, **kwargs)
-
-
 def _offline_flags(p: argparse.ArgumentParser, what: str, model: type[BaseModel]) -> None:
     """Where the problems, the engine and the verifier are (shared by hints build and eval)."""
     p.add_argument("--model", metavar="DIR", help="the model (its tokenizer builds the prompts)")
@@ -242,7 +233,7 @@ def _offline_flags(p: argparse.ArgumentParser, what: str, model: type[BaseModel]
     p.add_argument("--verifier-url", help="verifier service (default http://127.0.0.1:8001; started if absent)")
     p.add_argument("--problem-id", action="append", metavar="ID", help="only this problem (repeatable)")
     for name in ("concurrency", "seed", "max_new_tokens"):
-        _job_flag(p, model, name, type=int)
+        add_field_flag(p, model, name, type=int)
     p.add_argument("--run-dir", type=Path, default=Path("runs"), help="logs of an engine/verifier it starts (runs/)")
 
 
@@ -252,12 +243,12 @@ def _eval_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     help = "pass@1 and pass@k (unbiased estimator) through the engine and the verifier"
     e = sub.add_parser("eval", help=help, description=help + "; writes JSON and a markdown table.")
     _offline_flags(e, "rollout.evaluation", EvalSettings)
-    _job_flag(e, EvalSettings, "split", choices=["train", "eval"])
-    _job_flag(e, EvalSettings, "k", type=int)
-    _job_flag(e, EvalSettings, "hinted", action="store_true")
-    _job_flag(e, EvalSettings, "temperature", type=float)
-    _job_flag(e, EvalSettings, "top_p", type=float)
-    _job_flag(e, EvalSettings, "limit", type=int)
+    add_field_flag(e, EvalSettings, "split", choices=["train", "eval"])
+    add_field_flag(e, EvalSettings, "k", type=int)
+    add_field_flag(e, EvalSettings, "hinted", action="store_true")
+    add_field_flag(e, EvalSettings, "temperature", type=float)
+    add_field_flag(e, EvalSettings, "top_p", type=float)
+    add_field_flag(e, EvalSettings, "limit", type=int)
     e.add_argument("--out", default="runs/eval", help="directory of the JSON and markdown (default runs/eval)")
     e.add_argument("--name", help="file name stem (default eval-<split>)")
     e.set_defaults(func=_eval)
@@ -276,10 +267,10 @@ def _hints_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     _offline_flags(b, "rollout.hints", HintSettings)
     b.add_argument("--split", choices=["train", "eval"], default="train", help="problems of this split (train)")
-    _job_flag(b, HintSettings, "k", type=int)
-    _job_flag(b, HintSettings, "k_hint", type=int)
-    _job_flag(b, HintSettings, "max_fraction", type=float)
-    _job_flag(b, HintSettings, "method", choices=["linear", "galloping"])
+    add_field_flag(b, HintSettings, "k", type=int)
+    add_field_flag(b, HintSettings, "k_hint", type=int)
+    add_field_flag(b, HintSettings, "max_fraction", type=float)
+    add_field_flag(b, HintSettings, "method", choices=["linear", "galloping"])
     b.add_argument("--redo", action="store_true", help="search again problems already searched with these settings")
     b.set_defaults(func=_hints_build)
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, NamedTuple, TypeVar, Union, get_args, get_origin
 
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined, to_jsonable_python
 
 from services.common.config import (
@@ -103,9 +104,22 @@ def _metavar(setting: Setting) -> str:
     return "TEXT" if first in (str, SecretStr) else first.__name__.upper()
 
 
+def terminal_doc(info: FieldInfo) -> str:
+    """A field's docstring on one line, its ``literals`` plain, as help text shows it."""
+    return " ".join((info.description or "").replace("``", "").split())
+
+
+def add_field_flag(parser: argparse.ArgumentParser, model: type[BaseModel], name: str, **kwargs: Any) -> None:
+    """``--name`` for one field of ``model`` (a job's settings, such as ``rollout.hints``),
+    its help the field's docstring and default, read from the model, never written twice."""
+    field = model.model_fields[name]
+    help = f"{terminal_doc(field)} (default {field.default})".replace("%", "%%")
+    parser.add_argument(f"--{name.replace('_', '-')}", help=help, **kwargs)
+
+
 def _help(model: type[SectionSettings], setting: Setting) -> str:
     env = env_name(model, setting)
-    doc = setting.doc.replace("``", "")  # the docstrings' literals, plain in a terminal
+    doc = terminal_doc(setting.info)
     if setting.secret:
         return f"{doc} Secret, never shown; prefer env {env} (flags are visible in ps)."
     extra = ["alone: true"] if setting.is_bool else []
