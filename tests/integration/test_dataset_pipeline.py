@@ -153,15 +153,18 @@ def records(problems: dict[str, Problem]) -> dict[str, Any]:
 def test_the_search_finds_the_planted_prefix(
     planted_model: Path, tmp_path: Path, redis_url: str, keys: Keys, services: dict[str, str]
 ) -> None:
+    def build() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            build_cmd(planted_model, tmp_path, redis_url, keys, services),
+            cwd=ROOT,
+            env=WITH_TOKEN,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
     put(redis_url, keys, PROBLEMS)
-    run = subprocess.run(
-        build_cmd(planted_model, tmp_path, redis_url, keys, services),
-        cwd=ROOT,
-        env=WITH_TOKEN,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = build()
     assert run.returncode == 0, run.stdout + run.stderr
     out = stored(redis_url, keys)
     assert [out[p.id].label for p in PROBLEMS] == [ProblemLabel(x) for x in EXPECTED], run.stdout
@@ -185,14 +188,7 @@ def test_the_search_finds_the_planted_prefix(
     assert "[5/5]" in run.stdout and "ETA" in run.stdout and "| hard_hinted | 2 |" in run.stdout, run.stdout
 
     # Run again: nothing to do, nothing changed.
-    again = subprocess.run(
-        build_cmd(planted_model, tmp_path, redis_url, keys, services),
-        cwd=ROOT,
-        env=WITH_TOKEN,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = build()
     assert again.returncode == 0 and "5 already done" in again.stdout, again.stdout + again.stderr
     assert records(stored(redis_url, keys)) == records(out)
 
