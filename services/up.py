@@ -53,13 +53,14 @@ def _fmt(value: object) -> str:
 
 def progress_line(status: dict[str, Any], started: float) -> str:
     t, r, s = status.get("trainer", {}), status.get("rollout", {}), status.get("streams", {})
+    m = t.get("last_step") or {}
     waiting = f" (waiting for {r['waiting_for']})" if r.get("waiting_for") else ""
     pending = (s.get("rollouts", {}).get("verifiers") or {}).get("pending", "-")
     return (
         f"[{time.monotonic() - started:7.1f}s] trainer step {int(t.get('version', 0))} | "
-        f"loss {_fmt(t.get('loss'))} | reward hinted {_fmt(t.get('reward_hinted'))} "
-        f"unhinted {_fmt(t.get('reward_unhinted'))} | groups solved hinted {_fmt(t.get('hinted/solve_rate'))} "
-        f"unhinted {_fmt(t.get('unhinted/solve_rate'))} | rollout step {r.get('step') or 0}{waiting} | "
+        f"loss {_fmt(m.get('loss'))} | reward hinted {_fmt(m.get('reward_hinted'))} "
+        f"unhinted {_fmt(m.get('reward_unhinted'))} | groups solved hinted {_fmt(m.get('hinted/solve_rate'))} "
+        f"unhinted {_fmt(m.get('unhinted/solve_rate'))} | rollout step {r.get('step') or 0}{waiting} | "
         f"{r.get('groups_per_min') or 0:.0f} groups/min | unscored groups {pending} | "
         f"engine v{status.get('engine', {}).get('weight_version')}"
     )

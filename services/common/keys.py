@@ -14,7 +14,9 @@ key name.
                              consumer
     pope:problems            hash problem-id -> Problem JSON
     pope:stats               hash "<problem-id>:<variant>:attempts|solves" -> count
-    pope:state:<name>        hash: shared state (trainer step, engine version, ...)
+    pope:run                 string, RunShape JSON: the run's shape and format (first writer wins)
+    pope:state:trainer       string, TrainerControl JSON: the trainer's version and buffer
+    pope:state:<name>        hash: a service's state for /v1/status (rollout step, evaluation)
     pope:history:<name>      list, newest first: e.g. the trainer's per-step metrics
     pope:health:<service>:<instance>   string with TTL: a live worker's heartbeat
     pope:hints:jobs          hash job-id -> hint-search job JSON (request, state, progress)
@@ -78,6 +80,11 @@ class Keys:
         return f"{self.prefix}reclaims:{group}"
 
     # Stores and state.
+    @property
+    def run(self) -> str:
+        """String: the run's RunShape JSON (services.common.run)."""
+        return f"{self.prefix}run"
+
     @property
     def problems(self) -> str:
         return f"{self.prefix}problems"

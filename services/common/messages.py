@@ -4,7 +4,9 @@ The pipeline (DESIGN.md 4):
 
     Problem  --rollout-->  RawGroup  --verifier-->  ScoredGroup  --trainer-->  weights
                            (pope:rollouts)          (pope:scored)
-    Event (weights updated, service state)  --> pope:events
+    WeightsUpdated (the trainer's new weights)  --> pope:events
+    TrainerControl (version, buffered)       --> pope:state:trainer
+    RunShape (the run's shape and format)    --> pope:run
     DeadLetter (a message that failed too often) --> pope:dead
 
 Rules every model keeps:
@@ -24,14 +26,13 @@ import math
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Literal, Self, TypeVar
+from typing import Annotated, ClassVar, Literal, Self, TypeVar
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     NonNegativeInt,
-    TypeAdapter,
     ValidationError,
     model_validator,
 )
@@ -293,19 +294,60 @@ class WeightsUpdated(Message):
     at: datetime = Field(default_factory=utc_now)
 
 
-class ServiceState(Message):
-    """A service instance changed state (started, ready, stopping, stopped)."""
+class TrainerControl(Message):
+    """The trainer's control state, the one record the rollout scheduler acts on
+    (``<prefix>state:trainer``, written and read through ``services.common.run``).
 
-    kind: Literal["service_state"] = "service_state"
-    service: NonEmptyStr
+    Metrics are not here: each step's go to the trainer's history list and metrics log.
+    """
+
+    kind: Literal["trainer_control"] = "trainer_control"
+    version: NonNegativeInt
+    """The trainer's step, which is also the version of its newest weights."""
+    buffered: NonNegativeInt
+    """Scored groups read and waiting for a step: every other scored group the trainer
+    holds is acked (trained, duplicate, dropped), so pending == buffered when drained."""
+    dropped_stale: NonNegativeInt = 0
+    """Groups dropped as too stale so far in this run."""
+    dropped_aborted: NonNegativeInt = 0
+    """Groups dropped because a sample was aborted by the engine (never trained)."""
+    max_steps: NonNegativeInt | None = None
+    """Where the trainer stops stepping, if set."""
     instance: NonEmptyStr
-    state: Literal["starting", "ready", "stopping", "stopped"]
-    detail: str | None = None
-    at: datetime = Field(default_factory=utc_now)
+    """The trainer process that wrote it."""
+    updated_at: datetime = Field(default_factory=utc_now)
 
 
-Event = Annotated[WeightsUpdated | ServiceState, Field(discriminator="kind")]
-EVENT_ADAPTER: TypeAdapter[WeightsUpdated | ServiceState] = TypeAdapter(Event)
+RUN_FORMAT = 2
+"""The layout of a run's durable records (Redis keys and messages, checkpoints, plan log).
+2: deterministic group ids, a run record, the plan log, typed trainer control state.
+Records of another format are refused, never half-read."""
+
+
+class RunShape(Message):
+    """What every service of one run must agree on, written once under the run's key
+    prefix (``<prefix>run``) by the first service to start; the others compare theirs.
+    Declared once, in the config's ``shared`` section."""
+
+    kind: Literal["run"] = "run"
+    run_format: int = RUN_FORMAT
+    group_size: int = Field(ge=1)
+    prompts_per_step: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+    max_staleness: int = Field(ge=0)
+    written_by: NonEmptyStr = "unknown"
+    """The service and instance that wrote the record."""
+    written_at: datetime = Field(default_factory=utc_now)
+
+    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = ("group_size", "prompts_per_step", "max_new_tokens", "max_staleness")
+
+    def differences(self, other: RunShape) -> list[str]:
+        """The shape fields where ``other`` differs, as 'field: ours vs theirs'."""
+        return [
+            f"{f} is {getattr(self, f)} here but {getattr(other, f)} in the run record"
+            for f in self.SHAPE_FIELDS
+            if getattr(self, f) != getattr(other, f)
+        ]
 
 
 class DeadLetter(Message):

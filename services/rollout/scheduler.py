@@ -4,19 +4,21 @@
         wait until s <= trainer_version + 1 + max_staleness     (never run too far ahead)
         wait until the engine serves at least s - 1 - max_staleness
         plan prompts_per_step groups (planner.py: hinted/unhinted 1:1 for hinted problems)
+        write the plan to the plan log (planlog.py; fsynced) before any group is out
         for each group (several at once): /generate with n = group_size -> RawGroup
-        publish every RawGroup to pope:rollouts
+        publish every RawGroup to pope:rollouts; then mark the plan published
 
 With max_staleness 0 this is synchronous, on-policy GRPO: step s is sampled only after
-the trainer finished step s - 1 and the engine serves its weights. The scheduler's own
-progress (step, groups published) is kept in Redis, so a restart carries on.
+the trainer finished step s - 1 and the engine serves its weights. A group's id is its
+identity (step, problem, variant, repeat, top-up), so a plan cut short by a crash is
+published again from the log under the same ids, and what was already out is a duplicate
+by id downstream. A group the engine aborted a sample of is sampled again, never sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import time
@@ -29,17 +31,20 @@ from redis.exceptions import RedisError
 
 from services.common.engine_client import EngineClient, EngineError, SamplingParams
 from services.common.keys import TRAINERS, VERIFIERS, Keys
-from services.common.messages import Problem, RawGroup, Sample, Variant
+from services.common.messages import FinishReason, Problem, RawGroup, Sample, Variant
+from services.common.run import claim_run, read_control, shape_of
 from services.common.streams import group_info, publish
+from services.rollout.planlog import PLAN_LOG, Plan, PlanLog, PlannedGroup, load_planner_state, save_planner_state
 from services.rollout.planner import Planner
 from services.rollout.prompts import prompt_ids, user_message
 from services.rollout.settings import RolloutSettings
 from services.rollout.store import ProblemStore
 
-log = logging.getLogger(__name__)
+log_ = logging.getLogger(__name__)
 
 PUBLISHED = Counter("pope_rollout_groups_total", "Raw groups published", ["variant"])
 STEP = Gauge("pope_rollout_step", "The step the scheduler is generating for")
+ABORTED = Counter("pope_rollout_groups_resampled_total", "Groups sampled again because the engine aborted a sample")
 WAITING = Gauge("pope_rollout_waiting", "1 while the scheduler waits (trainer, engine or problems)")
 
 
@@ -63,6 +68,10 @@ def repeat_salts(plan: list[tuple[Problem, Variant]]) -> list[str]:
     return salts
 
 
+class GroupAborted(RuntimeError):
+    """The engine aborted a sample of the group (paused, aborted, restarting)."""
+
+
 class Scheduler:
     def __init__(
         self, settings: RolloutSettings, redis: Redis, engine: EngineClient, store: ProblemStore, tokenizer: Any
@@ -73,21 +82,54 @@ class Scheduler:
         self.step = 0
         self.waiting_for = "starting"
         self.published: deque[float] = deque(maxlen=10_000)  # publish times, for rates
-        self.top_ups = 0  # top-ups so far (kept in Redis): salts their ids and seeds, so they differ
-        self._warned_lag = False
+        self._log: PlanLog | None = None
+
+    @property
+    def log(self) -> PlanLog:
+        """The plan log (opened on first use; PlanLogError for another run's or format's)."""
+        if self._log is None:
+            self._log = PlanLog.open(self.settings.archive_dir / PLAN_LOG, self.settings.key_prefix)
+        return self._log
 
     async def trainer_version(self) -> int:
-        raw = await self.redis.hget(self.keys.state("trainer"), "version")  # type: ignore[misc]
-        return int(float(raw)) if raw is not None else 0
+        control = await read_control(self.redis, self.keys)
+        return control.version if control else 0
+
+    async def restore(self) -> None:
+        """Where the last run of this scheduler stopped: its plan log and planner position
+        (the trainer's version, if ahead, when the log was lost with the rollout's disk).
+        Joins the run first: RunMismatch if its shape or format is not this service's."""
+        await claim_run(self.redis, self.keys, shape_of(self.settings, "rollout"))
+        log = await asyncio.to_thread(lambda: self.log)
+        saved = await asyncio.to_thread(load_planner_state, self.settings.archive_dir)
+        if saved is not None:
+            seq, state = saved
+            self.planner.restore(state)
+            if log.last is not None and seq < log.last.seq:
+                log_.warning("the planner's position is from plan %d, the log's last plan is %d", seq, log.last.seq)
+        cut = log.unfinished  # a step's own plan cut short is that step not yet done
+        self.step = max(log.last_step - 1 if cut is not None and cut.top_up == 0 else log.last_step, 0)
+        self.step = max(self.step, await self.trainer_version())
+        if log.unfinished is not None:
+            log_.warning(
+                "plan %d (step %d%s) was cut short: publishing its groups again under the same ids",
+                log.unfinished.seq,
+                log.unfinished.step,
+                f", top-up {log.unfinished.top_up}" if log.unfinished.top_up else "",
+            )
 
     async def run(self, stop: asyncio.Event) -> None:
-        saved = await self.redis.hmget(self.keys.state("rollout"), ["step", "planner", "top_ups"])  # type: ignore[misc]
-        self.step = max(int(float(saved[0])) if saved[0] else 0, await self.trainer_version())
-        if saved[1]:
-            self.planner.restore(json.loads(saved[1]))
-        self.top_ups = int(saved[2]) if saved[2] else 0
+        """Schedule until ``stop``; engine and Redis troubles are waited out. A run record
+        that does not match this service's (RunMismatch) ends it, as does a bad plan log."""
+        restored = False
         while not stop.is_set():
             try:
+                if not restored:
+                    await self.restore()
+                    restored = True
+                if (cut := self.log.unfinished) is not None:  # a restart or a failure mid-plan
+                    await self._publish(cut)
+                    continue
                 if await self._ready_for(self.step + 1):
                     await self._generate_step(self.step + 1)
                     continue
@@ -96,36 +138,17 @@ class Scheduler:
                     continue
             except EngineError as exc:
                 self.waiting_for = "the engine (unreachable or still loading)"
-                log.warning("scheduler: %s; retrying", exc)
+                log_.warning("scheduler: %s; retrying", exc)
             except RedisError as exc:
                 self.waiting_for = "redis (unreachable)"
-                log.warning("scheduler: %s; retrying", exc)
+                log_.warning("scheduler: %s; retrying", exc)
             WAITING.set(1)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.poll_interval_s)
         WAITING.set(0)
 
-    async def lag(self) -> int:
-        """The staleness bound in force: the stricter of this service's and the trainer's, so
-        a mismatched config wastes no compute on groups the trainer would drop."""
-        theirs = await self.redis.hget(self.keys.state("trainer"), "max_staleness")  # type: ignore[misc]
-        lag = self.settings.max_staleness
-        theirs = int(float(theirs)) if theirs is not None else None
-        if theirs is not None and theirs != lag:
-            if not self._warned_lag:
-                log.error(
-                    "rollout.max_staleness=%d but trainer.max_staleness=%d: using %d (set it once, in "
-                    "the config's shared section)",
-                    lag,
-                    theirs,
-                    min(lag, theirs),
-                )
-                self._warned_lag = True
-            lag = min(lag, theirs)
-        return lag
-
     async def _ready_for(self, step: int) -> bool:
-        lag = await self.lag()
+        lag = self.settings.max_staleness  # the run record holds every service to the same
         trainer = await self.trainer_version()
         if step > trainer + 1 + lag:
             self.waiting_for = f"trainer (at v{trainer}; step {step} may run at most {lag} ahead)"
@@ -156,17 +179,19 @@ class Scheduler:
     async def _starving(self) -> int:
         """Groups the trainer still needs for its next step when none are on the way.
 
-        Groups can be lost on purpose (dead-lettered by the verifier, dropped as stale by
-        the trainer). Without a top-up, a trainer short of a full step would wait for
-        groups while this scheduler waits for the trainer: a deadlock. The pipeline is
-        "drained" when every raw group is scored and every scored group is in the
-        trainer's buffer (its pending count equals the buffer it reports).
+        Groups can be lost on purpose (dead-lettered by the verifier, dropped as stale or
+        aborted by the trainer). Without a top-up, a trainer short of a full step would
+        wait for groups while this scheduler waits for the trainer: a deadlock. The
+        pipeline is "drained" when every raw group is delivered to a verifier and scored,
+        and every scored group is delivered to the trainer and in its buffer (its pending
+        count equals the buffer it reports). Delivery is judged by entry ids, not by
+        XINFO's lag, which a Redis restarted from its AOF can leave wrong for good.
         """
-        state = await self.redis.hgetall(self.keys.state("trainer"))  # type: ignore[misc]
-        if b"buffered" not in state:
+        control = await read_control(self.redis, self.keys)
+        if control is None:
             return 0  # no trainer has reported yet
-        need = self.settings.prompts_per_step - int(float(state[b"buffered"]))
-        if need <= 0:
+        need = self.settings.prompts_per_step - control.buffered
+        if need <= 0 or (control.max_steps is not None and control.version >= control.max_steps):
             return 0
         rollouts = await group_info(self.redis, self.keys.rollouts, VERIFIERS)
         scored = await group_info(self.redis, self.keys.scored, TRAINERS)
@@ -176,90 +201,134 @@ class Scheduler:
             and rollouts["lag"] == 0
             and scored is not None
             and scored["lag"] == 0
-            and scored["pending"] == int(float(state[b"buffered"]))
+            and scored["pending"] == control.buffered
         )
         if not drained:
             return 0
         # Top-up groups must not be stale on arrival: the engine must serve recent weights.
-        version = int(float(state.get(b"version", b"0")))
-        if await self.engine.weight_version() < version - await self.lag():
+        if await self.engine.weight_version() < control.version - self.settings.max_staleness:
             self.waiting_for = "the engine to load the trainer's weights (the trainer re-pushes them)"
             return 0
-        log.warning(
+        log_.warning(
             "the trainer needs %d more groups for step %d and none are on the way (some were "
-            "dead-lettered or dropped as stale): topping up",
+            "dead-lettered or dropped): topping up",
             need,
             self.step,
         )
         return need
 
     async def _generate_step(self, step: int, n_groups: int | None = None, top_up: bool = False) -> None:
+        """Plan step ``step`` (or a top-up of ``n_groups`` for it), log the plan, publish it."""
         STEP.set(step)
-        plan = self.planner.plan(await self.store.all(), n_groups or self.settings.prompts_per_step)
-        if not plan:
+        chosen = self.planner.plan(await self.store.all(), n_groups or self.settings.prompts_per_step)
+        if not chosen:
             self.waiting_for = "train problems (none are eligible: split 'train', not excluded)"
             return
-        started = time.monotonic()
-        limit = asyncio.Semaphore(self.settings.max_concurrent_groups)
-        salt = ""
-        if top_up:
-            # Counted before any of its groups is published, so a top-up planned again after a
-            # restart gets new ids: its first groups may be trained already.
-            self.top_ups += 1
-            await self.redis.hset(self.keys.state("rollout"), "top_ups", str(self.top_ups))  # type: ignore[misc]
-            salt = f"top-up-{self.top_ups}"
+        log = self.log
+        index = log.top_ups + 1 if top_up else 0
+        prefix = f"top-up-{index}" if top_up else ""
+        groups = [
+            PlannedGroup(
+                group_id=group_id(step, p.id, v, prefix + repeat),
+                problem_id=p.id,
+                variant=v,
+                seed=self.seed_for(step, p.id, v, prefix + repeat),
+                salt=prefix + repeat,
+            )
+            for (p, v), repeat in zip(chosen, repeat_salts(chosen), strict=True)
+        ]
+        plan = Plan(seq=log.next_seq(), step=step, top_up=index, groups=groups)
+        # Durable before any group is out: a restart publishes exactly this plan again.
+        await asyncio.to_thread(log.append_plan, plan)
+        await asyncio.to_thread(save_planner_state, self.settings.archive_dir, plan.seq, self.planner.state())
+        await self._publish(plan)
 
-        async def one(problem: Problem, variant: Variant, salt: str) -> None:
+    async def _publish(self, plan: Plan) -> None:
+        """Sample and publish every group of ``plan`` not already scored, then mark it done."""
+        started = time.monotonic()
+        problems = {p.id: p for p in await self.store.all()}
+        limit = asyncio.Semaphore(self.settings.max_concurrent_groups)
+        skipped: dict[str, str] = {}
+
+        async def one(planned: PlannedGroup) -> None:
+            problem = problems.get(planned.problem_id)
+            if problem is None:
+                skipped[planned.group_id] = "its problem was deleted"
+                return
+            if await self.redis.exists(self.keys.done(VERIFIERS, planned.group_id)):
+                return  # published and scored before a restart
             async with limit:
-                group = await self.sample_group(problem, variant, step, salt)
+                group = await self.sample_until_whole(problem, planned, plan.step)
                 await publish(self.redis, self.keys.rollouts, group, self.settings.streams)
-                PUBLISHED.labels(variant.value).inc()
+                PUBLISHED.labels(planned.variant.value).inc()
                 self.published.append(time.time())
 
         try:
-            async with asyncio.TaskGroup() as tg:  # one failure cancels the rest of the step
-                for (p, v), repeat in zip(plan, repeat_salts(plan), strict=True):
-                    tg.create_task(one(p, v, salt + repeat))
+            async with asyncio.TaskGroup() as tg:  # one failure cancels the rest of the plan
+                for planned in plan.groups:
+                    tg.create_task(one(planned))
         except* (EngineError, RedisError) as group_error:
             raise group_error.exceptions[0] from None
-        if top_up:
-            return
-        self.step = step
+        await asyncio.to_thread(self.log.append_published, plan, skipped)
+        for gid, why in skipped.items():
+            log_.error("group %s of plan %d was not published: %s", gid, plan.seq, why)
+        if plan.top_up == 0:
+            self.step = max(self.step, plan.step)
         await self.redis.hset(
             self.keys.state("rollout"),
             mapping={  # type: ignore[misc]
-                "step": step,
+                "step": self.step,
+                "top_ups": self.log.top_ups,
                 "updated_at": time.time(),
                 "last_step_seconds": time.monotonic() - started,
-                "planner": json.dumps(self.planner.state()),
             },
         )
-        hinted = sum(v is Variant.HINTED for _, v in plan)
-        log.info(
-            "step %d: published %d groups (%d hinted, %d unhinted) in %.1fs",
-            step,
-            len(plan),
+        hinted = sum(g.variant is Variant.HINTED for g in plan.groups)
+        log_.info(
+            "%s %d: published %d groups (%d hinted, %d unhinted) in %.1fs",
+            f"top-up {plan.top_up} of step" if plan.top_up else "step",
+            plan.step,
+            len(plan.groups) - len(skipped),
             hinted,
-            len(plan) - hinted,
+            len(plan.groups) - hinted,
             time.monotonic() - started,
         )
 
+    def seed_for(self, step: int, problem_id: str, variant: Variant, salt: str) -> int:
+        """Reproducible per (seed, step, problem, variant, salt), distinct across them."""
+        return random.Random(f"{self.settings.seed}:{step}:{problem_id}:{variant.value}{salt}").randrange(2**31)
+
+    async def sample_until_whole(self, problem: Problem, planned: PlannedGroup, step: int) -> RawGroup:
+        """The planned group, sampled again (same id and seed) while the engine aborts any
+        of its samples: an aborted sample is no sample, and is never trained on."""
+        delay = 0.5
+        while True:
+            try:
+                return await self.sample_group(problem, planned.variant, step, planned.salt)
+            except GroupAborted as exc:
+                ABORTED.inc()
+                self.waiting_for = f"the engine (it aborted samples of {planned.group_id}: paused or restarting)"
+                log_.warning("%s; sampling it again in %.1fs", exc, delay)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 10.0)
+
     async def sample_group(self, problem: Problem, variant: Variant, step: int, salt: str = "") -> RawGroup:
-        """G samples of one variant of one problem, as a RawGroup."""
+        """G samples of one variant of one problem, as a RawGroup; GroupAborted if the
+        engine aborted any of them."""
         cfg = self.settings
         text = user_message(problem, variant, cfg.prompt_template)
         ids = prompt_ids(self.tokenizer, text)
-        # Reproducible per (seed, step, problem, variant), distinct across them.
-        seed = random.Random(f"{cfg.seed}:{step}:{problem.id}:{variant.value}{salt}").randrange(2**31)
         gid = group_id(step, problem.id, variant, salt)
         params = SamplingParams(
             n=cfg.group_size,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             max_new_tokens=cfg.max_new_tokens,
-            sampling_seed=seed,
+            sampling_seed=self.seed_for(step, problem.id, variant, salt),
         )
         outs = await self.engine.generate([ids], params, rid=gid)
+        if aborted := sum(o.finish_reason is FinishReason.ABORT for o in outs):
+            raise GroupAborted(f"the engine aborted {aborted} of the {len(outs)} samples of group {gid}")
         samples = [
             Sample(
                 problem_id=problem.id,

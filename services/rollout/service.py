@@ -30,6 +30,7 @@ from services.common.http import add_health_routes, redis_unready, stop_if_faile
 from services.common.http import serve as run_server
 from services.common.keys import ARCHIVERS, TRAINERS, VERIFIERS, Keys
 from services.common.messages import ScoredGroup
+from services.common.run import read_control
 from services.common.streams import GroupReader, group_info
 from services.common.worker import Effects, Worker
 from services.rollout.api import problems_and_rollouts_router
@@ -146,14 +147,14 @@ def create_app(settings: RolloutSettings) -> FastAPI:
 
     @app.get("/v1/status")
     async def status(history: int = 0) -> dict[str, Any]:
-        """Training state: trainer step, engine weight version, stream depths, rates, rewards;
-        with ``history=N``, the trainer's last N steps of metrics (newest first)."""
-        trainer = {k.decode(): _num(v) for k, v in (await redis.hgetall(keys.state("trainer"))).items()}  # type: ignore[misc]
-        rollout = {
-            k.decode(): _num(v)
-            for k, v in (await redis.hgetall(keys.state("rollout"))).items()  # type: ignore[misc]
-            if k != b"planner"
-        }  # internal: the planner's shuffle and RNG state
+        """Training state: the trainer's control state (version, buffer, drops) and its last
+        step's metrics, engine weight version, stream depths, rates; with ``history=N``, the
+        trainer's last N steps of metrics (newest first)."""
+        control = await read_control(redis, keys)
+        last = await redis.lindex(keys.history("trainer"), 0)  # type: ignore[misc]
+        trainer: dict[str, Any] = control.model_dump(mode="json", exclude={"schema_version", "kind"}) if control else {}
+        trainer["last_step"] = json.loads(last) if last else None
+        rollout = {k.decode(): _num(v) for k, v in (await redis.hgetall(keys.state("rollout"))).items()}  # type: ignore[misc]
         try:
             engine_version: int | None = await engine.weight_version()
         except EngineError:

@@ -3,12 +3,17 @@
     <checkpoint_dir>/step-000007/
         config.json, model.safetensors, tokenizer files   the engine loads this directory
         optimizer.safetensors + optimizer.json            AdamW moments and hyperparameters
-        trainer_state.json                                step, ids of the groups trained
+        trainer_state.json                                step, ids of the groups trained,
+                                                          the run format it was written in
         run_record.json                                   resolved config, git commit,
                                                           package versions, seeds
 
+    <checkpoint_dir>/dropped.jsonl                        groups dropped untrained (stale,
+                                                          aborted samples), fsynced before ack
+
 A checkpoint is written to a temporary directory and renamed into place, so a directory
-named step-N is always complete. No pickle: tensors are safetensors, the rest JSON.
+named step-N is always complete. No pickle: tensors are safetensors, the rest JSON. A
+checkpoint of another run format (an older pope-rl) is refused with the format it has.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from services.common.messages import RUN_FORMAT
 from services.common.rng import restore_rng_state, rng_state_json
 
 log = logging.getLogger(__name__)
@@ -40,14 +46,21 @@ STATE_FILE = "trainer_state.json"
 MAX_REMEMBERED_IDS = 100_000
 
 
+DROPPED_LOG = "dropped.jsonl"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint this pope-rl cannot resume from (another format)."""
+
+
 @dataclass
 class TrainerState:
     step: int = 0
+    format: int = RUN_FORMAT
+    """The run format it was written in (services.common.messages.RUN_FORMAT)."""
     trained_group_ids: list[str] = field(default_factory=list)
-    dropped_stale: int = 0
     lr_scheduler: dict[str, Any] = field(default_factory=dict)
     python_rng: list[Any] = field(default_factory=list)  # random.getstate(), as JSON
-    rollout: dict[str, str] = field(default_factory=dict)  # the rollout scheduler's position (Redis hash)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -100,7 +113,42 @@ def save(
 
 
 def load_state(path: Path) -> TrainerState:
-    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    data = json.loads((path / STATE_FILE).read_text())
+    if data.get("format", 1) != RUN_FORMAT:
+        raise CheckpointError(
+            f"{path} was written by another pope-rl (run format {data.get('format', 1)}; this one reads "
+            f"{RUN_FORMAT}): resume it with the pope-rl that wrote it, or start a new run (pope up --fresh, "
+            "or another trainer.checkpoint_dir)"
+        )
+    return TrainerState(**data)
+
+
+def append_dropped(root: Path, rows: list[dict[str, Any]]) -> None:
+    """Record groups dropped untrained (one JSON line each), durably: the caller acks them after."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / DROPPED_LOG
+    torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with path.open("ab") as f:  # a line torn by a crash is closed off, and read_dropped skips it
+        f.write((b"\n" if torn else b"") + b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_dropped(root: Path) -> list[dict[str, Any]]:
+    """The dropped-group records. A line torn by a crash mid-write is skipped: its groups
+    were not acked, so they came back and were dropped (and recorded) again."""
+    path = root / DROPPED_LOG
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            log.warning("%s: skipping a line torn by a crash: %r", path, line[:80])
+    return rows
 
 
 def restore_rng(path: Path, state: TrainerState) -> None:

@@ -10,7 +10,12 @@
             push it to the weight sink            (an engine: /update_weights_from_disk, version "v + 1")
 
 Exactly once in effect: the checkpoint records the ids of the groups it trained, so a
-group redelivered after a crash between checkpoint and ack is acked, not retrained.
+group redelivered after a crash between checkpoint and ack is acked, not retrained; a step
+whose checkpoint fails ends the process (StepNotSaved), so no weights that hold groups the
+checkpoint does not name are ever stepped on again. A group dropped untrained (too stale,
+or with a sample the engine aborted) is recorded in the fsynced drop log before its ack.
+The trainer's control state (version, buffer) is one TrainerControl record
+(services.common.run); its metrics go to the history list and the metrics log only.
 Buffered groups keep their leases renewed while a step runs. An engine that restarted
 (serving its start-up weights) is noticed and re-pushed the latest checkpoint. Where the
 weights go is the sink's business (sink.py): an engine, or nowhere (``NoSink``).
@@ -34,7 +39,8 @@ from redis.exceptions import RedisError
 
 from services.common.config import resolved
 from services.common.keys import TRAINERS, Keys
-from services.common.messages import MessageError, ScoredGroup, WeightsUpdated, decode
+from services.common.messages import FinishReason, MessageError, ScoredGroup, TrainerControl, WeightsUpdated, decode
+from services.common.run import claim_run, shape_of, write_control
 from services.common.streams import Entry, GroupReader, publish
 from services.trainer import checkpoint
 from services.trainer.settings import TrainerSettings
@@ -111,6 +117,7 @@ class Trainer:
         self._tb: Any = None  # TensorBoard writer, made on the first step
         self._idle_since = time.monotonic()  # when the trainer last finished a step (data wait)
         self.trained = set(self.state.trained_group_ids)
+        self.dropped = {row["group_id"]: row["reason"] for row in checkpoint.read_dropped(self.ckpt_dir)}
         self.reader = GroupReader(
             redis, self.keys, self.keys.scored, TRAINERS, settings.consumer_name, settings.streams
         )
@@ -129,16 +136,15 @@ class Trainer:
     async def run(self, stop: asyncio.Event) -> None:
         """Train until ``stop``. Redis and engine troubles are waited out; anything else
         is a bug and propagates (the service then exits, so a supervisor restarts it)."""
-        await self.reader.ensure_group()
-        if self.state.rollout and not await self.redis.exists(self.keys.state("rollout")):
-            # Redis lost its state (no AOF, a new instance): the whole run resumes from the
-            # checkpoint, the rollout scheduler's position included.
-            await self.redis.hset(self.keys.state("rollout"), mapping=self.state.rollout)  # type: ignore[misc]
-            log.warning("restored the rollout scheduler's position from the checkpoint")
         tasks = [asyncio.create_task(self._renew_leases(stop)), asyncio.create_task(self._watch_engine(stop))]
+        joined = False
         try:
             while not stop.is_set():
                 try:
+                    if not joined:  # RunMismatch (another run's shape or format) ends the service
+                        await claim_run(self.redis, self.keys, shape_of(self.settings, "trainer"))
+                        await self.reader.ensure_group()
+                        joined = True
                     before = len(self.buffer)
                     for entry in await self.reader.read():
                         await self._accept(entry)
@@ -171,11 +177,32 @@ class Trainer:
             await self.reader.fail(entry, str(exc), retryable=False)
             GROUPS.labels("invalid").inc()
             return
-        if group.group_id in self.trained or any(g.group_id == group.group_id for _, g in self.buffer):
+        seen = group.group_id in self.trained or group.group_id in self.dropped
+        if seen or any(g.group_id == group.group_id for _, g in self.buffer):
             await self.reader.ack(entry.id)  # a redelivery: its effect is already counted
             GROUPS.labels("duplicate").inc()
             return
+        if any(s.finish_reason is FinishReason.ABORT for s in group.samples):
+            # Not a sample of the policy (the scheduler samples such groups again; this is
+            # the last line): never trained, recorded, counted.
+            await self._drop([(entry, group)], "aborted")
+            return
         self.buffer.append((entry, group))
+
+    async def _drop(self, groups: list[tuple[Entry, ScoredGroup]], reason: str) -> None:
+        """Record ``groups`` as dropped untrained (durably), then ack them."""
+        rows = [
+            {"group_id": g.group_id, "reason": reason, "weight_version": g.weight_version, "at_version": self.version}
+            for _, g in groups
+        ]
+        await asyncio.to_thread(checkpoint.append_dropped, self.ckpt_dir, rows)
+        self.dropped.update((g.group_id, reason) for _, g in groups)
+        await self.reader.ack(*[e.id for e, _ in groups])
+        GROUPS.labels(f"dropped_{reason}").inc(len(groups))
+        self._dirty = True
+
+    def dropped_count(self, reason: str) -> int:
+        return sum(r == reason for r in self.dropped.values())
 
     async def _drop_stale(self) -> None:
         limit = self.settings.max_staleness
@@ -183,10 +210,7 @@ class Trainer:
         if not stale:
             return
         self.buffer = [(e, g) for e, g in self.buffer if self.version - g.weight_version <= limit]
-        self.state.dropped_stale += len(stale)
-        await self.redis.hincrby(self.keys.state("trainer"), "dropped_stale", len(stale))  # type: ignore[misc]
-        await self.reader.ack(*[e.id for e, _ in stale])
-        GROUPS.labels("dropped_stale").inc(len(stale))
+        await self._drop(stale, "stale")
         log.info(
             "dropped %d stale groups (weight versions %s; trainer at %d, max_staleness %d)",
             len(stale),
@@ -202,10 +226,8 @@ class Trainer:
         self.in_flight, self.buffer = self.buffer[: cfg.prompts_per_step], self.buffer[cfg.prompts_per_step :]
         groups = [g for _, g in self.in_flight]
         started = time.monotonic()
-        # Everything the checkpoint needs from Redis is read before the optimizer steps: from
-        # the step to the durable checkpoint nothing may fail and leave the groups unacked
-        # (they would be redelivered and trained again on weights that already hold them).
-        rollout = await self.redis.hgetall(self.keys.state("rollout"))  # type: ignore[misc]
+        # From the optimizer step to the durable checkpoint nothing reads or writes Redis: a
+        # failure there would leave the groups unacked on weights that already hold them.
         stats = await asyncio.to_thread(
             train_step,
             self.model,
@@ -223,9 +245,7 @@ class Trainer:
             after = checkpoint.TrainerState(
                 step=self.version + 1,
                 trained_group_ids=self.state.trained_group_ids + ids,
-                dropped_stale=self.state.dropped_stale,
                 lr_scheduler=self.scheduler.state_dict(),
-                rollout={k.decode(): v.decode() for k, v in rollout.items()},
             )
             async with self._weights_lock:  # the engine watcher must not see a half-finished version
                 protect = frozenset([self.sink.loading]) if self.sink.loading else frozenset()
@@ -323,19 +343,16 @@ class Trainer:
         )
 
     async def publish_state(self) -> None:
-        """The state the rollout scheduler and /v1/status read; retried each pass until it lands."""
-        fields: dict[str, Any] = {k: v for k, v in self.last.items() if not math.isnan(v)}  # NaN-free
-        fields.update(
-            {  # the fields others act on come last, so no metric can shadow them
-                "version": self.version,
-                "step": self.version,
-                "buffered": len(self.buffer),
-                "dropped_stale": self.state.dropped_stale,
-                "max_staleness": self.settings.max_staleness,
-                "updated_at": time.time(),
-            }
+        """The control state the rollout scheduler reads; retried each pass until it lands."""
+        control = TrainerControl(
+            version=self.version,
+            buffered=len(self.buffer),
+            dropped_stale=self.dropped_count("stale"),
+            dropped_aborted=self.dropped_count("aborted"),
+            max_steps=self.settings.max_steps,
+            instance=self.settings.consumer_name,
         )
-        await self.redis.hset(self.keys.state("trainer"), mapping=fields)  # type: ignore[misc]
+        await write_control(self.redis, self.keys, control)
         self._dirty = False
 
     async def _renew_leases(self, stop: asyncio.Event) -> None:

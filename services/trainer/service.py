@@ -62,7 +62,8 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         return {
             "version": trainer.version,
             "buffered": len(trainer.buffer),
-            "dropped_stale": trainer.state.dropped_stale,
+            "dropped_stale": trainer.dropped_count("stale"),
+            "dropped_aborted": trainer.dropped_count("aborted"),
             "last_step": trainer.last,
         }
 

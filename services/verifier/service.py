@@ -25,11 +25,13 @@ from fastapi import Body, Depends, FastAPI, HTTPException
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from services.common.http import add_health_routes, bearer, redis_unready
 from services.common.http import serve as run_server
 from services.common.keys import VERIFIERS, Keys
 from services.common.messages import FinishReason, RawGroup, Score, ScoredGroup
+from services.common.run import check_run_format
 from services.common.streams import GroupReader
 from services.common.worker import Effects, Worker
 from services.verifier.pool import ScoringPool
@@ -99,6 +101,11 @@ def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAP
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.consume:
+            try:  # an older run's keys are refused (RunMismatch) before any is read
+                await check_run_format(client, keys)
+            except RedisError as exc:  # the stream workers wait Redis out
+                log.warning("could not check the run record yet (%s)", exc)
         await pool.start()
         workers = [
             Worker(

@@ -3,19 +3,23 @@ mix in published groups, and the top-up that keeps a short trainer from deadlock
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from transformers import AutoTokenizer
 
 from services.common.engine_client import EngineClient
 from services.common.keys import TRAINERS, VERIFIERS, Keys
-from services.common.messages import Problem, RawGroup, Variant, decode
+from services.common.messages import FinishReason, Problem, RawGroup, TrainerControl, Variant, decode
+from services.common.run import write_control
 from services.common.streams import DATA, DeliveryPolicy
-from services.rollout.scheduler import Scheduler
+from services.rollout.planlog import PlannedGroup
+from services.rollout.scheduler import Scheduler, group_id
 from services.rollout.settings import RolloutSettings
 from services.rollout.store import ProblemStore
 
@@ -25,9 +29,12 @@ PROBLEMS = [
 ]
 
 
-async def make(aredis: Redis, keys: Keys, engine: EngineClient, tiny_model: Path, **kw: object) -> Scheduler:
+async def make(
+    aredis: Redis, keys: Keys, engine: EngineClient, tiny_model: Path, tmp_path: Path, **kw: object
+) -> Scheduler:
     settings = RolloutSettings(
         key_prefix=keys.prefix,
+        archive_dir=tmp_path / "rollouts",
         group_size=2,
         prompts_per_step=4,
         max_new_tokens=4,
@@ -39,21 +46,26 @@ async def make(aredis: Redis, keys: Keys, engine: EngineClient, tiny_model: Path
     return Scheduler(settings, aredis, engine, store, AutoTokenizer.from_pretrained(str(tiny_model)))
 
 
+async def trainer_at(aredis: Redis, keys: Keys, version: int, buffered: int = 0) -> None:
+    """The trainer's control state, as the trainer writes it."""
+    await write_control(aredis, keys, TrainerControl(version=version, buffered=buffered, instance="test"))
+
+
 async def published(aredis: Redis, keys: Keys) -> list[RawGroup]:
     return [decode(RawGroup, f[DATA]) for _i, f in await aredis.xrange(keys.rollouts)]
 
 
 async def test_never_more_than_max_staleness_ahead_and_the_pope_mix(
-    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path
+    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path, tmp_path: Path
 ) -> None:
     async with EngineClient(engine_url) as engine:
-        s = await make(aredis, keys, engine, tiny_model, max_staleness=1)
-        await aredis.hset(keys.state("trainer"), mapping={"version": 0, "buffered": 0})
+        s = await make(aredis, keys, engine, tiny_model, tmp_path, max_staleness=1)
+        await trainer_at(aredis, keys, 0)
         assert await s._ready_for(1) and await s._ready_for(2)  # up to one version ahead of v0
         await s._generate_step(1)
         await s._generate_step(2)
         assert not await s._ready_for(3) and "trainer" in s.waiting_for
-        await aredis.hset(keys.state("trainer"), "version", 1)
+        await trainer_at(aredis, keys, 1)
         # The trainer moved on, but the engine still serves v0: step 3 needs at least v1.
         assert not await s._ready_for(3) and "engine" in s.waiting_for
     groups = await published(aredis, keys)
@@ -66,11 +78,11 @@ async def test_never_more_than_max_staleness_ahead_and_the_pope_mix(
 
 
 async def test_a_trainer_short_of_groups_gets_a_top_up_not_a_deadlock(
-    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path
+    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path, tmp_path: Path
 ) -> None:
     async with EngineClient(engine_url) as engine:
-        s = await make(aredis, keys, engine, tiny_model, max_staleness=0)
-        await aredis.hset(keys.state("trainer"), mapping={"version": 0, "buffered": 0})
+        s = await make(aredis, keys, engine, tiny_model, tmp_path, max_staleness=0)
+        await trainer_at(aredis, keys, 0)
         await s._generate_step(1)
         s.step = 1
         # The verifier scored 3 of the 4 groups (one was dead-lettered); the trainer holds 3.
@@ -81,7 +93,7 @@ async def test_a_trainer_short_of_groups_gets_a_top_up_not_a_deadlock(
                 await aredis.xadd(keys.scored, {DATA: fields[DATA]})  # stand-in for the scored group
         await aredis.xgroup_create(keys.scored, TRAINERS, id="0", mkstream=True)
         await aredis.xreadgroup(TRAINERS, "trainer", {keys.scored: ">"})
-        await aredis.hset(keys.state("trainer"), "buffered", 3)
+        await trainer_at(aredis, keys, 0, buffered=3)
 
         assert not await s._ready_for(2)  # the staleness bound holds...
         assert await s._starving() == 1  # ...but the trainer is one group short, and none are coming
@@ -91,18 +103,22 @@ async def test_a_trainer_short_of_groups_gets_a_top_up_not_a_deadlock(
     groups = await published(aredis, keys)
     top_up = groups[-1]
     assert top_up.group_id.endswith("/top-up-1") and top_up.step == 1
-    # The top-up count is kept with the scheduler's position: a restarted scheduler's next
-    # top-up of the same step has a new identity, not the first one's again.
-    assert await aredis.hget(keys.state("rollout"), "top_ups") == b"1"
+    # The top-up is in the plan log before any of its groups is out: a restarted
+    # scheduler's next top-up has a new identity, not the first one's again.
+    assert s.log.top_ups == 1 and s.log.last is not None and s.log.last.top_up == 1
+    restarted = await make(aredis, keys, engine, tiny_model, tmp_path, max_staleness=0)
+    await restarted.restore()
+    assert restarted.log.top_ups == 1 and restarted.step == 1 and restarted.log.unfinished is None
 
 
 async def test_a_step_planned_again_after_a_crash_publishes_the_same_group_ids(
-    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The rollout service dies in the middle of a step (two of its four groups published);
-    the restarted scheduler plans the step again. Every group it publishes has the id it had
-    the first time, so downstream the copies are duplicates by id and nothing is trained
-    twice under two names."""
+    """The rollout service dies in the middle of a step (two of its four groups published).
+    The plan was in the plan log before the first group went out, so the restarted
+    scheduler publishes exactly that plan again, under the same ids, even though the
+    problems changed meanwhile (a replan would choose others): downstream the copies are
+    duplicates by id and nothing is trained twice under two names."""
     from services.rollout import scheduler
 
     real_publish = scheduler.publish
@@ -115,32 +131,63 @@ async def test_a_step_planned_again_after_a_crash_publishes_the_same_group_ids(
         return await real_publish(*args, **kwargs)
 
     async with EngineClient(engine_url) as engine:
-        await aredis.hset(keys.state("trainer"), mapping={"version": 0, "buffered": 0})
-        first = await make(aredis, keys, engine, tiny_model, max_concurrent_groups=1)
+        await trainer_at(aredis, keys, 0)
+        first = await make(aredis, keys, engine, tiny_model, tmp_path, max_concurrent_groups=1)
         monkeypatch.setattr(scheduler, "publish", dies_after_two)
         with pytest.raises(RedisConnectionError):
             await first._generate_step(1)
         monkeypatch.setattr(scheduler, "publish", real_publish)
         assert len(await published(aredis, keys)) == 2 and first.step == 0  # the step was not finished
-        restarted = await make(aredis, keys, engine, tiny_model, max_concurrent_groups=1)
-        await restarted._generate_step(1)
+        planned = [g.group_id for g in first.log.plans[0].groups]
+        await first.store.put_many([Problem(id="new", prompt="9-4?", answer="5", hint="Count down:")])
+        restarted = await make(aredis, keys, engine, tiny_model, tmp_path, max_concurrent_groups=1)
+        await restarted.restore()
+        assert restarted.step == 0 and restarted.log.unfinished is not None
+        await restarted._publish(restarted.log.unfinished)
+        assert restarted.step == 1 and restarted.log.unfinished is None
     groups = await published(aredis, keys)
     assert len(groups) == 6
     again = [g.group_id for g in groups[2:]]
-    assert len(set(again)) == 4  # the step's 4 planned groups, each under its own id
+    assert sorted(again) == sorted(planned)  # the step's 4 planned groups, each under its own id
     assert {g.group_id for g in groups[:2]} <= set(again)  # the first two, again under their ids
     assert len({g.group_id for g in groups}) == 4
 
 
+async def test_a_group_whose_samples_the_engine_aborted_is_sampled_again_never_published(
+    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The engine is paused with abort mid-generation (as before a weight update): the
+    group comes back with aborted samples, which are no samples of the policy. The
+    scheduler samples it again under the same id and seed once the engine goes on."""
+    async with EngineClient(engine_url) as engine:
+        s = await make(aredis, keys, engine, tiny_model, tmp_path)
+        await s.restore()
+        planned = PlannedGroup(
+            group_id=group_id(1, "h", Variant.HINTED, ""), problem_id="h", variant=Variant.HINTED, seed=1
+        )
+        before = REGISTRY.get_sample_value("pope_rollout_groups_resampled_total") or 0.0
+        await engine.pause("in_place")  # holds the request as it starts...
+        try:
+            sampling = asyncio.create_task(s.sample_until_whole(PROBLEMS[0], planned, 1))
+            await asyncio.sleep(0.5)
+            await engine.pause("abort")  # ...then aborts it: its samples come back aborted
+        finally:
+            await engine.resume()
+        group = await asyncio.wait_for(sampling, 60)
+    assert REGISTRY.get_sample_value("pope_rollout_groups_resampled_total") == before + 1
+    assert group.group_id == planned.group_id and len(group.samples) == 2
+    assert all(x.finish_reason is not FinishReason.ABORT for x in group.samples)
+
+
 async def test_with_periodic_evaluation_training_waits_for_the_start_weights_evaluation(
-    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path
+    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path, tmp_path: Path
 ) -> None:
     """rollout.evaluation.every_steps on: step 1 waits until v0 is evaluated (a fast first
     step would otherwise move the engine on first, and the run would have no baseline);
     without problems of the evaluation's split there is nothing to wait for."""
     async with EngineClient(engine_url) as engine:
-        s = await make(aredis, keys, engine, tiny_model, evaluation={"every_steps": 1})
-        await aredis.hset(keys.state("trainer"), mapping={"version": 0, "buffered": 0})
+        s = await make(aredis, keys, engine, tiny_model, tmp_path, evaluation={"every_steps": 1})
+        await trainer_at(aredis, keys, 0)
         assert await s._ready_for(1)  # no eval problems: no baseline to take
         await s.store.put_many([Problem(id="e", prompt="1+1?", answer="2", split="eval")])
         assert not await s._ready_for(1) and "evaluation of the start weights" in s.waiting_for

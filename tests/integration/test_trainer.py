@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 
 from services.common.engine_client import EngineClient, SamplingParams
 from services.common.keys import TRAINERS, Keys
-from services.common.messages import EVENT_ADAPTER, RawGroup, Sample, Score, ScoredGroup, WeightsUpdated
+from services.common.messages import FinishReason, RawGroup, Sample, Score, ScoredGroup, WeightsUpdated, decode
+from services.common.run import read_control
 from services.common.streams import DATA, DeliveryPolicy, publish
 from services.trainer import checkpoint
 from services.trainer.loop import Trainer
@@ -99,8 +100,8 @@ async def wait_version(r: Redis, keys: Keys, version: int, within_s: float = 60)
             for _stream, rows in reply or []:
                 for entry_id, fields in rows:
                     last = entry_id
-                    event = EVENT_ADAPTER.validate_json(fields[DATA])
-                    if isinstance(event, WeightsUpdated) and event.weight_version == version:
+                    event = decode(WeightsUpdated, fields[DATA])
+                    if event.weight_version == version:
                         return event
 
 
@@ -117,7 +118,6 @@ async def test_train_push_drop_stale_and_resume(
         stale = (await sample_groups(engine, 99, [[1, 0, 1, 0], [1, 0, 1, 0]]))[0].model_copy(
             update={"group_id": "stale"}
         )
-        await aredis.hset(keys.state("rollout"), mapping={"step": 1, "planner": "{}"})  # the scheduler's position
         # Step 1: on-policy groups sampled by the engine at v0.
         for g in await sample_groups(engine, 1, [[1, 0, 0, 1], [0, 0, 1, 0]]):
             await publish(aredis, keys.scored, g, POLICY)
@@ -142,10 +142,23 @@ async def test_train_push_drop_stale_and_resume(
         assert await engine.weight_version() == 2
         assert stale.weight_version == 0
         await publish(aredis, keys.scored, stale, POLICY)
+        # A group with a sample the engine aborted (paused, restarting) is never trained.
+        (aborted,) = [
+            g.model_copy(
+                update={
+                    "group_id": "aborted",
+                    "samples": [g.samples[0].model_copy(update={"finish_reason": FinishReason.ABORT}), *g.samples[1:]],
+                }
+            )
+            for g in (await sample_groups(engine, 3, [[1, 1, 1, 1], [0, 0, 0, 0]]))[:1]
+        ]
+        await publish(aredis, keys.scored, aborted, POLICY)
         async with asyncio.timeout(30):
-            while trainer.state.dropped_stale < 1:
+            while trainer.dropped_count("stale") < 1 or trainer.dropped_count("aborted") < 1:
                 await asyncio.sleep(0.02)
-        assert await aredis.hget(keys.state("trainer"), "dropped_stale") == b"1"
+            while (control := await read_control(aredis, keys)) is None or control.dropped_aborted < 1:
+                await asyncio.sleep(0.02)
+        assert control.dropped_stale == 1 and control.version == 2 and control.buffered == 0
         assert trainer.version == 2
     finally:
         stop.set()
@@ -154,7 +167,11 @@ async def test_train_push_drop_stale_and_resume(
 
     ckpt = checkpoint.latest(cfg.checkpoint_dir.resolve())
     assert ckpt is not None and ckpt.name == "step-000002" and (ckpt / "model.safetensors").is_file()
-    assert checkpoint.load_state(ckpt).rollout == {"step": "1", "planner": "{}"}  # the whole run is in it
+    # Both drops are on disk (fsynced before their acks), with why.
+    assert {(r["group_id"], r["reason"]) for r in checkpoint.read_dropped(cfg.checkpoint_dir)} == {
+        ("stale", "stale"),
+        ("aborted", "aborted"),
+    }
     lines = [json.loads(x) for x in cfg.metrics_log.read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2]  # the JSONL metrics log, one line per step
     assert lines[0]["hinted/reward_mean"] == 0.5 and lines[0]["unhinted/solve_rate"] == 1.0
@@ -165,14 +182,14 @@ async def test_train_push_drop_stale_and_resume(
 
     # Resume: a new trainer picks up at step 2 and does not retrain a redelivered group.
     again = await asyncio.to_thread(Trainer, cfg, aredis, EngineSink(engine))
-    assert again.version == 2 and "s1-g0" in again.trained
+    assert again.version == 2 and "s1-g0" in again.trained and again.dropped == {"stale": "stale", "aborted": "aborted"}
     stop = asyncio.Event()
     task = asyncio.create_task(again.run(stop))
     try:
         for g in await sample_groups(engine, 1, [[1, 0, 0, 1], [0, 0, 1, 0]]):  # same ids as step 1, at v2
             await publish(aredis, keys.scored, g, POLICY)
         async with asyncio.timeout(30):
-            while (await aredis.xpending(keys.scored, TRAINERS))["pending"] or (await aredis.xlen(keys.scored)) < 7:
+            while (await aredis.xpending(keys.scored, TRAINERS))["pending"] or (await aredis.xlen(keys.scored)) < 8:
                 await asyncio.sleep(0.05)
         await asyncio.sleep(0)
         assert again.buffer == [] and again.version == 2

@@ -24,6 +24,11 @@ from typing import Any
 
 import pytest
 
+with contextlib.suppress(ImportError):
+    # matplotlib builds its font cache on first use and runs fc-list to do it: a fresh
+    # machine's first report test would start a process. Built here, before any test.
+    import matplotlib.font_manager  # noqa: F401
+
 MOVE = "move the test to tests/integration"
 
 # Fixtures of tests/conftest.py that find or start Redis, start an engine, or download (the

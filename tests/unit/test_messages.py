@@ -8,16 +8,16 @@ import pytest
 from pydantic import ValidationError
 
 from services.common.messages import (
-    EVENT_ADAPTER,
     DeadLetter,
     MessageError,
     Problem,
     ProblemLabel,
     RawGroup,
+    RunShape,
     Sample,
     Score,
     ScoredGroup,
-    ServiceState,
+    TrainerControl,
     Variant,
     WeightsUpdated,
     decode,
@@ -201,13 +201,17 @@ def test_decode_refuses_unknown_schema_versions_and_fields() -> None:
         decode(RawGroup, b"not json")
 
 
-def test_events_are_a_tagged_union() -> None:
+def test_the_run_record_and_the_trainer_control_state_are_typed_messages() -> None:
     w = WeightsUpdated(weight_version=4, path="/ckpt/step-4")
-    s = ServiceState(service="trainer", instance="t1", state="ready")
-    assert EVENT_ADAPTER.validate_json(encode(w)) == w
-    assert EVENT_ADAPTER.validate_json(encode(s)) == s
-    with pytest.raises(ValidationError):
-        EVENT_ADAPTER.validate_json(b'{"kind": "nope"}')
+    assert decode(WeightsUpdated, encode(w)) == w
+    control = TrainerControl(version=3, buffered=2, dropped_stale=1, instance="trainer")
+    assert decode(TrainerControl, encode(control)) == control
+    with pytest.raises(MessageError, match="buffered"):
+        decode(TrainerControl, json.dumps({**json.loads(encode(control)), "buffered": "three"}))
+    ours = RunShape(group_size=8, prompts_per_step=32, max_new_tokens=512, max_staleness=1)
+    theirs = ours.model_copy(update={"prompts_per_step": 16, "written_by": "rollout (pid 7)"})
+    assert ours.differences(ours) == []
+    assert ours.differences(theirs) == ["prompts_per_step is 32 here but 16 in the run record"]
 
 
 def test_messages_are_immutable() -> None:
