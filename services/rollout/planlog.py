@@ -81,7 +81,7 @@ class Published(_Record):
 class PlanLog:
     """An open plan log (one writer: the scheduler)."""
 
-    def __init__(self, path: Path, header: Header, plans: list[Plan], published: set[int]) -> None:
+    def __init__(self, path: Path, header: Header, plans: list[Plan], published: dict[int, dict[str, str]]) -> None:
         self.path, self.header, self.plans, self.published = path, header, plans, published
 
     @classmethod
@@ -127,7 +127,7 @@ class PlanLog:
 
     def append_published(self, plan: Plan, skipped: dict[str, str] | None = None) -> None:
         self._append(Published(seq=plan.seq, skipped=skipped or {}))
-        self.published.add(plan.seq)
+        self.published[plan.seq] = skipped or {}
 
     def _append(self, record: _Record) -> None:
         with self.path.open("ab") as f:
@@ -136,13 +136,14 @@ class PlanLog:
             os.fsync(f.fileno())
 
 
-def read(path: Path, key_prefix: str | None = None) -> tuple[list[Plan], set[int]]:
-    """The plans and the published plan numbers of the log at ``path`` (none if absent);
-    PlanLogError for a log of another format or another run's key prefix."""
+def read(path: Path, key_prefix: str | None = None) -> tuple[list[Plan], dict[int, dict[str, str]]]:
+    """The plans of the log at ``path`` (none if absent), and for each published plan's
+    number the groups it did not send, with why; PlanLogError for a log of another format
+    or another run's key prefix."""
     if not path.exists():
-        return [], set()
+        return [], {}
     plans: list[Plan] = []
-    published: set[int] = set()
+    published: dict[int, dict[str, str]] = {}
     lines = path.read_bytes().split(b"\n")
     for number, line in enumerate(lines[:-1], 1):  # the part after the last newline is torn
         try:
@@ -162,7 +163,8 @@ def read(path: Path, key_prefix: str | None = None) -> tuple[list[Plan], set[int
             elif row.get("kind") == "plan":
                 plans.append(Plan.model_validate(row))
             elif row.get("kind") == "published":
-                published.add(Published.model_validate(row).seq)
+                done = Published.model_validate(row)
+                published[done.seq] = done.skipped
             else:
                 raise ValueError(f"unknown record kind {row.get('kind')!r}")
         except (ValueError, ValidationError) as exc:

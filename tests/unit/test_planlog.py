@@ -42,7 +42,9 @@ def test_a_plan_cut_short_is_found_again_and_a_torn_line_cut_off(tmp_path: Path)
     again.append_plan(plan(3, 2, top_up=1))
     plans, published = read(path)
     assert [(p.seq, p.step, p.top_up) for p in plans] == [(1, 1, 0), (2, 2, 0), (3, 2, 1)]
-    assert published == {1, 2} and PlanLog.open(path, "run:").top_ups == 1
+    assert (
+        published == {1: {"1-q-hinted": "its problem was deleted"}, 2: {}} and PlanLog.open(path, "run:").top_ups == 1
+    )
 
 
 def test_a_log_of_another_format_or_run_is_refused(tmp_path: Path) -> None:
