@@ -1,7 +1,9 @@
 """What the services share, and the only thing they share.
 
-- ``messages``: every message on the wire (Problem, Sample, RawGroup, ScoredGroup, events,
-  dead letters), pydantic v2, versioned, invariants enforced.
+- ``messages``: every message on the wire (Problem, Sample, RawGroup, ScoredGroup, the
+  trainer's control state, the run record, dead letters), pydantic v2, versioned, invariants enforced.
+- ``run``: the run record (the run's shape and format, checked by every service at start)
+  and the trainer's control state, each written and read through one helper.
 - ``keys``: every Redis stream and key name, under one configurable prefix, and the one
   helper that deletes every key under a prefix.
 - ``streams``: publish to capped streams; read through consumer groups with leases,
@@ -22,5 +24,6 @@ Message flow (DESIGN.md 2, 4):
 
     rollout --RawGroup--> pope:rollouts --[verifiers]--> verifier
     verifier --ScoredGroup--> pope:scored --[trainers]--> trainer
-    trainer --WeightsUpdated--> pope:events; failures --> pope:dead
+    trainer --TrainerControl--> pope:state:trainer (its version), new weights --> engine
+    failures --> pope:dead
 """

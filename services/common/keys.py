@@ -6,7 +6,6 @@ key name.
 
     pope:rollouts            stream, RawGroup         consumer group "verifiers"
     pope:scored              stream, ScoredGroup      consumer group "trainers"
-    pope:events              stream, Event            (read with XREAD, no group)
     pope:dead                stream, DeadLetter
     pope:done:<group>:<key>  string with TTL: "this consumer group finished this message"
     pope:failures:<group>    hash entry-id -> failed handler attempts  } dead-letter
@@ -60,10 +59,6 @@ class Keys:
     @property
     def scored(self) -> str:
         return f"{self.prefix}scored"
-
-    @property
-    def events(self) -> str:
-        return f"{self.prefix}events"
 
     @property
     def dead(self) -> str:

@@ -4,7 +4,6 @@ The pipeline (DESIGN.md 4):
 
     Problem  --rollout-->  RawGroup  --verifier-->  ScoredGroup  --trainer-->  weights
                            (pope:rollouts)          (pope:scored)
-    WeightsUpdated (the trainer's new weights)  --> pope:events
     TrainerControl (version, buffered)       --> pope:state:trainer
     RunShape (the run's shape and format)    --> pope:run
     DeadLetter (a message that failed too often) --> pope:dead
@@ -283,15 +282,6 @@ class ScoredGroup(RawGroup):
     @property
     def rewards(self) -> list[float]:
         return [s.reward for s in self.scores]
-
-
-class WeightsUpdated(Message):
-    """The trainer saved weights for ``weight_version`` at ``path`` and pushed them."""
-
-    kind: Literal["weights_updated"] = "weights_updated"
-    weight_version: NonNegativeInt
-    path: NonEmptyStr
-    at: datetime = Field(default_factory=utc_now)
 
 
 class TrainerControl(Message):

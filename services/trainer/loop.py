@@ -39,9 +39,9 @@ from redis.exceptions import RedisError
 
 from services.common.config import resolved
 from services.common.keys import TRAINERS, Keys
-from services.common.messages import FinishReason, MessageError, ScoredGroup, TrainerControl, WeightsUpdated, decode
+from services.common.messages import FinishReason, MessageError, ScoredGroup, TrainerControl, decode
 from services.common.run import claim_run, shape_of, write_control
-from services.common.streams import Entry, GroupReader, publish
+from services.common.streams import Entry, GroupReader
 from services.trainer import checkpoint
 from services.trainer.settings import TrainerSettings
 from services.trainer.sink import WeightSink
@@ -291,12 +291,6 @@ class Trainer:
             pipe.ltrim(self.keys.history("trainer"), 0, cfg.history_len - 1)
             await pipe.execute()
         await self.publish_state()
-        await publish(
-            self.redis,
-            self.keys.events,
-            WeightsUpdated(weight_version=self.version, path=str(path)),
-            self.settings.streams,
-        )
         self._idle_since = time.monotonic()
 
     def _record(self, stats: dict[str, float]) -> None:

@@ -63,11 +63,16 @@ def run_pope_up(
     config.write_text(
         json.dumps(
             {  # JSON is YAML
-                "shared": {"key_prefix": keys.prefix, "group_size": 4, "prompts_per_step": 4, "max_staleness": 1},
+                "shared": {
+                    "key_prefix": keys.prefix,
+                    "group_size": 4,
+                    "prompts_per_step": 4,
+                    "max_staleness": 1,
+                    "max_new_tokens": 16,
+                },
                 "engine": {"port": ports["engine"], **(engine or {})},
                 "rollout": {
                     "port": ports["rollout"],
-                    "max_new_tokens": 16,
                     "archive_dir": str(tmp_path / "rollouts"),
                     "eval_dir": str(tmp_path / "eval"),
                     "evaluation": {"every_steps": 1, "k": 2, "max_new_tokens": 8},

@@ -14,9 +14,9 @@ from redis.asyncio import Redis
 
 from services.common.engine_client import EngineClient, SamplingParams
 from services.common.keys import TRAINERS, Keys
-from services.common.messages import FinishReason, RawGroup, Sample, Score, ScoredGroup, WeightsUpdated, decode
+from services.common.messages import FinishReason, RawGroup, Sample, Score, ScoredGroup
 from services.common.run import read_control
-from services.common.streams import DATA, DeliveryPolicy, publish
+from services.common.streams import DeliveryPolicy, publish
 from services.trainer import checkpoint
 from services.trainer.loop import Trainer
 from services.trainer.settings import TrainerSettings
@@ -91,18 +91,11 @@ async def sample_groups(engine: EngineClient, step: int, rewards: list[list[floa
     return groups
 
 
-async def wait_version(r: Redis, keys: Keys, version: int, within_s: float = 60) -> WeightsUpdated:
-    """Block on the events stream until the trainer announces ``version``."""
-    last = "0"
+async def wait_version(r: Redis, keys: Keys, version: int, within_s: float = 60) -> None:
+    """Until the trainer's control state says ``version``."""
     async with asyncio.timeout(within_s):
-        while True:
-            reply = await r.xread({keys.events: last}, block=1000)
-            for _stream, rows in reply or []:
-                for entry_id, fields in rows:
-                    last = entry_id
-                    event = decode(WeightsUpdated, fields[DATA])
-                    if event.weight_version == version:
-                        return event
+        while (control := await read_control(r, keys)) is None or control.version < version:
+            await asyncio.sleep(0.05)
 
 
 async def test_train_push_drop_stale_and_resume(

@@ -10,7 +10,6 @@ def test_every_name_is_under_the_prefix() -> None:
     names = [
         k.rollouts,
         k.scored,
-        k.events,
         k.dead,
         k.problems,
         k.done("verifiers", "g1"),

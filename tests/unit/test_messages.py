@@ -19,7 +19,6 @@ from services.common.messages import (
     ScoredGroup,
     TrainerControl,
     Variant,
-    WeightsUpdated,
     decode,
     encode,
 )
@@ -202,8 +201,6 @@ def test_decode_refuses_unknown_schema_versions_and_fields() -> None:
 
 
 def test_the_run_record_and_the_trainer_control_state_are_typed_messages() -> None:
-    w = WeightsUpdated(weight_version=4, path="/ckpt/step-4")
-    assert decode(WeightsUpdated, encode(w)) == w
     control = TrainerControl(version=3, buffered=2, dropped_stale=1, instance="trainer")
     assert decode(TrainerControl, encode(control)) == control
     with pytest.raises(MessageError, match="buffered"):
