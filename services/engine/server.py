@@ -12,6 +12,7 @@ SGLang's own contract module. Errors answer 400 with ``{"object": "error", "mess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,7 +20,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -47,10 +48,18 @@ LATENCY = Histogram(
 WEIGHT_VERSION = Gauge("pope_engine_weight_version", "Weight version being served (as a number)")
 QUEUE = Gauge("pope_engine_queue_depth", "Requests waiting for a batch")
 RUNNING = Gauge("pope_engine_running_sequences", "Sequences in the batch being decoded")
+ABORTED = Counter("pope_engine_aborted_sequences_total", "Running or queued sequences stopped by /abort_request")
+
+DISCONNECT_POLL_S = 1.0
+"""How often a /generate in progress checks that its client is still connected (SGLang: 4 s)."""
 
 
 class BadRequest(ValueError):
     """The request is malformed; answered with 400 and this message."""
+
+
+class ClientGone(Exception):
+    """The client of a /generate disconnected before its answer was ready."""
 
 
 def error(message: str, status: int = 400) -> JSONResponse:
@@ -164,6 +173,25 @@ async def generate(rt: EngineRuntime, body: dict[str, Any]) -> Any:
     return out if batch or len(out) > 1 else out[0]
 
 
+async def while_connected(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
+    """``work``'s result, or ClientGone once the client has disconnected, with ``work``
+    cancelled (so its sequences are aborted). SGLang's server does the same for a
+    non-streaming request, so a caller that timed out or crashed leaves nothing decoding."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
 class _Slot:
     """The runtime once loaded; the server answers 503 until then (SGLang does too)."""
 
@@ -249,10 +277,13 @@ def create_app(
         rt = slot.get()
         QUEUE.set(rt.queue_depth)
         try:
-            result = await generate(rt, await json_body(request))
+            result = await while_connected(request, generate(rt, await json_body(request)))
         except BadRequest:
             REQUESTS.labels("bad_request").inc()
             raise
+        except ClientGone:
+            REQUESTS.labels("client_gone").inc()
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         REQUESTS.labels("ok").inc()
         return result
 
@@ -333,7 +364,7 @@ def create_app(
     @app.post("/abort_request")
     async def abort(request: Request) -> Response:
         body = await json_body(request)
-        slot.get().abort(body.get("rid"), abort_all=bool(body.get("abort_all")))
+        ABORTED.inc(slot.get().abort(body.get("rid"), abort_all=bool(body.get("abort_all"))))
         return Response(status_code=200)
 
     @app.get("/metrics")
