@@ -1,7 +1,9 @@
-"""A /generate whose client went away is stopped on the engine.
+"""A /generate whose answer is lost is stopped on the engine and never sent twice.
 
 The engine runs in this process (a real runtime behind uvicorn, over real HTTP) so a test
-can set how often it checks for a client that went away.
+can set how often it checks for a client that went away: the first test turns that check
+off to see the client's own abort by rid do the stopping; the second sees the check stop a
+request whose caller was cancelled.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 
-from services.common.engine_client import EngineClient, SamplingParams
+from services.common.engine_client import EngineClient, EngineError, SamplingParams
 from services.common.redis_server import free_port
 from services.engine import server as engine_server
 from services.engine.runtime import EngineRuntime
@@ -67,6 +70,25 @@ async def wait_idle(url: str, settled: dict[str, float], within_s: float = 30) -
         await asyncio.sleep(0.05)
 
 
+async def test_a_generate_whose_read_times_out_is_aborted_by_rid_and_not_sent_again(
+    engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_server, "DISCONNECT_POLL_S", 3600.0)  # only the client's abort can stop it
+    before = await metrics(engine)
+    ok = 'pope_engine_requests_total{outcome="ok"}'
+    async with EngineClient(engine, timeout=1.0, retries=3, backoff=0.01) as client:
+        with pytest.raises(EngineError, match="not sent again"):
+            await client.generate([PROMPTS[0]], LONG, rid="lost-1")
+    after = await wait_idle(engine, {ok: before.get(ok, 0.0) + 1})
+
+    # Both copies of the one prompt were stopped by its rid...
+    assert after["pope_engine_aborted_sequences_total"] - before["pope_engine_aborted_sequences_total"] == 2
+    # ...well before their 3000 tokens, and the request was decoded once: no re-sent copy
+    # ran before, beside or after it (the engine is idle and counted one request).
+    assert after["pope_engine_generation_tokens_total"] - before["pope_engine_generation_tokens_total"] < 2 * 3000
+    assert after[ok] - before.get(ok, 0.0) == 1
+
+
 async def test_the_engine_stops_a_generate_whose_client_went_away(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_server, "DISCONNECT_POLL_S", 0.05)
     before = await metrics(engine)
@@ -80,3 +102,8 @@ async def test_the_engine_stops_a_generate_whose_client_went_away(engine: str, m
     after = await wait_idle(engine, {gone: before.get(gone, 0.0) + 1}, within_s=10)
     assert after["pope_engine_aborted_sequences_total"] == before["pope_engine_aborted_sequences_total"]
     assert after["pope_engine_generation_tokens_total"] - before["pope_engine_generation_tokens_total"] < 2 * 3000
+
+
+def test_the_abort_body_follows_sglangs_contract(sglang_api: Any) -> None:
+    decoded = sglang_api.AbortRequest.from_json_value(EngineClient.abort_payload("g-1"))
+    assert (decoded.rid, decoded.abort_all) == ("g-1", False)
