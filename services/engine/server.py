@@ -20,7 +20,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.config import model_dir_problem
 from services.engine.decode import Sequence
@@ -192,6 +193,24 @@ async def while_connected(request: Request, work: Coroutine[Any, Any, Any]) -> A
                 await task
 
 
+class RequireKey:
+    """ASGI middleware: every path but health and metrics needs ``Authorization: Bearer
+    <key>``. Plain ASGI, not ``@app.middleware``: Starlette's BaseHTTPMiddleware hides the
+    client's disconnect from the route, and while_connected needs to see it."""
+
+    OPEN = frozenset({"/health", "/health_generate", "/metrics"})
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        guarded = scope["type"] == "http" and scope["path"] not in self.OPEN
+        if guarded and dict(scope["headers"]).get(b"authorization") != self.expected:
+            await error("missing or wrong API key", 401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class _Slot:
     """The runtime once loaded; the server answers 503 until then (SGLang does too)."""
 
@@ -245,15 +264,7 @@ def create_app(
     app.state.slot = slot
 
     if api_key:
-
-        @app.middleware("http")
-        async def require_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            if (
-                request.url.path not in ("/health", "/health_generate", "/metrics")
-                and request.headers.get("authorization") != f"Bearer {api_key}"
-            ):
-                return error("missing or wrong API key", 401)
-            return await call_next(request)
+        app.add_middleware(RequireKey, key=api_key)
 
     @app.exception_handler(Starting)
     async def starting(request: Request, exc: Starting) -> JSONResponse:

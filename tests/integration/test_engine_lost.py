@@ -12,6 +12,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +31,27 @@ from tests.integration.test_engine import PROMPTS, wait_running
 LONG = SamplingParams(n=2, max_new_tokens=3000, ignore_eos=True, temperature=1.0, sampling_seed=0)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model: Path) -> Iterator[str]:
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(EngineRuntime(str(tiny_model))), port=free_port(), log_level="warning")
-    )
+@dataclass(frozen=True)
+class Engine:
+    url: str
+    api_key: str | None
+
+    def client(self, **kw: Any) -> EngineClient:
+        return EngineClient(self.url, api_key=self.api_key, **kw)
+
+
+# With an API key the auth middleware sits between the client and /generate: it must not
+# hide the client's disconnect from the route.
+@pytest.fixture(scope="module", params=[None, "secret"], ids=["no-key", "api-key"])
+def engine(tiny_model: Path, request: pytest.FixtureRequest) -> Iterator[Engine]:
+    app = create_app(EngineRuntime(str(tiny_model)), api_key=request.param)
+    server = uvicorn.Server(uvicorn.Config(app, port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
         while not server.started:
             time.sleep(0.01)
-        yield f"http://127.0.0.1:{server.config.port}"
+        yield Engine(f"http://127.0.0.1:{server.config.port}", request.param)
     finally:
         server.should_exit = True
         thread.join(30)
@@ -66,20 +77,21 @@ async def wait_idle(url: str, settled: dict[str, float], within_s: float = 30) -
         idle = now["pope_engine_running_sequences"] == 0 and now["pope_engine_queue_depth"] == 0
         if idle and all(now.get(k, 0.0) >= v for k, v in settled.items()):
             return now
-        assert time.monotonic() < deadline, f"engine still busy: {now}"
+        busy = {k: v for k, v in now.items() if k.startswith("pope_engine_") and "_created" not in k}
+        assert time.monotonic() < deadline, f"engine still busy: {busy}"
         await asyncio.sleep(0.05)
 
 
 async def test_a_generate_whose_read_times_out_is_aborted_by_rid_and_not_sent_again(
-    engine: str, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(engine_server, "DISCONNECT_POLL_S", 3600.0)  # only the client's abort can stop it
-    before = await metrics(engine)
+    before = await metrics(engine.url)
     ok = 'pope_engine_requests_total{outcome="ok"}'
-    async with EngineClient(engine, timeout=1.0, retries=3, backoff=0.01) as client:
+    async with engine.client(timeout=1.0, retries=3, backoff=0.01) as client:
         with pytest.raises(EngineError, match="not sent again"):
             await client.generate([PROMPTS[0]], LONG, rid="lost-1")
-    after = await wait_idle(engine, {ok: before.get(ok, 0.0) + 1})
+    after = await wait_idle(engine.url, {ok: before.get(ok, 0.0) + 1})
 
     # Both copies of the one prompt were stopped by its rid...
     assert after["pope_engine_aborted_sequences_total"] - before["pope_engine_aborted_sequences_total"] == 2
@@ -89,17 +101,22 @@ async def test_a_generate_whose_read_times_out_is_aborted_by_rid_and_not_sent_ag
     assert after[ok] - before.get(ok, 0.0) == 1
 
 
-async def test_the_engine_stops_a_generate_whose_client_went_away(engine: str, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_engine_stops_a_generate_whose_client_went_away(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(engine_server, "DISCONNECT_POLL_S", 0.05)
-    before = await metrics(engine)
+    before = await metrics(engine.url)
     gone = 'pope_engine_requests_total{outcome="client_gone"}'
-    async with EngineClient(engine) as client:
+    if engine.api_key:  # the middleware still guards /generate
+        async with httpx.AsyncClient() as http:
+            assert (await http.post(f"{engine.url}/generate", json={"input_ids": [1]})).status_code == 401
+    async with engine.client() as client:
         task = asyncio.create_task(client.generate([PROMPTS[0]], LONG, rid="cancelled-1"))
-        await wait_running(engine)
+        await wait_running(engine.url)
         task.cancel()  # as a step's TaskGroup cancels its other groups when one fails
         with pytest.raises(asyncio.CancelledError):
             await task
-    after = await wait_idle(engine, {gone: before.get(gone, 0.0) + 1}, within_s=10)
+    after = await wait_idle(engine.url, {gone: before.get(gone, 0.0) + 1}, within_s=10)
     assert after["pope_engine_aborted_sequences_total"] == before["pope_engine_aborted_sequences_total"]
     assert after["pope_engine_generation_tokens_total"] - before["pope_engine_generation_tokens_total"] < 2 * 3000
 
