@@ -6,14 +6,21 @@ engine; it cannot tell which, by design: DESIGN.md 3).
                                                                   temperature=0.8, sampling_seed=1))
         outs[0].logprobs, outs[0].finish_reason, outs[0].weight_version   # typed
 
-Requests retry on transport errors (connection refused or reset, timeouts) and 503 (an
-engine restarting or loading), with backoff, up to ``retries`` times; any other error
-raises ``EngineError`` at once with the engine's message. Nothing but ``EngineError``
-ever leaves this client. Weight versions are ints here (the engine speaks strings).
+Requests retry on a failed connection and on 503 (an engine restarting or loading), with
+jittered backoff, up to ``retries`` times; any other error raises ``EngineError`` at once
+with the engine's message. A ``/generate`` whose answer is lost after it was sent (a read
+timeout, a dropped connection) is never sent again, since the engine may still be decoding
+it: the client aborts it by its ``rid`` and raises ``EngineError``, and the caller redoes
+the work under the same id (the scheduler replans the step). The other calls are
+idempotent and also retry on those errors. Nothing but ``EngineError`` ever leaves this
+client. Weight versions are ints here (the engine speaks strings).
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import httpx
@@ -21,6 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.common import retry
 from services.common.messages import FinishReason
+
+log = logging.getLogger(__name__)
 
 
 class EngineError(RuntimeError):
@@ -128,7 +137,15 @@ class EngineClient(retry.RetryingClient):
     ) -> None:
         super().__init__(base_url, timeout=timeout, retries=retries, backoff=backoff, token=api_key)
 
-    async def _request(self, method: str, path: str, json: Any = None, *, ok_400: bool = False) -> httpx.Response:
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        *,
+        ok_400: bool = False,
+        on_lost: Callable[[], Awaitable[None]] | None = None,
+    ) -> httpx.Response:
         def accept(resp: httpx.Response) -> bool:
             return resp.status_code < 400 or (ok_400 and resp.status_code == 400)
 
@@ -142,6 +159,7 @@ class EngineClient(retry.RetryingClient):
             backoff=self.backoff,
             fail=EngineError,
             accept=accept,
+            on_lost=on_lost,
         )
 
     @staticmethod
@@ -166,12 +184,31 @@ class EngineClient(retry.RetryingClient):
         return_logprob: bool = True,
         rid: str | None = None,
     ) -> list[GenerateOutput]:
-        """Sample ``params.n`` completions of each prompt; results are ordered by prompt."""
+        """Sample ``params.n`` completions of each prompt; results are ordered by prompt.
+
+        ``rid`` names the request on the engine (one is made up when none is given), so that
+        a request whose answer was lost can be aborted there (see the module docstring).
+        """
         if not input_ids:
             return []
-        resp = await self._request(
-            "POST", "/generate", self.generate_payload(input_ids, params, return_logprob=return_logprob, rid=rid)
-        )
+        body = self.generate_payload(input_ids, params, return_logprob=return_logprob, rid=rid or uuid.uuid4().hex)
+        rids: list[str] = body["rid"] if isinstance(body["rid"], list) else [body["rid"]]
+
+        async def abort_lost() -> None:
+            # The CPU engine stops all n copies of a prompt by its rid. SGLang (0.5.23) knows
+            # none of these rids: it renames a one-prompt batch's request "<rid>_0", and with
+            # n > 1 gives every copy a fresh id (io_struct._normalize_rid,
+            # tokenizer_manager._handle_batch_request). There the closed connection stops
+            # the copies: it aborts a request whose client went away, checking every 4 s.
+            for one in rids:
+                try:
+                    await self.abort(one)
+                except EngineError as exc:  # the generation fails below either way
+                    log.warning("could not abort the lost request %s: %s", one, exc)
+                else:
+                    log.warning("aborted the lost request %s on the engine at %s", one, self.base_url)
+
+        resp = await self._request("POST", "/generate", body, on_lost=abort_lost)
         data = resp.json()
         rows = data if isinstance(data, list) else [data]
         expected = len(input_ids) * params.n
@@ -213,5 +250,10 @@ class EngineClient(retry.RetryingClient):
     async def resume(self) -> None:
         await self._request("POST", "/continue_generation", {})
 
+    @staticmethod
+    def abort_payload(rid: str | None = None, *, abort_all: bool = False) -> dict[str, Any]:
+        """The /abort_request body (public so contract tests can check exactly what is sent)."""
+        return {"rid": rid or "", "abort_all": abort_all}
+
     async def abort(self, rid: str | None = None, *, abort_all: bool = False) -> None:
-        await self._request("POST", "/abort_request", {"rid": rid or "", "abort_all": abort_all})
+        await self._request("POST", "/abort_request", self.abort_payload(rid, abort_all=abort_all))

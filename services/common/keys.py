@@ -11,6 +11,8 @@ key name.
     pope:failures:<group>    hash entry-id -> failed handler attempts  } dead-letter
     pope:reclaims:<group>    hash entry-id -> times taken from a dead  } bookkeeping
                              consumer
+    pope:archiving:<group-id>  list with TTL: archive offsets where the archiver began
+                             appending this group, until its done marker commits
     pope:problems            hash problem-id -> Problem JSON
     pope:stats               hash "<problem-id>:<variant>:attempts|solves" -> count
     pope:run                 string, RunShape JSON: the run's shape and format (first writer wins)
@@ -73,6 +75,10 @@ class Keys:
 
     def reclaims(self, group: str) -> str:
         return f"{self.prefix}reclaims:{group}"
+
+    def archiving(self, group_id: str) -> str:
+        """List: the archive offsets where appends of this scored group began (rollout/archiver.py)."""
+        return f"{self.prefix}archiving:{group_id}"
 
     # Stores and state.
     @property

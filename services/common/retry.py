@@ -1,22 +1,33 @@
 """The one retry loop, and the shared base, of the project's HTTP clients (engine_client,
 verifier_client).
 
-Transport errors (refused, reset, timeouts) and 503 (a server starting or loading) are
-retried with exponential backoff up to ``retries`` times; any other refusal raises at once.
-Each client raises its own error type, so callers catch one exception per peer.
+A failure to connect (refused, connect or pool timeout: the request never left) and 503 (a
+server starting or loading) are retried with jittered exponential backoff up to
+``retries`` times; any other refusal raises at once. The other transport errors (a read
+timeout, a connection dropped after the request went out) leave it unknown whether the
+server is still working on the request: an idempotent request is retried like the rest,
+one that must not run twice (``on_lost``) is not sent again. Each client raises its own
+error type, so callers catch one exception per peer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import random
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
 log = logging.getLogger(__name__)
+
+MAX_DELAY = 10.0
+"""Seconds: the backoff stops doubling here."""
+
+UNSENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+"""Transport errors raised before any byte of the request left: the server never saw it."""
 
 
 def error_message(resp: httpx.Response) -> str:
@@ -28,6 +39,16 @@ def error_message(resp: httpx.Response) -> str:
     if isinstance(data, dict):
         return str(data.get("message") or data.get("error") or data.get("detail") or data)[:500]
     return str(data)[:500]
+
+
+def backoff_delay(attempt: int, backoff: float, rand: Callable[[], float] = random.random) -> float:
+    """The pause after failed attempt ``attempt`` (0-based): "equal jitter", uniform in
+    [d/2, d) for d = min(backoff * 2**attempt, MAX_DELAY). The jitter spreads clients that
+    failed together (every rollout worker when the engine restarts) so they do not come
+    back in lockstep; keeping the lower half, unlike full jitter's [0, d), keeps at least
+    half of the patience that ``retries`` was sized for."""
+    d = min(backoff * 2.0**attempt, MAX_DELAY)
+    return d / 2 + rand() * d / 2
 
 
 def _ok(resp: httpx.Response) -> bool:
@@ -45,15 +66,29 @@ async def request(
     backoff: float,
     fail: Callable[[str, int | None], Exception],
     accept: Callable[[httpx.Response], bool] = _ok,
+    on_lost: Callable[[], Awaitable[None]] | None = None,
+    rand: Callable[[], float] = random.random,
 ) -> httpx.Response:
     """``method path`` on ``http``; ``peer`` names the server in messages ("the engine at URL");
-    ``fail(message, status)`` builds the error raised; ``accept`` says which answers are results."""
-    delay = backoff
+    ``fail(message, status)`` builds the error raised; ``accept`` says which answers are results.
+
+    ``on_lost`` marks a request that must not run twice (a generation): when it may have
+    reached the server but its answer was lost, it is not sent again; ``on_lost()`` is
+    awaited (to cancel it there) and the error raised, for the caller to redo the work
+    under its own id. ``rand`` draws the backoff's jitter (tests pass a fixed one).
+    """
     for attempt in range(retries + 1):
         try:
             resp = await http.request(method, path, json=json)
         except httpx.TransportError as exc:
             problem = f"cannot reach {peer}: {type(exc).__name__}: {exc}"
+            if on_lost is not None and not isinstance(exc, UNSENT):
+                await on_lost()
+                raise fail(
+                    f"{method} {path}: no answer from {peer} ({type(exc).__name__}: {exc}); not sent again, "
+                    "since it may still be running there",
+                    None,
+                ) from exc
         else:
             if resp.status_code == 503:
                 problem = f"{peer} is not ready (503): {resp.text[:200]}"
@@ -63,9 +98,9 @@ async def request(
                 return resp
         if attempt == retries:
             raise fail(problem, None)
+        delay = backoff_delay(attempt, backoff, rand)
         log.warning("%s (attempt %d of %d); retrying in %.1fs", problem, attempt + 1, retries + 1, delay)
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 10.0)
     raise AssertionError("unreachable")
 
 

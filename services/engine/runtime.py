@@ -131,9 +131,11 @@ class EngineRuntime:
             raise
 
     def abort(self, rid: str | None = None, *, abort_all: bool = False) -> int:
-        """Abort the sequences of ``rid`` (or all); they finish with finish_reason abort."""
+        """Abort the sequences of ``rid`` (or all); they finish with finish_reason abort.
+        Returns how many were still running or queued and not already aborted."""
         with self._live_lock:
             targets = [s for r, ss in self._live.items() if abort_all or r == rid for s in ss]
+        targets = [s for s in targets if not s.finish[0] and not s.abort.is_set()]
         for s in targets:
             s.abort.set()
         return len(targets)

@@ -12,6 +12,7 @@ SGLang's own contract module. Errors answer 400 with ``{"object": "error", "mess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -19,7 +20,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.config import model_dir_problem
 from services.engine.decode import Sequence
@@ -47,10 +49,18 @@ LATENCY = Histogram(
 WEIGHT_VERSION = Gauge("pope_engine_weight_version", "Weight version being served (as a number)")
 QUEUE = Gauge("pope_engine_queue_depth", "Requests waiting for a batch")
 RUNNING = Gauge("pope_engine_running_sequences", "Sequences in the batch being decoded")
+ABORTED = Counter("pope_engine_aborted_sequences_total", "Running or queued sequences stopped by /abort_request")
+
+DISCONNECT_POLL_S = 1.0
+"""How often a /generate in progress checks that its client is still connected (SGLang: 4 s)."""
 
 
 class BadRequest(ValueError):
     """The request is malformed; answered with 400 and this message."""
+
+
+class ClientGone(Exception):
+    """The client of a /generate disconnected before its answer was ready."""
 
 
 def error(message: str, status: int = 400) -> JSONResponse:
@@ -164,6 +174,43 @@ async def generate(rt: EngineRuntime, body: dict[str, Any]) -> Any:
     return out if batch or len(out) > 1 else out[0]
 
 
+async def while_connected(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
+    """``work``'s result, or ClientGone once the client has disconnected, with ``work``
+    cancelled (so its sequences are aborted). SGLang's server does the same for a
+    non-streaming request, so a caller that timed out or crashed leaves nothing decoding."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class RequireKey:
+    """ASGI middleware: every path but health and metrics needs ``Authorization: Bearer
+    <key>``. Plain ASGI, not ``@app.middleware``: Starlette's BaseHTTPMiddleware hides the
+    client's disconnect from the route, and while_connected needs to see it."""
+
+    OPEN = frozenset({"/health", "/health_generate", "/metrics"})
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        guarded = scope["type"] == "http" and scope["path"] not in self.OPEN
+        if guarded and dict(scope["headers"]).get(b"authorization") != self.expected:
+            await error("missing or wrong API key", 401)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class _Slot:
     """The runtime once loaded; the server answers 503 until then (SGLang does too)."""
 
@@ -217,15 +264,7 @@ def create_app(
     app.state.slot = slot
 
     if api_key:
-
-        @app.middleware("http")
-        async def require_key(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-            if (
-                request.url.path not in ("/health", "/health_generate", "/metrics")
-                and request.headers.get("authorization") != f"Bearer {api_key}"
-            ):
-                return error("missing or wrong API key", 401)
-            return await call_next(request)
+        app.add_middleware(RequireKey, key=api_key)
 
     @app.exception_handler(Starting)
     async def starting(request: Request, exc: Starting) -> JSONResponse:
@@ -249,10 +288,13 @@ def create_app(
         rt = slot.get()
         QUEUE.set(rt.queue_depth)
         try:
-            result = await generate(rt, await json_body(request))
+            result = await while_connected(request, generate(rt, await json_body(request)))
         except BadRequest:
             REQUESTS.labels("bad_request").inc()
             raise
+        except ClientGone:
+            REQUESTS.labels("client_gone").inc()
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         REQUESTS.labels("ok").inc()
         return result
 
@@ -333,7 +375,7 @@ def create_app(
     @app.post("/abort_request")
     async def abort(request: Request) -> Response:
         body = await json_body(request)
-        slot.get().abort(body.get("rid"), abort_all=bool(body.get("abort_all")))
+        ABORTED.inc(slot.get().abort(body.get("rid"), abort_all=bool(body.get("abort_all"))))
         return Response(status_code=200)
 
     @app.get("/metrics")

@@ -16,7 +16,10 @@ wrapped so clients treat it as opaque.
 What must stay true: one writer at a time (the rollout service), and a line is visible
 to readers only once its newline is on disk. Bytes after the last newline are a write in
 progress or a write torn by a crash; readers ignore them and the next append cuts them
-off, so the file never holds a half record followed by a whole one.
+off, so the file never holds a half record followed by a whole one. A complete line never
+changes or moves, so an offset returned by ``end`` names the same line forever: the
+archiver (archiver.py) records where an append will land and, after a crash, reads there
+(``samples_at``) to append only what is missing.
 """
 
 from __future__ import annotations
@@ -112,14 +115,30 @@ def decode_cursor(cursor: str) -> int:
     return int(match.group(1))
 
 
+class ArchiveMoved(RuntimeError):
+    """The archive's end is not where the writer expected: another writer appended."""
+
+
 class RolloutArchive:
     """An append-only JSONL file of RolloutRecords, paged newest first."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def append(self, records: list[RolloutRecord]) -> None:
-        """Append one line per record; returns once the lines are flushed and fsynced."""
+    def end(self) -> int:
+        """The offset where the next append lands: just past the last complete line."""
+        try:
+            with open(self.path, "rb") as f:
+                return _complete_end(f, f.seek(0, os.SEEK_END))
+        except FileNotFoundError:
+            return 0
+
+    def append(self, records: list[RolloutRecord], at: int | None = None) -> None:
+        """Append one line per record; returns once the lines are flushed and fsynced.
+
+        With ``at`` (an earlier ``end()``), raises ArchiveMoved without writing if the lines
+        would land anywhere else: someone else wrote in between.
+        """
         if not records:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,12 +147,30 @@ class RolloutArchive:
         with open(self.path, "a+b") as f:
             size = f.seek(0, os.SEEK_END)
             end = _complete_end(f, size)
+            if at is not None and end != at:
+                raise ArchiveMoved(f"{self.path}: expected to append at byte {at}, the end is at {end}")
             if end != size:
                 log.warning("%s: dropping %d bytes of a torn last line", self.path, size - end)
                 f.truncate(end)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+    def samples_at(self, offsets: list[int], group_id: str) -> set[int]:
+        """The sample indexes of ``group_id``'s records in the lines starting at each offset
+        (each an earlier ``end()``), read up to the first line of another group."""
+        found: set[int] = set()
+        if not self.path.exists():
+            return found
+        with open(self.path, "rb") as f:
+            end = _complete_end(f, f.seek(0, os.SEEK_END))
+            for offset in offsets:
+                for line_start, line in _lines_forward(f, offset, end):
+                    record = _parse(line, line_start, self.path)
+                    if record is None or record.group_id != group_id:
+                        break
+                    found.add(record.sample_index)
+        return found
 
     def page(
         self,
@@ -221,6 +258,29 @@ def _lines_backwards(f: BinaryIO, end: int) -> Iterator[tuple[int, bytes]]:
         pos -= step
         f.seek(pos)
         buf = f.read(step) + buf[:stop]
+
+
+def _lines_forward(f: BinaryIO, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(offset, line without its newline) for every line from ``start`` to ``end``, first
+    first; nothing if ``start`` is past ``end`` or not just after a newline."""
+    if start > end:
+        return
+    if start > 0:
+        f.seek(start - 1)
+        if f.read(1) != b"\n":
+            return
+    pos = start  # file offset of buf[0]
+    buf = b""  # bytes [pos, pos + len(buf)): the lines not yet yielded
+    while True:
+        nl = buf.find(b"\n")
+        if nl >= 0:
+            yield pos, buf[:nl]
+            pos, buf = pos + nl + 1, buf[nl + 1 :]
+            continue
+        if pos + len(buf) >= end:
+            return
+        f.seek(pos + len(buf))
+        buf += f.read(min(BLOCK_SIZE, end - pos - len(buf)))
 
 
 def _parse(line: bytes, offset: int, path: Path) -> RolloutRecord | None:

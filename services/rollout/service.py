@@ -32,9 +32,10 @@ from services.common.keys import ARCHIVERS, TRAINERS, VERIFIERS, Keys
 from services.common.messages import ScoredGroup
 from services.common.run import read_control
 from services.common.streams import GroupReader, group_info
-from services.common.worker import Effects, Worker
+from services.common.worker import Worker
 from services.rollout.api import problems_and_rollouts_router
-from services.rollout.archive import RolloutArchive, RolloutRecord
+from services.rollout.archive import RolloutArchive
+from services.rollout.archiver import Archiver
 from services.rollout.attempts import Attempter
 from services.rollout.evaluation import PeriodicEval
 from services.rollout.hint_jobs import HintJobs, hint_jobs_router
@@ -78,20 +79,7 @@ def create_app(settings: RolloutSettings) -> FastAPI:
         settings.poll_interval_s,
     )
 
-    # Groups this process appended: the file append is not in the Redis transaction, so a
-    # commit that fails after it would otherwise append the redelivered group again. (A
-    # crash in that window can still leave a duplicate row; it never loses one.)
-    # A dict as an insertion-ordered set: O(1) membership on the archiver's hot path,
-    # oldest ids evicted past the cap.
-    archived: dict[str, None] = {}
-
-    async def archive_group(group: ScoredGroup, effects: Effects) -> None:
-        if group.group_id not in archived:
-            await asyncio.to_thread(archive.append, RolloutRecord.from_group(group))
-            archived[group.group_id] = None
-            if len(archived) > 100_000:
-                del archived[next(iter(archived))]
-        effects.call(lambda pipe: store.queue_record(pipe, group))
+    archive_group = Archiver(redis, keys, archive, store, settings.streams)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -10,7 +10,7 @@ import pytest
 
 from services.common.messages import FinishReason, Score, ScoredGroup, Variant
 from services.rollout import archive as archive_module
-from services.rollout.archive import RolloutArchive, RolloutRecord
+from services.rollout.archive import ArchiveMoved, RolloutArchive, RolloutRecord
 from tests.factories import group
 
 
@@ -149,6 +149,50 @@ def test_torn_last_line_is_skipped_and_cut_off_by_the_next_append(tmp_path: Path
     archive.append([record(3)])
     assert [r.step for r in archive.page(10, None)[0]] == [3, 1, 0]
     assert path.read_bytes().count(b"\n") == 3  # the half record is gone, not glued on
+
+
+def test_end_is_where_the_next_append_lands_and_append_at_checks_it(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    archive = RolloutArchive(path)
+    assert archive.end() == 0  # no file yet
+    archive.append([record(0)])
+    end = archive.end()
+    assert end == path.stat().st_size
+    with open(path, "ab") as f:
+        f.write(b'{"group_id": "torn')  # a crash mid-write: not part of the end
+    assert archive.end() == end
+    with pytest.raises(ArchiveMoved, match=f"expected to append at byte {end + 1}"):
+        archive.append([record(1)], at=end + 1)
+    assert path.stat().st_size == end + len(b'{"group_id": "torn')  # nothing written, nothing cut
+    archive.append([record(1)], at=end)  # lands where end() said, the torn bytes cut
+    assert [r.step for r in archive.page(10, None)[0]] == [1, 0]
+
+
+def test_samples_at_reads_one_groups_run_of_lines_at_each_offset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "a.jsonl"
+    archive = RolloutArchive(path)
+    g = ScoredGroup.from_raw(group("g1", size=3), [Score(reward=1.0), Score(reward=0.0), Score(reward=0.0)])
+    first, rest = RolloutRecord.from_group(g)[:2], RolloutRecord.from_group(g)[2:]
+    archive.append([record(7)])
+    at_first = archive.end()
+    archive.append(first)
+    archive.append([record(8)])  # another group's line ends the run
+    at_rest = archive.end()
+    archive.append(rest)
+    at_end = archive.end()
+    assert archive.samples_at([at_first], "g1") == {0, 1}
+    assert archive.samples_at([at_first, at_rest], "g1") == {0, 1, 2}
+    assert archive.samples_at([0], "g1") == set()  # another group's line first
+    assert archive.samples_at([at_end, at_end + 100], "g1") == set()  # nothing there (yet)
+    assert archive.samples_at([at_first + 1], "g1") == set()  # not a line start
+    assert RolloutArchive(tmp_path / "missing.jsonl").samples_at([0], "g1") == set()
+    monkeypatch.setattr(archive_module, "BLOCK_SIZE", 7)  # lines spanning many blocks
+    assert archive.samples_at([at_first, at_rest], "g1") == {0, 1, 2}
+    with open(path, "ab") as f:
+        f.write(RolloutRecord.from_group(g)[0].model_dump_json().encode()[:-3])  # a torn line: not a sample
+    assert archive.samples_at([at_end], "g1") == set()
 
 
 def test_malformed_and_blank_lines_inside_are_skipped(tmp_path: Path) -> None:

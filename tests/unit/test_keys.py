@@ -16,6 +16,7 @@ def test_every_name_is_under_the_prefix() -> None:
         k.failures("trainers"),
         k.state("trainer"),
         k.health("verifier", "v1"),
+        k.archiving("g1"),
     ]
     assert all(n.startswith("run7:") for n in names)
     assert len(set(names)) == len(names)
