@@ -83,6 +83,7 @@ class Scheduler:
         self.waiting_for = "starting"
         self.published: deque[float] = deque(maxlen=10_000)  # publish times, for rates
         self._log: PlanLog | None = None
+        self._sent: set[str] = set()  # groups of the current plan this process published
 
     @property
     def log(self) -> PlanLog:
@@ -255,11 +256,12 @@ class Scheduler:
             if problem is None:
                 skipped[planned.group_id] = "its problem was deleted"
                 return
-            if await self.redis.exists(self.keys.done(VERIFIERS, planned.group_id)):
-                return  # published and scored before a restart
+            if planned.group_id in self._sent or await self.redis.exists(self.keys.done(VERIFIERS, planned.group_id)):
+                return  # published before the failure that cut the plan short, or scored before a restart
             async with limit:
                 group = await self.sample_until_whole(problem, planned, plan.step)
                 await publish(self.redis, self.keys.rollouts, group, self.settings.streams)
+                self._sent.add(planned.group_id)
                 PUBLISHED.labels(planned.variant.value).inc()
                 self.published.append(time.time())
 
@@ -270,6 +272,7 @@ class Scheduler:
         except* (EngineError, RedisError) as group_error:
             raise group_error.exceptions[0] from None
         await asyncio.to_thread(self.log.append_published, plan, skipped)
+        self._sent.clear()
         for gid, why in skipped.items():
             log_.error("group %s of plan %d was not published: %s", gid, plan.seq, why)
         if plan.top_up == 0:
