@@ -1,0 +1,30 @@
+"""``python -m chaos --short|--long --seed N --dir DIR``: one chaos run (chaos/run.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from chaos.schedule import FORMS
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__)
+    form = parser.add_mutually_exclusive_group(required=True)
+    for name, f in FORMS.items():
+        form.add_argument(
+            f"--{name}", dest="form", action="store_const", const=name, help=f"{f.faults} faults, {f.steps} steps"
+        )
+    parser.add_argument("--seed", type=int, default=0, help="seeds the fault schedule")
+    parser.add_argument("--dir", type=Path, default=Path("runs/chaos"), help="the run directory (wiped first)")
+    parser.add_argument(
+        "--allow-crashes", action="store_true", help="a service exiting without being killed does not fail the run"
+    )
+    args = parser.parse_args()
+    from chaos.run import run
+
+    return run(FORMS[args.form], args.seed, args.dir, args.allow_crashes)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""The run's forms and its seeded fault schedule (pure: no processes, no clock).
+
+    faults = schedule(LONG, seed=3, lease_s=3.0)   # the same list for the same seed
+    [f.kind for f in faults]                       # "kill9-redis", "sigstop-trainer", ...
+
+A fault is a ``kill -9`` of one service (restarted after ``hold_s``) or a ``SIGSTOP`` of
+one (resumed after ``hold_s``, always longer than the lease, so what it holds is reclaimed
+or expires while it is stopped). The order, the targets (which verifier replica, which
+service is stopped) and every delay come from ``random.Random(seed)``. When a fault fires
+is the injector's business: after the trainer has taken a step since the previous fault
+(the stack makes progress between faults), then the fault's seeded pause.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+Action = Literal["kill9", "sigstop"]
+
+KILLED = ("engine", "verifier", "trainer", "rollout", "redis")
+"""Services the run kills with SIGKILL and restarts (Redis from its AOF, on the same port)."""
+STOPPED = ("engine", "verifier", "trainer", "rollout")
+"""Services the run freezes with SIGSTOP past the lease and resumes with SIGCONT."""
+VERIFIER_REPLICAS = 2
+
+
+@dataclass(frozen=True)
+class Form:
+    """How big a chaos run is: the steps it trains and the faults it injects."""
+
+    name: str
+    steps: int
+    """The trainer's max_steps: the run ends when the trainer has taken this many steps."""
+    kills_each: int
+    """kill -9 faults per service in KILLED."""
+    stops: int
+    """SIGSTOP faults in all, their targets cycling through STOPPED in a seeded order."""
+    gap_s: tuple[float, float]
+    """Pause, drawn from this range, once the trainer has stepped since the previous fault."""
+    restart_after_s: tuple[float, float]
+    """How long a killed service stays down."""
+    stop_past_lease_s: tuple[float, float]
+    """How much longer than the lease a SIGSTOP lasts."""
+    deadline_s: float
+    """The run's wall-time budget, to the trainer's last step; past it the run fails, naming
+    what the stack is waiting for."""
+    progress_within_s: float
+    """After a fault, the trainer must take a step within this long (else the stack is stuck:
+    a finding)."""
+
+    @property
+    def faults(self) -> int:
+        return self.kills_each * len(KILLED) + self.stops
+
+    def __post_init__(self) -> None:
+        if self.steps <= self.faults:  # a step between faults, and one after the last
+            raise ValueError(f"form {self.name}: {self.faults} faults need more than {self.steps} steps")
+
+
+SHORT = Form(
+    "short",
+    steps=20,
+    kills_each=1,
+    stops=1,
+    gap_s=(0.0, 1.0),
+    restart_after_s=(0.5, 1.5),
+    stop_past_lease_s=(1.0, 2.0),
+    deadline_s=170.0,
+    progress_within_s=60.0,
+)
+LONG = Form(
+    "long",
+    steps=160,
+    kills_each=8,
+    stops=16,
+    gap_s=(0.0, 3.0),
+    restart_after_s=(0.5, 4.0),
+    stop_past_lease_s=(1.0, 4.0),
+    deadline_s=1800.0,
+    progress_within_s=180.0,
+)
+FORMS = {f.name: f for f in (SHORT, LONG)}
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One planned fault. ``replica`` picks the verifier (0 for the other services)."""
+
+    index: int
+    action: Action
+    service: str
+    replica: int
+    gap_s: float
+    """Pause after the trainer's first step since the previous fault: faults land anywhere in a step."""
+    hold_s: float
+    """Down time after a kill; stopped time of a SIGSTOP (lease + margin)."""
+
+    @property
+    def kind(self) -> str:
+        return f"{self.action}-{self.service}"
+
+    @property
+    def target(self) -> str:
+        """The process's name in the run: ``verifier-0``, ``trainer``, ``redis``."""
+        return f"{self.service}-{self.replica}" if self.service == "verifier" else self.service
+
+
+def schedule(form: Form, seed: int, lease_s: float) -> list[Fault]:
+    """The faults of ``form`` in a seeded order, with seeded targets and delays."""
+    rng = random.Random(seed)
+    stop_order = list(STOPPED)
+    rng.shuffle(stop_order)
+    planned: list[tuple[Action, str]] = [("kill9", s) for s in KILLED for _ in range(form.kills_each)]
+    planned += [("sigstop", stop_order[i % len(stop_order)]) for i in range(form.stops)]
+    rng.shuffle(planned)
+    faults = []
+    for index, (action, service) in enumerate(planned):
+        replica = rng.randrange(VERIFIER_REPLICAS) if service == "verifier" else 0
+        gap = round(rng.uniform(*form.gap_s), 2)
+        hold = (
+            rng.uniform(*form.restart_after_s) if action == "kill9" else lease_s + rng.uniform(*form.stop_past_lease_s)
+        )
+        faults.append(Fault(index, action, service, replica, gap, round(hold, 2)))
+    return faults
