@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-unit lint fmt clean demo experiment smoke-containers
+.PHONY: venv test test-unit lint fmt clean demo experiment smoke-containers chaos chaos-short
 
 venv: $(STAMP)
 
@@ -46,6 +46,20 @@ SEEDS ?= 4
 experiment: $(STAMP)
 	@test -f $(BASE_MODEL)/pretrain_report.json || $(VENV)/bin/pope model pretrain --out $(BASE_MODEL)
 	$(VENV)/bin/pope experiment pope-vs-grpo --seeds $(SEEDS) --base-model $(BASE_MODEL) --dir runs/experiment
+
+# The chaos run (chaos/): the whole stack on a Redis of its own with AOF, two verifier
+# replicas, short leases, trained for a fixed number of steps while a seeded injector kill -9s
+# and restarts the engine, a verifier, the trainer, the rollout service and Redis, and
+# SIGSTOPs services past their lease; then the engine's version, the last checkpoint and the
+# ledger are checked (runs/chaos/chaos.json). The long form: 56 faults, 160 steps, at most
+# 30 minutes here. The short form (6 faults, one of each kind, under 3 minutes) is also
+# tests/e2e/test_chaos.py, part of `make test`.
+SEED ?= 0
+chaos: $(STAMP)
+	$(PY) -m chaos --long --seed $(SEED) --dir runs/chaos
+
+chaos-short: $(STAMP)
+	$(PY) -m chaos --short --seed $(SEED) --dir runs/chaos-short
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,39 @@
+"""The chaos run's short form (`python -m chaos --short`): the whole stack on its own AOF
+Redis, one fault of each kind (kill -9 of the engine, a verifier, the trainer, the rollout
+service and Redis; a SIGSTOP past the lease), then the checks: the engine serves the
+trainer's last step, the last checkpoint loads, and the ledger built from the durable
+records accounts for every planned group, none trained twice, none lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chaos.schedule import KILLED, SHORT
+from tests.conftest import ROOT
+
+
+@pytest.mark.timeout(360)
+def test_short_chaos_run_loses_nothing_and_trains_nothing_twice(tmp_path: Path) -> None:
+    run_dir = tmp_path / "chaos"
+    proc = subprocess.run(
+        [sys.executable, "-m", "chaos", "--short", "--seed", "0", "--dir", str(run_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=340,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    summary = json.loads((run_dir / "chaos.json").read_text())
+    kinds = summary["faults_by_kind"]
+    assert {f"kill9-{s}" for s in KILLED} <= set(kinds), kinds
+    assert any(k.startswith("sigstop-") for k in kinds), kinds
+    assert sum(kinds.values()) >= SHORT.faults
+    assert {c["name"] for c in summary["checks"] if c["ok"]} >= {"engine-version", "checkpoint-loads", "ledger"}
+    assert summary["findings"] == []
+    assert summary["seconds_to_ledger"] < 180
+    assert len((run_dir / "faults.jsonl").read_text().splitlines()) == SHORT.faults
