@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 
 from chaos.schedule import FORMS
@@ -21,9 +22,18 @@ def main() -> int:
         "--allow-crashes", action="store_true", help="a service exiting without being killed does not fail the run"
     )
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _interrupted)  # a SIGTERM stops the stack too, as Ctrl-C does
     from chaos.run import run
 
-    return run(FORMS[args.form], args.seed, args.dir, args.allow_crashes)
+    try:
+        return run(FORMS[args.form], args.seed, args.dir, args.allow_crashes)
+    except KeyboardInterrupt:
+        print("chaos: interrupted; the stack is stopped, no verdict")
+        return 130
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

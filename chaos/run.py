@@ -64,8 +64,9 @@ def run(form: Form, seed: int, run_dir: Path, allow_crashes: bool = False, out: 
     except Exception as exc:
         checks.append(Check("run", False, f"the run did not finish: {exc!r}"))
     finally:
-        stack.kill_all()  # Redis too, last: the ledger is built (or the run failed)
+        stack.stop_all()  # Redis too, last: the ledger is built (or the run failed)
     summary = summarize(stack, form, seed, records, checks, allow_crashes, time.monotonic() - began, to_ledger)
+    summary["ledger"] = next(({"report": c.detail, **c.data} for c in checks if c.name == "ledger"), None)
     layout.summary.write_text(json.dumps(summary, indent=2))
     print_summary(summary, out)
     return 0 if summary["ok"] else 1

@@ -149,7 +149,7 @@ class ChaosStack:
     def redis_url(self) -> str:
         return redis_url(self.ports)
 
-    @property
+    @functools.cached_property
     def key_prefix(self) -> str:
         prefix: str = yaml.safe_load(self.layout.config.read_text())["shared"]["key_prefix"]
         return prefix
@@ -265,12 +265,10 @@ class ChaosStack:
         self.say(f"services stopped: {codes}")
         return codes
 
-    def stop_redis(self) -> None:
-        self.procs["redis"].terminate(10.0)
-
-    def kill_all(self) -> None:
-        """Last resort on the way out of a failed run: nothing is left running."""
-        for proc in self.procs.values():
+    def stop_all(self) -> None:
+        """On the way out, however the run ends: nothing is left running or frozen, Redis
+        stopped last (after the ledger has read it)."""
+        for proc in reversed(self.procs.values()):
             proc.resume()
             if proc.running():
                 proc.terminate(5.0)
