@@ -19,9 +19,9 @@ from __future__ import annotations
 import functools
 import json
 import time
-from typing import Any, cast
+from typing import Any
 
-import redis
+from redis.asyncio import Redis
 
 from chaos.schedule import Fault, Form
 from chaos.stack import PROBLEMS, ChaosStack
@@ -111,11 +111,12 @@ class Injector:
         proc = self.stack.procs["redis"]
         if not self.stack.wait_until(proc.ready, 30, "redis to reload its AOF"):
             return None
-        client = redis.Redis.from_url(self.stack.redis_url, socket_timeout=5)
-        try:
-            count = cast(int, client.hlen(Keys(self.stack.key_prefix).problems))
-        finally:
-            client.close()
+        key = Keys(self.stack.key_prefix).problems
+
+        async def count_problems(client: Redis) -> int:
+            return int(await client.hlen(key))  # type: ignore[misc]
+
+        count = self.stack.redis_call(count_problems)
         if count != len(PROBLEMS):
             self.stack.finding("aof", "redis", f"after a restart from its AOF the problem store holds {count} problems")
         return count

@@ -10,7 +10,6 @@ stop Redis; write <run>/chaos.json; 0 when every check passed and nothing misbeh
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import json
 import re
@@ -120,19 +119,15 @@ def _groups(stack: ChaosStack) -> dict[str, dict[str, int] | None]:
 
     keys = Keys(stack.key_prefix)
 
-    async def read() -> dict[str, dict[str, int] | None]:
-        client = Redis.from_url(stack.redis_url, socket_timeout=5)
-        try:
-            return {
-                "rollouts/verifiers": await group_info(client, keys.rollouts, VERIFIERS),
-                "scored/archivers": await group_info(client, keys.scored, ARCHIVERS),
-                "scored/trainers": await group_info(client, keys.scored, TRAINERS),
-            }
-        finally:
-            await client.aclose()
+    async def read(client: Redis) -> dict[str, dict[str, int] | None]:
+        return {
+            "rollouts/verifiers": await group_info(client, keys.rollouts, VERIFIERS),
+            "scored/archivers": await group_info(client, keys.scored, ARCHIVERS),
+            "scored/trainers": await group_info(client, keys.scored, TRAINERS),
+        }
 
     try:
-        return asyncio.run(read())
+        return stack.redis_call(read)
     except (RedisError, OSError):
         return {}
 

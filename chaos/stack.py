@@ -13,6 +13,7 @@ log in ``<run>/findings.jsonl``) and is started again.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -20,14 +21,15 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, TextIO, TypeVar
 
 import httpx
-import redis
 import yaml
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from chaos.procs import Proc
 from chaos.schedule import VERIFIER_REPLICAS, Form
@@ -35,6 +37,7 @@ from services.common.keys import Keys
 from services.common.redis_server import answers, free_port, redis_server_binary
 from services.stack import Child, engine_child, say, verifier_child
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "chaos.yaml"
 LABEL = "chaos"
@@ -161,16 +164,31 @@ class ChaosStack:
         say(LABEL, f"[{time.monotonic() - self.started_at:7.1f}s] {text}", self.out)
 
     def trainer_version(self) -> int | None:
-        """The trainer's step as it last told Redis (None: Redis does not answer)."""
+        """The trainer's step as it last told Redis (its TrainerControl; 0 before it has;
+        None: Redis does not answer)."""
+        from services.common.run import read_control
+
+        async def read(client: Redis) -> int:
+            control = await read_control(client, Keys(self.key_prefix))
+            return control.version if control is not None else 0
+
         try:
-            client = redis.Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
-            try:
-                raw = cast(bytes | None, client.hget(Keys(self.key_prefix).state("trainer"), "version"))
-            finally:
-                client.close()
-        except (redis.RedisError, OSError):
+            return self.redis_call(read)
+        except (RedisError, OSError):
             return None
-        return int(float(raw)) if raw is not None else 0
+
+    def redis_call(self, call: Callable[[Redis], Awaitable[T]]) -> T:
+        """``call`` on a fresh asyncio client of the run's Redis (the services' helpers are
+        async; the harness polls seldom enough for a client per call)."""
+
+        async def once() -> T:
+            client = Redis.from_url(self.redis_url, socket_timeout=5, socket_connect_timeout=2)
+            try:
+                return await call(client)
+            finally:
+                await client.aclose()
+
+        return asyncio.run(once())
 
     def rollout_status(self) -> dict[str, Any] | None:
         """GET /v1/status on the rollout service (None when it does not answer)."""
