@@ -15,6 +15,7 @@ import json
 import re
 import sys
 import time
+import traceback
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
@@ -44,8 +45,9 @@ def run(form: Form, seed: int, run_dir: Path, allow_crashes: bool = False, out: 
     try:
         stack.start()
         records = Injector(stack, form, lease_s).run(faults)
-        checks.append(wait_trained(stack, form, began))
-        engine_version = settle(stack, form)
+        trained = wait_trained(stack, form, began)
+        checks.append(trained)
+        engine_version = settle(stack, form) if trained.ok else stack.engine_version()
         stack.stop_services()
         checks.append(versions_match(engine_version, layout.checkpoints, form.steps))
         checks.append(checkpoint_loads(layout.checkpoints))
@@ -61,7 +63,7 @@ def run(form: Form, seed: int, run_dir: Path, allow_crashes: bool = False, out: 
             )
         )
     except Exception as exc:
-        checks.append(Check("run", False, f"the run did not finish: {exc!r}"))
+        checks.append(Check("run", False, f"the run did not finish: {exc!r}\n{traceback.format_exc()[-3000:]}"))
     finally:
         stack.stop_all()  # Redis too, last: the ledger is built (or the run failed)
     summary = summarize(stack, form, seed, records, checks, allow_crashes, time.monotonic() - began, to_ledger)
