@@ -199,7 +199,10 @@ class GroupReader:
             self._count_trimmed(deleted)
         if any(eid is None or not fields for eid, fields in reply[1]):
             self._backlog_cursor = "0"
-        out = await self._drop_crashers(out)
+        # Entries we hold ourselves come back too when this process stalled past the lease
+        # (SIGSTOP, a long pause): no one died holding them, so they are not counted as a
+        # takeover (three such stalls would dead-letter an entry still in hand).
+        out = await self._drop_crashers([e for e in out if e.id not in self.in_hand])
         if out:
             RECLAIMED.labels(self.stream, self.group).inc(len(out))
             log.warning(

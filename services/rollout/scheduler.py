@@ -44,7 +44,10 @@ log_ = logging.getLogger(__name__)
 
 PUBLISHED = Counter("pope_rollout_groups_total", "Raw groups published", ["variant"])
 STEP = Gauge("pope_rollout_step", "The step the scheduler is generating for")
-ABORTED = Counter("pope_rollout_groups_resampled_total", "Groups sampled again because the engine aborted a sample")
+ABORTED = Counter(
+    "pope_rollout_groups_resampled_total",
+    "Groups sampled again: the engine aborted a sample, or answered with weights too old for the step",
+)
 WAITING = Gauge("pope_rollout_waiting", "1 while the scheduler waits (trainer, engine or problems)")
 
 
@@ -131,11 +134,9 @@ class Scheduler:
                 if (cut := self.log.unfinished) is not None:  # a restart or a failure mid-plan
                     await self._publish(cut)
                     continue
-                if await self._ready_for(self.step + 1):
-                    await self._generate_step(self.step + 1)
+                if await self._ready_for(self.step + 1) and await self._generate_step(self.step + 1):
                     continue
-                if need := await self._starving():
-                    await self._generate_step(self.step, need, top_up=True)
+                if (need := await self._starving()) and await self._generate_step(self.step, need, top_up=True):
                     continue
             except EngineError as exc:
                 self.waiting_for = "the engine (unreachable or still loading)"
@@ -189,8 +190,8 @@ class Scheduler:
         XINFO's lag, which a Redis restarted from its AOF can leave wrong for good.
         """
         control = await read_control(self.redis, self.keys)
-        if control is None:
-            return 0  # no trainer has reported yet
+        if control is None or self.step == 0:
+            return 0  # no trainer has reported yet, or no step was planned: nothing is missing
         need = self.settings.prompts_per_step - control.buffered
         if need <= 0 or (control.max_steps is not None and control.version >= control.max_steps):
             return 0
@@ -218,13 +219,14 @@ class Scheduler:
         )
         return need
 
-    async def _generate_step(self, step: int, n_groups: int | None = None, top_up: bool = False) -> None:
-        """Plan step ``step`` (or a top-up of ``n_groups`` for it), log the plan, publish it."""
+    async def _generate_step(self, step: int, n_groups: int | None = None, top_up: bool = False) -> bool:
+        """Plan step ``step`` (or a top-up of ``n_groups`` for it), log the plan, publish it;
+        False when there was nothing to plan (no eligible problem)."""
         STEP.set(step)
         chosen = self.planner.plan(await self.store.all(), n_groups or self.settings.prompts_per_step)
         if not chosen:
             self.waiting_for = "train problems (none are eligible: split 'train', not excluded)"
-            return
+            return False
         log = self.log
         index = log.top_ups + 1 if top_up else 0
         prefix = f"top-up-{index}" if top_up else ""
@@ -243,6 +245,7 @@ class Scheduler:
         await asyncio.to_thread(log.append_plan, plan)
         await asyncio.to_thread(save_planner_state, self.settings.archive_dir, plan.seq, self.planner.state())
         await self._publish(plan)
+        return True
 
     async def _publish(self, plan: Plan) -> None:
         """Sample and publish every group of ``plan`` not already scored, then mark it done."""
@@ -302,15 +305,25 @@ class Scheduler:
         return random.Random(f"{self.settings.seed}:{step}:{problem_id}:{variant.value}{salt}").randrange(2**31)
 
     async def sample_until_whole(self, problem: Problem, planned: PlannedGroup, step: int) -> RawGroup:
-        """The planned group, sampled again (same id and seed) while the engine aborts any
-        of its samples: an aborted sample is no sample, and is never trained on."""
+        """The planned group, sampled again (same id and seed) while the engine aborts any of
+        its samples (an aborted sample is no sample, and is never trained on) or answers with
+        weights older than the step allows (an engine restarted mid-step, before the trainer
+        re-pushed its weights)."""
         delay = 0.5
         while True:
             try:
-                return await self.sample_group(problem, planned.variant, step, planned.salt)
+                group = await self.sample_group(problem, planned.variant, step, planned.salt)
+                oldest = step - 1 - self.settings.max_staleness
+                if group.weight_version >= oldest:
+                    return group
+                # The engine restarted mid-step and serves its start-up weights (the trainer
+                # re-pushes): a group of them would only be dropped as stale.
+                raise GroupAborted(
+                    f"group {planned.group_id} was sampled at v{group.weight_version}; step {step} needs >= v{oldest}"
+                )
             except GroupAborted as exc:
                 ABORTED.inc()
-                self.waiting_for = f"the engine (it aborted samples of {planned.group_id}: paused or restarting)"
+                self.waiting_for = f"the engine (paused, restarting or behind the trainer: {exc})"
                 log_.warning("%s; sampling it again in %.1fs", exc, delay)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 10.0)

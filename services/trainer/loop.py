@@ -125,6 +125,7 @@ class Trainer:
         self.in_flight: list[tuple[Entry, ScoredGroup]] = []  # the groups of the step being trained
         self._dirty = True  # the state in Redis is behind this object's
         self._weights_lock = asyncio.Lock()  # one of: checkpoint save, push, re-push
+        self._stop = asyncio.Event()  # run's
         self.last: dict[str, float] = {}
         self.record = checkpoint.run_record(resolved(settings), settings.seed)
         VERSION.set(self.version)
@@ -136,6 +137,7 @@ class Trainer:
     async def run(self, stop: asyncio.Event) -> None:
         """Train until ``stop``. Redis and engine troubles are waited out; anything else
         is a bug and propagates (the service then exits, so a supervisor restarts it)."""
+        self._stop = stop
         tasks = [asyncio.create_task(self._renew_leases(stop)), asyncio.create_task(self._watch_engine(stop))]
         joined = False
         try:
@@ -144,6 +146,7 @@ class Trainer:
                     if not joined:  # RunMismatch (another run's shape or format) ends the service
                         await claim_run(self.redis, self.keys, shape_of(self.settings, "trainer"))
                         await self.reader.ensure_group()
+                        await self.publish_state()  # this process's version, before it trains its backlog
                         joined = True
                     before = len(self.buffer)
                     for entry in await self.reader.read():
@@ -270,8 +273,13 @@ class Trainer:
                 "exiting so that a restart resumes from the last checkpoint"
             ) from exc
         stats["time_checkpoint_s"] = time.monotonic() - saving
-        self._dirty = True
-        await self.reader.ack(*[e.id for e, _ in self.in_flight])  # only now: the checkpoint holds their effect
+        # The step is durable; what follows reports it, and each Redis write is repeated until
+        # it lands, so a Redis outage here loses no step's record. The new version is out
+        # before the ack: a scheduler never sees the groups gone and the old version (which
+        # would look like a trainer short of groups with none on the way).
+        acks = [e.id for e, _ in self.in_flight]
+        await self._until_written("the trainer's state", self.publish_state)
+        await self._until_written("the acks", lambda: self.reader.ack(*acks))  # the checkpoint holds their effect
         self.in_flight = []
         pushing = time.monotonic()
         async with self._weights_lock:
@@ -286,12 +294,30 @@ class Trainer:
         stats["tokens_per_s"] = stats["tokens"] / max(stats["time_forward_backward_s"], 1e-9)
         self._record(stats)
         record = json.dumps({"step": self.version, "at": time.time(), **_finite(stats)})
-        async with self.redis.pipeline(transaction=True) as pipe:  # for the rollout service's /v1/status
-            pipe.lpush(self.keys.history("trainer"), record)
-            pipe.ltrim(self.keys.history("trainer"), 0, cfg.history_len - 1)
-            await pipe.execute()
-        await self.publish_state()
+
+        async def add_to_history() -> None:  # for the rollout service's /v1/status
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.lpush(self.keys.history("trainer"), record)
+                pipe.ltrim(self.keys.history("trainer"), 0, cfg.history_len - 1)
+                await pipe.execute()
+
+        await self._until_written("the step's metrics", add_to_history)
         self._idle_since = time.monotonic()
+
+    async def _until_written(self, what: str, write: Any) -> None:
+        """``await write()`` until no RedisError (backoff 0.2 s doubling to 5 s); a stopping
+        trainer gives up and lets the error out (redelivery and resume cover the rest)."""
+        delay = 0.2
+        while True:
+            try:
+                await write()
+                return
+            except RedisError as exc:
+                if self._stop.is_set():
+                    raise
+                log.warning("step %d is saved; writing %s failed (%s), again in %.1fs", self.version, what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _record(self, stats: dict[str, float]) -> None:
         """Metrics of one step: Prometheus, the JSONL log, /v1/history, and the log line."""

@@ -83,6 +83,9 @@ async def test_a_trainer_short_of_groups_gets_a_top_up_not_a_deadlock(
     async with EngineClient(engine_url) as engine:
         s = await make(aredis, keys, engine, tiny_model, tmp_path, max_staleness=0)
         await trainer_at(aredis, keys, 0)
+        # Before the first step nothing is missing (the chaos run saw "top-ups" of step 0,
+        # planned in a busy loop while no train problem existed, shifting every step by one).
+        assert await s._starving() == 0
         await s._generate_step(1)
         s.step = 1
         # The verifier scored 3 of the 4 groups (one was dead-lettered); the trainer holds 3.
@@ -177,6 +180,30 @@ async def test_a_group_whose_samples_the_engine_aborted_is_sampled_again_never_p
     assert REGISTRY.get_sample_value("pope_rollout_groups_resampled_total") == before + 1
     assert group.group_id == planned.group_id and len(group.samples) == 2
     assert all(x.finish_reason is not FinishReason.ABORT for x in group.samples)
+
+
+async def test_a_group_sampled_by_weights_older_than_its_step_allows_is_sampled_again(
+    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """The engine restarted in the middle of step 3 and serves its start-up weights (v0);
+    step 3 needs at least v1 (max_staleness 1). Such a group would only be dropped as stale,
+    so it is sampled again, same id and seed, once the engine serves the trainer's weights."""
+    async with EngineClient(engine_url) as engine:
+        s = await make(aredis, keys, engine, tiny_model, tmp_path, max_staleness=1)
+        planned = PlannedGroup(
+            group_id=group_id(3, "u", Variant.UNHINTED, ""), problem_id="u", variant=Variant.UNHINTED, seed=3
+        )
+        before = REGISTRY.get_sample_value("pope_rollout_groups_resampled_total") or 0.0
+        sampling = asyncio.create_task(s.sample_until_whole(PROBLEMS[1], planned, 3))
+        try:
+            await asyncio.sleep(0.3)
+            assert not sampling.done()
+            await engine.update_weights_from_disk(str(tiny_model), 1)  # the trainer's re-push
+            group = await asyncio.wait_for(sampling, 60)
+        finally:
+            await engine.update_weights_from_disk(str(tiny_model), 0)  # the shared engine's start version
+    assert group.weight_version == 1 and group.group_id == planned.group_id
+    assert (REGISTRY.get_sample_value("pope_rollout_groups_resampled_total") or 0.0) >= before + 1
 
 
 async def test_with_periodic_evaluation_training_waits_for_the_start_weights_evaluation(

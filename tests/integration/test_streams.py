@@ -310,6 +310,23 @@ async def test_entry_whose_consumers_keep_dying_is_dead_lettered(aredis: Redis, 
     assert await pending(aredis, keys) == 0
 
 
+async def test_a_consumer_that_stalls_past_its_lease_keeps_its_entry(aredis: Redis, keys: Keys) -> None:
+    """A live consumer frozen past the lease (SIGSTOP, a long pause) gets its own entry
+    back from XAUTOCLAIM: nobody died, so it is not a takeover, and however many times it
+    happens the entry in hand is never dead-lettered under it (seen in the chaos run)."""
+    policy = DeliveryPolicy(lease_ms=1, max_failures=2, block_ms=50)
+    reader = make_worker(aredis, keys, "stalls", policy).reader
+    await reader.ensure_group()
+    await publish(aredis, keys.rollouts, group("held"), policy)
+    [entry] = await reader.read()
+    for _ in range(4):  # four stalls past the lease, each followed by a read
+        await asyncio.sleep(0.005)
+        assert await reader.read(block_ms=10) == []
+    assert await aredis.xlen(keys.dead) == 0 and await pending(aredis, keys) == 1
+    await reader.ack(entry.id)
+    assert await pending(aredis, keys) == 0
+
+
 async def test_handed_back_entries_are_not_counted_as_crashes(aredis: Redis, keys: Keys) -> None:
     policy = DeliveryPolicy(lease_ms=60_000, max_failures=2, block_ms=50)
     await make_worker(aredis, keys, "c0", policy).reader.ensure_group()
