@@ -10,8 +10,8 @@ Each group in the plan log ends in exactly one of these, checked in this order:
     dropped_aborted    in the trainer's drop log, a sample aborted by the engine
     dead_lettered      in the dead-letter stream (the verifier or the trainer gave up on it)
     skipped            the plan's ``published`` record says it was not sent (problem deleted)
-    waiting_trainer    in pope:scored, not trained or dropped yet when the run stopped
-    waiting_verifier   in pope:rollouts, not scored yet when the run stopped
+    waiting_trainer    in pope:scored, pending or not yet delivered in group trainers
+    waiting_verifier   in pope:rollouts, not scored, pending or not yet delivered in verifiers
     not_yet_published  in the last plan, cut short when the run stopped, not in any stream
     lost               none of the above: planned, and nothing durable says what became of it
 
@@ -28,11 +28,11 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import redis
 
-from services.common.keys import VERIFIERS, Keys
+from services.common.keys import TRAINERS, VERIFIERS, Keys
 from services.rollout.planlog import read as read_plan_log
 from services.trainer import checkpoint
 
@@ -97,15 +97,36 @@ class Ledger:
         return "\n".join(lines)
 
 
-def _group_ids(client: redis.Redis, stream: str) -> set[str]:
-    """The group ids of every entry still in ``stream`` (its payload's ``group_id``)."""
+def _in_flight(client: redis.Redis, stream: str, group: str) -> set[str]:
+    """Group ids of the entries of ``stream`` that consumer group ``group`` still owes:
+    pending (delivered, not acked) or not delivered yet. An entry it acked is not here,
+    whatever became of it."""
+    try:
+        info = {_s(g["name"]): g for g in cast(list[dict[str, Any]], client.xinfo_groups(stream))}
+    except redis.ResponseError:
+        return set()  # no stream
+    if group not in info:
+        return set()
+    delivered = _id(info[group]["last-delivered-id"])
+    rows = cast(list[dict[str, Any]], client.xpending_range(stream, group, "-", "+", 1_000_000))
+    pending = {_s(r["message_id"]) for r in rows}
     out = set()
-    for _eid, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(stream)):
-        try:
-            out.add(json.loads(fields[b"data"])["group_id"])
-        except (KeyError, ValueError, TypeError):
-            continue
+    for eid, fields in cast(list[tuple[bytes, dict[bytes, bytes]]], client.xrange(stream)):
+        if _s(eid) in pending or _id(eid) > delivered:
+            try:
+                out.add(json.loads(fields[b"data"])["group_id"])
+            except (KeyError, ValueError, TypeError):
+                continue
     return out
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _id(value: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _s(value).partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _dead_letter_ids(client: redis.Redis, stream: str) -> set[str]:
@@ -139,8 +160,8 @@ def build_ledger(redis_url: str, key_prefix: str, plan_log: Path, checkpoint_dir
     client = redis.Redis.from_url(redis_url)
     try:
         dead = _dead_letter_ids(client, keys.dead)
-        scored = _group_ids(client, keys.scored)
-        raw = _group_ids(client, keys.rollouts)
+        scored = _in_flight(client, keys.scored, TRAINERS)
+        raw = _in_flight(client, keys.rollouts, VERIFIERS)
         unscored = {g for g in raw if not client.exists(keys.done(VERIFIERS, g))}
     finally:
         client.close()
