@@ -41,5 +41,4 @@ def test_short_chaos_run_loses_nothing_and_trains_nothing_twice(tmp_path: Path) 
     assert sum(kinds.values()) >= SHORT.faults
     assert {c["name"] for c in summary["checks"] if c["ok"]} >= {"engine-version", "checkpoint-loads", "ledger"}
     assert summary["findings"] == []
-    assert summary["seconds_to_ledger"] < 180
     assert len((run_dir / "faults.jsonl").read_text().splitlines()) == SHORT.faults
