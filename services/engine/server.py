@@ -28,6 +28,7 @@ import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.config import model_dir_problem
@@ -273,11 +274,17 @@ def create_app(
     async def json_body(request: Request) -> dict[str, Any]:
         try:
             body = await request.json()
+        except ClientDisconnect:  # the client went away before its body was in (killed, say)
+            raise ClientGone from None
         except ValueError as exc:
             raise BadRequest(f"request body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
         return body
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # the client went away; nobody reads this
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:

@@ -121,6 +121,27 @@ async def test_the_engine_stops_a_generate_whose_client_went_away(
     assert after["pope_engine_generation_tokens_total"] - before["pope_engine_generation_tokens_total"] < 2 * 3000
 
 
+async def test_a_client_killed_while_sending_its_body_is_no_engine_error(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rollout service killed mid-request (seen in the chaos run): the engine got half a
+    body, then the connection closed. That is a client gone (counted), not an exception."""
+    gone = 'pope_engine_requests_total{outcome="client_gone"}'
+    before = (await metrics(engine.url)).get(gone, 0.0)
+    port = int(engine.url.rsplit(":", 1)[1])
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    auth = f"Authorization: Bearer {engine.api_key}\r\n" if engine.api_key else ""
+    writer.write(
+        f"POST /generate HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
+        'Content-Length: 1000\r\n\r\n{"input_ids": [1, 2'.encode()
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()
+    await wait_idle(engine.url, {gone: before + 1})
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
 def test_the_abort_body_follows_sglangs_contract(sglang_api: Any) -> None:
     decoded = sglang_api.AbortRequest.from_json_value(EngineClient.abort_payload("g-1"))
     assert (decoded.rid, decoded.abort_all) == ("g-1", False)
