@@ -103,9 +103,9 @@ def create_app(settings: RolloutSettings) -> FastAPI:
         yield
         stop.set()  # the archiver finishes the group in hand (its commit is one transaction)
         # The rest wait on generations that can run for minutes, so they are cancelled: a
-        # step planned again keeps its group ids (a duplicate by id downstream), an
-        # evaluation cut short runs again from state:eval, and a hint job stays "running"
-        # in Redis, so the next start resumes it.
+        # step cut short is finished from the plan log under the same group ids by the next
+        # start, an evaluation cut short runs again from state:eval, and a hint job stays
+        # "running" in Redis, so the next start resumes it.
         if hint_jobs.task is not None:
             cut_short.append(hint_jobs.task)
         for task in cut_short:
