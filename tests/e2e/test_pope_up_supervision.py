@@ -36,7 +36,13 @@ def config(tmp_path: Path, keys: Keys, **rollout: Any) -> tuple[Path, dict[str, 
     processes); ``rollout`` adds to that section."""
     ports = {name: free_port() for name in ("engine", "rollout", "verifier", "trainer")}
     path = tmp_path / "pope.yaml"
-    shared = {"key_prefix": keys.prefix, "group_size": 2, "prompts_per_step": 2, "max_staleness": 1}
+    shared = {
+        "key_prefix": keys.prefix,
+        "group_size": 2,
+        "prompts_per_step": 2,
+        "max_staleness": 1,
+        "max_new_tokens": 8,
+    }
     path.write_text(
         json.dumps(
             {
@@ -44,7 +50,6 @@ def config(tmp_path: Path, keys: Keys, **rollout: Any) -> tuple[Path, dict[str, 
                 "engine": {"port": ports["engine"]},
                 "rollout": {
                     "port": ports["rollout"],
-                    "max_new_tokens": 8,
                     "archive_dir": str(tmp_path / "rollouts"),
                     "eval_dir": str(tmp_path / "eval"),
                     "evaluation": {"every_steps": 0},
