@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from services.common.config import ConfigError, SectionSettings, check_shared_keys, load_settings, resolved
 from services.common.settings_cli import add_field_flag, add_setting_flags, render_docs, settings_from_args
+from services.restarts import RestartPolicy
 
 if TYPE_CHECKING:
     from services.rollout.dataset import ImportOptions, ImportReport, SourceRow
@@ -71,7 +72,14 @@ def _engine(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from services.up import up
 
-    return up(args.model, args.config, args.redis_url, args.problems, args.steps, args.run_dir, args.fresh)
+    restart = (
+        None
+        if args.no_restart
+        else RestartPolicy(crash_loop_deaths=args.crash_loop, crash_loop_window_s=args.crash_window)
+    )
+    return up(
+        args.model, args.config, args.redis_url, args.problems, args.steps, args.run_dir, args.fresh, restart=restart
+    )
 
 
 def _rollout(args: argparse.Namespace) -> int:
@@ -310,6 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start a new run: delete this run's Redis keys (key_prefix), checkpoints and rollouts",
     )
+    policy = RestartPolicy()
+    up.add_argument(
+        "--crash-loop",
+        type=int,
+        metavar="N",
+        default=policy.crash_loop_deaths,
+        help=f"a service that dies is restarted (backoff {policy.first_delay_s:.0f}s doubling to "
+        f"{policy.max_delay_s:.0f}s); N deaths of one service within --crash-window stop the stack "
+        f"(default: {policy.crash_loop_deaths})",
+    )
+    up.add_argument(
+        "--crash-window",
+        type=float,
+        metavar="SECONDS",
+        default=policy.crash_loop_window_s,
+        help=f"see --crash-loop (default: {policy.crash_loop_window_s:.0f})",
+    )
+    up.add_argument("--no-restart", action="store_true", help="a service that dies stops the stack at once")
     up.set_defaults(func=_up)
 
     # Every setting of a service's section is a flag (services/common/settings_cli.py).

@@ -7,8 +7,12 @@ trainer and rollout service, each its own process reading its own section of the
 config file, on the configured ports (defaults: engine 30000, rollout 8000, verifier
 8001, trainer 8002). Waits for each to be healthy, optionally submits problems, then
 prints progress (trainer step, reward by variant, throughput) until Ctrl-C / SIGTERM,
-or until the trainer reaches ``--steps``; then stops everything cleanly. Each process
-logs to ``<run_dir>/logs/<name>.log``.
+or until the trainer reaches ``--steps``; then stops everything cleanly, within
+``stack.STOP_WITHIN_S``. Each process logs to ``<run_dir>/logs/<name>.log``.
+
+A service that dies is restarted after a backoff (``stack.RestartPolicy``); one that dies
+``--crash-loop`` times within ``--crash-window`` seconds stops the stack with the end of
+its log (``--no-restart``: the first death does). A Redis outage is waited out.
 """
 
 from __future__ import annotations
@@ -28,14 +32,16 @@ import httpx
 
 from services.common.config import load_settings, model_dir_problem
 from services.common.keys import delete_prefix
-from services.common.redis_server import redis_for
+from services.common.redis_server import answers, redis_for
 from services.engine.settings import EngineSettings
+from services.restarts import RestartPolicy
 from services.rollout.settings import RolloutSettings
 from services.stack import Child, Stack, engine_child, running, say, verifier_child
 from services.trainer.settings import TrainerSettings
 from services.verifier.settings import VerifierSettings
 
 LABEL = "pope up"
+DEFAULT_RESTART = RestartPolicy()
 
 
 def read_problems(path: Path) -> list[dict[str, Any]]:
@@ -96,8 +102,10 @@ def up(
     run_dir: Path,
     fresh: bool = False,
     out: TextIO = sys.stdout,
+    restart: RestartPolicy | None = DEFAULT_RESTART,
 ) -> int:
-    """Run the stack until ``steps`` (or Ctrl-C / SIGTERM); 0 when it stopped cleanly."""
+    """Run the stack until ``steps`` (or Ctrl-C / SIGTERM); 0 when it stopped cleanly.
+    ``restart``: how dead services are started again (None: the first death stops all)."""
     with stop_on_signals() as stopping:
         engine_s, rollout_s = load_settings(EngineSettings, config), load_settings(RolloutSettings, config)
         verifier_s, trainer_s = load_settings(VerifierSettings, config), load_settings(TrainerSettings, config)
@@ -163,14 +171,13 @@ def up(
             rollout_url = f"http://127.0.0.1:{ports['rollout']}"
             code = 0
             try:
-                with running(children, run_dir / "logs", out, LABEL, env=env, stopping=stopping) as stack:
+                with running(
+                    children, run_dir / "logs", out, LABEL, env=env, stopping=stopping, restart=restart
+                ) as stack:
                     stack.say(f"all services ready. API: {rollout_url}/docs  status: {rollout_url}/v1/status")
                     if problems is not None:
-                        resp = httpx.post(f"{rollout_url}/v1/problems", json=read_problems(problems), timeout=60)
-                        if resp.status_code != 201:
-                            raise RuntimeError(f"submitting {problems} failed: {resp.status_code} {resp.text[:500]}")
-                        stack.say(f"submitted {len(resp.json()['ids'])} problems from {problems}")
-                    code = watch(stack, rollout_url, steps, stopping)
+                        submit(problems, rollout_url, rollout_s, stack)
+                    code = watch(stack, rollout_url, url, steps, stopping)
             except KeyboardInterrupt:
                 tell("interrupted")
             except RuntimeError as exc:
@@ -187,6 +194,16 @@ def up(
         tell(f"metrics:     {trainer_s.metrics_log} (per step, by variant){tensorboard}")
         tell(f"logs:        {run_dir / 'logs'}")
         return code
+
+
+def submit(problems: Path, rollout_url: str, rollout: RolloutSettings, stack: Stack) -> None:
+    """POST the file's problems, with the rollout's bearer token when it has one."""
+    token = rollout.api_token.get_secret_value() if rollout.api_token else None
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    resp = httpx.post(f"{rollout_url}/v1/problems", json=read_problems(problems), headers=headers, timeout=60)
+    if resp.status_code != 201:
+        raise RuntimeError(f"submitting {problems} failed: {resp.status_code} {resp.text[:500]}")
+    stack.say(f"submitted {len(resp.json()['ids'])} problems from {problems}")
 
 
 @contextlib.contextmanager
@@ -207,15 +224,28 @@ def stop_on_signals() -> Iterator[list[bool]]:
             signal.signal(s, handler)
 
 
-def watch(stack: Stack, rollout_url: str, steps: int | None, stopping: list[bool]) -> int:
-    started, last = time.monotonic(), ""
+def watch(stack: Stack, rollout_url: str, redis_url: str, steps: int | None, stopping: list[bool]) -> int:
+    """Supervise the children and print progress until ``stopping`` or the trainer reaches
+    ``steps``. A status that does not come (Redis down, the rollout restarting) is waited
+    for, with a line saying what for."""
+    started, last, waiting = time.monotonic(), "", ""
     while not stopping[0]:
-        stack.check_alive()
+        stack.supervise()
         try:
-            status = httpx.get(f"{rollout_url}/v1/status", timeout=10).json()
-        except httpx.HTTPError:
-            time.sleep(1)
+            status = read_status(httpx.get(f"{rollout_url}/v1/status", timeout=10))
+        except httpx.HTTPError as exc:
+            status = f"no answer: {type(exc).__name__}"
+        if isinstance(status, str):
+            if not answers(redis_url):
+                status = f"Redis at {redis_url} does not answer"
+            if status != waiting:
+                stack.say(f"waiting for the rollout's {rollout_url}/v1/status ({status})")
+                waiting = status
+            time.sleep(1.0)
             continue
+        if waiting:
+            stack.say("the rollout's status answers again")
+            waiting = ""
         line = progress_line(status, started)
         if line.split("]", 1)[1] != last:
             print(line, file=stack.out, flush=True)
@@ -225,3 +255,15 @@ def watch(stack: Stack, rollout_url: str, steps: int | None, stopping: list[bool
             return 0
         time.sleep(1.0)
     return 0
+
+
+def read_status(resp: httpx.Response) -> dict[str, Any] | str:
+    """The body of a /v1/status answer, or why there is none: during a Redis outage the
+    rollout answers 500, and a proxy may answer 503 or a page that is not JSON."""
+    if resp.status_code != 200:
+        return f"{resp.status_code} {resp.reason_phrase}".strip()
+    try:
+        body = resp.json()
+    except ValueError:
+        return f"an answer that is not JSON: {resp.text[:80]!r}"
+    return body if isinstance(body, dict) else f"an answer that is not a JSON object: {resp.text[:80]!r}"

@@ -23,6 +23,10 @@ from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 
+REQUESTS_GRACE_S = 5
+"""After SIGTERM, how long requests in flight may run before uvicorn cancels them (then the
+lifespan's shutdown runs): a stop of the whole stack has a deadline (services/stack.py)."""
+
 ReadyCheck = Callable[[], Awaitable[str | None]]
 """Returns None when ready, else the reason it is not (shown in the 503 body)."""
 
@@ -82,7 +86,13 @@ def serve(app: FastAPI, settings: Any, service: str) -> None:
     """Run ``app`` under uvicorn with the service's settings until SIGTERM/SIGINT."""
     import uvicorn
 
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=REQUESTS_GRACE_S,
+    )
     failed = getattr(app.state, "failed", None)
     if failed:
         raise SystemExit(f"pope {service}: {failed}")

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import redis
 
+from services.common.children import die_with_parent
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PROBE_URL = "redis://127.0.0.1:6379/0"
@@ -90,7 +92,15 @@ class LocalRedis:
             args += ["--dir", str(self.aof_dir), "--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no", "--dir", tempfile.gettempdir()]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own session, so a terminal's Ctrl-C leaves it to the services' clean stop;
+        # killed by the kernel if this process dies outright.
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
+        )
         deadline = time.monotonic() + timeout
         while not answers(self.url, timeout=0.2):
             if self.proc.poll() is not None:

@@ -89,6 +89,7 @@ class EngineRuntime:
         self._resume.set()
         self._live: dict[str, list[Sequence]] = {}  # rid -> its sequences, until done
         self._live_lock = threading.Lock()
+        self._closing = False  # set once: every sequence submitted after is aborted at once
         self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
         self.batches = 0  # batches decoded so far
         self.running = 0  # sequences in the batch decoding now
@@ -98,16 +99,26 @@ class EngineRuntime:
         self._thread.start()
 
     def stop(self) -> None:
-        self.abort(abort_all=True)
+        self.close()
         self._resume.set()
         self._queue.put(None)
         self._thread.join(timeout=30)
+
+    def close(self) -> None:
+        """Abort what runs and whatever is submitted from now on, so that every request
+        answers at once (finish_reason abort) and the server can stop: at SIGTERM, since a
+        generation can run for minutes and uvicorn waits for the requests in flight."""
+        with self._live_lock:
+            self._closing = True
+        self.abort(abort_all=True)
 
     # Requests.
     def submit(self, job: Job) -> None:
         with self._live_lock:
             for rid, seq in zip(job.rids, job.seqs, strict=True):
                 self._live.setdefault(rid, []).append(seq)
+                if self._closing:
+                    seq.abort.set()
         self._queue.put(job)
 
     async def run(self, rids: list[str], seqs: list[Sequence]) -> str:

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.config import model_dir_problem
+from services.common.http import REQUESTS_GRACE_S
 from services.engine.decode import Sequence
 from services.engine.runtime import EngineRuntime, WeightLoadError
 from services.engine.sampling import SamplingError, SamplingSpec
@@ -435,8 +437,26 @@ def serve(settings: EngineSettings) -> None:
             server.should_exit = True
 
     app = create_app(load, key, on_fatal=stop)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
-    server = uvicorn.Server(config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            """SIGTERM/SIGINT: uvicorn waits for the requests in flight, and a generation can
+            run for minutes, so they are all aborted first (answered with finish_reason
+            abort), on the event loop: a signal handler must not wait for the runtime's locks."""
+            super().handle_exit(sig, frame)
+            rt: EngineRuntime | None = app.state.slot.rt
+            if rt is not None:
+                with contextlib.suppress(RuntimeError):  # no loop running: no request either
+                    asyncio.get_running_loop().call_soon_threadsafe(rt.close)
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=REQUESTS_GRACE_S,
+    )
+    server = Server(config)
     server.run()
     if app.state.slot.error:
         raise SystemExit(f"pope engine: {app.state.slot.error}")

@@ -90,21 +90,27 @@ def create_app(settings: RolloutSettings) -> FastAPI:
             archive_group,
             key_of=lambda g: g.group_id,
         )
-        tasks = [asyncio.create_task(archiver.run(stop)), asyncio.create_task(evaluator.run(stop))]
+        tasks = [asyncio.create_task(archiver.run(stop))]
+        cut_short = [asyncio.create_task(evaluator.run(stop))]  # cancelled on shutdown, see below
         if settings.schedule:
             if not settings.model_path:
                 raise SystemExit("pope rollout: the scheduler needs the model's tokenizer: --model DIR")
             held["scheduler"] = Scheduler(settings, redis, engine, store, await asyncio.to_thread(tokenizer))
             scheduling = asyncio.create_task(held["scheduler"].run(stop))
             scheduling.add_done_callback(lambda t: stop_if_failed(app, t, "scheduler"))
-            tasks.append(scheduling)
+            cut_short.append(scheduling)
         await hint_jobs.resume_interrupted()
         yield
-        stop.set()
-        if hint_jobs.task is not None:  # stays "running" in Redis: the next start resumes it
-            hint_jobs.task.cancel()
-            tasks.append(hint_jobs.task)
-        await asyncio.gather(*tasks, return_exceptions=True)
+        stop.set()  # the archiver finishes the group in hand (its commit is one transaction)
+        # The rest wait on generations that can run for minutes, so they are cancelled: a
+        # step cut short is finished from the plan log under the same group ids by the next
+        # start, an evaluation cut short runs again from state:eval, and a hint job stays
+        # "running" in Redis, so the next start resumes it.
+        if hint_jobs.task is not None:
+            cut_short.append(hint_jobs.task)
+        for task in cut_short:
+            task.cancel()
+        await asyncio.gather(*tasks, *cut_short, return_exceptions=True)
         await engine.aclose()
         await verifier.aclose()
         await redis.aclose()

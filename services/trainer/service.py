@@ -1,7 +1,11 @@
 """The trainer service: ``pope trainer --port 8002 --model DIR``.
 
 Runs the GRPO loop (loop.py) and serves /healthz, /readyz, /metrics and GET /v1/state.
-SIGTERM finishes the step in progress (checkpointed and acked) and hands back the rest.
+SIGTERM lets the step in progress finish (checkpointed and acked) for up to
+``STOP_GRACE_S``, then cancels the loop, so a stop keeps its deadline (services/stack.py):
+a step cut short has its groups unacked, trained again after the restart (or skipped, by
+``trained_group_ids``, if its checkpoint was written), and a weight push cut short is made
+again by the next start, which re-pushes the newest checkpoint to an engine behind it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from services.trainer.sink import sink_for
 
 log = logging.getLogger(__name__)
 
+STOP_GRACE_S = 3.0
+
 
 def create_app(settings: TrainerSettings) -> FastAPI:
     holder: dict[str, Any] = {}
@@ -38,7 +44,13 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         task = asyncio.create_task(trainer.run(stop))
         task.add_done_callback(lambda t: stop_if_failed(app, t, "training loop"))
         yield
-        stop.set()
+        stop.set()  # the loop ends at its next read (block_ms)
+        done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_S)
+        if not done:
+            log.warning(
+                "the training loop is still busy %.0fs after SIGTERM (a step or a push): cancelling it", STOP_GRACE_S
+            )
+            task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await sink.aclose()
         await redis.aclose()

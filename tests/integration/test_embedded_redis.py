@@ -1,10 +1,15 @@
-"""`make test` with no Redis where it looks: it starts a private redis-server and stops it."""
+"""`make test` with no Redis where it looks: it starts a private redis-server and stops it;
+and that server dies with the process that started it, however that one ends."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from services.common.redis_server import answers, free_port
 from tests.conftest import ROOT
@@ -31,3 +36,19 @@ def test_make_test_falls_back_to_a_private_redis(tmp_path: Path) -> None:
     used = report.read_text()
     assert used not in (nothing_here, "redis://127.0.0.1:6379/0")
     assert not answers(used), "the private redis-server was left running"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_private_redis_dies_with_a_parent_killed_outright() -> None:
+    parent = (  # starts a server, says where, then dies as `kill -9` would have it
+        "import os, signal; from services.common.redis_server import LocalRedis; "
+        "s = LocalRedis().start(); print(s.url, flush=True); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    proc = subprocess.run([sys.executable, "-c", parent], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr
+    url = proc.stdout.strip()
+    assert url.startswith("redis://"), proc.stdout + proc.stderr
+    deadline = time.monotonic() + 5
+    while answers(url) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not answers(url), "the private redis-server outlived the process that started it"
