@@ -118,7 +118,11 @@ def run_pope_up(
 
         # Two training steps, and the engine serving the trainer's new weights.
         status = poll(
-            f"{api}/v1/status?history=5", lambda s: s if s["trainer"].get("version", 0) >= 2 else None, 600, proc, log
+            f"{api}/v1/status?history=5",
+            lambda s: s if s["trainer"].get("version", 0) >= 2 and len(s["history"]) >= 2 else None,
+            600,
+            proc,
+            log,
         )
         assert status["engine"]["weight_version"] >= 1
         assert [h["step"] for h in status["history"]][-2:] == [2, 1]  # newest first
