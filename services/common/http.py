@@ -79,20 +79,29 @@ def stop_if_failed(app: FastAPI, task: asyncio.Task[None], what: str) -> None:
         return
     app.state.failed = f"the {what} failed: {task.exception()!r}"
     log.error("the %s failed; stopping", what, exc_info=task.exception())
-    os.kill(os.getpid(), signal.SIGTERM)
+    server = getattr(app.state, "server", None)
+    if server is not None:  # a clean stop; ``serve`` then exits with the failure's message
+        server.should_exit = True
+    else:  # not run by ``serve``
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def serve(app: FastAPI, settings: Any, service: str) -> None:
     """Run ``app`` under uvicorn with the service's settings until SIGTERM/SIGINT."""
     import uvicorn
 
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=REQUESTS_GRACE_S,
     )
+    # Not by a signal: uvicorn re-raises a signal it caught, and the message below would be lost.
+    app.state.server = uvicorn.Server(config)
+    app.state.server.run()
+    if not app.state.server.started:  # the port taken, a start-up that raised: logged above
+        raise SystemExit(f"pope {service}: the server did not start (see the lines above)")
     failed = getattr(app.state, "failed", None)
     if failed:
         raise SystemExit(f"pope {service}: {failed}")

@@ -5,6 +5,9 @@ with another shape or an older run's keys is refused with both values named, and
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from redis.asyncio import Redis
 
 from services.common.keys import Keys, adelete_prefix
 from services.common.messages import RunShape
+from services.common.redis_server import free_port
 from services.common.run import RunMismatch, check_run_format, claim_run, read_run
 from services.trainer.loop import Trainer
 from services.trainer.sink import NoSink
@@ -57,3 +61,25 @@ async def test_a_trainer_with_another_shape_does_not_start(
     )
     with pytest.raises(RunMismatch, match=r"trainer .* cannot join .* prompts_per_step is 2 here but 32"):
         await asyncio.wait_for(trainer.run(asyncio.Event()), 30)
+
+
+async def test_pope_trainer_with_another_shape_exits_non_zero_saying_why(
+    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, aredis: Redis
+) -> None:
+    """The service itself (a real `pope trainer`): the refusal reaches its exit, status 1 and
+    the mismatch as the last line, not a plain 'killed by SIGTERM' a supervisor cannot explain."""
+    await claim_run(aredis, keys, shape(prompts_per_step=32))
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "POPE_TRAINER__KEY_PREFIX": keys.prefix,
+        "POPE_TRAINER__CHECKPOINT_DIR": str(tmp_path / "ckpt"),
+        "POPE_TRAINER__METRICS_LOG": str(tmp_path / "metrics.jsonl"),
+        "POPE_TRAINER__PROMPTS_PER_STEP": "2",
+    }
+    pope = str(Path(sys.executable).parent / "pope")
+    cmd = [pope, "trainer", "--model", str(tiny_model), "--port", str(free_port()), "--engine-url", ""]
+    done = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("pope trainer: the training loop failed: RunMismatch(") and "prompts_per_step is 2" in last
