@@ -92,9 +92,12 @@ async def sample_groups(engine: EngineClient, step: int, rewards: list[list[floa
 
 
 async def wait_version(r: Redis, keys: Keys, version: int, within_s: float = 60) -> None:
-    """Until the trainer's control state says ``version``."""
+    """Until the trainer's control state says ``version`` and that step is recorded (its
+    history entry is written last, after the ack and the push)."""
     async with asyncio.timeout(within_s):
         while (control := await read_control(r, keys)) is None or control.version < version:
+            await asyncio.sleep(0.05)
+        while (last := await r.lindex(keys.history("trainer"), 0)) is None or json.loads(last)["step"] < version:
             await asyncio.sleep(0.05)
 
 
