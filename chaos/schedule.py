@@ -61,7 +61,7 @@ class Form:
 
 SHORT = Form(
     "short",
-    steps=20,
+    steps=30,
     kills_each=1,
     stops=1,
     gap_s=(0.0, 1.0),
@@ -72,7 +72,7 @@ SHORT = Form(
 )
 LONG = Form(
     "long",
-    steps=160,
+    steps=400,
     kills_each=8,
     stops=16,
     gap_s=(0.0, 3.0),
