@@ -86,17 +86,25 @@ def stop_if_failed(app: FastAPI, task: asyncio.Task[None], what: str) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def serve(app: FastAPI, settings: Any, service: str) -> None:
-    """Run ``app`` under uvicorn with the service's settings until SIGTERM/SIGINT."""
+def uvicorn_config(app: FastAPI, settings: Any) -> Any:
+    """uvicorn's config for a service: its host, port and log level; requests still running
+    ``REQUESTS_GRACE_S`` after a stop is asked are cancelled."""
     import uvicorn
 
-    config = uvicorn.Config(
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
         timeout_graceful_shutdown=REQUESTS_GRACE_S,
     )
+
+
+def serve(app: FastAPI, settings: Any, service: str) -> None:
+    """Run ``app`` under uvicorn with the service's settings until SIGTERM/SIGINT."""
+    import uvicorn
+
+    config = uvicorn_config(app, settings)
     # Not by a signal: uvicorn re-raises a signal it caught, and the message below would be lost.
     app.state.server = uvicorn.Server(config)
     app.state.server.run()

@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.config import model_dir_problem
-from services.common.http import REQUESTS_GRACE_S
+from services.common.http import uvicorn_config
 from services.engine.decode import Sequence
 from services.engine.runtime import EngineRuntime, WeightLoadError
 from services.engine.sampling import SamplingError, SamplingSpec
@@ -449,14 +449,7 @@ def serve(settings: EngineSettings) -> None:
                 with contextlib.suppress(RuntimeError):  # no loop running: no request either
                     asyncio.get_running_loop().call_soon_threadsafe(rt.close)
 
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=REQUESTS_GRACE_S,
-    )
-    server = Server(config)
+    server = Server(uvicorn_config(app, settings))
     server.run()
     if app.state.slot.error:
         raise SystemExit(f"pope engine: {app.state.slot.error}")
