@@ -249,6 +249,17 @@ class RawGroup(Message):
         return self
 
 
+class ScoringPolicy(StrEnum):
+    """Which rules scored a sample: which boxes count and how a gold answer is read
+    (services/verifier/scoring.py has them; docs/verifier.md with examples)."""
+
+    LAST_BOX_V1 = "last-box-v1"
+    """The last box alone; the gold wrapped in $...$ whatever it holds."""
+    JOINED_BOXES_V2 = "joined-boxes-v2"
+    """The last box with the boxes joined to it by and/or/commas/\\quad; the gold read as
+    written when it is delimited or a sentence; LaTeX decimal commas and thousands."""
+
+
 class Score(BaseModel):
     """The verifier's verdict on one sample (also the reply row of POST /v1/verify)."""
 
@@ -268,6 +279,8 @@ class ScoredGroup(RawGroup):
 
     scores: list[Score]
     scored_at: datetime = Field(default_factory=utc_now)
+    policy: ScoringPolicy = ScoringPolicy.LAST_BOX_V1
+    """The rules that scored it (a group without one came from a verifier older than the record)."""
 
     @model_validator(mode="after")
     def _check_scores(self) -> Self:
@@ -276,8 +289,10 @@ class ScoredGroup(RawGroup):
         return self
 
     @classmethod
-    def from_raw(cls, raw: RawGroup, scores: list[Score]) -> ScoredGroup:
-        return cls(**dict(raw), scores=scores)
+    def from_raw(
+        cls, raw: RawGroup, scores: list[Score], policy: ScoringPolicy = ScoringPolicy.JOINED_BOXES_V2
+    ) -> ScoredGroup:
+        return cls(**dict(raw), scores=scores, policy=policy)
 
     @property
     def rewards(self) -> list[float]:

@@ -36,7 +36,7 @@ from typing import BinaryIO
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from services.common.messages import FinishReason, ScoredGroup, Variant
+from services.common.messages import FinishReason, ScoredGroup, ScoringPolicy, Variant
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class RolloutRecord(BaseModel):
     """The training step the rollout service generated the group for."""
     completion_tokens: int
     scored_at: datetime
+    policy: ScoringPolicy = ScoringPolicy.LAST_BOX_V1
+    """The verifier's scoring rules (rows without one were scored before the record)."""
 
     @classmethod
     def from_group(cls, g: ScoredGroup) -> list[RolloutRecord]:
@@ -94,6 +96,7 @@ class RolloutRecord(BaseModel):
                 step=g.step,
                 completion_tokens=len(sample.completion_ids),
                 scored_at=g.scored_at,
+                policy=g.policy,
             )
             for i, (sample, score) in enumerate(zip(g.samples, g.scores, strict=True))
         ]

@@ -163,6 +163,8 @@ def _variant_metrics(
         out[f"{name}/ratio_mean"] = s["ratio"] / tok
     for lag, count in Counter(version - g.weight_version for g in groups).items():
         out[f"staleness/{lag}"] = float(count)  # a histogram: groups per versions behind
+    for policy, count in Counter(g.policy for g in groups).items():
+        out[f"scoring/{policy}"] = float(count)  # which verifier rules scored the step's groups
     return out
 
 

@@ -35,8 +35,8 @@ from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-from services.common.messages import Score
-from services.verifier.scoring import last_boxed
+from services.common.messages import Score, ScoringPolicy
+from services.verifier.scoring import final_answer
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,12 @@ def _limit_cpu(seconds: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
 
 
-def _worker_main(conn: Connection, memory_limit_mb: int | None, cpu_limit_s: int) -> None:
+def _worker_main(
+    conn: Connection,
+    memory_limit_mb: int | None,
+    cpu_limit_s: int,
+    policy: ScoringPolicy = ScoringPolicy.JOINED_BOXES_V2,
+) -> None:
     """Runs in the worker process: (gold, answers) tasks in, scores out, one by one; each
     parse and score may use at most ``cpu_limit_s`` CPU seconds (the parent's wall-clock
     limit comes first while the parent lives)."""
@@ -82,7 +87,7 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None, cpu_limit_s: int
         gold, answers = task
         _limit_cpu(cpu_limit_s)
         try:
-            gold_parsed = parse_gold(gold)
+            gold_parsed = parse_gold(gold, policy)
         except Exception as exc:
             gold_parsed = None
             log.warning("gold %r failed to parse: %s", gold, exc)
@@ -90,12 +95,18 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None, cpu_limit_s: int
         for i, answer in enumerate(answers):
             _limit_cpu(cpu_limit_s)
             try:
-                score = score_answer(gold_parsed, answer)
+                score = score_answer(gold_parsed, answer, policy)
             except MemoryError:
                 score = Score(reward=0.0, error="out of memory while scoring (worker memory limit)")
             except Exception as exc:
                 score = Score(reward=0.0, error=f"{type(exc).__name__}: {exc}"[:500])
             conn.send(("score", i, score.model_dump()))
+
+
+def _final_answer_text(text: str) -> str | None:
+    """What a killed worker's answer said, for inspection (extraction is cheap and bounded)."""
+    contents = final_answer(text)
+    return ", ".join(contents) if contents else None
 
 
 @dataclass
@@ -108,8 +119,15 @@ class _Proc:
 class ScoringPool:
     """``workers`` processes scoring groups concurrently; ``await score(gold, answers)``."""
 
-    def __init__(self, workers: int = 2, timeout_s: float = 5.0, memory_limit_mb: int | None = 2048) -> None:
+    def __init__(
+        self,
+        workers: int = 2,
+        timeout_s: float = 5.0,
+        memory_limit_mb: int | None = 2048,
+        policy: ScoringPolicy = ScoringPolicy.JOINED_BOXES_V2,
+    ) -> None:
         self.size, self.timeout_s, self.memory_limit_mb = workers, timeout_s, memory_limit_mb
+        self.policy = policy
         self._idle: asyncio.Queue[_Proc] = asyncio.Queue()
         self._all: list[_Proc] = []
         self.restarts = 0
@@ -186,7 +204,7 @@ class ScoringPool:
             if failure is None:
                 break
             culprit = pending[done_here]
-            scores[culprit] = failure.model_copy(update={"extracted": last_boxed(answers[culprit])})
+            scores[culprit] = failure.model_copy(update={"extracted": _final_answer_text(answers[culprit])})
             log.warning("answer %d of a group: %s; replacing worker pid %s", culprit, failure.error, proc.process.pid)
             proc = self._replace(proc, reason)
             pending = [i for i in pending if scores[i] is None]
@@ -197,7 +215,7 @@ class ScoringPool:
         cpu_limit_s = 2 * math.ceil(self.timeout_s) + 1  # never reached while this process lives
         process = _ctx.Process(
             target=_worker_main,
-            args=(child, self.memory_limit_mb, cpu_limit_s),
+            args=(child, self.memory_limit_mb, cpu_limit_s, self.policy),
             daemon=True,
             name="pope-verifier-worker",
         )

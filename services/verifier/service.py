@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import Body, Depends, FastAPI, HTTPException
+from fastapi import Body, Depends, FastAPI, HTTPException, Response
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
@@ -46,6 +46,7 @@ ERRORS = Counter("pope_verifier_errors_total", "Samples whose scoring failed", [
 GROUPS = Counter("pope_verifier_groups_total", "Groups scored from the stream")
 
 MAX_VERIFY_ROWS = 10_000
+POLICY_HEADER = "X-Pope-Scoring-Policy"
 
 
 def count(scores: list[Score], path: str) -> None:
@@ -56,13 +57,14 @@ def count(scores: list[Score], path: str) -> None:
 
 
 async def score_group(pool: ScoringPool, group: RawGroup) -> ScoredGroup:
+    """Score every sample of ``group``; the scored group records the pool's policy."""
     scores = await pool.score(group.answer, [s.text for s in group.samples])
     scores = [
         sc.model_copy(update={"reward": 0.0}) if s.finish_reason is FinishReason.LENGTH else sc
         for s, sc in zip(group.samples, scores, strict=True)
     ]
     count(scores, "stream")
-    return ScoredGroup.from_raw(group, scores)
+    return ScoredGroup.from_raw(group, scores, pool.policy)
 
 
 class VerifyRow(BaseModel):
@@ -90,7 +92,7 @@ async def verify_rows(pool: ScoringPool, rows: list[VerifyRow]) -> list[Score]:
 
 def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAPI:
     keys = Keys(settings.key_prefix)
-    pool = ScoringPool(settings.workers, settings.timeout_s, settings.memory_limit_mb)
+    pool = ScoringPool(settings.workers, settings.timeout_s, settings.memory_limit_mb, settings.policy)
     stop = asyncio.Event()
     instance = f"verifier-{socket.gethostname()}-{os.getpid()}"
     client = redis or Redis.from_url(settings.redis_url)
@@ -119,9 +121,10 @@ def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAP
         ]
         tasks = [asyncio.create_task(w.run(stop)) for w in workers] if settings.consume else []
         log.info(
-            "verifier %s: %d scoring workers, consuming %s: %s",
+            "verifier %s: %d scoring workers, scoring policy %s, consuming %s: %s",
             instance,
             settings.workers,
+            settings.policy,
             keys.rollouts,
             settings.consume,
         )
@@ -143,10 +146,12 @@ def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAP
     add_health_routes(app, ready)
 
     @app.post("/v1/verify", dependencies=[Depends(bearer(settings.api_token))])
-    async def verify(rows: Annotated[list[VerifyRow], Body()]) -> list[Score]:
-        """Score completions against gold answers: one verdict per row, in order."""
+    async def verify(rows: Annotated[list[VerifyRow], Body()], response: Response) -> list[Score]:
+        """Score completions against gold answers: one verdict per row, in order; the
+        ``X-Pope-Scoring-Policy`` header names the rules that scored them."""
         if len(rows) > MAX_VERIFY_ROWS:
             raise HTTPException(413, f"at most {MAX_VERIFY_ROWS} rows per request, got {len(rows)}")
+        response.headers[POLICY_HEADER] = settings.policy
         return await verify_rows(pool, rows)
 
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from services.common.config import ServiceSettings, section_config
+from services.common.messages import ScoringPolicy
 
 
 class VerifierSettings(ServiceSettings):
@@ -21,3 +22,6 @@ class VerifierSettings(ServiceSettings):
     """Address-space limit of each worker process (None: none); an answer past it scores 0 with an error."""
     consume: bool = True
     """Consume the rollouts stream; False serves only POST /v1/verify (e.g. for the hint search)."""
+    policy: ScoringPolicy = ScoringPolicy.JOINED_BOXES_V2
+    """Which boxes count and how a gold answer is read (docs/verifier.md); recorded with
+    every scored group. `last-box-v1` reproduces runs scored before the record."""

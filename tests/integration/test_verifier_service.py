@@ -12,7 +12,7 @@ import httpx
 from redis import Redis
 
 from services.common.keys import VERIFIERS, Keys
-from services.common.messages import FinishReason, RawGroup, Sample, ScoredGroup, decode, encode
+from services.common.messages import FinishReason, RawGroup, Sample, ScoredGroup, ScoringPolicy, decode, encode
 from services.common.streams import DATA
 from tests.conftest import running_pope
 
@@ -134,4 +134,5 @@ def test_truncated_samples_score_zero(redis_url: str, keys: Keys) -> None:
         wait_scored(r, keys, 1)
     [g] = scored(r, keys)
     assert [s.reward for s in g.scores] == [0.0, 0.0, 1.0] and g.scores[0].extracted == "4"
+    assert g.policy is ScoringPolicy.JOINED_BOXES_V2  # the rules that scored it travel with it
     r.close()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from math_verify import parse, verify
 
-from services.verifier.scoring import last_boxed, parse_gold, score_answer
+from services.common.messages import ScoringPolicy
+from services.verifier.scoring import final_answer, last_boxed, normalize_numbers, parse_gold, score_answer
 
 
 @pytest.mark.parametrize(
@@ -64,3 +65,78 @@ def test_no_answer_reports_nothing_extracted() -> None:
     score = score_answer(parse_gold("7"), "I have no idea.")
     assert score.reward == 0.0 and score.extracted is None
     assert score_answer(parse_gold("7"), "so \\boxed{7}").extracted == "7"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("$x=\\boxed{1}$ and $x=\\boxed{2}$", ["1", "2"]),
+        ("\\boxed{1}, \\boxed{2},\\quad \\boxed{3}", ["1", "2", "3"]),
+        ("\\boxed{1} \\text{ or } \\boxed{-1}", ["1", "-1"]),
+        ("$a=\\boxed{2}$; $b_{1} = \\boxed{7}$", ["2", "7"]),
+        ("I get \\boxed{3}. Wait, that is wrong: \\boxed{5}", ["5"]),
+        ("\\boxed{3} is abandoned, then \\boxed{4} and \\boxed{5}", ["4", "5"]),
+        ("(a) first \\boxed{1}.\n(b) then \\boxed{2}.", ["1", "2"]),
+        ("**(a)** \\boxed{9}, no: \\boxed{1}.\n\n**(b)** \\boxed{2}", ["1", "2"]),
+        ("(a) is asked, see below \\boxed{1}. Later \\boxed{2}", ["2"]),  # one label: no parts
+        ("\\boxed{1} and \\boxed{\\frac{1}{2", None),  # the last box is cut off: no answer
+        ("no box here", []),
+        ("\\boxed{1}" + " " * 200 + "\\boxed{2}", ["2"]),  # a long gap never joins
+    ],
+)
+def test_final_answer_joins_boxes_only_across_joiners(text: str, expected: list[str] | None) -> None:
+    assert final_answer(text) == expected
+
+
+def test_joiner_matching_is_bounded_on_hostile_gaps() -> None:
+    """A gap that almost matches must not backtrack for long (each is at most 120 chars)."""
+    import time
+
+    text = "".join(f"\\boxed{{{i}}}" + " x =" * 29 + " !" for i in range(2000)) + "\\boxed{0}"
+    start = time.monotonic()
+    assert final_answer(text) == ["0"]
+    assert time.monotonic() - start < 2.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2{,}5", "2.5"),
+        ("-0{,}75", "-0.75"),
+        ("1{,}234", "1234"),
+        ("1{,}234{,}567.5", "1234567.5"),
+        ("12{,}3456", "12.3456"),
+        ("1\\,000\\,000", "1000000"),
+        ("1\\,23", "1\\,23"),  # not a group of three: left alone
+        ("2,5", "2,5"),  # a bare comma stays a list
+        ("\\{1{,}2\\}", "\\{1.2\\}"),
+    ],
+)
+def test_normalize_numbers(text: str, expected: str) -> None:
+    assert normalize_numbers(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("gold", "completion", "correct"),
+    [
+        ("$\\frac{1}{2}$", "\\boxed{0.5}", True),
+        ("\\(\\frac{1}{2}\\)", "\\boxed{0.5}", True),
+        ("\\[x^2-1\\]", "\\boxed{(x-1)(x+1)}", True),
+        ("\\boxed{7}", "\\boxed{7}", True),
+        ("The answer is $15$.", "\\boxed{15}", True),
+        ("The answer is $15$.", "\\boxed{16}", False),
+        ("\\$18.90", "\\boxed{18.90}", True),  # an escaped dollar is not a delimiter
+        ("(a) 3, (b) 5", "(a) \\boxed{3}\n(b) \\boxed{5}", True),
+        ("1, 2", "\\boxed{1}", False),
+    ],
+)
+def test_gold_readings(gold: str, completion: str, correct: bool) -> None:
+    assert score_answer(parse_gold(gold), completion).reward == (1.0 if correct else 0.0)
+
+
+def test_last_box_v1_is_the_old_reading() -> None:
+    v1 = ScoringPolicy.LAST_BOX_V1
+    two = "So $x=\\boxed{1}$ and $x=\\boxed{2}$."
+    assert score_answer(parse_gold("1, 2", v1), two, v1).reward == 0.0
+    assert score_answer(parse_gold("1, 2"), two).reward == 1.0
+    assert score_answer(parse_gold("2", v1), two, v1).reward == 1.0
