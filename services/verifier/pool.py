@@ -36,6 +36,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 
 from services.common.messages import Score
+from services.verifier.guard import Refused
 from services.verifier.scoring import last_boxed
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None, cpu_limit_s: int
             _limit_cpu(cpu_limit_s)
             try:
                 score = score_answer(gold_parsed, answer)
+            except Refused as exc:  # cannot be an answer (guard.py): no need to try
+                score = Score(reward=0.0, extracted=exc.extracted, error=str(exc))
             except MemoryError:
                 score = Score(reward=0.0, error="out of memory while scoring (worker memory limit)")
             except Exception as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.common.messages import Score
+from services.verifier import guard
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
@@ -44,6 +45,7 @@ def parse_gold(gold: str) -> Any:
     then as a plain expression."""
     from math_verify import parse
 
+    gold = guard.screen_gold(gold)
     parsed = parse(f"${gold}$", parsing_timeout=None)
     return parsed or parse(gold, parsing_timeout=None)
 
@@ -52,6 +54,7 @@ def score_answer(gold_parsed: Any, completion: str) -> Score:
     """Reward 1 when the completion's final answer equals the gold one, else 0."""
     from math_verify import parse, verify
 
+    completion = guard.screen(completion, last_boxed)
     boxed = last_boxed(completion)
     if boxed is not None:
         parsed = parse(f"\\boxed{{{boxed}}}", parsing_timeout=None)
