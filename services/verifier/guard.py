@@ -28,9 +28,14 @@ parsing the gold answer:
    - nests brackets deeper than ``MAX_BRACKET_DEPTH`` or exponents deeper than
      ``MAX_EXPONENT_DEPTH`` (``a^{b^{c}}`` is depth 2);
    - holds an integer of over ``MAX_INTEGER_DIGITS`` digits, an exponent whose value
-     (estimated from the numbers in it) is over ``MAX_EXPONENT``, a power of a sum whose
-     expansion has over ``MAX_EXPANSION_TERMS`` terms, or a factorial, binomial or product
-     of over ``MAX_FACTORIAL_ARG``.
+     (estimated from the numbers in it) is over ``MAX_EXPONENT``, a factorial or binomial
+     of over ``MAX_FACTORIAL_ARG``, a ``\\sum`` or ``\\prod`` of over ``MAX_SUM_TERMS``
+     terms, or a polynomial whose expansion has over ``MAX_EXPANSION_TERMS`` terms
+     (``(x+1)^{100}(y+1)^{100}`` has 10,201);
+   - is an integral, which sympy would try to evaluate with no bound at all.
+
+What stays slow within these limits (``\\sum_{k=0}^{100} \\binom{100}{k} x^k y^{100-k}``
+takes 10 s) is the pool's to cut off.
 
 Each limit is far past what a competition answer needs and below where math-verify took
 a second on a 2-core machine (bench/verifier_adversarial.py measures the corpus of
@@ -52,6 +57,7 @@ MAX_INTEGER_DIGITS = 1_000  # 10^6 digits took 3 s and 600 MB
 MAX_EXPONENT = 10**6  # 10^{10^{6}} took 1 s, 10^{10^{10}} over a minute
 MAX_EXPANSION_TERMS = 500  # (a+...+f)^6, 462 terms, took 1.3 s
 MAX_FACTORIAL_ARG = 10_000  # 10^5! took 0.7 s, 10^6! over a minute
+MAX_SUM_TERMS = 100  # \sum_{k=0}^{1000} \binom{1000}{k} x^k took over a minute
 
 _INVISIBLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
 _MACROS = re.compile(
@@ -63,12 +69,12 @@ _CODE = re.compile(
 )
 _TOKEN = re.compile(r"\\[A-Za-z]+|\\.|\d+(?:\.\d+)?|\*\*|\S")
 _OPEN, _CLOSE = "{([", "})]"
-_SEPARATORS = frozenset(
-    ["+", "-", ",", ";", "=", "<", ">", "&", "\\pm", "\\mp", "\\le", "\\ge", "\\leq", "\\geq", "\\neq"]
-)
+_SUMS = frozenset(["+", "-", "\\pm", "\\mp"])
+_SEPARATORS = _SUMS | {",", ";", ".", ":", "?", "=", "<", ">", "&", "\\le", "\\ge", "\\leq", "\\geq", "\\neq"}
 _LAYOUT = frozenset(["\\left", "\\right", "\\big", "\\Big", "\\bigg", "\\Bigg", "\\displaystyle", "\\,", "\\;", "\\!"])
 _GREEK = re.compile(r"\\(?:alpha|beta|gamma|delta|epsilon|theta|lambda|mu|pi|phi|psi|omega|sigma|tau|rho|xi)")
 _BINOMIALS = frozenset(["\\binom", "\\dbinom", "\\tbinom"])
+_INTEGRAL = re.compile(r"\\(?:int|iint|iiint|oint)(?![A-Za-z])")
 
 
 class Refused(ValueError):
@@ -110,6 +116,8 @@ def check(answer: str, extracted: str | None) -> None:
     """Raise Refused when ``answer`` could make math-verify spin or blow up."""
     if _MACROS.search(answer):
         raise Refused("the answer defines LaTeX macros", extracted)
+    if _INTEGRAL.search(answer):
+        raise Refused("the answer is an integral, which sympy would evaluate without bound", extracted)
     if _CODE.search(answer):
         raise Refused("the answer reads as Python code", extracted)
     depth = bracket_depth(answer)
@@ -144,15 +152,27 @@ class _Value:
     """log10 of the largest magnitude its numbers can give it (a symbol counts as 1)."""
     symbolic: bool = False
     """Holds a letter: a power of it is expanded, not evaluated."""
-    summands: int = 1
-    """Terms at its top level, when it is a bracketed sum holding a symbol, else 1."""
-    product: bool = False
-    """A ``\\prod``: its upper limit (``^``) is a number of factors."""
+    terms: int = 1
+    """Terms it has once expanded ((x+1)(y+1) has 4), when it holds a letter."""
+    big_operator: bool = False
+    """A ``\\sum`` or ``\\prod``: its upper limit (``^``) is a number of terms."""
 
 
 def _power(x: float) -> float:
     """10 ** x, infinite past what a float holds."""
     return 10.0**x if x < 300 else math.inf
+
+
+def _expansion(terms: int) -> int:
+    """``terms``, refused past MAX_EXPANSION_TERMS."""
+    if terms > MAX_EXPANSION_TERMS:
+        raise Refused(f"the answer expands to over {MAX_EXPANSION_TERMS} terms")
+    return terms
+
+
+def _capped(terms: int) -> int:
+    """``terms`` while counting: just past the limit is as bad as any more."""
+    return min(terms, MAX_EXPANSION_TERMS + 1)
 
 
 class _Estimator:
@@ -168,23 +188,31 @@ class _Estimator:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
 
     def group(self, tower: int, nested: bool = False) -> _Value:
-        """Terms up to the closing bracket (any kind: ``[0,1)`` is an interval) or the end."""
-        terms: list[float] = [0.0]
+        """Up to the closing bracket (any kind: ``[0,1)`` is an interval) or the end. Its
+        parts between separators are products of what they hold (juxtaposition, ``\\cdot``,
+        ``/``); their sizes combine by max, their expanded terms add across ``+`` and
+        ``-`` and combine by max across the rest (``,`` ``=`` ...)."""
         values: list[_Value] = []
+        size, log10 = 0.0, 0.0  # the largest part so far, the part in hand
+        terms, summed, factors = 1, 0, 0  # most terms of a clause, the clause in hand, the part's
         while (tok := self.peek()) is not None:
             self.i += tok in _CLOSE or tok in _SEPARATORS
-            if tok in _CLOSE:
-                if nested:
-                    break
-            elif tok in _SEPARATORS:
-                terms.append(0.0)
-            else:
-                values.append(self.term(tower))
-                terms[-1] += values[-1].log10  # juxtaposition, \cdot, / : at most a product
-        if len(values) == 1 and len(terms) == 1:
+            if tok in _CLOSE and nested:
+                break
+            if tok in _SEPARATORS:
+                size, log10 = max(size, log10), 0.0
+                summed, factors = _capped(summed + factors), 0
+                if tok not in _SUMS:
+                    terms, summed = max(terms, summed), 0
+            elif tok not in _CLOSE:
+                values.append(value := self.term(tower))
+                log10 += value.log10
+                factors = _capped(max(factors, 1) * value.terms)
+        if len(values) == 1 and summed == 0:
             return values[0]  # one term keeps its kind: {(x+1)} is still a sum
         symbolic = any(v.symbolic for v in values)
-        return _Value(max(terms), symbolic, len(terms) if symbolic else 1)
+        terms = _expansion(max(terms, summed + factors)) if symbolic else 1
+        return _Value(max(size, log10), symbolic, terms)
 
     def term(self, tower: int) -> _Value:
         """An atom and its postfix operators: ``^`` (right-associative), ``_``, ``!``."""
@@ -218,21 +246,22 @@ class _Estimator:
         if tok in _BINOMIALS:
             n, k = self.atom(tower), self.atom(tower)
             return _Value(self._factorial(max(n.log10, k.log10)), n.symbolic or k.symbolic)
-        if tok == "\\prod":
-            return _Value(product=True)
+        if tok in ("\\sum", "\\prod"):
+            return _Value(big_operator=True)
         return _Value(symbolic=tok.isalpha() or bool(_GREEK.fullmatch(tok)))
 
     def _raise(self, base: _Value, exponent: _Value) -> _Value:
         n = round(_power(exponent.log10), 6)
-        if base.product:
-            if n > MAX_FACTORIAL_ARG:
-                raise Refused(f"the answer takes a product of {n:.3g} factors (at most {MAX_FACTORIAL_ARG})")
+        if base.big_operator:
+            if n > MAX_SUM_TERMS:
+                raise Refused(f"the answer has a sum or product of {n:.3g} terms (at most {MAX_SUM_TERMS})")
             return _Value(self._factorial(exponent.log10), symbolic=True)
         if n > MAX_EXPONENT:
             raise Refused(f"the answer has an exponent of about {n:.3g} (at most {MAX_EXPONENT:.0e})")
-        if base.summands > 1 and math.comb(math.ceil(n) + base.summands - 1, base.summands - 1) > MAX_EXPANSION_TERMS:
-            raise Refused(f"the answer raises a sum of {base.summands} terms to the power {n:g}")
-        return _Value(base.log10 * n, base.symbolic or exponent.symbolic)
+        terms = base.terms
+        if terms > 1 and not exponent.symbolic:  # (a+b)^n: the monomials of degree n in a and b
+            terms = _expansion(math.comb(math.ceil(n) + terms - 1, terms - 1))
+        return _Value(base.log10 * n, base.symbolic or exponent.symbolic, terms)
 
     @staticmethod
     def _factorial(log10: float) -> float:
