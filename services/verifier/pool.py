@@ -11,6 +11,10 @@ also caps its own CPU time per answer (twice the limit, enforced by the kernel),
 left behind by a verifier that was itself killed (``kill -9``, the OOM killer) stops within
 seconds instead of spinning on for minutes with nobody to kill it.
 
+Most such answers never get this far: guard.py refuses them in the worker before
+math-verify sees them (a ``Refused`` scores 0 with its reason, and the worker lives on).
+The limits here are for what the guard cannot bound.
+
 Workers are forked from a forkserver that has math-verify imported already, so a
 replacement is ready in milliseconds rather than the seconds a fresh import takes.
 

@@ -50,9 +50,17 @@ def test_the_adversarial_corpus_breaks_nothing(redis_url: str, keys: Keys, tmp_p
         while watch.alive() and time.monotonic() < deadline:
             time.sleep(0.1)
 
-    wrong = [(r.case.kind, r.case.completion[:80], r.case.expected, r.score) for r in results if r.score["reward"] != r.case.expected]
+    wrong = [
+        (r.case.kind, r.case.completion[:80], r.case.expected, r.score)
+        for r in results
+        if r.score["reward"] != r.case.expected
+    ]
     assert not wrong, wrong
-    slow = [(r.case.kind, r.case.completion[:80], round(r.seconds, 2), r.score) for r in results if r.seconds >= TIMEOUT_S or r.score["timed_out"]]
+    slow = [
+        (r.case.kind, r.case.completion[:80], round(r.seconds, 2), r.score)
+        for r in results
+        if r.seconds >= TIMEOUT_S or r.score["timed_out"]
+    ]
     assert not slow, slow
     assert restarts(metrics) == 0, "a worker was killed: the guard let something slow through"
     assert health.latencies and all(t is not None and t < 2.0 for t in health.latencies), health.latencies
