@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-unit lint fmt clean demo experiment smoke-containers chaos chaos-short
+.PHONY: venv test test-unit lint fmt clean demo experiment smoke-containers chaos chaos-short verifier-fuzz
 
 venv: $(STAMP)
 
@@ -60,6 +60,14 @@ chaos: $(STAMP)
 
 chaos-short: $(STAMP)
 	$(PY) -m chaos --short --seed $(SEED) --dir runs/chaos-short
+
+# The verifier against the adversarial corpus (tests/data/verifier/adversarial.jsonl) and
+# MUTATIONS seeded mutants of it, through a real `pope verifier`: timings per kind, worker
+# memory peaks, restarts (bench/verifier_adversarial.py). The fixed corpus alone is
+# tests/integration/test_verifier_adversarial.py, part of `make test`.
+MUTATIONS ?= 2000
+verifier-fuzz: $(STAMP)
+	$(PY) bench/verifier_adversarial.py --mutations $(MUTATIONS) --seed $(SEED)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

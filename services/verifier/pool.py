@@ -11,6 +11,10 @@ also caps its own CPU time per answer (twice the limit, enforced by the kernel),
 left behind by a verifier that was itself killed (``kill -9``, the OOM killer) stops within
 seconds instead of spinning on for minutes with nobody to kill it.
 
+Most such answers never get this far: guard.py refuses them in the worker before
+math-verify sees them (a ``Refused`` scores 0 with its reason, and the worker lives on).
+The limits here are for what the guard cannot bound.
+
 Workers are forked from a forkserver that has math-verify imported already, so a
 replacement is ready in milliseconds rather than the seconds a fresh import takes.
 
@@ -36,7 +40,8 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 
 from services.common.messages import Score, ScoringPolicy
-from services.verifier.scoring import final_answer
+from services.verifier.guard import Refused
+from services.verifier.scoring import final_answer_text
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +101,13 @@ def _worker_main(
             _limit_cpu(cpu_limit_s)
             try:
                 score = score_answer(gold_parsed, answer, policy)
+            except Refused as exc:  # cannot be an answer (guard.py): no need to try
+                score = Score(reward=0.0, extracted=exc.extracted, error=str(exc))
             except MemoryError:
                 score = Score(reward=0.0, error="out of memory while scoring (worker memory limit)")
             except Exception as exc:
                 score = Score(reward=0.0, error=f"{type(exc).__name__}: {exc}"[:500])
             conn.send(("score", i, score.model_dump()))
-
-
-def _final_answer_text(text: str) -> str | None:
-    """What a killed worker's answer said, for inspection (extraction is cheap and bounded)."""
-    contents = final_answer(text)
-    return ", ".join(contents) if contents else None
 
 
 @dataclass
@@ -204,7 +205,7 @@ class ScoringPool:
             if failure is None:
                 break
             culprit = pending[done_here]
-            scores[culprit] = failure.model_copy(update={"extracted": _final_answer_text(answers[culprit])})
+            scores[culprit] = failure.model_copy(update={"extracted": final_answer_text(answers[culprit])})
             log.warning("answer %d of a group: %s; replacing worker pid %s", culprit, failure.error, proc.process.pid)
             proc = self._replace(proc, reason)
             pending = [i for i in pending if scores[i] is None]

@@ -39,6 +39,7 @@ from itertools import pairwise
 from typing import Any
 
 from services.common.messages import Score, ScoringPolicy
+from services.verifier import guard
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
@@ -144,7 +145,7 @@ def final_answer(text: str) -> list[str] | None:
 
     In a completion written in labelled parts ("(a) ... (b) ...", two or more of them
     with boxes) each part's own final answer counts; otherwise the last box with the
-    boxes joined to it."""
+    boxes joined to it. A box repeated in the group counts once."""
     found, cut = boxes(text)
     if cut:
         return None
@@ -154,8 +155,10 @@ def final_answer(text: str) -> list[str] | None:
     parts = [[b for b in found if start <= b.start < end] for start, end in pairwise([*starts, len(text)])]
     parts = [p for p in parts if p]
     if len(parts) >= 2 and parts[-1][-1] is found[-1]:
-        return [b.content for p in parts for b in _joined_tail(text, p)]
-    return [b.content for b in _joined_tail(text, found)]
+        group = [b for p in parts for b in _joined_tail(text, p)]
+    else:
+        group = _joined_tail(text, found)
+    return list(dict.fromkeys(b.content for b in group))  # "\boxed{1} and \boxed{1}" is 1
 
 
 _DECIMAL_COMMA = re.compile(r"(?<=\d)\{,\}(?=\d)(?!\d{3}(?!\d))")
@@ -187,6 +190,7 @@ def parse_gold(gold: str, policy: ScoringPolicy = ScoringPolicy.JOINED_BOXES_V2)
     """The gold answer, parsed once per group (see the module docstring for how)."""
     from math_verify import parse
 
+    gold = guard.screen_gold(gold)
     if policy is ScoringPolicy.LAST_BOX_V1:
         return parse(f"${gold}$", parsing_timeout=None) or parse(gold, parsing_timeout=None)
     gold = normalize_numbers(gold.strip())
@@ -217,11 +221,19 @@ def _parse_boxes(contents: list[str]) -> list[Any]:
     return [FiniteSet(*exprs), ", ".join(contents)]
 
 
+def final_answer_text(text: str) -> str | None:
+    """The final answer's boxes as one string (what the guard screens); None when there is
+    no complete final box."""
+    contents = final_answer(normalize_numbers(text))
+    return ", ".join(contents) if contents else None
+
+
 def score_answer(gold_parsed: Any, completion: str, policy: ScoringPolicy = ScoringPolicy.JOINED_BOXES_V2) -> Score:
     """Reward 1 when the completion's final answer equals the gold one, else 0."""
     from math_verify import parse, verify
 
     v1 = policy is ScoringPolicy.LAST_BOX_V1
+    completion = guard.screen(completion, _last_box_v1 if v1 else final_answer_text)
     if v1:
         last = _last_box_v1(completion)
         contents: list[str] | None = [] if last is None else [last]

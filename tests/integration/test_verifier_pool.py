@@ -12,7 +12,9 @@ import pytest
 
 from services.verifier.pool import ScoringPool
 
-TOWER = "\\boxed{9^{9^{9^{9^{9}}}}}"  # raw math-verify spins on this for minutes
+TOWER = "\\boxed{9^{9^{9^{9^{9}}}}}"  # raw math-verify spins on this for minutes; the guard refuses it
+# Gets past the guard (services/verifier/guard.py) and takes math-verify about 10 s.
+SLOW = "\\boxed{\\sum_{k=0}^{100} \\binom{100}{k} x^{k} y^{100-k}}"
 
 
 @pytest.fixture
@@ -26,13 +28,13 @@ async def pool() -> AsyncIterator[ScoringPool]:
 async def test_pathological_answer_is_cut_off_while_others_are_scored(pool: ScoringPool) -> None:
     start = time.monotonic()
     hang, other = await asyncio.gather(
-        pool.score("4", ["\\boxed{4}", TOWER, "\\boxed{5}", "\\boxed{2+2}"]),
+        pool.score("4", ["\\boxed{4}", SLOW, "\\boxed{5}", "\\boxed{2+2}"]),
         pool.score("\\frac{1}{2}", ["\\boxed{0.5}", "\\boxed{0.6}"]),
     )
     elapsed = time.monotonic() - start
     assert [s.reward for s in hang] == [1.0, 0.0, 0.0, 1.0]
     assert hang[1].timed_out and "longer than 1.5s" in (hang[1].error or "")
-    assert hang[1].extracted == "9^{9^{9^{9^{9}}}}"
+    assert hang[1].extracted == SLOW[len("\\boxed{") : -1]
     assert [s.reward for s in other] == [1.0, 0.0]
     assert elapsed < 1.5 + 3.0, f"took {elapsed:.1f}s: the limit was not enforced"
     assert pool.restarts == 1 and pool.alive()
@@ -44,8 +46,8 @@ async def test_worker_killed_mid_answer_is_replaced_and_the_group_still_scored()
     pool = ScoringPool(workers=1, timeout_s=60)  # the kill, not the limit, must end it
     await pool.start()
     try:
-        # The tower comes first: once the worker is busy it can only be on the tower.
-        task = asyncio.create_task(pool.score("2", [TOWER, "\\boxed{2}", "\\boxed{2}", "\\boxed{3}"]))
+        # The slow one comes first: once the worker is busy it can only be on it.
+        task = asyncio.create_task(pool.score("2", [SLOW, "\\boxed{2}", "\\boxed{2}", "\\boxed{3}"]))
         deadline = time.monotonic() + 30
         while not pool.busy_pids():
             assert time.monotonic() < deadline, "the worker never started scoring"
@@ -77,13 +79,23 @@ async def test_garbage_and_huge_inputs_do_not_break_scoring(pool: ScoringPool) -
 
 def test_a_worker_whose_parent_is_gone_stops_itself() -> None:
     """A verifier killed with SIGKILL cannot kill its busy worker; the worker's own CPU cap
-    (2 CPU seconds here) must end it while it spins on the tower, long before math-verify would."""
+    (2 CPU seconds here) must end it while it spins on a slow answer, long before math-verify would."""
     from services.verifier.pool import _ctx, _worker_main
 
     parent, child = _ctx.Pipe()
     worker = _ctx.Process(target=_worker_main, args=(child, None, 2), daemon=True)
     worker.start()
     child.close()
-    parent.send(("2", [TOWER]))  # nobody will kill it: this test only waits
+    parent.send(("2", [SLOW]))  # nobody will kill it: this test only waits
     worker.join(30)
     assert worker.exitcode == -signal.SIGXCPU, worker.exitcode
+
+
+async def test_the_guard_refuses_a_tower_without_losing_the_worker(pool: ScoringPool) -> None:
+    start = time.monotonic()
+    scores = await pool.score("3", [TOWER, "\\boxed{3}"])
+    assert time.monotonic() - start < 1.5, "the tower reached math-verify"
+    assert [s.reward for s in scores] == [0.0, 1.0]
+    assert not scores[0].timed_out and "exponents" in (scores[0].error or "")
+    assert scores[0].extracted == "9^{9^{9^{9^{9}}}}"
+    assert pool.restarts == 0

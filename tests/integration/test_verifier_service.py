@@ -16,7 +16,8 @@ from services.common.messages import FinishReason, RawGroup, Sample, ScoredGroup
 from services.common.streams import DATA
 from tests.conftest import running_pope
 
-TOWER = "\\boxed{9^{9^{9^{9^{9}}}}}"
+TOWER = "\\boxed{9^{9^{9^{9^{9}}}}}"  # refused by the guard at once
+SLOW = "\\boxed{\\sum_{k=0}^{100} \\binom{100}{k} x^{k} y^{100-k}}"  # past the guard, ~10 s in math-verify
 
 
 def env_for(redis_url: str, keys: Keys, **extra: str) -> dict[str, str]:
@@ -32,15 +33,17 @@ def test_verify_over_http(redis_url: str, keys: Keys) -> None:
             {"answer": "The answer is $7$.", "gold": "7"},
             {"answer": "\\boxed{8}", "gold": "7"},
             {"answer": "no answer", "gold": "7"},
+            {"answer": SLOW, "gold": "3"},
         ]
         auth = {"Authorization": "Bearer t0k"}
         assert httpx.post(f"{proc.url}/v1/verify", json=rows, timeout=30).status_code == 401
         resp = httpx.post(f"{proc.url}/v1/verify", json=rows, headers=auth, timeout=30)
         assert resp.status_code == 200, resp.text
         out = resp.json()
-        assert [r["reward"] for r in out] == [1.0, 0.0, 1.0, 0.0, 0.0]
-        assert [r["timed_out"] for r in out] == [False, True, False, False, False]
-        assert [r["extracted"] for r in out] == ["\\frac{1}{2}", "9^{9^{9^{9^{9}}}}", "7", "8", None]
+        assert [r["reward"] for r in out] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+        assert [r["timed_out"] for r in out] == [False, False, False, False, False, True]
+        assert [r["extracted"] for r in out] == ["\\frac{1}{2}", "9^{9^{9^{9^{9}}}}", "7", "8", None, SLOW[7:-1]]
+        assert "exponents" in out[1]["error"] and "longer than 2s" in out[5]["error"]
         bad = httpx.post(f"{proc.url}/v1/verify", json=[{"answer": "x", "gold": "1"}, {"answer": 3}], headers=auth)
         assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][:2] == ["body", 1]
         metrics = httpx.get(f"{proc.url}/metrics").text
@@ -49,7 +52,7 @@ def test_verify_over_http(redis_url: str, keys: Keys) -> None:
 
 
 def raw_group(i: int, slow: bool) -> RawGroup:
-    texts = ["\\boxed{4}", TOWER if slow else "\\boxed{5}", "\\boxed{2+2}"]
+    texts = ["\\boxed{4}", SLOW if slow else "\\boxed{5}", "\\boxed{2+2}"]
     samples = [
         Sample(
             problem_id=f"p{i}",

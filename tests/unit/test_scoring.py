@@ -140,3 +140,8 @@ def test_last_box_v1_is_the_old_reading() -> None:
     assert score_answer(parse_gold("1, 2", v1), two, v1).reward == 0.0
     assert score_answer(parse_gold("1, 2"), two).reward == 1.0
     assert score_answer(parse_gold("2", v1), two, v1).reward == 1.0
+
+
+def test_a_repeated_box_is_one_answer() -> None:
+    assert final_answer("\\boxed{1} \\boxed{1} and \\boxed{1}") == ["1"]
+    assert score_answer(parse_gold("1"), " ".join(["\\boxed{1}"] * 3000)).reward == 1.0
