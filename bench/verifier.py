@@ -1,18 +1,28 @@
 """Scoring throughput of the verifier against raw in-process math-verify, side by side.
 
-    .venv/bin/python bench/verifier.py [--groups 48] [--group-size 8] [--workers 1 2]
+    .venv/bin/python bench/verifier.py [--groups 48] [--group-size 8] [--workers 1 2] [--batch 1 16]
 
 The same answers are scored three ways in one run: raw math-verify in this process
 (``verify(parse(gold), parse(answer))``, the floor with no isolation at all), through
 ``POST /v1/verify`` of a real ``pope verifier``, and through the stream path (RawGroups
-published to the rollouts stream, timed until every ScoredGroup is out). Prints
-answers/s, the ratio to raw, and that ratio per scoring worker. Redis: REDIS_URL, else
-127.0.0.1:6379, else a private redis-server.
+published to the rollouts stream, timed until every ScoredGroup is out), once per
+``--batch`` (the verifier's ``streams.batch``: entries a stream worker takes at a time).
+Prints answers/s, the ratio to raw, and that ratio per scoring worker.
+
+Then what the stream path costs beyond scoring, two ways:
+- its overhead per group: the stream path's time per group minus the scoring pool's own
+  (a ``ScoringPool`` in this process, as many workers, scoring the same groups);
+- delivery alone: the stream worker in this process with a handler that scores nothing,
+  its time per group and the Redis round trips and commands per group it sent (counted
+  on its own connections, so other clients of a shared Redis do not count).
+
+Redis: REDIS_URL, else 127.0.0.1:6379, else a private redis-server.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import random
 import statistics
@@ -26,11 +36,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import httpx
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.connection import Connection
 
-from services.common.keys import Keys, delete_prefix
-from services.common.messages import RawGroup, Sample, encode
+from services.common.keys import VERIFIERS, Keys, adelete_prefix, delete_prefix
+from services.common.messages import RawGroup, Sample, Score, ScoredGroup, encode
 from services.common.redis_server import free_port, redis_for
-from services.common.streams import DATA
+from services.common.streams import DATA, DeliveryPolicy, GroupReader
+from services.common.worker import Effects, Worker
+from services.verifier.pool import ScoringPool
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FORMS = [
     ("\\boxed{{{a}}}", "{a}"),
@@ -67,14 +83,19 @@ def bench_raw(work: list[tuple[str, list[str]]]) -> float:
     return n / (time.perf_counter() - start)
 
 
-def start_verifier(workers: int, redis_url: str, keys: Keys, consume: bool) -> tuple[subprocess.Popen[bytes], str]:
+def start_verifier(
+    workers: int, redis_url: str, keys: Keys, consume: bool, batch: int = 16
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
+        # The verifier runs this checkout's code, whichever checkout the venv was installed from.
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
         "REDIS_URL": redis_url,
         "POPE_VERIFIER__KEY_PREFIX": keys.prefix,
         "POPE_VERIFIER__CONSUME": str(consume).lower(),
         "POPE_VERIFIER__LOG_LEVEL": "WARNING",
+        "POPE_VERIFIER__STREAMS__BATCH": str(batch),
     }
     pope = str(Path(sys.executable).parent / "pope")
     proc = subprocess.Popen(
@@ -107,7 +128,7 @@ def bench_http(url: str, work: list[tuple[str, list[str]]], per_request: int = 8
     return len(rows) / (time.perf_counter() - start)
 
 
-def bench_stream(r: Redis, keys: Keys, work: list[tuple[str, list[str]]]) -> float:
+def raw_groups(work: list[tuple[str, list[str]]]) -> list[RawGroup]:
     groups = []
     for i, (gold, answers) in enumerate(work):
         samples = [
@@ -136,6 +157,11 @@ def bench_stream(r: Redis, keys: Keys, work: list[tuple[str, list[str]]]) -> flo
                 temperature=1.0,
             )
         )
+    return groups
+
+
+def bench_stream(r: Redis, keys: Keys, work: list[tuple[str, list[str]]]) -> float:
+    groups = raw_groups(work)
     before = r.xlen(keys.scored)
     start = time.perf_counter()
     pipe = r.pipeline()
@@ -150,28 +176,125 @@ def bench_stream(r: Redis, keys: Keys, work: list[tuple[str, list[str]]]) -> flo
     return sum(len(a) for _g, a in work) / (time.perf_counter() - start)
 
 
+def bench_pool(workers: int, work: list[tuple[str, list[str]]]) -> float:
+    """Answers/s of a ScoringPool scoring the groups with every worker busy: no HTTP, no Redis."""
+
+    async def run() -> float:
+        pool = ScoringPool(workers)
+        await pool.start()
+        try:
+            await asyncio.gather(*(pool.score(g, a) for g, a in work[: 2 * workers]))  # warm-up
+            start = time.perf_counter()
+            await asyncio.gather(*(pool.score(g, a) for g, a in work))
+            return sum(len(a) for _g, a in work) / (time.perf_counter() - start)
+        finally:
+            await pool.close()
+
+    return asyncio.run(run())
+
+
+class CountingConnection(Connection):
+    """A connection that counts what it sends: one write is one round trip (a pipeline or
+    transaction is one write), and every command packed into it."""
+
+    round_trips = 0
+    commands = 0
+
+    async def send_packed_command(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        CountingConnection.round_trips += 1
+        await super().send_packed_command(command, check_health)
+
+    def pack_command(self, *args):  # type: ignore[no-untyped-def]
+        CountingConnection.commands += 1
+        return super().pack_command(*args)
+
+    def pack_commands(self, commands):  # type: ignore[no-untyped-def]
+        commands = list(commands)
+        CountingConnection.commands += len(commands)
+        return super().pack_commands(commands)
+
+
+def bench_delivery(redis_url: str, groups: list[RawGroup], batch: int) -> tuple[float, float, float]:
+    """The stream worker alone, in this process, with a handler that scores nothing: ms per
+    group from publishing every group until every ScoredGroup is out, and the Redis round
+    trips and commands the worker sent per group."""
+
+    async def run() -> tuple[float, float, float]:
+        keys = Keys(f"bench:{uuid.uuid4().hex[:8]}:")
+        client = AsyncRedis.from_url(redis_url, connection_class=CountingConnection)
+        watcher = AsyncRedis.from_url(redis_url)
+        reader = GroupReader(client, keys, keys.rollouts, VERIFIERS, "bench", DeliveryPolicy(batch=batch))
+
+        async def null(group: RawGroup, effects: Effects) -> None:
+            effects.publish(keys.scored, ScoredGroup.from_raw(group, [Score(reward=0.0)] * len(group.samples)))
+
+        worker = Worker(reader, RawGroup, null, key_of=lambda g: g.group_id, heartbeat=("bench", "bench"))
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        try:
+            await reader.ensure_group()
+            trips, commands = CountingConnection.round_trips, CountingConnection.commands
+            start = time.perf_counter()
+            async with watcher.pipeline(transaction=False) as pipe:
+                for g in groups:
+                    pipe.xadd(keys.rollouts, {DATA: encode(g)})
+                await pipe.execute()
+            last = "0"
+            seen = 0
+            while seen < len(groups):
+                reply = await watcher.xread({keys.scored: last}, block=1000)
+                if reply:
+                    rows = reply[0][1]
+                    seen += len(rows)
+                    last = rows[-1][0]
+            elapsed = time.perf_counter() - start
+            trips = CountingConnection.round_trips - trips
+            commands = CountingConnection.commands - commands
+        finally:
+            stop.set()
+            await task
+            await adelete_prefix(watcher, keys.prefix)
+            await client.aclose()
+            await watcher.aclose()
+        n = len(groups)
+        return 1000 * elapsed / n, trips / n, commands / n
+
+    return asyncio.run(run())
+
+
+def row(label: str, rate: float, raw: float, workers: int | None, overhead: float | None = None) -> None:
+    per_worker = f"{rate / raw / workers:10.2f}x" if workers else ""
+    extra = f"{overhead:18.2f}" if overhead is not None else ""
+    print(f"{label:46s} {rate:10.1f} {rate / raw:7.2f}x {per_worker:>11s} {extra}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", type=int, default=48)
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, nargs="+", default=[16], help="streams.batch values to compare")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     work = workload(args.groups, args.group_size)
+    size = args.group_size
     print(
-        f"{args.groups} groups x {args.group_size} answers, {len(FORMS)} answer forms, "
+        f"{args.groups} groups x {size} answers, {len(FORMS)} answer forms, "
         f"medians of {args.repeats} runs, {os.cpu_count()} CPUs"
     )
     bench_raw(work[:4])  # warm-up (imports, caches)
     raw = statistics.median(bench_raw(work) for _ in range(args.repeats))
-    print(f"{'path':38s} {'answers/s':>10s} {'vs raw':>8s} {'per worker':>11s}")
-    print(f"{'raw math-verify, in-process':38s} {raw:10.1f} {1.0:7.2f}x {'':>11s}")
+    print(f"{'path':46s} {'answers/s':>10s} {'vs raw':>8s} {'per worker':>11s} {'overhead ms/group':>18s}")
+    row("raw math-verify, in-process", raw, raw, None)
     with redis_for(os.environ.get("REDIS_URL")) as redis_url:
         r = Redis.from_url(redis_url)
         for workers in args.workers:
-            for path in ("http", "stream"):
+            pool = statistics.median(bench_pool(workers, work) for _ in range(args.repeats))
+            row(f"ScoringPool in-process, {workers} worker(s)", pool, raw, workers)
+            runs = [("http", 16)] + [("stream", b) for b in args.batch]
+            for path, batch in runs:
                 keys = Keys(f"bench:{uuid.uuid4().hex[:8]}:")
-                proc, url = start_verifier(workers, redis_url, keys, consume=path == "stream")
+                proc, url = start_verifier(workers, redis_url, keys, consume=path == "stream", batch=batch)
                 try:
                     fn = (lambda: bench_http(url, work)) if path == "http" else (lambda: bench_stream(r, keys, work))  # noqa: B023
                     fn()  # warm-up
@@ -180,9 +303,21 @@ def main() -> None:
                     proc.terminate()
                     proc.wait(30)
                     delete_prefix(r, keys.prefix)
-                label = f"{'POST /v1/verify' if path == 'http' else 'stream rollouts->scored'}, {workers} worker(s)"
-                print(f"{label:38s} {rate:10.1f} {rate / raw:7.2f}x {rate / raw / workers:10.2f}x")
+                label = f"POST /v1/verify, {workers} worker(s)"
+                if path == "stream":
+                    label = f"stream rollouts->scored, {workers} worker(s), batch {batch}"
+                # Beyond the pool's own scoring time per group: HTTP or Redis, and the wiring.
+                overhead = 1000 * size * (1 / rate - 1 / pool)
+                row(label, rate, raw, workers, overhead)
         r.close()
+        groups = raw_groups(work)
+        print(f"\ndelivery alone (in-process stream worker, a handler that scores nothing), {args.groups} groups:")
+        print(f"{'batch':>6s} {'ms/group':>9s} {'round trips/group':>18s} {'commands/group':>15s}")
+        for batch in args.batch:
+            bench_delivery(redis_url, groups, batch)  # warm-up
+            runs = [bench_delivery(redis_url, groups, batch) for _ in range(args.repeats)]
+            ms, trips, commands = (statistics.median(run[i] for run in runs) for i in range(3))
+            print(f"{batch:6d} {ms:9.2f} {trips:18.2f} {commands:15.2f}")
 
 
 if __name__ == "__main__":
