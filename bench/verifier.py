@@ -9,9 +9,9 @@ published to the rollouts stream, timed until every ScoredGroup is out), once pe
 ``--batch`` (the verifier's ``streams.batch``: entries a stream worker takes at a time).
 Prints answers/s, the ratio to raw, and that ratio per scoring worker.
 
-Then what the stream path costs beyond scoring, two ways:
-- its overhead per group: the stream path's time per group minus the scoring pool's own
-  (a ``ScoringPool`` in this process, as many workers, scoring the same groups);
+Then what a path costs beyond scoring, two ways:
+- its overhead per group: the same number of groups of answers that take math-verify
+  next to nothing (no final answer), through the real service: ms per group;
 - delivery alone: the stream worker in this process with a handler that scores nothing,
   its time per group and the Redis round trips and commands per group it sent (counted
   on its own connections, so other clients of a shared Redis do not count).
@@ -44,7 +44,6 @@ from services.common.messages import RawGroup, Sample, Score, ScoredGroup, encod
 from services.common.redis_server import free_port, redis_for
 from services.common.streams import DATA, DeliveryPolicy, GroupReader
 from services.common.worker import Effects, Worker
-from services.verifier.pool import ScoringPool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,23 +175,6 @@ def bench_stream(r: Redis, keys: Keys, work: list[tuple[str, list[str]]]) -> flo
     return sum(len(a) for _g, a in work) / (time.perf_counter() - start)
 
 
-def bench_pool(workers: int, work: list[tuple[str, list[str]]]) -> float:
-    """Answers/s of a ScoringPool scoring the groups with every worker busy: no HTTP, no Redis."""
-
-    async def run() -> float:
-        pool = ScoringPool(workers)
-        await pool.start()
-        try:
-            await asyncio.gather(*(pool.score(g, a) for g, a in work[: 2 * workers]))  # warm-up
-            start = time.perf_counter()
-            await asyncio.gather(*(pool.score(g, a) for g, a in work))
-            return sum(len(a) for _g, a in work) / (time.perf_counter() - start)
-        finally:
-            await pool.close()
-
-    return asyncio.run(run())
-
-
 class CountingConnection(Connection):
     """A connection that counts what it sends: one write is one round trip (a pipeline or
     transaction is one write), and every command packed into it."""
@@ -262,10 +244,9 @@ def bench_delivery(redis_url: str, groups: list[RawGroup], batch: int) -> tuple[
     return asyncio.run(run())
 
 
-def row(label: str, rate: float, raw: float, workers: int | None, overhead: float | None = None) -> None:
+def row(label: str, rate: float, raw: float, workers: int | None, overhead: str = "") -> None:
     per_worker = f"{rate / raw / workers:10.2f}x" if workers else ""
-    extra = f"{overhead:18.2f}" if overhead is not None else ""
-    print(f"{label:46s} {rate:10.1f} {rate / raw:7.2f}x {per_worker:>11s} {extra}")
+    print(f"{label:46s} {rate:10.1f} {rate / raw:7.2f}x {per_worker:>11s} {overhead:>18s}")
 
 
 def main() -> None:
@@ -278,6 +259,7 @@ def main() -> None:
     args = parser.parse_args()
     work = workload(args.groups, args.group_size)
     size = args.group_size
+    trivial = [("1", ["no final answer"] * size)] * args.groups  # scoring takes ~nothing
     print(
         f"{args.groups} groups x {size} answers, {len(FORMS)} answer forms, "
         f"medians of {args.repeats} runs, {os.cpu_count()} CPUs"
@@ -289,16 +271,18 @@ def main() -> None:
     with redis_for(os.environ.get("REDIS_URL")) as redis_url:
         r = Redis.from_url(redis_url)
         for workers in args.workers:
-            pool = statistics.median(bench_pool(workers, work) for _ in range(args.repeats))
-            row(f"ScoringPool in-process, {workers} worker(s)", pool, raw, workers)
             runs = [("http", 16)] + [("stream", b) for b in args.batch]
             for path, batch in runs:
                 keys = Keys(f"bench:{uuid.uuid4().hex[:8]}:")
                 proc, url = start_verifier(workers, redis_url, keys, consume=path == "stream", batch=batch)
-                try:
-                    fn = (lambda: bench_http(url, work)) if path == "http" else (lambda: bench_stream(r, keys, work))  # noqa: B023
+
+                def measure(w: list[tuple[str, list[str]]]) -> float:
+                    fn = (lambda: bench_http(url, w)) if path == "http" else (lambda: bench_stream(r, keys, w))  # noqa: B023
                     fn()  # warm-up
-                    rate = statistics.median(fn() for _ in range(args.repeats))
+                    return statistics.median(fn() for _ in range(args.repeats))
+
+                try:
+                    rate, bare = measure(work), measure(trivial)
                 finally:
                     proc.terminate()
                     proc.wait(30)
@@ -306,9 +290,7 @@ def main() -> None:
                 label = f"POST /v1/verify, {workers} worker(s)"
                 if path == "stream":
                     label = f"stream rollouts->scored, {workers} worker(s), batch {batch}"
-                # Beyond the pool's own scoring time per group: HTTP or Redis, and the wiring.
-                overhead = 1000 * size * (1 / rate - 1 / pool)
-                row(label, rate, raw, workers, overhead)
+                row(label, rate, raw, workers, f"{1000 * size / bare:.2f}")
         r.close()
         groups = raw_groups(work)
         print(f"\ndelivery alone (in-process stream worker, a handler that scores nothing), {args.groups} groups:")
