@@ -1,6 +1,7 @@
 """Scoring throughput of the verifier against raw in-process math-verify, side by side.
 
     .venv/bin/python bench/verifier.py [--groups 48] [--group-size 8] [--workers 1 2] [--batch 1 16]
+        [--code . OTHER_CHECKOUT]
 
 The same answers are scored three ways in one run: raw math-verify in this process
 (``verify(parse(gold), parse(answer))``, the floor with no isolation at all), through
@@ -16,7 +17,10 @@ Then what a path costs beyond scoring, two ways:
   its time per group and the Redis round trips and commands per group it sent (counted
   on its own connections, so other clients of a shared Redis do not count).
 
-Redis: REDIS_URL, else 127.0.0.1:6379, else a private redis-server.
+``--code`` runs each service row once per checkout given (e.g. the code before a change
+and after it), interleaved, so both see the same machine; delivery alone runs each
+checkout's own copy of this script (``--delivery-only``). Redis: REDIS_URL, else
+127.0.0.1:6379, else a private redis-server.
 """
 
 from __future__ import annotations
@@ -83,13 +87,13 @@ def bench_raw(work: list[tuple[str, list[str]]]) -> float:
 
 
 def start_verifier(
-    workers: int, redis_url: str, keys: Keys, consume: bool, batch: int = 16
+    workers: int, redis_url: str, keys: Keys, consume: bool, batch: int = 16, code: Path = ROOT
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
         # The verifier runs this checkout's code, whichever checkout the venv was installed from.
-        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(code), os.environ.get("PYTHONPATH")) if p),
         "REDIS_URL": redis_url,
         "POPE_VERIFIER__KEY_PREFIX": keys.prefix,
         "POPE_VERIFIER__CONSUME": str(consume).lower(),
@@ -246,7 +250,7 @@ def bench_delivery(redis_url: str, groups: list[RawGroup], batch: int) -> tuple[
 
 def row(label: str, rate: float, raw: float, workers: int | None, overhead: str = "") -> None:
     per_worker = f"{rate / raw / workers:10.2f}x" if workers else ""
-    print(f"{label:46s} {rate:10.1f} {rate / raw:7.2f}x {per_worker:>11s} {overhead:>18s}")
+    print(f"{label:60s} {rate:10.1f} {rate / raw:7.2f}x {per_worker:>11s} {overhead:>18s}")
 
 
 def main() -> None:
@@ -256,7 +260,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, nargs="+", default=[16], help="streams.batch values to compare")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--code", type=Path, nargs="+", default=[ROOT], help="checkouts to run the services of")
+    parser.add_argument("--delivery-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.delivery_only:
+        with redis_for(os.environ.get("REDIS_URL")) as redis_url:
+            delivery(redis_url, args)
+        return
     work = workload(args.groups, args.group_size)
     size = args.group_size
     trivial = [("1", ["no final answer"] * size)] * args.groups  # scoring takes ~nothing
@@ -266,15 +276,15 @@ def main() -> None:
     )
     bench_raw(work[:4])  # warm-up (imports, caches)
     raw = statistics.median(bench_raw(work) for _ in range(args.repeats))
-    print(f"{'path':46s} {'answers/s':>10s} {'vs raw':>8s} {'per worker':>11s} {'overhead ms/group':>18s}")
+    print(f"{'path':60s} {'answers/s':>10s} {'vs raw':>8s} {'per worker':>11s} {'overhead ms/group':>18s}")
     row("raw math-verify, in-process", raw, raw, None)
     with redis_for(os.environ.get("REDIS_URL")) as redis_url:
         r = Redis.from_url(redis_url)
         for workers in args.workers:
             runs = [("http", 16)] + [("stream", b) for b in args.batch]
-            for path, batch in runs:
+            for path, batch, code in [(p, b, c) for p, b in runs for c in args.code]:
                 keys = Keys(f"bench:{uuid.uuid4().hex[:8]}:")
-                proc, url = start_verifier(workers, redis_url, keys, consume=path == "stream", batch=batch)
+                proc, url = start_verifier(workers, redis_url, keys, path == "stream", batch, code.resolve())
 
                 def measure(w: list[tuple[str, list[str]]]) -> float:
                     fn = (lambda: bench_http(url, w)) if path == "http" else (lambda: bench_stream(r, keys, w))  # noqa: B023
@@ -290,16 +300,31 @@ def main() -> None:
                 label = f"POST /v1/verify, {workers} worker(s)"
                 if path == "stream":
                     label = f"stream rollouts->scored, {workers} worker(s), batch {batch}"
+                if len(args.code) > 1:
+                    label += f" [{code.resolve().name}]"
                 row(label, rate, raw, workers, f"{1000 * size / bare:.2f}")
         r.close()
-        groups = raw_groups(work)
-        print(f"\ndelivery alone (in-process stream worker, a handler that scores nothing), {args.groups} groups:")
-        print(f"{'batch':>6s} {'ms/group':>9s} {'round trips/group':>18s} {'commands/group':>15s}")
-        for batch in args.batch:
-            bench_delivery(redis_url, groups, batch)  # warm-up
-            runs = [bench_delivery(redis_url, groups, batch) for _ in range(args.repeats)]
-            ms, trips, commands = (statistics.median(run[i] for run in runs) for i in range(3))
-            print(f"{batch:6d} {ms:9.2f} {trips:18.2f} {commands:15.2f}")
+        for code in args.code:
+            if code.resolve() == ROOT:
+                delivery(redis_url, args)
+            else:  # that checkout's worker, run by its own copy of this script
+                flags = ["--groups", str(args.groups), "--group-size", str(size), "--repeats", str(args.repeats)]
+                flags += ["--batch", *map(str, args.batch)]
+                script = code.resolve() / "bench" / "verifier.py"
+                env = {**os.environ, "PYTHONPATH": str(code.resolve()), "REDIS_URL": redis_url}
+                subprocess.run([sys.executable, str(script), "--delivery-only", *flags], env=env, check=True)
+
+
+def delivery(redis_url: str, args: argparse.Namespace) -> None:
+    groups = raw_groups(workload(args.groups, args.group_size))
+    title = f"delivery alone (in-process stream worker, a handler that scores nothing), {args.groups} groups"
+    print(f"\n{title} [{ROOT.name}]:")
+    print(f"{'batch':>6s} {'ms/group':>9s} {'round trips/group':>18s} {'commands/group':>15s}")
+    for batch in args.batch:
+        bench_delivery(redis_url, groups, batch)  # warm-up
+        runs = [bench_delivery(redis_url, groups, batch) for _ in range(args.repeats)]
+        ms, trips, commands = (statistics.median(run[i] for run in runs) for i in range(3))
+        print(f"{batch:6d} {ms:9.2f} {trips:18.2f} {commands:15.2f}", flush=True)
 
 
 if __name__ == "__main__":
