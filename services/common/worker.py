@@ -14,8 +14,9 @@ Exactly once *in effect*, on top of at-least-once delivery:
   key is already done is only acked. The commit WATCHes the marker and checks it again,
   so if another consumer finishes the same key while this one works, the commit is
   aborted and the entry only acked.
-- While a handler runs, its entry's lease is renewed, so only a dead consumer's entries
-  are reclaimed. On stop, the messages in hand are finished and the rest are handed back.
+- While an entry is in hand (its handler running, or waiting its turn in the batch), its
+  lease is renewed, so only a dead consumer's entries are reclaimed. On stop, the
+  handlers running are finished and committed, and the entries not started are handed back.
 - A handler exception is a failed attempt (retried, then dead-lettered); a Redis error
   is not the message's fault and is never counted: the worker backs off and carries on.
 
