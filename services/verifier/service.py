@@ -116,6 +116,9 @@ def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAP
                 handle,
                 key_of=lambda g: g.group_id,
                 heartbeat=("verifier", f"{instance}-{i}"),
+                # A batch's groups are scored across the whole pool, so the worker that
+                # holds the last batch does not leave the other processes idle.
+                concurrency=settings.workers,
             )
             for i in range(settings.workers)
         ]
