@@ -18,7 +18,7 @@ parsing the gold answer:
    other characters, and math-verify reads them as such.
 2. Only the last ``TAIL_CHARS`` characters of a completion are examined; the final
    answer is at the end, and nothing upstream of it is parsed.
-3. The answer (the last box, through ``answer_of``; where there is none, the whole
+3. The answer (the final answer under the scoring policy, through ``answer_of``; where there is none, the whole
    examined text, which math-verify then searches) is refused when it
    - is a box of over ``MAX_ANSWER_CHARS`` characters;
    - defines macros (``\\def``, ``\\newcommand``, ``\\let``, ...), which nothing expands;

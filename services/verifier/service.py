@@ -71,7 +71,7 @@ class VerifyRow(BaseModel):
     """One row of POST /v1/verify."""
 
     model_config = ConfigDict(extra="forbid")
-    answer: str = Field(description="The full model completion; its last \\boxed{} is the answer.")
+    answer: str = Field(description="The full model completion; its final answer is read by the scoring policy.")
     gold: str = Field(min_length=1, description="The reference answer.")
 
 
