@@ -375,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func in (_rollout, _verifier, _trainer):  # the engine has its own serve
+        from services.common.http import stop_while_starting
+
+        stop_while_starting(args.command)
     try:
         if getattr(args, "config", None):
             check_shared_keys(args.config, [_settings_model(s) for s in SECTIONS])

@@ -12,6 +12,7 @@ import hmac
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -100,10 +101,23 @@ def uvicorn_config(app: FastAPI, settings: Any) -> Any:
     )
 
 
+def stop_while_starting(service: str) -> None:
+    """Until it serves, a service told to stop (SIGTERM) exits at once, 0, with a line
+    saying so, instead of dying of the signal: while it imports and builds its parts it
+    holds nothing. ``serve`` gives SIGTERM back to uvicorn's own handling."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        print(f"pope {service}: stopped by {signal.Signals(signum).name} while starting", file=sys.stderr)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def serve(app: FastAPI, settings: Any, service: str) -> None:
     """Run ``app`` under uvicorn with the service's settings until SIGTERM/SIGINT."""
     import uvicorn
 
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # uvicorn's from here (stop_while_starting)
     config = uvicorn_config(app, settings)
     # Not by a signal: uvicorn re-raises a signal it caught, and the message below would be lost.
     app.state.server = uvicorn.Server(config)
