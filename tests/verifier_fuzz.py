@@ -17,7 +17,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -77,6 +77,19 @@ def score_each(url: str, cases: list[Case], concurrency: int, timeout_s: float =
         return list(ex.map(lambda c: one(client, c), cases))
 
 
+@contextmanager
+def _in_thread(loop: Callable[[threading.Event], None]) -> Iterator[None]:
+    """Run ``loop(stop)`` in a daemon thread for the with-block; then stop and join it."""
+    stop = threading.Event()
+    thread = threading.Thread(target=loop, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 @dataclass
 class HealthPoll:
     """Polls ``url``/healthz every ``every_s`` in a thread; ``latencies`` has one entry a
@@ -89,9 +102,7 @@ class HealthPoll:
 
     @contextmanager
     def running(self) -> Iterator[HealthPoll]:
-        stop = threading.Event()
-
-        def loop() -> None:
+        def loop(stop: threading.Event) -> None:
             with httpx.Client() as client:
                 while not stop.is_set():
                     start = time.monotonic()
@@ -102,13 +113,8 @@ class HealthPoll:
                     self.latencies.append(time.monotonic() - start if ok else None)
                     stop.wait(self.every_s)
 
-        thread = threading.Thread(target=loop, daemon=True)
-        thread.start()
-        try:
+        with _in_thread(loop):
             yield self
-        finally:
-            stop.set()
-            thread.join()
 
 
 @dataclass
@@ -172,9 +178,7 @@ class ProcessWatch:
 
     @contextmanager
     def running(self) -> Iterator[ProcessWatch]:
-        stop = threading.Event()
-
-        def loop() -> None:
+        def loop(stop: threading.Event) -> None:
             pids: list[int] = []
             next_scan = 0.0
             while not stop.is_set():
@@ -183,13 +187,10 @@ class ProcessWatch:
                 self.sample(pids)
                 stop.wait(self.sample_s)
 
-        thread = threading.Thread(target=loop, daemon=True)
-        thread.start()
         try:
-            yield self
+            with _in_thread(loop):
+                yield self
         finally:
-            stop.set()
-            thread.join()
             self.sample(_marked(self.marker))
 
     def workers(self, service_pid: int) -> list[Proc]:

@@ -93,14 +93,24 @@ def clean(text: str) -> str:
 def screen(completion: str, answer_of: Callable[[str], str | None]) -> str:
     """The part of ``completion`` that scoring may read, cleaned; raises Refused when the
     answer in it (``answer_of``, else all of it) cannot be a real answer."""
-    text = clean(completion[-TAIL_CHARS:])
-    answer = answer_of(text)
+    text = tail(completion)
+    screen_answer(text, answer_of(text))
+    return text
+
+
+def tail(completion: str) -> str:
+    """The part of ``completion`` that scoring may read: its last ``TAIL_CHARS``, cleaned."""
+    return clean(completion[-TAIL_CHARS:])
+
+
+def screen_answer(text: str, answer: str | None) -> None:
+    """Raise Refused when ``answer``, read from ``text`` (a ``tail``; all of it where the
+    answer is None), cannot be a real answer."""
     if answer is not None and len(answer) > MAX_ANSWER_CHARS:
         raise Refused(f"the answer is over {MAX_ANSWER_CHARS} characters ({len(answer)})", answer)
     check(text if answer is None else answer, extracted=answer)
     if _MACROS.search(text):
         raise Refused("the completion defines LaTeX macros", answer)
-    return text
 
 
 def screen_gold(gold: str) -> str:

@@ -233,13 +233,14 @@ def score_answer(gold_parsed: Any, completion: str, policy: ScoringPolicy = Scor
     from math_verify import parse, verify
 
     v1 = policy is ScoringPolicy.LAST_BOX_V1
-    completion = guard.screen(completion, _last_box_v1 if v1 else final_answer_text)
+    completion = guard.tail(completion)
     if v1:
         last = _last_box_v1(completion)
         contents: list[str] | None = [] if last is None else [last]
     else:
         completion = normalize_numbers(completion)
         contents = final_answer(completion)
+    guard.screen_answer(completion, ", ".join(contents) if contents else None)
     if contents is None:
         return Score(reward=0.0, extracted=None)
     if contents:
