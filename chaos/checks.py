@@ -18,18 +18,25 @@ class Check:
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def final_step(checkpoint_dir: Path) -> int | None:
-    """The step of the newest complete checkpoint (its trainer_state.json), or None."""
+def final_version(checkpoint_dir: Path) -> str | None:
+    """The weight version name ("400", "400@3") of the newest complete resume state, or None."""
+    from services.common.messages import version_name
     from services.trainer.checkpoint import latest, load_state
 
     newest = latest(checkpoint_dir)
-    return load_state(newest).step if newest is not None else None
+    if newest is None:
+        return None
+    state = load_state(newest)
+    return version_name(state.step, state.history.id)
 
 
-def versions_match(engine_version: int | None, checkpoint_dir: Path, steps: int) -> Check:
-    trainer = final_step(checkpoint_dir)
-    ok = engine_version is not None and engine_version == trainer == steps
-    detail = f"engine serves v{engine_version}; the newest checkpoint is step {trainer}; the run trains {steps} steps"
+def versions_match(engine_version: str | None, checkpoint_dir: Path, steps: int) -> Check:
+    """The engine serves the trainer's last version, lineage and all, and it is the run's last step."""
+    from services.common.messages import parse_version
+
+    trainer = final_version(checkpoint_dir)
+    ok = engine_version is not None and engine_version == trainer and parse_version(trainer)[0] == steps
+    detail = f"engine serves v{engine_version}; the newest checkpoint is v{trainer}; the run trains {steps} steps"
     return Check("engine-version", ok, detail, {"engine": engine_version, "trainer": trainer, "steps": steps})
 
 
@@ -38,7 +45,7 @@ def checkpoint_loads(checkpoint_dir: Path) -> Check:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from services.trainer.checkpoint import latest, load_optimizer, load_state, restore_rng
+    from services.trainer.checkpoint import latest, load_optimizer, load_state, restore_rng, weights_versions
 
     newest = latest(checkpoint_dir)
     if newest is None:
@@ -54,8 +61,24 @@ def checkpoint_loads(checkpoint_dir: Path) -> Check:
         return Check("checkpoint-loads", False, f"{newest} does not load: {exc!r}")
     params = sum(p.numel() for p in model.parameters())
     moments = sum(len(s) for s in optimizer.state.values())
-    detail = f"{newest.name}: model ({params} parameters), optimizer ({moments} moments), RNG and state load"
-    return Check("checkpoint-loads", True, detail, {"path": str(newest), "step": state.step})
+    served = weights_versions(checkpoint_dir).get((state.step, state.history.id))
+    if served is None:
+        return Check("checkpoint-loads", False, f"{newest.name} has no engine directory for its version")
+    try:  # what the engine loads: the model alone, the master weights' values in the serving dtype
+        engine_model = AutoModelForCausalLM.from_pretrained(str(served))
+    except Exception as exc:
+        return Check("checkpoint-loads", False, f"{served} does not load: {exc!r}")
+    same = all(
+        torch.equal(a.to(b.dtype), b)
+        for a, b in zip(model.state_dict().values(), engine_model.state_dict().values(), strict=True)
+    )
+    if not same:
+        return Check("checkpoint-loads", False, f"{served} does not hold the weights of {newest.name}")
+    detail = (
+        f"{newest.name}: model ({params} parameters), optimizer ({moments} moments), RNG and state load; "
+        f"{served.name} (the engine's) loads and holds the same weights"
+    )
+    return Check("checkpoint-loads", True, detail, {"path": str(newest), "step": state.step, "engine_dir": str(served)})
 
 
 def ledger(redis_url: str, key_prefix: str, plan_log: Path, checkpoint_dir: Path, archive: Path) -> Check:

@@ -8,8 +8,10 @@ Each group in the plan log ends in exactly one of these, checked in this order:
     trained            its id is in the final checkpoint's lineage once (trained_twice: more)
     dropped_stale      in the trainer's drop log, too stale to train
     dropped_aborted    in the trainer's drop log, a sample aborted by the engine
+    dropped_lineage    in the trainer's drop log, sampled by weights a rewind lost
     dead_lettered      in the dead-letter stream (the verifier or the trainer gave up on it)
-    skipped            the plan's ``published`` record says it was not sent (problem deleted)
+    skipped            the plan's ``published`` record says it was not sent (problem deleted,
+                       or its lineage was lost before it was sent)
     waiting_trainer    in pope:scored, pending or not yet delivered in group trainers
     waiting_verifier   in pope:rollouts, not scored, pending or not yet delivered in verifiers
     not_yet_published  in the last plan, cut short when the run stopped, not in any stream
@@ -41,6 +43,7 @@ OUTCOMES = (
     "trained_twice",
     "dropped_stale",
     "dropped_aborted",
+    "dropped_lineage",
     "dead_lettered",
     "skipped",
     "waiting_trainer",

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from chaos.checks import Check, checkpoint_loads, ledger, versions_match
+from chaos.checks import Check, checkpoint_loads, final_version, ledger, versions_match
 from chaos.injector import Injector
 from chaos.schedule import Form, schedule
 from chaos.stack import ChaosStack, Layout
@@ -93,12 +93,20 @@ def wait_trained(stack: ChaosStack, form: Form, began: float) -> Check:
     return Check("trained", False, detail)
 
 
-def settle(stack: ChaosStack, form: Form) -> int | None:
+def settle(stack: ChaosStack, form: Form) -> str | None:
     """Wait for the engine to serve the last step and the pipeline to drain (every raw
     group scored and archived, the scheduler waiting for the trainer); return the
     engine's version. Not settling is a finding, not a reason to stop checking."""
-    if not stack.wait_until(lambda: stack.engine_version() == form.steps, SETTLE_WITHIN_S, "the engine's last version"):
-        stack.finding("version", "engine", f"serves v{stack.engine_version()}, not the trainer's v{form.steps}")
+
+    def last_served() -> bool:
+        return stack.engine_version() == final_version(stack.layout.checkpoints)
+
+    if not stack.wait_until(last_served, SETTLE_WITHIN_S, "the engine's last version"):
+        stack.finding(
+            "version",
+            "engine",
+            f"serves v{stack.engine_version()}, not the trainer's last v{final_version(stack.layout.checkpoints)}",
+        )
     if not stack.wait_until(lambda: _quiet(stack), SETTLE_WITHIN_S, "the pipeline to drain"):
         stack.finding("not-drained", "stack", f"consumer groups after {SETTLE_WITHIN_S:.0f}s: {_groups(stack)}")
     return stack.engine_version()

@@ -198,9 +198,11 @@ class ChaosStack:
         except (httpx.HTTPError, ValueError):
             return None
 
-    def engine_version(self) -> int | None:
+    def engine_version(self) -> str | None:
+        """The name of the weight version the engine serves ("12", "12@3"), or None."""
         try:
-            return int(httpx.get(f"{self.url('engine')}/model_info", timeout=5).json()["weight_version"])
+            name = httpx.get(f"{self.url('engine')}/model_info", timeout=5).json()["weight_version"]
+            return str(name) if name is not None else None
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return None
 

@@ -13,7 +13,8 @@ timeout, a dropped connection) is never sent again, since the engine may still b
 it: the client aborts it by its ``rid`` and raises ``EngineError``, and the caller redoes
 the work under the same id (the scheduler replans the step). The other calls are
 idempotent and also retry on those errors. Nothing but ``EngineError`` ever leaves this
-client. Weight versions are ints here (the engine speaks strings).
+client. Weight versions are (step, lineage) ints here; the engine speaks their names,
+``"12"`` or ``"12@3"`` (services.common.messages.version_name).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any, Literal
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from services.common import retry
+from services.common import messages, retry
 from services.common.messages import FinishReason
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,13 @@ class GenerateOutput(_Loose):
 
     @property
     def weight_version(self) -> int:
-        return parse_version(self.meta_info.weight_version)
+        """The step of the weights that sampled it."""
+        return parse_version(self.meta_info.weight_version)[0]
+
+    @property
+    def lineage(self) -> int:
+        """The lineage of those weights."""
+        return parse_version(self.meta_info.weight_version)[1]
 
 
 class ModelInfo(_Loose):
@@ -110,17 +117,20 @@ class ModelInfo(_Loose):
 
     @property
     def version(self) -> int:
+        return self.served[0]
+
+    @property
+    def served(self) -> tuple[int, int]:
+        """(step, lineage) of the weights being served."""
         return parse_version(self.weight_version)
 
 
-def parse_version(value: str | None) -> int:
-    """Engine weight versions are decimal strings of the trainer's step ("0" at start)."""
-    if value is None:
-        return 0
+def parse_version(value: str | None) -> tuple[int, int]:
+    """(step, lineage) of an engine's weight version name ("0" at start, "12@3")."""
     try:
-        return int(value)
+        return messages.parse_version(value)
     except ValueError as exc:
-        raise EngineError(f"engine weight_version {value!r} is not a decimal step number") from exc
+        raise EngineError(f"engine weight_version {value!r} is not '<step>' or '<step>@<lineage>'") from exc
 
 
 class EngineClient(retry.RetryingClient):
@@ -217,11 +227,11 @@ class EngineClient(retry.RetryingClient):
         return [GenerateOutput.model_validate(r) for r in rows]
 
     async def update_weights_from_disk(
-        self, model_path: str, weight_version: int, *, abort_all_requests: bool = False
+        self, model_path: str, weight_version: int, *, lineage: int = 0, abort_all_requests: bool = False
     ) -> str:
         body = {
             "model_path": model_path,
-            "weight_version": str(weight_version),
+            "weight_version": messages.version_name(weight_version, lineage),
             "abort_all_requests": abort_all_requests,
         }
         resp = await self._request("POST", "/update_weights_from_disk", body, ok_400=True)
@@ -235,7 +245,12 @@ class EngineClient(retry.RetryingClient):
         return ModelInfo.model_validate(resp.json())
 
     async def weight_version(self) -> int:
+        """The step of the weights being served (``served_version`` has their lineage too)."""
         return (await self.model_info()).version
+
+    async def served_version(self) -> tuple[int, int]:
+        """(step, lineage) of the weights being served."""
+        return (await self.model_info()).served
 
     async def healthy(self) -> bool:
         try:

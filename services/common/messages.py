@@ -14,8 +14,10 @@ Rules every model keeps:
 - ``schema_version`` is on every message; a reader refuses a version it does not know.
 - Invariants are checked by validators, so a message that exists is a valid one.
 
-Weight versions are the trainer's step as an int here (the engine speaks them as decimal
-strings, e.g. ``"0"`` for the start-up weights; the engine client converts).
+Weight versions are the trainer's step as an int here, with the ``lineage`` they belong to
+beside it (0 until a resume rewinds past pushed versions: ``Lineage``). The engine speaks
+them as strings, ``"12"`` in lineage 0 and ``"12@3"`` in lineage 3 (``version_name``,
+``parse_version``), so one name never means two different weights.
 """
 
 from __future__ import annotations
@@ -175,6 +177,58 @@ class Problem(Message):
         return self
 
 
+def version_name(step: int, lineage: int = 0) -> str:
+    """The engine-facing name of the weights of ``step`` in ``lineage``: ``"12"``, ``"12@3"``."""
+    return str(step) if lineage == 0 else f"{step}@{lineage}"
+
+
+_VERSION = re.compile(r"(\d+)(?:@(\d+))?")
+
+
+def parse_version(name: str | None) -> tuple[int, int]:
+    """``(step, lineage)`` of an engine's weight version name (None: the start weights)."""
+    if name is None:
+        return 0, 0
+    match = _VERSION.fullmatch(name.strip())
+    if match is None:
+        raise ValueError(f"weight version {name!r} is not '<step>' or '<step>@<lineage>'")
+    return int(match[1]), int(match[2] or 0)
+
+
+class Lineage(BaseModel):
+    """Which weights the trainer's history holds: its own ``id`` and, for every lineage it
+    forked from, the last step of that lineage it keeps (``kept``).
+
+    A resume that rewinds past versions already pushed (the trainer saved its resume
+    state at step 10, pushed 11 and 12, then crashed) starts a new lineage at the resumed
+    step, so the new 11 is never confused with the lost one: ``Lineage(id=1,
+    forked_at=10, kept={0: 10})`` holds (5, 0) and (10, 0) and (11, 1), not (11, 0).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: NonNegativeInt = 0
+    forked_at: NonNegativeInt = 0
+    """The step this lineage resumed from (its rollout position): its first own step is
+    ``forked_at + 1``."""
+    kept: dict[int, NonNegativeInt] = Field(default_factory=dict)
+    """Ancestor lineage -> the last step of it that is in this history."""
+
+    def holds(self, step: int, lineage: int) -> bool:
+        """Whether the weights (``step``, ``lineage``) are in this history."""
+        if lineage == self.id:
+            return True
+        last = self.kept.get(lineage)
+        return last is not None and step <= last
+
+    def fork(self, new_id: int, at: int) -> Lineage:
+        """The lineage that resumes this one's step ``at`` (a checkpoint it wrote, so at or
+        after its own ``forked_at``) under ``new_id``."""
+        if new_id <= self.id or at < self.forked_at:
+            raise ValueError(f"cannot fork lineage {self.id} (from step {self.forked_at}) at step {at} as {new_id}")
+        return Lineage(id=new_id, forked_at=at, kept={**self.kept, self.id: at})
+
+
 class Sample(Message):
     """One completion sampled from the engine for one prompt variant of one problem.
 
@@ -182,7 +236,8 @@ class Sample(Message):
     - ``logprobs`` has one entry per completion token, each the log-probability of that
       token under the temperature-scaled sampling distribution (DESIGN.md 3), so <= 0.
     - ``prompt_ids`` is non-empty; token ids are non-negative.
-    - ``weight_version`` is the version of the weights that sampled it.
+    - ``weight_version`` is the version (step) of the weights that sampled it, and
+      ``lineage`` the lineage of that version (``Lineage``).
     """
 
     problem_id: NonEmptyStr
@@ -193,6 +248,7 @@ class Sample(Message):
     finish_reason: FinishReason
     weight_version: NonNegativeInt
     text: str
+    lineage: NonNegativeInt = 0
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -220,6 +276,8 @@ class RawGroup(Message):
     - ``temperature`` is the sampling temperature: the trainer recomputes logprobs at
       exactly this temperature, so the importance ratio compares like with like.
     - ``template_version`` names the prompt template that rendered ``prompt``.
+    - ``lineage`` is the trainer lineage the group was planned under (part of its
+      identity); each sample says which weights sampled it.
     """
 
     group_id: NonEmptyStr
@@ -233,6 +291,7 @@ class RawGroup(Message):
     step: NonNegativeInt
     temperature: float = Field(gt=0.0)
     template_version: str = ""
+    lineage: NonNegativeInt = 0
 
     @model_validator(mode="after")
     def _check_group(self) -> Self:
@@ -318,14 +377,23 @@ class TrainerControl(Message):
     """Groups dropped because a sample was aborted by the engine (never trained)."""
     max_steps: NonNegativeInt | None = None
     """Where the trainer stops stepping, if set."""
+    awaiting_checkpoint: NonNegativeInt = 0
+    """Groups trained but not yet covered by a resume checkpoint: still pending (unacked)
+    in the trainers' group, so pending == buffered + awaiting_checkpoint when drained."""
+    dropped_lineage: NonNegativeInt = 0
+    """Groups dropped because weights that sampled them were lost in a rewind."""
+    lineage: Lineage = Field(default_factory=Lineage)
+    """The history the trainer's weights belong to (a resume that rewound past pushed
+    versions starts a new one); the scheduler plans under it."""
     instance: NonEmptyStr
     """The trainer process that wrote it."""
     updated_at: datetime = Field(default_factory=utc_now)
 
 
-RUN_FORMAT = 2
+RUN_FORMAT = 3
 """The layout of a run's durable records (Redis keys and messages, checkpoints, plan log).
 2: deterministic group ids, a run record, the plan log, typed trainer control state.
+3: the engine's model directory apart from the resume state (``save_every``); lineages.
 Records of another format are refused, never half-read."""
 
 

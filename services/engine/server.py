@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.config import model_dir_problem
 from services.common.http import uvicorn_config
+from services.common.messages import parse_version
 from services.engine.decode import Sequence
 from services.engine.runtime import EngineRuntime, WeightLoadError
 from services.engine.sampling import SamplingError, SamplingSpec
@@ -398,8 +399,10 @@ def create_app(
 
 
 def _as_number(version: str) -> float:
+    """The step of a weight version name ("12", or "12@3" in lineage 3) for the gauge;
+    NaN for a name the trainer did not make."""
     try:
-        return float(version)
+        return float(parse_version(version)[0])
     except ValueError:
         return float("nan")
 

@@ -8,7 +8,7 @@ is published (``<rollout.archive_dir>/plan.jsonl``).
     log.append_published(plan)                # the plan is complete
 
 One JSON object a line: a header (the log's format and run), then per plan a ``plan``
-record (its step, top-up index and groups: id, problem, variant, seed) and, once all
+record (its step, top-up index, lineage and groups: id, problem, variant, seed) and, once all
 its groups are published, a ``published`` record. A restarted scheduler republishes a
 plan that has no ``published`` record under the same ids, so every group planned is
 published (a duplicate by id is skipped downstream), and never replans a step. A torn
@@ -66,6 +66,8 @@ class Plan(_Record):
     """Position in the log: plans are numbered 1, 2, ... in the order they were made."""
     step: NonNegativeInt
     top_up: NonNegativeInt = 0
+    lineage: NonNegativeInt = 0
+    """The trainer lineage it was planned under (services.common.messages.Lineage)."""
     groups: list[PlannedGroup]
     at: datetime = Field(default_factory=utc_now)
 
@@ -107,9 +109,14 @@ class PlanLog:
         return last if last is not None and last.seq not in self.published else None
 
     @property
+    def lineage(self) -> int:
+        """The lineage the last plan was made under (0 for a new log)."""
+        return self.last.lineage if self.last else 0
+
+    @property
     def last_step(self) -> int:
-        """The newest step whose own plan (not a top-up) was made."""
-        return max((p.step for p in self.plans if p.top_up == 0), default=0)
+        """The newest step whose own plan (not a top-up) was made, in the last plan's lineage."""
+        return max((p.step for p in self.plans if p.top_up == 0 and p.lineage == self.lineage), default=0)
 
     @property
     def top_ups(self) -> int:

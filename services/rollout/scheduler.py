@@ -13,6 +13,14 @@ the trainer finished step s - 1 and the engine serves its weights. A group's id 
 identity (step, problem, variant, repeat, top-up), so a plan cut short by a crash is
 published again from the log under the same ids, and what was already out is a duplicate
 by id downstream. A group the engine aborted a sample of is sampled again, never sent.
+
+Lineages (services.common.messages.Lineage): when the trainer resumes behind versions it
+had pushed, it starts a new lineage at the resumed step. The scheduler follows: an
+unfinished plan of the old lineage is closed (its unsent groups recorded as skipped), the
+step goes back to the lineage's ``forked_at`` (the rollout position of the checkpoint it
+resumed), and the steps after it are planned again under ids that carry the lineage. An
+engine serving a lost lineage's weights is waited out (the trainer reloads it), and a group
+sampled by them is sampled again.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from redis.exceptions import RedisError
 
 from services.common.engine_client import EngineClient, EngineError, SamplingParams
 from services.common.keys import TRAINERS, VERIFIERS, Keys
-from services.common.messages import FinishReason, Problem, RawGroup, Sample, Variant
+from services.common.messages import FinishReason, Lineage, Problem, RawGroup, Sample, Variant, version_name
 from services.common.run import claim_run, read_control, shape_of
 from services.common.streams import group_info, publish
 from services.rollout.planlog import PLAN_LOG, Plan, PlanLog, PlannedGroup, load_planner_state, save_planner_state
@@ -51,11 +59,12 @@ ABORTED = Counter(
 WAITING = Gauge("pope_rollout_waiting", "1 while the scheduler waits (trainer, engine or problems)")
 
 
-def group_id(step: int, problem_id: str, variant: Variant, salt: str) -> str:
-    """A planned group's identity: its step, problem, variant, repeat within the step and
-    top-up index (``salt``), and nothing random, so the same group planned again (a restart
-    in the middle of a step) is a duplicate by id, which every consumer skips."""
-    return f"{step}-{problem_id}-{variant.value}" + (f"/{salt}" if salt else "")
+def group_id(step: int, problem_id: str, variant: Variant, salt: str, lineage: int = 0) -> str:
+    """A planned group's identity: its lineage, step, problem, variant, repeat within the
+    step and top-up index (``salt``), and nothing random, so the same group planned again
+    (a restart in the middle of a step) is a duplicate by id, which every consumer skips,
+    while step 11 planned again in a new lineage is another group."""
+    return f"{version_name(step, lineage)}-{problem_id}-{variant.value}" + (f"/{salt}" if salt else "")
 
 
 def repeat_salts(plan: list[tuple[Problem, Variant]]) -> list[str]:
@@ -83,6 +92,8 @@ class Scheduler:
         self.keys = Keys(settings.key_prefix)
         self.planner = Planner(settings.hinted_fraction, settings.include_easy, settings.seed)
         self.step = 0
+        self.lineage = Lineage()  # the trainer's, as last read
+        self.plan_lineage = 0  # the lineage this scheduler plans under
         self.waiting_for = "starting"
         self.published: deque[float] = deque(maxlen=10_000)  # publish times, for rates
         self._log: PlanLog | None = None
@@ -97,7 +108,37 @@ class Scheduler:
 
     async def trainer_version(self) -> int:
         control = await read_control(self.redis, self.keys)
+        if control is not None:
+            self.lineage = control.lineage
         return control.version if control else 0
+
+    async def follow_lineage(self) -> None:
+        """If the trainer has started a lineage newer than the one this scheduler plans
+        under: close the old lineage's unfinished plan (its unsent groups recorded as
+        skipped), and go back to the new lineage's rollout position."""
+        control = await read_control(self.redis, self.keys)
+        if control is None or control.lineage.id <= self.plan_lineage:
+            return
+        self.lineage = control.lineage
+        if (cut := self.log.unfinished) is not None:
+            unsent = {}
+            for g in cut.groups:
+                if g.group_id not in self._sent and not await self.redis.exists(self.keys.done(VERIFIERS, g.group_id)):
+                    unsent[g.group_id] = f"its lineage {cut.lineage} was lost (the trainer rewound)"
+            await asyncio.to_thread(self.log.append_published, cut, unsent)
+            self._sent.clear()
+        log_.warning(
+            "the trainer resumed at step %d as lineage %d (lineage %d went further and was lost): "
+            "planning again from step %d (was at %d)",
+            control.lineage.forked_at,
+            control.lineage.id,
+            self.plan_lineage,
+            max(control.lineage.forked_at, control.version) + 1,
+            self.step,
+        )
+        # The checkpoint's rollout position, or the trainer's step if it has gone on since
+        # (on groups of the old lineage that its weights still hold).
+        self.plan_lineage, self.step = control.lineage.id, max(control.lineage.forked_at, control.version)
 
     async def restore(self) -> None:
         """Where the last run of this scheduler stopped: its plan log and planner position
@@ -112,8 +153,11 @@ class Scheduler:
             if log.last is not None and seq < log.last.seq:
                 log_.warning("the planner's position is from plan %d, the log's last plan is %d", seq, log.last.seq)
         cut = log.unfinished  # a step's own plan cut short is that step not yet done
+        self.plan_lineage = log.lineage
         self.step = max(log.last_step - 1 if cut is not None and cut.top_up == 0 else log.last_step, 0)
-        self.step = max(self.step, await self.trainer_version())
+        trainer = await self.trainer_version()
+        if self.lineage.id == self.plan_lineage:  # else follow_lineage moves to the trainer's
+            self.step = max(self.step, trainer)
         if log.unfinished is not None:
             log_.warning(
                 "plan %d (step %d%s) was cut short: publishing its groups again under the same ids",
@@ -131,6 +175,7 @@ class Scheduler:
                 if not restored:
                     await self.restore()
                     restored = True
+                await self.follow_lineage()
                 if (cut := self.log.unfinished) is not None:  # a restart or a failure mid-plan
                     await self._publish(cut)
                     continue
@@ -155,7 +200,12 @@ class Scheduler:
         if step > trainer + 1 + lag:
             self.waiting_for = f"trainer (at v{trainer}; step {step} may run at most {lag} ahead)"
             return False
-        engine = await self.engine.weight_version()
+        engine, lineage = await self.engine.served_version()
+        if not self.lineage.holds(engine, lineage):
+            self.waiting_for = (
+                f"the engine to be reloaded (it serves v{version_name(engine, lineage)}, which a rewind lost)"
+            )
+            return False
         if engine < step - 1 - lag:
             self.waiting_for = f"engine weights (serves v{engine}, step {step} needs >= v{step - 1 - lag})"
             return False
@@ -203,12 +253,13 @@ class Scheduler:
             and rollouts["lag"] == 0
             and scored is not None
             and scored["lag"] == 0
-            and scored["pending"] == control.buffered
+            and scored["pending"] == control.buffered + control.awaiting_checkpoint
         )
         if not drained:
             return 0
         # Top-up groups must not be stale on arrival: the engine must serve recent weights.
-        if await self.engine.weight_version() < control.version - self.settings.max_staleness:
+        engine, lineage = await self.engine.served_version()
+        if not control.lineage.holds(engine, lineage) or engine < control.version - self.settings.max_staleness:
             self.waiting_for = "the engine to load the trainer's weights (the trainer re-pushes them)"
             return 0
         log_.warning(
@@ -232,7 +283,7 @@ class Scheduler:
         prefix = f"top-up-{index}" if top_up else ""
         groups = [
             PlannedGroup(
-                group_id=group_id(step, p.id, v, prefix + repeat),
+                group_id=group_id(step, p.id, v, prefix + repeat, self.plan_lineage),
                 problem_id=p.id,
                 variant=v,
                 seed=self.seed_for(step, p.id, v, prefix + repeat),
@@ -240,7 +291,7 @@ class Scheduler:
             )
             for (p, v), repeat in zip(chosen, repeat_salts(chosen), strict=True)
         ]
-        plan = Plan(seq=log.next_seq(), step=step, top_up=index, groups=groups)
+        plan = Plan(seq=log.next_seq(), step=step, top_up=index, lineage=self.plan_lineage, groups=groups)
         # Durable before any group is out: a restart publishes exactly this plan again.
         await asyncio.to_thread(log.append_plan, plan)
         await asyncio.to_thread(save_planner_state, self.settings.archive_dir, plan.seq, self.planner.state())
@@ -301,8 +352,9 @@ class Scheduler:
         )
 
     def seed_for(self, step: int, problem_id: str, variant: Variant, salt: str) -> int:
-        """Reproducible per (seed, step, problem, variant, salt), distinct across them."""
-        return random.Random(f"{self.settings.seed}:{step}:{problem_id}:{variant.value}{salt}").randrange(2**31)
+        """Reproducible per (seed, lineage, step, problem, variant, salt), distinct across them."""
+        at = version_name(step, self.plan_lineage)
+        return random.Random(f"{self.settings.seed}:{at}:{problem_id}:{variant.value}{salt}").randrange(2**31)
 
     async def sample_until_whole(self, problem: Problem, planned: PlannedGroup, step: int) -> RawGroup:
         """The planned group, sampled again (same id and seed) while the engine aborts any of
@@ -314,6 +366,8 @@ class Scheduler:
             try:
                 group = await self.sample_group(problem, planned.variant, step, planned.salt)
                 oldest = step - 1 - self.settings.max_staleness
+                if not await self._held(group):
+                    raise GroupAborted(f"group {planned.group_id} was sampled by weights a rewind lost")
                 if group.weight_version >= oldest:
                     return group
                 # The engine restarted mid-step and serves its start-up weights (the trainer
@@ -328,13 +382,23 @@ class Scheduler:
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))
                 delay = min(delay * 2, 10.0)
 
+    async def _held(self, group: RawGroup) -> bool:
+        """Whether the trainer's lineage holds the weights of every sample (read again from
+        the control state once before saying no: the trainer may have moved on)."""
+        for fresh in (False, True):
+            if fresh:
+                await self.trainer_version()
+            if all(self.lineage.holds(s.weight_version, s.lineage) for s in group.samples):
+                return True
+        return False
+
     async def sample_group(self, problem: Problem, variant: Variant, step: int, salt: str = "") -> RawGroup:
         """G samples of one variant of one problem, as a RawGroup; GroupAborted if the
         engine aborted any of them."""
         cfg = self.settings
         text = user_message(problem, variant, cfg.prompt_template)
         ids = prompt_ids(self.tokenizer, text)
-        gid = group_id(step, problem.id, variant, salt)
+        gid = group_id(step, problem.id, variant, salt, self.plan_lineage)
         params = SamplingParams(
             n=cfg.group_size,
             temperature=cfg.temperature,
@@ -354,6 +418,7 @@ class Scheduler:
                 logprobs=o.logprobs,
                 finish_reason=o.finish_reason,
                 weight_version=o.weight_version,
+                lineage=o.lineage,
                 text=o.text,
             )
             for o in outs
@@ -369,6 +434,7 @@ class Scheduler:
             step=step,
             temperature=cfg.temperature,
             template_version=cfg.prompt_template.version,
+            lineage=self.plan_lineage,
         )
 
     def rate_per_min(self) -> float:

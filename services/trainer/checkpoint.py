@@ -1,31 +1,41 @@
-"""Checkpoints: HF-format safetensors the engine can load, plus what a resume needs.
+"""Checkpoints: the model directory an engine loads, and apart from it what a resume needs.
 
-    <checkpoint_dir>/step-000007/
-        config.json, model.safetensors, tokenizer files   the engine loads this directory
-        optimizer.safetensors + optimizer.json            AdamW moments and hyperparameters
-        trainer_state.json                                step, ids of the groups trained,
-                                                          the run format it was written in
-        run_record.json                                   resolved config, git commit,
-                                                          package versions, seeds
+    <checkpoint_dir>/weights/step-000012/      every step: what the engine loads, nothing else
+    <checkpoint_dir>/weights/step-000012@3/    (the same in lineage 3; the name is the version's)
+        config.json (dtype: the serving dtype), generation_config.json, tokenizer files,
+        model-00001-of-0000N.safetensors, model.safetensors.index.json
 
-    <checkpoint_dir>/dropped.jsonl                        groups dropped untrained (stale,
-                                                          aborted samples), fsynced before ack
+    <checkpoint_dir>/step-000010/              every ``save_every`` steps: the resume state
+        config.json, model.safetensors         the master weights (float32)
+        optimizer.safetensors + optimizer.json AdamW moments and hyperparameters
+        rng.safetensors                        torch's RNG
+        trainer_state.json                     step, lineage, ids of the groups trained (the
+                                               ledger), LR schedule, Python's RNG, run format
+        run_record.json                        resolved config, git commit, packages, seeds
 
-A checkpoint is written to a temporary directory and renamed into place, so a directory
-named step-N is always complete. No pickle: tensors are safetensors, the rest JSON. A
-checkpoint of another run format (an older pope-rl) is refused with the format it has.
+    <checkpoint_dir>/dropped.jsonl             groups dropped untrained, fsynced before ack
+
+The engine's directory is a model-only Hugging Face directory in the serving dtype, its
+weights always sharded behind ``model.safetensors.index.json``: SGLang's loader reads every
+``*.safetensors`` of a directory that has no index, so nothing else may be in it (the resume
+state is never there). Both are written to a temporary directory and renamed into place, so
+a directory with a final name is always complete. No pickle: tensors are safetensors, the
+rest JSON. A resume state of another run format (an older pope-rl) is refused, naming it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -35,12 +45,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.common.messages import RUN_FORMAT
+from services.common.messages import RUN_FORMAT, Lineage
 from services.common.rng import restore_rng_state, rng_state_json
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+WEIGHTS = "weights"
+INDEX = "model.safetensors.index.json"
 # Group ids remembered across checkpoints, so redelivery after a crash is never retrained.
 # Far more than can be in flight (prompts_per_step x a few steps); old ids age out.
 MAX_REMEMBERED_IDS = 100_000
@@ -61,6 +73,12 @@ class TrainerState:
     trained_group_ids: list[str] = field(default_factory=list)
     lr_scheduler: dict[str, Any] = field(default_factory=dict)
     python_rng: list[Any] = field(default_factory=list)  # random.getstate(), as JSON
+    lineage: dict[str, Any] = field(default_factory=lambda: Lineage().model_dump(mode="json"))
+    """The history these weights belong to (services.common.messages.Lineage, as JSON)."""
+
+    @property
+    def history(self) -> Lineage:
+        return Lineage.model_validate(self.lineage)
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -68,7 +86,7 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root``, or None."""
+    """The newest complete resume state under ``root``, or None."""
     done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
     return max(done, key=lambda p: p.name) if done else None
 
@@ -81,10 +99,9 @@ def save(
     state: TrainerState,
     run_record: dict[str, Any],
     keep: int,
-    protect: frozenset[Path] = frozenset(),
 ) -> Path:
-    """Write checkpoint ``state.step``; then delete all but the newest ``keep``, never one in
-    ``protect`` (the directory the engine was last told to load stays while it may read it)."""
+    """Write the resume state of ``state.step``, durably (fsynced before its name says
+    complete); then delete all but the newest ``keep``. The engine never reads these."""
     final = step_dir(root, state.step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -97,19 +114,120 @@ def save(
     state.trained_group_ids = state.trained_group_ids[-MAX_REMEMBERED_IDS:]
     (tmp / "run_record.json").write_text(json.dumps(run_record, indent=2, default=str))
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))  # last: marks the directory complete
-    for f in tmp.iterdir():  # contents durable before the name says "complete"
+    _rename_durably(tmp, final)
+    older = sorted(p for p in root.glob("step-*") if p != final)
+    for old in older[: max(0, len(older) - (keep - 1))]:  # the newest ``keep``, this one included
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def weights_dir(root: Path, step: int, lineage: int = 0) -> Path:
+    """The engine-facing directory of (``step``, ``lineage``): named as the version is."""
+    return root / WEIGHTS / (f"step-{step:06d}" + (f"@{lineage}" if lineage else ""))
+
+
+_WEIGHTS_NAME = re.compile(r"step-(\d+)(?:@(\d+))?")
+
+
+def weights_versions(root: Path) -> dict[tuple[int, int], Path]:
+    """Every complete engine-facing directory under ``root``: (step, lineage) -> its path."""
+    found: dict[tuple[int, int], Path] = {}
+    for path in (root / WEIGHTS).glob("step-*") if (root / WEIGHTS).is_dir() else []:
+        match = _WEIGHTS_NAME.fullmatch(path.name)
+        if match and (path / INDEX).is_file():
+            found[int(match[1]), int(match[2] or 0)] = path
+    return found
+
+
+def save_weights(
+    root: Path, model: Any, tokenizer: Any, step: int, lineage: int, dtype: torch.dtype, shard_bytes: int
+) -> Path:
+    """Write the engine's model directory of (``step``, ``lineage``): config (its dtype the
+    serving ``dtype``), generation config, tokenizer, and the weights cast to ``dtype`` in
+    shards of at most ``shard_bytes`` behind an index. Tied weights are written once (the
+    first name), as transformers and SGLang expect. Returns the directory."""
+    final = weights_dir(root, step, lineage)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = _untied(model.state_dict())
+    shards = _shards(tensors, dtype, shard_bytes)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, names in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        shard = {name: _cast(tensors[name], dtype) for name in names}
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        save_file(shard, str(tmp / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+        del shard
+    (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = copy.deepcopy(model.config)
+    config.dtype = dtype
+    config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _rename_durably(tmp, final)
+    return final
+
+
+def prune_weights(root: Path, keep: int, protect: Iterable[Path]) -> list[Path]:
+    """Delete engine directories but the newest ``keep`` (by lineage, then step) and those
+    in ``protect`` (the one being served, the one being loaded); returns what it deleted."""
+    kept = set(protect)
+    found = sorted(weights_versions(root).items(), key=lambda kv: (kv[0][1], kv[0][0]))
+    gone = [path for _, path in found[: max(0, len(found) - keep)] if path not in kept]
+    for path in gone:
+        shutil.rmtree(path, ignore_errors=True)
+    for tmp in (root / WEIGHTS).glob(".tmp-*") if (root / WEIGHTS).is_dir() else []:
+        if not tmp.name.endswith(f"-{os.getpid()}"):  # a crashed writer's leftovers
+            shutil.rmtree(tmp, ignore_errors=True)
+    return gone
+
+
+def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the second name of a tied tensor (same storage, offset, shape)."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = tensor
+    return out
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t = tensor.detach()
+    return (t.to("cpu", dtype) if t.is_floating_point() else t.to("cpu")).contiguous()
+
+
+def _shards(tensors: dict[str, torch.Tensor], dtype: torch.dtype, limit: int) -> list[list[str]]:
+    """Names grouped, in order, into shards of at most ``limit`` bytes in ``dtype`` (a
+    tensor larger than that is a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _rename_durably(tmp: Path, final: Path) -> None:
+    """Contents fsynced, then ``tmp`` renamed to ``final`` (replacing it) and the parent fsynced."""
+    for f in tmp.iterdir():
         _fsync_file(f)
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    _fsync_dir(root)
-    if keep > 0:  # keep the newest ``keep`` checkpoints, this one included
-        older = sorted(p for p in root.glob("step-*") if p != final)
-        for old in older[: max(0, len(older) - (keep - 1))]:
-            if old not in protect:
-                shutil.rmtree(old, ignore_errors=True)
-    return final
+    _fsync_dir(final.parent)
 
 
 def load_state(path: Path) -> TrainerState:

@@ -1,23 +1,29 @@
-"""The trainer's loop: read scored groups, train a GRPO step, checkpoint, ack, push weights.
+"""The trainer's loop: read scored groups, train a GRPO step, save, ack, push weights.
 
     while running:
         take scored groups from pope:scored (consumer group "trainers")
-        drop groups sampled more than max_staleness versions ago (counted)
+        drop groups sampled more than max_staleness versions ago, or by weights a rewind
+        lost (another lineage's), each counted
         once prompts_per_step groups are buffered:
-            one optimizer step on them            -> version v + 1
-            checkpoint (HF safetensors + state)   -> durable
-            ack those groups                      (after the checkpoint, never before)
-            push it to the weight sink            (an engine: /update_weights_from_disk, version "v + 1")
+            one optimizer step on them              -> version v + 1
+            the engine's model directory            -> weights/step-<v+1>[@lineage]
+            every save_every steps (and the last):
+                the resume state                    -> step-<v+1>, durable
+                ack every group it covers           (after the resume state, never before)
+            push the model directory to the sink    (an engine: /update_weights_from_disk)
 
-Exactly once in effect: the checkpoint records the ids of the groups it trained, so a
-group redelivered after a crash between checkpoint and ack is acked, not retrained; a step
-whose checkpoint fails ends the process (StepNotSaved), so no weights that hold groups the
-checkpoint does not name are ever stepped on again. A group dropped untrained (too stale,
-or with a sample the engine aborted) is recorded in the fsynced drop log before its ack.
-The trainer's control state (version, buffer) is one TrainerControl record
+Exactly once in effect: a group is acked only once a durable resume state holds its effect
+(its id is in that state's ledger), so a group redelivered after a crash is either in the
+ledger (acked, not retrained) or not (trained once, on the restored weights). A resume that
+rewinds past versions already pushed starts a new lineage (services.common.messages.Lineage):
+the versions it makes are named apart ("11@1", not "11"), groups sampled by the lost
+versions are dropped and counted, and an engine serving one is reloaded even when its step
+looks ahead. A step whose directory or resume state cannot be written ends the process
+(StepNotSaved). A group dropped untrained is recorded in the fsynced drop log before its
+ack. The trainer's control state (version, lineage, buffer) is one TrainerControl record
 (services.common.run); its metrics go to the history list and the metrics log only.
-Buffered groups keep their leases renewed while a step runs. An engine that restarted
-(serving its start-up weights) is noticed and re-pushed the latest checkpoint. Where the
+Buffered groups, and trained ones waiting for a resume state, keep their leases renewed.
+A stop (SIGTERM) saves a resume state for the groups trained since the last one. Where the
 weights go is the sink's business (sink.py): an engine, or nowhere (``NoSink``).
 """
 
@@ -30,6 +36,7 @@ import logging
 import math
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,8 +46,16 @@ from redis.exceptions import RedisError
 
 from services.common.config import resolved
 from services.common.keys import TRAINERS, Keys
-from services.common.messages import FinishReason, MessageError, ScoredGroup, TrainerControl, decode
-from services.common.run import claim_run, shape_of, write_control
+from services.common.messages import (
+    FinishReason,
+    Lineage,
+    MessageError,
+    ScoredGroup,
+    TrainerControl,
+    decode,
+    version_name,
+)
+from services.common.run import claim_run, read_control, shape_of, write_control
 from services.common.streams import Entry, GroupReader
 from services.trainer import checkpoint
 from services.trainer.settings import TrainerSettings
@@ -106,6 +121,7 @@ class Trainer:
             ref: Any = AutoModelForCausalLM.from_pretrained(ref_source, dtype=torch.float32)
             self.ref_model = ref.to(settings.device).eval().requires_grad_(False)
         self.state = checkpoint.TrainerState()
+        self.weights_dtype = _dtype(settings)
         if resume:
             self.state = checkpoint.load_state(resume)
             checkpoint.load_optimizer(resume, self.optimizer)
@@ -116,6 +132,10 @@ class Trainer:
         self.history: deque[dict[str, float]] = deque(maxlen=1000)
         self._tb: Any = None  # TensorBoard writer, made on the first step
         self._idle_since = time.monotonic()  # when the trainer last finished a step (data wait)
+        self.lineage: Lineage = self.state.history
+        # The engine's model directory of the current version (None: the engine's start-up
+        # weights are the current ones, nothing to push).
+        self.weights: Path | None = checkpoint.weights_versions(self.ckpt_dir).get((self.version, self.lineage.id))
         self.trained = set(self.state.trained_group_ids)
         self.dropped = {row["group_id"]: row["reason"] for row in checkpoint.read_dropped(self.ckpt_dir)}
         self.reader = GroupReader(
@@ -123,6 +143,8 @@ class Trainer:
         )
         self.buffer: list[tuple[Entry, ScoredGroup]] = []
         self.in_flight: list[tuple[Entry, ScoredGroup]] = []  # the groups of the step being trained
+        # Trained, still unacked: no resume state holds them yet (at most save_every steps' worth).
+        self.uncovered: list[tuple[Entry, ScoredGroup]] = []
         self._dirty = True  # the state in Redis is behind this object's
         self._weights_lock = asyncio.Lock()  # one of: checkpoint save, push, re-push
         self._stop = asyncio.Event()  # run's
@@ -146,6 +168,7 @@ class Trainer:
                     if not joined:  # RunMismatch (another run's shape or format) ends the service
                         await claim_run(self.redis, self.keys, shape_of(self.settings, "trainer"))
                         await self.reader.ensure_group()
+                        await self._settle_lineage()
                         await self.publish_state()  # this process's version, before it trains its backlog
                         joined = True
                     before = len(self.buffer)
@@ -166,6 +189,8 @@ class Trainer:
                     self._dirty = True
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 1.0)
+            if self.uncovered:  # a stop: what was trained since the last resume state is kept
+                await self._save_resume()
         finally:
             for t in tasks:
                 t.cancel()
@@ -180,10 +205,16 @@ class Trainer:
             await self.reader.fail(entry, str(exc), retryable=False)
             GROUPS.labels("invalid").inc()
             return
-        seen = group.group_id in self.trained or group.group_id in self.dropped
-        if seen or any(g.group_id == group.group_id for _, g in self.buffer):
+        gid = group.group_id
+        if any(g.group_id == gid for _, g in self.uncovered):
+            return  # trained, waiting for a resume state to hold it: stays pending, not retrained
+        seen = gid in self.trained or gid in self.dropped
+        if seen or any(g.group_id == gid for _, g in self.buffer):
             await self.reader.ack(entry.id)  # a redelivery: its effect is already counted
             GROUPS.labels("duplicate").inc()
+            return
+        if not all(self.lineage.holds(s.weight_version, s.lineage) for s in group.samples):
+            await self._drop([(entry, group)], "lineage")  # sampled by weights a rewind lost
             return
         if any(s.finish_reason is FinishReason.ABORT for s in group.samples):
             # Not a sample of the policy (the scheduler samples such groups again; this is
@@ -206,6 +237,72 @@ class Trainer:
 
     def dropped_count(self, reason: str) -> int:
         return sum(r == reason for r in self.dropped.values())
+
+    async def _settle_lineage(self) -> None:
+        """Start a new lineage if this resume rewinds past versions that may have been
+        pushed: any sign of a later step in this lineage, or of a newer lineage, on disk
+        (the engine directories, written before any push), in Redis (the last control
+        state) or on the engine (what it serves). Then make sure the current version has
+        an engine directory, so an engine serving anything else can be reloaded with it."""
+        seen: list[tuple[int, int]] = list(checkpoint.weights_versions(self.ckpt_dir))
+        if (control := await read_control(self.redis, self.keys)) is not None:
+            seen.append((control.version, control.lineage.id))
+        if (served := await self.sink.served_version()) is not None:
+            seen.append(served)
+        mine = self.lineage.id
+        if any(lineage > mine or (lineage == mine and step > self.version) for step, lineage in seen):
+            new = self.lineage.fork(max([mine, *(lineage for _, lineage in seen)]) + 1, self.version)
+            log.warning(
+                "resuming at step %d of lineage %d, which had gone further (%s): continuing as lineage %d; "
+                "groups sampled by the lost versions are dropped",
+                self.version,
+                mine,
+                ", ".join(f"v{version_name(st, li)}" for st, li in sorted(set(seen)) if li > mine or st > self.version),
+                new.id,
+            )
+            self.lineage, self.weights = new, None
+            self.state.lineage = new.model_dump(mode="json")
+            self._dirty = True
+        if self.weights is None and (self.version > 0 or self.lineage.id > 0):
+            self.weights = await asyncio.to_thread(self._save_weights)
+
+    def _save_weights(self) -> Path:
+        path = checkpoint.save_weights(
+            self.ckpt_dir,
+            self.model,
+            self.tokenizer,
+            self.version,
+            self.lineage.id,
+            self.weights_dtype,
+            self.settings.weights_shard_mb << 20,
+        )
+        checkpoint.prune_weights(self.ckpt_dir, self.settings.keep_weights, {path, *self.sink.in_use})
+        return path
+
+    async def _save_resume(self) -> None:
+        """Write the resume state of the current version (durable), then ack every group it
+        covers. StepNotSaved if it cannot be written."""
+        try:
+            await asyncio.to_thread(
+                checkpoint.save,
+                self.ckpt_dir,
+                self.model,
+                self.tokenizer,
+                self.optimizer,
+                self.state,
+                self.record,
+                self.settings.keep_checkpoints,
+            )
+        except Exception as exc:
+            raise StepNotSaved(
+                f"the resume state of step {self.version} could not be written ({exc!r}); exiting so that a "
+                "restart resumes from the last one"
+            ) from exc
+        acks = [e.id for e, _ in self.uncovered]
+        self.uncovered = []
+        self._dirty = True
+        await self._until_written("the trainer's state", self.publish_state)
+        await self._until_written("the acks", lambda: self.reader.ack(*acks))  # the resume state holds their effect
 
     async def _drop_stale(self) -> None:
         limit = self.settings.max_staleness
@@ -244,46 +341,43 @@ class Trainer:
         )
         ids = [g.group_id for g in groups]
         saving = time.monotonic()
+        last = cfg.max_steps is not None and self.version + 1 >= cfg.max_steps
+        covered = (self.version + 1) % cfg.save_every == 0 or last
         try:
-            after = checkpoint.TrainerState(
-                step=self.version + 1,
-                trained_group_ids=self.state.trained_group_ids + ids,
-                lr_scheduler=self.scheduler.state_dict(),
-            )
             async with self._weights_lock:  # the engine watcher must not see a half-finished version
-                protect = frozenset([self.sink.loading]) if self.sink.loading else frozenset()
-                path = await asyncio.to_thread(
-                    checkpoint.save,
-                    self.ckpt_dir,
-                    self.model,
-                    self.tokenizer,
-                    self.optimizer,
-                    after,
-                    self.record,
-                    cfg.keep_checkpoints,
-                    protect,
+                self.state = checkpoint.TrainerState(
+                    step=self.version + 1,
+                    trained_group_ids=self.state.trained_group_ids + ids,
+                    lr_scheduler=self.scheduler.state_dict(),
+                    lineage=self.state.lineage,
                 )
-                self.state = after
                 self.trained.update(ids)
+                self.weights = await asyncio.to_thread(self._save_weights)
         except Exception as exc:
-            # The weights hold a step no checkpoint has: going on would train on them again
-            # once these groups are redelivered. Exit; a restart resumes from the last checkpoint.
+            # The weights hold a step the engine cannot load: exit; a restart resumes from
+            # the last resume state (nothing of this step is acked).
             raise StepNotSaved(
-                f"trainer step {self.version + 1} was taken but its checkpoint was not written ({exc!r}); "
-                "exiting so that a restart resumes from the last checkpoint"
+                f"trainer step {self.version} was taken but its model directory was not written ({exc!r}); "
+                "exiting so that a restart resumes from the last resume state"
             ) from exc
-        stats["time_checkpoint_s"] = time.monotonic() - saving
-        # The step is durable; what follows reports it, and each Redis write is repeated until
-        # it lands, so a Redis outage here loses no step's record. The new version is out
-        # before the ack: a scheduler never sees the groups gone and the old version (which
-        # would look like a trainer short of groups with none on the way).
-        acks = [e.id for e, _ in self.in_flight]
-        await self._until_written("the trainer's state", self.publish_state)
-        await self._until_written("the acks", lambda: self.reader.ack(*acks))  # the checkpoint holds their effect
+        self.uncovered += self.in_flight
         self.in_flight = []
+        stats["time_weights_s"] = time.monotonic() - saving
+        # What follows reports the step, and each Redis write is repeated until it lands, so
+        # a Redis outage here loses no step's record. The new version is out before any ack:
+        # a scheduler never sees the groups gone and the old version (which would look like
+        # a trainer short of groups with none on the way).
+        if covered:
+            saving = time.monotonic()
+            await self._save_resume()  # publishes the state, then acks what it covers
+            stats["time_checkpoint_s"] = time.monotonic() - saving
+        else:
+            stats["time_checkpoint_s"] = 0.0
+            self._dirty = True
+            await self._until_written("the trainer's state", self.publish_state)
         pushing = time.monotonic()
         async with self._weights_lock:
-            pushed = await self.sink.push(path, self.version)
+            pushed = await self.sink.push(self.weights, self.version, self.lineage.id)
         stats.update(
             time_push_s=time.monotonic() - pushing,
             pushed=float(pushed),
@@ -369,6 +463,9 @@ class Trainer:
             buffered=len(self.buffer),
             dropped_stale=self.dropped_count("stale"),
             dropped_aborted=self.dropped_count("aborted"),
+            dropped_lineage=self.dropped_count("lineage"),
+            awaiting_checkpoint=len(self.uncovered),
+            lineage=self.lineage,
             max_steps=self.settings.max_steps,
             instance=self.settings.consumer_name,
         )
@@ -380,24 +477,34 @@ class Trainer:
         while not stop.is_set():
             await asyncio.sleep(period)
             with contextlib.suppress(RedisError):
-                await self.reader.renew(*[e.id for e, _ in self.buffer + self.in_flight])
+                await self.reader.renew(*[e.id for e, _ in self.buffer + self.in_flight + self.uncovered])
 
     async def _watch_engine(self, stop: asyncio.Event) -> None:
-        """Re-push the latest weights whenever the engine serves an older version (one
-        that restarted serves its start-up weights); a failed push is retried next time."""
+        """Re-push the current version whenever the engine serves any other: one that
+        restarted serves its start-up weights, one that kept a lost lineage's may even look
+        ahead; a failed push is retried next time."""
         while not stop.is_set():
             async with self._weights_lock:
                 served = await self.sink.served_version()
-                newest = checkpoint.latest(self.ckpt_dir) if served is not None else None
-                if served is not None and newest is not None:
-                    step = checkpoint.load_state(newest).step
-                    if served < step:
-                        log.warning(
-                            "engine serves v%d, the latest checkpoint is v%d: re-pushing %s", served, step, newest
-                        )
-                        await self.sink.push(newest, step)
+                current = (self.version, self.lineage.id)
+                if served is not None and self.weights is not None and served != current:
+                    log.warning(
+                        "engine serves v%s, the trainer is at v%s: re-pushing %s",
+                        version_name(*served),
+                        version_name(*current),
+                        self.weights,
+                    )
+                    await self.sink.push(self.weights, *current)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.repush_interval_s)
+
+
+def _dtype(settings: TrainerSettings) -> torch.dtype:
+    """The engine directory's dtype: ``serving_dtype``, "auto" resolved by the device."""
+    if settings.serving_dtype == "auto":
+        return torch.bfloat16 if settings.device.startswith("cuda") else torch.float32
+    dtype: torch.dtype = getattr(torch, settings.serving_dtype)
+    return dtype
 
 
 def _finite(stats: dict[str, float]) -> dict[str, float | None]:

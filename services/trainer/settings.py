@@ -92,7 +92,21 @@ class TrainerSettings(ServiceSettings):
     device: str = "cpu"
     """Torch device of the policy ("cpu", "cuda")."""
     keep_checkpoints: int = Field(3, ge=1)
-    """Newest checkpoints kept on disk; older ones are deleted."""
+    """Newest resume states kept on disk; older ones are deleted."""
+    save_every: int = Field(10, ge=1)
+    """Steps between resume states (master weights, optimizer, RNG, the ledger). Groups are
+    acked only once a resume state covers them, so a crash retrains at most this many
+    steps' groups (once, on the restored weights). The engine's model directory is written
+    every step whatever this is. Default from the save cost measured side by side
+    (bench/checkpoint_cost.py, docs/benchmarks.md): TODO"""
+    serving_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """dtype of the engine's model directory: "auto" is bfloat16 when the trainer runs on
+    CUDA (SGLang serves bf16) and float32 on CPU (the CPU engine's dtype, so the first
+    on-policy importance ratio is 1 up to float error)."""
+    weights_shard_mb: int = Field(4096, ge=1)
+    """Largest safetensors shard of the engine's model directory, in MiB."""
+    keep_weights: int = Field(2, ge=1)
+    """Newest engine model directories kept; the one served or being loaded is never deleted."""
     consumer_name: str = "trainer"
     """This trainer's consumer name in group "trainers"; stable, so a restart takes back its own pending groups."""
     repush_interval_s: float = Field(10.0, gt=0.0)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -107,24 +105,6 @@ def test_aggregations() -> None:
         and float(tok) == pytest.approx(-1.0)
         and float(seq) == pytest.approx(-1.0)
     )
-
-
-def test_checkpoint_retention_never_deletes_a_protected_directory(tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from services.engine.tiny_model import build_tiny_model
-    from services.trainer import checkpoint
-
-    model_dir = build_tiny_model(tmp_path / "m")
-    model, tok = AutoModelForCausalLM.from_pretrained(str(model_dir)), AutoTokenizer.from_pretrained(str(model_dir))
-    opt = torch.optim.AdamW(model.parameters())
-    root = tmp_path / "ckpt"
-    first = checkpoint.save(root, model, tok, opt, checkpoint.TrainerState(step=1), {}, keep=1)
-    checkpoint.save(root, model, tok, opt, checkpoint.TrainerState(step=2), {}, keep=1, protect=frozenset([first]))
-    assert first.is_dir()  # the engine may still be loading it
-    checkpoint.save(root, model, tok, opt, checkpoint.TrainerState(step=3), {}, keep=1)
-    assert sorted(p.name for p in root.glob("step-*")) == ["step-000003"]
-    assert checkpoint.load_state(checkpoint.latest(root)).step == 3  # type: ignore[arg-type]
 
 
 def test_kl_estimators_k3_and_k2_and_their_gradients() -> None:

@@ -12,11 +12,11 @@ async def test_no_engine_url_means_no_sink() -> None:
     sink = sink_for(TrainerSettings(engine_url=""))
     assert isinstance(sink, NoSink)
     assert await sink.push(Path("step-000001"), 1) is False  # accepted, applied nowhere: pushed = 0
-    assert await sink.served_version() is None and sink.loading is None
+    assert await sink.served_version() is None and sink.in_use == frozenset()
     await sink.aclose()
 
 
 async def test_an_engine_url_means_an_engine_sink() -> None:
     sink = sink_for(TrainerSettings(engine_url="http://127.0.0.1:9"))
-    assert isinstance(sink, EngineSink) and sink.loading is None
+    assert isinstance(sink, EngineSink) and sink.in_use == frozenset()
     await sink.aclose()
