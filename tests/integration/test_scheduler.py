@@ -15,13 +15,14 @@ from transformers import AutoTokenizer
 
 from services.common.engine_client import EngineClient
 from services.common.keys import TRAINERS, VERIFIERS, Keys
-from services.common.messages import FinishReason, Problem, RawGroup, TrainerControl, Variant, decode
+from services.common.messages import FinishReason, Lineage, Problem, RawGroup, TrainerControl, Variant, decode
 from services.common.run import write_control
 from services.common.streams import DATA, DeliveryPolicy
 from services.rollout.planlog import PlannedGroup
 from services.rollout.scheduler import Scheduler, group_id
 from services.rollout.settings import RolloutSettings
 from services.rollout.store import ProblemStore
+from tests.conftest import running_engine
 
 PROBLEMS = [
     Problem(id="h", prompt="Compute 2+2.", answer="4", hint="We add:"),
@@ -220,3 +221,59 @@ async def test_with_periodic_evaluation_training_waits_for_the_start_weights_eva
         assert not await s._ready_for(1) and "evaluation of the start weights" in s.waiting_for
         await aredis.hset(keys.state("eval"), "weight_version", 0)  # as PeriodicEval.record writes it
         assert await s._ready_for(1) and await s._ready_for(2)
+
+
+async def test_a_new_trainer_lineage_rewinds_the_scheduler_to_its_rollout_position(
+    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer pushed v3 and v4, was killed, and resumed its step-2 checkpoint as
+    lineage 1. The scheduler, in the middle of step 4 (cut short), closes that plan (its
+    unsent groups recorded as skipped), goes back to step 2, plans step 3 again under ids
+    that carry the lineage, and will not sample from an engine still serving the lost v4."""
+    from services.rollout import scheduler
+
+    real_publish = scheduler.publish
+    calls = [0]
+
+    async def dies_after_one(*args: Any, **kwargs: Any) -> str:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise RedisConnectionError("injected: cut short")
+        return await real_publish(*args, **kwargs)
+
+    async with EngineClient(engine_url) as engine:
+        await trainer_at(aredis, keys, 3)
+        s = await make(aredis, keys, engine, tiny_model, tmp_path, max_concurrent_groups=1, max_staleness=1000)
+        s.step = 3
+        monkeypatch.setattr(scheduler, "publish", dies_after_one)
+        with pytest.raises(RedisConnectionError):
+            await s._generate_step(4)
+        monkeypatch.setattr(scheduler, "publish", real_publish)
+        cut = s.log.unfinished
+        assert cut is not None and cut.lineage == 0
+        lineage = Lineage().fork(1, at=2)
+        await write_control(aredis, keys, TrainerControl(version=2, buffered=0, instance="t", lineage=lineage))
+        await s.follow_lineage()
+        assert (s.step, s.plan_lineage) == (2, 1) and s.log.unfinished is None
+        skipped = s.log.published[cut.seq]  # all but the group it had sent
+        assert len(skipped) == len(cut.groups) - 1 and all("lineage 0 was lost" in why for why in skipped.values())
+        restarted = await make(aredis, keys, engine, tiny_model, tmp_path, max_staleness=1000)
+        await restarted.restore()
+        await restarted.follow_lineage()  # a restart finds the same position
+        assert (restarted.step, restarted.plan_lineage) == (2, 1) and restarted.log.unfinished is None
+        # The engine serves v0 of lineage 0, which lineage 1 holds (0 <= 2): ready.
+        assert await restarted._ready_for(3)
+        await restarted._generate_step(3)
+        assert restarted.log.last is not None and restarted.log.last.lineage == 1
+    groups = await published(aredis, keys)
+    again = [g for g in groups if g.step == 3]
+    assert again and all(g.group_id.startswith("3@1-") and g.lineage == 1 for g in again)
+    assert all(s.lineage == 0 and s.weight_version == 0 for g in again for s in g.samples)
+    # An engine still serving the lost v4 (its step looks ahead of the trainer's 2) is not
+    # sampled from: the scheduler waits for the trainer to reload it.
+    with running_engine(tiny_model, "--weight-version", "4") as lost_url:
+        async with EngineClient(lost_url) as engine:
+            restarted.engine = engine
+            assert not await restarted._ready_for(3) and "v4, which a rewind lost" in restarted.waiting_for
+            await engine.update_weights_from_disk(str(tiny_model), 2, lineage=1)
+            assert await restarted._ready_for(3)
