@@ -145,6 +145,7 @@ class Trainer:
         self.in_flight: list[tuple[Entry, ScoredGroup]] = []  # the groups of the step being trained
         # Trained, still unacked: no resume state holds them yet (at most save_every steps' worth).
         self.uncovered: list[tuple[Entry, ScoredGroup]] = []
+        self._unsaved_lineage = False  # a lineage begun here that no resume state holds yet
         self._dirty = True  # the state in Redis is behind this object's
         self._weights_lock = asyncio.Lock()  # one of: checkpoint save, push, re-push
         self._stop = asyncio.Event()  # run's
@@ -189,7 +190,7 @@ class Trainer:
                     self._dirty = True
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), 1.0)
-            if self.uncovered:  # a stop: what was trained since the last resume state is kept
+            if self.uncovered or self._unsaved_lineage:  # a stop keeps what a resume state lacks
                 await self._save_resume()
         finally:
             for t in tasks:
@@ -262,6 +263,7 @@ class Trainer:
             )
             self.lineage, self.weights = new, None
             self.state.lineage = new.model_dump(mode="json")
+            self._unsaved_lineage = True
             self._dirty = True
         if self.weights is None and (self.version > 0 or self.lineage.id > 0):
             self.weights = await asyncio.to_thread(self._save_weights)
@@ -299,7 +301,7 @@ class Trainer:
                 "restart resumes from the last one"
             ) from exc
         acks = [e.id for e, _ in self.uncovered]
-        self.uncovered = []
+        self.uncovered, self._unsaved_lineage = [], False
         self._dirty = True
         await self._until_written("the trainer's state", self.publish_state)
         await self._until_written("the acks", lambda: self.reader.ack(*acks))  # the resume state holds their effect
