@@ -48,7 +48,7 @@ async def test_an_older_run_or_record_is_refused_with_its_format(aredis: Redis, 
             await check
     await aredis.delete(keys.state("trainer"))
     await aredis.set(keys.run, b'{"schema_version": 1, "kind": "run", "run_format": 3}')
-    with pytest.raises(RunMismatch, match="not one this pope-rl reads \\(run format 2\\)"):
+    with pytest.raises(RunMismatch, match="not one this pope-rl reads \\(run format 3\\)"):
         await claim_run(aredis, keys, shape())
 
 

@@ -32,8 +32,9 @@ def scored(group_id: str) -> ScoredGroup:
 
 
 def settings(tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys) -> TrainerSettings:
-    """test_trainer's settings, with no engine (NoSink) and no stale drops."""
-    return trainer_settings(tiny_model, tmp_path, redis_url, keys, "", max_staleness=100)
+    """test_trainer's settings, with no engine (NoSink), no stale drops, and a resume state
+    every step (what these faults hit)."""
+    return trainer_settings(tiny_model, tmp_path, redis_url, keys, "", max_staleness=100, save_every=1)
 
 
 def optimizer_steps(trainer: Trainer) -> int:
@@ -94,21 +95,36 @@ async def test_a_redis_error_after_the_optimizer_step_never_trains_the_groups_ag
     assert ckpt is not None and checkpoint.load_state(ckpt).trained_group_ids == ["a", "b", "c", "d"]
 
 
+@pytest.mark.parametrize(
+    ("writer", "says"),
+    [
+        ("save", "the resume state of step 1 could not be written"),
+        ("save_weights", "trainer step 1 was taken but its model directory was not written"),
+    ],
+)
 async def test_a_checkpoint_that_cannot_be_written_stops_the_trainer(
-    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, aredis: Redis, monkeypatch: pytest.MonkeyPatch
+    tiny_model: Path,
+    tmp_path: Path,
+    redis_url: str,
+    keys: Keys,
+    aredis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    writer: str,
+    says: str,
 ) -> None:
-    """A failed save after the optimizer step ends ``run`` with StepNotSaved (the service
-    exits and resumes from its last checkpoint); the groups stay pending for that restart."""
+    """A failed save after the optimizer step (the resume state, or the engine's model
+    directory) ends ``run`` with StepNotSaved (the service exits and resumes from its last
+    resume state); the groups stay pending for that restart."""
     cfg = settings(tiny_model, tmp_path, redis_url, keys)
     trainer = await asyncio.to_thread(Trainer, cfg, aredis, NoSink())
 
     def full_disk(*args: Any, **kwargs: Any) -> Path:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save", full_disk)
+    monkeypatch.setattr(checkpoint, writer, full_disk)
     for gid in ("a", "b"):
         await publish(aredis, keys.scored, scored(gid), POLICY)
-    with pytest.raises(StepNotSaved, match="trainer step 1 was taken but its checkpoint was not written"):
+    with pytest.raises(StepNotSaved, match=says):
         await asyncio.wait_for(trainer.run(asyncio.Event()), 60)
     assert (await aredis.xpending(keys.scored, TRAINERS))["pending"] == 2
     monkeypatch.undo()
