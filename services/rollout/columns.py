@@ -96,7 +96,7 @@ def _step(value: Any, step: Step, where: str) -> Any:
         raise PathError(f"{where} is null")
     if isinstance(step, str) and isinstance(value, Mapping):
         if step not in value:
-            raise PathError(f"{where} has no key {step!r} (keys: {', '.join(map(str, value)) or 'none'})")
+            raise PathError(f"{where} has no key {step!r}; its keys: {', '.join(map(str, value)) or 'none'}")
         return value[step]
     if not isinstance(value, list):
         raise PathError(f"{where} is a {type(value).__name__}, not a {'list' if _is_index(step) else 'struct'}")
@@ -104,7 +104,9 @@ def _step(value: Any, step: Step, where: str) -> Any:
         found = [item for item in value if isinstance(item, Mapping) and str(item.get(step.key)) == step.value]
         if not found:
             seen = sorted({str(item.get(step.key)) for item in value if isinstance(item, Mapping)})
-            raise PathError(f"{where} has no element with {step.key}={step.value} ({step.key}s: {', '.join(seen)})")
+            raise PathError(
+                f"{where} has no element with {step.key}={step.value}; {step.key}s: {', '.join(seen) or 'none'}"
+            )
         return found[-1]
     if isinstance(step, str) and not re.fullmatch(r"-?\d+", step):
         raise PathError(f"{where} is a list, not a struct with key {step!r}")
@@ -143,4 +145,4 @@ def user_content(messages: list[Mapping[str, Any]]) -> Any:
         if message["role"] == "user":
             return plain(message["content"])
     roles = ", ".join(str(m["role"]) for m in messages)
-    raise PathError(f"chat messages with no user message (roles: {roles})")
+    raise PathError(f"chat messages with no user message; roles: {roles}")
