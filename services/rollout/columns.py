@@ -69,9 +69,15 @@ class ColumnPath:
         """The value at this path in ``row`` (None is a value: a null cell); PathError if absent."""
         if self.text in row:
             return plain(row[self.text])
-        value: Any = row
-        for i, step in enumerate(self.steps):
-            value = _step(plain(value), step, self._render(i))
+        column = str(self.steps[0])  # the first step is always a name
+        if column not in row:
+            raise PathError(f"no column {column!r}")
+        value = row[column]
+        for i, step in enumerate(self.steps[1:], start=1):
+            try:
+                value = _step(plain(value), step)
+            except _Absent as exc:  # where is rendered only on failure: lookups run once per row and field
+                raise PathError(f"{self._render(i)} {exc}") from None
         return plain(value)
 
     def _render(self, n: int) -> str:
@@ -87,32 +93,30 @@ class ColumnPath:
         return out
 
 
-def _step(value: Any, step: Step, where: str) -> Any:
-    if not where:  # the row itself: a missing column
-        if step not in value:
-            raise PathError(f"no column {step!r}")
-        return value[step]
+class _Absent(Exception):
+    """A step found nothing; the message reads after where it stood ("reward_model" + " is null")."""
+
+
+def _step(value: Any, step: Step) -> Any:
     if value is None:
-        raise PathError(f"{where} is null")
+        raise _Absent("is null")
     if isinstance(step, str) and isinstance(value, Mapping):
         if step not in value:
-            raise PathError(f"{where} has no key {step!r}; its keys: {', '.join(map(str, value)) or 'none'}")
+            raise _Absent(f"has no key {step!r}; its keys: {', '.join(map(str, value)) or 'none'}")
         return value[step]
     if not isinstance(value, list):
-        raise PathError(f"{where} is a {type(value).__name__}, not a {'list' if _is_index(step) else 'struct'}")
+        raise _Absent(f"is a {type(value).__name__}, not a {'list' if _is_index(step) else 'struct'}")
     if isinstance(step, Select):
         found = [item for item in value if isinstance(item, Mapping) and str(item.get(step.key)) == step.value]
         if not found:
             seen = sorted({str(item.get(step.key)) for item in value if isinstance(item, Mapping)})
-            raise PathError(
-                f"{where} has no element with {step.key}={step.value}; {step.key}s: {', '.join(seen) or 'none'}"
-            )
+            raise _Absent(f"has no element with {step.key}={step.value}; {step.key}s: {', '.join(seen) or 'none'}")
         return found[-1]
     if isinstance(step, str) and not re.fullmatch(r"-?\d+", step):
-        raise PathError(f"{where} is a list, not a struct with key {step!r}")
+        raise _Absent(f"is a list, not a struct with key {step!r}")
     index = int(step)
     if not -len(value) <= index < len(value):
-        raise PathError(f"{where} has {len(value)} elements, no index {index}")
+        raise _Absent(f"has {len(value)} elements, no index {index}")
     return value[index]
 
 

@@ -4,9 +4,10 @@ DAPO-Math-17k wraps every problem in its own instruction: a sentence before it a
 a last line ``Answer: $Answer``, and a reminder after it. The project's template
 (prompts.py) adds its own instruction, asking for ``\\boxed{}``; left in, the two
 conflict. ``pope data import --strip-instruction dapo`` removes DAPO's wording (also its
-``Answer: \\boxed{$Answer}`` variant); ``--strip-pattern REGEX`` removes every match of a
-regular expression, for other datasets. A row where a part is not found keeps its text
-(less the parts that were found) and is reported.
+``Answer: \\boxed{$Answer}`` variant); ``verl-math`` and ``verl-gsm8k`` remove the sentence
+verl's preprocessing scripts append to each question; ``--strip-pattern REGEX`` removes
+every match of a regular expression, for other datasets. A row where a part is not found
+keeps its text (less the parts that were found) and is reported.
 """
 
 from __future__ import annotations
@@ -51,7 +52,16 @@ DAPO = Instruction(
         Part("suffix", re.compile(r'\s*Remember to put your answer on its own line after "Answer:"\.\s*\Z')),
     ),
 )
-PRESETS = {i.name: i for i in (DAPO,)}
+# verl's preprocessing scripts (examples/data_preprocess/) append one sentence to the question.
+VERL_MATH = Instruction(
+    "verl-math",
+    (Part("suffix", re.compile(r"\s*Let's think step by step and output the final answer within \\boxed\{\}\.\s*\Z")),),
+)
+VERL_GSM8K = Instruction(
+    "verl-gsm8k",
+    (Part("suffix", re.compile(r"""\s*Let's think step by step and output the final answer after "####"\.\s*\Z""")),),
+)
+PRESETS = {i.name: i for i in (DAPO, VERL_MATH, VERL_GSM8K)}
 
 
 def instruction(preset: str | None, patterns: Sequence[str] = ()) -> Instruction | None:

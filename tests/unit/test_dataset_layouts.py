@@ -275,3 +275,18 @@ def test_large_parquet_files_stream_in_order(tmp_path: Path) -> None:
     rows = iter(read_rows(path))
     assert next(rows).line == 0
     assert [r.line for r in rows] == list(range(1, n))
+
+
+@pytest.mark.parametrize(
+    ("preset", "prompt"),
+    [
+        ("verl-math", "Find $x$ if $x+1=3$. Let's think step by step and output the final answer within \\boxed{}."),
+        (
+            "verl-gsm8k",
+            'Ann has 3 pens. Ben has 2. How many? Let\'s think step by step and output the final answer after "####".',
+        ),
+    ],
+)
+def test_verl_presets_take_out_the_sentence_verl_appends(preset: str, prompt: str) -> None:
+    text, missing = instruction(preset).strip(prompt)  # type: ignore[union-attr]
+    assert missing == [] and text == prompt[: prompt.index(" Let's")]
