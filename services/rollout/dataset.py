@@ -57,6 +57,8 @@ class ImportReport(BaseModel):
     """Written problems that have a solution, so the hint search can cut hints from them."""
     instruction: str | None = None
     """The name of the instruction taken out of prompts, if one was."""
+    searched: int = 0
+    """Prompts searched for the instruction."""
     stripped: int = 0
     """Prompts the instruction was found in, wholly or in part, and taken out of."""
     errors: list[RowError] = []
@@ -172,7 +174,6 @@ def plan_import(
     before = {p.id: p for p in stored}
     seen = {_content_key(p): p.id for p in before.values()}
     batch: dict[str, Problem] = {}
-    looked = 0  # prompts searched for the instruction
     found = dict.fromkeys(options.columns, 0)
     first_absent: dict[str, str] = {}
     for row in rows:
@@ -186,7 +187,7 @@ def plan_import(
             first_absent.setdefault(name, fields.absent.get(name, ""))
         missing, parts = fields.instruction_missing, options.instruction.parts if options.instruction else ()
         if missing is not None:
-            looked += 1
+            report.searched += 1
             report.stripped += len(missing) < len(parts)
         try:
             problem = Problem.model_validate(fields.values)
@@ -208,9 +209,9 @@ def plan_import(
         report.replaced += problem.id in before
         report.imported += problem.id not in before
 
-    if looked and not report.stripped:
+    if report.searched and not report.stripped:
         raise DatasetError(
-            f"instruction {report.instruction} was found in none of the {looked} prompts; "
+            f"instruction {report.instruction} was found in none of the {report.searched} prompts; "
             "nothing imported (is it this dataset's instruction?)"
         )
     if first_absent:  # some row was read
@@ -243,9 +244,10 @@ def format_report(report: ImportReport, max_errors: int = 20) -> str:
     for name, (path, why) in report.unmatched.items():
         lines.append(f"--map {name}={path} found nothing in any row (first row: {why})")
     if report.instruction is not None:
+        lacking = f"; {len(report.warnings)} rows lack all or part of it, imported less what was found:"
         lines.append(
-            f"instruction {report.instruction}: taken out of {report.stripped} prompts; "
-            f"{len(report.warnings)} rows lack all or part of it (imported without what was found)"
+            f"instruction {report.instruction}: taken out of {report.stripped} of {report.searched} prompts"
+            + (lacking if report.warnings else "")
         )
         lines.extend(f"  warning at {w.where}: {w.message}" for w in report.warnings[:max_errors])
         if len(report.warnings) > max_errors:

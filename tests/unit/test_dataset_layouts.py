@@ -159,7 +159,7 @@ def test_dapo_instruction_is_taken_out_and_the_id_is_the_plain_problems() -> Non
     assert [p.prompt for p in batch] == [problem, "Compute 5+5."]
     assert batch[0].id == problem_id_for(problem, "4")  # the same problem from a plain dataset de-duplicates
     assert (report.stripped, report.warnings) == (2, [])
-    assert "instruction dapo: taken out of 2 prompts; 0 rows lack all or part of it" in format_report(report)
+    assert "instruction dapo: taken out of 2 of 2 prompts\n" in format_report(report) + "\n"
 
 
 def test_rows_without_the_instruction_are_counted_and_named() -> None:
@@ -178,7 +178,7 @@ def test_rows_without_the_instruction_are_counted_and_named() -> None:
     ]
     assert [(e.where, e.field) for e in report.errors] == [("row 3", "prompt")]
     text = format_report(report)
-    assert "taken out of 3 prompts; 2 rows lack all or part of it" in text
+    assert "taken out of 3 of 4 prompts; 2 rows lack all or part of it, imported less what was found:" in text
     assert "  warning at row 2: instruction dapo: no suffix found" in text
 
 
