@@ -227,8 +227,9 @@ def _add_data_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     imp.add_argument(
         "--strip-instruction",
         choices=sorted(INSTRUCTION_PRESETS),
-        help="take this dataset's own answer-format instruction out of every prompt (the project's template "
-        "asks for \\boxed{}); rows without it are reported",
+        help="take a dataset's own answer-format instruction out of every prompt, so the project's template "
+        "(\\boxed{}) applies: dapo (DAPO-Math-17k's), verl-math, verl-gsm8k (the sentence verl's preprocessing "
+        "appends); rows without it are reported",
     )
     imp.add_argument(
         "--strip-pattern",

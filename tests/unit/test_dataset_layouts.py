@@ -290,3 +290,9 @@ def test_large_parquet_files_stream_in_order(tmp_path: Path) -> None:
 def test_verl_presets_take_out_the_sentence_verl_appends(preset: str, prompt: str) -> None:
     text, missing = instruction(preset).strip(prompt)  # type: ignore[union-attr]
     assert missing == [] and text == prompt[: prompt.index(" Let's")]
+
+
+def test_an_unreadable_parquet_file_is_a_dataset_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "train.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DatasetError, match=r"train\.parquet: cannot read as parquet"):
+        list(read_rows(tmp_path))
