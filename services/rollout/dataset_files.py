@@ -95,7 +95,8 @@ def read_rows(path: Path, hf_split: str = "train") -> DatasetRows:
         saved = _saved_dataset(path, hf_split)
         if saved is not None:
             names = _arrow_shards(saved)
-            return DatasetRows(f"a saved dataset, {len(names)} shards", lambda: _arrow_rows(saved, names))
+            what = f"{saved}: a saved Hugging Face dataset, {len(names)} shard{'s' * (len(names) > 1)}"
+            return DatasetRows(what, lambda: _arrow_rows(saved, names))
         files = split_files(path, hf_split)
         shown = [str(f) for f in files] if len(files) <= 4 else [str(files[0]), "...", str(files[-1])]
         what = f"{len(files)} file{'s' * (len(files) > 1)} of split {_split_name(hf_split)!r}: {', '.join(shown)}"

@@ -125,12 +125,9 @@ async def test_whole_file_failures_import_nothing_and_say_why(
     plain = jsonl(tmp_path / "plain.jsonl", [{"prompt": "Compute 1+1.", "answer": "2"}])
     out = pope(redis_url, keys, "import", str(plain), "--strip-instruction", "dapo")
     assert out.returncode == 1 and "instruction dapo was found in none of the 1 prompts; nothing imported" in out.stderr
-    for flags, message in [
-        (["--map", "answer=reward_model..ground_truth"], "column path 'reward_model..ground_truth': cannot read"),
-        (["--strip-pattern", "(unclosed"], "--strip-pattern '(unclosed' is not a regular expression"),
-    ]:
-        out = pope(redis_url, keys, "import", str(plain), *flags)
-        assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = pope(redis_url, keys, "import", str(plain), "--map", "answer=reward_model..ground_truth")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "column path 'reward_model..ground_truth': cannot read '..ground_truth'" in out.stderr, out.stderr
     assert await stored(aredis, keys) == {}
     out = pope(redis_url, keys, "import", str(snap), "--hf-split", "test", "--strip-pattern", r"^Compute\s*")
     assert out.returncode == 0 and "taken out of 1 of 1 prompts" in out.stdout, out.stdout + out.stderr

@@ -227,7 +227,9 @@ def test_hugging_face_save_to_disk_dataset_and_dataset_dict(tmp_path: Path) -> N
     many = [{"problem": f"Compute {i}+{i}.", "final_answer": 2 * i, "solution": None} for i in range(50)]
     ds = datasets.Dataset.from_list(many)
     ds.save_to_disk(str(tmp_path / "one"), num_shards=3)  # several data-*.arrow files
-    rows = list(read_rows(tmp_path / "one"))
+    saved = read_rows(tmp_path / "one")
+    assert saved.what == f"{tmp_path / 'one'}: a saved Hugging Face dataset, 3 shards"
+    rows = list(saved)
     assert [r.data["final_answer"] for r in rows if isinstance(r.data, dict)] == [2 * i for i in range(50)]
     batch, report = plan_import(rows, [], ImportOptions(MATH_MAP))
     assert report.imported == 50 and batch[7].answer == "14" and batch[7].solution is None
