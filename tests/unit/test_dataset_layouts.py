@@ -195,7 +195,8 @@ def test_strip_patterns() -> None:
     [p], report = plan_rows([{"prompt": "Question: Compute 1+1. Answer with a number.", "answer": "2"}], options)
     assert p.prompt == "Compute 1+1." and report.stripped == 1
     assert instruction(None) is None
-    assert instruction("dapo", ["x"]).name == "dapo + pattern 'x'"  # type: ignore[union-attr]
+    combined = instruction("dapo", ["x"])
+    assert combined is not None and combined.name == "dapo + pattern 'x'" and len(combined.parts) == 3
     with pytest.raises(ValueError, match="not a regular expression"):
         instruction(None, ["(unclosed"])
     with pytest.raises(ValueError, match="no instruction preset 'orz'"):
@@ -288,7 +289,9 @@ def test_large_parquet_files_stream_in_order(tmp_path: Path) -> None:
     ],
 )
 def test_verl_presets_take_out_the_sentence_verl_appends(preset: str, prompt: str) -> None:
-    text, missing = instruction(preset).strip(prompt)  # type: ignore[union-attr]
+    found = instruction(preset)
+    assert found is not None
+    text, missing = found.strip(prompt)
     assert missing == [] and text == prompt[: prompt.index(" Let's")]
 
 
