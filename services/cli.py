@@ -4,7 +4,7 @@
     pope engine --model DIR [--port 30000]    the CPU inference engine
     pope rollout | verifier | trainer         one service each
     pope model init --out DIR                 build a tiny local model
-    pope data import FILE | export OUT        problems in and out of the problem store
+    pope data import PATH | export OUT        problems in and out of the problem store
     pope config show SECTION [--config FILE]  print a section's resolved settings
     pope config docs                          print the configuration reference
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -29,9 +29,11 @@ from pydantic import BaseModel
 from services.common.config import ConfigError, SectionSettings, check_shared_keys, load_settings, resolved
 from services.common.settings_cli import add_field_flag, add_setting_flags, render_docs, settings_from_args
 from services.restarts import RestartPolicy
+from services.rollout.instructions import PRESETS as INSTRUCTION_PRESETS
 
 if TYPE_CHECKING:
-    from services.rollout.dataset import ImportOptions, ImportReport, SourceRow
+    from services.rollout.dataset import ImportOptions, ImportReport
+    from services.rollout.dataset_files import SourceRow
 
 
 def _settings_model(section: str) -> type[SectionSettings]:
@@ -128,6 +130,8 @@ def _data(args: argparse.Namespace) -> int:
     from redis.exceptions import RedisError
 
     from services.rollout import dataset
+    from services.rollout.dataset_files import DatasetError, read_rows
+    from services.rollout.instructions import instruction
     from services.rollout.settings import RolloutSettings
 
     settings = load_settings(RolloutSettings, args.config, redis_url=args.redis_url, key_prefix=args.key_prefix)
@@ -136,17 +140,21 @@ def _data(args: argparse.Namespace) -> int:
             n = asyncio.run(_data_export(settings.redis_url, settings.key_prefix, args))
             print(f"wrote {n} problems to {args.out}")
             return 0
-        options = dataset.ImportOptions(dataset.parse_map(args.map), args.split, args.source, args.allow_leakage)
-        rows = dataset.read_rows(args.file, args.hf_split)
+        strip = instruction(args.strip_instruction, args.strip_pattern)
+        options = dataset.ImportOptions(
+            dataset.parse_map(args.map), args.split, args.source, args.allow_leakage, instruction=strip
+        )
+        rows = read_rows(args.file, args.hf_split)
+        print(f"reading {rows.what}", flush=True)
         report = asyncio.run(_data_import(settings.redis_url, settings.key_prefix, rows, options))
-    except (ValueError, OSError, dataset.DatasetError, RedisError) as exc:
+    except (ValueError, OSError, DatasetError, RedisError) as exc:
         print(f"pope data {args.action}: {exc}", file=sys.stderr)
         return 1
     print(dataset.format_report(report))
     return 0 if report.imported + report.replaced > 0 or not report.errors else 1
 
 
-async def _data_import(url: str, prefix: str, rows: list[SourceRow], options: ImportOptions) -> ImportReport:
+async def _data_import(url: str, prefix: str, rows: Iterable[SourceRow], options: ImportOptions) -> ImportReport:
     from services.rollout.dataset import import_rows, problem_store
 
     async with problem_store(url, prefix) as store:
@@ -187,21 +195,49 @@ def _add_data_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     actions = data.add_subparsers(dest="action", required=True)
     imp = actions.add_parser(
         "import",
-        help="import problems (.jsonl, .json list, .parquet, a Hugging Face save_to_disk directory)",
+        help="import problems (.jsonl, .json, .parquet, a Hub snapshot folder, a save_to_disk folder)",
         description="Import problems into the problem store: bad rows are reported by line and field, the rest "
-        "import; duplicates are dropped; a train problem that is also an eval problem is excluded from training.",
+        "import; duplicates are dropped; a train problem that is also an eval problem is excluded from training. "
+        "Recipes for real datasets (verl/DAPO-Math-17k, Omni-MATH): docs/data.md.",
     )
-    imp.add_argument("file", type=Path, metavar="FILE", help="dataset file or directory")
+    imp.add_argument(
+        "file",
+        type=Path,
+        metavar="PATH",
+        help="a dataset file, or a folder: its data files, subfolders included, of split --hf-split",
+    )
     imp.add_argument(
         "--map",
         action="append",
         default=[],
-        metavar="FIELD=COLUMN",
-        help="read Problem FIELD from COLUMN (repeatable), e.g. --map prompt=problem",
+        metavar="FIELD=PATH",
+        help="read Problem FIELD from column PATH (repeatable): a column, or a path into nested values "
+        "(reward_model.ground_truth, prompt[0].content, prompt[role=user].content); a prompt that is a list "
+        "of chat messages is read as its last user message",
     )
     imp.add_argument("--split", choices=["train", "eval"], default="train", help="split of rows without one")
     imp.add_argument("--source", metavar="NAME", help="source of rows without one")
-    imp.add_argument("--hf-split", default="train", metavar="NAME", help="split of a DatasetDict directory")
+    imp.add_argument(
+        "--hf-split",
+        default="train",
+        metavar="NAME",
+        help="which files of a folder to read: the split their names name (train, validation, test), or "
+        "a DatasetDict's split (default: train)",
+    )
+    imp.add_argument(
+        "--strip-instruction",
+        choices=sorted(INSTRUCTION_PRESETS),
+        help="take a dataset's own answer-format instruction out of every prompt, so the project's template "
+        "(\\boxed{}) applies: dapo (DAPO-Math-17k's), verl-math, verl-gsm8k (the sentence verl's preprocessing "
+        "appends); rows without it are reported",
+    )
+    imp.add_argument(
+        "--strip-pattern",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="take every match of REGEX out of every prompt (repeatable); rows without a match are reported",
+    )
     imp.add_argument(
         "--allow-leakage",
         action="store_true",

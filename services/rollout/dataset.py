@@ -1,19 +1,19 @@
 """Import problems from dataset files into the problem store, and export them back out.
 
     pope data import data/math.jsonl --map prompt=problem --map answer=final_answer --split train
-    pope data import hf-dir/ --hf-split test --split eval --source math500
+    pope data import DAPO-Math-17k/ --map answer=reward_model.ground_truth --strip-instruction dapo
     pope data export problems.jsonl --split train --label hard_hinted
 
-Reads JSON Lines (``.jsonl``), a JSON list (``.json``), parquet, a directory written by
-Hugging Face ``Dataset.save_to_disk`` (Arrow streaming IPC files; a ``DatasetDict``
-directory by split name), or a directory of ``*.parquet`` / ``*.jsonl`` files. Each row
-becomes a ``Problem``; a bad row is reported by line (JSONL) or row index (elsewhere) and
-field, and the good rows still import. Rows are de-duplicated by content within a split,
-and a train problem whose text is also an eval problem's is excluded from training
-(``Problem.excluded``) unless leakage is allowed. Reading and planning are pure
-(``read_rows``, ``plan_import``); only ``import_rows``/``export_problems`` touch Redis.
-The rules for ids, hint searches and leakage are ``services/rollout/merge.py``'s, shared
-with ``POST /v1/problems`` (where a row whose id exists replaces that problem).
+Reading (files, folders, Hub snapshots, splits) is dataset_files.py's; where a field sits
+in a row (``--map`` column paths, chat-message prompts) is columns.py's; a dataset's own
+answer-format instruction, taken out of prompts, is instructions.py's. Each row becomes a
+``Problem``; a bad row is reported by line (JSONL) or row index (elsewhere) and field, and
+the good rows still import. Rows are de-duplicated by content within a split, and a train
+problem whose text is also an eval problem's is excluded from training
+(``Problem.excluded``) unless leakage is allowed. Planning is pure (``plan_import``); only
+``import_rows``/``export_problems`` touch Redis. The rules for ids, hint searches and
+leakage are ``services/rollout/merge.py``'s, shared with ``POST /v1/problems`` (where a
+row whose id exists replaces that problem).
 """
 
 from __future__ import annotations
@@ -27,40 +27,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import pyarrow as pa
-import pyarrow.ipc
-import pyarrow.parquet
 from pydantic import BaseModel, ValidationError
 from redis.asyncio import Redis
 
 from services.common.keys import Keys
 from services.common.messages import Problem, ProblemLabel, normalized_text
+from services.rollout.columns import ColumnPath, PathError, is_chat, user_content
+from services.rollout.dataset_files import DatasetError, RowError, SourceRow
+from services.rollout.instructions import Instruction
 from services.rollout.merge import LeakedPair, exclude_leaks, keep_search, split_id
 from services.rollout.store import ProblemStore
 
 PROBLEM_FIELDS = frozenset(Problem.model_fields)
 # Optional text fields where an empty string means "not given" (datasets often store "" for missing).
 _BLANK_IS_NONE = ("solution", "hint", "source", "excluded")
-
-
-class DatasetError(Exception):
-    """The file as a whole cannot be read (missing, unknown format, not a list, no such split)."""
-
-
-class RowError(BaseModel):
-    """One bad row: where it is, which field (dotted path; None for the whole row), and why."""
-
-    line: int
-    """1-based line of a JSONL file; 0-based row index in any other format."""
-    field: str | None
-    message: str
-    unit: Literal["line", "row"] = "line"
-    file: str | None = None
-    """The file within a directory of files; None when a single file was read."""
-
-    @property
-    def where(self) -> str:
-        return f"{self.file + ' ' if self.file else ''}{self.unit} {self.line}"
 
 
 class ImportReport(BaseModel):
@@ -73,42 +53,47 @@ class ImportReport(BaseModel):
     """Rows dropped because an earlier row or stored problem of the same split has the same text and answer."""
     excluded: int = 0
     """Train problems newly kept out of training because an eval problem has the same text."""
+    with_solution: int = 0
+    """Written problems that have a solution, so the hint search can cut hints from them."""
+    instruction: str | None = None
+    """The name of the instruction taken out of prompts, if one was."""
+    searched: int = 0
+    """Prompts searched for the instruction."""
+    stripped: int = 0
+    """Prompts the instruction was found in, wholly or in part, and taken out of."""
     errors: list[RowError] = []
+    warnings: list[RowError] = []
+    """Rows imported whose prompt lacks all or part of the instruction."""
+    unmatched: dict[str, tuple[str, str]] = {}
+    """Mapped field -> (its column path, why it found nothing in the first row), if it found nothing in any."""
     leaked: list[LeakedPair] = []
 
 
 @dataclass(frozen=True)
 class ImportOptions:
     columns: Mapping[str, str] = field(default_factory=dict)
-    """Problem field -> source column; unmapped fields read same-named columns."""
+    """Problem field -> column path (columns.py); unmapped fields read same-named columns."""
     split: Literal["train", "eval"] = "train"
     """Split of rows that have none."""
     source: str | None = None
     """Source of rows that have none."""
     allow_leakage: bool = False
     """Keep train problems that are also eval problems in training (still reported)."""
+    instruction: Instruction | None = None
+    """A dataset's own answer-format instruction, taken out of every prompt."""
+    paths: Mapping[str, ColumnPath] = field(init=False, repr=False, compare=False)
+    """Every Problem field's column path, parsed from ``columns``."""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.columns) - PROBLEM_FIELDS)
         if unknown:
             raise ValueError(f"unknown Problem field(s) {unknown}; fields: {sorted(PROBLEM_FIELDS)}")
-
-
-@dataclass(frozen=True)
-class SourceRow:
-    """One row as read: its columns, or (a str) why it could not be read (malformed JSON, not an object)."""
-
-    line: int
-    unit: Literal["line", "row"]
-    data: dict[str, Any] | str
-    file: str | None = None
-
-    def fail(self, field_: str | None, message: str) -> RowError:
-        return RowError(line=self.line, field=field_, message=message, unit=self.unit, file=self.file)
+        paths = {name: ColumnPath.parse(self.columns.get(name, name)) for name in PROBLEM_FIELDS}
+        object.__setattr__(self, "paths", paths)  # derived once; the dataclass stays frozen
 
 
 def parse_map(items: Iterable[str]) -> dict[str, str]:
-    """``["prompt=problem", "answer=final_answer"]`` -> ``{"prompt": "problem", ...}``."""
+    """``["prompt=problem", "answer=reward_model.ground_truth"]`` -> ``{"prompt": "problem", ...}``."""
     columns: dict[str, str] = {}
     for item in items:
         name, sep, column = item.partition("=")
@@ -118,106 +103,60 @@ def parse_map(items: Iterable[str]) -> dict[str, str]:
     return columns
 
 
-# Reading ------------------------------------------------------------------------------
-
-
-def read_rows(path: Path, hf_split: str = "train") -> list[SourceRow]:
-    """Every row of a dataset file or directory, in file order."""
-    if path.is_dir():
-        return _read_dir(path, hf_split)
-    if not path.is_file():
-        raise DatasetError(f"{path}: no such file or directory")
-    return _read_file(path, None)
-
-
-def _read_file(path: Path, name: str | None) -> list[SourceRow]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path, name)
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{path}: invalid JSON: {exc}") from None
-        if not isinstance(data, list):
-            raise DatasetError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
-        return _objects(data, "row", 0, name)
-    if suffix == ".parquet":
-        return _objects(pyarrow.parquet.read_table(path).to_pylist(), "row", 0, name)
-    raise DatasetError(
-        f"{path}: unknown format {suffix or '(no suffix)'!r}; use .jsonl, .json, .parquet or a directory"
-    )
-
-
-def _read_jsonl(path: Path, name: str | None) -> list[SourceRow]:
-    rows: list[SourceRow] = []
-    with path.open(encoding="utf-8-sig") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                rows.extend(_objects([json.loads(text)], "line", number, name))
-            except json.JSONDecodeError as exc:  # exc's own "line 2" would count the line's newline
-                rows.append(SourceRow(number, "line", f"invalid JSON: {exc.msg} (column {exc.colno})", name))
-    return rows
-
-
-def _objects(items: list[Any], unit: Literal["line", "row"], start: int, name: str | None) -> list[SourceRow]:
-    not_object = "expected an object, got {}"
-    return [
-        SourceRow(start + i, unit, item if isinstance(item, dict) else not_object.format(type(item).__name__), name)
-        for i, item in enumerate(items)
-    ]
-
-
-def _read_dir(path: Path, hf_split: str) -> list[SourceRow]:
-    if (path / "dataset_dict.json").is_file():  # a DatasetDict: one saved Dataset per split
-        splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
-        if hf_split not in splits:
-            raise DatasetError(f"{path}: no split {hf_split!r} (splits: {', '.join(splits)}); pass --hf-split")
-        path = path / hf_split
-    if (path / "state.json").is_file():
-        return _objects(_read_arrow_dataset(path).to_pylist(), "row", 0, None)
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".parquet", ".jsonl"))
-    if not files:
-        raise DatasetError(f"{path}: neither a saved Hugging Face dataset nor a directory of .parquet/.jsonl files")
-    return [row for p in files for row in _read_file(p, p.name)]
-
-
-def _read_arrow_dataset(path: Path) -> pa.Table:
-    """The table of a ``Dataset.save_to_disk`` directory: its shards, in state.json's order."""
-    state = json.loads((path / "state.json").read_text())
-    names = [f["filename"] for f in state.get("_data_files", [])] or sorted(p.name for p in path.glob("data-*.arrow"))
-    if not names:
-        raise DatasetError(f"{path}: state.json lists no data files")
-    tables = []
-    for name in names:
-        with pa.memory_map(str(path / name)) as source:
-            tables.append(pyarrow.ipc.open_stream(source).read_all())
-    return pa.concat_tables(tables)
-
-
 # Planning (pure) ------------------------------------------------------------------------
 
 
-def to_problem(data: Mapping[str, Any], options: ImportOptions) -> Problem:
-    """A row as a Problem: mapped columns, then same-named ones, then the defaults."""
-    values: dict[str, Any] = {}
-    for name in PROBLEM_FIELDS:
-        column = options.columns.get(name, name)
-        value = data.get(column)
+@dataclass
+class RowFields:
+    """What a row holds for each Problem field, before validation."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    absent: dict[str, str] = field(default_factory=dict)
+    """Field -> why its column path found nothing."""
+    instruction_missing: list[str] | None = None
+    """The instruction's parts not found in the prompt (None: nothing was looked for)."""
+
+
+def row_fields(data: Mapping[str, Any], options: ImportOptions) -> RowFields:
+    """A row's values by column path (a chat ``prompt`` as its user message), cleaned, the
+    instruction taken out of the prompt, and the defaults."""
+    out = RowFields()
+    for name, path in options.paths.items():
+        try:
+            value = path.lookup(data)
+            if name == "prompt" and is_chat(value):
+                value = user_content(value)
+        except PathError as exc:
+            out.absent[name] = str(exc)
+            continue
         if isinstance(value, float) and math.isnan(value):
             value = None  # pandas writes missing values as NaN
         if name in ("answer", "id") and isinstance(value, int | float) and not isinstance(value, bool):
             value = str(int(value)) if isinstance(value, int) or value.is_integer() else repr(value)
+        if name == "prompt" and options.instruction is not None and isinstance(value, str):
+            value, out.instruction_missing = options.instruction.strip(value)
         if name in _BLANK_IS_NONE and isinstance(value, str) and not value.strip():
             value = None
         if value is not None:
-            values[name] = value
-    values.setdefault("split", options.split)
+            out.values[name] = value
+    out.values.setdefault("split", options.split)
     if options.source is not None:
-        values.setdefault("source", options.source)
-    return Problem.model_validate(values)
+        out.values.setdefault("source", options.source)
+    return out
+
+
+def to_problem(data: Mapping[str, Any], options: ImportOptions) -> Problem:
+    """A row as a Problem: mapped columns, then same-named ones, then the defaults."""
+    return Problem.model_validate(row_fields(data, options).values)
+
+
+def _explain(name: str | None, fields: RowFields, options: ImportOptions) -> str:
+    """Where a failed field's value was looked for, as a suffix to pydantic's message."""
+    column = options.columns.get(name or "")
+    reason = fields.absent.get(name or "")
+    if reason and not reason.startswith("no column"):
+        return f" (column {column or name!r}: {reason})"
+    return f" (column {column!r})" if column and column != name else ""
 
 
 def _content_key(p: Problem) -> tuple[str, str, str]:
@@ -227,25 +166,39 @@ def _content_key(p: Problem) -> tuple[str, str, str]:
 def plan_import(
     rows: Iterable[SourceRow], stored: Iterable[Problem], options: ImportOptions
 ) -> tuple[list[Problem], ImportReport]:
-    """What to write (new, replaced and newly excluded problems) and the report of it."""
-    report = ImportReport()
+    """What to write (new, replaced and newly excluded problems) and the report of it.
+
+    Raises DatasetError when an instruction to strip was found in none of the prompts:
+    the wrong ``--strip-instruction`` for the file, not a few odd rows."""
+    report = ImportReport(instruction=options.instruction.name if options.instruction else None)
     before = {p.id: p for p in stored}
     seen = {_content_key(p): p.id for p in before.values()}
     batch: dict[str, Problem] = {}
+    found = dict.fromkeys(options.columns, 0)
+    first_absent: dict[str, str] = {}
     for row in rows:
         report.read += 1
         if isinstance(row.data, str):
             report.errors.append(row.fail(None, row.data))
             continue
+        fields = row_fields(row.data, options)
+        for name in found:
+            found[name] += name not in fields.absent
+            first_absent.setdefault(name, fields.absent.get(name, ""))
+        missing, parts = fields.instruction_missing, options.instruction.parts if options.instruction else ()
+        if missing is not None:
+            report.searched += 1
+            report.stripped += len(missing) < len(parts)
         try:
-            problem = to_problem(row.data, options)
+            problem = Problem.model_validate(fields.values)
         except ValidationError as exc:
             for err in exc.errors():
-                name = ".".join(str(part) for part in err["loc"]) or None
-                column = options.columns.get(name or "")
-                suffix = f" (column {column!r})" if column and column != name else ""
-                report.errors.append(row.fail(name, err["msg"] + suffix))
+                where = ".".join(str(part) for part in err["loc"]) or None
+                report.errors.append(row.fail(where, err["msg"] + _explain(where, fields, options)))
             continue
+        if missing:
+            what = "none of it" if len(missing) == len(parts) else f"no {', '.join(missing)}"
+            report.warnings.append(row.fail("prompt", f"instruction {report.instruction}: {what} found"))
         problem = split_id(problem, batch.get(problem.id) or before.get(problem.id))
         key = _content_key(problem)
         if problem.id in batch or seen.get(key, problem.id) != problem.id:
@@ -256,7 +209,15 @@ def plan_import(
         report.replaced += problem.id in before
         report.imported += problem.id not in before
 
+    if report.searched and not report.stripped:
+        raise DatasetError(
+            f"instruction {report.instruction} was found in none of the {report.searched} prompts; "
+            "nothing imported (is it this dataset's instruction?)"
+        )
+    if first_absent:  # some row was read
+        report.unmatched = {n: (options.columns[n], first_absent[n]) for n, hits in found.items() if not hits}
     report.leaked, report.excluded = exclude_leaks(batch, before, options.allow_leakage)
+    report.with_solution = sum(p.solution is not None for p in batch.values())
     return list(batch.values()), report
 
 
@@ -280,6 +241,22 @@ def format_report(report: ImportReport, max_errors: int = 20) -> str:
         lines.append(f"  error at {err.where}{f', field {err.field!r}' if err.field else ''}: {err.message}")
     if len(report.errors) > max_errors:
         lines.append(f"  ... and {len(report.errors) - max_errors} more errors")
+    for name, (path, why) in report.unmatched.items():
+        lines.append(f"--map {name}={path} found nothing in any row (first row: {why})")
+    if report.instruction is not None:
+        lacking = f"; {len(report.warnings)} rows lack all or part of it, imported less what was found:"
+        lines.append(
+            f"instruction {report.instruction}: taken out of {report.stripped} of {report.searched} prompts"
+            + (lacking if report.warnings else "")
+        )
+        lines.extend(f"  warning at {w.where}: {w.message}" for w in report.warnings[:max_errors])
+        if len(report.warnings) > max_errors:
+            lines.append(f"  ... and {len(report.warnings) - max_errors} more warnings")
+    if report.imported + report.replaced:
+        lines.append(
+            f"{report.with_solution} of the {report.imported + report.replaced} problems written have a solution "
+            "(the hint search needs one to build a hint)"
+        )
     if report.leaked:
         lines.append(f"{len(report.leaked)} train problems are also eval problems; {report.excluded} newly excluded:")
         lines.extend(f"  train {pair.train_id} = eval {pair.eval_id}" for pair in report.leaked)
@@ -289,7 +266,7 @@ def format_report(report: ImportReport, max_errors: int = 20) -> str:
 # Store I/O ----------------------------------------------------------------------------
 
 
-async def import_rows(store: ProblemStore, rows: list[SourceRow], options: ImportOptions) -> ImportReport:
+async def import_rows(store: ProblemStore, rows: Iterable[SourceRow], options: ImportOptions) -> ImportReport:
     """Plan against the store's problems and write the batch in one transaction.
 
     Not isolated from concurrent writers (the API): a problem submitted between the read

@@ -109,3 +109,42 @@ async def test_export_round_trips_and_filters(redis_url: str, keys: Keys, aredis
     assert out.returncode == 0 and "3 new" in out.stdout, out.stdout + out.stderr
     assert pope(redis_url, other, "export", str(tmp_path / "again.jsonl")).returncode == 0
     assert (tmp_path / "again.jsonl").read_text() == (tmp_path / "all.jsonl").read_text()
+
+
+async def test_whole_file_failures_import_nothing_and_say_why(
+    redis_url: str, keys: Keys, aredis: Redis, tmp_path: Path
+) -> None:
+    snap = tmp_path / "snap"
+    (snap / "data").mkdir(parents=True)
+    jsonl(snap / "data" / "test-00000-of-00001.jsonl", [{"prompt": "Compute 1+1.", "answer": "2"}])
+    out = pope(redis_url, keys, "import", str(snap))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "no data files of split 'train' (found test: data/test-00000-of-00001.jsonl); pick one with --hf-split" in (
+        out.stderr
+    )
+    plain = jsonl(tmp_path / "plain.jsonl", [{"prompt": "Compute 1+1.", "answer": "2"}])
+    out = pope(redis_url, keys, "import", str(plain), "--strip-instruction", "dapo")
+    assert out.returncode == 1 and "instruction dapo was found in none of the 1 prompts; nothing imported" in out.stderr
+    out = pope(redis_url, keys, "import", str(plain), "--map", "answer=reward_model..ground_truth")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "column path 'reward_model..ground_truth': cannot read '..ground_truth'" in out.stderr, out.stderr
+    assert await stored(aredis, keys) == {}
+    out = pope(redis_url, keys, "import", str(snap), "--hf-split", "test", "--strip-pattern", r"^Compute\s*")
+    assert out.returncode == 0 and "taken out of 1 of 1 prompts" in out.stdout, out.stdout + out.stderr
+    assert [p.prompt for p in (await stored(aredis, keys)).values()] == ["1+1."]
+
+
+def test_import_help_names_the_layouts_and_flags() -> None:
+    out = subprocess.run([POPE, "data", "import", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for words in (
+        "--map FIELD=PATH",
+        "reward_model.ground_truth, prompt[0].content, prompt[role=user].content",
+        "last user message",
+        "--hf-split NAME",
+        "--strip-instruction {dapo,verl-gsm8k,verl-math}",
+        "--strip-pattern REGEX",
+        "docs/data.md",
+    ):
+        assert words in text, words

@@ -11,17 +11,8 @@ import pyarrow.parquet
 import pytest
 
 from services.common.messages import Problem, ProblemLabel, problem_id_for
-from services.rollout.dataset import (
-    DatasetError,
-    ImportOptions,
-    SourceRow,
-    export_lines,
-    format_report,
-    parse_map,
-    plan_import,
-    read_rows,
-    to_problem,
-)
+from services.rollout.dataset import ImportOptions, export_lines, format_report, parse_map, plan_import, to_problem
+from services.rollout.dataset_files import DatasetError, SourceRow, read_rows
 from tests.factories import hard_hinted_search
 
 MATH_ROWS = [
@@ -225,7 +216,7 @@ def test_json_list_and_parquet(tmp_path: Path) -> None:
         assert [p.answer for p in batch] == ["4", "15"] and report.errors == []
     (tmp_path / "bad.json").write_text('{"prompt": "q"}')
     with pytest.raises(DatasetError, match="expected a JSON list"):
-        read_rows(tmp_path / "bad.json")
+        list(read_rows(tmp_path / "bad.json"))
     (tmp_path / "d.csv").write_text("prompt,answer\n")
     with pytest.raises(DatasetError, match="unknown format"):
         read_rows(tmp_path / "d.csv")
@@ -236,7 +227,9 @@ def test_hugging_face_save_to_disk_dataset_and_dataset_dict(tmp_path: Path) -> N
     many = [{"problem": f"Compute {i}+{i}.", "final_answer": 2 * i, "solution": None} for i in range(50)]
     ds = datasets.Dataset.from_list(many)
     ds.save_to_disk(str(tmp_path / "one"), num_shards=3)  # several data-*.arrow files
-    rows = read_rows(tmp_path / "one")
+    saved = read_rows(tmp_path / "one")
+    assert saved.what == f"{tmp_path / 'one'}: a saved Hugging Face dataset, 3 shards"
+    rows = list(saved)
     assert [r.data["final_answer"] for r in rows if isinstance(r.data, dict)] == [2 * i for i in range(50)]
     batch, report = plan_import(rows, [], ImportOptions(MATH_MAP))
     assert report.imported == 50 and batch[7].answer == "14" and batch[7].solution is None
@@ -247,7 +240,7 @@ def test_hugging_face_save_to_disk_dataset_and_dataset_dict(tmp_path: Path) -> N
     )
     [row] = read_rows(tmp_path / "dict", hf_split="test")
     assert isinstance(row.data, dict) and row.data["problem"] == "Compute 9+9."
-    assert len(read_rows(tmp_path / "dict")) == 50  # default split: train
+    assert len(list(read_rows(tmp_path / "dict"))) == 50  # default split: train
     with pytest.raises(DatasetError, match="no split 'validation'"):
         read_rows(tmp_path / "dict", hf_split="validation")
 
