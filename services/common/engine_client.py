@@ -19,6 +19,7 @@ client. Weight versions are ints here (the engine speaks strings).
 from __future__ import annotations
 
 import logging
+import random
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -41,7 +42,12 @@ class EngineError(RuntimeError):
 
 
 class SamplingParams(BaseModel):
-    """The sampling parameters this system sends (SGLang's names; None fields are omitted)."""
+    """The sampling parameters this system sends (SGLang's names; None fields are omitted).
+
+    ``n`` copies of a prompt are sent as ``n`` rows of a batch, copy j seeded with
+    ``sampling_seed + j`` (a random seed when None), never as SGLang's ``n``
+    (``EngineClient.generate_payload``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -166,14 +172,27 @@ class EngineClient(retry.RetryingClient):
     def generate_payload(
         input_ids: list[list[int]], params: SamplingParams, *, return_logprob: bool = True, rid: str | None = None
     ) -> dict[str, Any]:
-        """The /generate request body (public so contract tests can check exactly what is sent)."""
+        """The /generate request body (public so contract tests can check exactly what is sent).
+
+        Every copy of every prompt is a row of one batch with ``n = 1``: copy j of a prompt
+        has seed ``sampling_seed + j`` and row k is named ``<rid>-<k>``. SGLang's own ``n``
+        would give the copies one seed, so under ``--enable-deterministic-inference`` a
+        group would be one sample n times, and fresh rids, so none could be aborted; a
+        batch with a list of rids and one sampling_params per row keeps both. Without a
+        seed one is drawn here: SGLang's deterministic mode seeds every unseeded row with 42.
+        """
+        seed = params.sampling_seed if params.sampling_seed is not None else random.randrange(2**31)
+        copies = [
+            params.model_copy(update={"n": 1, "sampling_seed": seed + j}).model_dump(exclude_none=True)
+            for j in range(params.n)
+        ]
         body: dict[str, Any] = {
-            "input_ids": input_ids,
-            "sampling_params": params.model_dump(exclude_none=True),
+            "input_ids": [ids for ids in input_ids for _ in range(params.n)],
+            "sampling_params": copies * len(input_ids),
             "return_logprob": return_logprob,
         }
         if rid is not None:
-            body["rid"] = [f"{rid}-{i}" for i in range(len(input_ids))] if len(input_ids) > 1 else rid
+            body["rid"] = [f"{rid}-{k}" for k in range(len(body["input_ids"]))]
         return body
 
     async def generate(
@@ -184,7 +203,8 @@ class EngineClient(retry.RetryingClient):
         return_logprob: bool = True,
         rid: str | None = None,
     ) -> list[GenerateOutput]:
-        """Sample ``params.n`` completions of each prompt; results are ordered by prompt.
+        """Sample ``params.n`` completions of each prompt, each its own row with its own seed
+        (``generate_payload``); results are ordered by prompt, then copy.
 
         ``rid`` names the request on the engine (one is made up when none is given), so that
         a request whose answer was lost can be aborted there (see the module docstring).
@@ -192,14 +212,12 @@ class EngineClient(retry.RetryingClient):
         if not input_ids:
             return []
         body = self.generate_payload(input_ids, params, return_logprob=return_logprob, rid=rid or uuid.uuid4().hex)
-        rids: list[str] = body["rid"] if isinstance(body["rid"], list) else [body["rid"]]
+        rids: list[str] = body["rid"]
 
         async def abort_lost() -> None:
-            # The CPU engine stops all n copies of a prompt by its rid. SGLang (0.5.23) knows
-            # none of these rids: it renames a one-prompt batch's request "<rid>_0", and with
-            # n > 1 gives every copy a fresh id (io_struct._normalize_rid,
-            # tokenizer_manager._handle_batch_request). There the closed connection stops
-            # the copies: it aborts a request whose client went away, checking every 4 s.
+            # Each row's rid, as sent: SGLang (0.5.23) keeps the rids of a batch of n = 1 rows
+            # (io_struct._normalize_rid), and so does the CPU engine. Both match an abort by
+            # prefix, so "<rid>-1" also stops "<rid>-10": rows of this same request.
             for one in rids:
                 try:
                     await self.abort(one)
