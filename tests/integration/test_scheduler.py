@@ -1,5 +1,6 @@
 """The rollout scheduler against a real engine and Redis: the staleness bound, the POPE
-mix in published groups, and the top-up that keeps a short trainer from deadlocking."""
+mix in published groups, the top-up that keeps a short trainer from deadlocking, and
+groups of distinct samples with and without deterministic inference."""
 
 from __future__ import annotations
 
@@ -32,14 +33,12 @@ PROBLEMS = [
 async def make(
     aredis: Redis, keys: Keys, engine: EngineClient, tiny_model: Path, tmp_path: Path, **kw: object
 ) -> Scheduler:
+    sizes: dict[str, object] = {"group_size": 2, "prompts_per_step": 4, "max_new_tokens": 4}
     settings = RolloutSettings(
         key_prefix=keys.prefix,
         archive_dir=tmp_path / "rollouts",
-        group_size=2,
-        prompts_per_step=4,
-        max_new_tokens=4,
         streams=DeliveryPolicy(block_ms=50),
-        **kw,
+        **(sizes | kw),
     )  # type: ignore[arg-type]
     store = ProblemStore(aredis, keys)
     await store.put_many(PROBLEMS)
@@ -220,3 +219,25 @@ async def test_with_periodic_evaluation_training_waits_for_the_start_weights_eva
         assert not await s._ready_for(1) and "evaluation of the start weights" in s.waiting_for
         await aredis.hset(keys.state("eval"), "weight_version", 0)  # as PeriodicEval.record writes it
         assert await s._ready_for(1) and await s._ready_for(2)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic-inference", "sglang-default"])
+async def test_a_group_is_distinct_samples_with_and_without_deterministic_inference(
+    deterministic: bool,
+    request: pytest.FixtureRequest,
+    aredis: Redis,
+    keys: Keys,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    """On SGLang one request with n = G would be G copies of one sample under deterministic
+    inference (they share its seed): no GRPO signal. The group's G rows seeded seed + i
+    differ in both modes; with deterministic inference the group is reproducible from its
+    seed, without it (SGLang's default) the seed does not count."""
+    url = request.getfixturevalue("engine_url" if deterministic else "default_engine_url")
+    async with EngineClient(url) as engine:
+        s = await make(aredis, keys, engine, tiny_model, tmp_path, group_size=4, max_new_tokens=24)
+        first, again = [await s.sample_group(PROBLEMS[1], Variant.UNHINTED, 1) for _ in range(2)]
+    completions = [tuple(x.completion_ids) for x in first.samples]
+    assert len(completions) == 4 and len(set(completions)) == 4, completions
+    assert ([tuple(x.completion_ids) for x in again.samples] == completions) is deterministic
