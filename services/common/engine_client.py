@@ -10,7 +10,7 @@ Requests retry on a failed connection and on 503 (an engine restarting or loadin
 jittered backoff, up to ``retries`` times; any other error raises ``EngineError`` at once
 with the engine's message. A ``/generate`` whose answer is lost after it was sent (a read
 timeout, a dropped connection) is never sent again, since the engine may still be decoding
-it: the client aborts it by its ``rid`` and raises ``EngineError``, and the caller redoes
+it: the client aborts each of its rows by its rid and raises ``EngineError``, and the caller redoes
 the work under the same id (the scheduler replans the step). The other calls are
 idempotent and also retry on those errors. Nothing but ``EngineError`` ever leaves this
 client. Weight versions are ints here (the engine speaks strings).
@@ -18,8 +18,9 @@ client. Weight versions are ints here (the engine speaks strings).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import random
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -181,7 +182,7 @@ class EngineClient(retry.RetryingClient):
         batch with a list of rids and one sampling_params per row keeps both. Without a
         seed one is drawn here: SGLang's deterministic mode seeds every unseeded row with 42.
         """
-        seed = params.sampling_seed if params.sampling_seed is not None else random.randrange(2**31)
+        seed = params.sampling_seed if params.sampling_seed is not None else secrets.randbelow(2**31)
         copies = [
             params.model_copy(update={"n": 1, "sampling_seed": seed + j}).model_dump(exclude_none=True)
             for j in range(params.n)
@@ -211,20 +212,32 @@ class EngineClient(retry.RetryingClient):
         """
         if not input_ids:
             return []
-        body = self.generate_payload(input_ids, params, return_logprob=return_logprob, rid=rid or uuid.uuid4().hex)
+        rid = rid or uuid.uuid4().hex
+        body = self.generate_payload(input_ids, params, return_logprob=return_logprob, rid=rid)
         rids: list[str] = body["rid"]
 
+        async def abort_one(one: str) -> bool:
+            try:
+                await self.abort(one)
+            except EngineError as exc:  # the generation fails below either way
+                log.warning("could not abort the lost request %s: %s", one, exc)
+                return False
+            return True
+
         async def abort_lost() -> None:
-            # Each row's rid, as sent: SGLang (0.5.23) keeps the rids of a batch of n = 1 rows
-            # (io_struct._normalize_rid), and so does the CPU engine. Both match an abort by
-            # prefix, so "<rid>-1" also stops "<rid>-10": rows of this same request.
-            for one in rids:
-                try:
-                    await self.abort(one)
-                except EngineError as exc:  # the generation fails below either way
-                    log.warning("could not abort the lost request %s: %s", one, exc)
-                else:
-                    log.warning("aborted the lost request %s on the engine at %s", one, self.base_url)
+            # Each row by its rid, as sent: SGLang (0.5.23) keeps the rids of a batch of n = 1
+            # rows (io_struct._normalize_rid), and so does the CPU engine. Both match an abort
+            # by prefix, so "<rid>-1" also stops "<rid>-10": rows of this same request. At
+            # once, so an engine that went away costs one retry loop, not one per row.
+            done = await asyncio.gather(*(abort_one(one) for one in rids))
+            if any(done):
+                log.warning(
+                    "aborted %d of the %d rows of the lost request %s on the engine at %s",
+                    sum(done),
+                    len(rids),
+                    rid,
+                    self.base_url,
+                )
 
         resp = await self._request("POST", "/generate", body, on_lost=abort_lost)
         data = resp.json()
