@@ -10,9 +10,9 @@ Requests retry on a failed connection and on 503 (an engine restarting or loadin
 jittered backoff, up to ``retries`` times; any other error raises ``EngineError`` at once
 with the engine's message. A ``/generate`` whose answer is lost after it was sent (a read
 timeout, a dropped connection) is never sent again, since the engine may still be decoding
-it: the client aborts each of its rows by its rid and raises ``EngineError``, and the caller redoes
-the work under the same id (the scheduler replans the step). The other calls are
-idempotent and also retry on those errors. Nothing but ``EngineError`` ever leaves this
+it: the client aborts each of its rows by its rid and raises ``EngineError``, and the
+caller redoes the work under the same id (the scheduler replans the step). The other calls
+are idempotent and also retry on those errors. Nothing but ``EngineError`` ever leaves this
 client. Weight versions are ints here (the engine speaks strings).
 """
 
