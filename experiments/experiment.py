@@ -134,7 +134,7 @@ def run_config(spec: Spec, arm: str, seed: int, run_dir: Path) -> dict[str, Any]
             "max_new_tokens": spec.max_new_tokens,
             "seed": seed,
         },
-        "engine": {"port": free_port(), "max_batch": 64},
+        "engine": {"port": free_port(), "max_batch": 64, "enable_deterministic_inference": True},
         "rollout": {
             "port": free_port(),
             "prompt_template": TEMPLATE.model_dump(),

@@ -24,7 +24,7 @@ from services.common.redis_server import redis_for
 from services.offline import evaluate_problems
 from services.rollout.evaluation import EvalReport
 from services.rollout.settings import EvalSettings, HintSettings, RolloutSettings
-from services.stack import engine_child, running, verifier_child
+from services.stack import DETERMINISTIC, engine_child, running, verifier_child
 from services.stack import say as say_as
 
 
@@ -37,7 +37,7 @@ def services(
     model: Path, *, verifier: bool, log_dir: Path, out: TextIO, redis_url: str | None = None
 ) -> Iterator[tuple[str, str | None, str]]:
     """An engine serving ``model`` (and a verifier, and Redis) on free ports; yields their URLs."""
-    engine, engine_url = engine_child(str(model))
+    engine, engine_url = engine_child(str(model), args=DETERMINISTIC)
     with redis_for(redis_url or os.environ.get("REDIS_URL")) as url:
         children, verifier_url = [engine], None
         if verifier:

@@ -34,7 +34,7 @@ from services.rollout.evaluation import EvalReport, evaluate, to_markdown
 from services.rollout.hint_builder import HintBuilder, Progress, summary_table
 from services.rollout.settings import EvalSettings, HintSettings, RolloutSettings
 from services.rollout.store import ProblemStore
-from services.stack import engine_child, running, say, verifier_child
+from services.stack import DETERMINISTIC, engine_child, running, say, verifier_child
 
 
 def _answers(url: str) -> bool:
@@ -130,7 +130,7 @@ def engine_and_verifier(
     assert settings.model_path is not None
     children = []
     if not _answers(f"{settings.engine_url}/health"):
-        child, engine_url = engine_child(settings.model_path)
+        child, engine_url = engine_child(settings.model_path, args=DETERMINISTIC)
         children.append(child)
         settings = settings.model_copy(update={"engine_url": engine_url})
     with redis_for(args.redis_url or os.environ.get("REDIS_URL")) as url:

@@ -48,6 +48,10 @@ from services.restarts import Deaths, RestartPolicy, exit_text
 HEALTHY_WITHIN_S = 600.0  # a cold engine start (model load) included
 STOP_WITHIN_S = 12.0  # all children together, from the first SIGTERM; then SIGKILL
 LOG_TAIL_LINES = 40  # of a dead child's log, in the error that stops the stack
+DETERMINISTIC = ("--enable-deterministic-inference",)
+"""``pope engine``'s flag for the engines the offline jobs and the experiments start for
+themselves: seeds count there, so a hint search or an evaluation run again gives the same
+records. SGLang's default (and ``pope engine``'s) is off; docs/architecture.md#reproducibility."""
 
 
 @dataclass

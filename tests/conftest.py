@@ -103,9 +103,12 @@ class Popen(subprocess.Popen[bytes]):
 
 
 @contextlib.contextmanager
-def running_engine(model: Path, *extra: str) -> Iterator[str]:
-    """`pope engine` as a real subprocess on a free port; yields its URL once healthy."""
-    with running_pope(["engine", "--model", str(model), *extra], "/health") as proc:
+def running_engine(model: Path, *extra: str, deterministic: bool = True) -> Iterator[str]:
+    """`pope engine` as a real subprocess on a free port; yields its URL once healthy.
+    With deterministic inference (SGLang's flag; off is SGLang's default) unless told
+    otherwise: the tests that compare runs need seeds to count."""
+    flag = ["--enable-deterministic-inference"] if deterministic else []
+    with running_pope(["engine", "--model", str(model), *flag, *extra], "/health") as proc:
         yield proc.url
 
 
@@ -129,8 +132,15 @@ def _read(f: Any) -> str:
 
 @pytest.fixture(scope="session")
 def engine_url(tiny_model: Path) -> Iterator[str]:
-    """One engine shared by the tests that do not change its weights."""
+    """One engine shared by the tests that do not change its weights (deterministic inference on)."""
     with running_engine(tiny_model) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def default_engine_url(tiny_model: Path) -> Iterator[str]:
+    """An engine as SGLang runs by default: no deterministic inference, sampling_seed ignored."""
+    with running_engine(tiny_model, deterministic=False) as url:
         yield url
 
 

@@ -10,16 +10,18 @@ Requests retry on a failed connection and on 503 (an engine restarting or loadin
 jittered backoff, up to ``retries`` times; any other error raises ``EngineError`` at once
 with the engine's message. A ``/generate`` whose answer is lost after it was sent (a read
 timeout, a dropped connection) is never sent again, since the engine may still be decoding
-it: the client aborts it by its ``rid`` and raises ``EngineError``, and the caller redoes
-the work under the same id (the scheduler replans the step). The other calls are
-idempotent and also retry on those errors. Nothing but ``EngineError`` ever leaves this
+it: the client aborts each of its rows by its rid and raises ``EngineError``, and the
+caller redoes the work under the same id (the scheduler replans the step). The other calls
+are idempotent and also retry on those errors. Nothing but ``EngineError`` ever leaves this
 client. Weight versions are (step, lineage) ints here; the engine speaks their names,
 ``"12"`` or ``"12@3"`` (services.common.messages.version_name).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
@@ -42,7 +44,12 @@ class EngineError(RuntimeError):
 
 
 class SamplingParams(BaseModel):
-    """The sampling parameters this system sends (SGLang's names; None fields are omitted)."""
+    """The sampling parameters this system sends (SGLang's names; None fields are omitted).
+
+    ``n`` copies of a prompt are sent as ``n`` rows of a batch, copy j seeded with
+    ``sampling_seed + j`` (a random seed when None), never as SGLang's ``n``
+    (``EngineClient.generate_payload``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -176,14 +183,27 @@ class EngineClient(retry.RetryingClient):
     def generate_payload(
         input_ids: list[list[int]], params: SamplingParams, *, return_logprob: bool = True, rid: str | None = None
     ) -> dict[str, Any]:
-        """The /generate request body (public so contract tests can check exactly what is sent)."""
+        """The /generate request body (public so contract tests can check exactly what is sent).
+
+        Every copy of every prompt is a row of one batch with ``n = 1``: copy j of a prompt
+        has seed ``sampling_seed + j`` and row k is named ``<rid>-<k>``. SGLang's own ``n``
+        would give the copies one seed, so under ``--enable-deterministic-inference`` a
+        group would be one sample n times, and fresh rids, so none could be aborted; a
+        batch with a list of rids and one sampling_params per row keeps both. Without a
+        seed one is drawn here: SGLang's deterministic mode seeds every unseeded row with 42.
+        """
+        seed = params.sampling_seed if params.sampling_seed is not None else secrets.randbelow(2**31)
+        copies = [
+            params.model_copy(update={"n": 1, "sampling_seed": seed + j}).model_dump(exclude_none=True)
+            for j in range(params.n)
+        ]
         body: dict[str, Any] = {
-            "input_ids": input_ids,
-            "sampling_params": params.model_dump(exclude_none=True),
+            "input_ids": [ids for ids in input_ids for _ in range(params.n)],
+            "sampling_params": copies * len(input_ids),
             "return_logprob": return_logprob,
         }
         if rid is not None:
-            body["rid"] = [f"{rid}-{i}" for i in range(len(input_ids))] if len(input_ids) > 1 else rid
+            body["rid"] = [f"{rid}-{k}" for k in range(len(body["input_ids"]))]
         return body
 
     async def generate(
@@ -194,29 +214,40 @@ class EngineClient(retry.RetryingClient):
         return_logprob: bool = True,
         rid: str | None = None,
     ) -> list[GenerateOutput]:
-        """Sample ``params.n`` completions of each prompt; results are ordered by prompt.
+        """Sample ``params.n`` completions of each prompt, each its own row with its own seed
+        (``generate_payload``); results are ordered by prompt, then copy.
 
         ``rid`` names the request on the engine (one is made up when none is given), so that
         a request whose answer was lost can be aborted there (see the module docstring).
         """
         if not input_ids:
             return []
-        body = self.generate_payload(input_ids, params, return_logprob=return_logprob, rid=rid or uuid.uuid4().hex)
-        rids: list[str] = body["rid"] if isinstance(body["rid"], list) else [body["rid"]]
+        rid = rid or uuid.uuid4().hex
+        body = self.generate_payload(input_ids, params, return_logprob=return_logprob, rid=rid)
+        rids: list[str] = body["rid"]
+
+        async def abort_one(one: str) -> bool:
+            try:
+                await self.abort(one)
+            except EngineError as exc:  # the generation fails below either way
+                log.warning("could not abort the lost request %s: %s", one, exc)
+                return False
+            return True
 
         async def abort_lost() -> None:
-            # The CPU engine stops all n copies of a prompt by its rid. SGLang (0.5.23) knows
-            # none of these rids: it renames a one-prompt batch's request "<rid>_0", and with
-            # n > 1 gives every copy a fresh id (io_struct._normalize_rid,
-            # tokenizer_manager._handle_batch_request). There the closed connection stops
-            # the copies: it aborts a request whose client went away, checking every 4 s.
-            for one in rids:
-                try:
-                    await self.abort(one)
-                except EngineError as exc:  # the generation fails below either way
-                    log.warning("could not abort the lost request %s: %s", one, exc)
-                else:
-                    log.warning("aborted the lost request %s on the engine at %s", one, self.base_url)
+            # Each row by its rid, as sent: SGLang (0.5.23) keeps the rids of a batch of n = 1
+            # rows (io_struct._normalize_rid), and so does the CPU engine. Both match an abort
+            # by prefix, so "<rid>-1" also stops "<rid>-10": rows of this same request. At
+            # once, so an engine that went away costs one retry loop, not one per row.
+            done = await asyncio.gather(*(abort_one(one) for one in rids))
+            if any(done):
+                log.warning(
+                    "aborted %d of the %d rows of the lost request %s on the engine at %s",
+                    sum(done),
+                    len(rids),
+                    rid,
+                    self.base_url,
+                )
 
         resp = await self._request("POST", "/generate", body, on_lost=abort_lost)
         data = resp.json()

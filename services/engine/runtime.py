@@ -68,12 +68,17 @@ class EngineRuntime:
         dtype: torch.dtype = torch.float32,
         max_batch: int = 64,
         batch_wait_ms: float = 5.0,
+        deterministic: bool = False,
     ) -> None:
         from transformers import AutoTokenizer
 
         self.model_path = model_path
         self.device, self.dtype = device, dtype
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_ms / 1000
+        # SGLang's --enable-deterministic-inference: whether sampling_seed counts (sampling.generators).
+        self.deterministic = deterministic
+        self.process_rng = torch.Generator()  # unseeded sampling; only the decode thread draws
+        self.process_rng.seed()  # a fresh seed per start, as SGLang picks a random --random-seed
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_path)
         self.model: Any = load_model(model_path, device, dtype)
         self.weight_version = weight_version
@@ -143,9 +148,17 @@ class EngineRuntime:
 
     def abort(self, rid: str | None = None, *, abort_all: bool = False) -> int:
         """Abort the sequences of ``rid`` (or all); they finish with finish_reason abort.
-        Returns how many were still running or queued and not already aborted."""
+        As SGLang 0.5.23 does: a rid no live sequence has aborts nothing (its tokenizer
+        manager drops it), and one that a sequence has aborts every sequence whose rid
+        starts with it (its scheduler matches by prefix). Returns how many were still
+        running or queued and not already aborted."""
         with self._live_lock:
-            targets = [s for r, ss in self._live.items() if abort_all or r == rid for s in ss]
+            if abort_all:
+                targets = [s for ss in self._live.values() for s in ss]
+            elif rid and rid in self._live:
+                targets = [s for r, ss in self._live.items() if r.startswith(rid) for s in ss]
+            else:
+                targets = []
         targets = [s for s in targets if not s.finish[0] and not s.abort.is_set()]
         for s in targets:
             s.abort.set()

@@ -4,6 +4,9 @@ The reported logprob of a sampled token is log_softmax(logits / temperature), ta
 *before* top-k / top-p truncation, as SGLang reports it (DESIGN.md 3): the trainer
 recomputes exactly this quantity, so the first on-policy importance ratio is 1.
 Temperature 0 means greedy; its logprob is then taken at temperature 1.
+
+Seeds follow SGLang (``generators``): ``sampling_seed`` counts only under deterministic
+inference, and then every one of a request's ``n`` copies draws with that one seed.
 """
 
 from __future__ import annotations
@@ -63,6 +66,11 @@ SUPPORTED = frozenset(
         "spaces_between_special_tokens",
     }
 )
+
+
+DEFAULT_SEED = 42
+"""The seed SGLang gives a row without a ``sampling_seed`` under deterministic inference
+(``SamplingBatchInfo.from_schedule_batch``)."""
 
 
 class SamplingError(ValueError):
@@ -128,6 +136,8 @@ class SamplingSpec:
             raise SamplingError("min_p must be in [0, 1]")
         if spec.n < 1:
             raise SamplingError("n must be >= 1")
+        if spec.sampling_seed is not None and not -(2**63) <= spec.sampling_seed < 2**63:
+            raise SamplingError("sampling_seed must be in [-2**63, 2**63 - 1]")  # SGLang's range
         if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in spec.stop_token_ids):
             raise SamplingError(f"stop_token_ids must be token ids in [0, {vocab_size})")
         return spec
@@ -135,6 +145,22 @@ class SamplingSpec:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+
+def generators(spec: SamplingSpec, *, deterministic: bool, process_rng: torch.Generator) -> list[torch.Generator]:
+    """One generator per copy of a request (``spec.n`` of them), seeded as SGLang seeds them.
+
+    Deterministic inference (``--enable-deterministic-inference``): each copy gets its own
+    generator seeded with ``sampling_seed`` (or DEFAULT_SEED), the same seed for all ``n``
+    copies, so copies of one prompt are the same sample, as on SGLang, where every copy
+    carries the request's sampling params and its draws are a function of seed and
+    position only. Otherwise the seed is ignored, as SGLang ignores it, and every copy
+    draws from the engine's one process RNG (seeded at random when the engine starts).
+    """
+    if not deterministic:
+        return [process_rng] * spec.n
+    seed = DEFAULT_SEED if spec.sampling_seed is None else spec.sampling_seed
+    return [torch.Generator().manual_seed(seed) for _ in range(spec.n)]
 
 
 def sample_next(

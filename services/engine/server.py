@@ -37,7 +37,7 @@ from services.common.http import uvicorn_config
 from services.common.messages import parse_version
 from services.engine.decode import Sequence
 from services.engine.runtime import EngineRuntime, WeightLoadError
-from services.engine.sampling import SamplingError, SamplingSpec
+from services.engine.sampling import SamplingError, SamplingSpec, generators
 from services.engine.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,32 @@ def _prompts(body: dict[str, Any], rt: EngineRuntime) -> tuple[list[list[int]], 
     return rows, batch
 
 
+def _rids(rid: Any, prompts: int, batch: bool) -> list[str]:
+    """Each prompt's rid as SGLang 0.5.23 names it (``GenerateReqInput._normalize_rid``): a
+    single request keeps its rid; in a batch a string ``r`` names prompt i ``r_i``, a list
+    must hold one distinct rid per prompt, and prompts without one get fresh ids."""
+    if rid is not None and not isinstance(rid, str | list):
+        raise BadRequest("The rid should be a string or a list of strings.")
+    if not batch:
+        given = rid[0] if isinstance(rid, list) and len(rid) == 1 else rid
+        if given is not None and not isinstance(given, str):
+            raise BadRequest("The rid of a single request should be a string.")
+        return [given or uuid.uuid4().hex]
+    if rid is None:
+        return [uuid.uuid4().hex for _ in range(prompts)]
+    if isinstance(rid, str):
+        return [f"{rid}_{i}" for i in range(prompts)]
+    if len(rid) != prompts:
+        raise BadRequest("The specified rids length mismatch with the batch_size for batch processing.")
+    if not all(isinstance(r, str) and r for r in rid):
+        raise BadRequest("The rid should be a string or a list of strings.")
+    if len(set(rid)) != len(rid):
+        raise BadRequest(
+            f"Duplicate request IDs detected within the request: {sorted({r for r in rid if rid.count(r) > 1})}"
+        )
+    return list(rid)
+
+
 def _finish_reason(seq: Sequence) -> dict[str, Any]:
     kind, detail = seq.finish
     if kind == "stop":
@@ -133,8 +159,14 @@ async def generate(rt: EngineRuntime, body: dict[str, Any]) -> Any:
         ]
     except SamplingError as exc:
         raise BadRequest(str(exc)) from exc
+    if len({spec.n for spec in specs}) > 1:
+        raise BadRequest("The parallel_sample_num should be the same for all samples in sample params.")
     logprob = _per_prompt(body.get("return_logprob") or False, len(prompts), "return_logprob")
-    rids = _per_prompt(body.get("rid") or None, len(prompts), "rid")
+    n = specs[0].n
+    # SGLang makes a request with n > 1 a batch, and gives each of the n copies of a prompt
+    # a fresh rid (tokenizer_manager._handle_batch_request): the prompt's own rid then names
+    # no sequence, so an abort by it stops nothing, there as here.
+    rids = _rids(body.get("rid"), len(prompts), batch or n > 1)
     text_in_logprobs = bool(body.get("return_text_in_logprobs"))
 
     seqs, seq_rids, rows = [], [], []
@@ -144,19 +176,16 @@ async def generate(rt: EngineRuntime, body: dict[str, Any]) -> Any:
             raise BadRequest(f"prompt {i} has {len(prompt)} tokens; the context length is {rt.context_len}")
         if spec.max_new_tokens > room:  # as SGLang does: cap the completion to the context
             spec = dataclasses.replace(spec, max_new_tokens=room)
-        rid = rids[i] or uuid.uuid4().hex
-        for j in range(spec.n):  # copy j samples with sampling_seed + j (DESIGN.md 3)
-            gen = None
-            if spec.sampling_seed is not None:
-                gen = torch.Generator().manual_seed(spec.sampling_seed + j)
+        # The n copies share the seed under deterministic inference, as on SGLang (DESIGN.md 3).
+        for gen in generators(spec, deterministic=rt.deterministic, process_rng=rt.process_rng):
             seqs.append(Sequence(prompt, spec, gen))
-            seq_rids.append(rid)
-            rows.append((i, rid if spec.n == 1 else f"{rid}-{j}"))
+            seq_rids.append(rids[i] if n == 1 else uuid.uuid4().hex)
+            rows.append(i)
     version = await rt.run(seq_rids, seqs)
     latency = time.monotonic() - start
 
     out = []
-    for seq, (i, out_id) in zip(seqs, rows, strict=True):
+    for seq, i, out_id in zip(seqs, rows, seq_rids, strict=True):
         meta: dict[str, Any] = {
             "id": out_id,
             "prompt_tokens": len(seq.prompt_ids),
@@ -339,6 +368,12 @@ def create_app(
             "weight_version": rt.weight_version,
         }
 
+    @app.get("/server_info")
+    async def server_info() -> dict[str, Any]:
+        """Of the launch settings SGLang's /server_info reports, the one a client may need:
+        whether sampling_seed counts (SGLang reports it at the top level, under this name)."""
+        return {"enable_deterministic_inference": slot.get().deterministic}
+
     @app.get("/get_weight_version")
     async def weight_version() -> dict[str, Any]:
         rt = slot.get()
@@ -428,6 +463,7 @@ def serve(settings: EngineSettings) -> None:
             dtype=getattr(torch, settings.dtype),
             max_batch=settings.max_batch,
             batch_wait_ms=settings.batch_wait_ms,
+            deterministic=settings.enable_deterministic_inference,
         )
 
     if problem := model_dir_problem(model_path, "engine"):

@@ -29,5 +29,11 @@ class EngineSettings(SectionSettings):
     """How long the first request of a batch waits for others to join it."""
     torch_threads: int | None = Field(None, ge=1)
     """Torch intra-op threads (default: torch's choice)."""
+    enable_deterministic_inference: bool = False
+    """SGLang's flag of the same name, with SGLang's meaning and default: off, a request's
+    sampling_seed is ignored and every sample draws from the engine's own RNG; on, sampling_seed
+    (42 when a request has none) seeds each sample, and the n copies of one request share it,
+    so they are one sample n times. The client gives each copy its own row and seed, so a
+    group differs in both modes (docs/architecture.md#reproducibility)."""
     api_key: SecretStr | None = None
     """When set, every endpoint but health and metrics needs 'Authorization: Bearer <key>' (SGLang's --api-key)."""

@@ -6,8 +6,9 @@ and evaluation share (both go through the same engine and verifier as training d
     result.successes, result.attempts, result.tokens
 
 A truncated sample counts as a failure (it scores 0 in training too). Requests are split
-into slices of ``request_n`` copies with consecutive seeds, which the engine treats
-exactly as one request of ``k`` copies (copy i samples with seed + i).
+into slices of ``request_n`` copies with consecutive seeds, which are exactly one request
+of ``k`` copies: the client sends copy i as its own row with seed + i, so the k samples
+differ on SGLang with and without deterministic inference.
 """
 
 from __future__ import annotations

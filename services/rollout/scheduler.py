@@ -5,7 +5,7 @@
         wait until the engine serves at least s - 1 - max_staleness
         plan prompts_per_step groups (planner.py: hinted/unhinted 1:1 for hinted problems)
         write the plan to the plan log (planlog.py; fsynced) before any group is out
-        for each group (several at once): /generate with n = group_size -> RawGroup
+        for each group (several at once): /generate of group_size rows -> RawGroup
         publish every RawGroup to pope:rollouts; then mark the plan published
 
 With max_staleness 0 this is synchronous, on-policy GRPO: step s is sampled only after
@@ -394,7 +394,10 @@ class Scheduler:
 
     async def sample_group(self, problem: Problem, variant: Variant, step: int, salt: str = "") -> RawGroup:
         """G samples of one variant of one problem, as a RawGroup; GroupAborted if the
-        engine aborted any of them."""
+        engine aborted any of them. The client sends the G copies as G rows seeded
+        ``seed + i`` (``EngineClient.generate_payload``), so they differ on SGLang with and
+        without deterministic inference; with it on (the CPU demo's and tests' engines) a
+        group is reproducible from its seed."""
         cfg = self.settings
         text = user_message(problem, variant, cfg.prompt_template)
         ids = prompt_ids(self.tokenizer, text)

@@ -44,10 +44,12 @@ class HintSettings(BaseModel):
     max_cuts: int = Field(16, ge=1)
     """Most candidate prefixes per problem (more are thinned, evenly spaced)."""
     concurrency: int = Field(4, ge=1)
-    """Problems searched at once. 1 makes records exactly reproducible (a batch then holds
-    one problem's samples only; batched decoding can differ in the last float bits)."""
+    """Problems searched at once. 1 makes records exactly reproducible on an engine with
+    deterministic inference (a batch then holds one problem's samples only; batched
+    decoding can differ in the last float bits)."""
     seed: int = 0
-    """Seeds every request (per problem, stage and prefix), so a rebuild draws the same."""
+    """Seeds every request (per problem, stage and prefix), so a rebuild on an engine with
+    deterministic inference draws the same (one without ignores seeds, as SGLang does)."""
 
 
 class EvalSettings(BaseModel):
@@ -72,7 +74,8 @@ class EvalSettings(BaseModel):
     concurrency: int = Field(4, ge=1)
     """Problems sampled at once."""
     seed: int = 0
-    """Seeds every request (per problem and variant), so a rerun draws the same samples."""
+    """Seeds every request (per problem and variant), so a rerun on an engine with
+    deterministic inference draws the same samples."""
     limit: int | None = Field(None, ge=1)
     """Evaluate only the first this many problems (by id), for quick checks."""
 
@@ -106,7 +109,7 @@ class RolloutSettings(ServiceSettings):
     include_easy: bool = True
     """Train on problems labelled 'easy' too (unlabelled ones always are)."""
     max_concurrent_groups: int = Field(8, ge=1)
-    """Groups of one step sampled at once (each is one /generate request with n = group_size)."""
+    """Groups of one step sampled at once (each is one /generate request of group_size rows)."""
     seed: int = 0
     """Seeds the problem order and every group's sampling_seed."""
     schedule: bool = True

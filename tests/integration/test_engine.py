@@ -3,7 +3,8 @@
 Every request the client sends must decode with SGLang's GenerateRequest and every
 response with GenerateResponse (their own contract module, fetched at test time); and
 the numbers must be right: logprobs equal a plain forward pass, greedy equals
-transformers' generate, seeds reproduce, stops and lengths finish as they should.
+transformers' generate, seeds count as on SGLang (only under deterministic inference, and
+then shared by a request's n copies), stops and lengths finish as they should.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def check_contract(api: Any, request: dict[str, Any], response: Any) -> None:
     with the fields this system relies on present and well-formed."""
     req = api.GenerateRequest.from_json_value(request)
     assert req.input_ids is not None or req.text is not None
-    api.SamplingParams.from_json_value(request.get("sampling_params") or {})
+    params = request.get("sampling_params") or {}
+    for one in params if isinstance(params, list) else [params]:
+        api.SamplingParams.from_json_value(one)
     rows = response if isinstance(response, list) else [response]
     for row in rows:
         decoded = api.GenerateResponse.from_json_value(row)
@@ -75,8 +78,12 @@ def test_requests_and_responses_follow_sglangs_contract(engine_url: str, sglang_
 
 def test_batch_and_n_are_ordered_by_prompt(engine_url: str) -> None:
     body = EngineClient.generate_payload(PROMPTS, SamplingParams(max_new_tokens=3, n=2, sampling_seed=1))
+    assert body["input_ids"] == [p for p in PROMPTS for _ in range(2)]  # the client's rows: copies of a prompt
+    assert [p["sampling_seed"] for p in body["sampling_params"]] == [1, 2] * len(PROMPTS)
     rows = post(engine_url, body).json()
     assert [r["meta_info"]["prompt_tokens"] for r in rows] == [len(p) for p in PROMPTS for _ in range(2)]
+    sglang_n = post(engine_url, {"input_ids": PROMPTS, "sampling_params": {"max_new_tokens": 3, "n": 2}}).json()
+    assert [r["meta_info"]["prompt_tokens"] for r in sglang_n] == [len(p) for p in PROMPTS for _ in range(2)]
     single = post(engine_url, {"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 2}}).json()
     assert isinstance(single, dict)
 
@@ -118,19 +125,53 @@ async def test_top_k_1_is_transformers_greedy(engine_url: str, hf_model: Any) ->
         assert out.output_ids == ref[0, len(prompt) :].tolist()
 
 
-async def test_seeds_reproduce_and_copies_differ(engine_url: str) -> None:
-    params = SamplingParams(max_new_tokens=10, temperature=1.0, n=4, sampling_seed=123)
+def deterministic(url: str) -> bool:
+    """The mode, as SGLang's /server_info reports it."""
+    return bool(httpx.get(f"{url}/server_info").json()["enable_deterministic_inference"])
+
+
+def sampled(url: str, prompt: list[int], seed: int | None, n: int = 1) -> list[tuple[int, ...]]:
+    """One raw /generate of ``prompt`` (SGLang's own ``n``, one seed): each copy's tokens."""
+    params: dict[str, Any] = {"max_new_tokens": 32, "temperature": 1.0, "ignore_eos": True, "n": n}
+    if seed is not None:
+        params["sampling_seed"] = seed
+    resp = post(url, {"input_ids": prompt, "sampling_params": params})
+    assert resp.status_code == 200, resp.text
+    rows = resp.json()
+    return [tuple(r["output_ids"]) for r in (rows if isinstance(rows, list) else [rows])]
+
+
+async def test_with_deterministic_inference_a_seed_reproduces_and_n_copies_share_it(engine_url: str) -> None:
+    """As SGLang under --enable-deterministic-inference: a seed reproduces a sample, the n
+    copies of one request share the seed (one sample n times: no GRPO signal), and a request
+    without a seed samples with 42. The client's rows seeded seed + j differ and reproduce."""
+    assert deterministic(engine_url)
+    copies = sampled(engine_url, PROMPTS[0], 123, n=4)
+    assert len(copies) == 4 and len(set(copies)) == 1, "SGLang's n copies of one seeded request are one sample"
+    assert sampled(engine_url, PROMPTS[0], 123) == copies[:1]
+    assert sampled(engine_url, PROMPTS[0], None, n=2) == sampled(engine_url, PROMPTS[0], 42) * 2
+
+    params = SamplingParams(max_new_tokens=32, temperature=1.0, ignore_eos=True, n=4, sampling_seed=123)
     async with EngineClient(engine_url) as engine:
-        a = await engine.generate([PROMPTS[0]], params)
-        b = await engine.generate([PROMPTS[0]], params)
-        third = await engine.generate([PROMPTS[0]], params.model_copy(update={"n": 1, "sampling_seed": 125}))
-        unseeded = [
-            await engine.generate([PROMPTS[0]], params.model_copy(update={"sampling_seed": None})) for _ in range(2)
-        ]
-    assert [o.output_ids for o in a] == [o.output_ids for o in b]
-    assert len({tuple(o.output_ids) for o in a}) > 1, "copies with seeds seed+i must differ"
-    assert third[0].output_ids == a[2].output_ids  # copy i is seeded with sampling_seed + i
-    assert [o.output_ids for o in unseeded[0]] != [o.output_ids for o in unseeded[1]]
+        a = [tuple(o.output_ids) for o in await engine.generate([PROMPTS[0]], params)]
+        b = [tuple(o.output_ids) for o in await engine.generate([PROMPTS[0]], params)]
+        unseeded = await engine.generate([PROMPTS[0]], params.model_copy(update={"sampling_seed": None}))
+    assert a == b and len(set(a)) == 4, "the client's copies are rows seeded 123 + j"
+    assert a[0] == copies[0] and a[2] == sampled(engine_url, PROMPTS[0], 125)[0]
+    assert len({tuple(o.output_ids) for o in unseeded}) == 4  # the client draws a seed: not 42 for all
+
+
+async def test_without_deterministic_inference_the_seed_is_ignored(default_engine_url: str) -> None:
+    """SGLang's default: sampling_seed does not count, so two requests with one seed differ
+    (32 tokens of a 512-token vocabulary at temperature 1: equal by chance with probability
+    far below 1e-30), and so do the n copies of one request and the client's rows."""
+    assert not deterministic(default_engine_url)
+    assert sampled(default_engine_url, PROMPTS[0], 123) != sampled(default_engine_url, PROMPTS[0], 123)
+    assert len(set(sampled(default_engine_url, PROMPTS[0], 123, n=4))) == 4
+    params = SamplingParams(max_new_tokens=32, temperature=1.0, ignore_eos=True, n=4, sampling_seed=123)
+    async with EngineClient(default_engine_url) as engine:
+        outs = await engine.generate([PROMPTS[0]], params)
+    assert len({tuple(o.output_ids) for o in outs}) == 4
 
 
 async def test_stop_tokens_and_length_limits(engine_url: str) -> None:
@@ -169,9 +210,48 @@ async def test_abort_request_finishes_with_abort(engine_url: str) -> None:
             engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3000, ignore_eos=True), rid="long")
         )
         await wait_running(engine_url)
-        await engine.abort("long")
+        await engine.abort("long-0")  # the client names row k of a request "<rid>-<k>"
         [out] = await asyncio.wait_for(task, 30)
     assert out.finish_reason == "abort" and 0 < len(out.output_ids) < 3000
+
+
+async def test_rids_are_named_and_matched_as_sglang_names_and_matches_them(engine_url: str) -> None:
+    """SGLang 0.5.23 keeps a batch's list of rids, names the prompts of a batch sent one
+    string ``r_i``, gives the n > 1 copies of a prompt fresh ids, refuses a rid twice in one
+    batch; an abort by a rid no request has stops nothing, one by a rid it has stops every
+    request whose rid starts with it."""
+    short = {"max_new_tokens": 2}
+
+    def ids(body: dict[str, Any]) -> list[str]:
+        resp = post(engine_url, {"input_ids": PROMPTS[:2], **body})
+        assert resp.status_code == 200, resp.text
+        return [r["meta_info"]["id"] for r in resp.json()]
+
+    assert ids({"sampling_params": short, "rid": ["a", "b"]}) == ["a", "b"]
+    assert ids({"sampling_params": short, "rid": "r"}) == ["r_0", "r_1"]
+    copies = ids({"sampling_params": {**short, "n": 2}, "rid": ["a", "b"]})
+    assert len(set(copies)) == 4 and not {"a", "b"} & set(copies)
+    twice = post(engine_url, {"input_ids": PROMPTS[:2], "sampling_params": short, "rid": ["a", "a"]})
+    assert twice.status_code == 400 and "Duplicate request IDs" in twice.json()["message"]
+
+    aborted = "pope_engine_aborted_sequences_total"
+    long = {"max_new_tokens": 3000, "ignore_eos": True}
+    body = {"input_ids": PROMPTS[:2], "sampling_params": long, "rid": ["x-1", "x-10"], "return_logprob": False}
+    async with httpx.AsyncClient(timeout=60) as http:
+        task = asyncio.create_task(http.post(f"{engine_url}/generate", json=body))
+        await wait_running(engine_url)
+        before = metric(engine_url, aborted)
+        await http.post(f"{engine_url}/abort_request", json={"rid": "x"})  # no request has rid "x"
+        assert metric(engine_url, aborted) == before
+        await http.post(f"{engine_url}/abort_request", json={"rid": "x-1"})  # "x-1" and "x-10"
+        rows = (await asyncio.wait_for(task, 30)).json()
+    assert metric(engine_url, aborted) == before + 2
+    assert [r["meta_info"]["finish_reason"]["type"] for r in rows] == ["abort", "abort"]
+
+
+def metric(url: str, name: str) -> float:
+    line = next(x for x in httpx.get(f"{url}/metrics").text.splitlines() if x.startswith(name + " "))
+    return float(line.split()[1])
 
 
 async def wait_running(url: str, within_s: float = 30) -> None:

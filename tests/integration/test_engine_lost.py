@@ -93,7 +93,7 @@ async def test_a_generate_whose_read_times_out_is_aborted_by_rid_and_not_sent_ag
             await client.generate([PROMPTS[0]], LONG, rid="lost-1")
     after = await wait_idle(engine.url, {ok: before.get(ok, 0.0) + 1})
 
-    # Both copies of the one prompt were stopped by its rid...
+    # Both copies of the one prompt were stopped by their rids (one row each)...
     assert after["pope_engine_aborted_sequences_total"] - before["pope_engine_aborted_sequences_total"] == 2
     # ...well before their 3000 tokens, and the request was decoded once: no re-sent copy
     # ran before, beside or after it (the engine is idle and counted one request).

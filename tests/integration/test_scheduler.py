@@ -1,5 +1,6 @@
 """The rollout scheduler against a real engine and Redis: the staleness bound, the POPE
-mix in published groups, and the top-up that keeps a short trainer from deadlocking."""
+mix in published groups, the top-up that keeps a short trainer from deadlocking, and
+groups of distinct samples with and without deterministic inference."""
 
 from __future__ import annotations
 
@@ -33,14 +34,12 @@ PROBLEMS = [
 async def make(
     aredis: Redis, keys: Keys, engine: EngineClient, tiny_model: Path, tmp_path: Path, **kw: object
 ) -> Scheduler:
+    sizes: dict[str, object] = {"group_size": 2, "prompts_per_step": 4, "max_new_tokens": 4}
     settings = RolloutSettings(
         key_prefix=keys.prefix,
         archive_dir=tmp_path / "rollouts",
-        group_size=2,
-        prompts_per_step=4,
-        max_new_tokens=4,
         streams=DeliveryPolicy(block_ms=50),
-        **kw,
+        **(sizes | kw),
     )  # type: ignore[arg-type]
     store = ProblemStore(aredis, keys)
     await store.put_many(PROBLEMS)
@@ -277,3 +276,25 @@ async def test_a_new_trainer_lineage_rewinds_the_scheduler_to_its_rollout_positi
             assert not await restarted._ready_for(3) and "v4, which a rewind lost" in restarted.waiting_for
             await engine.update_weights_from_disk(str(tiny_model), 2, lineage=1)
             assert await restarted._ready_for(3)
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic-inference", "sglang-default"])
+async def test_a_group_is_distinct_samples_with_and_without_deterministic_inference(
+    deterministic: bool,
+    request: pytest.FixtureRequest,
+    aredis: Redis,
+    keys: Keys,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    """On SGLang one request with n = G would be G copies of one sample under deterministic
+    inference (they share its seed): no GRPO signal. The group's G rows seeded seed + i
+    differ in both modes; with deterministic inference the group is reproducible from its
+    seed, without it (SGLang's default) the seed does not count."""
+    url = request.getfixturevalue("engine_url" if deterministic else "default_engine_url")
+    async with EngineClient(url) as engine:
+        s = await make(aredis, keys, engine, tiny_model, tmp_path, group_size=4, max_new_tokens=24)
+        first, again = [await s.sample_group(PROBLEMS[1], Variant.UNHINTED, 1) for _ in range(2)]
+    completions = [tuple(x.completion_ids) for x in first.samples]
+    assert len(completions) == 4 and len(set(completions)) == 4, completions
+    assert ([tuple(x.completion_ids) for x in again.samples] == completions) is deterministic

@@ -99,7 +99,10 @@ def engine_on(handle: Callable[[httpx.Request], httpx.Response]) -> EngineClient
     return client
 
 
-@pytest.mark.parametrize(("prompts", "aborted"), [([[1, 2]], ["g-1"]), ([[1, 2], [3]], ["g-1-0", "g-1-1"])])
+@pytest.mark.parametrize(
+    ("prompts", "aborted"),
+    [([[1, 2]], [f"g-1-{k}" for k in range(4)]), ([[1, 2], [3]], [f"g-1-{k}" for k in range(8)])],
+)
 async def test_a_lost_generate_is_aborted_by_the_rids_it_was_sent_with(
     prompts: list[list[int]], aborted: list[str]
 ) -> None:
@@ -116,8 +119,8 @@ async def test_a_lost_generate_is_aborted_by_the_rids_it_was_sent_with(
         with pytest.raises(EngineError, match="not sent again"):
             await engine.generate(prompts, SamplingParams(n=4), rid="g-1")
     sent = [rid for path, rid in calls if path == "/generate"]
-    assert sent == ["g-1" if len(prompts) == 1 else aborted]  # once
-    assert [rid for path, rid in calls if path == "/abort_request"] == aborted
+    assert sent == [aborted]  # once, a rid for each of the n copies of each prompt
+    assert sorted(rid for path, rid in calls if path == "/abort_request") == sorted(aborted)  # each row once
 
 
 async def test_a_generate_without_a_rid_gets_one_it_can_be_aborted_by() -> None:
@@ -132,5 +135,5 @@ async def test_a_generate_without_a_rid_gets_one_it_can_be_aborted_by() -> None:
     async with engine_on(handle) as engine:
         with pytest.raises(EngineError):
             await engine.generate([[1]], SamplingParams())
-    [(_, rid), (_, first_abort), (_, second_abort)] = calls
-    assert isinstance(rid, str) and rid and first_abort == second_abort == rid
+    [(_, rids), (_, first_abort), (_, second_abort)] = calls
+    assert isinstance(rids, list) and len(rids) == 1 and rids[0] and first_abort == second_abort == rids[0]

@@ -1,4 +1,5 @@
-"""The next-token sampler: logprobs before truncation, truncation itself, parameter checks."""
+"""The next-token sampler: logprobs before truncation, truncation itself, parameter checks,
+and seeds as SGLang has them (``generators``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from services.engine.sampling import SamplingError, SamplingSpec, sample_next, truncated
+from services.engine.sampling import DEFAULT_SEED, SamplingError, SamplingSpec, generators, sample_next, truncated
 
 
 def test_reported_logprob_is_temperature_scaled_and_taken_before_truncation() -> None:
@@ -69,6 +70,8 @@ def test_rows_sample_independently_of_their_batch() -> None:
         ({"max_new_tokens": "8"}, "must be int"),
         ({"stop_token_ids": [999]}, "stop_token_ids"),
         ({"temperature": -0.1}, "temperature"),
+        ({"sampling_seed": 2**63}, "sampling_seed"),
+        ({"sampling_seed": 1.5}, "must be int"),
     ],
 )
 def test_bad_parameters_are_refused(params: dict[str, object], reason: str) -> None:
@@ -81,3 +84,36 @@ def test_sglang_defaults_are_accepted_and_top_k_off_values_normalised() -> None:
     assert spec.top_k == -1 and spec.temperature == 1.0
     assert SamplingSpec.parse({"top_k": -1}, 100).top_k == -1
     assert SamplingSpec.parse({"temperature": 0}, 100).greedy
+
+
+def draws(gens: list[torch.Generator], steps: int = 16) -> list[list[float]]:
+    """``steps`` uniforms per copy, drawn a step at a time for all copies, as decode does."""
+    out: list[list[float]] = [[] for _ in gens]
+    for _ in range(steps):
+        for row, g in zip(out, gens, strict=True):
+            row.append(float(torch.rand((), generator=g)))
+    return out
+
+
+def test_under_deterministic_inference_the_n_copies_of_a_request_share_its_seed() -> None:
+    """SGLang seeds every copy of a request with its sampling_seed (42 without one), so the
+    copies of one prompt are one sample: the rollout's groups must not rely on n."""
+    rng = torch.Generator().manual_seed(0)
+    copies = draws(generators(SamplingSpec(n=4, sampling_seed=7), deterministic=True, process_rng=rng))
+    assert all(c == copies[0] for c in copies)
+    assert copies[0] == draws(generators(SamplingSpec(sampling_seed=7), deterministic=True, process_rng=rng))[0]
+    assert copies[0] != draws(generators(SamplingSpec(sampling_seed=8), deterministic=True, process_rng=rng))[0]
+    unseeded = draws(generators(SamplingSpec(n=2), deterministic=True, process_rng=rng))
+    forty_two = draws(generators(SamplingSpec(sampling_seed=DEFAULT_SEED), deterministic=True, process_rng=rng))
+    assert unseeded == forty_two * 2
+
+
+def test_without_deterministic_inference_the_seed_is_ignored() -> None:
+    """SGLang's default: sampling_seed does not count; every copy draws from the process RNG."""
+    rng = torch.Generator().manual_seed(0)
+    gens = generators(SamplingSpec(n=3, sampling_seed=7), deterministic=False, process_rng=rng)
+    assert all(g is rng for g in gens)
+    first, again = (
+        draws(generators(SamplingSpec(sampling_seed=7), deterministic=False, process_rng=rng)) for _ in "ab"
+    )
+    assert first != again
