@@ -75,7 +75,7 @@ def answer(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json=[{"text": "a", "output_ids": [1], "meta_info": meta}] * (len(body["input_ids"]) * n))
     if request.url.path == "/update_weights_from_disk":
         return httpx.Response(200, json={"success": True, "message": "ok", "num_paused_requests": 0})
-    if request.url.path == "/model_info":
+    if request.url.path.endswith("model_info"):
         return httpx.Response(200, json={"model_path": "/models/base", "weight_version": "3"})
     return httpx.Response(200, json={})
 
