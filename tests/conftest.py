@@ -172,7 +172,9 @@ def sglang_source() -> Path:
         assert proc.returncode == 0, f"pip download sglang=={SGLANG_VERSION} failed: {proc.stderr[-2000:]}"
         [wheel] = Path(tmp).glob("sglang-*.whl")
         with zipfile.ZipFile(wheel) as zf:
-            names = [n for n in zf.namelist() if any(n == f or (f.endswith("/") and n.startswith(f)) for f in SGLANG_FILES)]
+            names = [
+                n for n in zf.namelist() if any(n == f or (f.endswith("/") and n.startswith(f)) for f in SGLANG_FILES)
+            ]
             missing = [f for f in SGLANG_FILES if not any(n == f or n.startswith(f) for n in names)]
             assert not missing, f"the sglang=={SGLANG_VERSION} wheel has none of {missing}"
             zf.extractall(root, names)

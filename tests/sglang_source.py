@@ -73,9 +73,15 @@ def functions(tree: ast.AST) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef]
 
 def _is_deprecated(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
     for node in ast.walk(fn):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("warning", "warn"):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("warning", "warn")
+        ):
             for arg in node.args:
-                text = " ".join(c.value for c in ast.walk(arg) if isinstance(c, ast.Constant) and isinstance(c.value, str))
+                text = " ".join(
+                    c.value for c in ast.walk(arg) if isinstance(c, ast.Constant) and isinstance(c.value, str)
+                )
                 if "deprecated" in text.lower():
                     return True
     return False
@@ -189,7 +195,10 @@ def _metrics_mounted(server: ast.Module, common: ast.Module) -> bool:
     )
     [adder] = [f for f in functions(common) if f.name == "add_prometheus_middleware"]
     mounts = any(
-        isinstance(c, ast.Call) and ast.unparse(c.func) == "Mount" and c.args and ast.literal_eval(c.args[0]) == "/metrics"
+        isinstance(c, ast.Call)
+        and ast.unparse(c.func) == "Mount"
+        and c.args
+        and ast.literal_eval(c.args[0]) == "/metrics"
         for c in ast.walk(adder)
     )
     return guarded and mounts
@@ -231,7 +240,9 @@ def cli_flags(root: Path) -> dict[str, str]:
             if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
                 continue
             ann = node.annotation
-            if not (isinstance(ann, ast.Subscript) and ast.unparse(ann.value) == "A" and isinstance(ann.slice, ast.Tuple)):
+            if not (
+                isinstance(ann, ast.Subscript) and ast.unparse(ann.value) == "A" and isinstance(ann.slice, ast.Tuple)
+            ):
                 continue
             kind, meta = ann.slice.elts[0], ann.slice.elts[1]
             keywords: dict[str, Any] = {}
@@ -240,7 +251,11 @@ def cli_flags(root: Path) -> dict[str, str]:
                 if "no_cli" in keywords and ast.literal_eval(keywords["no_cli"]):
                     continue
             is_bool = ast.unparse(kind) in ("bool", "Optional[bool]") and "action" not in keywords
-            name = ast.literal_eval(keywords["cli_name"]) if "cli_name" in keywords else "--" + node.target.id.replace("_", "-")
+            name = (
+                ast.literal_eval(keywords["cli_name"])
+                if "cli_name" in keywords
+                else "--" + node.target.id.replace("_", "-")
+            )
             for flag in [name, *(ast.literal_eval(keywords["aliases"]) if "aliases" in keywords else [])]:
                 flags[flag] = "bool" if is_bool else "value"
     for node in ast.walk(parse(root, SERVER_ARGS)):
@@ -252,7 +267,13 @@ def cli_flags(root: Path) -> dict[str, str]:
     return flags
 
 
-PLAIN: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,)}
+PLAIN: dict[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "dict": (dict,),
+}
 
 
 def accepts(annotation: ast.expr, value: Any) -> bool:

@@ -14,8 +14,8 @@ In tests/integration because it fetches the wheel (``sglang_source``); it starts
 
 from __future__ import annotations
 
-import asyncio
 import ast
+import asyncio
 import importlib.util
 import inspect
 import json
@@ -67,12 +67,14 @@ Sent = tuple[str, str, Any, str | None]
 
 def answer(request: httpx.Request) -> httpx.Response:
     """What an engine would answer, enough for the client to finish each call."""
-    body = json.loads(request.content) if request.content else None
+    body = json.loads(request.content) if request.content else {}
     if request.url.path == "/generate":
         n = body["sampling_params"].get("n", 1)
         meta = {"id": "r", "prompt_tokens": 1, "completion_tokens": 1, "weight_version": "0"}
         meta |= {"finish_reason": {"type": "length", "length": 1}, "output_token_logprobs": [[-0.5, 1, None]]}
-        return httpx.Response(200, json=[{"text": "a", "output_ids": [1], "meta_info": meta}] * (len(body["input_ids"]) * n))
+        return httpx.Response(
+            200, json=[{"text": "a", "output_ids": [1], "meta_info": meta}] * (len(body["input_ids"]) * n)
+        )
     if request.url.path == "/update_weights_from_disk":
         return httpx.Response(200, json={"success": True, "message": "ok", "num_paused_requests": 0})
     if request.url.path.endswith("model_info"):
@@ -207,7 +209,7 @@ def test_sglangs_auth_admits_the_client_with_the_key_and_refuses_it_without(
 
 def cpu_engine_routes() -> set[tuple[str, str]]:
     app = create_app(lambda: None)  # type: ignore[arg-type,return-value]  # never started: routes only
-    return {(m, r.path) for r in app.routes if isinstance(r, APIRoute) for m in r.methods}
+    return {(m, r.path) for r in app.routes if isinstance(r, APIRoute) for m in r.methods or ()}
 
 
 def test_the_cpu_engine_serves_what_the_client_calls_and_only_names_sglang_serves(
