@@ -60,6 +60,7 @@ chmod -R a+rX "$WORK/model"
 cat > "$WORK/.env" <<ENV
 REDIS_PASSWORD=smoke-redis-pw
 POPE_API_TOKEN=smoke-token
+ENGINE_API_KEY=smoke-engine-key
 MODEL_DIR=$PWD/$WORK/model
 POPE_CONFIG=$PWD/configs/compose-cpu.yaml
 ROLLOUT_PORT=18000

@@ -25,7 +25,6 @@ import httpx
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
-from services.common.engine_client import EngineClient
 from services.common.keys import Keys
 from services.common.messages import Problem
 from services.common.redis_server import redis_for
@@ -61,7 +60,7 @@ async def build(
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
     redis = Redis.from_url(redis_url)
     store = ProblemStore(redis, Keys(settings.key_prefix))
-    async with EngineClient(settings.engine_url) as engine, settings.verifier_client() as verifier:
+    async with settings.engine_client() as engine, settings.verifier_client() as verifier:
         version = await engine.weight_version()
         if version != 0:
             print(
@@ -185,7 +184,7 @@ async def evaluate_problems(settings: RolloutSettings, problems: list[Problem]) 
     from transformers import AutoTokenizer
 
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, settings.model_path)
-    async with EngineClient(settings.engine_url) as engine, settings.verifier_client() as verifier:
+    async with settings.engine_client() as engine, settings.verifier_client() as verifier:
         return await evaluate(
             problems, Attempter(engine, verifier, tokenizer, settings.prompt_template), settings.evaluation
         )

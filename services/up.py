@@ -93,6 +93,20 @@ def wipe(url: str, rollout: RolloutSettings, trainer: TrainerSettings, out: Text
         say(LABEL, f"--fresh: deleted {path}", out)
 
 
+def engine_key_problem(engine: EngineSettings, **clients: RolloutSettings | TrainerSettings) -> str | None:
+    """What is wrong when the engine has an API key its clients (by section) do not send:
+    their every call would be refused (401)."""
+    if engine.api_key is None or not engine.api_key.get_secret_value():
+        return None
+    for section, settings in clients.items():
+        if settings.engine_api_key is None or settings.engine_api_key != engine.api_key:
+            return (
+                f"pope up: engine.api_key is set but {section}.engine_api_key is not the same key; "
+                "set shared.engine_api_key (rollout and trainer read it) to the engine's key"
+            )
+    return None
+
+
 def up(
     model: str | None,
     config: str | None,
@@ -111,7 +125,7 @@ def up(
         verifier_s, trainer_s = load_settings(VerifierSettings, config), load_settings(TrainerSettings, config)
         sections = {"engine": engine_s, "rollout": rollout_s, "verifier": verifier_s, "trainer": trainer_s}
         model = model or engine_s.model_path
-        problem = model_dir_problem(model, "up")
+        problem = model_dir_problem(model, "up") or engine_key_problem(engine_s, rollout=rollout_s, trainer=trainer_s)
         if model is None or problem:
             print(problem, file=sys.stderr)
             return 2

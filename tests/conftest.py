@@ -27,6 +27,7 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
+from services.common.engine_client import SGLANG_VERSION
 from services.common.keys import Keys, delete_prefix
 from services.common.redis_server import DEFAULT_PROBE_URL, redis_for
 
@@ -137,6 +138,23 @@ def engine_url(tiny_model: Path) -> Iterator[str]:
         yield url
 
 
+# The files of the pinned SGLang wheel the tests read: its contract module, its HTTP server,
+# request structures and sampling parameters, the weight-update code, the auth rule, the
+# server's flags. A directory ends in "/" (every module in it).
+SGLANG_FILES = (
+    "sglang/api/v1/api_types.py",
+    "sglang/srt/entrypoints/http_server.py",
+    "sglang/srt/managers/io_struct.py",
+    "sglang/srt/sampling/sampling_params.py",
+    "sglang/srt/model_executor/model_runner_components/weight_updater.py",
+    "sglang/srt/managers/scheduler_components/weight_updater.py",
+    "sglang/srt/utils/auth.py",
+    "sglang/srt/utils/common.py",
+    "sglang/srt/server_args.py",
+    "sglang/srt/arg_groups/fields/",
+)
+
+
 @pytest.fixture(scope="session")
 def default_engine_url(tiny_model: Path) -> Iterator[str]:
     """An engine as SGLang runs by default: no deterministic inference, sampling_seed ignored."""
@@ -145,24 +163,39 @@ def default_engine_url(tiny_model: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def sglang_api() -> Any:
-    """SGLang's own contract module (sglang/api/v1/api_types.py), fetched from the
-    sglang==0.5.23 wheel at test time and cached in .venv; never committed."""
-    cache = ROOT / ".venv" / "sglang-contract"
-    target = cache / "sglang" / "api" / "v1" / "api_types.py"
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            proc = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, "sglang==0.5.23"],
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            assert proc.returncode == 0, f"pip download sglang==0.5.23 failed: {proc.stderr[-2000:]}"
-            [wheel] = Path(tmp).glob("sglang-*.whl")
-            with zipfile.ZipFile(wheel) as zf:
-                zf.extract("sglang/api/v1/api_types.py", cache)
+def sglang_source() -> Path:
+    """The directory holding ``SGLANG_FILES`` of the sglang==SGLANG_VERSION wheel, fetched with
+    ``pip download --no-deps`` on first use and cached in .venv/sglang-contract/<version>;
+    never committed. SGLang itself cannot be imported here (CUDA builds): tests read these
+    files as text or parse them with ``ast``."""
+    root = ROOT / ".venv" / "sglang-contract" / SGLANG_VERSION
+    done = root / ".complete"
+    if done.exists() and done.read_text() == "\n".join(SGLANG_FILES):
+        return root
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", tmp, f"sglang=={SGLANG_VERSION}"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, f"pip download sglang=={SGLANG_VERSION} failed: {proc.stderr[-2000:]}"
+        [wheel] = Path(tmp).glob("sglang-*.whl")
+        with zipfile.ZipFile(wheel) as zf:
+            names = [
+                n for n in zf.namelist() if any(n == f or (f.endswith("/") and n.startswith(f)) for f in SGLANG_FILES)
+            ]
+            missing = [f for f in SGLANG_FILES if not any(n == f or n.startswith(f) for n in names)]
+            assert not missing, f"the sglang=={SGLANG_VERSION} wheel has none of {missing}"
+            zf.extractall(root, names)
+    done.write_text("\n".join(SGLANG_FILES))
+    return root
+
+
+@pytest.fixture(scope="session")
+def sglang_api(sglang_source: Path) -> Any:
+    """SGLang's own contract module (sglang/api/v1/api_types.py of the pinned wheel), imported."""
+    target = sglang_source / "sglang" / "api" / "v1" / "api_types.py"
     spec = importlib.util.spec_from_file_location("sglang_api_types", target)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -15,6 +15,27 @@ caller redoes the work under the same id (the scheduler replans the step). The o
 are idempotent and also retry on those errors. Nothing but ``EngineError`` ever leaves this
 client. Weight versions are (step, lineage) ints here; the engine speaks their names,
 ``"12"`` or ``"12@3"`` (services.common.messages.version_name).
+
+The contract is SGLang ``SGLANG_VERSION``'s own server (tests/integration/test_sglang_contract.py
+reads the wheel's http_server.py and io_struct.py): every path called is routed there with
+the method used, none is one it marks deprecated (``/model_info``, not ``/get_model_info``),
+and every body built here (the ``*_payload`` builders, public so the tests check exactly
+what is sent) holds only fields of the route's request structure, with their types.
+
+Auth: with ``api_key`` every request carries ``Authorization: Bearer <key>``, as SGLang's
+``--api-key`` wants (sglang/srt/utils/auth.py). That one key opens both its ordinary
+endpoints (``/generate``, ``/model_info``) and the control ones marked
+``AuthLevel.ADMIN_OPTIONAL`` (weight updates, pause, abort); an engine started with
+``--admin-api-key`` as well would want that other key for the control ones, which this
+client does not hold, so deployments set ``--api-key`` only. Health and metrics are open.
+
+Call sequence of a weight update: SGLang's ``/update_weights_from_disk`` restores the
+weights for loading and post-processes them itself (its runner's disk update calls
+``restore_weights_before_loading`` and ``load_weights_and_postprocess``), so it is one call
+here, never wrapped. ``/begin_weight_update`` ... ``/end_weight_update`` bracket the
+distributed and tensor updates, which refuse to run outside such a session; this client
+does not send those yet. The contract test fails when the pinned release changes either
+rule.
 """
 
 from __future__ import annotations
@@ -33,6 +54,11 @@ from services.common import messages, retry
 from services.common.messages import FinishReason
 
 log = logging.getLogger(__name__)
+
+SGLANG_VERSION = "0.5.23"
+"""The SGLang release this client is written against: the one version of the project.
+The tests read this release's wheel (its server and request structures are the contract)
+and docker-compose.yml and the Kubernetes gpu overlay run its image (tests/deploy checks)."""
 
 
 class EngineError(RuntimeError):
@@ -257,18 +283,30 @@ class EngineClient(retry.RetryingClient):
             raise EngineError(f"engine returned {len(rows)} outputs for {expected} requested")
         return [GenerateOutput.model_validate(r) for r in rows]
 
-    async def update_weights_from_disk(
-        self, model_path: str, weight_version: int, *, lineage: int = 0, abort_all_requests: bool = False
-    ) -> str:
-        body = {
+    @staticmethod
+    def update_weights_payload(
+        model_path: str, weight_version: int, *, lineage: int = 0, abort_all_requests: bool = False
+    ) -> dict[str, Any]:
+        """The /update_weights_from_disk body: the model directory, the name of the version
+        it is served as ("12", "12@3"), and whether requests in flight are aborted rather
+        than waited for. SGLang's other defaults stand: the cache is flushed after the load."""
+        return {
             "model_path": model_path,
             "weight_version": messages.version_name(weight_version, lineage),
             "abort_all_requests": abort_all_requests,
         }
+
+    async def update_weights_from_disk(
+        self, model_path: str, weight_version: int, *, lineage: int = 0, abort_all_requests: bool = False
+    ) -> str:
+        body = self.update_weights_payload(
+            model_path, weight_version, lineage=lineage, abort_all_requests=abort_all_requests
+        )
         resp = await self._request("POST", "/update_weights_from_disk", body, ok_400=True)
         data = resp.json()
         if resp.status_code == 400 or not data.get("success"):
-            raise EngineError(f"weight update to version {weight_version} failed: {data.get('message')}", 400)
+            name = body["weight_version"]
+            raise EngineError(f"weight update to version {name} failed: {data.get('message')}", 400)
         return str(data.get("message", ""))
 
     async def model_info(self) -> ModelInfo:
@@ -290,11 +328,22 @@ class EngineClient(retry.RetryingClient):
             return False
         return resp.status_code == 200
 
+    @staticmethod
+    def pause_payload(mode: Literal["abort", "in_place", "retract"] = "abort") -> dict[str, Any]:
+        """The /pause_generation body."""
+        return {"mode": mode}
+
     async def pause(self, mode: Literal["abort", "in_place", "retract"] = "abort") -> None:
-        await self._request("POST", "/pause_generation", {"mode": mode})
+        await self._request("POST", "/pause_generation", self.pause_payload(mode))
+
+    @staticmethod
+    def resume_payload() -> dict[str, Any]:
+        """The /continue_generation body: empty, but a JSON object (SGLang's route requires
+        a body, and its defaults stand)."""
+        return {}
 
     async def resume(self) -> None:
-        await self._request("POST", "/continue_generation", {})
+        await self._request("POST", "/continue_generation", self.resume_payload())
 
     @staticmethod
     def abort_payload(rid: str | None = None, *, abort_all: bool = False) -> dict[str, Any]:

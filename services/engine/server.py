@@ -357,7 +357,6 @@ def create_app(
         return JSONResponse({"success": True, "message": message, "num_paused_requests": 0})
 
     @app.get("/model_info")
-    @app.get("/get_model_info")
     async def model_info() -> dict[str, Any]:
         rt = slot.get()
         return {
@@ -374,10 +373,12 @@ def create_app(
         whether sampling_seed counts (SGLang reports it at the top level, under this name)."""
         return {"enable_deterministic_inference": slot.get().deterministic}
 
-    @app.get("/get_weight_version")
-    async def weight_version() -> dict[str, Any]:
-        rt = slot.get()
-        return {"weight_version": rt.weight_version}
+    # SGLang still serves the old name and warns on every call, as this does; the client
+    # never calls it (tests/integration/test_sglang_contract.py).
+    @app.get("/get_model_info")
+    async def get_model_info() -> dict[str, Any]:
+        log.warning("Endpoint '/get_model_info' is deprecated (as in SGLang): use '/model_info'")
+        return await model_info()
 
     @app.get("/health")
     async def health() -> Response:

@@ -25,7 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 
-from services.common.engine_client import EngineClient, EngineError
+from services.common.engine_client import EngineError
 from services.common.http import add_health_routes, redis_unready, stop_if_failed
 from services.common.http import serve as run_server
 from services.common.keys import ARCHIVERS, TRAINERS, VERIFIERS, Keys
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: RolloutSettings) -> FastAPI:
     keys = Keys(settings.key_prefix)
     redis = Redis.from_url(settings.redis_url)
-    engine = EngineClient(settings.engine_url, retries=2)
+    engine = settings.engine_client(retries=2)
     store = ProblemStore(redis, keys)
     archive = RolloutArchive(settings.archive_dir / "rollouts.jsonl")
     stop = asyncio.Event()

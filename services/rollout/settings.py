@@ -6,11 +6,12 @@ Sampling defaults are the POPE paper's training settings (DESIGN.md 1.5).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from services.common.config import ServiceSettings, section_config
+from services.common.engine_client import EngineClient
 from services.common.verifier_client import VerifierClient
 from services.rollout.prompts import PromptTemplate
 
@@ -88,6 +89,14 @@ class RolloutSettings(ServiceSettings):
     """User-facing HTTP API."""
     engine_url: str = "http://127.0.0.1:30000"
     """Inference engine (SGLang or the CPU engine)."""
+    engine_api_key: SecretStr | None = None
+    """The engine's API key (SGLang's --api-key, the CPU engine's ``engine.api_key``), when it has one."""
+
+    def engine_client(self, **kwargs: Any) -> EngineClient:
+        """A client of ``engine_url`` that sends ``engine_api_key``; ``kwargs``: EngineClient's."""
+        key = self.engine_api_key.get_secret_value() if self.engine_api_key else None
+        return EngineClient(self.engine_url, api_key=key, **kwargs)
+
     group_size: int = Field(8, ge=2)
     """Samples per group (G); GRPO needs at least two to have a baseline."""
     prompts_per_step: int = Field(32, ge=1)

@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from services.common.config import ServiceSettings, section_config
+from services.common.engine_client import EngineClient
 
 
 class TrainerSettings(ServiceSettings):
@@ -21,6 +22,14 @@ class TrainerSettings(ServiceSettings):
     """HTTP: health, metrics and training state."""
     engine_url: str = "http://127.0.0.1:30000"
     """Engine that receives new weights (/update_weights_from_disk); empty: none (checkpoints only)."""
+    engine_api_key: SecretStr | None = None
+    """The engine's API key (SGLang's --api-key, the CPU engine's ``engine.api_key``), when it has one."""
+
+    def engine_client(self) -> EngineClient:
+        """A client of ``engine_url`` that sends ``engine_api_key``."""
+        key = self.engine_api_key.get_secret_value() if self.engine_api_key else None
+        return EngineClient(self.engine_url, api_key=key)
+
     model_path: str | None = None
     """HF-format model directory to start training from."""
     checkpoint_dir: Path = Path("runs/checkpoints")

@@ -99,4 +99,4 @@ def sink_for(settings: TrainerSettings) -> WeightSink:
     if not settings.engine_url:
         log.info("no engine (trainer.engine_url is empty): checkpoints are written, weights pushed nowhere")
         return NoSink()
-    return EngineSink(EngineClient(settings.engine_url))
+    return EngineSink(settings.engine_client())

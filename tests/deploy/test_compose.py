@@ -26,6 +26,14 @@ def profile_services(profile: str) -> dict[str, dict[str, Any]]:
     return {n: s for n, s in compose()["services"].items() if not s.get("profiles") or profile in s["profiles"]}
 
 
+def sglang_script() -> str:
+    """The shell line that starts SGLang, as the container's shell sees it ($$ is compose's $)."""
+    command = compose()["services"]["engine"]["command"]
+    assert command[:2] == ["sh", "-c"] and len(command) == 3, command
+    script: str = command[2].replace("$$", "$")
+    return script
+
+
 def test_compose_file_is_valid_against_the_compose_specification() -> None:
     tool = Path(sys.executable).parent / "check-jsonschema"
     run = subprocess.run(
@@ -43,11 +51,8 @@ def test_gpu_is_the_default_stack_and_cpu_the_documented_variant() -> None:
     assert set(gpu) == {"redis", "engine", "verifier", "rollout", "trainer"}
     assert set(cpu) == {"redis", "engine-cpu", "verifier", "rollout", "trainer-cpu"}
     engine = gpu["engine"]
-    assert "sglang" in engine["image"] and engine["command"][:3] == ["python3", "-m", "sglang.launch_server"]
-    assert "--weight-version" in engine["command"] and "/models/base" in engine["command"]
-    for name in ("engine", "trainer"):
-        devices = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
-        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert "sglang" in engine["image"] and sglang_script().startswith("exec python3 -m sglang.launch_server ")
+    assert "--weight-version 0" in sglang_script() and "--model-path /models/base" in sglang_script()
     assert gpu["trainer"]["environment"]["POPE_TRAINER__DEVICE"] == "cuda"
     assert "cu128" in gpu["trainer"]["build"]["args"]["TORCH_INDEX"]
     # The CPU engine answers to the same name, so nothing else changes between stacks.
@@ -84,13 +89,63 @@ def test_health_gates_and_the_shared_weights_volume() -> None:
     assert list(services["rollout"]["ports"]) == ["${ROLLOUT_PORT:-8000}:8000"]  # only the API is published
 
 
+def test_each_gpu_service_gets_its_own_devices_from_the_env_file() -> None:
+    gpu = profile_services("gpu")
+    chosen = {}
+    for name, variable in (("engine", "ENGINE_GPUS"), ("trainer", "TRAINER_GPUS")):
+        [device] = gpu[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], name
+        assert "count" not in device, f"{name}: a count gives every container the first GPUs (the same ones)"
+        [ids] = device["device_ids"]
+        match = re.fullmatch(r"\$\{" + variable + r":-([0-9,]+)\}", ids)
+        assert match, f"{name}: device_ids {ids!r} is not ${{{variable}:-<default>}}"
+        chosen[name] = set(match.group(1).split(","))
+    assert not chosen["engine"] & chosen["trainer"], f"the defaults share a GPU: {chosen}"
+
+
+def test_the_engine_key_reaches_the_engine_and_every_client_of_it() -> None:
+    services = compose()["services"]
+    required = "${ENGINE_API_KEY:?"
+    assert services["engine"]["environment"]["ENGINE_API_KEY"].startswith(required)
+    assert '--api-key "$ENGINE_API_KEY"' in sglang_script()
+    assert services["engine-cpu"]["environment"]["POPE_ENGINE__API_KEY"].startswith(required)
+    clients = {"rollout": "POPE_ROLLOUT__ENGINE_API_KEY", "trainer": "POPE_TRAINER__ENGINE_API_KEY"}
+    clients["trainer-cpu"] = "POPE_TRAINER__ENGINE_API_KEY"
+    for name, variable in clients.items():
+        assert services[name]["environment"][variable].startswith(required), name
+
+
+def test_sglang_serves_metrics_and_takes_its_dtype_and_memory_share_from_the_env_file() -> None:
+    engine = compose()["services"]["engine"]
+    script = sglang_script()
+    assert "--enable-metrics" in script.split()
+    assert '--dtype "$ENGINE_DTYPE"' in script and engine["environment"]["ENGINE_DTYPE"] == "${ENGINE_DTYPE:-auto}"
+    # Unset, the flag is left out and SGLang sizes its memory from the GPU.
+    assert '${ENGINE_MEM_FRACTION:+--mem-fraction-static "$ENGINE_MEM_FRACTION"}' in script
+    assert engine["environment"]["ENGINE_MEM_FRACTION"] == "${ENGINE_MEM_FRACTION:-}"
+
+
+def test_the_weights_volume_is_written_by_the_trainers_user_and_read_by_the_engine() -> None:
+    """The named volume starts empty; the first container to mount it where its image has
+    the directory gives it that directory's owner. Only the project's image has /weights
+    (owned by the uid it runs as); SGLang's mounts it read-only and runs as root, which
+    reads anything."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    [user] = re.findall(r"^USER (\d+):(\d+)$", dockerfile, re.M)
+    assert re.search(rf"chown {user[0]}:{user[1]} [^\n]*/weights\b", dockerfile), (
+        "the image's /weights is not its user's"
+    )
+    services = compose()["services"]
+    assert "user" not in services["trainer"] and "user" not in services["trainer-cpu"]  # the image's USER
+
+
 def test_every_variable_is_required_or_defaulted_and_documented_in_env_example() -> None:
     text = COMPOSE.read_text()
-    uses = re.findall(r"\$\{([A-Z_][A-Z0-9_]*)(:?[-?])?", text)
+    uses = re.findall(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)(:?[-?])?", text)  # $${...} is the container's shell's
     assert uses
     documented = set(re.findall(r"^#?\s*([A-Z_][A-Z0-9_]*)=", (ROOT / ".env.example").read_text(), re.M))
     for name, mode in uses:
         assert mode in (":?", ":-"), f"${{{name}}} is neither required (:?) nor defaulted (:-)"
         assert name in documented, f"{name} is used in docker-compose.yml but not in .env.example"
     required = {n for n, m in uses if m == ":?"}
-    assert required == {"REDIS_PASSWORD", "POPE_API_TOKEN", "MODEL_DIR"}
+    assert required == {"REDIS_PASSWORD", "POPE_API_TOKEN", "ENGINE_API_KEY", "MODEL_DIR"}

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from services.common.config import SHARED, ConfigError, SectionSettings, check_shared_keys, load_settings
+from services.common.engine_client import SGLANG_VERSION
 from services.engine.settings import EngineSettings
 from services.rollout.settings import RolloutSettings
 from services.trainer.settings import TrainerSettings
@@ -132,3 +133,89 @@ def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     spec = doc.get("spec") or {}
     pod = (spec.get("template") or spec.get("jobTemplate", {}).get("spec", {}).get("template") or {}).get("spec", {})
     return list(pod.get("containers") or []) + list(pod.get("initContainers") or [])
+
+
+# --- One SGLang version everywhere ---------------------------------------------------------
+
+IMAGE = re.compile(r"lmsysorg/sglang:(v[0-9][A-Za-z0-9._-]*)")
+# How the docs and the code name an SGLang release: sglang==V, SGLang V, SGLang (V), SGLang's V.
+NAMED = re.compile(r"(?i)\bsglang(?:==|\s+\(|\s+|'s\s+)(\d+\.\d+\.\d+(?:\.post\d+)?)\b")
+TEXTS = ["README.md", "k8s/README.md", "docs/*.md", "services/**/*.py", "tests/**/*.py", "configs/*.yaml"]
+
+
+def release_of(tag: str) -> str:
+    """The SGLang release of an image tag: v0.5.23-cu130 -> 0.5.23."""
+    match = re.fullmatch(r"v(\d+\.\d+\.\d+(?:\.post\d+)?)(?:-[a-z0-9-]+)?", tag)
+    assert match, f"not an SGLang release tag: {tag}"
+    return match.group(1)
+
+
+def image_mentions() -> dict[str, str]:
+    """Where the deployment files name SGLang's image -> the tag they name."""
+    from tests.deploy.test_k8s import one, pod_spec, rendered
+
+    found = {}
+    for rel in ("docker-compose.yml", ".env.example", "k8s/overlays/gpu/engine-sglang.yaml"):
+        for i, line in enumerate((ROOT / rel).read_text().splitlines(), 1):
+            for tag in IMAGE.findall(line):
+                found[f"{rel}:{i}"] = tag
+    kustomization = yaml.safe_load((ROOT / "k8s/overlays/gpu/kustomization.yaml").read_text())
+    [override] = [i for i in kustomization["images"] if i["name"] == "lmsysorg/sglang"]
+    found["k8s/overlays/gpu/kustomization.yaml images"] = override["newTag"]
+    [engine] = pod_spec(one(rendered("gpu"), "Deployment", "engine"))["containers"]
+    found["kubectl kustomize k8s/overlays/gpu: the engine's image"] = IMAGE.fullmatch(engine["image"]).group(1)  # type: ignore[union-attr]
+    return found
+
+
+def test_one_sglang_version_everywhere() -> None:
+    """The wheel the tests read (SGLANG_VERSION) is the image compose and the gpu overlay run,
+    in one CUDA build; every release the docs and code name is that one too."""
+    images = image_mentions()
+    assert len(images) >= 5, images
+    assert len(set(images.values())) == 1, f"the SGLang image differs between files: {images}"
+    [tag] = set(images.values())
+    assert release_of(tag) == SGLANG_VERSION, f"images run {tag}, the tests read sglang=={SGLANG_VERSION}"
+    named = {}
+    for pattern in TEXTS:
+        for path in sorted(ROOT.glob(pattern)):
+            if "experiments" in path.parts or ".venv" in path.parts:
+                continue  # lab notebooks record what ran then
+            text = path.read_text()
+            for match in IMAGE.finditer(text):
+                named[f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, match.start()) + 1}"] = release_of(match[1])
+            for match in NAMED.finditer(text):
+                named[f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, match.start()) + 1}"] = match[1]
+    wrong = {where: v for where, v in named.items() if v != SGLANG_VERSION}
+    assert not wrong, f"these name another SGLang release than {SGLANG_VERSION}: {wrong}"
+
+
+def sglang_args() -> dict[str, list[str]]:
+    """The arguments each deployment passes to sglang.launch_server."""
+    from tests.deploy.test_compose import sglang_script
+    from tests.deploy.test_k8s import one, pod_spec, rendered
+
+    script = sglang_script()
+    compose_args = script.split("sglang.launch_server", 1)[1]
+    # ${VAR:+--flag "$VAR"} expands to the flag and its value, or to nothing.
+    compose_args = re.sub(r"\$\{[A-Z_]+:\+([^}]*)\}", r"\1", compose_args)
+    [engine] = pod_spec(one(rendered("gpu"), "Deployment", "engine"))["containers"]
+    return {"docker-compose.yml": compose_args.split(), "k8s/overlays/gpu": list(engine["args"])}
+
+
+def test_every_flag_given_to_sglang_is_one_the_pinned_release_has(sglang_source: Path) -> None:
+    from tests.sglang_source import cli_flags
+
+    flags = cli_flags(sglang_source)
+    assert flags["--enable-metrics"] == "bool" and flags["--api-key"] == "value"
+    for where, args in sglang_args().items():
+        for i, arg in enumerate(args):
+            if not arg.startswith("--"):
+                continue
+            assert arg in flags, f"{where}: sglang.launch_server=={SGLANG_VERSION} has no flag {arg}"
+            following = args[i + 1] if i + 1 < len(args) else "--"
+            takes_value = not following.startswith("--")
+            assert takes_value == (flags[arg] == "value"), (
+                f"{where}: {arg} {'takes' if flags[arg] == 'value' else 'takes no'} value"
+            )
+        for needed in ("--api-key", "--enable-metrics", "--dtype", "--weight-version"):
+            assert needed in args, f"{where}: SGLang runs without {needed}"

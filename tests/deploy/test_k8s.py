@@ -10,6 +10,7 @@ test_drift.py, which checks every env name and config key against the services' 
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,10 @@ def test_gpu_engine_is_sglang_on_a_gpu_and_the_trainer_uses_cuda() -> None:
     assert "sglang" in engine["image"]
     assert engine["command"] == ["python3", "-m", "sglang.launch_server"]
     assert engine["args"][:2] == ["--model-path", "/models/base"]
+    # The key from the Secret (Kubernetes expands $(VAR) from the container's env), metrics on.
+    args = engine["args"]
+    assert args[args.index("--api-key") + 1] == "$(POPE_ENGINE__API_KEY)" and "--enable-metrics" in args
+    assert args[args.index("--dtype") + 1] == "auto"
     assert engine["resources"]["requests"]["nvidia.com/gpu"] == engine["resources"]["limits"]["nvidia.com/gpu"] == 1
     shm = {v["name"]: v for v in engine_pod["volumes"]}
     [mount] = [m for m in engine["volumeMounts"] if m["mountPath"] == "/dev/shm"]
@@ -207,3 +212,66 @@ def test_references_resolve(overlay: str) -> None:
     for pdb in (d for d in docs if d["kind"] == "PodDisruptionBudget"):
         selector = pdb["spec"]["selector"]["matchLabels"].items()
         assert any(selector <= p["spec"]["template"]["metadata"]["labels"].items() for p in pods), pdb["metadata"]
+
+
+def engine_key_source(container: dict[str, Any], variable: str) -> dict[str, Any] | None:
+    for entry in container.get("env", []):
+        if entry["name"] == variable:
+            ref: dict[str, Any] | None = entry.get("valueFrom", {}).get("secretKeyRef")
+            return ref
+    return None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_engine_is_scraped_and_every_client_of_it_sends_its_key(overlay: str) -> None:
+    docs = rendered(overlay)
+    engine = one(docs, "Deployment", "engine")
+    annotations = engine["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "30000",
+        "prometheus.io/path": "/metrics",
+    }
+    metrics = one(docs, "NetworkPolicy", "metrics")
+    [components] = [e["values"] for e in metrics["spec"]["podSelector"]["matchExpressions"]]
+    assert "engine" in components and 30000 in [p["port"] for p in metrics["spec"]["ingress"][0]["ports"]]
+    secret = {"name": "pope-secrets", "key": "engine-api-key"}
+    [server] = pod_spec(engine)["containers"]
+    assert engine_key_source(server, "POPE_ENGINE__API_KEY") == secret
+    clients = [("StatefulSet", "trainer", "POPE_TRAINER__ENGINE_API_KEY")]
+    clients += [
+        ("Deployment", "rollout", "POPE_ROLLOUT__ENGINE_API_KEY"),
+        ("Job", "hints-build", "POPE_ROLLOUT__ENGINE_API_KEY"),
+    ]
+    for kind, name, variable in clients:
+        [container] = pod_spec(one(docs, kind, name))["containers"]
+        assert engine_key_source(container, variable) == secret, f"{overlay}: {kind} {name}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_weights_volume_is_written_by_the_trainers_user_and_read_by_the_engines(overlay: str) -> None:
+    """The trainer writes checkpoints as the project image's user; the engine (the CPU one,
+    or SGLang run as that user) reads them: same uid and gid, fsGroup on both pods (the group
+    the volume is given where the storage supports it), the engine's mount read-only."""
+    [(uid, gid)] = re.findall(r"^USER (\d+):(\d+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    mounting = {}
+    for doc in rendered(overlay):
+        if doc["kind"] not in WORKLOADS:
+            continue
+        pod = pod_spec(doc)
+        claims = {
+            v["name"]: v
+            for v in pod.get("volumes", [])
+            if v.get("persistentVolumeClaim", {}).get("claimName") == "weights"
+        }
+        for c in containers(doc):
+            for mount in c.get("volumeMounts", []):
+                if mount["name"] in claims:
+                    context = {**pod.get("securityContext", {}), **c.get("securityContext", {})}
+                    ids = (context.get("runAsUser"), context.get("runAsGroup"), pod["securityContext"].get("fsGroup"))
+                    assert ids == (int(uid), int(gid), int(gid)), f"{overlay}: {doc['metadata']['name']} runs as {ids}"
+                    read_only = mount.get("readOnly", False) and claims[mount["name"]]["persistentVolumeClaim"].get(
+                        "readOnly"
+                    )
+                    mounting[doc["metadata"]["name"]] = bool(read_only)
+    assert mounting == {"trainer": False, "engine": True}

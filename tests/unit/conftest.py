@@ -33,7 +33,7 @@ MOVE = "move the test to tests/integration"
 
 # Fixtures of tests/conftest.py that find or start Redis, start an engine, or download (the
 # fixtures built on them, such as keys and aredis on redis_url, are in a test's closure too).
-SERVER_FIXTURES = frozenset({"redis_url", "engine_url", "sglang_api"})
+SERVER_FIXTURES = frozenset({"redis_url", "engine_url", "sglang_api", "sglang_source"})
 
 PROCESS_STARTS = ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system", "popen")
 PROCESS_STARTS += tuple(f"exec{suffix}" for suffix in ("l", "le", "lp", "lpe", "v", "ve", "vp", "vpe"))
