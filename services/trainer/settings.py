@@ -106,8 +106,12 @@ class TrainerSettings(ServiceSettings):
     """Steps between resume states (master weights, optimizer, RNG, the ledger). Groups are
     acked only once a resume state covers them, so a crash retrains at most this many
     steps' groups (once, on the restored weights). The engine's model directory is written
-    every step whatever this is. Default from the save cost measured side by side
-    (bench/checkpoint_cost.py, docs/benchmarks.md): TODO"""
+    every step whatever this is. The default comes from the save costs measured side by
+    side (bench/checkpoint_cost.py, docs/benchmarks.md): on a Qwen3-0.6B shape the resume
+    state is 6.8 GB and took 6.3x as long as the bf16 engine directory (17.7 s against
+    2.8 s here; 12 bytes a parameter against 2, so about 6x at any size), on the tiny model
+    2x (0.017 s against 0.009 s). Every 10 steps it adds about 0.6 of an engine directory's
+    write per step, and a crash retrains at most 10 steps' groups."""
     serving_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """dtype of the engine's model directory: "auto" is bfloat16 when the trainer runs on
     CUDA (SGLang serves bf16) and float32 on CPU (the CPU engine's dtype, so the first
