@@ -51,7 +51,7 @@ experiment: $(STAMP)
 # replicas, short leases, trained for a fixed number of steps while a seeded injector kill -9s
 # and restarts the engine, a verifier, the trainer, the rollout service and Redis, and
 # SIGSTOPs services past their lease; then the engine's version, the last checkpoint and the
-# ledger are checked (runs/chaos/chaos.json). The long form: 56 faults, 400 steps, at most
+# ledger are checked (runs/chaos/chaos.json). The long form: 56 faults, 800 steps, at most
 # 30 minutes here. The short form (6 faults, one of each kind, under 3 minutes) is also
 # tests/e2e/test_chaos.py, part of `make test`.
 SEED ?= 0

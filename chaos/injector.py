@@ -1,7 +1,7 @@
 """The injector: the seeded schedule applied to the real processes, one fault at a time.
 
     for fault in schedule(form, seed, lease_s):
-        wait until the trainer has taken a step since the previous fault
+        wait until the trainer has reached fault.at_step and stepped since the previous fault
         pause fault.gap_s
         kill9:   SIGKILL the process; fault.hold_s later, start it again
         sigstop: SIGSTOP its process group; fault.hold_s (> the lease) later, SIGCONT
@@ -10,8 +10,9 @@
 The next fault does not wait for every service to be ready, only for a training step: a
 service still starting up, or a verifier replica still down while the other carries the
 load, can be hit too. A fault whose process is not running when its turn comes is logged
-with ``applied: false`` and not counted. A trainer that takes no step within
-``progress_within_s`` of a fault is a finding ("stuck"); the run goes on with the next fault.
+with ``applied: false`` and not counted. A trainer that takes no step for
+``progress_within_s`` while a fault waits is a finding ("stuck"); the run goes on with the
+next fault.
 """
 
 from __future__ import annotations
@@ -36,11 +37,7 @@ class Injector:
     def run(self, faults: list[Fault]) -> list[dict[str, Any]]:
         last = 0  # the trainer's step at the previous fault
         for fault in faults:
-            if not self.stack.wait_until(
-                functools.partial(self._stepped_past, last),
-                self.form.progress_within_s,
-                f"a training step past step {last} (before fault #{fault.index})",
-            ):
+            if not self._reached(max(last + 1, fault.at_step), fault):
                 self.stack.finding("stuck", "stack", self._stuck(fault, last))
             self.stack.sleep(fault.gap_s)
             record = self.apply(fault)
@@ -53,6 +50,18 @@ class Injector:
 
     def _stepped_past(self, step: int) -> bool:
         return (self.stack.trainer_version() or 0) > step
+
+    def _reached(self, step: int, fault: Fault) -> bool:
+        """Wait until the trainer is at ``step``; False if it takes no step for
+        ``progress_within_s`` on the way (stuck)."""
+        while (now := self.stack.trainer_version() or 0) < step:
+            if not self.stack.wait_until(
+                functools.partial(self._stepped_past, now),
+                self.form.progress_within_s,
+                f"a training step past step {now} (fault #{fault.index} waits for step {step})",
+            ):
+                return False
+        return True
 
     def _stuck(self, fault: Fault, last: int) -> str:
         status = self.stack.rollout_status() or {}

@@ -6,9 +6,13 @@
 A fault is a ``kill -9`` of one service (restarted after ``hold_s``) or a ``SIGSTOP`` of
 one (resumed after ``hold_s``, always longer than the lease, so what it holds is reclaimed
 or expires while it is stopped). The order, the targets (which verifier replica, which
-service is stopped) and every delay come from ``random.Random(seed)``. When a fault fires
-is the injector's business: after the trainer has taken a step since the previous fault
-(the stack makes progress between faults), then the fault's seeded pause.
+service is stopped) and every delay come from ``random.Random(seed)``. Faults are spread
+over the run by step: fault i waits for the trainer's step ``at_step`` (evenly spaced over
+the first ``FAULT_SPAN`` of the steps, so the last fault leaves steps to recover in), and
+for a step since the previous fault (the stack makes progress between faults), then its
+seeded pause. Pacing by step, not time, keeps the faults inside the run on a fast machine
+(the trainer would otherwise finish its steps with faults still to come) and lets a slow
+one take longer rather than crowd them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ KILLED = ("engine", "verifier", "trainer", "rollout", "redis")
 STOPPED = ("engine", "verifier", "trainer", "rollout")
 """Services the run freezes with SIGSTOP past the lease and resumes with SIGCONT."""
 VERIFIER_REPLICAS = 2
+FAULT_SPAN = 0.85
+"""The share of a form's steps its faults are spread over."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,11 @@ class Form:
         return self.kills_each * len(KILLED) + self.stops
 
     def __post_init__(self) -> None:
-        if self.steps <= self.faults:  # a step between faults, and one after the last
-            raise ValueError(f"form {self.name}: {self.faults} faults need more than {self.steps} steps")
+        if self.steps * FAULT_SPAN <= self.faults:  # a step between faults, and steps after the last
+            raise ValueError(
+                f"form {self.name}: {self.faults} faults need more than {self.faults / FAULT_SPAN:.0f} steps, "
+                f"not {self.steps}"
+            )
 
 
 SHORT = Form(
@@ -72,7 +81,7 @@ SHORT = Form(
 )
 LONG = Form(
     "long",
-    steps=400,
+    steps=800,
     kills_each=8,
     stops=16,
     gap_s=(0.0, 3.0),
@@ -96,6 +105,8 @@ class Fault:
     """Pause after the trainer's first step since the previous fault: faults land anywhere in a step."""
     hold_s: float
     """Down time after a kill; stopped time of a SIGSTOP (lease + margin)."""
+    at_step: int = 0
+    """The trainer step the fault waits for (spread evenly over the run)."""
 
     @property
     def kind(self) -> str:
@@ -122,5 +133,6 @@ def schedule(form: Form, seed: int, lease_s: float) -> list[Fault]:
         hold = (
             rng.uniform(*form.restart_after_s) if action == "kill9" else lease_s + rng.uniform(*form.stop_past_lease_s)
         )
-        faults.append(Fault(index, action, service, replica, gap, round(hold, 2)))
+        at = int((index + 1) * form.steps * FAULT_SPAN / (len(planned) + 1))
+        faults.append(Fault(index, action, service, replica, gap, round(hold, 2), at))
     return faults

@@ -46,4 +46,13 @@ def test_delays_fall_in_the_forms_ranges_and_every_stop_outlasts_the_lease(form:
 
 def test_a_form_needs_a_step_between_faults() -> None:
     with pytest.raises(ValueError, match="need more than"):
-        Form("tight", 5, 1, 1, (0, 1), (0, 1), (1, 2), 60.0, 30.0)
+        Form("tight", 7, 1, 1, (0, 1), (0, 1), (1, 2), 60.0, 30.0)
+
+
+@pytest.mark.parametrize("form", [SHORT, LONG])
+def test_faults_are_spread_over_the_run_by_step_and_leave_steps_after_the_last(form: Form) -> None:
+    steps = [f.at_step for f in schedule(form, 3, 3.0)]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)  # a step apart at least
+    assert steps[0] >= 1 and steps[-1] < form.steps * 0.9  # the last leaves the stack steps to recover in
+    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    assert max(gaps) - min(gaps) <= 1  # evenly
