@@ -5,7 +5,7 @@ They check that the same code runs on CUDA and agrees with the CPU: a trainer st
 in float32 equals the CPU step; with bf16 autocast it stays close and keeps float32
 weights; the engine serves on CUDA with logprobs the trainer reproduces (ratio 1); and the
 whole pipeline (`pope up`) trains with engine and trainer both on the GPU; pretraining
-runs on CUDA.
+runs on CUDA; the engine's model directory a CUDA trainer writes loads in bf16 on the GPU.
 """
 
 from __future__ import annotations
@@ -130,3 +130,22 @@ def test_pretraining_runs_on_cuda(tmp_path: Path) -> None:
     assert result["device"] == "cuda" and set(result["accuracy"]) >= {"easy_unhinted", "hard_unhinted"}
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))  # saved from the CPU: loads anywhere
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_the_engine_directory_loads_in_bf16_on_cuda(tiny_model: Path, tmp_path: Path) -> None:
+    """What a trainer on CUDA writes for the engine (serving dtype "auto": bf16) is a model
+    directory transformers loads in bf16 on the GPU, with logits close to the float32
+    master weights'."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.trainer import checkpoint
+
+    master = _load(tiny_model, "cuda")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    path = checkpoint.save_weights(tmp_path, master, tokenizer, 1, 0, torch.bfloat16, 64 << 10)
+    served = AutoModelForCausalLM.from_pretrained(str(path), dtype="auto").to("cuda")
+    assert served.dtype == torch.bfloat16 and (path / checkpoint.INDEX).is_file()
+    ids = torch.tensor([[1, 5, 9, 3, 7]], device="cuda")
+    with torch.no_grad():
+        want, got = master(ids).logits, served(ids).logits.float()
+    assert torch.allclose(want, got, atol=0.15), (want - got).abs().max()
