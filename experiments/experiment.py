@@ -189,14 +189,14 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def run_one(exp_dir: Path, spec: Spec, base: Path, arm: str, seed: int, out: TextIO) -> dict[str, Any]:
     """One (arm, seed): train through ``pope up`` (resuming if begun), evaluate, mark done."""
-    from services.trainer.checkpoint import latest
+    from services.trainer.checkpoint import latest_weights
 
     run_dir = run_path(exp_dir, arm, seed)
     result_path = run_dir / "result.json"
     if result_path.exists():
         return dict(json.loads(result_path.read_text()))
     train(exp_dir, spec, base, arm, seed, out)
-    final = latest(run_dir / "checkpoints")
+    final = latest_weights(run_dir / "checkpoints")  # the model directory the engine serves
     assert final is not None
     held_out = read_jsonl(exp_dir / "problems" / "eval.jsonl")
     report = evaluate_model(spec.eval_settings(), final, held_out, run_dir / "logs" / "eval", out)

@@ -121,6 +121,16 @@ def save(
     return final
 
 
+def latest_weights(root: Path) -> Path | None:
+    """The engine directory of the newest resume state's version (what a model trained to
+    that point is served from), or None."""
+    newest = latest(root)
+    if newest is None:
+        return None
+    state = load_state(newest)
+    return weights_versions(root).get((state.step, state.history.id))
+
+
 def weights_dir(root: Path, step: int, lineage: int = 0) -> Path:
     """The engine-facing directory of (``step``, ``lineage``): named as the version is."""
     return root / WEIGHTS / (f"step-{step:06d}" + (f"@{lineage}" if lineage else ""))

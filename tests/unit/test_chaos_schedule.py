@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 
 import pytest
 
@@ -54,5 +55,5 @@ def test_faults_are_spread_over_the_run_by_step_and_leave_steps_after_the_last(f
     steps = [f.at_step for f in schedule(form, 3, 3.0)]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)  # a step apart at least
     assert steps[0] >= 1 and steps[-1] < form.steps * 0.9  # the last leaves the stack steps to recover in
-    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
     assert max(gaps) - min(gaps) <= 1  # evenly
