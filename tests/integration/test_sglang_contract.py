@@ -41,10 +41,17 @@ ALL_SAMPLING = SamplingParams(
 # Each public method of the client, with the arguments of the calls made here; its requests
 # must equal what the public payload builder beside it returns.
 CALLS: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {
-    "generate": [(([[1, 2, 3]], ALL_SAMPLING), {"rid": "g-1"}), (([[1, 2], [3]], SamplingParams()), {"rid": "g-2"})],
-    "update_weights_from_disk": [(("/weights/checkpoints/step-000001", 1), {})],
+    "generate": [
+        (([[1, 2, 3]], ALL_SAMPLING), {"rid": "g-1"}),
+        (([[1, 2], [3]], SamplingParams(sampling_seed=7)), {"rid": "g-2"}),
+    ],
+    "update_weights_from_disk": [
+        (("/weights/checkpoints/weights/step-000001", 1), {}),
+        (("/weights/checkpoints/weights/step-000002@1", 2), {"lineage": 1}),
+    ],
     "model_info": [((), {})],
     "weight_version": [((), {})],
+    "served_version": [((), {})],
     "healthy": [((), {})],
     "pause": [((), {}), (("retract",), {})],
     "resume": [((), {})],
@@ -52,8 +59,12 @@ CALLS: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {
 }
 BODIES = {
     ("generate", 0): EngineClient.generate_payload([[1, 2, 3]], ALL_SAMPLING, rid="g-1"),
-    ("generate", 1): EngineClient.generate_payload([[1, 2], [3]], SamplingParams(), rid="g-2"),
-    ("update_weights_from_disk", 0): EngineClient.update_weights_payload("/weights/checkpoints/step-000001", 1),
+    # seeded: without a seed the client draws a random base seed for each call
+    ("generate", 1): EngineClient.generate_payload([[1, 2], [3]], SamplingParams(sampling_seed=7), rid="g-2"),
+    ("update_weights_from_disk", 0): EngineClient.update_weights_payload("/weights/checkpoints/weights/step-000001", 1),
+    ("update_weights_from_disk", 1): EngineClient.update_weights_payload(
+        "/weights/checkpoints/weights/step-000002@1", 2, lineage=1
+    ),
     ("pause", 0): EngineClient.pause_payload(),
     ("pause", 1): EngineClient.pause_payload("retract"),
     ("resume", 0): EngineClient.resume_payload(),
@@ -69,7 +80,8 @@ def answer(request: httpx.Request) -> httpx.Response:
     """What an engine would answer, enough for the client to finish each call."""
     body = json.loads(request.content) if request.content else {}
     if request.url.path == "/generate":
-        n = body["sampling_params"].get("n", 1)
+        params = body["sampling_params"]
+        n = (params[0] if isinstance(params, list) else params).get("n", 1)
         meta = {"id": "r", "prompt_tokens": 1, "completion_tokens": 1, "weight_version": "0"}
         meta |= {"finish_reason": {"type": "length", "length": 1}, "output_token_logprobs": [[-0.5, 1, None]]}
         return httpx.Response(
@@ -173,11 +185,12 @@ def test_sampling_params_are_fields_of_sglangs_sampling_params(
     assert set(ALL_SAMPLING.model_dump(exclude_none=True)) == set(SamplingParams.model_fields)
     for _m, path, body, _a in every_request(sent):
         if path == "/generate":
-            params = body["sampling_params"]
-            assert set(params) <= set(api), f"not SGLang sampling parameters: {sorted(set(params) - set(api))}"
-            for key, value in params.items():
-                # stop_token_ids is a Set[int] there: a JSON list.
-                assert key == "stop_token_ids" or sgl.accepts(api[key], value), f"sampling_params.{key}={value!r}"
+            rows = body["sampling_params"]  # one per row of the batch (or one for all)
+            for params in rows if isinstance(rows, list) else [rows]:
+                assert set(params) <= set(api), f"not SGLang sampling parameters: {sorted(set(params) - set(api))}"
+                for key, value in params.items():
+                    # stop_token_ids is a Set[int] there: a JSON list.
+                    assert key == "stop_token_ids" or sgl.accepts(api[key], value), f"sampling_params.{key}={value!r}"
 
 
 def test_sglangs_auth_admits_the_client_with_the_key_and_refuses_it_without(
