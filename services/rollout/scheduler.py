@@ -84,6 +84,11 @@ class GroupAborted(RuntimeError):
     """The engine aborted a sample of the group (paused, aborted, restarting)."""
 
 
+class LineageChanged(RuntimeError):
+    """The trainer started a new lineage while a plan of the old one was being published:
+    the plan stops (``run`` then closes it and rewinds, ``follow_lineage``)."""
+
+
 class Scheduler:
     def __init__(
         self, settings: RolloutSettings, redis: Redis, engine: EngineClient, store: ProblemStore, tokenizer: Any
@@ -183,6 +188,9 @@ class Scheduler:
                     continue
                 if (need := await self._starving()) and await self._generate_step(self.step, need, top_up=True):
                     continue
+            except LineageChanged as exc:
+                log_.warning("scheduler: %s", exc)
+                continue
             except EngineError as exc:
                 self.waiting_for = "the engine (unreachable or still loading)"
                 log_.warning("scheduler: %s; retrying", exc)
@@ -323,7 +331,7 @@ class Scheduler:
             async with asyncio.TaskGroup() as tg:  # one failure cancels the rest of the plan
                 for planned in plan.groups:
                     tg.create_task(one(planned))
-        except* (EngineError, RedisError) as group_error:
+        except* (EngineError, RedisError, LineageChanged) as group_error:
             raise group_error.exceptions[0] from None
         await asyncio.to_thread(self.log.append_published, plan, skipped)
         self._sent.clear()
@@ -370,12 +378,18 @@ class Scheduler:
                     raise GroupAborted(f"group {planned.group_id} was sampled by weights a rewind lost")
                 if group.weight_version >= oldest:
                     return group
+                await self.trainer_version()  # a rewind may be why the engine is behind
                 # The engine restarted mid-step and serves its start-up weights (the trainer
                 # re-pushes): a group of them would only be dropped as stale.
                 raise GroupAborted(
                     f"group {planned.group_id} was sampled at v{group.weight_version}; step {step} needs >= v{oldest}"
                 )
             except GroupAborted as exc:
+                if self.lineage.id > self.plan_lineage:  # as read by _held or _ready_for just now
+                    raise LineageChanged(
+                        f"the trainer began lineage {self.lineage.id} while step {step} of lineage "
+                        f"{self.plan_lineage} was being published: stopping that plan"
+                    ) from exc
                 ABORTED.inc()
                 self.waiting_for = f"the engine (paused, restarting or behind the trainer: {exc})"
                 log_.warning("%s; sampling it again in %.1fs", exc, delay)

@@ -86,9 +86,16 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def latest(root: Path) -> Path | None:
-    """The newest complete resume state under ``root``, or None."""
-    done = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
-    return max(done, key=lambda p: p.name) if done else None
+    """The newest complete resume state under ``root``, or None. A state being replaced
+    under its own name (``_rename_durably``) that a crash caught between its two renames is
+    found under its aside name."""
+    if not root.is_dir():
+        return None
+    done = {p.name: p for p in root.glob("step-*") if (p / STATE_FILE).is_file()}
+    for aside in root.glob(f"{_ASIDE}step-*"):
+        if (aside / STATE_FILE).is_file():
+            done.setdefault(aside.name.removeprefix(_ASIDE), aside)
+    return done[max(done)] if done else None
 
 
 def save(
@@ -103,9 +110,7 @@ def save(
     """Write the resume state of ``state.step``, durably (fsynced before its name says
     complete); then delete all but the newest ``keep``. The engine never reads these."""
     final = step_dir(root, state.step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _fresh_tmp(root, final)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     _save_optimizer(tmp, optimizer)
@@ -115,6 +120,9 @@ def save(
     (tmp / "run_record.json").write_text(json.dumps(run_record, indent=2, default=str))
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))  # last: marks the directory complete
     _rename_durably(tmp, final)
+    for aside in root.glob(f"{_ASIDE}step-*"):  # a crash's leftover, its state in place again
+        if (root / aside.name.removeprefix(_ASIDE) / STATE_FILE).is_file():
+            shutil.rmtree(aside, ignore_errors=True)
     older = sorted(p for p in root.glob("step-*") if p != final)
     for old in older[: max(0, len(older) - (keep - 1))]:  # the newest ``keep``, this one included
         shutil.rmtree(old, ignore_errors=True)
@@ -157,9 +165,7 @@ def save_weights(
     shards of at most ``shard_bytes`` behind an index. Tied weights are written once (the
     first name), as transformers and SGLang expect. Returns the directory."""
     final = weights_dir(root, step, lineage)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _fresh_tmp(final.parent, final)
     tensors = _untied(model.state_dict())
     shards = _shards(tensors, dtype, shard_bytes)
     weight_map: dict[str, str] = {}
@@ -190,9 +196,6 @@ def prune_weights(root: Path, keep: int, protect: Iterable[Path]) -> list[Path]:
     gone = [path for _, path in found[: max(0, len(found) - keep)] if path not in kept]
     for path in gone:
         shutil.rmtree(path, ignore_errors=True)
-    for tmp in (root / WEIGHTS).glob(".tmp-*") if (root / WEIGHTS).is_dir() else []:
-        if not tmp.name.endswith(f"-{os.getpid()}"):  # a crashed writer's leftovers
-            shutil.rmtree(tmp, ignore_errors=True)
     return gone
 
 
@@ -202,7 +205,7 @@ def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in state.items():
         key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape))
-        if key in seen:
+        if key in seen and tensor.numel() > 0:  # empty tensors may share a pointer, untied
             continue
         seen.add(key)
         out[name] = tensor
@@ -229,15 +232,36 @@ def _shards(tensors: dict[str, torch.Tensor], dtype: torch.dtype, limit: int) ->
     return shards
 
 
+_ASIDE = ".old-"
+
+
+def _fresh_tmp(parent: Path, final: Path) -> Path:
+    """An empty temporary directory for ``final``. Any other ``.tmp-*`` there is a crashed
+    writer's (one trainer writes a checkpoint directory, one thing at a time) and is
+    removed: pids repeat across container restarts, so they cannot tell whose it was."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for leftover in parent.glob(".tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    tmp = parent / f".tmp-{final.name}-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
 def _rename_durably(tmp: Path, final: Path) -> None:
-    """Contents fsynced, then ``tmp`` renamed to ``final`` (replacing it) and the parent fsynced."""
+    """Contents fsynced, then ``tmp`` renamed to ``final`` and the parent fsynced. A
+    ``final`` that exists is renamed aside first and deleted only once ``tmp`` holds its
+    name, so a crash in between leaves the old one (``latest`` finds it aside), never none."""
     for f in tmp.iterdir():
         _fsync_file(f)
     _fsync_dir(tmp)
+    aside = final.parent / f"{_ASIDE}{final.name}"
     if final.exists():
-        shutil.rmtree(final)
+        shutil.rmtree(aside, ignore_errors=True)
+        final.rename(aside)
+        _fsync_dir(final.parent)
     tmp.rename(final)
     _fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def load_state(path: Path) -> TrainerState:

@@ -146,6 +146,7 @@ class Trainer:
         # Trained, still unacked: no resume state holds them yet (at most save_every steps' worth).
         self.uncovered: list[tuple[Entry, ScoredGroup]] = []
         self._unsaved_lineage = False  # a lineage begun here that no resume state holds yet
+        self._serving_at_start: Path | None = None  # the engine's directory when this process began
         self._dirty = True  # the state in Redis is behind this object's
         self._weights_lock = asyncio.Lock()  # one of: checkpoint save, push, re-push
         self._stop = asyncio.Event()  # run's
@@ -161,7 +162,7 @@ class Trainer:
         """Train until ``stop``. Redis and engine troubles are waited out; anything else
         is a bug and propagates (the service then exits, so a supervisor restarts it)."""
         self._stop = stop
-        tasks = [asyncio.create_task(self._renew_leases(stop)), asyncio.create_task(self._watch_engine(stop))]
+        tasks = [asyncio.create_task(self._renew_leases(stop))]
         joined = False
         try:
             while not stop.is_set():
@@ -171,7 +172,8 @@ class Trainer:
                         await self.reader.ensure_group()
                         await self._settle_lineage()
                         await self.publish_state()  # this process's version, before it trains its backlog
-                        joined = True
+                        joined = True  # the watcher starts once the lineage is settled: never pushes a lost one
+                        tasks.append(asyncio.create_task(self._watch_engine(stop)))
                     before = len(self.buffer)
                     for entry in await self.reader.read():
                         await self._accept(entry)
@@ -207,7 +209,10 @@ class Trainer:
             GROUPS.labels("invalid").inc()
             return
         gid = group.group_id
-        if any(g.group_id == gid for _, g in self.uncovered):
+        if (held := next((e for e, g in self.uncovered if g.group_id == gid), None)) is not None:
+            if held.id != entry.id:  # another entry of the same group: a duplicate (the held one is acked later)
+                await self.reader.ack(entry.id)
+                GROUPS.labels("duplicate").inc()
             return  # trained, waiting for a resume state to hold it: stays pending, not retrained
         seen = gid in self.trained or gid in self.dropped
         if seen or any(g.group_id == gid for _, g in self.buffer):
@@ -250,6 +255,9 @@ class Trainer:
             seen.append((control.version, control.lineage.id))
         if (served := await self.sink.served_version()) is not None:
             seen.append(served)
+            # What the engine serves (a directory of an earlier process) is not pruned
+            # until it serves another: the engine reads it again to roll back a failed load.
+            self._serving_at_start = checkpoint.weights_versions(self.ckpt_dir).get(served)
         mine = self.lineage.id
         if any(lineage > mine or (lineage == mine and step > self.version) for step, lineage in seen):
             new = self.lineage.fork(max([mine, *(lineage for _, lineage in seen)]) + 1, self.version)
@@ -278,7 +286,8 @@ class Trainer:
             self.weights_dtype,
             self.settings.weights_shard_mb << 20,
         )
-        checkpoint.prune_weights(self.ckpt_dir, self.settings.keep_weights, {path, *self.sink.in_use})
+        in_use = {path, *self.sink.in_use} | ({self._serving_at_start} if self._serving_at_start else set())
+        checkpoint.prune_weights(self.ckpt_dir, self.settings.keep_weights, in_use)
         return path
 
     async def _save_resume(self) -> None:
@@ -380,6 +389,8 @@ class Trainer:
         pushing = time.monotonic()
         async with self._weights_lock:
             pushed = await self.sink.push(self.weights, self.version, self.lineage.id)
+            if pushed:
+                self._serving_at_start = None  # the sink knows what is served from now on
         stats.update(
             time_push_s=time.monotonic() - pushing,
             pushed=float(pushed),
@@ -496,7 +507,8 @@ class Trainer:
                         version_name(*current),
                         self.weights,
                     )
-                    await self.sink.push(self.weights, *current)
+                    if await self.sink.push(self.weights, *current):
+                        self._serving_at_start = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.repush_interval_s)
 

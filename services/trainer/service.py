@@ -1,11 +1,14 @@
 """The trainer service: ``pope trainer --port 8002 --model DIR``.
 
 Runs the GRPO loop (loop.py) and serves /healthz, /readyz, /metrics and GET /v1/state.
-SIGTERM lets the step in progress finish (checkpointed and acked) for up to
-``STOP_GRACE_S``, then cancels the loop, so a stop keeps its deadline (services/stack.py):
-a step cut short has its groups unacked, trained again after the restart (or skipped, by
-``trained_group_ids``, if its checkpoint was written), and a weight push cut short is made
-again by the next start, which re-pushes the newest checkpoint to an engine behind it.
+SIGTERM lets the step in progress finish, and the resume state of the steps trained since
+the last one be written (then their groups acked), for up to ``trainer.stop_grace_s``,
+then cancels the loop, so a stop keeps its deadline (``pope up``: 3 s, within its 12 s;
+compose and Kubernetes give it 840 s, inside their 900 s). What a cancel cuts short is not
+lost: a step's groups stay unacked and are trained again after the restart, once (or
+skipped, by ``trained_group_ids``, if a resume state holding them was written), and a
+weight push is made again by the next start, which reloads an engine serving any other
+version.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ from services.trainer.sink import sink_for
 
 log = logging.getLogger(__name__)
 
-STOP_GRACE_S = 3.0
-
 
 def create_app(settings: TrainerSettings) -> FastAPI:
     holder: dict[str, Any] = {}
@@ -45,10 +46,12 @@ def create_app(settings: TrainerSettings) -> FastAPI:
         task.add_done_callback(lambda t: stop_if_failed(app, t, "training loop"))
         yield
         stop.set()  # the loop ends at its next read (block_ms)
-        done, _ = await asyncio.wait({task}, timeout=STOP_GRACE_S)
+        done, _ = await asyncio.wait({task}, timeout=settings.stop_grace_s)
         if not done:
             log.warning(
-                "the training loop is still busy %.0fs after SIGTERM (a step or a push): cancelling it", STOP_GRACE_S
+                "the training loop is still busy %.0fs after SIGTERM (a step, a resume state or a push): cancelling "
+                "it (trainer.stop_grace_s); the groups it holds are trained again after the restart",
+                settings.stop_grace_s,
             )
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -118,6 +118,12 @@ class TrainerSettings(ServiceSettings):
     on-policy importance ratio is 1 up to float error)."""
     weights_shard_mb: int = Field(4096, ge=1)
     """Largest safetensors shard of the engine's model directory, in MiB."""
+    stop_grace_s: float = Field(3.0, gt=0.0)
+    """How long SIGTERM waits for the step in progress and the resume state of what was
+    trained since the last one (then the loop is cancelled; nothing is lost, up to
+    save_every steps are trained again). 3 s keeps `pope up`'s stop within its deadline;
+    set it to a resume state's write time where the supervisor waits (compose and the
+    Kubernetes manifests set 840, inside their 900 s)."""
     keep_weights: int = Field(2, ge=1)
     """Newest engine model directories kept; the one served or being loaded is never deleted."""
     consumer_name: str = "trainer"

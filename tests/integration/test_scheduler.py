@@ -298,3 +298,27 @@ async def test_a_group_is_distinct_samples_with_and_without_deterministic_infere
     completions = [tuple(x.completion_ids) for x in first.samples]
     assert len(completions) == 4 and len(set(completions)) == 4, completions
     assert ([tuple(x.completion_ids) for x in again.samples] == completions) is deterministic
+
+
+async def test_a_plan_being_published_stops_when_the_trainer_begins_a_new_lineage(
+    aredis: Redis, keys: Keys, engine_url: str, tiny_model: Path, tmp_path: Path
+) -> None:
+    """Step 5 waits for weights the engine does not serve yet (v0 < v4), resampling; the
+    trainer is killed and resumes at 0 as lineage 1, so v4 will never come under the old
+    ids. The plan stops rather than resample for ever, and the next pass closes it and
+    rewinds."""
+    from services.rollout.scheduler import LineageChanged
+
+    async with EngineClient(engine_url) as engine:
+        await trainer_at(aredis, keys, 4)
+        s = await make(aredis, keys, engine, tiny_model, tmp_path, max_staleness=0)
+        publishing = asyncio.create_task(s._generate_step(5))
+        await asyncio.sleep(1.0)
+        assert not publishing.done()  # resampling: the engine serves v0, step 5 needs v4
+        lineage = Lineage().fork(1, at=0)
+        await write_control(aredis, keys, TrainerControl(version=0, buffered=0, instance="t", lineage=lineage))
+        with pytest.raises(LineageChanged, match="began lineage 1 while step 5 of lineage 0"):
+            await asyncio.wait_for(publishing, 30)
+        await s.follow_lineage()
+        assert (s.step, s.plan_lineage) == (0, 1) and s.log.unfinished is None
+        assert len(s.log.published[s.log.plans[-1].seq]) == len(s.log.plans[-1].groups)  # none was sent

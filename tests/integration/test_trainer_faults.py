@@ -166,3 +166,42 @@ async def test_a_redis_error_at_the_ack_after_a_checkpoint_loses_no_record_of_th
     assert [json.loads(x)["step"] for x in cfg.metrics_log.read_text().splitlines()] == [1]
     assert [json.loads(x)["step"] for x in await aredis.lrange(keys.history("trainer"), 0, -1)] == [1]
     assert (await aredis.xpending(keys.scored, TRAINERS))["pending"] == 0 and optimizer_steps(trainer) == 1
+
+
+async def test_groups_are_acked_only_once_a_resume_state_holds_them(
+    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, aredis: Redis
+) -> None:
+    """save_every 2: step 1's groups stay pending (trained, awaiting a resume state, their
+    leases renewed) and are neither retrained nor acked when another entry of one comes in
+    (that duplicate is acked); step 2's resume state holds all four, and all are acked."""
+    cfg = trainer_settings(tiny_model, tmp_path, redis_url, keys, "", max_staleness=100, save_every=2)
+    trainer = await asyncio.to_thread(Trainer, cfg, aredis, NoSink())
+    stop = asyncio.Event()
+    task = asyncio.create_task(trainer.run(stop))
+
+    async def pending() -> int:
+        return int((await aredis.xpending(keys.scored, TRAINERS))["pending"])
+
+    try:
+        for gid in ("a", "b"):
+            await publish(aredis, keys.scored, scored(gid), POLICY)
+        await until(lambda: trainer.version == 1 and len(trainer.uncovered) == 2)
+        assert checkpoint.latest(trainer.ckpt_dir) is None and (1, 0) in checkpoint.weights_versions(trainer.ckpt_dir)
+        control = await read_control(aredis, keys)
+        assert control is not None and control.awaiting_checkpoint == 2 and await pending() == 2
+        await publish(aredis, keys.scored, scored("a"), POLICY)  # another entry of a trained group
+        async with asyncio.timeout(30):
+            while await pending() != 2 or trainer.buffer:
+                await asyncio.sleep(0.05)
+        assert optimizer_steps(trainer) == 1 and trainer.version == 1
+        for gid in ("c", "d"):
+            await publish(aredis, keys.scored, scored(gid), POLICY)
+        await until(lambda: trainer.version == 2 and not trainer.uncovered)
+        async with asyncio.timeout(30):
+            while await pending():
+                await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task
+    state = checkpoint.load_state(checkpoint.latest(trainer.ckpt_dir))  # type: ignore[arg-type]
+    assert state.step == 2 and state.trained_group_ids == ["a", "b", "c", "d"]

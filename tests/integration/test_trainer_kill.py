@@ -139,6 +139,7 @@ def test_a_resume_behind_pushed_versions_starts_a_lineage_and_reloads_an_engine_
             "POPE_TRAINER__GROUP_SIZE": "2",
             "POPE_TRAINER__MAX_STALENESS": "1000",
             "POPE_TRAINER__SAVE_EVERY": "3",
+            "POPE_TRAINER__KEEP_WEIGHTS": "1",
             "POPE_TRAINER__REPUSH_INTERVAL_S": "0.3",
             "POPE_TRAINER__METRICS_LOG": str(tmp_path / "m.jsonl"),
             "POPE_TRAINER__TENSORBOARD_DIR": "",
@@ -158,6 +159,9 @@ def test_a_resume_behind_pushed_versions_starts_a_lineage_and_reloads_an_engine_
             dropped = {row["group_id"]: row["reason"] for row in checkpoint.read_dropped(ckpt)}
             assert dropped == {"g10": "lineage"}
             assert "engine serves v5, the trainer is at v3@1: re-pushing" in second.output()
+            # Pruning to one directory kept the new 3@1 and the v5 the engine served when
+            # this process began (it may read it again to roll back a failed load).
+            assert set(checkpoint.weights_versions(ckpt)) == {(3, 1), (5, 0)}
         # Its stop saved the lineage: the next start continues lineage 1 rather than forking again.
         r.xadd(keys.scored, {DATA: encode(scored(11, weight_version=2))})  # held by lineage 1 (2 <= 3)
         r.xadd(keys.scored, {DATA: encode(scored(12))})
@@ -170,4 +174,5 @@ def test_a_resume_behind_pushed_versions_starts_a_lineage_and_reloads_an_engine_
             assert sorted(trained) == sorted(f"g{i:02d}" for i in (*range(10), 11, 12))  # each once
             _wait("all acked", lambda: r.xpending(keys.scored, "trainers")["pending"] == 0, third)
         assert not (ckpt / "weights" / "step-000006").exists()  # no second "6" was ever written
+        assert set(checkpoint.weights_versions(ckpt)) <= {(5, 1), (6, 1)}  # the old ones pruned
     r.close()

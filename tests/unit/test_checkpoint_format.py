@@ -107,3 +107,18 @@ def test_a_lineage_holds_its_own_versions_and_its_ancestors_up_to_each_fork() ->
     assert parse_version("5@2") == (5, 2) and parse_version("7") == (7, 0) and parse_version(None) == (0, 0)
     with pytest.raises(ValueError):
         parse_version("v7")
+
+
+def test_a_state_replaced_under_its_name_is_never_missing_and_leftovers_go(
+    tmp_path: Path, tiny: tuple[Any, Any]
+) -> None:
+    model, tok = tiny
+    opt = torch.optim.AdamW(model.parameters())
+    first = checkpoint.save(tmp_path, model, tok, opt, checkpoint.TrainerState(step=5), {}, keep=3)
+    # A crash between the two renames of a replacement: the old one is aside, none in place.
+    first.rename(tmp_path / ".old-step-000005")
+    assert checkpoint.latest(tmp_path) == tmp_path / ".old-step-000005"
+    (tmp_path / ".tmp-step-000009-1").mkdir()  # a crashed writer's (pid 1: any container's)
+    again = checkpoint.save(tmp_path, model, tok, opt, checkpoint.TrainerState(step=5, lineage={"id": 1}), {}, 3)
+    assert checkpoint.latest(tmp_path) == again and checkpoint.load_state(again).history.id == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000005"]  # no aside, no temporary
