@@ -28,20 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.gpu_trainer import SHAPES
 from services.engine.tiny_model import build_tiny_model
 from services.trainer import checkpoint
 
-QWEN3_0_6B = {  # Qwen/Qwen3-0.6B's config.json
-    "vocab_size": 151936,
-    "hidden_size": 1024,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 8,
-    "head_dim": 128,
-    "max_position_embeddings": 40960,
-    "tie_word_embeddings": True,
-}
+QWEN3_0_6B = {**SHAPES["qwen3-0.6b"], "max_position_embeddings": 40960, "tie_word_embeddings": True}
+"""Qwen/Qwen3-0.6B's config.json (its embeddings are tied, as the tiny model's)."""
 
 
 def size_of(path: Path) -> int:

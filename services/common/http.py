@@ -107,8 +107,11 @@ def stop_while_starting(service: str) -> None:
     holds nothing. ``serve`` gives SIGTERM back to uvicorn's own handling."""
 
     def stop(signum: int, _frame: Any) -> None:
-        print(f"pope {service}: stopped by {signal.Signals(signum).name} while starting", file=sys.stderr)
-        raise SystemExit(0)
+        print(f"pope {service}: stopped by {signal.Signals(signum).name} while starting", file=sys.stderr, flush=True)
+        # Not SystemExit: code being imported may catch BaseException and go on starting
+        # (seen: the line printed, then the trainer came up and ignored the stop).
+        sys.stdout.flush()
+        os._exit(0)
 
     signal.signal(signal.SIGTERM, stop)
 

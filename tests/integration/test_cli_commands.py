@@ -77,3 +77,35 @@ def test_services_without_a_model_say_how_to_make_one(tmp_path: Path) -> None:
     for argv in (["up", "--model", str(tmp_path / "x")], ["rollout", "--model", str(tmp_path / "x")]):
         out = run(*argv)
         assert out.returncode in (1, 2) and "pope model init" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_service_told_to_stop_while_it_starts_exits_0_at_once(tiny_model: Path, tmp_path: Path) -> None:
+    """SIGTERM at several moments of a trainer's start (imports, the model's load): it exits
+    0 with its line every time, never going on to serve (the chaos run once saw the line
+    and then a trainer that came up: an import caught the SystemExit)."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "POPE_TRAINER__CHECKPOINT_DIR": str(tmp_path / "ckpt"), "POPE_TRAINER__ENGINE_URL": ""}
+    stopped = 0
+    for delay in (0.2, 0.6, 1.0, 1.5, 2.0):
+        proc = subprocess.Popen(
+            [POPE, "trainer", "--model", str(tiny_model), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        if "Application startup complete" in err:  # it got that far before the signal: uvicorn's stop
+            continue
+        if "while starting" not in err:  # before the handler was installed: the default, death by it
+            assert proc.returncode == -signal.SIGTERM, err[-2000:]
+            continue
+        assert proc.returncode == 0 and "pope trainer: stopped by SIGTERM while starting" in err, err[-2000:]
+        assert "resolved config" not in err.split("while starting", 1)[1], err[-2000:]
+        stopped += 1
+    assert stopped, "no SIGTERM landed while the trainer was starting: move the delays"

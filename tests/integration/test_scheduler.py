@@ -51,6 +51,22 @@ async def trainer_at(aredis: Redis, keys: Keys, version: int, buffered: int = 0)
     await write_control(aredis, keys, TrainerControl(version=version, buffered=buffered, instance="test"))
 
 
+def publish_dies_after(n: int) -> Any:
+    """``streams.publish`` as the scheduler calls it, failing from the (n + 1)-th call on as
+    a rollout service that loses Redis mid-step does."""
+    from services.rollout import scheduler
+
+    real_publish, calls = scheduler.publish, [0]
+
+    async def publish(*args: Any, **kwargs: Any) -> str:
+        calls[0] += 1
+        if calls[0] > n:
+            raise RedisConnectionError("injected: the rollout service loses Redis mid-step")
+        return await real_publish(*args, **kwargs)
+
+    return publish
+
+
 async def published(aredis: Redis, keys: Keys) -> list[RawGroup]:
     return [decode(RawGroup, f[DATA]) for _i, f in await aredis.xrange(keys.rollouts)]
 
@@ -125,13 +141,7 @@ async def test_a_step_planned_again_after_a_crash_publishes_the_same_group_ids(
     from services.rollout import scheduler
 
     real_publish = scheduler.publish
-    calls = [0]
-
-    async def dies_after_two(*args: Any, **kwargs: Any) -> str:
-        calls[0] += 1
-        if calls[0] > 2:
-            raise RedisConnectionError("injected: the rollout service loses Redis mid-step")
-        return await real_publish(*args, **kwargs)
+    dies_after_two = publish_dies_after(2)
 
     async with EngineClient(engine_url) as engine:
         await trainer_at(aredis, keys, 0)
@@ -232,13 +242,7 @@ async def test_a_new_trainer_lineage_rewinds_the_scheduler_to_its_rollout_positi
     from services.rollout import scheduler
 
     real_publish = scheduler.publish
-    calls = [0]
-
-    async def dies_after_one(*args: Any, **kwargs: Any) -> str:
-        calls[0] += 1
-        if calls[0] > 1:
-            raise RedisConnectionError("injected: cut short")
-        return await real_publish(*args, **kwargs)
+    dies_after_one = publish_dies_after(1)
 
     async with EngineClient(engine_url) as engine:
         await trainer_at(aredis, keys, 3)
