@@ -7,10 +7,13 @@
         sigstop: SIGSTOP its process group; fault.hold_s (> the lease) later, SIGCONT
         one line in <run>/faults.jsonl
 
-The next fault does not wait for every service to be ready, only for a training step: a
-service still starting up, or a verifier replica still down while the other carries the
-load, can be hit too. A fault whose process is not running when its turn comes is logged
-with ``applied: false`` and not counted. A trainer that takes no step for
+The trainer stops at the form's steps; where it gets there with faults still to come (a fast
+machine), the run is extended: the trainer is restarted gracefully with a higher max_steps
+(``ChaosStack.extend``; a quarter of the form's steps more), as it is once more for
+``AFTER_LAST`` steps after the last fault. The next fault does not wait for every service
+to be ready, only for a training step: a service still starting up, or a verifier replica
+still down while the other carries the load, can be hit too. A fault whose process is not
+running when its turn comes is logged with ``applied: false`` and not counted. A trainer that takes no step for
 ``progress_within_s`` while a fault waits is a finding ("stuck"); the run goes on with the
 next fault.
 """
@@ -28,6 +31,9 @@ from chaos.schedule import Fault, Form
 from chaos.stack import PROBLEMS, ChaosStack
 from services.common.keys import Keys
 
+AFTER_LAST = 5
+"""Steps the trainer must take after the last fault (the run is extended for them)."""
+
 
 class Injector:
     def __init__(self, stack: ChaosStack, form: Form, lease_s: float) -> None:
@@ -37,6 +43,7 @@ class Injector:
     def run(self, faults: list[Fault]) -> list[dict[str, Any]]:
         last = 0  # the trainer's step at the previous fault
         for fault in faults:
+            self._room_for(last + 1, f"fault #{fault.index} needs a step past {last}")
             if not self._reached(max(last + 1, fault.at_step), fault):
                 self.stack.finding("stuck", "stack", self._stuck(fault, last))
             self.stack.sleep(fault.gap_s)
@@ -46,7 +53,14 @@ class Injector:
             with self.stack.layout.faults.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             self.stack.say(f"fault #{fault.index} {fault.kind}: {record['what']}")
+        self._room_for(last + AFTER_LAST, f"the stack must train {AFTER_LAST} steps past the last fault")
         return self.records
+
+    def _room_for(self, step: int, why: str) -> None:
+        """The trainer may reach ``step`` before it stops (else the run is extended: on a
+        fast machine the trainer can take the form's steps before its faults are done)."""
+        if step > self.stack.max_steps:
+            self.stack.extend(step + max(self.form.steps // 4, AFTER_LAST), why)
 
     def _stepped_past(self, step: int) -> bool:
         return (self.stack.trainer_version() or 0) > step

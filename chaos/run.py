@@ -49,7 +49,7 @@ def run(form: Form, seed: int, run_dir: Path, allow_crashes: bool = False, out: 
         checks.append(trained)
         engine_version = settle(stack, form) if trained.ok else stack.engine_version()
         stack.stop_services()
-        checks.append(versions_match(engine_version, layout.checkpoints, form.steps))
+        checks.append(versions_match(engine_version, layout.checkpoints, stack.max_steps))
         checks.append(checkpoint_loads(layout.checkpoints))
         to_ledger = time.monotonic() - began
         stack.say(f"building the ledger ({to_ledger:.0f}s into the run)")
@@ -74,17 +74,20 @@ def run(form: Form, seed: int, run_dir: Path, allow_crashes: bool = False, out: 
 
 
 def wait_trained(stack: ChaosStack, form: Form, began: float) -> Check:
-    """Until the trainer's step is the form's, within the form's wall-time budget."""
+    """Until the trainer's step is the run's last (the form's, or more if it was extended),
+    within the form's wall-time budget."""
     left = form.deadline_s - (time.monotonic() - began)
+    steps = stack.max_steps
     done = stack.wait_until(
-        lambda: (stack.trainer_version() or 0) >= form.steps, max(left, 0.0), f"the trainer's step {form.steps}"
+        lambda: (stack.trainer_version() or 0) >= steps, max(left, 0.0), f"the trainer's step {steps}"
     )
     if done:
-        return Check("trained", True, f"the trainer reached step {form.steps} in {time.monotonic() - began:.0f}s")
+        extended = f" (extended from {form.steps})" if steps > form.steps else ""
+        return Check("trained", True, f"the trainer reached step {steps}{extended} in {time.monotonic() - began:.0f}s")
     status = stack.rollout_status() or {}
     rollout, trainer = status.get("rollout") or {}, status.get("trainer") or {}
     detail = (
-        f"the trainer is at step {stack.trainer_version()} of {form.steps} after {form.deadline_s:.0f}s; "
+        f"the trainer is at step {stack.trainer_version()} of {steps} after {form.deadline_s:.0f}s; "
         f"the rollout service waits for {rollout.get('waiting_for')!r} (rollout step {rollout.get('step')}); "
         f"the trainer buffers {trainer.get('buffered')} groups; the engine serves "
         f"v{(status.get('engine') or {}).get('weight_version')}; streams {status.get('streams')}; "
@@ -94,9 +97,15 @@ def wait_trained(stack: ChaosStack, form: Form, began: float) -> Check:
 
 
 def settle(stack: ChaosStack, form: Form) -> str | None:
-    """Wait for the engine to serve the last step and the pipeline to drain (every raw
-    group scored and archived, the scheduler waiting for the trainer); return the
-    engine's version. Not settling is a finding, not a reason to stop checking."""
+    """Wait for every service to be ready, the engine to serve the last step and the
+    pipeline to drain (every raw group scored and archived, the scheduler waiting for the
+    trainer); return the engine's version. Not settling is a finding, not a reason to stop
+    checking."""
+
+    # A service the last fault restarted may still be starting: a stop then would find it
+    # before its SIGTERM handler exists (an unclean stop of the harness's making, not a finding).
+    if not stack.wait_until(lambda: not stack.unready(), SETTLE_WITHIN_S, "every service to be ready"):
+        stack.finding("not-ready", "stack", f"after {SETTLE_WITHIN_S:.0f}s not ready: {stack.unready()}")
 
     def last_served() -> bool:
         return stack.engine_version() == final_version(stack.layout.checkpoints)
@@ -161,6 +170,7 @@ def summarize(
     return {
         "form": form.name,
         "seed": seed,
+        "steps": stack.max_steps,
         "ok": all(c.ok for c in checks) and not failing,
         "wall_s": round(wall_s, 1),
         "seconds_to_ledger": round(to_ledger, 1) if to_ledger is not None else None,

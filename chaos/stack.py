@@ -135,6 +135,12 @@ class ChaosStack:
     findings: list[Finding] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
     _last_start: dict[str, float] = field(default_factory=dict)
+    max_steps: int = 0
+    """Where the trainer stops: the form's steps, raised (``extend``) when a fast machine
+    would reach them with faults still to come."""
+
+    def __post_init__(self) -> None:
+        self.max_steps = self.max_steps or self.form.steps
 
     @classmethod
     def create(cls, layout: Layout, form: Form, out: TextIO, started_at: float) -> ChaosStack:
@@ -265,6 +271,19 @@ class ChaosStack:
                 return False
             self.sleep(0.5)
         return True
+
+    def extend(self, to_steps: int, why: str) -> None:
+        """Raise the trainer's max_steps to ``to_steps``: a graceful restart with it in the
+        environment (SIGTERM, which saves a resume state; an unclean stop is a finding)."""
+        proc = self.procs["trainer"]
+        proc.resume()
+        code = proc.terminate(30.0) if proc.running() else 0
+        if code not in (0, -signal.SIGTERM):
+            self.finding("unclean-stop", "trainer", f"exited with status {code} on SIGTERM (extending)", proc.tail())
+        proc.env = {**proc.env, "POPE_TRAINER__MAX_STEPS": str(to_steps)}
+        pid = proc.start(f"max_steps {self.max_steps} -> {to_steps}: {why}")
+        self.say(f"extended the run to {to_steps} steps ({why}); trainer restarted as pid {pid}")
+        self.max_steps = to_steps
 
     def stop_services(self, grace_s: float = 30.0) -> dict[str, int | None]:
         """SIGTERM each service, producers first and the engine last (Redis stays up for
