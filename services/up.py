@@ -203,7 +203,10 @@ def up(
             f"rollouts:    {rollout_s.archive_dir / 'rollouts.jsonl'} (one JSON line per scored sample; "
             "GET /v1/rollouts pages it)"
         )
-        tell(f"checkpoints: {trainer_s.checkpoint_dir} (HF safetensors + run_record.json)")
+        tell(
+            f"checkpoints: {trainer_s.checkpoint_dir} (step-N: resume states, every {trainer_s.save_every} steps; "
+            "weights/: the model directories the engine loads)"
+        )
         tensorboard = f"; TensorBoard: {trainer_s.tensorboard_dir}" if trainer_s.tensorboard_dir else ""
         tell(f"metrics:     {trainer_s.metrics_log} (per step, by variant){tensorboard}")
         tell(f"logs:        {run_dir / 'logs'}")
