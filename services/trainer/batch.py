@@ -1,10 +1,17 @@
-"""Scored groups -> padded training tensors, with the loss mask on completion tokens only.
+"""Scored groups -> training tensors (padded, or packed end to end), with the loss mask on
+completion tokens only.
 
 A sample's sequence is prompt_ids + completion_ids. The prompt (for a hinted group it
 includes the hint, the privileged prefix) is context, never a target: the loss mask
 covers exactly the positions that predict completion tokens. Logits at position t
 predict token t + 1, so completion token k of a prompt of length P sits at shifted
 position P - 1 + k.
+
+Two layouts of a micro-batch:
+- padded (``micro_batches`` + ``collate``): [N, L] rows right-padded to the longest.
+- packed (``pack_micro_batches`` + ``collate_packed``): the rows laid end to end in one
+  [1, S] sequence with no pad token; ``position_ids`` restart at 0 on each row, which is
+  what makes the model's attention block-causal per row (see ``collate_packed``).
 """
 
 from __future__ import annotations
@@ -112,4 +119,75 @@ def collate(rows: list[Row], pad_id: int) -> Batch:
         old_logprobs=old,
         advantages=torch.tensor([r.advantage for r in rows], dtype=torch.float32),
         temperature=torch.tensor([r.temperature for r in rows], dtype=torch.float32),
+    )
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """N rows end to end: S = the rows' total length, S - 1 predicted positions.
+
+    The position predicting row i's first token belongs to row i - 1 (its last token) and is
+    never in the loss mask, so no target crosses a row boundary.
+    """
+
+    input_ids: torch.Tensor  # [1, S]
+    position_ids: torch.Tensor  # [1, S] 0..len-1 within each row
+    loss_mask: torch.Tensor  # [1, S-1] 1 where a completion token is predicted
+    old_logprobs: torch.Tensor  # [1, S-1] aligned with loss_mask, 0 elsewhere
+    row_index: torch.Tensor  # [1, S-1] the row (0..N-1) each predicted position belongs to
+    temperature: torch.Tensor  # [1, S-1] the temperature of that row
+    advantages: torch.Tensor  # [N]
+
+
+def pack_micro_batches(rows: list[Row], token_budget: int) -> list[list[Row]]:
+    """Rows placed first-fit into micro-batches of at most ``token_budget`` tokens in all (no
+    padding: a micro-batch costs the sum of its rows' lengths). A row longer than the budget
+    goes alone. Rows keep their relative order within a micro-batch."""
+    bins: list[list[Row]] = []
+    room: list[int] = []
+    for row in rows:
+        n = len(row.ids)
+        slot = next((i for i, r in enumerate(room) if n <= r), None)
+        if slot is None:
+            bins.append([row])
+            room.append(token_budget - n)
+        else:
+            bins[slot].append(row)
+            room[slot] -= n
+    return bins
+
+
+def collate_packed(rows: list[Row]) -> PackedBatch:
+    """Rows end to end, [1, S]. Passed to a Hugging Face decoder with ``position_ids`` and no
+    attention mask, the restarts are detected (transformers' ``find_packed_sequence_indices``)
+    and each row attends only to itself, causally, whatever the attention implementation
+    (a block mask for sdpa and eager, variable-length kernels for flash attention)."""
+    total = sum(len(r.ids) for r in rows)
+    ids = torch.empty(total, dtype=torch.long)
+    pos = torch.empty(total, dtype=torch.long)
+    mask = torch.zeros(total - 1, dtype=torch.float32)
+    old = torch.zeros(total - 1, dtype=torch.float32)
+    row_index = torch.empty(total - 1, dtype=torch.long)
+    temp = torch.empty(total - 1, dtype=torch.float32)
+    at = 0
+    for i, r in enumerate(rows):
+        n = len(r.ids)
+        ids[at : at + n] = torch.tensor(r.ids)
+        pos[at : at + n] = torch.arange(n)
+        end = min(at + n, total - 1)  # the last row has no position past its end
+        row_index[at:end] = i
+        temp[at:end] = r.temperature
+        start, stop = at + r.prompt_len - 1, at + n - 1  # shifted positions of completion tokens
+        if r.trainable and stop > start:
+            mask[start:stop] = 1.0
+            old[start:stop] = torch.tensor(r.old_logprobs)
+        at += n
+    return PackedBatch(
+        input_ids=ids[None],
+        position_ids=pos[None],
+        loss_mask=mask[None],
+        old_logprobs=old[None],
+        row_index=row_index[None],
+        temperature=temp[None],
+        advantages=torch.tensor([r.advantage for r in rows], dtype=torch.float32),
     )

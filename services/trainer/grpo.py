@@ -1,7 +1,9 @@
 """GRPO as small pure functions: advantages, token logprobs, the policy loss and its options.
 
 Shapes: N sequences (samples) per micro-batch, L tokens per padded sequence, T = L - 1
-predicted positions (logits at position t predict token t + 1).
+predicted positions (logits at position t predict token t + 1). A packed micro-batch is
+the N sequences end to end as one [1, S] row (``batch.collate_packed``), with the row of
+each position given to ``policy_loss`` as ``row_index``.
 
 The loss (DESIGN.md 1.5), per completion token t of sample i with advantage A_i:
 
@@ -76,27 +78,37 @@ def normalizer(
 def token_logprobs(
     model: Any,
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     temperature: torch.Tensor,
     with_entropy: bool = False,
     chunk_tokens: int = 4096,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log_softmax(logits / T) of each next token, [N, L] ids -> [N, L-1] logprobs, and the
     entropy of each predicted distribution [N, L-1] when asked.
 
-    temperature: [N], the temperature each sequence was sampled at; the engine reports
-    logprobs at that temperature, so the importance ratio compares the same quantity.
+    temperature: [N], the temperature each sequence was sampled at, or [N, L-1], one per
+    predicted position (a packed sequence holds rows sampled at different temperatures); the
+    engine reports logprobs at that temperature, so the importance ratio compares the same
+    quantity.
+
+    A packed batch (``batch.collate_packed``) passes ``attention_mask=None`` and its
+    ``position_ids``, which restart on each row; a padded one passes its mask and no positions.
 
     The [N, L, V] logits are never held whole: the LM head runs on ``chunk_tokens``
     positions at a time under activation checkpointing, so memory is one chunk's logits
     (4096 x a 152k vocabulary in float32 is 2.5 GB) and the backward recomputes them.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]  # [N, T, H]
+    # No KV cache: with one, transformers ignores position_ids when it builds the mask, and a
+    # packed batch would attend across its rows.
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    hidden = out.last_hidden_state[:, :-1]  # [N, T, H]
     n, t = hidden.shape[:2]
     flat_h = hidden.reshape(n * t, -1)  # [N*T, H]
     targets = input_ids[:, 1:].reshape(n * t)  # [N*T]
-    temps = temperature[:, None].expand(n, t).reshape(n * t)  # [N*T]
+    per_position = temperature if temperature.dim() == 2 else temperature[:, None]  # [N, T] or [N, 1]
+    temps = per_position.expand(n, t).reshape(n * t)  # [N*T]
     parts = []
     for i in range(0, n * t, chunk_tokens):
         part = slice(i, i + chunk_tokens)
@@ -146,14 +158,30 @@ def policy_loss(
     normalizer: float,
     ref_lp: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    row_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SeqStats]:
     """The loss of one micro-batch, already divided for its share of the step.
 
-    new_lp, old_lp, mask, ref_lp, entropy: [N, T]; advantages: [N]. Summing the losses of
-    a step's micro-batches gives the step's loss.
+    Padded: new_lp, old_lp, mask, ref_lp, entropy: [N, T]; advantages: [N].
+    Packed: those are [1, S-1], and ``row_index`` [1, S-1] names each position's row, so
+    advantages [N] and the per-sequence sums (seq_mean, SeqStats) are taken per row.
+    Summing the losses of a step's micro-batches gives the step's loss.
     """
     mask = mask.float()
-    adv = advantages[:, None]  # [N, 1]
+    n_rows = advantages.shape[0]
+    if row_index is None:
+        adv = advantages[:, None]  # [N, 1]
+
+        def per_row(x: torch.Tensor) -> torch.Tensor:
+            return x.sum(-1)  # [N, T] -> [N]
+
+    else:
+        adv = advantages[row_index]  # [1, S-1]
+        flat_rows = row_index.reshape(-1)
+
+        def per_row(x: torch.Tensor) -> torch.Tensor:
+            return x.new_zeros(n_rows).index_add(0, flat_rows, x.reshape(-1))  # [1, S-1] -> [N]
+
     if cfg.tis_cap is None:
         ratio = torch.exp(new_lp - old_lp)  # [N, T] against the engine's sampling policy
         weight = torch.ones_like(ratio)
@@ -177,24 +205,24 @@ def policy_loss(
         per_token = per_token - cfg.entropy_coef * entropy
     per_token = per_token * mask  # [N, T]
     if cfg.agg == "seq_mean":
-        loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / normalizer
+        loss = (per_row(per_token) / per_row(mask).clamp(min=1.0)).sum() / normalizer
     else:
         loss = per_token.sum() / normalizer
     with torch.no_grad():
         live = mask > 0
         d = old_lp - new_lp  # [N, T]
         stats = SeqStats(
-            tokens=mask.sum(-1),
-            ratio=(torch.exp(new_lp - old_lp) * mask).sum(-1),  # against the engine, in both modes
-            clipped_low=((ratio < low) & (adv < 0) & live).float().sum(-1),
-            clipped_high=((ratio > high) & (adv > 0) & live).float().sum(-1),
-            approx_kl=((torch.exp(d) - d - 1.0) * mask).sum(-1),
+            tokens=per_row(mask),
+            ratio=per_row(torch.exp(new_lp - old_lp) * mask),  # against the engine, in both modes
+            clipped_low=per_row(((ratio < low) & (adv < 0) & live).float()),
+            clipped_high=per_row(((ratio > high) & (adv > 0) & live).float()),
+            approx_kl=per_row((torch.exp(d) - d - 1.0) * mask),
             kl_ref=(
-                ((torch.exp(ref_lp - new_lp) - (ref_lp - new_lp) - 1.0) * mask).sum(-1)
+                per_row((torch.exp(ref_lp - new_lp) - (ref_lp - new_lp) - 1.0) * mask)
                 if ref_lp is not None
-                else torch.zeros_like(mask[:, 0])
+                else mask.new_zeros(n_rows)
             ),
-            entropy=(entropy * mask).sum(-1) if entropy is not None else torch.zeros_like(mask[:, 0]),
+            entropy=per_row(entropy * mask) if entropy is not None else mask.new_zeros(n_rows),
             ratio_max=float((torch.exp(new_lp - old_lp))[live].max()) if live.any() else 1.0,
         )
     return loss, stats

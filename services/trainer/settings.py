@@ -93,8 +93,15 @@ class TrainerSettings(ServiceSettings):
     seed: int = 0
     """Seed for torch and Python RNGs, recorded in every checkpoint's run record."""
     micro_batch_tokens: int = Field(16384, ge=1)
-    """Token budget of one forward/backward pass (rows x padded length); gradients accumulate
-    over a step's micro-batches, so memory stays bounded however long the responses are."""
+    """Token budget of one forward/backward pass (rows x padded length, or the rows' total
+    length with pack_sequences); gradients accumulate over a step's micro-batches, so memory
+    stays bounded however long the responses are."""
+    pack_sequences: bool = False
+    """Lay a micro-batch's rows end to end, without pad tokens, up to micro_batch_tokens in
+    all (positions restart on each row and attention never crosses rows); loss and gradient
+    equal the padded layout's (rows x longest row within micro_batch_tokens). Off for now:
+    it becomes the default with the FSDP2 trainer work (issue 30). The padding it removes
+    and its CPU step time: docs/benchmarks.md, "Packed sequences"."""
     logits_chunk_tokens: int = Field(4096, ge=1)
     """Positions whose vocabulary logits are held at once (the LM head runs chunk by chunk
     and is recomputed in the backward): bounds the logits' memory for large vocabularies."""

@@ -1,7 +1,8 @@
 """One GRPO optimizer step over a step's scored groups, and its metrics split by variant.
 
-    groups --(filter zero-variance, optional)--> rows --(token-budget micro-batches)-->
-    forward (+ reference forward for KL) -> loss -> backward, accumulated -> clip -> AdamW
+    groups --(filter zero-variance, optional)--> rows --(token-budget micro-batches, padded
+    or packed)--> forward (+ reference forward for KL) -> loss -> backward, accumulated ->
+    clip -> AdamW
 
 Runs in a worker thread (torch work never blocks the event loop); returns plain floats.
 """
@@ -12,12 +13,23 @@ import contextlib
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from services.common.messages import FinishReason, ScoredGroup, Variant
-from services.trainer.batch import collate, micro_batches, rows_from_groups, zero_variance
+from services.trainer.batch import (
+    Batch,
+    PackedBatch,
+    Row,
+    collate,
+    collate_packed,
+    micro_batches,
+    pack_micro_batches,
+    rows_from_groups,
+    zero_variance,
+)
 from services.trainer.grpo import LossConfig, normalizer, policy_loss, token_logprobs
 from services.trainer.settings import TrainerSettings
 
@@ -83,15 +95,19 @@ def train_step(
     dev, head_chunk = cfg.device, cfg.logits_chunk_tokens
     loss_total, ratio_max = 0.0, 0.0
     sums: dict[str, dict[str, float]] = {v.value: dict.fromkeys(_SUMMED, 0.0) for v in Variant}
-    for chunk in micro_batches(rows, cfg.micro_batch_tokens):
-        b = collate(chunk, pad_id)
-        ids, attn, temp = b.input_ids.to(dev), b.attention_mask.to(dev), b.temperature.to(dev)
+    for chunk, b in _layout(rows, cfg, pad_id):
+        ids, temp = b.input_ids.to(dev), b.temperature.to(dev)
+        attn = b.attention_mask.to(dev) if isinstance(b, Batch) else None
+        pos = b.position_ids.to(dev) if isinstance(b, PackedBatch) else None
+        row_index = b.row_index.to(dev) if isinstance(b, PackedBatch) else None
         with _autocast(cfg):
-            new, entropy = token_logprobs(model, ids, attn, temp, with_entropy=True, chunk_tokens=head_chunk)
+            new, entropy = token_logprobs(
+                model, ids, attn, temp, with_entropy=True, chunk_tokens=head_chunk, position_ids=pos
+            )
             ref = None
             if cfg.kl_coef > 0:
                 with torch.no_grad():
-                    ref, _ = token_logprobs(ref_model, ids, attn, temp, chunk_tokens=head_chunk)
+                    ref, _ = token_logprobs(ref_model, ids, attn, temp, chunk_tokens=head_chunk, position_ids=pos)
             if cfg.entropy_coef == 0 and entropy is not None:
                 entropy = entropy.detach()  # a metric only: no graph through the softmax
             loss, st = policy_loss(
@@ -103,6 +119,7 @@ def train_step(
                 norm,
                 ref_lp=ref,
                 entropy=entropy,
+                row_index=row_index,
             )
         loss.backward()
         loss_total += float(loss.detach())
@@ -129,6 +146,16 @@ def train_step(
     }
     out.update(_variant_metrics(groups, sums, cfg, version))
     return out
+
+
+def _layout(rows: list[Row], cfg: TrainerSettings, pad_id: int) -> Iterator[tuple[list[Row], Batch | PackedBatch]]:
+    """The step's micro-batches, each with its tensors: packed end to end or right-padded."""
+    if cfg.pack_sequences:
+        for chunk in pack_micro_batches(rows, cfg.micro_batch_tokens):
+            yield chunk, collate_packed(chunk)
+    else:
+        for chunk in micro_batches(rows, cfg.micro_batch_tokens):
+            yield chunk, collate(chunk, pad_id)
 
 
 def _variant_metrics(
