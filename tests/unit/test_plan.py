@@ -12,7 +12,12 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3Config
 
 from services.cli import _trainer, _trainer_plan, build_parser
+from services.common.config import check_shared_keys, load_settings
+from services.engine.settings import EngineSettings
+from services.rollout.settings import RolloutSettings
 from services.trainer import plan
+from services.trainer.settings import TrainerSettings
+from services.verifier.settings import VerifierSettings
 
 SMALL = Qwen3Config(
     vocab_size=2000,
@@ -115,3 +120,18 @@ def test_trainer_plan_is_a_subcommand_and_trainer_alone_still_serves(
     out = capsys.readouterr().out
     assert "micro-batch tokens (trainer.micro_batch_tokens)" in out and " 1024\n" in out
     assert "fp32 master weights / 2" in out
+
+
+def test_the_paper_config_loads_and_its_comment_has_the_plans_numbers(tmp_path: Path) -> None:
+    path = Path(__file__).parents[2] / "configs" / "paper-qwen3-4b.yaml"
+    check_shared_keys(path, [EngineSettings, RolloutSettings, VerifierSettings, TrainerSettings])
+    for model in (EngineSettings, RolloutSettings, VerifierSettings):
+        load_settings(model, path)
+    cfg = load_settings(TrainerSettings, path)
+    (tmp_path / "config.json").write_text(json.dumps(plan.QWEN3_4B_CONFIG))
+    shape, params = plan.model_params(tmp_path)
+    act = 2 if cfg.bf16 else 4
+    text = path.read_text()
+    for n in (1, 4):
+        pl = plan.plan(shape, params, n, cfg.micro_batch_tokens, cfg.logits_chunk_tokens, act)
+        assert f"total {pl.total / plan.GIB:.1f} / {pl.total_ckpt / plan.GIB:.1f} GiB" in text
