@@ -3,6 +3,7 @@
     pope up --model DIR [--config FILE]       the whole stack on one machine
     pope engine --model DIR [--port 30000]    the CPU inference engine
     pope rollout | verifier | trainer         one service each
+    pope trainer plan --config FILE           per-GPU memory of training its model (FSDP2 estimate)
     pope model init --out DIR                 build a tiny local model
     pope data import PATH | export OUT        problems in and out of the problem store
     pope config show SECTION [--config FILE]  print a section's resolved settings
@@ -224,7 +225,8 @@ def _trainer_plan_parser(trainer: argparse.ArgumentParser) -> None:
     """``pope trainer plan``: an optional subcommand, so ``pope trainer --port ...`` serves as before."""
     trainer.usage = "%(prog)s [-h] [--config FILE] [--<setting> VALUE ...] | %(prog)s plan ..."
     help = "per-GPU memory of training the config's model (FSDP2 over N ranks), and the fewest GPUs that fit"
-    plan = trainer.add_subparsers(dest="trainer_action", metavar="plan").add_parser("plan", help=help, description=help)
+    actions = trainer.add_subparsers(dest="trainer_action", metavar="plan")
+    plan = actions.add_parser("plan", prog="pope trainer plan", help=help, description=help)
     plan.add_argument("--config", metavar="FILE", help="YAML config file; reads the 'trainer' section")
     source = plan.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="DIR", help="HF model directory (default trainer/shared model_path)")

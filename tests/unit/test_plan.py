@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen3Config
 
 from services.cli import _trainer, _trainer_plan, build_parser
 from services.common.config import check_shared_keys, load_settings
+from services.common.settings_cli import settings_from_args
 from services.engine.settings import EngineSettings
 from services.rollout.settings import RolloutSettings
 from services.trainer import plan
@@ -112,6 +113,8 @@ def test_trainer_plan_is_a_subcommand_and_trainer_alone_still_serves(
 ) -> None:
     serve = build_parser().parse_args(["trainer", "--port", "9002", "--learning-rate", "3e-6"])
     assert serve.func is _trainer and serve.trainer_action is None
+    settings = settings_from_args(TrainerSettings, serve)
+    assert (settings.port, settings.learning_rate) == (9002, 3e-6)
     config = tmp_path / "pope.yaml"
     config.write_text(f"shared:\n  model_path: {small[0]}\ntrainer:\n  micro_batch_tokens: 1024\n")
     args = build_parser().parse_args(["trainer", "plan", "--config", str(config), "--nproc", "2"])
