@@ -135,12 +135,21 @@ def decoder_bytes_per_token(s: Shape, act: int, checkpointed: bool) -> int:
     return layers + rms_norm_bytes(s.hidden, 1, act) + 8 + 2 * act * s.head_dim
 
 
+def head_saved_bytes_per_position(s: Shape) -> int:
+    """What the LM head's forward saves for one position (services/trainer/grpo.py's
+    ``_head_logprobs``): the float32 temperature-scaled logits (logsumexp, gather and the
+    entropy's product read them) and the float32 softmax probabilities, [vocab] each."""
+    return 2 * F32 * s.vocab
+
+
 def head_bytes(s: Shape, chunk_tokens: int, act: int) -> int:
     """The LM head, run ``chunk_tokens`` positions at a time under checkpointing
-    (services/trainer/grpo.py): at its peak, the recomputed chunk holds its logits at the
-    activation dtype, their float32 scaled copy, the softmax probabilities and the
-    logits' gradient, each [chunk, vocab]: (act + 3 x 4) bytes a logit."""
-    return chunk_tokens * s.vocab * (act + 3 * F32)
+    (services/trainer/grpo.py), at its peak: the chunk rebuilt in the backward holds what
+    its forward saves (``head_saved_bytes_per_position``) while the backward has two
+    float32 [chunk, vocab] gradients in flight (the one accumulating into the scaled
+    logits and the one an op is producing), then casts it to the activation dtype for the
+    head's matmul: 8 + 8 + act bytes a logit. The chunk's [chunk, hidden] input is small."""
+    return chunk_tokens * (head_saved_bytes_per_position(s) + (2 * F32 + act) * s.vocab)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from services.common.settings_cli import settings_from_args
 from services.engine.settings import EngineSettings
 from services.rollout.settings import RolloutSettings
 from services.trainer import plan
+from services.trainer.grpo import _head_logprobs
 from services.trainer.settings import TrainerSettings
 from services.verifier.settings import VerifierSettings
 
@@ -86,6 +87,27 @@ def test_the_activation_estimate_is_within_20_percent_of_what_autograd_saves(
     print(f"per token: measured {measured:.0f} / {measured_ckpt:.0f} B, estimate {estimate} / {estimate_ckpt}")
     assert abs(estimate_ckpt - measured_ckpt) / measured_ckpt < 0.2, (estimate_ckpt, measured_ckpt)
     assert measured_ckpt < measured / 5
+
+
+def test_the_lm_heads_saved_logits_are_as_estimated() -> None:
+    shape = plan.Shape.from_config(SMALL.to_dict())
+    chunk = 128
+    head = torch.nn.Linear(SMALL.hidden_size, SMALL.vocab_size, bias=False)
+    hidden = torch.randn(chunk, SMALL.hidden_size, requires_grad=True)
+    targets = torch.randint(0, SMALL.vocab_size, (chunk,))
+    weights = {head.weight.untyped_storage().data_ptr()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _head_logprobs(head, hidden, targets, torch.full((chunk,), 0.8), True)
+    measured = sum(seen.values()) / chunk  # per position; includes the [chunk, hidden] input
+    estimate = plan.head_saved_bytes_per_position(shape)
+    assert abs(estimate - measured) / measured < 0.2, (estimate, measured)
 
 
 def test_the_parameter_count_comes_from_the_meta_model(small: tuple[Path, PreTrainedModel]) -> None:
