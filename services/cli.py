@@ -108,7 +108,6 @@ def _trainer(args: argparse.Namespace) -> int:
 def _trainer_plan(args: argparse.Namespace) -> int:
     import tempfile
 
-    from services.common.config import load_settings
     from services.trainer import plan
     from services.trainer.settings import TrainerSettings
 
