@@ -3,6 +3,7 @@
     pope up --model DIR [--config FILE]       the whole stack on one machine
     pope engine --model DIR [--port 30000]    the CPU inference engine
     pope rollout | verifier | trainer         one service each
+    pope trainer plan --config FILE           per-GPU memory of training its model (FSDP2 estimate)
     pope model init --out DIR                 build a tiny local model
     pope data import PATH | export OUT        problems in and out of the problem store
     pope config show SECTION [--config FILE]  print a section's resolved settings
@@ -104,6 +105,35 @@ def _trainer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trainer_plan(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from services.trainer import plan
+    from services.trainer.settings import TrainerSettings
+
+    settings = load_settings(TrainerSettings, args.config, model_path=args.model)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.shape:
+            model_dir = Path(tmp)
+            (model_dir / "config.json").write_text(json.dumps(plan.SHAPES[args.shape]))
+        elif settings.model_path:
+            model_dir = Path(settings.model_path).expanduser()
+        else:
+            print("pope trainer plan: no model (--model DIR, --shape, or trainer/shared model_path)", file=sys.stderr)
+            return 2
+        if not (model_dir / "config.json").is_file():
+            print(f"pope trainer plan: no config.json in {model_dir}", file=sys.stderr)
+            return 2
+        shape, params = plan.model_params(model_dir)
+    mbt, chunk, budget = settings.micro_batch_tokens, settings.logits_chunk_tokens, int(args.gpu_memory_gib * plan.GIB)
+    act = 2 if settings.bf16 else 4
+    fits = [plan.smallest_fit(shape, params, budget, mbt, chunk, checkpointed=c, act=act) for c in (False, True)]
+    for n in args.nproc or [1]:
+        pl = plan.plan(shape, params, n, mbt, chunk, act)
+        print(plan.format_plan(pl, shape, args.gpu_memory_gib, *fits), end="\n\n")
+    return 0
+
+
 def _verifier(args: argparse.Namespace) -> int:
     from services.verifier.settings import VerifierSettings
 
@@ -188,6 +218,21 @@ def _service_parser(
     p.add_argument("--config", metavar="FILE", help="YAML config file (a section per service)")
     add_setting_flags(p, _settings_model(name), SETTING_ALIASES)
     return p
+
+
+def _trainer_plan_parser(trainer: argparse.ArgumentParser) -> None:
+    """``pope trainer plan``: an optional subcommand, so ``pope trainer --port ...`` serves as before."""
+    trainer.usage = "%(prog)s [-h] [--config FILE] [--<setting> VALUE ...] | %(prog)s plan ..."
+    help = "per-GPU memory of training the config's model (FSDP2 over N ranks), and the fewest GPUs that fit"
+    actions = trainer.add_subparsers(dest="trainer_action", metavar="plan")
+    plan = actions.add_parser("plan", prog="pope trainer plan", help=help, description=help)
+    plan.add_argument("--config", metavar="FILE", help="YAML config file; reads the 'trainer' section")
+    source = plan.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="DIR", help="HF model directory (default trainer/shared model_path)")
+    source.add_argument("--shape", choices=["qwen3-4b"], help="a known model's config.json, no download")
+    plan.add_argument("--nproc", type=int, action="append", metavar="N", help="ranks to shard over (repeatable; 1)")
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, metavar="G", help="memory of one GPU (80)")
+    plan.set_defaults(func=_trainer_plan)
 
 
 def _add_data_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -381,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.set_defaults(func=_rollout)
     trainer = _service_parser(sub, "trainer", "the GRPO trainer: updates, checkpoints, weight pushes")
     trainer.set_defaults(func=_trainer)
+    _trainer_plan_parser(trainer)
     verifier = _service_parser(sub, "verifier", "the verifier service: math-verify scoring of raw groups")
     verifier.set_defaults(func=_verifier)
 

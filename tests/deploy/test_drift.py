@@ -78,7 +78,7 @@ def check_config_file(path: Path, where: str) -> None:
             pytest.fail(f"{where}: {exc}")
 
 
-@pytest.mark.parametrize("name", ["compose.yaml", "compose-cpu.yaml"])
+@pytest.mark.parametrize("name", ["compose.yaml", "compose-cpu.yaml", "paper-qwen3-4b.yaml"])
 def test_compose_config_files_hold_only_fields_the_services_read(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in list(os.environ):
         if var.startswith("POPE_") or var == "REDIS_URL":
