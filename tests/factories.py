@@ -60,6 +60,30 @@ def group(
     )
 
 
+def scored_group(
+    samples: list[Sample],
+    rewards: list[float],
+    *,
+    group_id: str = "g",
+    temperature: float = 0.8,
+    prompt: str = "q",
+) -> ScoredGroup:
+    """The ScoredGroup around ``samples`` (one problem and variant, sampled by v0, step 1)
+    with one reward each: the trainer's input in the GRPO and packing tests."""
+    return ScoredGroup(
+        group_id=group_id,
+        problem_id=samples[0].problem_id,
+        variant=samples[0].variant,
+        prompt=prompt,
+        answer="1",
+        samples=samples,
+        weight_version=0,
+        step=1,
+        temperature=temperature,
+        scores=[Score(reward=r) for r in rewards],
+    )
+
+
 def scoring_handler(keys: Keys):  # type: ignore[no-untyped-def]
     """A stand-in stage: score every sample 0 and publish the ScoredGroup to pope:scored."""
 

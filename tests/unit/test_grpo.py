@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.common.messages import FinishReason, Sample, Score, ScoredGroup
+from services.common.messages import FinishReason, Sample, ScoredGroup
 from services.trainer.batch import collate, rows_from_groups
 from services.trainer.grpo import LossConfig, group_advantages, policy_loss
+from tests.factories import scored_group
 
 CONSTANT = LossConfig()
 
@@ -32,18 +33,7 @@ def scored(
         )
         for c in completions
     ]
-    return ScoredGroup(
-        group_id="g",
-        problem_id="p",
-        variant=variant,
-        prompt="q + hint",
-        answer="1",
-        samples=samples,
-        weight_version=0,
-        step=1,
-        temperature=0.8,
-        scores=[Score(reward=r) for r in rewards],
-    )
+    return scored_group(samples, rewards, prompt="q + hint")
 
 
 def test_advantage_is_reward_minus_group_mean() -> None:

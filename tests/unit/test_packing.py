@@ -17,6 +17,7 @@ from services.trainer.batch import Row, collate, collate_packed, pack_micro_batc
 from services.trainer.grpo import token_logprobs
 from services.trainer.settings import TrainerSettings
 from services.trainer.step import lr_lambda, train_step
+from tests.factories import scored_group
 
 
 def _group(rng: random.Random, i: int, variant: str, temperature: float, finish: FinishReason) -> ScoredGroup:
@@ -36,18 +37,8 @@ def _group(rng: random.Random, i: int, variant: str, temperature: float, finish:
                 text="",
             )
         )
-    return ScoredGroup(
-        group_id=f"g{i}",
-        problem_id=f"p{i}",
-        variant=variant,
-        prompt="q",
-        answer="1",
-        samples=samples,
-        weight_version=0,
-        step=1,
-        temperature=temperature,
-        scores=[Score(reward=float(rng.random() < 0.5)) for _ in samples],
-    )
+    rewards = [float(rng.random() < 0.5) for _ in samples]
+    return scored_group(samples, rewards, group_id=f"g{i}", temperature=temperature)
 
 
 def _groups() -> list[ScoredGroup]:
