@@ -31,6 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.gpu_trainer import SHAPES
 from services.engine.tiny_model import build_tiny_model
 from services.trainer import checkpoint
+from services.trainer.operations import Ranks
+from services.trainer.policy import Logprobs, Policy
+from services.trainer.settings import TrainerSettings
+from services.trainer.world import World
 
 QWEN3_0_6B = {**SHAPES["qwen3-0.6b"], "max_position_embeddings": 40960, "tie_word_embeddings": True}
 """Qwen/Qwen3-0.6B's config.json (its embeddings are tied, as the tiny model's)."""
@@ -53,6 +57,8 @@ def with_adam_state(model: Any) -> torch.optim.Optimizer:
 
 def measure(name: str, model: Any, tokenizer: Any, root: Path, repeats: int) -> dict[str, float]:
     optimizer = with_adam_state(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0)
+    ranks = Ranks(Policy(Logprobs(model), None, optimizer, scheduler, tokenizer, TrainerSettings(), World()))
     shard = 4096 << 20
     times: dict[str, list[float]] = {"engine_bf16": [], "engine_fp32": [], "resume": []}
     sizes: dict[str, int] = {}
@@ -65,7 +71,7 @@ def measure(name: str, model: Any, tokenizer: Any, root: Path, repeats: int) -> 
             shutil.rmtree(path)
         start = time.perf_counter()
         state = checkpoint.TrainerState(step=i + 1, trained_group_ids=[f"g{j}" for j in range(320)])
-        path = checkpoint.save(root, model, tokenizer, optimizer, state, {"bench": True}, keep=1)
+        path = ranks.save_resume(root, state, {"bench": True}, keep=1)
         times["resume"].append(time.perf_counter() - start)
         sizes["resume"] = size_of(path)
     shutil.rmtree(root, ignore_errors=True)

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.common.messages import RawGroup, Sample, Score, ScoredGroup
+from services.trainer.policy import Logprobs
 from services.trainer.settings import TrainerSettings
 from services.trainer.step import lr_lambda, train_step
 
@@ -125,7 +126,7 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        stats = train_step(model, None, optimizer, scheduler, data, cfg, pad_id=0, version=0)
+        stats = train_step(Logprobs(model), None, optimizer, scheduler, data, cfg, pad_id=0, version=0)
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started

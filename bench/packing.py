@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.common.messages import FinishReason, Sample, Score, ScoredGroup, Variant
 from services.trainer.batch import Row, micro_batches, pack_micro_batches, rows_from_groups
+from services.trainer.policy import Logprobs
 from services.trainer.settings import TrainerSettings
 from services.trainer.step import lr_lambda, train_step
 
@@ -153,7 +154,7 @@ def step_seconds(model: Any, groups: list[ScoredGroup], pack: bool, repeats: int
         opt = torch.optim.SGD(m.parameters(), lr=1e-3)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
         started = time.perf_counter()
-        train_step(m, None, opt, sched, groups, cfg, pad_id=0, version=0)
+        train_step(Logprobs(m), None, opt, sched, groups, cfg, pad_id=0, version=0)
         times.append(time.perf_counter() - started)
     return statistics.median(times[1:])
 

@@ -45,20 +45,22 @@ def checkpoint_loads(checkpoint_dir: Path) -> Check:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from services.trainer.checkpoint import latest, load_optimizer, load_state, restore_rng, weights_versions
+    from services.trainer import policy
+    from services.trainer.checkpoint import latest, weights_versions
+    from services.trainer.settings import TrainerSettings
+    from services.trainer.world import World
 
     newest = latest(checkpoint_dir)
     if newest is None:
         return Check("checkpoint-loads", False, f"no complete checkpoint under {checkpoint_dir}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(newest), dtype=torch.float32)
-        optimizer = torch.optim.AdamW(model.parameters())
-        load_optimizer(newest, optimizer)
-        state = load_state(newest)
-        restore_rng(newest, state)
+        loaded = policy.build(TrainerSettings(checkpoint_dir=checkpoint_dir), World(), newest)
+        assert loaded.resumed is not None
+        state = loaded.resumed
         json.loads((newest / "run_record.json").read_text())
     except Exception as exc:  # any failure to load is the finding; say which
         return Check("checkpoint-loads", False, f"{newest} does not load: {exc!r}")
+    model, optimizer = loaded.lm, loaded.optimizer
     params = sum(p.numel() for p in model.parameters())
     moments = sum(len(s) for s in optimizer.state.values())
     served = weights_versions(checkpoint_dir).get((state.step, state.history.id))

@@ -105,6 +105,19 @@ def _trainer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trainer_replay(args: argparse.Namespace) -> int:
+    from services.trainer.settings import TrainerSettings
+
+    settings = settings_from_args(TrainerSettings, args)
+    groups = Path(args.groups)
+    if not groups.is_file():
+        print(f"pope trainer replay: no file {groups}", file=sys.stderr)
+        return 2
+    from services.trainer.service import replay_groups
+
+    return replay_groups(settings, groups)
+
+
 def _trainer_plan(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -222,9 +235,15 @@ def _service_parser(
 
 def _trainer_plan_parser(trainer: argparse.ArgumentParser) -> None:
     """``pope trainer plan``: an optional subcommand, so ``pope trainer --port ...`` serves as before."""
-    trainer.usage = "%(prog)s [-h] [--config FILE] [--<setting> VALUE ...] | %(prog)s plan ..."
+    trainer.usage = "%(prog)s [-h] [--config FILE] [--<setting> VALUE ...] | %(prog)s plan ... | %(prog)s replay ..."
+    actions = trainer.add_subparsers(dest="trainer_action", metavar="plan | replay")
+    help = "train the steps a trainer recorded (trainer.record_groups) again, with no Redis and no engine"
+    replay = actions.add_parser("replay", prog="pope trainer replay", help=help, description=help)
+    replay.add_argument("--groups", required=True, metavar="FILE", help="the recorded groups (JSON lines)")
+    replay.add_argument("--config", metavar="FILE", help="YAML config file (its trainer section)")
+    add_setting_flags(replay, _settings_model("trainer"), SETTING_ALIASES)
+    replay.set_defaults(func=_trainer_replay)
     help = "per-GPU memory of training the config's model (FSDP2 over N ranks), and the fewest GPUs that fit"
-    actions = trainer.add_subparsers(dest="trainer_action", metavar="plan")
     plan = actions.add_parser("plan", prog="pope trainer plan", help=help, description=help)
     plan.add_argument("--config", metavar="FILE", help="YAML config file; reads the 'trainer' section")
     source = plan.add_mutually_exclusive_group()

@@ -390,10 +390,11 @@ class TrainerControl(Message):
     updated_at: datetime = Field(default_factory=utc_now)
 
 
-RUN_FORMAT = 3
+RUN_FORMAT = 4
 """The layout of a run's durable records (Redis keys and messages, checkpoints, plan log).
 2: deterministic group ids, a run record, the plan log, typed trainer control state.
 3: the engine's model directory apart from the resume state (``save_every``); lineages.
+4: the resume state's weights and AdamW state as a sharded torch.distributed.checkpoint.
 Records of another format are refused, never half-read."""
 
 

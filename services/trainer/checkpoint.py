@@ -6,9 +6,11 @@
         model-00001-of-0000N.safetensors, model.safetensors.index.json
 
     <checkpoint_dir>/step-000010/              every ``save_every`` steps: the resume state
-        config.json, model.safetensors         the master weights (float32)
-        optimizer.safetensors + optimizer.json AdamW moments and hyperparameters
-        rng.safetensors                        torch's RNG
+        config.json, tokenizer files           the architecture
+        dcp/                                   master weights (float32) and AdamW state, a
+                                               torch.distributed.checkpoint written by every
+                                               rank (policy.py); loads at any world size
+        rng.safetensors                        torch's RNG (rank 0's)
         trainer_state.json                     step, lineage, ids of the groups trained (the
                                                ledger), LR schedule, Python's RNG, run format
         run_record.json                        resolved config, git commit, packages, seeds
@@ -19,8 +21,8 @@ The engine's directory is a model-only Hugging Face directory in the serving dty
 weights always sharded behind ``model.safetensors.index.json``: SGLang's loader reads every
 ``*.safetensors`` of a directory that has no index, so nothing else may be in it (the resume
 state is never there). Both are written to a temporary directory and renamed into place, so
-a directory with a final name is always complete. No pickle: tensors are safetensors, the
-rest JSON. A resume state of another run format (an older pope-rl) is refused, naming it.
+a directory with a final name is always complete. No pickle: tensors are safetensors or
+DCP's own files, the rest JSON. A resume state of another run format (an older pope-rl) is refused, naming it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -80,6 +82,15 @@ class TrainerState:
     def history(self) -> Lineage:
         return Lineage.model_validate(self.lineage)
 
+    def advanced(self, group_ids: list[str], lr_scheduler: dict[str, Any]) -> TrainerState:
+        """The state after one more step, which trained ``group_ids``."""
+        return TrainerState(
+            step=self.step + 1,
+            trained_group_ids=self.trained_group_ids + group_ids,
+            lr_scheduler=lr_scheduler,
+            lineage=self.lineage,
+        )
+
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:06d}"
@@ -98,22 +109,23 @@ def latest(root: Path) -> Path | None:
     return done[max(done)] if done else None
 
 
-def save(
-    root: Path,
-    model: Any,
-    tokenizer: Any,
-    optimizer: torch.optim.Optimizer,
-    state: TrainerState,
-    run_record: dict[str, Any],
-    keep: int,
+def begin_resume(root: Path, step: int) -> Path:
+    """An empty temporary directory for the resume state of ``step``: every rank writes its
+    shard of the policy there (``policy.save_resume``), then ``finish_resume``."""
+    return _fresh_tmp(root, step_dir(root, step))
+
+
+def finish_resume(
+    tmp: Path, root: Path, model: Any, tokenizer: Any, state: TrainerState, run_record: dict[str, Any], keep: int
 ) -> Path:
-    """Write the resume state of ``state.step``, durably (fsynced before its name says
-    complete); then delete all but the newest ``keep``. The engine never reads these."""
+    """Complete the resume state in ``tmp`` (the policy's shards already there) with the
+    architecture, RNG, trainer state and run record, and put it in place durably (fsynced
+    before its name says complete); then delete all but the newest ``keep``."""
     final = step_dir(root, state.step)
-    tmp = _fresh_tmp(root, final)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    _save_optimizer(tmp, optimizer)
     save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     state.python_rng = rng_state_json(random)
     state.trained_group_ids = state.trained_group_ids[-MAX_REMEMBERED_IDS:]
@@ -158,24 +170,41 @@ def weights_versions(root: Path) -> dict[tuple[int, int], Path]:
 
 
 def save_weights(
-    root: Path, model: Any, tokenizer: Any, step: int, lineage: int, dtype: torch.dtype, shard_bytes: int
+    root: Path,
+    model: Any,
+    tokenizer: Any,
+    step: int,
+    lineage: int,
+    dtype: torch.dtype,
+    shard_bytes: int,
+    tensors: Iterator[tuple[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write the engine's model directory of (``step``, ``lineage``): config (its dtype the
     serving ``dtype``), generation config, tokenizer, and the weights cast to ``dtype`` in
     shards of at most ``shard_bytes`` behind an index. Tied weights are written once (the
-    first name), as transformers and SGLang expect. Returns the directory."""
+    first name), as transformers and SGLang expect. ``tensors``: the weights by name in
+    ``model.state_dict()``'s order, tied ones once, already full and cast (a sharded
+    policy's, ``policy.engine_tensors``); by default ``model``'s own. Returns the directory."""
     final = weights_dir(root, step, lineage)
     tmp = _fresh_tmp(final.parent, final)
-    tensors = _untied(model.state_dict())
-    shards = _shards(tensors, dtype, shard_bytes)
+    state = model.state_dict()
+    tied = tied_names(model)
+    names = [n for n in state if n not in tied]
+    shards = _shards({n: state[n] for n in names}, dtype, shard_bytes)
+    stream = tensors if tensors is not None else ((n, cast(state[n], dtype)) for n in names)
     weight_map: dict[str, str] = {}
     total = 0
-    for i, names in enumerate(shards, 1):
+    for i, wanted in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        shard = {name: _cast(tensors[name], dtype) for name in names}
+        shard = {}
+        for name in wanted:
+            got, tensor = next(stream)
+            if got != name:
+                raise RuntimeError(f"weights out of order: {got!r} where {name!r} was expected")
+            shard[name] = tensor
         total += sum(t.numel() * t.element_size() for t in shard.values())
         save_file(shard, str(tmp / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(names, file))
+        weight_map.update(dict.fromkeys(wanted, file))
         del shard
     (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config = copy.deepcopy(model.config)
@@ -199,20 +228,20 @@ def prune_weights(root: Path, keep: int, protect: Iterable[Path]) -> list[Path]:
     return gone
 
 
-def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` without the second name of a tied tensor (same storage, offset, shape)."""
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    out = {}
-    for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape))
-        if key in seen and tensor.numel() > 0:  # empty tensors may share a pointer, untied
-            continue
-        seen.add(key)
-        out[name] = tensor
-    return out
+def tied_names(model: Any) -> set[str]:
+    """Names of parameters that are another's (tied embeddings): the second name and on.
+    By identity, which a sharded model keeps (its gathered copies share no storage)."""
+    seen: set[int] = set()
+    tied = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        seen.add(id(param))
+    return tied
 
 
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU copy of ``tensor`` in ``dtype`` (integer tensors keep theirs), contiguous."""
     t = tensor.detach()
     return (t.to("cpu", dtype) if t.is_floating_point() else t.to("cpu")).contiguous()
 
@@ -251,8 +280,8 @@ def _rename_durably(tmp: Path, final: Path) -> None:
     """Contents fsynced, then ``tmp`` renamed to ``final`` and the parent fsynced. A
     ``final`` that exists is renamed aside first and deleted only once ``tmp`` holds its
     name, so a crash in between leaves the old one (``latest`` finds it aside), never none."""
-    for f in tmp.iterdir():
-        _fsync_file(f)
+    for f in sorted(tmp.rglob("*"), key=lambda p: -len(p.parts)):  # files, then the directories holding them
+        _fsync_dir(f) if f.is_dir() else _fsync_file(f)
     _fsync_dir(tmp)
     aside = final.parent / f"{_ASIDE}{final.name}"
     if final.exists():
@@ -310,27 +339,6 @@ def restore_rng(path: Path, state: TrainerState) -> None:
         torch.set_rng_state(load_file(str(rng))["torch"])
     if state.python_rng:
         restore_rng_state(random, state.python_rng)
-
-
-def _save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    for pid, pstate in sd["state"].items():
-        for name, value in pstate.items():
-            t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            tensors[f"{pid}.{name}"] = t.detach().cpu().contiguous()
-    save_file(tensors, str(path / "optimizer.safetensors"))
-    (path / "optimizer.json").write_text(json.dumps({"param_groups": sd["param_groups"]}))
-
-
-def load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    groups = json.loads((path / "optimizer.json").read_text())["param_groups"]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _fsync_file(path: Path) -> None:

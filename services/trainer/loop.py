@@ -57,10 +57,11 @@ from services.common.messages import (
 )
 from services.common.run import claim_run, read_control, shape_of, write_control
 from services.common.streams import Entry, GroupReader
-from services.trainer import checkpoint
+from services.trainer import checkpoint, policy, replay
+from services.trainer.operations import Ranks
 from services.trainer.settings import TrainerSettings
 from services.trainer.sink import WeightSink
-from services.trainer.step import lr_lambda, train_step
+from services.trainer.world import World
 
 log = logging.getLogger(__name__)
 
@@ -91,43 +92,18 @@ class Trainer:
     """Owns the policy, its optimizer and the trainers' consumer; ``await run(stop)``.
     New weights go to ``sink`` (which it does not close)."""
 
-    def __init__(self, settings: TrainerSettings, redis: Redis, sink: WeightSink) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    def __init__(self, settings: TrainerSettings, redis: Redis, sink: WeightSink, world: World | None = None) -> None:
         self.settings, self.redis, self.sink = settings, redis, sink
         self.keys = Keys(settings.key_prefix)
         torch.manual_seed(settings.seed)
         # Absolute: the path is sent to the engine, which may run from another directory.
         self.ckpt_dir = settings.checkpoint_dir.resolve()
         resume = checkpoint.latest(self.ckpt_dir)
-        source = str(resume) if resume else settings.model_path
-        if source is None:
-            raise ValueError("no model to train: set trainer.model_path (or --model), or resume from checkpoint_dir")
-        model: Any = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        self.model: Any = model.to(settings.device)
-        self.tokenizer: Any = AutoTokenizer.from_pretrained(source)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=settings.learning_rate,
-            betas=(settings.adam_beta1, settings.adam_beta2),
-            eps=settings.adam_eps,
-            weight_decay=settings.weight_decay,
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(settings))
-        self.ref_model: Any = None
-        if settings.kl_coef > 0:  # frozen: the starting weights unless told otherwise
-            ref_source = settings.ref_model_path or settings.model_path or source
-            ref: Any = AutoModelForCausalLM.from_pretrained(ref_source, dtype=torch.float32)
-            self.ref_model = ref.to(settings.device).eval().requires_grad_(False)
-        self.state = checkpoint.TrainerState()
-        self.weights_dtype = _dtype(settings)
+        self.policy = policy.build(settings, world or World(device=settings.device), resume)
+        self.ranks = Ranks(self.policy)
+        self.state = self.policy.resumed or checkpoint.TrainerState()
+        self.weights_dtype = settings.weights_dtype()
         if resume:
-            self.state = checkpoint.load_state(resume)
-            checkpoint.load_optimizer(resume, self.optimizer)
-            if self.state.lr_scheduler:
-                self.scheduler.load_state_dict(self.state.lr_scheduler)
-            checkpoint.restore_rng(resume, self.state)
             log.info("resumed from %s at step %d", resume, self.state.step)
         self.history: deque[dict[str, float]] = deque(maxlen=1000)
         self._tb: Any = None  # TensorBoard writer, made on the first step
@@ -277,14 +253,8 @@ class Trainer:
             self.weights = await asyncio.to_thread(self._save_weights)
 
     def _save_weights(self) -> Path:
-        path = checkpoint.save_weights(
-            self.ckpt_dir,
-            self.model,
-            self.tokenizer,
-            self.version,
-            self.lineage.id,
-            self.weights_dtype,
-            self.settings.weights_shard_mb << 20,
+        path = self.ranks.save_weights(
+            self.ckpt_dir, self.version, self.lineage.id, self.weights_dtype, self.settings.weights_shard_mb << 20
         )
         in_use = {path, *self.sink.in_use} | ({self._serving_at_start} if self._serving_at_start else set())
         checkpoint.prune_weights(self.ckpt_dir, self.settings.keep_weights, in_use)
@@ -295,14 +265,7 @@ class Trainer:
         covers. StepNotSaved if it cannot be written."""
         try:
             await asyncio.to_thread(
-                checkpoint.save,
-                self.ckpt_dir,
-                self.model,
-                self.tokenizer,
-                self.optimizer,
-                self.state,
-                self.record,
-                self.settings.keep_checkpoints,
+                self.ranks.save_resume, self.ckpt_dir, self.state, self.record, self.settings.keep_checkpoints
             )
         except Exception as exc:
             raise StepNotSaved(
@@ -339,30 +302,17 @@ class Trainer:
         started = time.monotonic()
         # From the optimizer step to the durable checkpoint nothing reads or writes Redis: a
         # failure there would leave the groups unacked on weights that already hold them.
-        stats = await asyncio.to_thread(
-            train_step,
-            self.model,
-            self.ref_model,
-            self.optimizer,
-            self.scheduler,
-            groups,
-            cfg,
-            self.pad_id,
-            self.version,
-        )
+        stats = await asyncio.to_thread(self.ranks.train, groups, self.version)
         ids = [g.group_id for g in groups]
         saving = time.monotonic()
         last = cfg.max_steps is not None and self.version + 1 >= cfg.max_steps
         covered = (self.version + 1) % cfg.save_every == 0 or last
         try:
             async with self._weights_lock:  # the engine watcher must not see a half-finished version
-                self.state = checkpoint.TrainerState(
-                    step=self.version + 1,
-                    trained_group_ids=self.state.trained_group_ids + ids,
-                    lr_scheduler=self.scheduler.state_dict(),
-                    lineage=self.state.lineage,
-                )
+                self.state = self.state.advanced(ids, self.policy.scheduler.state_dict())
                 self.trained.update(ids)
+                if cfg.record_groups is not None:
+                    await asyncio.to_thread(replay.record, cfg.record_groups, self.version, self.lineage.id, groups)
                 self.weights = await asyncio.to_thread(self._save_weights)
         except Exception as exc:
             # The weights hold a step the engine cannot load: exit; a restart resumes from
@@ -511,14 +461,6 @@ class Trainer:
                         self._serving_at_start = None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.repush_interval_s)
-
-
-def _dtype(settings: TrainerSettings) -> torch.dtype:
-    """The engine directory's dtype: ``serving_dtype``, "auto" resolved by the device."""
-    if settings.serving_dtype == "auto":
-        return torch.bfloat16 if settings.device.startswith("cuda") else torch.float32
-    dtype: torch.dtype = getattr(torch, settings.serving_dtype)
-    return dtype
 
 
 def _finite(stats: dict[str, float]) -> dict[str, float | None]:

@@ -14,11 +14,16 @@ version.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
@@ -28,11 +33,12 @@ from services.common.http import serve as run_server
 from services.trainer.loop import Trainer
 from services.trainer.settings import TrainerSettings
 from services.trainer.sink import sink_for
+from services.trainer.world import World, join, launched_by_torchrun, leave
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: TrainerSettings) -> FastAPI:
+def create_app(settings: TrainerSettings, world: World | None = None) -> FastAPI:
     holder: dict[str, Any] = {}
     stop = asyncio.Event()
 
@@ -40,7 +46,7 @@ def create_app(settings: TrainerSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = Redis.from_url(settings.redis_url)
         sink = sink_for(settings)
-        trainer = await asyncio.to_thread(Trainer, settings, redis, sink)
+        trainer = await asyncio.to_thread(Trainer, settings, redis, sink, world)
         holder["trainer"], holder["redis"] = trainer, redis
         task = asyncio.create_task(trainer.run(stop))
         task.add_done_callback(lambda t: stop_if_failed(app, t, "training loop"))
@@ -55,6 +61,7 @@ def create_app(settings: TrainerSettings) -> FastAPI:
             )
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await asyncio.to_thread(trainer.ranks.stop)  # the other ranks return (under torchrun)
         await sink.aclose()
         await redis.aclose()
 
@@ -93,12 +100,93 @@ def create_app(settings: TrainerSettings) -> FastAPI:
 
 
 def serve(settings: TrainerSettings) -> None:
+    """Run the trainer: this process, or (``nproc`` > 1) torchrun with that many, each a
+    rank of it (rank 0 the service, the others following it: operations.py)."""
     from services.common.config import model_dir_problem
     from services.common.logs import log_resolved_config, setup_logging
     from services.trainer.checkpoint import latest
 
     if latest(settings.checkpoint_dir) is None and (problem := model_dir_problem(settings.model_path, "trainer")):
         raise SystemExit(problem)  # (resuming from a checkpoint needs no model_path)
+    if settings.nproc > 1 and not launched_by_torchrun():
+        launch(settings)  # does not return
+    world = join(settings.device)
+    if not world.leader:
+        setup_logging(f"trainer-rank{world.rank}", settings.log_level, settings.log_format)
+        follow_as_rank(settings, world)
+        return
     setup_logging("trainer", settings.log_level, settings.log_format)
     log_resolved_config(settings)
-    run_server(create_app(settings), settings, "trainer")
+    try:
+        run_server(create_app(settings, world), settings, "trainer")
+    finally:
+        leave(world)
+
+
+def replay_groups(settings: TrainerSettings, groups: Path) -> int:
+    """``pope trainer replay``: train the recorded steps (replay.py), at ``nproc`` ranks."""
+    from services.common.logs import setup_logging
+    from services.trainer import policy, replay
+    from services.trainer.checkpoint import latest
+    from services.trainer.operations import Ranks
+
+    if settings.nproc > 1 and not launched_by_torchrun():
+        launch(settings)
+    world = join(settings.device)
+    setup_logging("trainer" if world.leader else f"trainer-rank{world.rank}", settings.log_level, settings.log_format)
+    if not world.leader:
+        follow_as_rank(settings, world)
+        return 0
+    ranks = Ranks(policy.build(settings, world, latest(settings.checkpoint_dir.resolve())))
+    try:
+        steps = replay.replay(ranks, groups)
+    finally:
+        ranks.stop()
+        leave(world)
+    log.info("replayed %d steps from %s into %s", steps, groups, settings.checkpoint_dir)
+    return 0
+
+
+def follow_as_rank(settings: TrainerSettings, world: World) -> None:
+    """A rank > 0: load the same policy as rank 0 and do what it sends until it says stop.
+    SIGTERM (torchrun passes a stop to every rank) is left to rank 0, which finishes the
+    step and the resume state with this rank's part in them, then releases it."""
+    from services.trainer import policy
+    from services.trainer.checkpoint import latest
+    from services.trainer.operations import follow
+
+    signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: rank 0 decides when this rank stops"))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        follow(policy.build(settings, world, latest(settings.checkpoint_dir.resolve())))
+    finally:
+        leave(world)
+
+
+ARGV_VARIABLE = "POPE_TRAINER_ARGV"
+
+
+def launch(settings: TrainerSettings) -> NoReturn:
+    """Become torchrun over ``settings.nproc`` ranks of this same command (one node; for
+    several, run torchrun yourself: docs/deployment.md). torchrun gives its workers
+    ``stop_grace_s`` and a little more after SIGTERM before it kills them."""
+    argv = torchrun_command(settings.nproc, settings.stop_grace_s)
+    os.environ[ARGV_VARIABLE] = json.dumps(sys.argv[1:])
+    log.info("starting %d trainer ranks of `pope %s`", settings.nproc, " ".join(sys.argv[1:]))
+    os.execv(argv[0], argv)
+
+
+def torchrun_command(nproc: int, stop_grace_s: float) -> list[str]:
+    """torchrun, on this node, of ``nproc`` workers of ``python -m services.trainer``,
+    which runs the pope command in $POPE_TRAINER_ARGV (never on torchrun's own command
+    line, whose parser would take an option such as ``--nproc`` for one of its own)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--shutdown-timeout={math.ceil(stop_grace_s) + 10}",
+        "-m",
+        "services.trainer",
+    ]

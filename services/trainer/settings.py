@@ -6,7 +6,7 @@ Every default is the POPE authors' GRPO setting (DESIGN.md 1.5).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
 
@@ -123,6 +123,15 @@ class TrainerSettings(ServiceSettings):
     """dtype of the engine's model directory: "auto" is bfloat16 when the trainer runs on
     CUDA (SGLang serves bf16) and float32 on CPU (the CPU engine's dtype, so the first
     on-policy importance ratio is 1 up to float error)."""
+
+    def weights_dtype(self) -> Any:
+        """``serving_dtype`` as a torch dtype, "auto" resolved by ``device``."""
+        import torch
+
+        if self.serving_dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        return getattr(torch, self.serving_dtype)
+
     weights_shard_mb: int = Field(4096, ge=1)
     """Largest safetensors shard of the engine's model directory, in MiB."""
     stop_grace_s: float = Field(3.0, gt=0.0)
@@ -138,7 +147,25 @@ class TrainerSettings(ServiceSettings):
     repush_interval_s: float = Field(10.0, gt=0.0)
     """How often to check that the engine serves the trainer's version (and re-push if not)."""
     bf16: bool = False
-    """bf16 autocast for forward/backward on CUDA (weights and optimizer stay float32)."""
+    """bf16 compute on CUDA, the master weights and AdamW state staying float32: autocast in
+    one process; under torchrun FSDP2's mixed precision (each layer gathered in bf16)."""
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """dtype FSDP2 sums gradients over ranks in (with bf16; float32 is exact, bfloat16 halves
+    the traffic)."""
+    nproc: int = Field(1, ge=1)
+    """Trainer processes on this node: above 1, ``pope trainer`` runs itself under torchrun
+    with this many ranks, the policy sharded by FSDP2 (one GPU each with device "cuda").
+    Rank 0 is the service; several nodes: torchrun directly (docs/deployment.md)."""
+    layer_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward instead of keeping them:
+    activation memory drops to about a layer's inputs (``pope trainer plan`` gives both),
+    at about a third more compute."""
+    cpu_offload: bool = False
+    """Under torchrun: keep the sharded weights, gradients and AdamW state in host memory
+    (FSDP2's CPUOffloadPolicy), each layer copied to the GPU as it runs."""
+    record_groups: Path | None = None
+    """Append every trained group to this JSON-lines file (its ids, token ids, logprobs,
+    rewards and the step that trained it), for ``pope trainer replay --groups FILE``."""
     metrics_log: Path = Path("runs/trainer_metrics.jsonl")
     """Every step's metrics, one JSON object per line (also at GET /v1/history and /metrics)."""
     tensorboard_dir: Path | None = Path("runs/tensorboard")

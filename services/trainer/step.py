@@ -1,10 +1,16 @@
 """One GRPO optimizer step over a step's scored groups, and its metrics split by variant.
 
-    groups --(filter zero-variance, optional)--> rows --(token-budget micro-batches, padded
-    or packed)--> forward (+ reference forward for KL) -> loss -> backward, accumulated ->
-    clip -> AdamW
+    groups --(filter zero-variance, optional)--> rows --(this rank's share, by tokens)-->
+    token-budget micro-batches, padded or packed --> forward (+ reference forward for KL)
+    -> loss -> backward, accumulated -> clip -> AdamW
 
 Runs in a worker thread (torch work never blocks the event loop); returns plain floats.
+Under torchrun (world.py) every rank is given the step's groups, trains its share of the
+rows and runs as many micro-batches as the rank with the most (a masked row fills in:
+FSDP2 gathers each layer in every forward, so all ranks must make the same calls). The
+loss is normalised over the whole step's rows on every rank and each rank's backward is
+scaled by the world size, so FSDP2's mean over ranks is the sum: the gradient of the step
+a single process takes. The metrics are summed over ranks before they are reported.
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from services.trainer.batch import (
     rows_from_groups,
     zero_variance,
 )
-from services.trainer.grpo import LossConfig, normalizer, policy_loss, token_logprobs
+from services.trainer.grpo import LossConfig, normalizer, policy_loss
 from services.trainer.settings import TrainerSettings
+from services.trainer.world import World, all_max, all_sum, share_rows
 
 _SUMMED = ("tokens", "ratio", "clipped_low", "clipped_high", "approx_kl", "kl_ref", "entropy")
 
@@ -64,16 +71,20 @@ def lr_lambda(cfg: TrainerSettings) -> Any:
 
 
 def train_step(
-    model: Any,
-    ref_model: Any,
+    net: Any,
+    ref_net: Any,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     groups: list[ScoredGroup],
     cfg: TrainerSettings,
     pad_id: int,
     version: int,
+    world: World | None = None,
 ) -> dict[str, float]:
-    """Update ``model`` on ``groups``; return the step's metrics (``<variant>/<name>`` keys too)."""
+    """Update ``net`` (a ``policy.Logprobs``) on ``groups``; return the step's metrics
+    (``<variant>/<name>`` keys too). ``ref_net``: the frozen reference, for the KL penalty.
+    ``world``: this rank's (default: one process on ``cfg.device``)."""
+    world = world or World(device=cfg.device)
     started = time.monotonic()
     kept = [g for g in groups if not (cfg.filter_zero_variance and zero_variance(g))]
     rows = rows_from_groups(
@@ -90,24 +101,27 @@ def train_step(
         step_tokens=sum(len(r.old_logprobs) for r in rows if r.trainable),
         step_sequences=sum(r.trainable for r in rows),
     )
-    model.train()
+    mine = [rows[i] for i in share_rows([len(r.ids) for r in rows], world.size)[world.rank]]
+    layout = list(_layout(mine, cfg, pad_id))
+    if world.distributed:  # every rank makes as many forward/backward calls as the busiest
+        most = int(all_max(world, float(len(layout))))
+        layout += [([], _masked_batch(cfg, pad_id))] * (most - len(layout))
+    net.train()
     optimizer.zero_grad(set_to_none=True)
-    dev, head_chunk = cfg.device, cfg.logits_chunk_tokens
+    dev, head_chunk = world.device, cfg.logits_chunk_tokens
     loss_total, ratio_max = 0.0, 0.0
     sums: dict[str, dict[str, float]] = {v.value: dict.fromkeys(_SUMMED, 0.0) for v in Variant}
-    for chunk, b in _layout(rows, cfg, pad_id):
+    for chunk, b in layout:
         ids, temp = b.input_ids.to(dev), b.temperature.to(dev)
         attn = b.attention_mask.to(dev) if isinstance(b, Batch) else None
         pos = b.position_ids.to(dev) if isinstance(b, PackedBatch) else None
         row_index = b.row_index.to(dev) if isinstance(b, PackedBatch) else None
-        with _autocast(cfg):
-            new, entropy = token_logprobs(
-                model, ids, attn, temp, with_entropy=True, chunk_tokens=head_chunk, position_ids=pos
-            )
+        with _autocast(cfg, world):
+            new, entropy = net(ids, attn, temp, True, head_chunk, pos)
             ref = None
             if cfg.kl_coef > 0:
                 with torch.no_grad():
-                    ref, _ = token_logprobs(ref_model, ids, attn, temp, chunk_tokens=head_chunk, position_ids=pos)
+                    ref, _ = ref_net(ids, attn, temp, False, head_chunk, pos)
             if cfg.entropy_coef == 0 and entropy is not None:
                 entropy = entropy.detach()  # a metric only: no graph through the softmax
             loss, st = policy_loss(
@@ -121,19 +135,23 @@ def train_step(
                 entropy=entropy,
                 row_index=row_index,
             )
-        loss.backward()
+        (loss * world.size).backward()  # FSDP2 averages over ranks: this makes it the sum
         loss_total += float(loss.detach())
-        ratio_max = max(ratio_max, st.ratio_max)
+        if chunk:  # (a masked filler row has no ratio)
+            ratio_max = max(ratio_max, st.ratio_max)
         for i, row in enumerate(chunk):
             s = sums[row.variant.value]
             for name in _SUMMED:
                 s[name] += float(getattr(st, name)[i])
+    loss_total, ratio_max, sums = _over_ranks(world, loss_total, ratio_max, sums)
     compute_s = time.monotonic() - started
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2: the norm over every shard
+        grad_norm = grad_norm.full_tensor()
     lr = float(optimizer.param_groups[0]["lr"])  # the rate this step uses
     optimizer.step()
     scheduler.step()
-    model.eval()
+    net.eval()
     out = {
         "loss": loss_total,
         "grad_norm": float(grad_norm),
@@ -146,6 +164,27 @@ def train_step(
     }
     out.update(_variant_metrics(groups, sums, cfg, version))
     return out
+
+
+def _masked_batch(cfg: TrainerSettings, pad_id: int) -> Batch | PackedBatch:
+    """A micro-batch of one two-token row out of the loss (no gradient, no metric): what a
+    rank with fewer micro-batches than another runs, so that every rank makes the same calls."""
+    row = Row([pad_id, pad_id], 1, [0.0], 0.0, 1.0, False, Variant.HINTED)
+    return collate_packed([row]) if cfg.pack_sequences else collate([row], pad_id)
+
+
+def _over_ranks(
+    world: World, loss: float, ratio_max: float, sums: dict[str, dict[str, float]]
+) -> tuple[float, float, dict[str, dict[str, float]]]:
+    """The step's loss and per-variant sums added up, and the largest ratio, over ranks."""
+    if not world.distributed:
+        return loss, ratio_max, sums
+    keys = [(v, name) for v in sums for name in _SUMMED]
+    flat = all_sum(world, torch.tensor([loss] + [sums[v][n] for v, n in keys], dtype=torch.float64))
+    out: dict[str, dict[str, float]] = {v: {} for v in sums}
+    for (v, name), value in zip(keys, flat[1:].tolist(), strict=True):
+        out[v][name] = value
+    return float(flat[0]), all_max(world, ratio_max), out
 
 
 def _layout(rows: list[Row], cfg: TrainerSettings, pad_id: int) -> Iterator[tuple[list[Row], Batch | PackedBatch]]:
@@ -195,8 +234,9 @@ def _variant_metrics(
     return out
 
 
-def _autocast(cfg: TrainerSettings) -> Any:
-    """bf16 autocast on CUDA when asked; a no-op context elsewhere."""
-    if cfg.bf16 and cfg.device.startswith("cuda"):
+def _autocast(cfg: TrainerSettings, world: World) -> Any:
+    """bf16 autocast on CUDA when asked, in one process; a no-op context elsewhere (under
+    FSDP2 the mixed-precision policy casts the gathered weights instead: policy.py)."""
+    if cfg.bf16 and world.device.startswith("cuda") and not world.distributed:
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

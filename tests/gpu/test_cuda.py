@@ -21,6 +21,7 @@ from services.common.engine_client import EngineClient
 from services.common.keys import Keys
 from services.trainer.batch import collate, rows_from_groups
 from services.trainer.grpo import token_logprobs
+from services.trainer.policy import Logprobs
 from services.trainer.settings import TrainerSettings
 from services.trainer.step import lr_lambda, train_step
 from tests.conftest import running_engine, running_pope
@@ -51,7 +52,7 @@ def _step(model: Any, groups: Any, device: str, bf16: bool) -> dict[str, float]:
     )
     opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    return train_step(model, None, opt, sched, groups, cfg, pad_id=0, version=0)
+    return train_step(Logprobs(model), None, opt, sched, groups, cfg, pad_id=0, version=0)
 
 
 async def test_the_engine_serves_on_cuda_and_the_trainer_reproduces_its_logprobs(tiny_model: Path) -> None:

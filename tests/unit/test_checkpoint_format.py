@@ -12,6 +12,10 @@ import torch
 
 from services.common.messages import Lineage, parse_version, version_name
 from services.trainer import checkpoint
+from services.trainer.operations import Ranks
+from services.trainer.policy import Logprobs, Policy
+from services.trainer.settings import TrainerSettings
+from services.trainer.world import World
 
 
 def test_a_checkpoint_from_before_run_format_2_is_refused_naming_its_format(tmp_path: Path) -> None:
@@ -19,7 +23,7 @@ def test_a_checkpoint_from_before_run_format_2_is_refused_naming_its_format(tmp_
     old.mkdir()
     # What an older pope-rl wrote: no format, and the rollout position it kept then.
     (old / checkpoint.STATE_FILE).write_text(json.dumps({"step": 7, "trained_group_ids": [], "rollout": {}}))
-    with pytest.raises(checkpoint.CheckpointError, match=r"run format 1; this one reads 3"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"run format 1; this one reads 4"):
         checkpoint.load_state(old)
     new = tmp_path / "step-000008"
     new.mkdir()
@@ -85,11 +89,17 @@ def test_pruning_keeps_the_newest_and_never_one_in_use(tmp_path: Path, tiny: tup
     assert set(checkpoint.weights_versions(tmp_path)) == {(1, 0), (3, 0), (2, 1)}
 
 
-def test_resume_states_keep_the_newest(tmp_path: Path, tiny: tuple[Any, Any]) -> None:
-    model, tok = tiny
+def _ranks(model: Any, tok: Any) -> Ranks:
+    """One process's handle on ``model`` with a fresh AdamW, as the trainer holds it."""
     opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0)
+    return Ranks(Policy(Logprobs(model), None, opt, sched, tok, TrainerSettings(), World()))
+
+
+def test_resume_states_keep_the_newest(tmp_path: Path, tiny: tuple[Any, Any]) -> None:
+    ranks = _ranks(*tiny)
     for step in (1, 2, 3):
-        checkpoint.save(tmp_path, model, tok, opt, checkpoint.TrainerState(step=step), {}, keep=2)
+        ranks.save_resume(tmp_path, checkpoint.TrainerState(step=step), {}, keep=2)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000002", "step-000003"]
     assert checkpoint.load_state(checkpoint.latest(tmp_path)).step == 3  # type: ignore[arg-type]
 
@@ -112,13 +122,12 @@ def test_a_lineage_holds_its_own_versions_and_its_ancestors_up_to_each_fork() ->
 def test_a_state_replaced_under_its_name_is_never_missing_and_leftovers_go(
     tmp_path: Path, tiny: tuple[Any, Any]
 ) -> None:
-    model, tok = tiny
-    opt = torch.optim.AdamW(model.parameters())
-    first = checkpoint.save(tmp_path, model, tok, opt, checkpoint.TrainerState(step=5), {}, keep=3)
+    ranks = _ranks(*tiny)
+    first = ranks.save_resume(tmp_path, checkpoint.TrainerState(step=5), {}, keep=3)
     # A crash between the two renames of a replacement: the old one is aside, none in place.
     first.rename(tmp_path / ".old-step-000005")
     assert checkpoint.latest(tmp_path) == tmp_path / ".old-step-000005"
     (tmp_path / ".tmp-step-000009-1").mkdir()  # a crashed writer's (pid 1: any container's)
-    again = checkpoint.save(tmp_path, model, tok, opt, checkpoint.TrainerState(step=5, lineage={"id": 1}), {}, 3)
+    again = ranks.save_resume(tmp_path, checkpoint.TrainerState(step=5, lineage={"id": 1}), {}, 3)
     assert checkpoint.latest(tmp_path) == again and checkpoint.load_state(again).history.id == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000005"]  # no aside, no temporary

@@ -15,6 +15,7 @@ import torch
 from services.common.messages import FinishReason, Sample, Score, ScoredGroup, Variant
 from services.trainer.batch import Row, collate, collate_packed, pack_micro_batches
 from services.trainer.grpo import token_logprobs
+from services.trainer.policy import Logprobs
 from services.trainer.settings import TrainerSettings
 from services.trainer.step import lr_lambda, train_step
 from tests.factories import scored_group
@@ -72,7 +73,7 @@ def _step(base: Any, cfg: TrainerSettings) -> tuple[dict[str, float], list[torch
     model, ref = copy.deepcopy(base), copy.deepcopy(base)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    metrics = train_step(model, ref, opt, sched, _groups(), cfg, pad_id=0, version=0)
+    metrics = train_step(Logprobs(model), Logprobs(ref), opt, sched, _groups(), cfg, pad_id=0, version=0)
     return metrics, [p.grad.clone() for p in model.parameters()]
 
 
