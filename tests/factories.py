@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 from services.common.keys import Keys
-from services.common.messages import HintSearch, ProblemLabel, RawGroup, Sample, Score, ScoredGroup, Variant
+from services.common.messages import (
+    FinishReason,
+    HintSearch,
+    ProblemLabel,
+    RawGroup,
+    Sample,
+    Score,
+    ScoredGroup,
+    Variant,
+)
 from services.common.worker import Effects
 
 
@@ -91,3 +103,39 @@ def scoring_handler(keys: Keys):  # type: ignore[no-untyped-def]
         effects.publish(keys.scored, ScoredGroup.from_raw(raw, [Score(reward=0.0)] * len(raw.samples)))
 
     return handle
+
+
+def recorded_steps(path: Path, steps: int, groups_per_step: int, seed: int = 0) -> Path:
+    """``path``: a ``trainer.record_groups`` file of ``steps`` steps of random groups of 4
+    (hinted and unhinted, temperatures 0.7 to 1.3, one group in four truncated, token ids
+    under 400, logprobs far from a tiny model's so ratios clip), for ``pope trainer replay``."""
+    from services.trainer import replay
+
+    rng = random.Random(seed)
+    for step in range(1, steps + 1):
+        groups = []
+        for i in range(groups_per_step):
+            variant = "hinted" if i % 2 else "unhinted"
+            finish = FinishReason.LENGTH if i % 4 == 3 else FinishReason.STOP
+            prompt = [rng.randrange(3, 400) for _ in range(rng.randint(4, 14))]
+            samples = []
+            for _ in range(4):
+                completion = [rng.randrange(3, 400) for _ in range(rng.randint(1, 30))]
+                logprobs = [-rng.uniform(2.0, 7.0) for _ in completion]
+                samples.append(
+                    Sample(
+                        problem_id=f"p{i}",
+                        variant=variant,
+                        prompt_ids=prompt,
+                        completion_ids=completion,
+                        logprobs=logprobs,
+                        finish_reason=finish,
+                        weight_version=0,
+                        text="",
+                    )
+                )
+            rewards = [float(rng.random() < 0.5) for _ in samples]
+            temperature = rng.choice([0.7, 1.0, 1.3])
+            groups.append(scored_group(samples, rewards, group_id=f"s{step}g{i}", temperature=temperature))
+        replay.record(path, step, 0, groups)
+    return path

@@ -131,6 +131,7 @@ def _architecture(directory: Path) -> Any:
     config = AutoConfig.from_pretrained(directory)
     with no_init_weights():
         lm: Any = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    lm.tie_weights()  # (which skipping the initialisation skips too)
     return lm
 
 

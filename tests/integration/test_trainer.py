@@ -162,7 +162,7 @@ async def test_train_push_drop_stale_and_resume(
     assert (await aredis.xpending(keys.scored, TRAINERS))["pending"] == 0
 
     ckpt = checkpoint.latest(cfg.checkpoint_dir.resolve())
-    assert ckpt is not None and ckpt.name == "step-000002" and (ckpt / "model.safetensors").is_file()
+    assert ckpt is not None and ckpt.name == "step-000002" and (ckpt / "dcp" / ".metadata").is_file()
     # Both drops are on disk (fsynced before their acks), with why.
     assert {(r["group_id"], r["reason"]) for r in checkpoint.read_dropped(cfg.checkpoint_dir)} == {
         ("stale", "stale"),

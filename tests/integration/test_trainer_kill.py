@@ -58,10 +58,27 @@ def ledger(ckpt: Path) -> list[str]:
     return checkpoint.load_state(latest).trained_group_ids if latest else []
 
 
-@pytest.mark.parametrize("save_every", [1, 4])
+def _running(pid: int) -> bool:
+    """``pid`` is a live process (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _ranks_of(launcher: int) -> list[int]:
+    """The pids of torchrun's workers (the children of ``launcher``)."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    return [int(pid) for pid in children]
+
+
+@pytest.mark.parametrize(("save_every", "nproc"), [(1, 1), (4, 1), (4, 2)])
 def test_kill_9_then_restart_trains_every_group_exactly_once(
-    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, save_every: int
+    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, save_every: int, nproc: int
 ) -> None:
+    """At ``nproc`` 2 (torchrun, FSDP2 on gloo) the kill -9 is of rank 1: torchrun ends rank 0
+    and exits non-zero, and the restart (both ranks again) resumes and trains the rest once;
+    then SIGTERM stops both ranks cleanly."""
     r = Redis.from_url(redis_url)
     ckpt = tmp_path / "ckpt"
     env = {
@@ -76,6 +93,7 @@ def test_kill_9_then_restart_trains_every_group_exactly_once(
         "POPE_TRAINER__METRICS_LOG": str(tmp_path / "m.jsonl"),
         "POPE_TRAINER__TENSORBOARD_DIR": str(tmp_path / "tb"),
         "POPE_TRAINER__STREAMS": json.dumps({"block_ms": 100, "lease_ms": 2000}),
+        "POPE_TRAINER__NPROC": str(nproc),
     }
     for i in range(N_GROUPS):
         r.xadd(keys.scored, {DATA: encode(scored(i))})
@@ -84,8 +102,9 @@ def test_kill_9_then_restart_trains_every_group_exactly_once(
         while len(ledger(ckpt)) < 4:  # at least two steps done, more in flight
             assert time.monotonic() < deadline, first.output()
             time.sleep(0.02)
-        os.kill(first.pid, signal.SIGKILL)  # mid-run: between steps, mid-step or mid-checkpoint
-        first.wait(10)
+        # mid-run: between steps, mid-step or mid-checkpoint
+        os.kill(_ranks_of(first.pid)[-1] if nproc > 1 else first.pid, signal.SIGKILL)
+        assert first.wait(30) != 0
     assert 4 <= len(ledger(ckpt)) < N_GROUPS
     resumed = checkpoint.load_state(checkpoint.latest(ckpt))  # type: ignore[arg-type]
     written = checkpoint.weights_versions(ckpt)
@@ -105,6 +124,11 @@ def test_kill_9_then_restart_trains_every_group_exactly_once(
         while r.xpending(keys.scored, "trainers")["pending"]:
             assert time.monotonic() < deadline
             time.sleep(0.1)
+        ranks = _ranks_of(second.pid) if nproc > 1 else []
+        assert len(ranks) == nproc - int(nproc == 1)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0, second.output()[-3000:]
+        assert not [pid for pid in ranks if _running(pid)]  # no rank left behind
     r.close()
 
 
