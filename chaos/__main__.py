@@ -21,12 +21,15 @@ def main() -> int:
     parser.add_argument(
         "--allow-crashes", action="store_true", help="a service exiting without being killed does not fail the run"
     )
+    parser.add_argument(
+        "--trainer-nproc", type=int, default=1, metavar="N", help="trainer ranks (torchrun, FSDP2 on gloo); 1"
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupted)  # a SIGTERM stops the stack too, as Ctrl-C does
     from chaos.run import run
 
     try:
-        return run(FORMS[args.form], args.seed, args.dir, args.allow_crashes)
+        return run(FORMS[args.form], args.seed, args.dir, args.allow_crashes, trainer_nproc=args.trainer_nproc)
     except KeyboardInterrupt:
         print("chaos: interrupted; the stack is stopped, no verdict")
         return 130

@@ -86,9 +86,13 @@ class Proc:
         return pid, leftovers
 
     def pause(self) -> int:
-        """SIGSTOP the whole process group (a frozen container: workers included)."""
+        """SIGSTOP the whole process group and every descendant (a frozen container: workers
+        included, and torchrun's ranks, which it starts in sessions of their own)."""
         assert self.popen is not None
         os.killpg(self.popen.pid, signal.SIGSTOP)
+        for pid in _descendants(self.popen.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
         self.stopped = True
         return self.popen.pid
 
@@ -96,6 +100,9 @@ class Proc:
         if self.popen is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, signal.SIGCONT)
+            for pid in _descendants(self.popen.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
         self.stopped = False
 
     def terminate(self, grace_s: float) -> int | None:
@@ -119,6 +126,20 @@ class Proc:
         with self.log.open("rb") as f:
             f.seek(max(0, self.log.stat().st_size - chars))
             return f.read().decode(errors="replace")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found through /proc's children lists)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            children = [int(c) for c in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+        found += children
+        todo += children
+    return found
 
 
 def _group_members(pgid: int, within_s: float) -> list[int]:

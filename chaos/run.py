@@ -28,17 +28,27 @@ from chaos.stack import ChaosStack, Layout
 SETTLE_WITHIN_S = 90.0  # after the last step: the engine on it, the pipeline drained
 
 
-def run(form: Form, seed: int, run_dir: Path, allow_crashes: bool = False, out: TextIO = sys.stdout) -> int:
+def run(
+    form: Form,
+    seed: int,
+    run_dir: Path,
+    allow_crashes: bool = False,
+    out: TextIO = sys.stdout,
+    trainer_nproc: int = 1,
+) -> int:
     from services.common.config import load_settings
     from services.trainer.settings import TrainerSettings
 
     began = time.monotonic()
     layout = Layout(run_dir)
     layout.reset()
-    stack = ChaosStack.create(layout, form, out, began)
+    stack = ChaosStack.create(layout, form, out, began, trainer_nproc)
     lease_s = load_settings(TrainerSettings, layout.config).streams.lease_ms / 1000
     faults = schedule(form, seed, lease_s)
-    stack.say(f"{form.name} form, seed {seed}: {len(faults)} faults over {form.steps} steps; lease {lease_s:.1f}s")
+    stack.say(
+        f"{form.name} form, seed {seed}: {len(faults)} faults over {form.steps} steps; lease {lease_s:.1f}s; "
+        f"trainer ranks {trainer_nproc}"
+    )
     checks: list[Check] = []
     records: list[dict[str, Any]] = []
     to_ledger: float | None = None

@@ -143,13 +143,13 @@ class ChaosStack:
         self.max_steps = self.max_steps or self.form.steps
 
     @classmethod
-    def create(cls, layout: Layout, form: Form, out: TextIO, started_at: float) -> ChaosStack:
+    def create(cls, layout: Layout, form: Form, out: TextIO, started_at: float, trainer_nproc: int = 1) -> ChaosStack:
         from services.engine.tiny_model import build_tiny_model
 
         names = ["redis", "engine", "trainer", "rollout"] + [f"verifier-{i}" for i in range(VERIFIER_REPLICAS)]
         ports = {name: free_port() for name in names}
         build_tiny_model(layout.model)
-        write_config(layout, form, ports)
+        write_config(layout, form, ports, trainer_nproc)
         return cls(layout, form, ports, make_procs(layout, ports), out, started_at=started_at)
 
     # -- facts about the run -------------------------------------------------------------
@@ -317,7 +317,7 @@ def redis_url(ports: dict[str, int]) -> str:
     return f"redis://127.0.0.1:{ports['redis']}/0"
 
 
-def write_config(layout: Layout, form: Form, ports: dict[str, int]) -> None:
+def write_config(layout: Layout, form: Form, ports: dict[str, int], trainer_nproc: int = 1) -> None:
     """configs/chaos.yaml plus this run's ports, Redis, model, steps and paths."""
     config = yaml.safe_load(BASE_CONFIG.read_text())
     engine_url = f"http://127.0.0.1:{ports['engine']}"
@@ -337,6 +337,7 @@ def write_config(layout: Layout, form: Form, ports: dict[str, int]) -> None:
             "checkpoint_dir": str(layout.checkpoints),
             "metrics_log": str(layout.root / "trainer_metrics.jsonl"),
             "max_steps": form.steps,
+            "nproc": trainer_nproc,  # above 1: torchrun, FSDP2 on gloo (one consumer: rank 0)
         },
     }
     for section, values in run.items():

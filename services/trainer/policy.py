@@ -95,7 +95,7 @@ def build(settings: TrainerSettings, world: World, resume: Path | None) -> Polic
         raise ValueError("no model to train: set trainer.model_path (or --model), or resume from checkpoint_dir")
     if settings.layer_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    net = _placed(Logprobs(lm), settings, world)
+    net = place(Logprobs(lm), settings, world)
     optimizer = torch.optim.AdamW(
         net.parameters(),
         lr=settings.learning_rate,
@@ -110,7 +110,7 @@ def build(settings: TrainerSettings, world: World, resume: Path | None) -> Polic
         if ref_source is None:
             raise ValueError("kl_coef > 0 needs a reference model: set trainer.ref_model_path (or model_path)")
         ref_lm: Any = AutoModelForCausalLM.from_pretrained(ref_source, dtype=torch.float32)
-        ref = _placed(Logprobs(ref_lm.requires_grad_(False)), settings, world).eval()
+        ref = place(Logprobs(ref_lm.requires_grad_(False)), settings, world).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(resume) if resume is not None else settings.model_path)
     policy = Policy(net, ref, optimizer, scheduler, tokenizer, settings, world)
     if resume is not None:
@@ -135,7 +135,7 @@ def _architecture(directory: Path) -> Any:
     return lm
 
 
-def _placed(net: Logprobs, settings: TrainerSettings, world: World) -> Logprobs:
+def place(net: Logprobs, settings: TrainerSettings, world: World) -> Logprobs:
     """``net`` on this rank's device: moved there in one process; under torchrun sharded
     with FSDP2, each decoder layer a unit, the root another."""
     if not world.distributed:

@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from services.common.keys import Keys, adelete_prefix
-from services.common.messages import RunShape
+from services.common.messages import RUN_FORMAT, RunShape
 from services.common.redis_server import free_port
 from services.common.run import RunMismatch, check_run_format, claim_run, read_run
 from services.trainer.loop import Trainer
@@ -48,7 +48,7 @@ async def test_an_older_run_or_record_is_refused_with_its_format(aredis: Redis, 
             await check
     await aredis.delete(keys.state("trainer"))
     await aredis.set(keys.run, b'{"schema_version": 1, "kind": "run", "run_format": 3}')
-    with pytest.raises(RunMismatch, match="not one this pope-rl reads \\(run format 3\\)"):
+    with pytest.raises(RunMismatch, match=f"not one this pope-rl reads \\(run format {RUN_FORMAT}\\)"):
         await claim_run(aredis, keys, shape())
 
 
