@@ -328,5 +328,7 @@ def test_the_documented_patch_gives_the_trainer_n_ranks_on_n_gpus(tmp_path: Path
         pytest.skip(f"{validate} is not installed (the test extras install it)")
     manifest = tmp_path / "four.yaml"
     manifest.write_text(proc.stdout)
-    run = subprocess.run([str(validate), "--strict", "--quiet", str(manifest)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [str(validate), "--strict", "--quiet", str(manifest)], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stdout + run.stderr
