@@ -149,3 +149,25 @@ def test_every_variable_is_required_or_defaulted_and_documented_in_env_example()
         assert name in documented, f"{name} is used in docker-compose.yml but not in .env.example"
     required = {n for n, m in uses if m == ":?"}
     assert required == {"REDIS_PASSWORD", "POPE_API_TOKEN", "ENGINE_API_KEY", "MODEL_DIR"}
+
+
+def test_the_gpu_trainer_runs_trainer_nproc_ranks_with_room_in_dev_shm() -> None:
+    """TRAINER_NPROC (default 1) becomes trainer.nproc, the ranks torchrun starts; NCCL's
+    buffers between them live in /dev/shm, which needs more than Docker's 64 MiB."""
+    trainer = profile_services("gpu")["trainer"]
+    assert trainer["environment"]["POPE_TRAINER__NPROC"] == "${TRAINER_NPROC:-1}"
+    assert trainer.get("ipc") == "host" or _gib(trainer["shm_size"]) >= 8, "the trainer's /dev/shm is too small"
+    env_example = (ROOT / ".env.example").read_text()
+    assert re.search(r"^# TRAINER_NPROC=1\b", env_example, re.M), "TRAINER_NPROC's default differs in .env.example"
+    # The default is one rank on the one GPU TRAINER_GPUS defaults to.
+    [device] = trainer["deploy"]["resources"]["reservations"]["devices"]
+    [ids] = device["device_ids"]
+    match = re.fullmatch(r"\$\{TRAINER_GPUS:-([0-9,]+)\}", ids)
+    assert match and len(match.group(1).split(",")) == 1
+
+
+def _gib(size: str) -> float:
+    """A compose byte value (16g, 512m) in GiB."""
+    match = re.fullmatch(r"(\d+)([kmg]?)b?", str(size).lower())
+    assert match, size
+    return int(match.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[match.group(2)] / 2**30

@@ -43,8 +43,11 @@ def section_of(args: list[str]) -> str | None:
 
 
 def placeholders(value: str) -> str:
-    """A value as the container would see it, with ${VAR...} and $(VAR) filled in."""
-    return re.sub(r"\$\{[^}]*\}|\$\([A-Z_]+\)", "x", str(value))
+    """A value as the container would see it, with ${VAR...} and $(VAR) filled in: a
+    defaulted ${VAR:-D} as compose fills it where VAR is unset (D, so the default must
+    load), any other as "x"."""
+    value = re.sub(r"\$\{[A-Z_][A-Z0-9_]*:-([^}]*)\}", r"\1", str(value))
+    return re.sub(r"\$\{[^}]*\}|\$\([A-Z_]+\)", "x", value)
 
 
 def check_container(

@@ -10,6 +10,7 @@ test_drift.py, which checks every env name and config key against the services' 
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import subprocess
@@ -118,7 +119,7 @@ def test_gpu_engine_is_sglang_on_a_gpu_and_the_trainer_uses_cuda() -> None:
     env = {e["name"]: e.get("value") for e in trainer["env"]}
     assert env["POPE_TRAINER__DEVICE"] == "cuda"
     assert env["POPE_TRAINER__BF16"] == "true"
-    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert trainer["resources"]["limits"]["nvidia.com/gpu"] == 1  # N=1: one rank
 
 
 def test_cpu_engine_is_the_project_engine_without_gpus() -> None:
@@ -275,3 +276,59 @@ def test_the_weights_volume_is_written_by_the_trainers_user_and_read_by_the_engi
                     )
                     mounting[doc["metadata"]["name"]] = bool(read_only)
     assert mounting == {"trainer": False, "engine": True}
+
+
+def trainer_ranks(docs: list[dict[str, Any]]) -> tuple[str, int, int]:
+    """The gpu trainer's POPE_TRAINER__NPROC and its GPU request and limit."""
+    trainer = one(docs, "StatefulSet", "trainer")
+    [container] = pod_spec(trainer)["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    resources = container["resources"]
+    return env["POPE_TRAINER__NPROC"], resources["requests"]["nvidia.com/gpu"], resources["limits"]["nvidia.com/gpu"]
+
+
+def test_the_gpu_trainer_runs_one_rank_a_gpu_with_dev_shm_in_memory() -> None:
+    docs = rendered("gpu")
+    assert trainer_ranks(docs) == ("1", 1, 1)
+    pod = pod_spec(one(docs, "StatefulSet", "trainer"))
+    [trainer] = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [mount] = [m for m in trainer["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert volumes[mount["name"]]["emptyDir"]["medium"] == "Memory"
+
+
+def test_the_documented_patch_gives_the_trainer_n_ranks_on_n_gpus(tmp_path: Path) -> None:
+    """The patch k8s/overlays/gpu/trainer-gpu.yaml's comment gives, applied by an overlay
+    of the gpu overlay, renders N=4 everywhere and passes the API schemas."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (it renders the kustomize overlays)")
+    comment = [
+        line[1:]
+        for line in (ROOT / "k8s/overlays/gpu/trainer-gpu.yaml").read_text().splitlines()
+        if line.startswith("#")
+    ]
+    start = comment.index("   patches:")
+    block = []
+    for line in comment[start:]:
+        if not line.startswith("   "):
+            break
+        block.append(line[3:])
+    overlay = tmp_path / "four"
+    overlay.mkdir()
+    base = os.path.relpath(ROOT / "k8s/overlays/gpu", overlay)  # kustomize takes no absolute root
+    kustomization = {"resources": [base], **yaml.safe_load("\n".join(block))}
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    proc = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert trainer_ranks(docs) == ("4", 4, 4)
+    validate = Path(sys.executable).with_name("kubernetes-validate")
+    if not validate.exists():
+        pytest.skip(f"{validate} is not installed (the test extras install it)")
+    manifest = tmp_path / "four.yaml"
+    manifest.write_text(proc.stdout)
+    run = subprocess.run(
+        [str(validate), "--strict", "--quiet", str(manifest)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
