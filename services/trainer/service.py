@@ -183,7 +183,7 @@ def torchrun_command(nproc: int, stop_grace_s: float) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "services.trainer.launch",  # torchrun, dying by the signal that stops it (launch.py)
         "--standalone",
         f"--nproc-per-node={nproc}",
         f"--shutdown-timeout={math.ceil(stop_grace_s) + 10}",

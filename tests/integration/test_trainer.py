@@ -10,17 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from redis.asyncio import Redis
+from safetensors.torch import load_file
 
 from services.common.engine_client import EngineClient, SamplingParams
 from services.common.keys import TRAINERS, Keys
 from services.common.messages import FinishReason, RawGroup, Sample, Score, ScoredGroup
 from services.common.run import read_control
 from services.common.streams import DeliveryPolicy, publish
-from services.trainer import checkpoint
+from services.trainer import checkpoint, policy, replay
 from services.trainer.loop import Trainer
+from services.trainer.operations import Ranks
 from services.trainer.settings import TrainerSettings
 from services.trainer.sink import EngineSink, NoSink
+from services.trainer.world import World
 from tests.conftest import running_engine
 
 PROMPTS = [[1, 87, 85, 261, 201], [1, 40, 41, 42]]
@@ -105,7 +109,16 @@ async def test_train_push_drop_stale_and_resume(
     tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, aredis: Redis, engine: EngineClient, engine_url: str
 ) -> None:
     await engine.update_weights_from_disk(str(tiny_model), 0)  # the engine starts each test at v0
-    cfg = settings(tiny_model, tmp_path, redis_url, keys, engine_url, max_staleness=1, repush_interval_s=0.2)
+    cfg = settings(
+        tiny_model,
+        tmp_path,
+        redis_url,
+        keys,
+        engine_url,
+        max_staleness=1,
+        repush_interval_s=0.2,
+        record_groups=tmp_path / "groups.jsonl",
+    )
     trainer = await asyncio.to_thread(Trainer, cfg, aredis, EngineSink(engine))
     stop = asyncio.Event()
     task = asyncio.create_task(trainer.run(stop))
@@ -176,6 +189,19 @@ async def test_train_push_drop_stale_and_resume(
     assert record["config"]["learning_rate"] == 1e-6 and record["seeds"] == {"trainer": 0}
     assert record["packages"]["torch"].startswith("2.13") and "git_commit" in record
 
+    # The recorded groups replay (no Redis, no engine) to the very same engine directories.
+    replayed = cfg.model_copy(update={"checkpoint_dir": tmp_path / "replay", "metrics_log": tmp_path / "r.jsonl"})
+    assert [n for n, _ in replay.read(cfg.record_groups)] == [1, 2]  # type: ignore[arg-type]
+    ranks = Ranks(policy.build(replayed, World(), None))
+    assert replay.replay(ranks, cfg.record_groups) == 2  # type: ignore[arg-type]
+    live, again_ = (checkpoint.weights_dir(d, 2) for d in (cfg.checkpoint_dir, replayed.checkpoint_dir))
+    base = load_file(str(tiny_model / "model.safetensors"))
+    for shard in live.glob("*.safetensors"):
+        ours, theirs = load_file(str(shard)), load_file(str(again_ / shard.name))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert not all(torch.equal(ours[k], base[k]) for k in ours)  # the steps moved the weights
+    assert [json.loads(x)["loss"] for x in replayed.metrics_log.read_text().splitlines()] == [x["loss"] for x in lines]
+
     # Resume: a new trainer picks up at step 2 and does not retrain a redelivered group.
     again = await asyncio.to_thread(Trainer, cfg, aredis, EngineSink(engine))
     assert again.version == 2 and "s1-g0" in again.trained and again.dropped == {"stale": "stale", "aborted": "aborted"}
@@ -200,11 +226,9 @@ async def test_the_optimizer_takes_the_adam_settings(
     default = await asyncio.to_thread(
         Trainer, settings(tiny_model, tmp_path / "a", redis_url, keys, ""), aredis, NoSink()
     )
-    assert (tuple(default.optimizer.param_groups[0]["betas"]), default.optimizer.param_groups[0]["eps"]) == (
-        (0.9, 0.999),
-        1e-8,
-    )
+    adam = default.policy.optimizer.param_groups[0]
+    assert (tuple(adam["betas"]), adam["eps"]) == ((0.9, 0.999), 1e-8)
     cfg = settings(tiny_model, tmp_path / "b", redis_url, keys, "", adam_beta1=0.8, adam_beta2=0.95, adam_eps=1e-5)
     trainer = await asyncio.to_thread(Trainer, cfg, aredis, NoSink())
-    group = trainer.optimizer.param_groups[0]
+    group = trainer.policy.optimizer.param_groups[0]
     assert (tuple(group["betas"]), group["eps"]) == ((0.8, 0.95), 1e-5)

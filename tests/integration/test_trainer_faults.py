@@ -17,7 +17,7 @@ from services.common.keys import TRAINERS, Keys
 from services.common.messages import Score, ScoredGroup, Variant
 from services.common.run import read_control
 from services.common.streams import publish
-from services.trainer import checkpoint, loop
+from services.trainer import checkpoint, policy
 from services.trainer.loop import StepNotSaved, Trainer
 from services.trainer.settings import TrainerSettings
 from services.trainer.sink import NoSink
@@ -39,7 +39,7 @@ def settings(tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys) -> Tr
 
 def optimizer_steps(trainer: Trainer) -> int:
     """How many times AdamW has stepped (its per-parameter step count)."""
-    (state, *_) = trainer.optimizer.state.values()
+    (state, *_) = trainer.policy.optimizer.state.values()
     return int(torch.as_tensor(state["step"]).item())
 
 
@@ -58,7 +58,7 @@ async def test_a_redis_error_after_the_optimizer_step_never_trains_the_groups_ag
     trainer = await asyncio.to_thread(Trainer, settings(tiny_model, tmp_path, redis_url, keys), aredis, NoSink())
     stepped: list[list[str]] = []
     armed = [False]
-    real_step, real_command = loop.train_step, aredis.execute_command
+    real_step, real_command = policy.train_step, aredis.execute_command
     run_task: list[asyncio.Task[None]] = []
 
     def counting_step(*args: Any, **kwargs: Any) -> dict[str, float]:
@@ -73,7 +73,7 @@ async def test_a_redis_error_after_the_optimizer_step_never_trains_the_groups_ag
             raise RedisConnectionError("injected: connection lost after the optimizer step")
         return await real_command(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "train_step", counting_step)
+    monkeypatch.setattr(policy, "train_step", counting_step)
     monkeypatch.setattr(aredis, "execute_command", flaky)
     stop = asyncio.Event()
     run_task.append(asyncio.create_task(trainer.run(stop)))
@@ -98,7 +98,7 @@ async def test_a_redis_error_after_the_optimizer_step_never_trains_the_groups_ag
 @pytest.mark.parametrize(
     ("writer", "says"),
     [
-        ("save", "the resume state of step 1 could not be written"),
+        ("finish_resume", "the resume state of step 1 could not be written"),
         ("save_weights", "trainer step 1 was taken but its model directory was not written"),
     ],
 )

@@ -29,7 +29,7 @@ def group(trainer: Trainer, gid: str, variant: Variant, rewards: list[float], tr
         prompt = [1, 40, 41, 42]
         completion = torch.randint(3, 500, (6,), generator=gen).tolist()
         with torch.no_grad():
-            logits = trainer.model(torch.tensor([prompt + completion])).logits[0] / 0.8
+            logits = trainer.policy.lm(torch.tensor([prompt + completion])).logits[0] / 0.8
         lp = torch.log_softmax(logits, -1)
         logprobs = [float(lp[len(prompt) - 1 + k, t]) for k, t in enumerate(completion)]
         samples.append(
