@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from services.common.config import ServiceSettings, section_config
 from services.common.engine_client import EngineClient
@@ -124,6 +124,14 @@ class TrainerSettings(ServiceSettings):
     CUDA (SGLang serves bf16) and float32 on CPU (the CPU engine's dtype, so the first
     on-policy importance ratio is 1 up to float error)."""
 
+    @field_validator("cpu_offload")
+    @classmethod
+    def _offload_needs_a_gpu(cls, value: bool, info: ValidationInfo) -> bool:
+        device = str(info.data.get("device", ""))
+        if value and not device.startswith("cuda"):
+            raise ValueError(f"moves the sharded state off a GPU: it needs device 'cuda' (device is {device!r})")
+        return value
+
     def weights_dtype(self) -> Any:
         """``serving_dtype`` as a torch dtype, "auto" resolved by ``device``."""
         import torch
@@ -161,8 +169,8 @@ class TrainerSettings(ServiceSettings):
     activation memory drops to about a layer's inputs (``pope trainer plan`` gives both),
     at about a third more compute."""
     cpu_offload: bool = False
-    """Under torchrun: keep the sharded weights, gradients and AdamW state in host memory
-    (FSDP2's CPUOffloadPolicy), each layer copied to the GPU as it runs."""
+    """Under torchrun on CUDA: keep the sharded weights, gradients and AdamW state in host
+    memory (FSDP2's CPUOffloadPolicy), each layer copied to the GPU as it runs."""
     record_groups: Path | None = None
     """Append every trained group to this JSON-lines file (its ids, token ids, logprobs,
     rewards and the step that trained it), for ``pope trainer replay --groups FILE``."""
