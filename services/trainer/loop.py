@@ -312,7 +312,7 @@ class Trainer:
                 self.state = self.state.advanced(ids, self.policy.scheduler.state_dict())
                 self.trained.update(ids)
                 if cfg.record_groups is not None:
-                    await asyncio.to_thread(replay.record, cfg.record_groups, self.version, self.lineage.id, groups)
+                    await self._record_groups(groups)
                 self.weights = await asyncio.to_thread(self._save_weights)
         except Exception as exc:
             # The weights hold a step the engine cannot load: exit; a restart resumes from
@@ -360,6 +360,17 @@ class Trainer:
 
         await self._until_written("the step's metrics", add_to_history)
         self._idle_since = time.monotonic()
+
+    async def _record_groups(self, groups: list[ScoredGroup]) -> None:
+        """Append the step's groups to ``record_groups`` (a debugging record: a failed write
+        is logged, the training goes on)."""
+        assert self.settings.record_groups is not None
+        try:
+            await asyncio.to_thread(replay.record, self.settings.record_groups, self.version, self.lineage.id, groups)
+        except OSError as exc:
+            log.warning(
+                "step %d: could not record its groups in %s (%s)", self.version, self.settings.record_groups, exc
+            )
 
     async def _until_written(self, what: str, write: Any) -> None:
         """``await write()`` until no RedisError (backoff 0.2 s doubling to 5 s); a stopping

@@ -29,7 +29,7 @@ from services.trainer import checkpoint
 from services.trainer.grpo import token_logprobs
 from services.trainer.settings import TrainerSettings
 from services.trainer.step import lr_lambda, train_step
-from services.trainer.world import World
+from services.trainer.world import World, send
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,13 @@ class Policy:
 def build(settings: TrainerSettings, world: World, resume: Path | None) -> Policy:
     """The policy, sharded over ``world``: the resume state at ``resume`` when given (its
     architecture from the directory's config, its weights and AdamW state from the DCP
-    checkpoint), else ``settings.model_path``. Every rank reads the files itself."""
+    checkpoint), else ``settings.model_path``. Every rank reads the files itself; under
+    torchrun the resume state is rank 0's ``resume`` (the others' is not looked at)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if world.distributed:  # rank 0's choice: every rank loads the very same resume state
+        chosen = send(world, {"resume": str(resume) if resume is not None else None} if world.leader else None)
+        resume = Path(chosen["resume"]) if chosen["resume"] is not None else None
     if resume is not None:
         lm = _architecture(resume)
     elif settings.model_path is not None:
@@ -125,13 +129,15 @@ def _architecture(directory: Path) -> Any:
     """The model its ``config.json`` describes, float32, weights left uninitialised (the
     resume state overwrites every one; buffers computed at construction, such as rotary
     frequencies, are made as usual)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(directory)
     with no_init_weights():
         lm: Any = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     lm.tie_weights()  # (which skipping the initialisation skips too)
+    if (directory / "generation_config.json").is_file():  # from_config makes a default one
+        lm.generation_config = GenerationConfig.from_pretrained(directory)
     return lm
 
 
@@ -153,7 +159,11 @@ def place(net: Logprobs, settings: TrainerSettings, world: World) -> Logprobs:
     layers = _decoder_layers(net.lm)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
-    fully_shard(net, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    # The root's float inputs are the sampling temperatures: cast to bf16 (0.8 becomes
+    # 0.80078125) they would bias every logprob against the engine's. The layers' inputs
+    # are hidden states, bf16 already.
+    root_mp = MixedPrecisionPolicy(mp.param_dtype, mp.reduce_dtype, mp.output_dtype, cast_forward_inputs=False)
+    fully_shard(net, mesh=mesh, mp_policy=root_mp, offload_policy=offload)
     return net
 
 
@@ -202,31 +212,44 @@ def engine_tensors(policy: Policy, dtype: torch.dtype) -> Iterator[tuple[str, to
         del full
 
 
-def _state(policy: Policy) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+def _state(policy: Policy, with_optimizer: bool) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
+    if not with_optimizer:
+        return {"model": get_model_state_dict(policy.lm)}
     model, optim = get_state_dict(policy.lm, policy.optimizer)
     return {"model": model, "optimizer": optim}
 
 
 def save_resume(policy: Policy, directory: Path) -> None:
     """Write this rank's shard of the master weights and AdamW state into ``directory`` (a
-    collective: every rank calls it with the same path; files fsynced)."""
+    collective: every rank calls it with the same path; files fsynced). An AdamW that has
+    not stepped yet is left out: torch would make its state by stepping it at rate 0, which
+    starts every moment's step count at 1 (the live optimizer's too)."""
     from torch.distributed.checkpoint.state_dict_saver import save
 
-    save(_state(policy), checkpoint_id=str(directory / DCP_DIR), no_dist=not policy.world.distributed)
+    stepped = bool(policy.optimizer.state)
+    save(_state(policy, stepped), checkpoint_id=str(directory / DCP_DIR), no_dist=not policy.world.distributed)
 
 
 def load_resume(policy: Policy, directory: Path) -> checkpoint.TrainerState:
     """Load the resume state at ``directory`` (written at any world size) into this rank's
     shards, with the LR schedule and the RNGs; returns its trainer state."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
     from torch.distributed.checkpoint.state_dict_loader import load
 
     trainer_state = checkpoint.load_state(directory)  # first: refuses another run format
-    state = _state(policy)
+    stored = FileSystemReader(str(directory / DCP_DIR)).read_metadata().state_dict_metadata
+    stepped = any(key.startswith("optimizer.") for key in stored)
+    state = _state(policy, stepped)
     load(state, checkpoint_id=str(directory / DCP_DIR), no_dist=not policy.world.distributed)
-    set_state_dict(policy.lm, policy.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    if stepped:
+        set_state_dict(
+            policy.lm, policy.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        )
+    else:
+        set_model_state_dict(policy.lm, state["model"])
     if trainer_state.lr_scheduler:
         policy.scheduler.load_state_dict(trainer_state.lr_scheduler)
     checkpoint.restore_rng(directory, trainer_state)

@@ -12,7 +12,9 @@ Replay trains those steps in order with no Redis and no engine, through the trai
 operations (operations.py) at any ``--nproc``, and writes the same checkpoints (the engine
 directory every step, the resume state every ``save_every``) and the metrics log: for
 debugging a run, reproducing a step, and checking world sizes against each other. It
-starts after the newest resume state in ``checkpoint_dir``, so it resumes too.
+starts after the newest resume state in ``checkpoint_dir``, so it resumes too. It trains in
+one lineage, the resume state's: the steps of a run that forked a lineage are replayed
+with the same weights under that one lineage's names.
 
 A trainer that crashed retrains the steps after its last resume state, so a file can hold
 step N twice: a step begun again (index 0 of a step already read) supersedes what was
@@ -38,14 +40,16 @@ def record(path: Path, step: int, lineage: int, groups: list[ScoredGroup]) -> No
     """Append the groups step ``step`` trained on, one line each (flushed, not fsynced: a
     debugging record, not a ledger)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("ab+") as f:  # did a crash cut the last line short?
+        torn = f.tell() > 0 and f.seek(-1, 2) >= 0 and f.read(1) != b"\n"
     lines = [
         json.dumps(
             {"step": step, "lineage": lineage, "index": i, "of": len(groups), "group": g.model_dump(mode="json")}
         )
         for i, g in enumerate(groups)
     ]
-    with path.open("a") as f:
-        f.write("".join(line + "\n" for line in lines))
+    with path.open("a") as f:  # a line a crash cut short is closed off first (read skips it)
+        f.write(("\n" if torn else "") + "".join(line + "\n" for line in lines))
 
 
 def read(path: Path) -> list[tuple[int, list[ScoredGroup]]]:

@@ -131,3 +131,20 @@ def test_a_state_replaced_under_its_name_is_never_missing_and_leftovers_go(
     again = ranks.save_resume(tmp_path, checkpoint.TrainerState(step=5, lineage={"id": 1}), {}, 3)
     assert checkpoint.latest(tmp_path) == again and checkpoint.load_state(again).history.id == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000005"]  # no aside, no temporary
+
+
+def test_a_resume_state_before_any_step_leaves_adam_unstepped(tmp_path: Path, tiny: tuple[Any, Any]) -> None:
+    """Written before the first optimizer step (a stop that saves a new lineage at step 0):
+    AdamW's state is left out, not made by stepping it at rate 0, and loads as none."""
+    from services.trainer import policy
+
+    model, tok = tiny
+    ranks = _ranks(model, tok)
+    path = ranks.save_resume(tmp_path, checkpoint.TrainerState(step=0), {}, keep=1)
+    assert not ranks.policy.optimizer.state  # the live one is untouched
+    generation = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**generation, "temperature": 0.6}))
+    loaded = policy.build(TrainerSettings(), World(), path)
+    assert not loaded.optimizer.state and loaded.resumed is not None and loaded.resumed.step == 0
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.lm.state_dict().values()))
+    assert loaded.lm.generation_config.temperature == 0.6  # the directory's, not one made from config.json

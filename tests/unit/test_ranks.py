@@ -44,3 +44,14 @@ def test_a_step_cut_short_by_a_crash_is_left_out(tmp_path: Path) -> None:
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:4]) + "\n" + lines[4][:50])  # step 2: one whole line, one torn
     assert [n for n, _ in replay.read(path)] == [1]
+
+
+def test_a_step_recorded_after_a_torn_line_is_read_whole(tmp_path: Path) -> None:
+    path = recorded_steps(tmp_path / "g.jsonl", steps=2, groups_per_step=2)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3]) + "\n" + lines[3][:40])  # killed while writing step 2
+    again = recorded_steps(tmp_path / "again.jsonl", steps=2, groups_per_step=2, seed=5)
+    step_two = replay.read(again)[1][1]
+    replay.record(path, 2, 0, step_two)  # the restart trains step 2 again and records it
+    assert [[g.group_id for g in gs] for _, gs in replay.read(path)] == [["s1g0", "s1g1"], ["s2g0", "s2g1"]]
+    assert replay.read(path)[1][1][0].samples[0].completion_ids == step_two[0].samples[0].completion_ids
