@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from services.trainer import checkpoint, policy, replay
 from services.trainer.operations import Ranks
+from services.trainer.service import ARGV_VARIABLE, torchrun_command
 from services.trainer.settings import TrainerSettings
 from services.trainer.world import World
 from tests.factories import recorded_steps
@@ -60,17 +61,26 @@ def _flags(options: dict[str, Any]) -> list[str]:
     return out
 
 
-def replay_at(nproc: int, groups: Path, run: Path, model: Path, options: dict[str, Any], max_steps: int) -> None:
-    """``pope trainer replay`` at ``nproc`` ranks into ``run`` (checkpoints and metrics)."""
+def replay_at(
+    nproc: int, groups: Path, run: Path, model: Path, options: dict[str, Any], max_steps: int, torchrun: bool = False
+) -> None:
+    """``pope trainer replay`` at ``nproc`` ranks into ``run`` (checkpoints and metrics);
+    ``torchrun``: under torchrun even at one rank (FSDP2 at world size 1)."""
     pope = str(Path(sys.executable).parent / "pope")
-    args = [pope, "trainer", "replay", "--groups", str(groups), "--model", str(model)]
+    args = ["trainer", "replay", "--groups", str(groups), "--model", str(model)]
     args += ["--checkpoint-dir", str(run / "ck"), "--metrics-log", str(run / "metrics.jsonl")]
-    args += ["--nproc", str(nproc), "--max-steps", str(max_steps), "--save-every", "2"]
+    args += ["--max-steps", str(max_steps), "--save-every", "2"]
     args += _flags({**COMMON, **options})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    if torchrun:
+        command = torchrun_command(nproc, 3.0)
+        env[ARGV_VARIABLE] = json.dumps(args)
+    else:
+        command = [pope, *args, "--nproc", str(nproc)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    assert (f"FSDP2 over {nproc} ranks" if nproc > 1 else "(one process)") in done.stderr
+    sharded = nproc > 1 or torchrun
+    assert (f"FSDP2 over {nproc} ranks" if sharded else "(one process)") in done.stderr
 
 
 def metrics(run: Path) -> dict[int, dict[str, Any]]:

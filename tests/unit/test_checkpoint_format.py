@@ -146,5 +146,6 @@ def test_a_resume_state_before_any_step_leaves_adam_unstepped(tmp_path: Path, ti
     (path / "generation_config.json").write_text(json.dumps({**generation, "temperature": 0.6}))
     loaded = policy.build(TrainerSettings(), World(), path)
     assert not loaded.optimizer.state and loaded.resumed is not None and loaded.resumed.step == 0
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.lm.state_dict().values()))
+    pairs = zip(model.state_dict().values(), loaded.lm.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     assert loaded.lm.generation_config.temperature == 0.6  # the directory's, not one made from config.json
