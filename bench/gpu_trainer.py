@@ -31,19 +31,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.common.messages import RawGroup, Sample, Score, ScoredGroup
+from services.trainer.plan import QWEN3_4B_CONFIG
 from services.trainer.settings import TrainerSettings
 from services.trainer.step import lr_lambda, train_step
 
 SHAPES: dict[str, dict[str, Any]] = {
-    "qwen3-4b": {  # Qwen/Qwen3-4B's config.json (services/trainer/plan.py has the same)
-        "hidden_size": 2560,
-        "intermediate_size": 9728,
-        "num_hidden_layers": 36,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "vocab_size": 151936,
-        "tie_word_embeddings": True,
+    # Qwen/Qwen3-4B's config.json as the memory plan has it (less what this bench sets itself)
+    "qwen3-4b": {
+        k: v
+        for k, v in QWEN3_4B_CONFIG.items()
+        if k not in ("architectures", "model_type", "max_position_embeddings", "torch_dtype")
     },
     # Qwen3-0.6B: 28 layers, hidden 1024, 16 heads (8 KV), head_dim 128, MLP 3072, vocab 151936
     "qwen3-0.6b": {
