@@ -105,10 +105,46 @@ def scoring_handler(keys: Keys):  # type: ignore[no-untyped-def]
     return handle
 
 
+def random_group(
+    rng: random.Random,
+    group_id: str,
+    problem_id: str,
+    variant: str,
+    temperature: float | list[float],
+    finish: FinishReason,
+    vocab: int = 500,
+    logprob_range: tuple[float, float] = (4.0, 8.0),
+) -> ScoredGroup:
+    """A scored group of 4 random samples (prompt 4 to 14 tokens, completions 1 to 30, token
+    ids from 3 up to ``vocab``), their logprobs drawn from -``logprob_range`` (far from a tiny
+    model's, so ratios clip) and rewards 0 or 1 at even odds; ``temperature``, or one drawn
+    from the list after them."""
+    prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(4, 14))]
+    samples = []
+    for _ in range(4):
+        completion = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 30))]
+        samples.append(
+            Sample(
+                problem_id=problem_id,
+                variant=variant,
+                prompt_ids=prompt,
+                completion_ids=completion,
+                logprobs=[-rng.uniform(*logprob_range) for _ in completion],
+                finish_reason=finish,
+                weight_version=0,
+                text="",
+            )
+        )
+    rewards = [float(rng.random() < 0.5) for _ in samples]
+    if isinstance(temperature, list):
+        temperature = rng.choice(temperature)
+    return scored_group(samples, rewards, group_id=group_id, temperature=temperature)
+
+
 def recorded_steps(path: Path, steps: int, groups_per_step: int, seed: int = 0) -> Path:
-    """``path``: a ``trainer.record_groups`` file of ``steps`` steps of random groups of 4
+    """``path``: a ``trainer.record_groups`` file of ``steps`` steps of ``random_group``s
     (hinted and unhinted, temperatures 0.7 to 1.3, one group in four truncated, token ids
-    under 400, logprobs far from a tiny model's so ratios clip), for ``pope trainer replay``."""
+    under 400), for ``pope trainer replay``."""
     from services.trainer import replay
 
     rng = random.Random(seed)
@@ -117,25 +153,7 @@ def recorded_steps(path: Path, steps: int, groups_per_step: int, seed: int = 0) 
         for i in range(groups_per_step):
             variant = "hinted" if i % 2 else "unhinted"
             finish = FinishReason.LENGTH if i % 4 == 3 else FinishReason.STOP
-            prompt = [rng.randrange(3, 400) for _ in range(rng.randint(4, 14))]
-            samples = []
-            for _ in range(4):
-                completion = [rng.randrange(3, 400) for _ in range(rng.randint(1, 30))]
-                logprobs = [-rng.uniform(2.0, 7.0) for _ in completion]
-                samples.append(
-                    Sample(
-                        problem_id=f"p{i}",
-                        variant=variant,
-                        prompt_ids=prompt,
-                        completion_ids=completion,
-                        logprobs=logprobs,
-                        finish_reason=finish,
-                        weight_version=0,
-                        text="",
-                    )
-                )
-            rewards = [float(rng.random() < 0.5) for _ in samples]
-            temperature = rng.choice([0.7, 1.0, 1.3])
-            groups.append(scored_group(samples, rewards, group_id=f"s{step}g{i}", temperature=temperature))
+            temperatures = [0.7, 1.0, 1.3]
+            groups.append(random_group(rng, f"s{step}g{i}", f"p{i}", variant, temperatures, finish, 400, (2.0, 7.0)))
         replay.record(path, step, 0, groups)
     return path

@@ -12,34 +12,17 @@ from typing import Any
 import pytest
 import torch
 
-from services.common.messages import FinishReason, Sample, Score, ScoredGroup, Variant
+from services.common.messages import FinishReason, Score, ScoredGroup, Variant
 from services.trainer.batch import Row, collate, collate_packed, pack_micro_batches
 from services.trainer.grpo import token_logprobs
 from services.trainer.policy import Logprobs
 from services.trainer.settings import TrainerSettings
 from services.trainer.step import lr_lambda, train_step
-from tests.factories import scored_group
+from tests.factories import random_group
 
 
 def _group(rng: random.Random, i: int, variant: str, temperature: float, finish: FinishReason) -> ScoredGroup:
-    prompt = [rng.randrange(3, 500) for _ in range(rng.randint(4, 14))]
-    samples = []
-    for _ in range(4):
-        completion = [rng.randrange(3, 500) for _ in range(rng.randint(1, 30))]
-        samples.append(
-            Sample(
-                problem_id=f"p{i}",
-                variant=variant,
-                prompt_ids=prompt,
-                completion_ids=completion,
-                logprobs=[-rng.uniform(4.0, 8.0) for _ in completion],  # far from the model's: ratios clip
-                finish_reason=finish,
-                weight_version=0,
-                text="",
-            )
-        )
-    rewards = [float(rng.random() < 0.5) for _ in samples]
-    return scored_group(samples, rewards, group_id=f"g{i}", temperature=temperature)
+    return random_group(rng, f"g{i}", f"p{i}", variant, temperature, finish)
 
 
 def _groups() -> list[ScoredGroup]:
