@@ -81,7 +81,15 @@ def _up(args: argparse.Namespace) -> int:
         else RestartPolicy(crash_loop_deaths=args.crash_loop, crash_loop_window_s=args.crash_window)
     )
     return up(
-        args.model, args.config, args.redis_url, args.problems, args.steps, args.run_dir, args.fresh, restart=restart
+        args.model,
+        args.config,
+        args.redis_url,
+        args.problems,
+        args.steps,
+        args.run_dir,
+        args.fresh,
+        restart=restart,
+        engines=args.engines,
     )
 
 
@@ -395,6 +403,17 @@ def _experiment_commands() -> ModuleType | None:
     return experiments.cli
 
 
+def _router(args: argparse.Namespace) -> int:
+    from services import router
+
+    try:
+        router.run(args.host, args.port, args.prometheus_port, args.log_level)
+    except router.RouterMissing as exc:
+        print(f"pope router: {exc}", file=sys.stderr)
+        return 2
+    return 0  # not reached: run execs the router
+
+
 def build_parser() -> argparse.ArgumentParser:
     experiments = _experiment_commands()
     parser = argparse.ArgumentParser(
@@ -436,6 +455,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"see --crash-loop (default: {policy.crash_loop_window_s:.0f})",
     )
     up.add_argument("--no-restart", action="store_true", help="a service that dies stops the stack at once")
+    up.add_argument(
+        "--engines",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N CPU engines behind SGLang's router (needs sglang-router), every one kept on the trainer's "
+        "weights (default: 1, no router)",
+    )
     up.set_defaults(func=_up)
 
     # Every setting of a service's section is a flag (services/common/settings_cli.py).
@@ -448,6 +475,17 @@ def build_parser() -> argparse.ArgumentParser:
     _trainer_plan_parser(trainer)
     verifier = _service_parser(sub, "verifier", "the verifier service: math-verify scoring of raw groups")
     verifier.set_defaults(func=_verifier)
+
+    router = sub.add_parser(
+        "router",
+        help="SGLang's router (sglang-router) in front of several engines",
+        description="SGLang's router, no workers at start: the trainer adds each engine once it serves its weights.",
+    )
+    router.add_argument("--host", default="127.0.0.1", help="interface it binds (default: 127.0.0.1)")
+    router.add_argument("--port", type=int, default=30000, help="its port (default: 30000, SGLang's)")
+    router.add_argument("--prometheus-port", type=int, default=29000, help="its metrics port (default: 29000)")
+    router.add_argument("--log-level", default="warn", choices=["debug", "info", "warn", "error"])
+    router.set_defaults(func=_router)
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="action", required=True)
     init = model.add_parser("init", help="build a tiny HF-format model locally (no network)")

@@ -250,11 +250,22 @@ def running(
         stack.stop()
 
 
-def engine_child(model: str, port: int | None = None, args: Sequence[str] = ()) -> tuple[Child, str]:
+def engine_child(
+    model: str, port: int | None = None, args: Sequence[str] = (), name: str = "engine"
+) -> tuple[Child, str]:
     """``pope engine`` serving ``model`` on ``port`` (a free one if None), and its URL."""
     port = free_port() if port is None else port
     url = f"http://127.0.0.1:{port}"
-    return Child("engine", ["engine", "--model", model, "--port", str(port), *args], f"{url}/health"), url
+    return Child(name, ["engine", "--model", model, "--port", str(port), *args], f"{url}/health"), url
+
+
+def router_child(port: int | None = None, name: str = "router") -> tuple[Child, str]:
+    """``pope router`` (SGLang's router, no workers yet) on ``port`` (a free one if None),
+    its metrics on a free port, and its URL."""
+    port = free_port() if port is None else port
+    url = f"http://127.0.0.1:{port}"
+    args = ["router", "--port", str(port), "--prometheus-port", str(free_port())]
+    return Child(name, args, f"{url}/liveness"), url
 
 
 def verifier_child(

@@ -1,11 +1,14 @@
 """``pope up``: the whole stack on one machine, as separate processes, from one config.
 
-    pope up --model DIR [--config FILE] [--problems FILE] [--steps N]
+    pope up --model DIR [--config FILE] [--problems FILE] [--steps N] [--engines N]
 
 Starts Redis if none answers (a private redis-server), then the engine, verifier,
 trainer and rollout service, each its own process reading its own section of the one
 config file, on the configured ports (defaults: engine 30000, rollout 8000, verifier
-8001, trainer 8002). Waits for each to be healthy, optionally submits problems, then
+8001, trainer 8002). With ``--engines N`` (N > 1) it starts N engines on free ports and
+SGLang's router on the engine port; generation goes through the router, and the trainer
+keeps every engine on its weights and the router's workers to those that serve them
+(services/trainer/fleet.py). Waits for each to be healthy, optionally submits problems, then
 prints progress (trainer step, reward by variant, throughput) until Ctrl-C / SIGTERM,
 or until the trainer reaches ``--steps``; then stops everything cleanly, within
 ``stack.STOP_WITHIN_S``. Each process logs to ``<run_dir>/logs/<name>.log``.
@@ -36,7 +39,9 @@ from services.common.redis_server import answers, redis_for
 from services.engine.settings import EngineSettings
 from services.restarts import RestartPolicy
 from services.rollout.settings import RolloutSettings
-from services.stack import Child, Stack, engine_child, running, say, verifier_child
+from services.router import RouterMissing
+from services.router import check_installed as check_router_installed
+from services.stack import Child, Stack, engine_child, router_child, running, say, verifier_child
 from services.trainer.settings import TrainerSettings
 from services.verifier.settings import VerifierSettings
 
@@ -68,8 +73,17 @@ def progress_line(status: dict[str, Any], started: float) -> str:
         f"unhinted {_fmt(m.get('reward_unhinted'))} | groups solved hinted {_fmt(m.get('hinted/solve_rate'))} "
         f"unhinted {_fmt(m.get('unhinted/solve_rate'))} | rollout step {r.get('step') or 0}{waiting} | "
         f"{r.get('groups_per_min') or 0:.0f} groups/min | unscored groups {pending} | "
-        f"engine v{status.get('engine', {}).get('weight_version')}"
+        f"{_engines(status.get('engine', {}))}"
     )
+
+
+def _engines(engine: dict[str, Any]) -> str:
+    """``engine v3``; with several: ``engines v3, 2/3 serving`` (the oldest routed version)."""
+    records = engine.get("engines") or []
+    if len(records) <= 1:
+        return f"engine v{engine.get('weight_version')}"
+    serving = sum(r.get("state") in ("serving", "updating") for r in records)
+    return f"engines v{engine.get('weight_version')}, {serving}/{len(records)} serving"
 
 
 def wipe(url: str, rollout: RolloutSettings, trainer: TrainerSettings, out: TextIO) -> None:
@@ -91,6 +105,19 @@ def wipe(url: str, rollout: RolloutSettings, trainer: TrainerSettings, out: Text
         else:
             path.unlink()
         say(LABEL, f"--fresh: deleted {path}", out)
+
+
+def engines_and_router(model: str, n: int, port: int, cfg: list[str]) -> tuple[list[Child], list[str]]:
+    """The engine children and their URLs. One engine: on ``port``. More: each on a free
+    port, and SGLang's router on ``port`` (what generation calls), started with no workers:
+    the trainer adds each engine once it serves its weights (services/trainer/fleet.py).
+    Listed engines first, so the router and the engines stop last."""
+    if n == 1:
+        child, url = engine_child(model, port, cfg)
+        return [child], [url]
+    pairs = [engine_child(model, None, cfg, name=f"engine-{i}") for i in range(n)]
+    router, _ = router_child(port)
+    return [*(c for c, _ in pairs), router], [u for _, u in pairs]
 
 
 def engine_key_problem(engine: EngineSettings, **clients: RolloutSettings | TrainerSettings) -> str | None:
@@ -117,15 +144,22 @@ def up(
     fresh: bool = False,
     out: TextIO = sys.stdout,
     restart: RestartPolicy | None = DEFAULT_RESTART,
+    engines: int = 1,
 ) -> int:
     """Run the stack until ``steps`` (or Ctrl-C / SIGTERM); 0 when it stopped cleanly.
-    ``restart``: how dead services are started again (None: the first death stops all)."""
+    ``restart``: how dead services are started again (None: the first death stops all).
+    ``engines`` > 1: that many engines behind SGLang's router (``engines_and_router``)."""
     with stop_on_signals() as stopping:
         engine_s, rollout_s = load_settings(EngineSettings, config), load_settings(RolloutSettings, config)
         verifier_s, trainer_s = load_settings(VerifierSettings, config), load_settings(TrainerSettings, config)
         sections = {"engine": engine_s, "rollout": rollout_s, "verifier": verifier_s, "trainer": trainer_s}
         model = model or engine_s.model_path
         problem = model_dir_problem(model, "up") or engine_key_problem(engine_s, rollout=rollout_s, trainer=trainer_s)
+        if engines > 1 and problem is None:
+            try:
+                check_router_installed()
+            except RouterMissing as exc:
+                problem = f"pope up --engines {engines}: {exc}"
         if model is None or problem:
             print(problem, file=sys.stderr)
             return 2
@@ -139,10 +173,11 @@ def up(
         with redis_for(redis_url or os.environ.get("REDIS_URL")) as url:
             if fresh:
                 wipe(url, rollout_s, trainer_s, out)
-            engine, _ = engine_child(model, ports["engine"], cfg)
+            engine_children, engine_urls = engines_and_router(model, engines, ports["engine"], cfg)
+            router = ["--router-url", engine_url, "--engine-urls", json.dumps(engine_urls[1:])] if engines > 1 else []
             verifier, verifier_url = verifier_child(url, ports["verifier"], cfg)
             children = [
-                engine,
+                *engine_children,
                 verifier,
                 Child(
                     "trainer",
@@ -153,7 +188,8 @@ def up(
                         "--redis-url",
                         url,
                         "--engine-url",
-                        engine_url,
+                        engine_urls[0],
+                        *router,
                         "--model",
                         model,
                         *cfg,
@@ -170,6 +206,7 @@ def up(
                         url,
                         "--engine-url",
                         engine_url,
+                        *(["--engine-router", "true"] if engines > 1 else []),
                         "--model",
                         model,
                         *cfg,

@@ -177,8 +177,17 @@ class EngineClient(retry.RetryingClient):
         retries: int = 5,
         backoff: float = 0.5,
         api_key: str | None = None,
+        rows_apart: bool = False,
+        abort_lost: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
+        """``rows_apart``: send each row of a generation as a request of its own, for SGLang's
+        router, which takes one ``sampling_params`` object and one rid per request (a row's
+        own seed and rid would not pass it as a batch). ``abort_lost(rid)``: how a row whose
+        answer was lost is aborted (True if it was), where this client's own
+        ``/abort_request`` would reach no engine (a router routes no control call)."""
         super().__init__(base_url, timeout=timeout, retries=retries, backoff=backoff, token=api_key)
+        self.rows_apart = rows_apart
+        self._abort_lost = abort_lost
 
     async def _request(
         self,
@@ -250,22 +259,44 @@ class EngineClient(retry.RetryingClient):
             return []
         rid = rid or uuid.uuid4().hex
         body = self.generate_payload(input_ids, params, return_logprob=return_logprob, rid=rid)
-        rids: list[str] = body["rid"]
-
-        async def abort_one(one: str) -> bool:
+        expected = len(input_ids) * params.n
+        if self.rows_apart:  # the first row to fail cancels the others (so their engines abort them)
             try:
-                await self.abort(one)
-            except EngineError as exc:  # the generation fails below either way
-                log.warning("could not abort the lost request %s: %s", one, exc)
-                return False
-            return True
+                async with asyncio.TaskGroup() as group:
+                    tasks = [
+                        group.create_task(self._generate(row, [row["rid"]], rid, 1)) for row in self.row_payloads(body)
+                    ]
+            except* EngineError as failed:
+                raise failed.exceptions[0] from None
+            return [out for task in tasks for out in task.result()]
+        return await self._generate(body, body["rid"], rid, expected)
 
+    @staticmethod
+    def row_payloads(body: dict[str, Any]) -> list[dict[str, Any]]:
+        """``generate_payload``'s batch as one request per row (``rows_apart``): each row
+        its own ``input_ids``, ``sampling_params`` object and rid, as SGLang's router takes them."""
+        return [
+            {**body, "input_ids": ids, "sampling_params": sampling, "rid": one}
+            for ids, sampling, one in zip(body["input_ids"], body["sampling_params"], body["rid"], strict=True)
+        ]
+
+    async def _abort_one(self, one: str) -> bool:
+        try:
+            if self._abort_lost is not None:
+                return await self._abort_lost(one)
+            await self.abort(one)
+        except EngineError as exc:  # the generation fails below either way
+            log.warning("could not abort the lost request %s: %s", one, exc)
+            return False
+        return True
+
+    async def _generate(self, body: dict[str, Any], rids: list[str], rid: str, expected: int) -> list[GenerateOutput]:
         async def abort_lost() -> None:
             # Each row by its rid, as sent: SGLang (0.5.23) keeps the rids of a batch of n = 1
             # rows (io_struct._normalize_rid), and so does the CPU engine. Both match an abort
             # by prefix, so "<rid>-1" also stops "<rid>-10": rows of this same request. At
             # once, so an engine that went away costs one retry loop, not one per row.
-            done = await asyncio.gather(*(abort_one(one) for one in rids))
+            done = await asyncio.gather(*(self._abort_one(one) for one in rids))
             if any(done):
                 log.warning(
                     "aborted %d of the %d rows of the lost request %s on the engine at %s",
@@ -278,7 +309,6 @@ class EngineClient(retry.RetryingClient):
         resp = await self._request("POST", "/generate", body, on_lost=abort_lost)
         data = resp.json()
         rows = data if isinstance(data, list) else [data]
-        expected = len(input_ids) * params.n
         if len(rows) != expected:
             raise EngineError(f"engine returned {len(rows)} outputs for {expected} requested")
         return [GenerateOutput.model_validate(r) for r in rows]

@@ -105,6 +105,11 @@ class Keys:
         return f"{self.prefix}health:{service}:{instance}"
 
     @property
+    def engines(self) -> str:
+        """Hash: engine url -> its EngineRecord JSON (services.common.engines)."""
+        return f"{self.prefix}engines"
+
+    @property
     def hint_jobs(self) -> str:
         """Hash: hint-search job id -> the job's JSON (its request, state and progress)."""
         return f"{self.prefix}hints:jobs"

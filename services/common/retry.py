@@ -78,6 +78,7 @@ async def request(
     under its own id. ``rand`` draws the backoff's jitter (tests pass a fixed one).
     """
     for attempt in range(retries + 1):
+        status: int | None = None  # of the last answer, when the last try got one (503)
         try:
             resp = await http.request(method, path, json=json)
         except httpx.TransportError as exc:
@@ -91,13 +92,13 @@ async def request(
                 ) from exc
         else:
             if resp.status_code == 503:
-                problem = f"{peer} is not ready (503): {resp.text[:200]}"
+                problem, status = f"{peer} is not ready (503): {resp.text[:200]}", 503
             elif not accept(resp):
                 raise fail(f"{method} {path} -> {resp.status_code}: {error_message(resp)}", resp.status_code)
             else:
                 return resp
         if attempt == retries:
-            raise fail(problem, None)
+            raise fail(problem, status)
         delay = backoff_delay(attempt, backoff, rand)
         log.warning("%s (attempt %d of %d); retrying in %.1fs", problem, attempt + 1, retries + 1, delay)
         await asyncio.sleep(delay)

@@ -37,11 +37,12 @@ from prometheus_client import Counter, Gauge
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.common.engine_client import EngineClient, EngineError, SamplingParams
+from services.common.engine_client import EngineError, SamplingParams
 from services.common.keys import TRAINERS, VERIFIERS, Keys
 from services.common.messages import FinishReason, Lineage, Problem, RawGroup, Sample, Variant, version_name
 from services.common.run import claim_run, read_control, shape_of
 from services.common.streams import group_info, publish
+from services.rollout.engines import Engines
 from services.rollout.planlog import PLAN_LOG, Plan, PlanLog, PlannedGroup, load_planner_state, save_planner_state
 from services.rollout.planner import Planner
 from services.rollout.prompts import prompt_ids, user_message
@@ -91,9 +92,10 @@ class LineageChanged(RuntimeError):
 
 class Scheduler:
     def __init__(
-        self, settings: RolloutSettings, redis: Redis, engine: EngineClient, store: ProblemStore, tokenizer: Any
+        self, settings: RolloutSettings, redis: Redis, engines: Engines, store: ProblemStore, tokenizer: Any
     ) -> None:
-        self.settings, self.redis, self.engine, self.store, self.tokenizer = settings, redis, engine, store, tokenizer
+        self.settings, self.redis, self.engines, self.store, self.tokenizer = settings, redis, engines, store, tokenizer
+        self.engine = engines.client
         self.keys = Keys(settings.key_prefix)
         self.planner = Planner(settings.hinted_fraction, settings.include_easy, settings.seed)
         self.step = 0
@@ -208,7 +210,7 @@ class Scheduler:
         if step > trainer + 1 + lag:
             self.waiting_for = f"trainer (at v{trainer}; step {step} may run at most {lag} ahead)"
             return False
-        engine, lineage = await self.engine.served_version()
+        engine, lineage = await self.engines.served_version(self.lineage)
         if not self.lineage.holds(engine, lineage):
             self.waiting_for = (
                 f"the engine to be reloaded (it serves v{version_name(engine, lineage)}, which a rewind lost)"
@@ -266,7 +268,7 @@ class Scheduler:
         if not drained:
             return 0
         # Top-up groups must not be stale on arrival: the engine must serve recent weights.
-        engine, lineage = await self.engine.served_version()
+        engine, lineage = await self.engines.served_version(control.lineage)
         if not control.lineage.holds(engine, lineage) or engine < control.version - self.settings.max_staleness:
             self.waiting_for = "the engine to load the trainer's weights (the trainer re-pushes them)"
             return 0

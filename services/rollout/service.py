@@ -25,7 +25,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 
-from services.common.engine_client import EngineError
 from services.common.http import add_health_routes, redis_unready, stop_if_failed
 from services.common.http import serve as run_server
 from services.common.keys import ARCHIVERS, TRAINERS, VERIFIERS, Keys
@@ -37,6 +36,7 @@ from services.rollout.api import problems_and_rollouts_router
 from services.rollout.archive import RolloutArchive
 from services.rollout.archiver import Archiver
 from services.rollout.attempts import Attempter
+from services.rollout.engines import Engines
 from services.rollout.evaluation import PeriodicEval
 from services.rollout.hint_jobs import HintJobs, hint_jobs_router
 from services.rollout.scheduler import Scheduler
@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 def create_app(settings: RolloutSettings) -> FastAPI:
     keys = Keys(settings.key_prefix)
     redis = Redis.from_url(settings.redis_url)
-    engine = settings.engine_client(retries=2)
+    engines = Engines(settings, redis)
+    engine = engines.client
     store = ProblemStore(redis, keys)
     archive = RolloutArchive(settings.archive_dir / "rollouts.jsonl")
     stop = asyncio.Event()
@@ -75,7 +76,7 @@ def create_app(settings: RolloutSettings) -> FastAPI:
         keys,
         store,
         attempter,
-        engine.weight_version,
+        engines.weight_version,
         settings.poll_interval_s,
     )
 
@@ -95,7 +96,7 @@ def create_app(settings: RolloutSettings) -> FastAPI:
         if settings.schedule:
             if not settings.model_path:
                 raise SystemExit("pope rollout: the scheduler needs the model's tokenizer: --model DIR")
-            held["scheduler"] = Scheduler(settings, redis, engine, store, await asyncio.to_thread(tokenizer))
+            held["scheduler"] = Scheduler(settings, redis, engines, store, await asyncio.to_thread(tokenizer))
             scheduling = asyncio.create_task(held["scheduler"].run(stop))
             scheduling.add_done_callback(lambda t: stop_if_failed(app, t, "scheduler"))
             cut_short.append(scheduling)
@@ -149,14 +150,10 @@ def create_app(settings: RolloutSettings) -> FastAPI:
         trainer: dict[str, Any] = control.model_dump(mode="json", exclude={"schema_version", "kind"}) if control else {}
         trainer["last_step"] = json.loads(last) if last else None
         rollout = {k.decode(): _num(v) for k, v in (await redis.hgetall(keys.state("rollout"))).items()}  # type: ignore[misc]
-        try:
-            engine_version: int | None = await engine.weight_version()
-        except EngineError:
-            engine_version = None
         scheduler: Scheduler | None = held.get("scheduler")
         return {
             "trainer": trainer,
-            "engine": {"url": settings.engine_url, "weight_version": engine_version},
+            "engine": await engines.status(),
             "rollout": {
                 **rollout,
                 "step": scheduler.step if scheduler else rollout.get("step"),

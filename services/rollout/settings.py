@@ -88,14 +88,22 @@ class RolloutSettings(ServiceSettings):
     port: int = Field(8000, ge=0, le=65535)
     """User-facing HTTP API."""
     engine_url: str = "http://127.0.0.1:30000"
-    """Inference engine (SGLang or the CPU engine)."""
+    """Where generation goes: an inference engine (SGLang or the CPU engine), or SGLang's
+    router in front of many (then set ``engine_router``)."""
+    engine_router: bool = False
+    """``engine_url`` is SGLang's router: each sample is a request of its own (the router
+    takes one sampling_params object and one rid per request), and a lost one is aborted on
+    every engine of the registry (the router routes no control call)."""
     engine_api_key: SecretStr | None = None
     """The engine's API key (SGLang's --api-key, the CPU engine's ``engine.api_key``), when it has one."""
 
-    def engine_client(self, **kwargs: Any) -> EngineClient:
-        """A client of ``engine_url`` that sends ``engine_api_key``; ``kwargs``: EngineClient's."""
+    def engine_client(self, url: str | None = None, **kwargs: Any) -> EngineClient:
+        """A client of ``url`` (default ``engine_url``, with ``engine_router``'s way of
+        sending) that sends ``engine_api_key``; ``kwargs``: EngineClient's."""
         key = self.engine_api_key.get_secret_value() if self.engine_api_key else None
-        return EngineClient(self.engine_url, api_key=key, **kwargs)
+        if url is None:
+            url, kwargs = self.engine_url, {"rows_apart": self.engine_router, **kwargs}
+        return EngineClient(url, api_key=key, **kwargs)
 
     group_size: int = Field(8, ge=2)
     """Samples per group (G); GRPO needs at least two to have a baseline."""

@@ -122,7 +122,7 @@ class Trainer:
         # Trained, still unacked: no resume state holds them yet (at most save_every steps' worth).
         self.uncovered: list[tuple[Entry, ScoredGroup]] = []
         self._unsaved_lineage = False  # a lineage begun here that no resume state holds yet
-        self._serving_at_start: Path | None = None  # the engine's directory when this process began
+        self._serving_at_start: set[Path] = set()  # the engines' directories when this process began
         self._dirty = True  # the state in Redis is behind this object's
         self._weights_lock = asyncio.Lock()  # one of: checkpoint save, push, re-push
         self._stop = asyncio.Event()  # run's
@@ -229,11 +229,14 @@ class Trainer:
         seen: list[tuple[int, int]] = list(checkpoint.weights_versions(self.ckpt_dir))
         if (control := await read_control(self.redis, self.keys)) is not None:
             seen.append((control.version, control.lineage.id))
-        if (served := await self.sink.served_version()) is not None:
+        on_disk = checkpoint.weights_versions(self.ckpt_dir)
+        for served in await self.sink.served_versions():
             seen.append(served)
-            # What the engine serves (a directory of an earlier process) is not pruned
-            # until it serves another: the engine reads it again to roll back a failed load.
-            self._serving_at_start = checkpoint.weights_versions(self.ckpt_dir).get(served)
+            # What an engine serves (a directory of an earlier process) is not pruned until
+            # every engine has loaded this process's: an engine reads it again to roll back
+            # a failed load.
+            if (path := on_disk.get(served)) is not None:
+                self._serving_at_start.add(path)
         mine = self.lineage.id
         if any(lineage > mine or (lineage == mine and step > self.version) for step, lineage in seen):
             new = self.lineage.fork(max([mine, *(lineage for _, lineage in seen)]) + 1, self.version)
@@ -256,7 +259,7 @@ class Trainer:
         path = self.ranks.save_weights(
             self.ckpt_dir, self.version, self.lineage.id, self.weights_dtype, self.settings.weights_shard_mb << 20
         )
-        in_use = {path, *self.sink.in_use} | ({self._serving_at_start} if self._serving_at_start else set())
+        in_use = {path, *self.sink.in_use, *self._serving_at_start}
         checkpoint.prune_weights(self.ckpt_dir, self.settings.keep_weights, in_use)
         return path
 
@@ -340,7 +343,7 @@ class Trainer:
         async with self._weights_lock:
             pushed = await self.sink.push(self.weights, self.version, self.lineage.id)
             if pushed:
-                self._serving_at_start = None  # the sink knows what is served from now on
+                self._serving_at_start.clear()  # the sink knows what is served from now on
         stats.update(
             time_push_s=time.monotonic() - pushing,
             pushed=float(pushed),
@@ -454,22 +457,14 @@ class Trainer:
                 await self.reader.renew(*[e.id for e, _ in self.buffer + self.in_flight + self.uncovered])
 
     async def _watch_engine(self, stop: asyncio.Event) -> None:
-        """Re-push the current version whenever the engine serves any other: one that
-        restarted serves its start-up weights, one that kept a lost lineage's may even look
-        ahead; a failed push is retried next time."""
+        """Every ``repush_interval_s``: every engine checked and, if it serves anything but
+        the current version, loaded with it (one that restarted serves its start-up
+        weights, one that kept a lost lineage's may even look ahead); the router and the
+        engine registry put right (fleet.py). A failed load is tried again next time."""
         while not stop.is_set():
             async with self._weights_lock:
-                served = await self.sink.served_version()
-                current = (self.version, self.lineage.id)
-                if served is not None and self.weights is not None and served != current:
-                    log.warning(
-                        "engine serves v%s, the trainer is at v%s: re-pushing %s",
-                        version_name(*served),
-                        version_name(*current),
-                        self.weights,
-                    )
-                    if await self.sink.push(self.weights, *current):
-                        self._serving_at_start = None
+                if await self.sink.reconcile(self.weights, self.version, self.lineage):
+                    self._serving_at_start.clear()  # every engine serves this process's weights
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.repush_interval_s)
 

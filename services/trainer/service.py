@@ -45,7 +45,7 @@ def create_app(settings: TrainerSettings, world: World | None = None) -> FastAPI
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = Redis.from_url(settings.redis_url)
-        sink = sink_for(settings)
+        sink = sink_for(settings, redis)
         trainer = await asyncio.to_thread(Trainer, settings, redis, sink, world)
         holder["trainer"], holder["redis"] = trainer, redis
         task = asyncio.create_task(trainer.run(stop))

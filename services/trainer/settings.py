@@ -25,10 +25,31 @@ class TrainerSettings(ServiceSettings):
     engine_api_key: SecretStr | None = None
     """The engine's API key (SGLang's --api-key, the CPU engine's ``engine.api_key``), when it has one."""
 
-    def engine_client(self) -> EngineClient:
-        """A client of ``engine_url`` that sends ``engine_api_key``."""
+    engine_urls: list[str] = Field(default_factory=list)
+    """More engines, each pushed every version as ``engine_url`` is (JSON list on a flag:
+    ``--engine-urls '["http://h1:30000", "http://h2:30000"]'``)."""
+    engine_discovery: str | None = None
+    """``host:port`` of a DNS name whose addresses are engines (a Kubernetes headless
+    Service), resolved at every check: engines that appear are loaded and routed, ones that
+    go are forgotten. None: the engines are the listed ones only."""
+    router_url: str | None = None
+    """SGLang's router (``sglang-router``), whose workers the trainer keeps to the engines
+    serving its weights: one that dies or lags past ``max_staleness`` leaves it until it is
+    loaded again; a new one joins once loaded. None: no router (one engine)."""
+    engine_dead_after: int = Field(2, ge=1)
+    """Checks (every ``repush_interval_s``) an engine may fail to answer in a row before it is
+    dead and taken out of the router; a push that cannot reach it (after its retries) makes it
+    dead at once."""
+
+    def engine_client(self, url: str | None = None) -> EngineClient:
+        """A client of ``url`` (``engine_url`` by default) that sends ``engine_api_key``."""
         key = self.engine_api_key.get_secret_value() if self.engine_api_key else None
-        return EngineClient(self.engine_url, api_key=key)
+        return EngineClient(url or self.engine_url, api_key=key)
+
+    def engine_list(self) -> list[str]:
+        """``engine_url`` (if set) and ``engine_urls``, each once, without trailing slashes."""
+        urls = [u.rstrip("/") for u in [self.engine_url, *self.engine_urls] if u]
+        return list(dict.fromkeys(urls))
 
     model_path: str | None = None
     """HF-format model directory to start training from."""
@@ -153,7 +174,8 @@ class TrainerSettings(ServiceSettings):
     consumer_name: str = "trainer"
     """This trainer's consumer name in group "trainers"; stable, so a restart takes back its own pending groups."""
     repush_interval_s: float = Field(10.0, gt=0.0)
-    """How often to check that the engine serves the trainer's version (and re-push if not)."""
+    """How often to check every engine: that it answers and serves the trainer's version
+    (re-pushed if not), and that the router's workers are the engines that may serve."""
     bf16: bool = False
     """bf16 compute on CUDA, the master weights and AdamW state staying float32: autocast in
     one process; under torchrun FSDP2's mixed precision (each layer gathered in bf16)."""

@@ -1,13 +1,14 @@
 """Where the trainer's new weights go: a ``WeightSink``, chosen once from the settings.
 
-    sink = sink_for(settings)          # EngineSink over trainer.engine_url; NoSink if empty
-    applied = await sink.push(path, step, lineage)  # False: not applied (the loop retries later)
-    served = await sink.served_version()  # (step, lineage); None: nothing to compare with
+    sink = sink_for(settings, redis)      # a Fleet over the configured engines; NoSink if none
+    applied = await sink.push(path, step, lineage)  # False: not applied everywhere (retried later)
+    await sink.reconcile(path, step, history)       # now and then: every engine on those weights
+    served = await sink.served_versions()           # (step, lineage) of each engine that answers
     sink.in_use                           # model directories an engine serves or is loading
     await sink.aclose()
 
 The loop writes the engine's model directory every step whatever the sink; the sink only
-decides whether a serving engine loads it. With ``NoSink`` (no engine: tests, an offline
+decides which engines load it (fleet.py). With ``NoSink`` (no engine: tests, an offline
 replay) the ``pushed`` metric stays 0 and no directory is held back from pruning.
 """
 
@@ -17,8 +18,10 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
-from services.common.engine_client import EngineClient, EngineError
-from services.common.messages import version_name
+from redis.asyncio import Redis
+
+from services.common.messages import Lineage
+from services.trainer.fleet import Fleet
 from services.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -34,49 +37,21 @@ class WeightSink(Protocol):
         ...
 
     async def push(self, path: Path, step: int, lineage: int = 0) -> bool:
-        """Have ``path`` served as version (``step``, ``lineage``); True once applied,
-        False (logged) if not."""
+        """Have ``path`` served as version (``step``, ``lineage``); True once applied
+        everywhere, False (logged) if not."""
         ...
 
-    async def served_version(self) -> tuple[int, int] | None:
-        """(step, lineage) being served, for the re-push of the current version to an
-        engine that restarted or kept a lost lineage's; None when unknown (unreachable) or
-        when nothing serves."""
+    async def reconcile(self, path: Path | None, step: int, history: Lineage) -> bool:
+        """Have every engine serve ``path`` as ``step`` of ``history`` (None: the engines'
+        start-up weights are the current ones); True when every engine that answers does."""
+        ...
+
+    async def served_versions(self) -> list[tuple[int, int]]:
+        """(step, lineage) served by each engine that answers, for the lineage check at
+        start-up; empty when none answers or nothing serves."""
         ...
 
     async def aclose(self) -> None: ...
-
-
-class EngineSink:
-    """Pushes to an engine with ``/update_weights_from_disk`` (SGLang or the CPU engine)."""
-
-    def __init__(self, engine: EngineClient) -> None:
-        self.engine = engine
-        self._loading: Path | None = None
-        self._served: Path | None = None
-
-    @property
-    def in_use(self) -> frozenset[Path]:
-        return frozenset(p for p in (self._loading, self._served) if p is not None)
-
-    async def push(self, path: Path, step: int, lineage: int = 0) -> bool:
-        self._loading = path  # protected from pruning from the moment the engine may read it
-        try:
-            await self.engine.update_weights_from_disk(str(path), step, lineage=lineage)
-        except EngineError as exc:
-            log.warning("pushing weights v%s to the engine failed (will retry): %s", version_name(step, lineage), exc)
-            return False
-        self._served, self._loading = path, None
-        return True
-
-    async def served_version(self) -> tuple[int, int] | None:
-        try:
-            return await self.engine.served_version()
-        except EngineError:
-            return None
-
-    async def aclose(self) -> None:
-        await self.engine.aclose()
 
 
 class NoSink:
@@ -87,16 +62,20 @@ class NoSink:
     async def push(self, path: Path, step: int, lineage: int = 0) -> bool:
         return False
 
-    async def served_version(self) -> tuple[int, int] | None:
-        return None
+    async def reconcile(self, path: Path | None, step: int, history: Lineage) -> bool:
+        return False
+
+    async def served_versions(self) -> list[tuple[int, int]]:
+        return []
 
     async def aclose(self) -> None:
         return None
 
 
-def sink_for(settings: TrainerSettings) -> WeightSink:
-    """``EngineSink`` over ``settings.engine_url``; ``NoSink`` when it is empty."""
-    if not settings.engine_url:
+def sink_for(settings: TrainerSettings, redis: Redis | None = None) -> WeightSink:
+    """A ``Fleet`` of the configured engines (``engine_url``, ``engine_urls``,
+    ``engine_discovery``), writing the registry in ``redis``; ``NoSink`` when there are none."""
+    if not settings.engine_list() and not settings.engine_discovery:
         log.info("no engine (trainer.engine_url is empty): checkpoints are written, weights pushed nowhere")
         return NoSink()
-    return EngineSink(settings.engine_client())
+    return Fleet(settings, redis)

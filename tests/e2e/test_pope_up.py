@@ -55,9 +55,12 @@ def run_pope_up(
     *,
     engine: dict[str, Any] | None = None,
     trainer: dict[str, Any] | None = None,
+    up_args: tuple[str, ...] = (),
+    while_running: Any = None,
 ) -> list[dict[str, Any]]:
     """Run `pope up` for two training steps and check the pipeline end to end; return the
-    trainer's metrics log. ``engine`` and ``trainer`` add to those config sections."""
+    trainer's metrics log. ``engine`` and ``trainer`` add to those config sections,
+    ``up_args`` to its command line; ``while_running(status)`` checks more before the stop."""
     ports = {name: free_port() for name in ("engine", "rollout", "verifier", "trainer")}
     config = tmp_path / "pope.yaml"
     config.write_text(
@@ -104,6 +107,7 @@ def run_pope_up(
                 redis_url,
                 "--run-dir",
                 str(tmp_path / "run"),
+                *up_args,
             ],
             cwd=ROOT,
             stdout=out,
@@ -148,6 +152,8 @@ def run_pope_up(
         assert ids[3] not in {r["problem_id"] for r in unhinted}  # the eval problem is not trained on
         stats = httpx.get(f"{api}/v1/problems/{ids[0]}").json()["stats"]
         assert stats["hinted"]["attempts"] > 0 and stats["unhinted"]["attempts"] > 0
+        if while_running is not None:
+            while_running(api, proc, log)
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(120)
@@ -164,3 +170,32 @@ def run_pope_up(
     assert checkpoints and (checkpoints[-1] / "run_record.json").is_file()
     assert os.path.getsize(tmp_path / "rollouts" / "rollouts.jsonl") > 0
     return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pope_up_with_two_engines_behind_the_router(
+    tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys
+) -> None:
+    """``--engines 2``: both engines generate (through SGLang's router), both end on the
+    trainer's weights, and the registry shows each."""
+
+    def both_engines(api: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        def settled(s: dict[str, Any]) -> Any:
+            records, version = s["engine"]["engines"], s["trainer"].get("version")
+            current = all(r["weight_version"] == str(version) and r["state"] == "serving" for r in records)
+            return s if len(records) == 2 and current and all(r["routed"] for r in records) else None
+
+        status = poll(f"{api}/v1/status", settled, 120, proc, log)
+        assert status["engine"]["router"] is True
+
+        def generated(url: str) -> float:
+            ok = 'pope_engine_requests_total{outcome="ok"}'
+            lines = [line for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines() if line.startswith(ok)]
+            return float(lines[0].split()[-1]) if lines else 0.0
+
+        deadline = time.monotonic() + 60
+        for record in status["engine"]["engines"]:  # the router sends each some of the samples
+            while generated(record["url"]) == 0:
+                assert time.monotonic() < deadline, f"{record['url']} generated nothing:\n{log.read_text()[-4000:]}"
+                time.sleep(0.5)
+
+    run_pope_up(tiny_model, tmp_path, redis_url, keys, up_args=("--engines", "2"), while_running=both_engines)

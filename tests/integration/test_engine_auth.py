@@ -57,8 +57,8 @@ async def test_an_engine_with_a_key_refuses_calls_without_it_and_the_services_cl
 
         sink = sink_for(load_settings(TrainerSettings, None))
         try:
-            assert await sink.served_version() == (0, 0)
+            assert await sink.served_versions() == [(0, 0)]
             assert await sink.push(tiny_model, 1)  # the base weights again, served as version 1
-            assert await sink.served_version() == (1, 0)
+            assert await sink.served_versions() == [(1, 0)]
         finally:
             await sink.aclose()

@@ -19,6 +19,7 @@ from services.common.keys import TRAINERS, VERIFIERS, Keys
 from services.common.messages import FinishReason, Lineage, Problem, RawGroup, TrainerControl, Variant, decode
 from services.common.run import write_control
 from services.common.streams import DATA, DeliveryPolicy
+from services.rollout.engines import Engines
 from services.rollout.planlog import PlannedGroup
 from services.rollout.scheduler import Scheduler, group_id
 from services.rollout.settings import RolloutSettings
@@ -43,7 +44,8 @@ async def make(
     )  # type: ignore[arg-type]
     store = ProblemStore(aredis, keys)
     await store.put_many(PROBLEMS)
-    return Scheduler(settings, aredis, engine, store, AutoTokenizer.from_pretrained(str(tiny_model)))
+    engines = Engines(settings, aredis, client=engine)
+    return Scheduler(settings, aredis, engines, store, AutoTokenizer.from_pretrained(str(tiny_model)))
 
 
 async def trainer_at(aredis: Redis, keys: Keys, version: int, buffered: int = 0) -> None:
@@ -276,7 +278,7 @@ async def test_a_new_trainer_lineage_rewinds_the_scheduler_to_its_rollout_positi
     # sampled from: the scheduler waits for the trainer to reload it.
     with running_engine(tiny_model, "--weight-version", "4") as lost_url:
         async with EngineClient(lost_url) as engine:
-            restarted.engine = engine
+            restarted.engine = restarted.engines.client = engine
             assert not await restarted._ready_for(3) and "v4, which a rewind lost" in restarted.waiting_for
             await engine.update_weights_from_disk(str(tiny_model), 2, lineage=1)
             assert await restarted._ready_for(3)

@@ -20,10 +20,11 @@ from services.common.messages import FinishReason, RawGroup, Sample, Score, Scor
 from services.common.run import read_control
 from services.common.streams import DeliveryPolicy, publish
 from services.trainer import checkpoint, policy, replay
+from services.trainer.fleet import Fleet
 from services.trainer.loop import Trainer
 from services.trainer.operations import Ranks
 from services.trainer.settings import TrainerSettings
-from services.trainer.sink import EngineSink, NoSink
+from services.trainer.sink import NoSink
 from services.trainer.world import World
 from tests.conftest import running_engine
 
@@ -119,7 +120,7 @@ async def test_train_push_drop_stale_and_resume(
         repush_interval_s=0.2,
         record_groups=tmp_path / "groups.jsonl",
     )
-    trainer = await asyncio.to_thread(Trainer, cfg, aredis, EngineSink(engine))
+    trainer = await asyncio.to_thread(Trainer, cfg, aredis, Fleet(cfg, aredis))
     stop = asyncio.Event()
     task = asyncio.create_task(trainer.run(stop))
     try:
@@ -203,7 +204,7 @@ async def test_train_push_drop_stale_and_resume(
     assert [json.loads(x)["loss"] for x in replayed.metrics_log.read_text().splitlines()] == [x["loss"] for x in lines]
 
     # Resume: a new trainer picks up at step 2 and does not retrain a redelivered group.
-    again = await asyncio.to_thread(Trainer, cfg, aredis, EngineSink(engine))
+    again = await asyncio.to_thread(Trainer, cfg, aredis, Fleet(cfg, aredis))
     assert again.version == 2 and "s1-g0" in again.trained and again.dropped == {"stale": "stale", "aborted": "aborted"}
     stop = asyncio.Event()
     task = asyncio.create_task(again.run(stop))

@@ -1,0 +1,62 @@
+"""``pope router``: SGLang's own router (``sglang-router``, ``ROUTER_VERSION``) in front of
+the engines, started the way this project runs it.
+
+    pope router --port 30000 [--host 127.0.0.1] [--prometheus-port 29000]
+
+It starts with no workers: the trainer's fleet adds each engine once it serves the
+trainer's weights and takes out one that dies or lags (services/trainer/fleet.py), so the
+router's own health check is off (``--disable-health-check``), which would otherwise evict
+an engine that is slow to answer while it loads new weights. Requests to an engine that
+died before the fleet noticed are retried on another one by the router itself. Round robin,
+since every engine serves the same weights and a group's samples are requests of their own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+from services.common.router_client import ROUTER_VERSION
+
+
+class RouterMissing(RuntimeError):
+    """sglang-router is not installed."""
+
+
+def router_command(host: str, port: int, prometheus_port: int, log_level: str = "warn") -> list[str]:
+    """The router's command line (``python -m sglang_router.launch_router ...``)."""
+    return [
+        sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--policy",
+        "round_robin",
+        "--disable-health-check",
+        # Its Prometheus exporter binds 29000 by default: two routers on a host would collide.
+        "--prometheus-host",
+        host,
+        "--prometheus-port",
+        str(prometheus_port),
+        "--log-level",
+        log_level,
+    ]
+
+
+def check_installed() -> None:
+    if importlib.util.find_spec("sglang_router") is None:
+        raise RouterMissing(
+            f"SGLang's router is not installed: pip install 'sglang-router=={ROUTER_VERSION}' "
+            "(or the project's extra: pip install 'pope-rl[router]')"
+        )
+
+
+def run(host: str, port: int, prometheus_port: int, log_level: str) -> None:
+    """Become the router (exec: signals reach it directly)."""
+    check_installed()
+    command = router_command(host, port, prometheus_port, log_level)
+    os.execv(command[0], command)

@@ -1,0 +1,325 @@
+"""Every engine of the run kept on the trainer's weights: the trainer's ``WeightSink``
+(sink.py) over one engine or many, the engine registry and SGLang's router (DESIGN.md 8).
+
+    fleet = Fleet(settings, redis)                   # trainer.engine_url + engine_urls (+ discovery)
+    await fleet.push(path, step, lineage)            # every live engine loads it; True if all did
+    await fleet.reconcile(path, step, history)       # every repush_interval_s: check, re-push, route
+    await fleet.served_versions()                    # what each reachable engine serves
+    fleet.in_use                                     # directories an engine serves or is loading
+
+The trainer pushes each new version to every engine directly (the router fans nothing
+out). While it loads, an engine is ``updating`` and stays routed: its requests wait for the
+load, as SGLang's disk update makes them. An engine the checks cannot reach
+``engine_dead_after`` times in a row (or a push cannot reach) is ``dead``; one serving
+weights past ``max_staleness``, of a lost lineage, or not the trainer's (a restarted engine
+serves its start-up weights; a new one has loaded nothing yet) is ``lagging``. Neither is
+routed: with a router (``router_url``) the fleet owns its worker list, which holds exactly
+the ``serving`` and ``updating`` engines; a lagging or returning engine is loaded first
+and joins after. Each check and push writes every engine's record to the registry
+(services.common.engines), which the rollout service reads for the versions generation
+may meet, and ``/v1/status`` shows. A Redis or router failure is logged and mended at the
+next check; it never fails a step.
+
+All calls happen under the trainer's weights lock (loop.py), one at a time: a check never
+runs while this fleet is pushing, so an engine busy loading is never judged dead for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.common.engine_client import EngineClient, EngineError
+from services.common.engines import EngineRecord, EngineState, Registry
+from services.common.keys import Keys
+from services.common.messages import Lineage, parse_version, utc_now, version_name
+from services.common.router_client import RouterClient, RouterError
+from services.trainer.settings import TrainerSettings
+
+log = logging.getLogger(__name__)
+
+CHECK_TIMEOUT_S = 5.0
+"""A check's /model_info must answer within this."""
+
+
+@dataclass
+class Engine:
+    """What the fleet knows of one engine."""
+
+    url: str
+    client: EngineClient  # pushes: SGLang's load can take minutes
+    probe: EngineClient  # checks: short, never retried
+    discovered: bool = False  # found by DNS (forgotten when DNS drops it), not configured
+    state: EngineState = EngineState.LAGGING
+    weight_version: str | None = None
+    routed: bool = False
+    failures: int = 0
+    error: str | None = None
+    since: datetime = field(default_factory=utc_now)
+    served: Path | None = None  # the directory this fleet last had it load
+    loading: Path | None = None
+
+    def set_state(self, state: EngineState) -> None:
+        if state is not self.state:
+            routine = {state, self.state} == {EngineState.SERVING, EngineState.UPDATING}  # every push
+            log.log(
+                logging.DEBUG if routine else logging.INFO,
+                "engine %s: %s -> %s",
+                self.url,
+                self.state.value,
+                state.value,
+            )
+            self.state, self.since = state, utc_now()
+
+    def record(self) -> EngineRecord:
+        return EngineRecord(
+            url=self.url,
+            state=self.state,
+            weight_version=self.weight_version,
+            routed=self.routed,
+            failures=self.failures,
+            error=self.error,
+            since=self.since,
+        )
+
+
+class Fleet:
+    """The trainer's engines; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        redis: Redis | None,
+        router: RouterClient | None = None,
+    ) -> None:
+        self.settings = settings
+        self.registry = Registry(redis, Keys(settings.key_prefix)) if redis is not None else None
+        if router is None and settings.router_url:
+            router = RouterClient(settings.router_url)
+        self.router = router
+        self.engines: dict[str, Engine] = {}
+        for url in settings.engine_list():
+            self._add(url, discovered=False)
+        self.history = Lineage()
+        self.current: tuple[int, int] = (0, 0)
+        self._forgotten: set[str] = set()  # to take out of the router and the registry
+
+    def _add(self, url: str, *, discovered: bool) -> Engine:
+        key = self.settings.engine_api_key.get_secret_value() if self.settings.engine_api_key else None
+        engine = Engine(
+            url,
+            EngineClient(url, api_key=key, retries=2),
+            EngineClient(url, api_key=key, retries=0, timeout=CHECK_TIMEOUT_S),
+            discovered=discovered,
+        )
+        self.engines[url] = engine
+        return engine
+
+    # The WeightSink protocol.
+    @property
+    def in_use(self) -> frozenset[Path]:
+        return frozenset(p for e in self.engines.values() for p in (e.served, e.loading) if p is not None)
+
+    async def push(self, path: Path, step: int, lineage: int = 0) -> bool:
+        """Every engine but the dead loads ``path`` as (``step``, ``lineage``), at once;
+        True when every one of them did (and there was one)."""
+        self.current = (step, lineage)
+        targets = [e for e in self.engines.values() if e.state is not EngineState.DEAD]
+        if not targets:
+            await self._settle()
+            return False
+        for e in targets:
+            e.set_state(EngineState.UPDATING)
+        await self._publish()
+        done = await asyncio.gather(*(self._load(e, path, step, lineage) for e in targets))
+        await self._settle()
+        return all(done)
+
+    async def served_versions(self) -> list[tuple[int, int]]:
+        """(step, lineage) of what each engine that answers serves, as the trainer names
+        versions (an engine serving a name it does not know is left out)."""
+        await self._discover()
+        await asyncio.gather(*(self._check(e, count=False) for e in self.engines.values()))
+        versions = []
+        for e in self.engines.values():
+            with contextlib.suppress(ValueError):
+                if e.failures == 0 and e.weight_version is not None:
+                    versions.append(parse_version(e.weight_version))
+        return versions
+
+    async def reconcile(self, path: Path | None, step: int, history: Lineage) -> bool:
+        """Check every engine, load the current weights (``path``, version ``step`` of
+        ``history``) into each that answers and serves anything else, and put the router
+        and the registry right. True when every engine that answers serves them (and one
+        does)."""
+        self.history, self.current = history, (step, history.id)
+        await self._discover()
+        await asyncio.gather(*(self._check(e) for e in self.engines.values()))
+        behind = [e for e in self.engines.values() if e.state is not EngineState.DEAD and not self._current(e)]
+        if path is not None and behind:
+            for e in behind:
+                log.warning(
+                    "engine %s serves v%s, the trainer is at v%s: loading %s",
+                    e.url,
+                    e.weight_version,
+                    version_name(*self.current),
+                    path,
+                )
+            await self._settle()  # the lagging leave the router before they load
+            await asyncio.gather(*(self._load(e, path, step, history.id) for e in behind))
+        await self._settle()
+        live = [e for e in self.engines.values() if e.state is not EngineState.DEAD]
+        return bool(live) and all(self._current(e) for e in live)
+
+    async def aclose(self) -> None:
+        for e in self.engines.values():
+            await e.client.aclose()
+            await e.probe.aclose()
+        if self.router is not None:
+            await self.router.aclose()
+
+    # One engine.
+    def _current(self, e: Engine) -> bool:
+        return e.weight_version == version_name(*self.current)
+
+    def _judge(self, e: Engine) -> EngineState:
+        """SERVING when what ``e`` serves may still be sampled from, else LAGGING."""
+        if self._current(e):
+            return EngineState.SERVING
+        if e.weight_version is None:
+            return EngineState.LAGGING  # not known yet (starting up, say)
+        try:
+            step, lineage = parse_version(e.weight_version)
+        except ValueError:
+            return EngineState.LAGGING  # not a version the trainer issued
+        if lineage == self.current[1] and step > self.current[0]:
+            return EngineState.LAGGING  # ahead of the trainer: not its weights
+        fresh = self.current[0] - step <= self.settings.max_staleness
+        return EngineState.SERVING if fresh and self.history.holds(step, lineage) else EngineState.LAGGING
+
+    def _failed(self, e: Engine, what: str, exc: EngineError, count: bool = True) -> None:
+        """After a failed check or push: unreachable counts towards dead; an answer that
+        refuses (a load that failed, 503 while starting) is an engine that lives."""
+        e.error = f"{what}: {exc}"
+        if exc.status is None:
+            e.failures += count
+            if what == "push" or e.failures >= self.settings.engine_dead_after:
+                e.set_state(EngineState.DEAD)  # a push has already retried
+                return
+            if e.state is not EngineState.UPDATING:
+                return  # one missed check: as it was
+        e.set_state(self._judge(e))
+
+    async def _check(self, e: Engine, count: bool = True) -> None:
+        """Ask ``e`` what it serves; ``count``: an unreachable engine is a step nearer dead
+        (the start-up look, which the first check follows at once, does not count)."""
+        try:
+            info = await e.probe.model_info()
+        except EngineError as exc:
+            self._failed(e, "check", exc, count)
+            return
+        e.failures, e.error, e.weight_version = 0, None, info.weight_version
+        e.set_state(self._judge(e))
+
+    async def _load(self, e: Engine, path: Path, step: int, lineage: int) -> bool:
+        e.set_state(EngineState.UPDATING)
+        e.loading = path  # protected from pruning from the moment the engine may read it
+        try:
+            await e.client.update_weights_from_disk(str(path), step, lineage=lineage)
+        except EngineError as exc:
+            log.warning(
+                "engine %s: loading v%s failed (retried at the next check): %s", e.url, version_name(step, lineage), exc
+            )
+            e.loading = None
+            self._failed(e, "push", exc)
+            return False
+        e.served, e.loading = path, None
+        e.failures, e.error, e.weight_version = 0, None, version_name(step, lineage)
+        e.set_state(self._judge(e))
+        return True
+
+    # The fleet.
+    async def _discover(self) -> None:
+        """Engines of ``engine_discovery``'s DNS name: new addresses are added (lagging until
+        loaded), vanished ones forgotten. A failed lookup changes nothing."""
+        target = self.settings.engine_discovery
+        if not target:
+            return
+        host, _, port = target.rpartition(":")
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except (OSError, ValueError) as exc:
+            log.warning("engine discovery: cannot resolve %s (%s); keeping the engines known", target, exc)
+            return
+        found = {_url(str(info[4][0]), int(port)) for info in infos}
+        for url in sorted(found - set(self.engines)):
+            log.info("engine discovery: new engine %s", url)
+            self._add(url, discovered=True)
+            self._forgotten.discard(url)
+        for url in [u for u, e in self.engines.items() if e.discovered and u not in found]:
+            log.info("engine discovery: %s is gone", url)
+            e = self.engines.pop(url)
+            self._forgotten.add(url)
+            await e.client.aclose()
+            await e.probe.aclose()
+
+    async def _settle(self) -> None:
+        await self._route()
+        await self._publish()
+
+    async def _route(self) -> None:
+        """The router's workers: exactly the serving and updating engines."""
+        routable = {EngineState.SERVING, EngineState.UPDATING}
+        if self.router is None:  # generation reaches the one engine whenever it can serve
+            for e in self.engines.values():
+                e.routed = e.state in routable
+            return
+        try:
+            workers = await self.router.workers()
+        except RouterError as exc:
+            log.warning("router: cannot list its workers (%s); routing is put right at the next check", exc)
+            return
+        key = self.settings.engine_api_key.get_secret_value() if self.settings.engine_api_key else None
+        for url in sorted(set(workers) - set(self.engines)):
+            log.warning("router: %s is a worker but not an engine of this trainer: removing it", url)
+            with contextlib.suppress(RouterError):
+                await self.router.remove(url)
+        for e in self.engines.values():
+            want, have = e.state in routable, e.url in workers
+            try:
+                if want and not have:
+                    await self.router.add(e.url, key)
+                    log.info("router: %s joined (serves v%s)", e.url, e.weight_version)
+                elif have and not want:
+                    await self.router.remove(e.url)
+                    log.warning("router: %s left (%s, serves v%s)", e.url, e.state.value, e.weight_version)
+                e.routed = want
+            except RouterError as exc:
+                e.routed = have
+                log.warning(
+                    "router: could not %s %s (%s); again at the next check", "add" if want else "remove", e.url, exc
+                )
+
+    async def _publish(self) -> None:
+        if self.registry is None:
+            return
+        try:
+            await self.registry.put([e.record() for e in self.engines.values()])
+            known = {r.url for r in await self.registry.all()}
+            if stale := (known - set(self.engines)) | (self._forgotten & known):
+                await self.registry.remove(*stale)
+            self._forgotten.clear()
+        except RedisError as exc:
+            log.warning("engine registry: not written (%s); again at the next check", exc)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
