@@ -158,8 +158,8 @@ class Fleet:
     async def reconcile(self, path: Path | None, step: int, history: Lineage) -> bool:
         """Check every engine, load the current weights (``path``, version ``step`` of
         ``history``) into each that answers and serves anything else, and put the router
-        and the registry right. True when every engine that answers serves them (and one
-        does)."""
+        and the registry right. True when every engine not dead answered and serves them
+        (and there is one)."""
         self.history, self.current = history, (step, history.id)
         await self._discover()
         await asyncio.gather(*(self._check(e) for e in self.engines.values()))
@@ -177,7 +177,7 @@ class Fleet:
             await asyncio.gather(*(self._load(e, path, step, history.id) for e in behind))
         await self._settle()
         live = [e for e in self.engines.values() if e.state is not EngineState.DEAD]
-        return bool(live) and all(self._current(e) for e in live)
+        return bool(live) and all(self._current(e) and e.failures == 0 for e in live)
 
     async def aclose(self) -> None:
         for e in self.engines.values():

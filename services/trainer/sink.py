@@ -43,7 +43,8 @@ class WeightSink(Protocol):
 
     async def reconcile(self, path: Path | None, step: int, history: Lineage) -> bool:
         """Have every engine serve ``path`` as ``step`` of ``history`` (None: the engines'
-        start-up weights are the current ones); True when every engine that answers does."""
+        start-up weights are the current ones); True when every engine not dead answered and
+        serves them."""
         ...
 
     async def served_versions(self) -> list[tuple[int, int]]:
