@@ -55,13 +55,15 @@ experiment: $(STAMP)
 # 30 minutes here. The short form (6 faults, one of each kind, under 3 minutes) is also
 # tests/e2e/test_chaos.py, part of `make test`. TRAINER_NPROC=2: the trainer as two ranks
 # (torchrun, FSDP2 on gloo; a kill -9 of the trainer is of torchrun, its ranks dying with it).
+# ENGINES=2: two engines behind SGLang's router, each engine fault hitting a seeded one of them.
 SEED ?= 0
 TRAINER_NPROC ?= 1
+ENGINES ?= 1
 chaos: $(STAMP)
-	$(PY) -m chaos --long --seed $(SEED) --trainer-nproc $(TRAINER_NPROC) --dir runs/chaos
+	$(PY) -m chaos --long --seed $(SEED) --trainer-nproc $(TRAINER_NPROC) --engines $(ENGINES) --dir runs/chaos
 
 chaos-short: $(STAMP)
-	$(PY) -m chaos --short --seed $(SEED) --trainer-nproc $(TRAINER_NPROC) --dir runs/chaos-short
+	$(PY) -m chaos --short --seed $(SEED) --trainer-nproc $(TRAINER_NPROC) --engines $(ENGINES) --dir runs/chaos-short
 
 # The verifier against the adversarial corpus (tests/data/verifier/adversarial.jsonl) and
 # MUTATIONS seeded mutants of it, through a real `pope verifier`: timings per kind, worker

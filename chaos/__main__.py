@@ -24,12 +24,22 @@ def main() -> int:
     parser.add_argument(
         "--trainer-nproc", type=int, default=1, metavar="N", help="trainer ranks (torchrun, FSDP2 on gloo); 1"
     )
+    parser.add_argument(
+        "--engines", type=int, default=1, metavar="N", help="engines behind SGLang's router (kills hit one); 1"
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupted)  # a SIGTERM stops the stack too, as Ctrl-C does
     from chaos.run import run
 
     try:
-        return run(FORMS[args.form], args.seed, args.dir, args.allow_crashes, trainer_nproc=args.trainer_nproc)
+        return run(
+            FORMS[args.form],
+            args.seed,
+            args.dir,
+            args.allow_crashes,
+            trainer_nproc=args.trainer_nproc,
+            engines=args.engines,
+        )
     except KeyboardInterrupt:
         print("chaos: interrupted; the stack is stopped, no verdict")
         return 130

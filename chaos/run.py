@@ -35,6 +35,7 @@ def run(
     allow_crashes: bool = False,
     out: TextIO = sys.stdout,
     trainer_nproc: int = 1,
+    engines: int = 1,
 ) -> int:
     from services.common.config import load_settings
     from services.trainer.settings import TrainerSettings
@@ -42,12 +43,12 @@ def run(
     began = time.monotonic()
     layout = Layout(run_dir)
     layout.reset()
-    stack = ChaosStack.create(layout, form, out, began, trainer_nproc)
+    stack = ChaosStack.create(layout, form, out, began, trainer_nproc, engines)
     lease_s = load_settings(TrainerSettings, layout.config).streams.lease_ms / 1000
-    faults = schedule(form, seed, lease_s)
+    faults = schedule(form, seed, lease_s, engines)
     stack.say(
         f"{form.name} form, seed {seed}: {len(faults)} faults over {form.steps} steps; lease {lease_s:.1f}s; "
-        f"trainer ranks {trainer_nproc}"
+        f"trainer ranks {trainer_nproc}; engines {engines}{' behind the router' if engines > 1 else ''}"
     )
     checks: list[Check] = []
     records: list[dict[str, Any]] = []

@@ -107,6 +107,8 @@ class Fault:
     """Down time after a kill; stopped time of a SIGSTOP (lease + margin)."""
     at_step: int = 0
     """The trainer step the fault waits for (spread evenly over the run)."""
+    engines: int = 1
+    """Engines in the run: above 1 an engine fault hits one of them (``replica``)."""
 
     @property
     def kind(self) -> str:
@@ -114,12 +116,16 @@ class Fault:
 
     @property
     def target(self) -> str:
-        """The process's name in the run: ``verifier-0``, ``trainer``, ``redis``."""
-        return f"{self.service}-{self.replica}" if self.service == "verifier" else self.service
+        """The process's name in the run: ``verifier-0``, ``trainer``, ``redis``; with
+        several engines ``engine-1``."""
+        named = self.service == "verifier" or (self.service == "engine" and self.engines > 1)
+        return f"{self.service}-{self.replica}" if named else self.service
 
 
-def schedule(form: Form, seed: int, lease_s: float) -> list[Fault]:
-    """The faults of ``form`` in a seeded order, with seeded targets and delays."""
+def schedule(form: Form, seed: int, lease_s: float, engines: int = 1) -> list[Fault]:
+    """The faults of ``form`` in a seeded order, with seeded targets and delays; with
+    ``engines`` > 1 each engine fault hits a seeded one of them (one engine: the same
+    schedule as ever for a seed)."""
     rng = random.Random(seed)
     stop_order = list(STOPPED)
     rng.shuffle(stop_order)
@@ -134,5 +140,7 @@ def schedule(form: Form, seed: int, lease_s: float) -> list[Fault]:
             rng.uniform(*form.restart_after_s) if action == "kill9" else lease_s + rng.uniform(*form.stop_past_lease_s)
         )
         at = int((index + 1) * form.steps * FAULT_SPAN / (len(planned) + 1))
-        faults.append(Fault(index, action, service, replica, gap, round(hold, 2), at))
+        if service == "engine" and engines > 1:
+            replica = rng.randrange(engines)
+        faults.append(Fault(index, action, service, replica, gap, round(hold, 2), at, engines))
     return faults

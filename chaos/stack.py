@@ -1,5 +1,6 @@
-"""The chaos run's stack: a private Redis with AOF, the engine, two verifier replicas, the
-trainer and the rollout service, every one a ``Proc`` that can be killed and restarted.
+"""The chaos run's stack: a private Redis with AOF, the engine (or several behind SGLang's
+router), two verifier replicas, the trainer and the rollout service, every one a ``Proc``
+that can be killed and restarted.
 
     stack = ChaosStack.create(Layout(run_dir), form)   # config written, model built
     stack.start()                                      # all started and ready
@@ -35,7 +36,7 @@ from chaos.procs import Proc
 from chaos.schedule import VERIFIER_REPLICAS, Form
 from services.common.keys import Keys
 from services.common.redis_server import answers, free_port, redis_server_binary
-from services.stack import Child, engine_child, say, verifier_child
+from services.stack import Child, engine_child, router_child, say, verifier_child
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,14 +144,23 @@ class ChaosStack:
         self.max_steps = self.max_steps or self.form.steps
 
     @classmethod
-    def create(cls, layout: Layout, form: Form, out: TextIO, started_at: float, trainer_nproc: int = 1) -> ChaosStack:
+    def create(
+        cls, layout: Layout, form: Form, out: TextIO, started_at: float, trainer_nproc: int = 1, engines: int = 1
+    ) -> ChaosStack:
         from services.engine.tiny_model import build_tiny_model
 
-        names = ["redis", "engine", "trainer", "rollout"] + [f"verifier-{i}" for i in range(VERIFIER_REPLICAS)]
+        names = ["redis", *engine_names(engines), "trainer", "rollout"] + [
+            f"verifier-{i}" for i in range(VERIFIER_REPLICAS)
+        ]
         ports = {name: free_port() for name in names}
         build_tiny_model(layout.model)
         write_config(layout, form, ports, trainer_nproc)
         return cls(layout, form, ports, make_procs(layout, ports), out, started_at=started_at)
+
+    @property
+    def engines(self) -> list[str]:
+        """The engines' process names: ``engine``, or ``engine-0`` ... behind the router."""
+        return [n for n in self.procs if n == "engine" or n.startswith("engine-")]
 
     # -- facts about the run -------------------------------------------------------------
 
@@ -205,12 +215,18 @@ class ChaosStack:
             return None
 
     def engine_version(self) -> str | None:
-        """The name of the weight version the engine serves ("12", "12@3"), or None."""
-        try:
-            name = httpx.get(f"{self.url('engine')}/model_info", timeout=5).json()["weight_version"]
-            return str(name) if name is not None else None
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
-            return None
+        """The name of the weight version the engines serve ("12", "12@3"): with several,
+        each one's when they differ ("12,11"); None when one does not answer."""
+        names = []
+        for engine in self.engines:
+            try:
+                name = httpx.get(f"{self.url(engine)}/model_info", timeout=5).json()["weight_version"]
+            except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                return None
+            if name is None:
+                return None
+            names.append(str(name))
+        return names[0] if len(set(names)) == 1 else ",".join(names)
 
     def unready(self) -> list[str]:
         return [name for name, p in self.procs.items() if not (p.running() and not p.stopped and p.ready())]
@@ -289,7 +305,14 @@ class ChaosStack:
         """SIGTERM each service, producers first and the engine last (Redis stays up for
         the ledger); an unclean stop is a finding. Returns the exit statuses."""
         codes: dict[str, int | None] = {}
-        for name in ["rollout", "trainer", *(f"verifier-{i}" for i in range(VERIFIER_REPLICAS)), "engine"]:
+        routers = ["router"] if "router" in self.procs else []
+        for name in [
+            "rollout",
+            "trainer",
+            *(f"verifier-{i}" for i in range(VERIFIER_REPLICAS)),
+            *routers,
+            *self.engines,
+        ]:
             proc = self.procs[name]
             if not proc.running():
                 continue
@@ -317,23 +340,34 @@ def redis_url(ports: dict[str, int]) -> str:
     return f"redis://127.0.0.1:{ports['redis']}/0"
 
 
+def engine_names(engines: int) -> list[str]:
+    """The engine processes of a run, and the router in front of several."""
+    return ["engine"] if engines == 1 else [*(f"engine-{i}" for i in range(engines)), "router"]
+
+
 def write_config(layout: Layout, form: Form, ports: dict[str, int], trainer_nproc: int = 1) -> None:
-    """configs/chaos.yaml plus this run's ports, Redis, model, steps and paths."""
+    """configs/chaos.yaml plus this run's ports, Redis, model, steps and paths; with several
+    engines, the rollout's generation through the router and the trainer over every engine."""
     config = yaml.safe_load(BASE_CONFIG.read_text())
-    engine_url = f"http://127.0.0.1:{ports['engine']}"
+    engines = [f"http://127.0.0.1:{port}" for name, port in ports.items() if name.startswith("engine")]
+    routed = "router" in ports
+    engine_url = f"http://127.0.0.1:{ports['router']}" if routed else engines[0]
+    many = {"engine_urls": engines[1:], "router_url": engine_url} if routed else {}
     run = {
         "shared": {"redis_url": redis_url(ports), "model_path": str(layout.model)},
-        "engine": {"port": ports["engine"]},
+        "engine": {"port": ports.get("engine", 0)},
         "rollout": {
             "port": ports["rollout"],
             "engine_url": engine_url,
+            "engine_router": routed,
             "verifier_url": f"http://127.0.0.1:{ports['verifier-0']}",
             "archive_dir": str(layout.rollouts),
             "eval_dir": str(layout.root / "eval"),
         },
         "trainer": {
             "port": ports["trainer"],
-            "engine_url": engine_url,
+            "engine_url": engines[0],
+            **many,
             "checkpoint_dir": str(layout.checkpoints),
             "metrics_log": str(layout.root / "trainer_metrics.jsonl"),
             "max_steps": form.steps,
@@ -350,7 +384,10 @@ def make_procs(layout: Layout, ports: dict[str, int]) -> dict[str, Proc]:
     cfg = ["--config", str(layout.config)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "REDIS_URL": redis_url(ports)}
     url = redis_url(ports)
-    children = [engine_child(str(layout.model), ports["engine"], cfg)[0]]
+    engines = [n for n in ports if n == "engine" or n.startswith("engine-")]
+    children = [engine_child(str(layout.model), ports[name], cfg, name=name)[0] for name in engines]
+    if "router" in ports:
+        children.append(router_child(ports["router"])[0])
     for i in range(VERIFIER_REPLICAS):
         child = verifier_child(url, ports[f"verifier-{i}"], cfg)[0]
         children.append(Child(f"verifier-{i}", child.args, child.health))

@@ -216,6 +216,8 @@ class Fleet:
                 return
             if e.state is not EngineState.UPDATING:
                 return  # one missed check: as it was
+        elif what == "check":
+            e.weight_version = None  # it answers, but not what it serves (503 while it starts)
         e.set_state(self._judge(e))
 
     async def _check(self, e: Engine, count: bool = True) -> None:
