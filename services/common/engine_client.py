@@ -102,6 +102,14 @@ class Finish(_Loose):
     message: str | None = None
 
 
+class Span(_Loose):
+    """One of ``meta_info.weight_versions``: output tokens ``[start, end)`` came from ``version``."""
+
+    version: str
+    start: int
+    end: int
+
+
 class MetaInfo(_Loose):
     id: str
     prompt_tokens: int
@@ -109,6 +117,10 @@ class MetaInfo(_Loose):
     finish_reason: Finish | None = None
     output_token_logprobs: list[tuple[float | None, int, str | None]] | None = None
     weight_version: str | None = None
+    """SGLang names here the weights that made the *last* token (its last span)."""
+    weight_versions: list[Span] | None = None
+    """Which weights made which tokens, oldest first (SGLang 0.5.23 reports it for every
+    finished request; more than one span after an update while the request ran)."""
     e2e_latency: float | None = None
 
 
@@ -133,14 +145,28 @@ class GenerateOutput(_Loose):
         return FinishReason(fr.type) if fr is not None else FinishReason.ABORT
 
     @property
+    def version_spans(self) -> list[messages.VersionSpan]:
+        """Which weights (step, lineage) made which tokens, oldest first; one span when the
+        weights did not change while it ran (no ``weight_versions``: the one of
+        ``weight_version``)."""
+        spans = self.meta_info.weight_versions or [
+            Span(version=self.meta_info.weight_version or "0", start=0, end=len(self.output_ids))
+        ]
+        out = []
+        for span in spans:
+            step, lineage = parse_version(span.version)
+            out.append(messages.VersionSpan(step=step, lineage=lineage, start=span.start, end=span.end))
+        return out
+
+    @property
     def weight_version(self) -> int:
-        """The step of the weights that sampled it."""
-        return parse_version(self.meta_info.weight_version)[0]
+        """The step of the oldest weights that sampled it (staleness is judged by it)."""
+        return self.version_spans[0].step
 
     @property
     def lineage(self) -> int:
         """The lineage of those weights."""
-        return parse_version(self.meta_info.weight_version)[1]
+        return self.version_spans[0].lineage
 
 
 class ModelInfo(_Loose):

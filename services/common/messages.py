@@ -229,6 +229,18 @@ class Lineage(BaseModel):
         return Lineage(id=new_id, forked_at=at, kept={**self.kept, self.id: at})
 
 
+class VersionSpan(BaseModel):
+    """Completion tokens ``[start, end)`` of a sample, sampled by weights (``step``,
+    ``lineage``): SGLang's ``meta_info.weight_versions``, by the trainer's names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step: NonNegativeInt
+    lineage: NonNegativeInt = 0
+    start: NonNegativeInt
+    end: NonNegativeInt
+
+
 class Sample(Message):
     """One completion sampled from the engine for one prompt variant of one problem.
 
@@ -236,8 +248,11 @@ class Sample(Message):
     - ``logprobs`` has one entry per completion token, each the log-probability of that
       token under the temperature-scaled sampling distribution (DESIGN.md 3), so <= 0.
     - ``prompt_ids`` is non-empty; token ids are non-negative.
-    - ``weight_version`` is the version (step) of the weights that sampled it, and
+    - ``weight_version`` is the version (step) of the oldest weights that sampled it, and
       ``lineage`` the lineage of that version (``Lineage``).
+    - ``version_spans``, when the weights changed while it was sampled (an in-flight
+      update), cover the completion in order, the first of them the oldest weights; empty:
+      every token came from ``weight_version``.
     """
 
     problem_id: NonEmptyStr
@@ -249,9 +264,23 @@ class Sample(Message):
     weight_version: NonNegativeInt
     text: str
     lineage: NonNegativeInt = 0
+    version_spans: list[VersionSpan] = Field(default_factory=list)
+
+    @property
+    def versions(self) -> list[tuple[int, int]]:
+        """(step, lineage) of every weights that sampled it, oldest first."""
+        return [(v.step, v.lineage) for v in self.version_spans] or [(self.weight_version, self.lineage)]
 
     @model_validator(mode="after")
     def _check(self) -> Self:
+        if spans := self.version_spans:
+            ends = [0, *(v.end for v in spans)]
+            if any(v.start != ends[i] or v.end < v.start for i, v in enumerate(spans)) or ends[-1] != len(
+                self.completion_ids
+            ):
+                raise ValueError(f"version_spans must cover the {len(self.completion_ids)} tokens in order: {spans}")
+            if (spans[0].step, spans[0].lineage) != (self.weight_version, self.lineage):
+                raise ValueError("weight_version and lineage must be those of the first (oldest) version span")
         if len(self.logprobs) != len(self.completion_ids):
             raise ValueError(
                 f"logprobs has {len(self.logprobs)} entries but completion_ids has "

@@ -5,6 +5,12 @@ decode step per token for all unfinished rows, with each row's KV cache kept bet
 steps. Rows that finish (a stop token, their length limit, or an abort) are dropped
 from the batch, cache included, so long rows do not drag short ones' compute along.
 Each row samples with its own parameters and generator (sampling.sample_next).
+
+Weights that change while a batch runs (an update during an in-place or retracting pause,
+``current``) are taken up at the next step: the tokens so far are noted as the old
+version's (``Sequence.spans``: SGLang's ``weight_versions``), and the rows go on with the
+KV cache they have (``in_place``) or with it computed again under the new weights
+(``retract``, ``recompute``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,24 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     finish: tuple[str, int | str | None] = ("", None)  # ("stop", matched) | ("length", n) | ("abort", msg)
+    changes: list[tuple[str, int]] = field(default_factory=list)  # (old version, its tokens) at each swap
+    version: str = "0"  # of the weights that made the last token
+
+    def spans(self) -> list[tuple[str, int, int]]:
+        """(version, start, end) of the output tokens each weights made, oldest first; one
+        span unless the weights changed while it ran. A change at which this sequence had
+        no new token leaves no span."""
+        n = len(self.output_ids)
+        out: list[tuple[str, int, int]] = []
+        for version, upto in [*self.changes, (self.version, n)]:
+            end, start = min(upto, n), out[-1][2] if out else 0
+            if out and end <= start:
+                continue
+            if out and out[-1][0] == version:
+                out[-1] = (version, out[-1][1], end)
+            else:
+                out.append((version, start, end))
+        return out
 
 
 def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,20 +75,32 @@ def decode(
     eos_ids: frozenset[int],
     pad_id: int,
     wait_if_paused: Callable[[], None] = lambda: None,
+    version: str = "0",
+    current: Callable[[], tuple[torch.nn.Module, str]] | None = None,
+    recompute: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Decode every sequence in ``seqs`` to completion, filling its outputs in place."""
+    """Decode every sequence in ``seqs`` to completion, filling its outputs in place.
+    ``model`` is weights ``version``; ``current()``, asked between steps, gives the weights
+    to go on with (see the module docstring), ``recompute()`` whether the KV cache is then
+    computed again."""
     from transformers import DynamicCache
 
+    for s in seqs:
+        s.version = version
     active = [s for s in seqs if not _finished_before_start(s)]
     if not active:
         return
     device = next(model.parameters()).device
-    ids, mask = _left_pad([s.prompt_ids for s in active], pad_id, device)  # [B, L], [B, L]
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
-    cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-    logits = out.logits[:, -1, :].float()  # [B, V]
-    next_pos = positions[:, -1] + 1  # [B]
+
+    def prefill(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
+        """Logits after ``rows`` [B, V], their mask [B, L], next positions [B], the cache."""
+        ids, mask = _left_pad(rows, pad_id, device)  # [B, L], [B, L]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+        cache = DynamicCache()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        return out.logits[:, -1, :].float(), mask, positions[:, -1] + 1, cache
+
+    logits, mask, next_pos, cache = prefill([s.prompt_ids for s in active])
     while True:
         tokens, logps = sample_next(logits, [s.spec for s in active], [s.generator for s in active])  # [B], [B]
         keep: list[int] = []
@@ -83,6 +119,14 @@ def decode(
             active = [active[i] for i in keep]
             tokens, mask, next_pos = tokens[index], mask[index], next_pos[index]
             cache.batch_select_indices(index)
+        if current is not None and (now := current())[1] != version:
+            model, version = now
+            for s in active:
+                s.changes.append((s.version, len(s.output_ids)))
+                s.version = version
+            if recompute():  # retract: the rows so far under the new weights
+                logits, mask, next_pos, cache = prefill([s.prompt_ids + s.output_ids for s in active])
+                continue
         mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)  # [B, L+t]
         out = model(
             input_ids=tokens[:, None],

@@ -7,9 +7,11 @@ that thread, never on the event loop, so health checks and aborts answer while a
 is decoding.
 
 Weight updates (``update_weights``) load the new weights beside the serving ones, then
-swap them in between batches: a batch in flight finishes on the weights it started
-with (or is aborted, if asked) and reports that version. A load that fails leaves the
-old weights serving.
+swap them in. As SGLang does: while generating, between batches (a batch in flight
+finishes on the weights it started with, or is aborted, if asked); while paused in place
+or retracting (``pause``), at once, the batch going on with the new weights when
+generation continues, each sequence noting which weights made which of its tokens. A load
+that fails leaves the old weights serving.
 """
 
 from __future__ import annotations
@@ -90,8 +92,10 @@ class EngineRuntime:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._carry: Job | None = None  # a job that did not fit the last batch
         self._model_lock = threading.Lock()  # held while a batch decodes
+        self._swap_lock = threading.Lock()  # guards (model, weight_version) together
         self._resume = threading.Event()  # cleared while paused
         self._resume.set()
+        self._pause_mode: PauseMode = "abort"  # of the last pause
         self._live: dict[str, list[Sequence]] = {}  # rid -> its sequences, until done
         self._live_lock = threading.Lock()
         self._closing = False  # set once: every sequence submitted after is aborted at once
@@ -165,7 +169,9 @@ class EngineRuntime:
         return len(targets)
 
     def pause(self, mode: PauseMode = "abort") -> None:
-        """Stop generating: ``abort`` aborts what is running; ``in_place``/``retract`` hold it."""
+        """Stop generating: ``abort`` aborts what is running; ``in_place``/``retract`` hold it
+        (weights loaded meanwhile go on from its KV cache, or from one computed again)."""
+        self._pause_mode = mode
         self._resume.clear()
         if mode == "abort":
             self.abort(abort_all=True)
@@ -195,17 +201,27 @@ class EngineRuntime:
                 f"model at {path!r} has vocab_size {new.config.vocab_size}; "
                 f"the served tokenizer needs {self.vocab_size}"
             )
-        if abort_all or self.paused:
-            # A batch held by an in-place pause could not finish until generation
-            # continues; the update must not wait on it, so it is aborted instead.
+        if abort_all:
             self.abort(abort_all=True)
-        with self._model_lock:  # waits for the batch in flight
-            self.model = new
-            self.model_path = path
-            if version is not None:
-                self.weight_version = version
+        if self.paused and self._pause_mode != "abort":
+            # A batch held by the pause goes on with these weights when generation continues
+            # (SGLang too loads at once while paused, without waiting for its requests).
+            self._swap(new, path, version)
+        else:
+            with self._model_lock:  # waits for the batch in flight
+                self._swap(new, path, version)
         log.info("serving weights from %s as version %s", path, self.weight_version)
         return f"Succeeded to update model weights from {path}."
+
+    def _swap(self, model: Any, path: str, version: str | None) -> None:
+        with self._swap_lock:
+            self.model, self.model_path = model, path
+            if version is not None:
+                self.weight_version = version
+
+    def _current(self) -> tuple[Any, str]:
+        with self._swap_lock:
+            return self.model, self.weight_version
 
     # The decode thread.
     def _hold(self) -> None:
@@ -222,11 +238,20 @@ class EngineRuntime:
                 return
             self._resume.wait()
             with self._model_lock:
-                model, version = self.model, self.weight_version
+                model, version = self._current()
                 seqs = [s for job in batch for s in job.seqs]
                 self.running = len(seqs)
                 try:
-                    decode(model, seqs, eos_ids=self.eos_ids, pad_id=self.pad_id, wait_if_paused=self._hold)
+                    decode(
+                        model,
+                        seqs,
+                        eos_ids=self.eos_ids,
+                        pad_id=self.pad_id,
+                        wait_if_paused=self._hold,
+                        version=version,
+                        current=self._current,
+                        recompute=lambda: self._pause_mode == "retract",
+                    )
                 except Exception as exc:  # a bug or OOM must fail the requests, not the engine
                     log.exception("decode failed for a batch of %d sequences", len(seqs))
                     for s in seqs:

@@ -181,18 +181,22 @@ async def generate(rt: EngineRuntime, body: dict[str, Any]) -> Any:
             seqs.append(Sequence(prompt, spec, gen))
             seq_rids.append(rids[i] if n == 1 else uuid.uuid4().hex)
             rows.append(i)
-    version = await rt.run(seq_rids, seqs)
+    await rt.run(seq_rids, seqs)
     latency = time.monotonic() - start
 
     out = []
     for seq, i, out_id in zip(seqs, rows, seq_rids, strict=True):
+        spans = seq.spans()
         meta: dict[str, Any] = {
             "id": out_id,
             "prompt_tokens": len(seq.prompt_ids),
             "completion_tokens": len(seq.output_ids),
             "cached_tokens": 0,
             "finish_reason": _finish_reason(seq),
-            "weight_version": version,
+            # As SGLang 0.5.23 reports them (sglang/srt/utils/weight_versions.py): which
+            # weights made which tokens, and the last of them as weight_version.
+            "weight_version": spans[-1][0],
+            "weight_versions": [{"version": v, "start": a, "end": b} for v, a, b in spans],
             "e2e_latency": latency,
         }
         if logprob[i]:

@@ -404,7 +404,7 @@ class Scheduler:
         for fresh in (False, True):
             if fresh:
                 await self.trainer_version()
-            if all(self.lineage.holds(s.weight_version, s.lineage) for s in group.samples):
+            if all(self.lineage.holds(*v) for s in group.samples for v in s.versions):
                 return True
         return False
 
@@ -439,6 +439,7 @@ class Scheduler:
                 weight_version=o.weight_version,
                 lineage=o.lineage,
                 text=o.text,
+                version_spans=spans if len(spans := o.version_spans) > 1 else [],
             )
             for o in outs
         ]

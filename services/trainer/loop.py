@@ -195,7 +195,7 @@ class Trainer:
             await self.reader.ack(entry.id)  # a redelivery: its effect is already counted
             GROUPS.labels("duplicate").inc()
             return
-        if not all(self.lineage.holds(s.weight_version, s.lineage) for s in group.samples):
+        if not all(self.lineage.holds(*v) for s in group.samples for v in s.versions):
             await self._drop([(entry, group)], "lineage")  # sampled by weights a rewind lost
             return
         if any(s.finish_reason is FinishReason.ABORT for s in group.samples):
