@@ -26,15 +26,17 @@ def compose() -> dict[str, Any]:
 def with_engines() -> dict[str, Any]:
     """docker-compose.yml with docker-compose.engines.yml over it, merged as compose merges
     what the override holds: new services whole; of a service of the base file only
-    ``environment`` and ``depends_on``, mappings merged key by key (the override may hold
-    nothing else there: a sequence would be appended, not replaced)."""
+    ``environment``, ``depends_on`` and ``labels``, mappings merged key by key (the override
+    may hold nothing else there: a sequence would be appended, not replaced)."""
     base, override = compose(), yaml.safe_load(ENGINES.read_text())
     services = base["services"]
     for name, service in override["services"].items():
         if name not in services:
             services[name] = service
             continue
-        assert set(service) <= {"environment", "depends_on"}, f"{ENGINES.name}: {name} overrides {sorted(service)}"
+        assert set(service) <= {"environment", "depends_on", "labels"}, (
+            f"{ENGINES.name}: {name} overrides {sorted(service)}"
+        )
         for key, value in service.items():
             services[name][key] = {**(services[name].get(key) or {}), **value}
     return base
@@ -170,9 +172,11 @@ def test_every_variable_is_required_or_defaulted_and_documented_in_env_example()
             assert mode in (":?", ":-"), f"{path.name}: ${{{name}}} is neither required (:?) nor defaulted (:-)"
             assert name in documented, f"{name} is used in {path.name} but not in .env.example"
         required = {n for n, m in uses if m == ":?"}
-        assert required <= {"REDIS_PASSWORD", "POPE_API_TOKEN", "ENGINE_API_KEY", "MODEL_DIR"}, path.name
+        secrets_and_model = {"REDIS_PASSWORD", "POPE_API_TOKEN", "ENGINE_API_KEY", "MODEL_DIR"}
         if path == COMPOSE:
-            assert required == {"REDIS_PASSWORD", "POPE_API_TOKEN", "ENGINE_API_KEY", "MODEL_DIR"}
+            assert required == secrets_and_model
+        else:  # with several engines the trainer's GPUs too: their default is engine-1's
+            assert "TRAINER_GPUS" in required and required <= {*secrets_and_model, "TRAINER_GPUS"}, path.name
 
 
 def test_the_gpu_trainer_runs_trainer_nproc_ranks_with_room_in_dev_shm() -> None:
@@ -274,5 +278,8 @@ def test_the_documented_layout_gives_the_trainer_other_gpus_than_the_engines() -
         [device] = engine["deploy"]["resources"]["reservations"]["devices"]
         engine_gpus.add(re.fullmatch(r"\$\{[A-Z_0-9]+:-([0-9]+)\}", device["device_ids"][0]).group(1))  # type: ignore[union-attr]
     assert not trainer_gpus & engine_gpus, (trainer_gpus, engine_gpus)
+    # and the override will not start with the trainer's default GPU, one an engine has.
+    label = with_engines()["services"]["trainer"]["labels"]["pope.trainer-gpus"]
+    assert label.startswith("${TRAINER_GPUS:?"), label
     env_example = (ROOT / ".env.example").read_text()
     assert f"# COMPOSE_FILE={header['COMPOSE_FILE']}" in env_example
