@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
-# One image for every role of the project (the CPU engine, rollout, verifier, trainer and the
-# offline jobs): the roles share one Python package and its dependencies, so one image is
-# one build, one cache and one tag to roll out; the command picks the role:
+# One image for every role of the project (the CPU engine, SGLang's router, rollout, verifier,
+# trainer and the offline jobs): the roles share one Python package and its dependencies, so
+# one image is one build, one cache and one tag to roll out; the command picks the role:
 #
 #   docker run pope-rl rollout --host 0.0.0.0 --model /models/base --config /etc/pope/pope.yaml
 #
@@ -22,7 +22,8 @@ COPY docker/wheels/ /tmp/wheels/
 RUN pip install --find-links /tmp/wheels ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} torch==2.13.0
 COPY pyproject.toml README.md /src/
 COPY services /src/services
-RUN pip install --find-links /tmp/wheels /src && pip uninstall -y pip setuptools
+# The router extra: SGLang's router (`pope router`, several engines) runs from this image.
+RUN pip install --find-links /tmp/wheels "/src[router]" && pip uninstall -y pip setuptools
 
 FROM ${BASE_IMAGE}
 RUN groupadd --gid 10001 pope && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin pope \

@@ -15,12 +15,13 @@ import yaml
 
 from services.common.config import SHARED, ConfigError, SectionSettings, check_shared_keys, load_settings
 from services.common.engine_client import SGLANG_VERSION
+from services.common.router_client import ROUTER_VERSION
 from services.engine.settings import EngineSettings
 from services.rollout.settings import RolloutSettings
 from services.trainer.settings import TrainerSettings
 from services.verifier.settings import VerifierSettings
 from tests.conftest import ROOT
-from tests.deploy.test_compose import compose
+from tests.deploy.test_compose import compose, with_engines
 
 SECTIONS: dict[str, type[SectionSettings]] = {
     "engine": EngineSettings,
@@ -89,17 +90,19 @@ def test_compose_config_files_hold_only_fields_the_services_read(name: str, monk
     check_config_file(ROOT / "configs" / name, f"configs/{name}")
 
 
-def test_compose_containers_get_only_variables_the_services_read(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("files", ["docker-compose.yml", "docker-compose.yml:docker-compose.engines.yml"])
+def test_compose_containers_get_only_variables_the_services_read(files: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = with_engines() if "engines" in files else compose()
     checked = 0
-    for name, service in compose()["services"].items():
+    for name, service in data["services"].items():
         section = section_of(service.get("command") or [])
         if section is None:
-            continue  # redis, SGLang: not ours
+            continue  # redis, SGLang, the router: no settings of ours
         check_container(
             section,
             service.get("environment") or {},
             ROOT / "configs" / "compose.yaml",
-            f"docker-compose.yml service {name}",
+            f"{files} service {name}",
             monkeypatch,
         )
         checked += 1
@@ -158,7 +161,12 @@ def image_mentions() -> dict[str, str]:
     from tests.deploy.test_k8s import one, pod_spec, rendered
 
     found = {}
-    for rel in ("docker-compose.yml", ".env.example", "k8s/overlays/gpu/engine-sglang.yaml"):
+    for rel in (
+        "docker-compose.yml",
+        "docker-compose.engines.yml",
+        ".env.example",
+        "k8s/overlays/gpu/engine-sglang.yaml",
+    ):
         for i, line in enumerate((ROOT / rel).read_text().splitlines(), 1):
             for tag in IMAGE.findall(line):
                 found[f"{rel}:{i}"] = tag
@@ -174,7 +182,7 @@ def test_one_sglang_version_everywhere() -> None:
     """The wheel the tests read (SGLANG_VERSION) is the image compose and the gpu overlay run,
     in one CUDA build; every release the docs and code name is that one too."""
     images = image_mentions()
-    assert len(images) >= 5, images
+    assert len(images) >= 6, images
     assert len(set(images.values())) == 1, f"the SGLang image differs between files: {images}"
     [tag] = set(images.values())
     assert release_of(tag) == SGLANG_VERSION, f"images run {tag}, the tests read sglang=={SGLANG_VERSION}"
@@ -222,3 +230,21 @@ def test_every_flag_given_to_sglang_is_one_the_pinned_release_has(sglang_source:
             )
         for needed in ("--api-key", "--enable-metrics", "--dtype", "--weight-version"):
             assert needed in args, f"{where}: SGLang runs without {needed}"
+
+
+# --- One sglang-router version everywhere --------------------------------------------------
+
+
+def test_one_router_version_in_the_extras_the_client_and_the_image() -> None:
+    """The router the client is written against (ROUTER_VERSION) is the one the `router` and
+    `test` extras pin, and the image installs the `router` extra (compose's and the
+    manifests' router runs `pope router` from it)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    for extra in ("router", "test"):
+        pins = [r for r in extras[extra] if re.match(r"sglang-router\b", r)]
+        assert pins == [f"sglang-router=={ROUTER_VERSION}"], f"extra {extra!r}: {pins}"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r'^RUN pip install [^\n]*"/src\[router\]"', dockerfile, re.M), "the image has no router"

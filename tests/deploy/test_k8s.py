@@ -332,3 +332,159 @@ def test_the_documented_patch_gives_the_trainer_n_ranks_on_n_gpus(tmp_path: Path
         [str(validate), "--strict", "--quiet", str(manifest)], capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+# --- Many engines: discovery, the router, who may reach whom -------------------------------
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def service_port(service: dict[str, Any], name: str = "http") -> int:
+    [port] = [p["port"] for p in service["spec"]["ports"] if p["name"] == name]
+    return int(port)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_trainer_finds_every_engine_pod_through_a_headless_service(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.trainer.settings import TrainerSettings
+
+    docs = rendered(overlay)
+    engine = one(docs, "Deployment", "engine")
+    # A rolling update never starts an extra engine: no spare GPU needed.
+    assert engine["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    [trainer] = pod_spec(one(docs, "StatefulSet", "trainer"))["containers"]
+    env = env_of(trainer)
+    host, _, port = env["POPE_TRAINER__ENGINE_DISCOVERY"].rpartition(":")
+    headless = one(docs, "Service", host)
+    assert headless["spec"]["clusterIP"] == "None"
+    # Starting and busy pods stay in DNS: the trainer's checks, not readiness, judge them.
+    assert headless["spec"].get("publishNotReadyAddresses") is True
+    assert headless["spec"]["selector"].items() <= engine["spec"]["template"]["metadata"]["labels"].items()
+    assert service_port(headless) == int(port) == 30000
+    # Discovery alone: a second, fixed engine_url would be one pod pushed twice.
+    assert env["POPE_TRAINER__ENGINE_URL"] == ""
+    with monkeypatch.context() as m:
+        for var in list(os.environ):
+            if var.startswith("POPE_"):
+                m.delenv(var)
+        for name in ("POPE_TRAINER__ENGINE_URL", "POPE_TRAINER__ENGINE_DISCOVERY", "POPE_TRAINER__ROUTER_URL"):
+            m.setenv(name, env[name])
+        settings = TrainerSettings()
+    assert settings.engine_list() == [] and settings.engine_discovery == f"{host}:{port}"
+    assert settings.router_url == f"http://router:{service_port(one(docs, 'Service', 'router'))}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_rollout_generates_through_one_router_that_pope_router_runs(overlay: str) -> None:
+    docs = rendered(overlay)
+    router = one(docs, "Deployment", "router")
+    assert router["spec"]["replicas"] == 1  # the trainer keeps one router's worker list
+    [container] = pod_spec(router)["containers"]
+    assert container["image"].split(":")[0].endswith("pope-rl") and "command" not in container  # pope
+    args = container["args"]
+    assert args[0] == "router" and args[args.index("--host") + 1] == "0.0.0.0"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert int(args[args.index("--port") + 1]) == ports["http"] == service_port(one(docs, "Service", "router"))
+    assert int(args[args.index("--prometheus-port") + 1]) == ports["metrics"]
+    assert router["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
+    # /readiness fails while the router has no worker; the trainer adds them through the Service.
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/liveness", probe
+    [rollout] = pod_spec(one(docs, "Deployment", "rollout"))["containers"]
+    env = env_of(rollout)
+    assert env["POPE_ROLLOUT__ENGINE_URL"] == f"http://router:{ports['http']}"
+    assert env["POPE_ROLLOUT__ENGINE_ROUTER"] == "true"
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels, matchExpressions with In) against a pod's labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression  # the only operator the policies use
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def admitted(docs: list[dict[str, Any]], source: str, target: str, port: int) -> bool:
+    """Whether the NetworkPolicies let a pod of component ``source`` (or "monitoring": any
+    pod of that namespace) connect to a ``target`` pod on ``port``."""
+    labels = {"app.kubernetes.io/name": "pope-rl", "app.kubernetes.io/component": target}
+    for policy in (d for d in docs if d["kind"] == "NetworkPolicy"):
+        if not _selects(policy["spec"]["podSelector"], labels):
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            if "ports" in rule and port not in [p["port"] for p in rule["ports"]]:
+                continue
+            if "from" not in rule:
+                return True
+            for peer in rule["from"]:
+                if source == "monitoring":
+                    names = peer.get("namespaceSelector", {}).get("matchLabels", {})
+                    if names.get("kubernetes.io/metadata.name") == "monitoring":
+                        return True
+                elif "podSelector" in peer and "namespaceSelector" not in peer:
+                    pod = {"app.kubernetes.io/name": "pope-rl", "app.kubernetes.io/component": source}
+                    if _selects(peer["podSelector"], pod):
+                        return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_let_through_the_flows_of_many_engines_and_no_other_to_the_router(overlay: str) -> None:
+    docs = rendered(overlay)
+    assert one(docs, "NetworkPolicy", "default-deny-ingress")["spec"]["podSelector"] == {}
+    needed = [
+        ("router", "engine", 30000),  # routed generation
+        ("rollout", "engine", 30000),  # aborts, to each engine of the registry
+        ("trainer", "engine", 30000),  # weight pushes and checks
+        ("hints-build", "engine", 30000),
+        ("rollout", "router", 30000),  # generation
+        ("trainer", "router", 30000),  # the worker list
+        ("monitoring", "router", 29000),  # its metrics
+        ("monitoring", "engine", 30000),
+    ]
+    for flow in needed:
+        assert admitted(docs, *flow), f"{overlay}: {flow} is refused"
+    refused = [("monitoring", "router", 30000), ("rollout", "router", 29000)]
+    refused += [(c, "router", 30000) for c in ("verifier", "engine", "hints-build", "redis", "other")]
+    refused += [("router", c, p) for c, p in (("redis", 6379), ("trainer", 8002), ("verifier", 8001))]
+    for flow in refused:
+        assert not admitted(docs, *flow), f"{overlay}: {flow} is let through"
+
+
+def test_an_overlay_sets_the_number_of_engines_alone(tmp_path: Path) -> None:
+    """`replicas:` over the gpu overlay gives N engine pods of one GPU each and changes
+    nothing else (the trainer finds them by DNS), and passes the API schemas."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (it renders the kustomize overlays)")
+    overlay = tmp_path / "four-engines"
+    overlay.mkdir()
+    base = os.path.relpath(ROOT / "k8s/overlays/gpu", overlay)
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": [base], "replicas": [{"name": "engine", "count": 4}]})
+    )
+    proc = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    engine = one(docs, "Deployment", "engine")
+    assert engine["spec"]["replicas"] == 4
+    [container] = pod_spec(engine)["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    engine["spec"]["replicas"] = 1
+    assert docs == rendered("gpu")
+    validate = Path(sys.executable).with_name("kubernetes-validate")
+    if not validate.exists():
+        pytest.skip(f"{validate} is not installed (the test extras install it)")
+    manifest = tmp_path / "four-engines.yaml"
+    manifest.write_text(proc.stdout)
+    run = subprocess.run(
+        [str(validate), "--strict", "--quiet", str(manifest)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
