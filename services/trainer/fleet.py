@@ -66,6 +66,7 @@ class Engine:
     since: datetime = field(default_factory=utc_now)
     served: Path | None = None  # the directory this fleet last had it load
     loading: Path | None = None
+    held: bool = False  # paused by an in-flight update whose continue did not get through
 
     def set_state(self, state: EngineState) -> None:
         if state is not self.state:
@@ -229,13 +230,23 @@ class Fleet:
             self._failed(e, "check", exc, count)
             return
         e.failures, e.error, e.weight_version = 0, None, info.weight_version
+        if e.held:  # this fleet paused it and could not say continue
+            try:
+                await e.probe.resume()
+                e.held = False
+                log.info("engine %s: generation continued (an in-flight update had left it paused)", e.url)
+            except EngineError as exc:
+                log.warning("engine %s: still paused by an in-flight update: %s", e.url, exc)
         e.set_state(self._judge(e))
 
     async def _load(self, e: Engine, path: Path, step: int, lineage: int) -> bool:
         e.set_state(EngineState.UPDATING)
         e.loading = path  # protected from pruning from the moment the engine may read it
         try:
-            await e.client.update_weights_from_disk(str(path), step, lineage=lineage)
+            if self.settings.in_flight_updates:
+                await self._load_in_flight(e, path, step, lineage)
+            else:
+                await e.client.update_weights_from_disk(str(path), step, lineage=lineage)
         except EngineError as exc:
             log.warning(
                 "engine %s: loading v%s failed (retried at the next check): %s", e.url, version_name(step, lineage), exc
@@ -247,6 +258,21 @@ class Fleet:
         e.failures, e.error, e.weight_version = 0, None, version_name(step, lineage)
         e.set_state(self._judge(e))
         return True
+
+    async def _load_in_flight(self, e: Engine, path: Path, step: int, lineage: int) -> None:
+        """Pause (holding the requests), load, continue: the held requests go on with the new
+        weights. The engine is never left paused by this: continue is sent whatever the load
+        did (an engine that cannot be reached for it is judged at the next check)."""
+        await e.client.pause(self.settings.in_flight_pause)
+        try:
+            await e.client.update_weights_from_disk(str(path), step, lineage=lineage)
+        finally:
+            try:
+                await e.client.resume()
+                e.held = False
+            except EngineError as exc:
+                e.held = True  # sent again at each check until it gets through
+                log.warning("engine %s: continue_generation after an in-flight update failed: %s", e.url, exc)
 
     # The fleet.
     async def _discover(self) -> None:

@@ -41,6 +41,18 @@ class TrainerSettings(ServiceSettings):
     dead and taken out of the router; a push that cannot reach it (after its retries) makes it
     dead at once."""
 
+    in_flight_updates: bool = False
+    """Load each new version without draining generation first (PipelineRL's way, which the
+    POPE authors used): the engine pauses with ``in_flight_pause``, loads, continues, and the
+    requests it held go on with the new weights, each sample recording which weights made
+    which tokens (staleness is judged by the oldest; the importance ratio stays against the
+    engine's own logprobs). Off: an update waits for the requests in flight, as SGLang's
+    disk update does."""
+    in_flight_pause: Literal["retract", "in_place"] = "retract"
+    """How an in-flight update holds the requests: ``retract`` computes their KV cache again
+    under the new weights when they go on; ``in_place`` keeps the old one (cheaper, its
+    first tokens after the update see keys and values of the old weights)."""
+
     def engine_client(self, url: str | None = None) -> EngineClient:
         """A client of ``url`` (``engine_url`` by default) that sends ``engine_api_key``."""
         key = self.engine_api_key.get_secret_value() if self.engine_api_key else None
