@@ -226,6 +226,7 @@ async def push_broadcast(
         sent = in_thread(conn.broadcast, bucket.flat, timeout)
         # Either failing first ends this engine's push: the other may wait out its timeout.
         done, _ = await asyncio.wait({call, sent}, return_when=asyncio.FIRST_EXCEPTION)
+        sent.add_done_callback(lambda f: f.cancelled() or f.exception())  # its error is reported below, or moot
         for part, what in ((sent, "broadcast"), (call, "update_weights_from_distributed")):
             if part in done and part.exception() is not None:
                 call.cancel()
