@@ -90,11 +90,11 @@ async def measure(name: str, model: Any, tokenizer: Any, root: Path, repeats: in
         proc.wait(60)
     med = {k: statistics.median(v) for k, v in times.items()}
     params = sum(p.numel() for p in model.parameters())
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights once, as sent
     print(f"\n{name}: {params / 1e6:.1f}M parameters, float32, {repeats} repeats (median), buckets {bucket_mb} MiB")
     print(f"  disk       {med['disk']:8.3f} s   (save_weights + /update_weights_from_disk)")
     print(f"  broadcast  {med['broadcast']:8.3f} s   (begin, buckets, end; group opened once in {connect_s:.3f} s)")
-    print(f"  disk / broadcast: {med['disk'] / med['broadcast']:.2f}x   ({nbytes / 2**20:.0f} MiB of state)")
+    print(f"  disk / broadcast: {med['disk'] / med['broadcast']:.2f}x   ({nbytes / 2**20:.0f} MiB sent)")
 
 
 def main() -> None:

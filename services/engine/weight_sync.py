@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore, TCPStore  # torch.distributed exports them untyped
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,8 @@ class WeightGroups:
         if not 0 < rank < world_size:
             raise WeightSyncError(f"rank {rank} must be in [1, {world_size}): rank 0 is the trainer")
         try:
-            store = dist.TCPStore(master_address, master_port, world_size, is_master=False, timeout=self.timeout)
-            group = dist.ProcessGroupGloo(dist.PrefixStore(group_name, store), rank, world_size, self.timeout)
+            store = TCPStore(master_address, master_port, world_size, is_master=False, timeout=self.timeout)
+            group = dist.ProcessGroupGloo(PrefixStore(group_name, store), rank, world_size, self.timeout)
         except Exception as exc:  # refused, timed out, a store of another protocol
             raise WeightSyncError(f"Failed to initialize custom process group: {exc}.") from exc
         with self._lock:

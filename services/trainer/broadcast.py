@@ -48,6 +48,7 @@ from urllib.parse import urlsplit
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore, TCPStore  # torch.distributed exports them untyped
 
 from services.common.engine_client import EngineClient, EngineError
 from services.common.messages import version_name
@@ -170,9 +171,9 @@ async def connect(engine: EngineClient, master_address: str, timeout_s: float) -
     ``master_address`` on a free port, the engine at rank 1. The engine's init call
     answers only once both ranks joined, so it runs while this side joins."""
     timeout = timedelta(seconds=timeout_s)
-    store = dist.TCPStore(master_address, 0, 2, is_master=True, timeout=timeout, wait_for_workers=False)
+    store = TCPStore(master_address, 0, 2, is_master=True, timeout=timeout, wait_for_workers=False)
     name = f"pope-{uuid.uuid4().hex[:12]}"  # fresh: an engine may hold a group of a trainer that died
-    joined = in_thread(dist.ProcessGroupGloo, dist.PrefixStore(name, store), 0, 2, timeout)
+    joined = in_thread(dist.ProcessGroupGloo, PrefixStore(name, store), 0, 2, timeout)
     try:
         await engine.init_weights_update_group(
             master_address, store.port, 1, 2, name, backend="gloo", timeout_s=timeout_s
@@ -225,7 +226,8 @@ async def push_broadcast(
         call = asyncio.ensure_future(conn.engine.update_weights_from_distributed(body, timeout_s=timeout_s))
         sent = in_thread(conn.broadcast, bucket.flat, timeout)
         # Either failing first ends this engine's push: the other may wait out its timeout.
-        done, _ = await asyncio.wait({call, sent}, return_when=asyncio.FIRST_EXCEPTION)
+        parts: set[asyncio.Future[Any]] = {call, sent}
+        done, _ = await asyncio.wait(parts, return_when=asyncio.FIRST_EXCEPTION)
         sent.add_done_callback(lambda f: f.cancelled() or f.exception())  # its error is reported below, or moot
         for part, what in ((sent, "broadcast"), (call, "update_weights_from_distributed")):
             if part in done and part.exception() is not None:

@@ -123,7 +123,7 @@ def test_a_failed_engine_is_reported_and_the_other_is_updated(
                     proc_b.wait(10)
                 return await original(body, timeout_s=timeout_s)
 
-            b.update_weights_from_distributed = killed_at_second  # type: ignore[method-assign]
+            b.update_weights_from_distributed = killed_at_second  # type: ignore[method-assign,assignment]
             errors = await broadcast.push_broadcast([conns[1], fresh], ranks, torch.float32, 2, 0, 64 << 10, 10.0)
             assert isinstance(errors[b.base_url], broadcast.BroadcastError) and errors[a.base_url] is None
             assert await a.served_version() == (2, 0)
