@@ -4,7 +4,8 @@
 After a push both engines serve the trainer's new weights (their sampling logprobs equal
 the trainer's own for the same tokens, ratio 1 within 1e-3) under the new version name;
 an engine that fails mid-push is reported, the other is updated, and a failed engine that
-is still up keeps serving its old weights.
+is still up keeps serving its old weights. And from two FSDP2 ranks under torchrun
+(broadcast_ranks.py) the engine serves what the same gather writes to disk.
 """
 
 from __future__ import annotations
@@ -131,3 +132,36 @@ def test_a_failed_engine_is_reported_and_the_other_is_updated(
             assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-3)
 
     asyncio.run(run())
+
+
+def test_two_fsdp_ranks_broadcast_the_weights_one_process_would(tiny_model: Path, tmp_path: Path) -> None:
+    """Two trainer ranks (torchrun, gloo, FSDP2): the weights gathered tensor by tensor and
+    broadcast in buckets are the ones the same gather writes to disk, and the engine serves them."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from services.trainer import checkpoint
+
+    with running_pope(["engine", "--model", str(tiny_model), "--enable-deterministic-inference"], "/health") as proc:
+        script = Path(__file__).with_name("broadcast_ranks.py")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        command += [str(script), proc.url, str(tmp_path / "ck"), str(tiny_model)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+        lm = AutoModelForCausalLM.from_pretrained(str(checkpoint.weights_dir(tmp_path / "ck", 1)), dtype=torch.float32)
+        stand_in = type("P", (), {"lm": lm})()
+
+        async def check() -> None:
+            async with EngineClient(proc.url) as engine:
+                ratio, version = await ratios(engine, stand_in)
+                assert version == 1
+                assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-3), ratio
+                base = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+                against_start, _ = await ratios(engine, type("P", (), {"lm": base})())
+                assert not torch.allclose(against_start, torch.ones_like(against_start), atol=1e-3)  # it moved
+
+        asyncio.run(check())
