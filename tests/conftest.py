@@ -148,6 +148,7 @@ SGLANG_FILES = (
     "sglang/srt/sampling/sampling_params.py",
     "sglang/srt/model_executor/model_runner_components/weight_updater.py",
     "sglang/srt/managers/scheduler_components/weight_updater.py",
+    "sglang/srt/weight_sync/tensor_bucket.py",
     "sglang/srt/utils/auth.py",
     "sglang/srt/utils/common.py",
     "sglang/srt/server_args.py",

@@ -33,9 +33,16 @@ Call sequence of a weight update: SGLang's ``/update_weights_from_disk`` restore
 weights for loading and post-processes them itself (its runner's disk update calls
 ``restore_weights_before_loading`` and ``load_weights_and_postprocess``), so it is one call
 here, never wrapped. ``/begin_weight_update`` ... ``/end_weight_update`` bracket the
-distributed and tensor updates, which refuse to run outside such a session; this client
-does not send those yet. The contract test fails when the pinned release changes either
-rule.
+distributed and tensor updates, which refuse to run outside such a session. The contract
+test fails when the pinned release changes either rule.
+
+Broadcast weight sync (services/trainer/broadcast.py drives it): ``init_weights_update_group``
+once per engine, then per update ``begin_weight_update``, one ``update_weights_from_distributed``
+per flattened bucket (each answered only once rank 0's broadcast of that bucket arrived),
+``end_weight_update``; ``destroy_weights_update_group`` at the end. These calls are sent
+once, never retried (a second init or a second receive would wait on a broadcast nobody
+sends), each under its own ``timeout_s``, and a refusal (SGLang answers 400 with
+``{"success": false, "message"}``) raises ``EngineError``.
 """
 
 from __future__ import annotations
@@ -223,6 +230,7 @@ class EngineClient(retry.RetryingClient):
         *,
         ok_400: bool = False,
         on_lost: Callable[[], Awaitable[None]] | None = None,
+        retries: int | None = None,
     ) -> httpx.Response:
         def accept(resp: httpx.Response) -> bool:
             return resp.status_code < 400 or (ok_400 and resp.status_code == 400)
@@ -233,7 +241,7 @@ class EngineClient(retry.RetryingClient):
             path,
             json,
             peer=f"the engine at {self.base_url}",
-            retries=self.retries,
+            retries=self.retries if retries is None else retries,
             backoff=self.backoff,
             fail=EngineError,
             accept=accept,
@@ -408,3 +416,104 @@ class EngineClient(retry.RetryingClient):
 
     async def abort(self, rid: str | None = None, *, abort_all: bool = False) -> None:
         await self._request("POST", "/abort_request", self.abort_payload(rid, abort_all=abort_all))
+
+    # Broadcast weight sync: each call sent once, under its own timeout.
+    async def _sync_call(self, path: str, body: dict[str, Any], timeout_s: float) -> str:
+        """POST ``body`` once; the engine's message, or EngineError (refused, or no answer in time)."""
+
+        async def call() -> httpx.Response:
+            return await self._request("POST", path, body, ok_400=True, retries=0)
+
+        try:
+            resp = await asyncio.wait_for(call(), timeout_s)
+        except TimeoutError:
+            raise EngineError(f"POST {path}: no answer from the engine at {self.base_url} in {timeout_s:g}s") from None
+        data = resp.json()
+        if resp.status_code == 400 or not data.get("success"):
+            raise EngineError(f"POST {path} failed at {self.base_url}: {data.get('message')}", resp.status_code)
+        return str(data.get("message", ""))
+
+    @staticmethod
+    def init_weights_update_group_payload(
+        master_address: str, master_port: int, rank_offset: int, world_size: int, group_name: str, backend: str
+    ) -> dict[str, Any]:
+        """The /init_weights_update_group body: the store rank 0 hosts, this engine's first
+        rank in the group, the group's size and name, and the collective backend ("nccl"
+        for SGLang on GPUs, "gloo" for the CPU engine)."""
+        return {
+            "master_address": master_address,
+            "master_port": master_port,
+            "rank_offset": rank_offset,
+            "world_size": world_size,
+            "group_name": group_name,
+            "backend": backend,
+        }
+
+    async def init_weights_update_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        *,
+        backend: str = "gloo",
+        timeout_s: float = 120.0,
+    ) -> str:
+        """Answered once every rank joined the group: rank 0 must be joining meanwhile."""
+        body = self.init_weights_update_group_payload(
+            master_address, master_port, rank_offset, world_size, group_name, backend
+        )
+        return await self._sync_call("/init_weights_update_group", body, timeout_s)
+
+    @staticmethod
+    def update_weights_from_distributed_payload(
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        group_name: str,
+        *,
+        weight_version: int | None = None,
+        lineage: int = 0,
+        flattened: bool = True,
+    ) -> dict[str, Any]:
+        """The /update_weights_from_distributed body of one broadcast: its tensors in order
+        (dtype names as torch spells them, "float32"), the group, SGLang's "flattened_bucket"
+        format (one uint8 tensor of them end to end) or one broadcast per tensor, and the
+        version name, on the last call of an update only (the version then names all of it)."""
+        body: dict[str, Any] = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name}
+        if flattened:
+            body["load_format"] = "flattened_bucket"
+        if weight_version is not None:
+            body["weight_version"] = messages.version_name(weight_version, lineage)
+        return body
+
+    async def update_weights_from_distributed(self, body: dict[str, Any], *, timeout_s: float = 120.0) -> str:
+        """Send one ``update_weights_from_distributed_payload``; answered once the broadcast
+        it describes has arrived and was loaded."""
+        return await self._sync_call("/update_weights_from_distributed", body, timeout_s)
+
+    @staticmethod
+    def begin_weight_update_payload() -> dict[str, Any]:
+        """The /begin_weight_update body: SGLang's defaults (every runner)."""
+        return {"selector": "all"}
+
+    async def begin_weight_update(self, *, timeout_s: float = 30.0) -> str:
+        return await self._sync_call("/begin_weight_update", self.begin_weight_update_payload(), timeout_s)
+
+    @staticmethod
+    def end_weight_update_payload() -> dict[str, Any]:
+        """The /end_weight_update body: empty, a JSON object."""
+        return {}
+
+    async def end_weight_update(self, *, timeout_s: float = 30.0) -> str:
+        return await self._sync_call("/end_weight_update", self.end_weight_update_payload(), timeout_s)
+
+    @staticmethod
+    def destroy_weights_update_group_payload(group_name: str) -> dict[str, Any]:
+        """The /destroy_weights_update_group body."""
+        return {"group_name": group_name}
+
+    async def destroy_weights_update_group(self, group_name: str, *, timeout_s: float = 30.0) -> str:
+        body = self.destroy_weights_update_group_payload(group_name)
+        return await self._sync_call("/destroy_weights_update_group", body, timeout_s)

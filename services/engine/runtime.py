@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 
 from services.engine.decode import Sequence, decode
+from services.engine.weight_sync import WeightGroups
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class EngineRuntime:
         max_batch: int = 64,
         batch_wait_ms: float = 5.0,
         deterministic: bool = False,
+        weight_sync_timeout_s: float = 120.0,
     ) -> None:
         from transformers import AutoTokenizer
 
@@ -84,6 +86,7 @@ class EngineRuntime:
         self.tokenizer: Any = AutoTokenizer.from_pretrained(model_path)
         self.model: Any = load_model(model_path, device, dtype)
         self.weight_version = weight_version
+        self.weight_groups = WeightGroups(weight_sync_timeout_s)  # broadcast weight sync
         self.vocab_size = int(self.model.config.vocab_size)
         self.context_len = int(getattr(self.model.config, "max_position_embeddings", 1 << 20))
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
@@ -222,6 +225,36 @@ class EngineRuntime:
     def _current(self) -> tuple[Any, str]:
         with self._swap_lock:
             return self.model, self.weight_version
+
+    def load_tensors(self, named: list[tuple[str, torch.Tensor]], version: str | None, abort_all: bool = False) -> str:
+        """Copy ``named`` (Hugging Face names, any float dtype) into the serving weights
+        between batches; return a message. Every name and shape is checked first, so a
+        refused load changes nothing. A tied weight is sent once and updates both names."""
+        weights = self.model.state_dict()  # name -> tensor sharing the parameter's storage
+        for name, tensor in named:
+            if name not in weights:
+                raise WeightLoadError(f"the served model has no weight named {name!r}")
+            if tuple(tensor.shape) != tuple(weights[name].shape):
+                raise WeightLoadError(
+                    f"{name!r} has shape {list(tensor.shape)}; the served model's is {list(weights[name].shape)}"
+                )
+        if abort_all:
+            self.abort(abort_all=True)
+
+        def copy() -> None:
+            with self._swap_lock, torch.no_grad():
+                for name, tensor in named:
+                    weights[name].copy_(tensor)
+                if version is not None:
+                    self.weight_version = version
+
+        if self.paused and self._pause_mode != "abort":
+            copy()  # as update_weights: a held batch goes on with these weights (the decode thread waits)
+        else:
+            with self._model_lock:  # waits for the batch in flight
+                copy()
+        log.info("loaded %d broadcast tensors; serving version %s", len(named), self.weight_version)
+        return "Succeeded to update parameter online."
 
     # The decode thread.
     def _hold(self) -> None:

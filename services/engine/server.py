@@ -39,6 +39,7 @@ from services.engine.decode import Sequence
 from services.engine.runtime import EngineRuntime, WeightLoadError
 from services.engine.sampling import SamplingError, SamplingSpec, generators
 from services.engine.settings import EngineSettings
+from services.engine.sync_routes import add_weight_sync_routes
 
 log = logging.getLogger(__name__)
 
@@ -360,6 +361,10 @@ def create_app(
         WEIGHT_VERSION.set(_as_number(rt.weight_version))
         return JSONResponse({"success": True, "message": message, "num_paused_requests": 0})
 
+    add_weight_sync_routes(
+        app, slot.get, json_body, BadRequest, lambda rt: WEIGHT_VERSION.set(_as_number(rt.weight_version))
+    )
+
     @app.get("/model_info")
     async def model_info() -> dict[str, Any]:
         rt = slot.get()
@@ -469,6 +474,7 @@ def serve(settings: EngineSettings) -> None:
             max_batch=settings.max_batch,
             batch_wait_ms=settings.batch_wait_ms,
             deterministic=settings.enable_deterministic_inference,
+            weight_sync_timeout_s=settings.weight_sync_timeout_s,
         )
 
     if problem := model_dir_problem(model_path, "engine"):

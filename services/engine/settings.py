@@ -35,5 +35,9 @@ class EngineSettings(SectionSettings):
     (42 when a request has none) seeds each sample, and the n copies of one request share it,
     so they are one sample n times. The client gives each copy its own row and seed, so a
     group differs in both modes (docs/architecture.md#reproducibility)."""
+    weight_sync_timeout_s: float = Field(120.0, gt=0.0)
+    """Longest wait of a broadcast weight sync (joining the trainer's group, receiving one
+    broadcast): a trainer that dies mid-broadcast fails that call after this, and the old
+    weights keep serving."""
     api_key: SecretStr | None = None
     """When set, every endpoint but health and metrics needs 'Authorization: Bearer <key>' (SGLang's --api-key)."""

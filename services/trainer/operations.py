@@ -2,6 +2,7 @@
 
     Ranks(policy).train(groups, version)          one GRPO step
     Ranks(policy).save_weights(...)               the engine's model directory (rank 0 writes)
+    Ranks(policy).stream_weights(dtype, consume)  the full weights to ``consume`` (rank 0)
     Ranks(policy).save_resume(...)                the sharded resume state
     Ranks(policy).stop()                          the followers return
     follow(policy)                                ranks > 0: do what rank 0 sends until stop
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +30,8 @@ from services.trainer.policy import Policy
 from services.trainer.world import send
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Ranks:
@@ -55,6 +59,21 @@ class Ranks:
             return checkpoint.save_weights(
                 root, p.lm, p.tokenizer, step, lineage, dtype, shard_bytes, policy.engine_tensors(p, dtype)
             )
+
+    def stream_weights(self, dtype: torch.dtype, consume: Callable[[Iterator[tuple[str, torch.Tensor]]], T]) -> T:
+        """``consume(tensors)`` on rank 0 with the full weights by Hugging Face name, one
+        at a time as they are gathered (``policy.engine_tensors``), while the followers
+        gather in step: the followers' part is a weights write's. Whatever ``consume``
+        leaves unread (it stopped, or raised) is gathered to the end here, since the
+        followers finish the collective only if rank 0 does."""
+        with self._lock:
+            self._send({"op": "weights", "dtype": str(dtype).removeprefix("torch.")})
+            tensors = policy.engine_tensors(self.policy, dtype)
+            try:
+                return consume(tensors)
+            finally:
+                for _ in tensors:
+                    pass
 
     def save_resume(self, root: Path, state: TrainerState, run_record: dict[str, Any], keep: int) -> Path:
         with self._lock:

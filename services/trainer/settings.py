@@ -173,6 +173,25 @@ class TrainerSettings(ServiceSettings):
             return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         return getattr(torch, self.serving_dtype)
 
+    weight_sync: Literal["disk", "broadcast"] = "disk"
+    """How new weights reach the engines: "disk", each engine loads the model directory
+    (/update_weights_from_disk; the engines must see checkpoint_dir); "broadcast", rank 0
+    sends them over a torch process group per engine (SGLang's /update_weights_from_distributed,
+    in flattened buckets; the CPU engine over gloo), falling back to disk for an engine the
+    broadcast fails. The model directory is written every step either way (docs/benchmarks.md,
+    "Weight sync", has both costs)."""
+    broadcast_bucket_mb: int = Field(512, ge=1)
+    """Largest flattened bucket of a broadcast, in MiB: one /update_weights_from_distributed
+    call and one collective each; rank 0 holds one bucket beside the model."""
+    broadcast_timeout_s: float = Field(120.0, gt=0.0)
+    """Longest wait of each broadcast call and collective (joining a group, one bucket): an
+    engine that dies or stalls fails its own push after this, the others go on."""
+    broadcast_host: str | None = None
+    """The address engines reach trainer rank 0 at (it hosts each group's TCP store on a free
+    port, and gloo's connections). None: this machine's address on the route to each
+    engine (127.0.0.1 for a local one); set it where that route is not the way back (NAT,
+    a Kubernetes Service: the trainer pod's IP). Gloo picks its own interface by the
+    hostname: set GLOO_SOCKET_IFNAME where that does not resolve to a reachable one."""
     weights_shard_mb: int = Field(4096, ge=1)
     """Largest safetensors shard of the engine's model directory, in MiB."""
     stop_grace_s: float = Field(3.0, gt=0.0)

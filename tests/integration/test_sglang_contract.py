@@ -38,6 +38,15 @@ ALL_SAMPLING = SamplingParams(
     max_new_tokens=4, temperature=0.7, top_p=0.9, top_k=5, n=2, stop_token_ids=[7], ignore_eos=True, sampling_seed=3
 )
 
+# One bucket of a broadcast, the last of an update (so it names the version).
+SYNC_BODY = EngineClient.update_weights_from_distributed_payload(
+    ["model.embed_tokens.weight", "model.norm.weight"],
+    ["float32", "float32"],
+    [[8, 4], [4]],
+    "pope-g",
+    weight_version=2,
+)
+
 # Each public method of the client, with the arguments of the calls made here; its requests
 # must equal what the public payload builder beside it returns.
 CALLS: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {
@@ -56,6 +65,11 @@ CALLS: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {
     "pause": [((), {}), (("retract",), {})],
     "resume": [((), {})],
     "abort": [(("g-1",), {}), ((), {"abort_all": True})],
+    "init_weights_update_group": [(("10.0.0.1", 29500, 1, 2, "pope-g"), {})],
+    "begin_weight_update": [((), {})],
+    "update_weights_from_distributed": [((SYNC_BODY,), {})],
+    "end_weight_update": [((), {})],
+    "destroy_weights_update_group": [(("pope-g",), {})],
 }
 BODIES = {
     ("generate", 0): EngineClient.generate_payload([[1, 2, 3]], ALL_SAMPLING, rid="g-1"),
@@ -70,6 +84,21 @@ BODIES = {
     ("resume", 0): EngineClient.resume_payload(),
     ("abort", 0): EngineClient.abort_payload("g-1"),
     ("abort", 1): EngineClient.abort_payload(abort_all=True),
+    ("init_weights_update_group", 0): EngineClient.init_weights_update_group_payload(
+        "10.0.0.1", 29500, 1, 2, "pope-g", "gloo"
+    ),
+    ("begin_weight_update", 0): EngineClient.begin_weight_update_payload(),
+    ("update_weights_from_distributed", 0): SYNC_BODY,
+    ("end_weight_update", 0): EngineClient.end_weight_update_payload(),
+    ("destroy_weights_update_group", 0): EngineClient.destroy_weights_update_group_payload("pope-g"),
+}
+
+SYNC_PATHS = {
+    "/init_weights_update_group",
+    "/begin_weight_update",
+    "/update_weights_from_distributed",
+    "/end_weight_update",
+    "/destroy_weights_update_group",
 }
 
 Sent = tuple[str, str, Any, str | None]
@@ -87,6 +116,8 @@ def answer(request: httpx.Request) -> httpx.Response:
         return httpx.Response(
             200, json=[{"text": "a", "output_ids": [1], "meta_info": meta}] * (len(body["input_ids"]) * n)
         )
+    if request.url.path in SYNC_PATHS:
+        return httpx.Response(200, json={"success": True, "message": "Success"})
     if request.url.path == "/update_weights_from_disk":
         return httpx.Response(200, json={"success": True, "message": "ok", "num_paused_requests": 0})
     if request.url.path.endswith("model_info"):
@@ -256,7 +287,10 @@ def test_the_weight_update_call_sequence_is_the_one_the_pinned_release_needs(
     assert in_session >= {"/update_weights_from_distributed", "/update_weights_from_tensor"}
     if not disk_does_both:
         in_session.add("/update_weights_from_disk")  # the client must then wrap its disk update
-    for (name, _i), requests in sent.items():
+    pushed = {("push_broadcast", 0): push_requests()}
+    for (name, _i), requests in (sent | pushed).items():
+        if name == "update_weights_from_distributed":
+            continue  # one call of a session by design: the push above brackets it
         paths = [path for _m, path, _b, _a in requests]
         for at, path in enumerate(paths):
             if path in in_session:
@@ -264,3 +298,62 @@ def test_the_weight_update_call_sequence_is_the_one_the_pinned_release_needs(
                     f"{name}: {path} must run between /begin_weight_update and /end_weight_update"
                 )
     assert [p for _m, p, _b, _a in sent[("update_weights_from_disk", 0)]] == ["/update_weights_from_disk"]
+
+
+def push_requests() -> list[Sent]:
+    """The requests of one ``broadcast.push_broadcast`` of two buckets to one engine, its
+    group and its weights stand-ins (the HTTP side is what is checked)."""
+    import torch
+
+    from services.trainer import broadcast
+
+    class Sent_:
+        def wait(self, timeout: Any) -> None:
+            return None
+
+    class Group:
+        def broadcast(self, tensors: Any, opts: Any) -> Sent_:
+            return Sent_()
+
+    class Weights:
+        def stream_weights(self, dtype: Any, consume: Any) -> Any:
+            return consume(iter([("a.weight", torch.zeros(4, 4)), ("b.weight", torch.zeros(4, 4))]))
+
+    seen: list[Sent] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        seen.append((request.method, request.url.path, body, request.headers.get("authorization")))
+        return answer(request)
+
+    async def run() -> dict[str, Any]:
+        client = EngineClient("http://engine", retries=0)
+        await client._http.aclose()
+        client._http = httpx.AsyncClient(base_url="http://engine", transport=httpx.MockTransport(record))
+        async with client:
+            conn = broadcast.Connection(client, Group(), "pope-g", store=None)
+            return await broadcast.push_broadcast([conn], Weights(), torch.float32, 2, 0, 64, 5.0)  # type: ignore[arg-type]
+
+    assert asyncio.run(run()) == {"http://engine": None}
+    updates = [body for _m, path, body, _a in seen if path == "/update_weights_from_distributed"]
+    assert len(updates) == 2 and "weight_version" not in updates[0] and updates[1]["weight_version"] == "2"
+    assert all(body["load_format"] == "flattened_bucket" for body in updates)
+    return seen
+
+
+def test_the_flattened_bucket_is_sglangs(sglang_source: Path) -> None:
+    """SGLang's receiver lays a bucket's tensors end to end in one uint8 tensor, offsets
+    aligned to their dtype, and reads it back by view and reshape: the trainer packs so."""
+    import torch
+
+    from services.trainer import broadcast
+
+    source = (sglang_source / sgl.TENSOR_BUCKET).read_text()
+    assert "torch.uint8" in source and "offset % dtype.itemsize" in source and ".view(meta.dtype)" in source
+    runner = (sglang_source / sgl.RUNNER_WEIGHTS).read_text()
+    assert 'load_format == "flattened_bucket"' in runner and "FlattenedTensorBucket.empty" in runner
+    tensors = [("x", torch.arange(6.0).reshape(2, 3)), ("y", torch.arange(4, dtype=torch.float16))]
+    [(bucket, last)] = list(broadcast.buckets(tensors, 1 << 20))
+    assert last and bucket.flat.dtype == torch.uint8 and bucket.flat.numel() == 6 * 4 + 4 * 2
+    assert bucket.dtypes == ["float32", "float16"] and bucket.shapes == [[2, 3], [4]]
+    assert torch.equal(bucket.flat[:24].view(torch.float32).reshape(2, 3), tensors[0][1])
