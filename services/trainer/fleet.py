@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import torch
+from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -42,12 +44,18 @@ from services.common.engines import EngineRecord, EngineState, Registry
 from services.common.keys import Keys
 from services.common.messages import Lineage, parse_version, utc_now, version_name
 from services.common.router_client import RouterClient, RouterError
+from services.trainer import broadcast
+from services.trainer.operations import Ranks
 from services.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 5.0
 """A check's /model_info must answer within this."""
+
+FALLBACKS = Counter(
+    "pope_trainer_weight_sync_fallbacks_total", "Broadcast pushes to an engine that failed and went by disk instead"
+)
 
 
 @dataclass
@@ -67,6 +75,7 @@ class Engine:
     served: Path | None = None  # the directory this fleet last had it load
     loading: Path | None = None
     held: bool = False  # paused by an in-flight update whose continue did not get through
+    group: broadcast.Connection | None = None  # its weight update group (weight_sync broadcast)
 
     def set_state(self, state: EngineState) -> None:
         if state is not self.state:
@@ -124,6 +133,14 @@ class Fleet:
         self.engines[url] = engine
         return engine
 
+    def bind(self, ranks: Ranks, dtype: torch.dtype, history: Lineage) -> None:
+        """The trainer's ranks and serving dtype (for ``weight_sync: broadcast``) and its
+        lineage (a push may come before the first check)."""
+        self.ranks, self.dtype, self.history = ranks, dtype, history
+
+    ranks: Ranks | None = None
+    dtype: torch.dtype = torch.float32
+
     # The WeightSink protocol.
     @property
     def in_use(self) -> frozenset[Path]:
@@ -140,7 +157,10 @@ class Fleet:
         for e in targets:
             e.set_state(EngineState.UPDATING)
         await self._publish()
-        done = await asyncio.gather(*(self._load(e, path, step, lineage) for e in targets))
+        by_disk = targets
+        if self.settings.weight_sync == "broadcast" and self.ranks is not None:
+            by_disk = await self._broadcast(targets, step, lineage)
+        done = await asyncio.gather(*(self._load(e, path, step, lineage) for e in by_disk))
         await self._settle()
         return all(done)
 
@@ -182,6 +202,8 @@ class Fleet:
 
     async def aclose(self) -> None:
         for e in self.engines.values():
+            if e.group is not None:
+                await e.group.close(timeout_s=5.0)
             await e.client.aclose()
             await e.probe.aclose()
         if self.router is not None:
@@ -259,12 +281,57 @@ class Fleet:
         e.set_state(self._judge(e))
         return True
 
+    async def _broadcast(self, targets: list[Engine], step: int, lineage: int) -> list[Engine]:
+        """Broadcast the weights to ``targets`` (broadcast.py, a group per engine, opened on
+        first use); the engines it failed for, each counted and logged, for the disk to load.
+        With in-flight updates the engines are paused around it (continued whatever it did)."""
+        assert self.ranks is not None
+        cfg = self.settings
+        for e in targets:
+            if e.group is None:
+                try:
+                    host = cfg.broadcast_host or broadcast.reachable_address(e.url)
+                    e.group = await broadcast.connect(e.client, host, cfg.broadcast_timeout_s)
+                except (broadcast.BroadcastError, OSError) as exc:
+                    log.warning("engine %s: no weight update group (%s); by disk instead", e.url, exc)
+        live = [e for e in targets if e.group is not None]
+        held = [e for e in live if cfg.in_flight_updates]
+        errors: dict[str, Exception | None] = {}
+        try:
+            for e in held:
+                e.held = True  # continued below, or at the next check
+                await e.client.pause(cfg.in_flight_pause)
+            groups = [e.group for e in live if e.group is not None]
+            errors = await broadcast.push_broadcast(
+                groups, self.ranks, self.dtype, step, lineage, cfg.broadcast_bucket_mb << 20, cfg.broadcast_timeout_s
+            )
+        except EngineError as exc:  # a pause that failed: nothing was broadcast
+            errors = {e.url: exc for e in live}
+        finally:
+            for e in held:
+                with contextlib.suppress(EngineError):
+                    await e.client.resume()
+                    e.held = False
+        fallback = [e for e in targets if e.group is None or errors.get(e.url, KeyError(e.url)) is not None]
+        for e in live:
+            if errors.get(e.url, KeyError(e.url)) is None:
+                e.failures, e.error, e.weight_version = 0, None, version_name(step, lineage)
+                e.set_state(self._judge(e))
+        for e in fallback:
+            FALLBACKS.inc()
+            if e.group is not None:
+                log.warning("engine %s: broadcast failed (%s); loading from disk", e.url, errors.get(e.url))
+                await e.group.close(timeout_s=5.0)  # of no use after a failure
+                e.group = None
+        return fallback
+
     async def _load_in_flight(self, e: Engine, path: Path, step: int, lineage: int) -> None:
         """Pause (holding the requests), load, continue: the held requests go on with the new
         weights. The engine is never left paused by this: continue is sent whatever the load
         did (an engine that cannot be reached for it is judged at the next check)."""
-        await e.client.pause(self.settings.in_flight_pause)
+        e.held = True  # a pause whose answer is lost may still have paused it
         try:
+            await e.client.pause(self.settings.in_flight_pause)
             await e.client.update_weights_from_disk(str(path), step, lineage=lineage)
         finally:
             try:

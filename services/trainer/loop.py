@@ -109,6 +109,7 @@ class Trainer:
         self._tb: Any = None  # TensorBoard writer, made on the first step
         self._idle_since = time.monotonic()  # when the trainer last finished a step (data wait)
         self.lineage: Lineage = self.state.history
+        sink.bind(self.ranks, self.weights_dtype, self.lineage)
         # The engine's model directory of the current version (None: the engine's start-up
         # weights are the current ones, nothing to push).
         self.weights: Path | None = checkpoint.weights_versions(self.ckpt_dir).get((self.version, self.lineage.id))
@@ -249,6 +250,7 @@ class Trainer:
                 new.id,
             )
             self.lineage, self.weights = new, None
+            self.sink.bind(self.ranks, self.weights_dtype, new)  # pushes judge engines by it
             self.state.lineage = new.model_dump(mode="json")
             self._unsaved_lineage = True
             self._dirty = True

@@ -18,10 +18,12 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from redis.asyncio import Redis
 
 from services.common.messages import Lineage
 from services.trainer.fleet import Fleet
+from services.trainer.operations import Ranks
 from services.trainer.settings import TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,11 @@ class WeightSink(Protocol):
         start-up; empty when none answers or nothing serves."""
         ...
 
+    def bind(self, ranks: Ranks, dtype: torch.dtype, history: Lineage) -> None:
+        """The trainer's ranks and serving dtype (a broadcast gathers the weights through
+        them) and its lineage, once the trainer has them."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -68,6 +75,9 @@ class NoSink:
 
     async def served_versions(self) -> list[tuple[int, int]]:
         return []
+
+    def bind(self, ranks: Ranks, dtype: torch.dtype, history: Lineage) -> None:
+        return None
 
     async def aclose(self) -> None:
         return None

@@ -165,3 +165,49 @@ def test_two_fsdp_ranks_broadcast_the_weights_one_process_would(tiny_model: Path
                 assert not torch.allclose(against_start, torch.ones_like(against_start), atol=1e-3)  # it moved
 
         asyncio.run(check())
+
+
+@pytest.mark.parametrize("in_flight", [False, True])
+def test_the_fleet_broadcasts_and_falls_back_to_disk_for_an_engine_it_fails_for(
+    two_engines: Any, tiny_model: Path, tmp_path: Path, in_flight: bool
+) -> None:
+    """``weight_sync: broadcast`` through the trainer's fleet: both engines get the weights
+    by broadcast; an engine whose group broke gets the same step by disk, counted."""
+    from prometheus_client import REGISTRY
+
+    from services.common.messages import Lineage
+    from services.trainer.fleet import Fleet
+
+    a, b = (e.url for e in two_engines)
+    ranks = trainer(tiny_model, tmp_path)
+    settings = TrainerSettings(
+        engine_url=a, engine_urls=[b], weight_sync="broadcast", in_flight_updates=in_flight, broadcast_timeout_s=30.0
+    )
+    fleet = Fleet(settings, None)
+    fleet.bind(ranks, torch.float32, Lineage())
+
+    def fallbacks() -> float:
+        return REGISTRY.get_sample_value("pope_trainer_weight_sync_fallbacks_total") or 0.0
+
+    async def run() -> None:
+        try:
+            for step in (1, 2):
+                perturb(ranks.policy, step)
+                path = ranks.save_weights(tmp_path / "ck", step, 0, torch.float32, 1 << 30)
+                before = fallbacks()
+                if step == 2:  # b's group is gone behind the fleet's back: this push is by disk for b
+                    group = fleet.engines[b].group
+                    assert group is not None
+                    async with EngineClient(b) as direct:
+                        await direct.destroy_weights_update_group(group.group_name)
+                assert await fleet.push(path, step)
+                assert fallbacks() - before == (1.0 if step == 2 else 0.0)
+                for url in (a, b):
+                    async with EngineClient(url) as engine:
+                        ratio, version = await ratios(engine, ranks.policy)
+                        assert version == step and torch.allclose(ratio, torch.ones_like(ratio), atol=1e-3), ratio
+                        assert (await engine.model_info()).weight_version == str(step)
+        finally:
+            await fleet.aclose()
+
+    asyncio.run(run())
