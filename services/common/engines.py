@@ -4,7 +4,7 @@ serves, in Redis (DESIGN.md 8).
     registry = Registry(redis, keys)
     await registry.put([EngineRecord(url=..., state=EngineState.SERVING, weight_version="12", routed=True)])
     await registry.all()                     # sorted by url
-    registry.routed_versions(records)        # (step, lineage) of each engine generation may reach
+    routed_versions(records)                 # (step, lineage) of each engine generation may reach
 
 One hash, ``<prefix>engines``: url -> the record's JSON. The trainer's rank 0 writes it
 (services/trainer/fleet.py): it pushes every version to every engine and decides which of

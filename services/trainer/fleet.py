@@ -284,7 +284,9 @@ class Fleet:
     async def _broadcast(self, targets: list[Engine], step: int, lineage: int) -> list[Engine]:
         """Broadcast the weights to ``targets`` (broadcast.py, a group per engine, opened on
         first use); the engines it failed for, each counted and logged, for the disk to load.
-        With in-flight updates the engines are paused around it (continued whatever it did)."""
+        The engines are paused around it (``in_flight_pause``; continued whatever it did):
+        each bucket is swapped in as it arrives, and no token may come from a mix of two
+        versions' buckets, so held requests go on only once the whole version is in."""
         assert self.ranks is not None
         cfg = self.settings
         for e in targets:
@@ -295,7 +297,7 @@ class Fleet:
                 except (broadcast.BroadcastError, OSError) as exc:
                     log.warning("engine %s: no weight update group (%s); by disk instead", e.url, exc)
         live = [e for e in targets if e.group is not None]
-        held = [e for e in live if cfg.in_flight_updates]
+        held = live
         errors: dict[str, Exception | None] = {}
         try:
             for e in held:

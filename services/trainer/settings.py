@@ -178,7 +178,9 @@ class TrainerSettings(ServiceSettings):
     (/update_weights_from_disk; the engines must see checkpoint_dir); "broadcast", rank 0
     sends them over a torch process group per engine (SGLang's /update_weights_from_distributed,
     in flattened buckets; the CPU engine over gloo), falling back to disk for an engine the
-    broadcast fails. The model directory is written every step either way (docs/benchmarks.md,
+    broadcast fails, each engine paused (``in_flight_pause``) while its buckets arrive. The
+    trainer side speaks gloo only: the CPU engine's; SGLang on GPUs would need NCCL, not done
+    yet. The model directory is written every step either way (docs/benchmarks.md,
     "Weight sync", has both costs)."""
     broadcast_bucket_mb: int = Field(512, ge=1)
     """Largest flattened bucket of a broadcast, in MiB: one /update_weights_from_distributed
