@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import random
 import shutil
 import socket
 import subprocess
@@ -64,11 +65,42 @@ def answers(url: str, timeout: float = 0.5) -> bool:
         return False
 
 
+_GIVEN: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out to outgoing connections (Linux; its default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A port nothing listens on, for a server started soon after. Drawn below the
+    ephemeral range where there is room: a port from it (what binding port 0 gives) can be
+    taken in the meantime as the local end of any outgoing connection (a client's Redis
+    connection, say), and a server then cannot bind it for as long as that connection
+    lives. Never one this process has handed out before (two servers about to start would
+    otherwise draw the same)."""
+    low, _ = _ephemeral_range()
+    if low > 20000:
+        for _ in range(100):
+            port = random.randrange(10000, low)
+            if port in _GIVEN:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _GIVEN.add(port)
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        bound: int = s.getsockname()[1]
+        return bound
 
 
 @dataclass
