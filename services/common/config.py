@@ -126,7 +126,17 @@ class ServiceSettings(SectionSettings):
     key_prefix: str = Field(DEFAULT_PREFIX, min_length=1)
     """Prefix of every stream and key, so several runs can share one Redis."""
     api_token: SecretStr | None = None
-    """When set, mutating HTTP endpoints require 'Authorization: Bearer <token>'."""
+    """When set, every mutating HTTP endpoint (POST, PUT, PATCH, DELETE) needs
+    'Authorization: Bearer <token>' ("Bearer" in any case, RFC 6750)."""
+    require_auth_for_reads: bool = False
+    """With ``api_token`` set, the reads need the token too: problems with their solutions,
+    hints and eval answers, rollouts, jobs, training state. Health, readiness, metrics and the
+    API's own description (/docs, /openapi.json) stay open, as SGLang leaves /health and
+    /metrics: probes and scrapers carry no secret, and they show no data. Off on a laptop; on in
+    docker-compose and the Kubernetes manifests."""
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    """Largest request body taken; a larger one is answered 413 (checked against
+    Content-Length, then counted as it arrives, so nothing over it is buffered)."""
     streams: DeliveryPolicy = Field(default_factory=DeliveryPolicy)
     """Stream caps, leases, retries and dead-lettering."""
 

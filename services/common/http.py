@@ -1,8 +1,17 @@
-"""HTTP pieces every service shares: /healthz, /readyz, /metrics, and bearer-token auth.
+"""HTTP pieces every service shares: the app with its auth and bounds, /healthz, /readyz, /metrics.
 
-app = FastAPI(lifespan=...)
-add_health_routes(app, ready=lambda: check_redis_and_workers())
-@app.post("/v1/things", dependencies=[Depends(bearer(settings.api_token))]) ...
+    app = api_app(settings, title="POPE-RL thing", lifespan=...)
+    add_health_routes(app, ready=lambda: check_redis_and_workers())
+    @app.post("/v1/things") ...        # needs the bearer token when settings.api_token is set
+
+``api_app`` is where every service's HTTP surface is secured, in one place: with
+``api_token`` set every mutating request (POST, PUT, PATCH, DELETE) needs
+``Authorization: Bearer <token>``, and with ``require_auth_for_reads`` every read too, but
+for ``OPEN_PATHS`` (probes, scrapers and the API's description); a body over
+``max_body_bytes`` is a 413 before it is buffered; a request that fails validation is a 422
+whose body can always be written (a NaN in the input is echoed as a string); the OpenAPI
+document declares the bearer scheme on exactly the operations that need it, so /docs can
+authorize and a fuzzer can check that none ignores it.
 """
 
 from __future__ import annotations
@@ -10,17 +19,27 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security.utils import get_authorization_scheme_param
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import SecretStr
 from redis.asyncio import Redis
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from services.common.config import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +68,127 @@ def add_health_routes(app: FastAPI, ready: ReadyCheck) -> None:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-def bearer(token: SecretStr | None) -> Callable[[Request], Awaitable[None]]:
-    """A dependency requiring 'Authorization: Bearer <token>' when a token is configured."""
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+"""Never behind the token: probes and Prometheus carry no secret, and these show no data."""
 
-    async def check(request: Request) -> None:
-        if token is None:
-            return
-        got = request.headers.get("authorization", "")
-        expected = f"Bearer {token.get_secret_value()}"
-        if not hmac.compare_digest(got.encode(), expected.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
-    return check
+BEARER_SCHEME = "bearer"
+"""The OpenAPI security scheme's name (components.securitySchemes)."""
+
+
+def needs_token(method: str, path: str, reads_locked: bool) -> bool:
+    """Whether a request needs the bearer token, when one is configured."""
+    if path in OPEN_PATHS or method == "OPTIONS":
+        return False
+    return method in MUTATING or reads_locked
+
+
+def token_matches(header: str | None, token: SecretStr) -> bool:
+    """``Authorization: Bearer <token>``, the scheme's name in any case (RFC 6750 sec. 2.1
+    via RFC 7235: auth schemes are case-insensitive); compared in constant time."""
+    scheme, credentials = get_authorization_scheme_param(header)
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.encode(), token.get_secret_value().encode())
+
+
+def unauthorized() -> HTTPException:
+    return HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+def api_app(settings: ServiceSettings, **fastapi_kwargs: Any) -> FastAPI:
+    """A service's FastAPI app with its auth, body limit and error handling (module doc)."""
+    token, reads_locked = settings.api_token, settings.require_auth_for_reads
+
+    async def check_token(request: Request) -> None:
+        guarded = token is not None and needs_token(request.method, request.url.path, reads_locked)
+        if guarded and not token_matches(request.headers.get("authorization"), token):  # type: ignore[arg-type]
+            raise unauthorized()
+
+    app = FastAPI(dependencies=[Depends(check_token)], **fastapi_kwargs)
+    limit_mib = settings.max_body_bytes / 2**20
+    too_large_body = {"detail": f"the request body is over {limit_mib:g} MiB (max_body_bytes)"}
+    # Starlette's limit counts the bytes as they arrive (FastAPI turns its signal into a 413
+    # HTTPException, reworded below); outside it, a declared length over the limit is
+    # answered at once, in JSON (Starlette's own answer to that is plain text).
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
+    app.add_middleware(DeclaredLengthLimit, limit=settings.max_body_bytes, body=too_large_body)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def too_large(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 413 and exc.detail == "Content Too Large":  # the body limit's own
+            exc = StarletteHTTPException(413, too_large_body["detail"])
+        return await http_exception_handler(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc)
+
+    plain_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = plain_openapi()
+            if token is not None:
+                declare_bearer(schema, reads_locked)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+class DeclaredLengthLimit:
+    """ASGI middleware: a request whose Content-Length is over ``limit`` is answered 413
+    with ``body`` at once, before a byte of it is read."""
+
+    def __init__(self, app: ASGIApp, limit: int, body: dict[str, Any]) -> None:
+        self.app, self.limit, self.body = app, limit, body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > self.limit:
+                await JSONResponse(self.body, 413)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def declare_bearer(schema: dict[str, Any], reads_locked: bool) -> None:
+    """Mark the operations that need the token (and their 401) in an OpenAPI document."""
+    schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+    schemes[BEARER_SCHEME] = {"type": "http", "scheme": "bearer"}
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            if needs_token(method.upper(), path, reads_locked):
+                operation["security"] = [{BEARER_SCHEME: []}]
+                operation.setdefault("responses", {})["401"] = {
+                    "description": "missing or wrong bearer token",
+                    "content": {"application/json": {"schema": DETAIL_SCHEMA}},
+                }
+
+
+DETAIL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"detail": {"type": "string"}},
+    "required": ["detail"],
+}
+"""The body of an HTTPException's answer: ``{"detail": "<why>"}``."""
+
+
+def validation_error(exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 for ``exc``, but writable whatever the input held: JSON has no NaN or
+    infinity, so those are echoed back as strings (FastAPI's own handler fails on them, a 500)."""
+    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, 422)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 async def redis_unready(redis: Redis) -> str | None:

@@ -8,10 +8,10 @@
 
 Mount it on the service's app:
 
-    app.include_router(problems_and_rollouts_router(store, archive, settings.api_token))
+    app.include_router(problems_and_rollouts_router(store, archive))
 
-Only POST requires the bearer token (when one is configured); reads are open, like
-/healthz, since they change nothing.
+Auth is the app's (services/common/http.py, ``api_app``): POST needs the bearer token
+when one is configured, and the reads too with ``require_auth_for_reads``.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query
-from pydantic import BaseModel, SecretStr, ValidationError
+from fastapi import APIRouter, Body, HTTPException, Query
+from pydantic import BaseModel, ValidationError
 
-from services.common.http import bearer
 from services.common.messages import Problem, ProblemLabel, Variant
 from services.rollout.archive import RolloutArchive, RolloutRecord
 from services.rollout.merge import LeakedPair, exclude_leaks, keep_search, split_id
@@ -86,13 +85,11 @@ def _unprocessable(errors: list[RowError]) -> HTTPException:
     return HTTPException(422, [e.model_dump() for e in errors])
 
 
-def problems_and_rollouts_router(
-    store: ProblemStore, archive: RolloutArchive, api_token: SecretStr | None
-) -> APIRouter:
+def problems_and_rollouts_router(store: ProblemStore, archive: RolloutArchive) -> APIRouter:
     """The /v1/problems and /v1/rollouts routes over ``store`` and ``archive``."""
     router = APIRouter(prefix="/v1")
 
-    @router.post("/problems", status_code=201, dependencies=[Depends(bearer(api_token))])
+    @router.post("/problems", status_code=201)
     async def post_problems(body: Annotated[Any, Body()], allow_leakage: bool = False) -> Created:
         """Store a JSON list of problems: validated whole first, so either every row is
         stored or none is. A row whose id exists replaces it (keeping its hint search if its

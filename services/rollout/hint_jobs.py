@@ -20,12 +20,11 @@ import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, HTTPException
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from fastapi import APIRouter, Body, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
 from services.common.engine_client import EngineClient
-from services.common.http import bearer
 from services.common.keys import Keys
 from services.common.messages import Problem
 from services.rollout.attempts import Attempter
@@ -160,10 +159,10 @@ def _chosen(p: Problem, req: HintJobRequest) -> bool:
     )
 
 
-def hint_jobs_router(jobs: HintJobs, api_token: SecretStr | None) -> APIRouter:
+def hint_jobs_router(jobs: HintJobs) -> APIRouter:
     router = APIRouter(prefix="/v1/hints")
 
-    @router.post("/jobs", status_code=202, dependencies=[Depends(bearer(api_token))])
+    @router.post("/jobs", status_code=202)
     async def start_job(request: Annotated[HintJobRequest, Body()]) -> HintJob:
         """Start the hard-problem filter and hint search over the stored problems."""
         return await jobs.start(request)

@@ -20,12 +20,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 
-from services.common.http import add_health_routes, redis_unready, stop_if_failed
+from services.common.http import add_health_routes, api_app, redis_unready, stop_if_failed, validation_error
 from services.common.http import serve as run_server
 from services.common.keys import ARCHIVERS, TRAINERS, VERIFIERS, Keys
 from services.common.messages import ScoredGroup
@@ -116,13 +115,14 @@ def create_app(settings: RolloutSettings) -> FastAPI:
         await verifier.aclose()
         await redis.aclose()
 
-    app = FastAPI(
+    app = api_app(
+        settings,
         title="POPE-RL rollout service",
         lifespan=lifespan,
         description="Problems in, hinted and unhinted rollouts out (POPE).",
     )
-    app.include_router(problems_and_rollouts_router(store, archive, settings.api_token))
-    app.include_router(hint_jobs_router(hint_jobs, settings.api_token))
+    app.include_router(problems_and_rollouts_router(store, archive))
+    app.include_router(hint_jobs_router(hint_jobs))
 
     @app.exception_handler(RequestValidationError)
     async def unreadable_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -132,7 +132,7 @@ def create_app(settings: RolloutSettings) -> FastAPI:
             reason = bad_json[0].get("ctx", {}).get("error", "")
             message = f"the body is not valid JSON: {reason}".rstrip(": ")
             return JSONResponse({"detail": [{"row": None, "field": None, "message": message}]}, 422)
-        return await request_validation_exception_handler(request, exc)
+        return validation_error(exc)
 
     async def ready() -> str | None:
         failed: str | None = getattr(app.state, "failed", None)

@@ -87,6 +87,9 @@ class RolloutSettings(ServiceSettings):
 
     port: int = Field(8000, ge=0, le=65535)
     """User-facing HTTP API."""
+    max_body_bytes: int = Field(32 << 20, ge=1024)
+    """Largest request body taken (413 above it): a POST /v1/problems of tens of thousands
+    of rows; a larger dataset goes in several POSTs, or through ``pope data``."""
     engine_url: str = "http://127.0.0.1:30000"
     """Where generation goes: an inference engine (SGLang or the CPU engine), or SGLang's
     router in front of many (then set ``engine_router``)."""

@@ -63,6 +63,9 @@ from services.trainer.settings import TrainerSettings
 from services.trainer.sink import WeightSink
 from services.trainer.world import World
 
+MAX_HISTORY = 1000
+"""Steps of metrics kept in memory for the trainer's GET /v1/history."""
+
 log = logging.getLogger(__name__)
 
 STEPS = Counter("pope_trainer_steps_total", "Optimizer steps taken")
@@ -105,7 +108,7 @@ class Trainer:
         self.weights_dtype = settings.weights_dtype()
         if resume:
             log.info("resumed from %s at step %d", resume, self.state.step)
-        self.history: deque[dict[str, float]] = deque(maxlen=1000)
+        self.history: deque[dict[str, float]] = deque(maxlen=MAX_HISTORY)
         self._tb: Any = None  # TensorBoard writer, made on the first step
         self._idle_since = time.monotonic()  # when the trainer last finished a step (data wait)
         self.lineage: Lineage = self.state.history

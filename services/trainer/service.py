@@ -23,14 +23,14 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from redis.asyncio import Redis
 
-from services.common.http import add_health_routes, redis_unready, stop_if_failed
+from services.common.http import add_health_routes, api_app, redis_unready, stop_if_failed
 from services.common.http import serve as run_server
-from services.trainer.loop import Trainer
+from services.trainer.loop import MAX_HISTORY, Trainer
 from services.trainer.settings import TrainerSettings
 from services.trainer.sink import sink_for
 from services.trainer.world import World, join, launched_by_torchrun, leave
@@ -65,7 +65,7 @@ def create_app(settings: TrainerSettings, world: World | None = None) -> FastAPI
         await sink.aclose()
         await redis.aclose()
 
-    app = FastAPI(title="POPE-RL trainer", lifespan=lifespan)
+    app = api_app(settings, title="POPE-RL trainer", lifespan=lifespan)
 
     async def ready() -> str | None:
         failed: str | None = getattr(app.state, "failed", None)
@@ -90,7 +90,7 @@ def create_app(settings: TrainerSettings, world: World | None = None) -> FastAPI
         }
 
     @app.get("/v1/history")
-    async def history(limit: int = 100) -> list[dict[str, Any]]:
+    async def history(limit: Annotated[int, Query(ge=1, le=MAX_HISTORY)] = 100) -> list[dict[str, Any]]:
         """The last ``limit`` steps' metrics, oldest first (also in the JSONL metrics log)."""
         trainer: Trainer | None = holder.get("trainer")
         rows = list(trainer.history)[-limit:] if trainer else []

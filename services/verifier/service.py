@@ -21,13 +21,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import Body, Depends, FastAPI, HTTPException, Response
+from fastapi import Body, FastAPI, HTTPException, Response
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from services.common.http import add_health_routes, bearer, redis_unready
+from services.common.http import add_health_routes, api_app, redis_unready
 from services.common.http import serve as run_server
 from services.common.keys import VERIFIERS, Keys
 from services.common.messages import FinishReason, RawGroup, Score, ScoredGroup
@@ -138,7 +138,7 @@ def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAP
         if redis is None:
             await client.aclose()
 
-    app = FastAPI(title="POPE-RL verifier", lifespan=lifespan)
+    app = api_app(settings, title="POPE-RL verifier", lifespan=lifespan)
     app.state.pool = pool
 
     async def ready() -> str | None:
@@ -148,7 +148,7 @@ def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAP
 
     add_health_routes(app, ready)
 
-    @app.post("/v1/verify", dependencies=[Depends(bearer(settings.api_token))])
+    @app.post("/v1/verify")
     async def verify(rows: Annotated[list[VerifyRow], Body()], response: Response) -> list[Score]:
         """Score completions against gold answers: one verdict per row, in order; the
         ``X-Pope-Scoring-Policy`` header names the rules that scored them."""

@@ -14,6 +14,9 @@ class VerifierSettings(ServiceSettings):
 
     port: int = Field(8001, ge=0, le=65535)
     """HTTP: /v1/verify, health and metrics."""
+    max_body_bytes: int = Field(64 << 20, ge=1024)
+    """Largest request body taken (413 above it): the rollout's client sends at most 512 rows
+    a request, each up to a 16k-token completion (about 64 KiB)."""
     workers: int = Field(2, ge=1)
     """math-verify worker processes."""
     timeout_s: float = Field(5.0, gt=0.0)

@@ -14,15 +14,16 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from services.common.http import api_app
 from services.common.keys import Keys
 from services.common.messages import Problem, ProblemLabel, Score, ScoredGroup, Variant, problem_id_for
 from services.common.redis_server import free_port
 from services.rollout.api import problems_and_rollouts_router
 from services.rollout.archive import RolloutArchive, RolloutRecord
+from services.rollout.settings import RolloutSettings
 from services.rollout.store import ProblemStore
 from tests.factories import group, hard_hinted_search
 
@@ -34,7 +35,9 @@ class Api:
 
 
 @contextlib.contextmanager
-def serving(redis_url: str, keys: Keys, archive: RolloutArchive, token: str | None = None) -> Iterator[Api]:
+def serving(
+    redis_url: str, keys: Keys, archive: RolloutArchive, token: str | None = None, reads_locked: bool = False
+) -> Iterator[Api]:
     """The router on an app served by uvicorn on a free port, in a thread with its own
     event loop. The Redis client is made inside that loop: a redis.asyncio client's
     connections belong to the loop that uses them, which is the server's, not the test's."""
@@ -43,9 +46,9 @@ def serving(redis_url: str, keys: Keys, archive: RolloutArchive, token: str | No
 
     async def main() -> None:
         client = Redis.from_url(redis_url)
-        router = problems_and_rollouts_router(ProblemStore(client, keys), archive, SecretStr(token) if token else None)
-        app = FastAPI()
-        app.include_router(router)
+        settings = RolloutSettings(api_token=SecretStr(token) if token else None, require_auth_for_reads=reads_locked)
+        app = api_app(settings)
+        app.include_router(problems_and_rollouts_router(ProblemStore(client, keys), archive))
         server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
         servers.append(server)
         try:
@@ -280,3 +283,49 @@ def test_the_rollout_service_answers_unreadable_bodies_in_the_row_error_shape(
         assert error["row"] is None and error["message"].startswith("the body is not valid JSON")
         status = httpx.get(f"{proc.url}/v1/status", timeout=10).json()
         assert status["rollout"]["waiting_for"] == "scheduler disabled" and "planner" not in status["rollout"]
+
+
+def test_reads_need_the_token_when_locked_and_probes_stay_open(redis_url: str, keys: Keys, tmp_path: Path) -> None:
+    with serving(redis_url, keys, RolloutArchive(tmp_path / "a.jsonl"), token="t0k", reads_locked=True) as api:
+        for path in ("/v1/problems", "/v1/problems/nope", "/v1/rollouts"):
+            resp = httpx.get(f"{api.url}{path}")
+            assert resp.status_code == 401, (path, resp.text)
+            assert resp.headers["www-authenticate"] == "Bearer"
+        # The scheme's name in any case (RFC 6750 via RFC 7235); the token itself exactly.
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            assert httpx.get(f"{api.url}/v1/problems", headers={"Authorization": f"{scheme} t0k"}).status_code == 200
+        assert httpx.get(f"{api.url}/v1/problems", headers={"Authorization": "Bearer T0K"}).status_code == 401
+        assert httpx.get(f"{api.url}/v1/problems", headers={"Authorization": "Basic t0k"}).status_code == 401
+        assert httpx.get(f"{api.url}/openapi.json").status_code == 200  # the API's description is open
+        ops = httpx.get(f"{api.url}/openapi.json").json()["paths"]
+        assert all(
+            op["security"] == [{"bearer": []}] and "401" in op["responses"] for p in ops.values() for op in p.values()
+        )
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(api: Api) -> None:
+    limit = RolloutSettings().max_body_bytes
+    body = b"[" + b'"x",' * (limit // 4) + b'"x"]'
+    resp = httpx.post(f"{api.url}/v1/problems", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413, resp.text
+    assert "max_body_bytes" in resp.json()["detail"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+        yield b"["
+        for _ in range(limit // 4000 + 1):
+            yield b'"xx",' * 1000
+        yield b'"x"]'
+
+    resp = httpx.post(f"{api.url}/v1/problems", content=chunks(), headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413, resp.text
+    assert count(api) == 0
+
+
+def test_a_nan_in_a_refused_body_is_a_422_not_a_500(api: Api) -> None:
+    resp = httpx.post(
+        f"{api.url}/v1/problems",
+        content=b'[{"prompt": NaN, "answer": Infinity}]',
+        headers={"Content-Type": "application/json"},
+    )
+    assert resp.status_code == 422, resp.text
+    assert count(api) == 0
