@@ -1,7 +1,7 @@
 """``pope router``: SGLang's own router (``sglang-router``, ``ROUTER_VERSION``) in front of
 the engines, started the way this project runs it.
 
-    pope router --port 30000 [--host 127.0.0.1] [--prometheus-port 29000]
+    POPE_ROUTER_ADMIN_KEY=<key> pope router --port 30000 [--host 127.0.0.1] [--prometheus-port 29000]
 
 It starts with no workers: the trainer's fleet adds each engine once it serves the
 trainer's weights and takes out one that dies or lags (services/trainer/fleet.py), so the
@@ -9,6 +9,12 @@ router's own health check is off (``--disable-health-check``), which would other
 an engine that is slow to answer while it loads new weights. Requests to an engine that
 died before the fleet noticed are retried on another one by the router itself. Round robin,
 since every engine serves the same weights and a group's samples are requests of their own.
+
+With ``POPE_ROUTER_ADMIN_KEY`` set, the router's worker list (``/workers``, read or
+changed) needs ``Authorization: Bearer <key>`` (the router's control-plane keys, one of
+role admin): the trainer sends it (``trainer.router_admin_key``). Generation stays open to
+whoever reaches the router; the engines' own keys guard them, and the network policy (or
+compose's unpublished port) keeps the router to the rollout service and the trainer.
 """
 
 from __future__ import annotations
@@ -24,8 +30,16 @@ class RouterMissing(RuntimeError):
     """sglang-router is not installed."""
 
 
-def router_command(host: str, port: int, prometheus_port: int, log_level: str = "warn") -> list[str]:
+ADMIN_KEY_ENV = "POPE_ROUTER_ADMIN_KEY"
+
+
+def router_command(
+    host: str, port: int, prometheus_port: int, log_level: str = "warn", admin_key: str | None = None
+) -> list[str]:
     """The router's command line (``python -m sglang_router.launch_router ...``)."""
+    if admin_key is not None and (not admin_key or any(c in admin_key for c in ": \t\n")):
+        raise ValueError(f"{ADMIN_KEY_ENV} must be non-empty, without ':' or whitespace (the router's key format)")
+    control = ["--control-plane-api-keys", f"pope-trainer:POPE-RL trainer:admin:{admin_key}"] if admin_key else []
     return [
         sys.executable,
         "-m",
@@ -44,6 +58,7 @@ def router_command(host: str, port: int, prometheus_port: int, log_level: str = 
         str(prometheus_port),
         "--log-level",
         log_level,
+        *control,
     ]
 
 
@@ -58,5 +73,5 @@ def check_installed() -> None:
 def run(host: str, port: int, prometheus_port: int, log_level: str) -> None:
     """Become the router (exec: signals reach it directly)."""
     check_installed()
-    command = router_command(host, port, prometheus_port, log_level)
+    command = router_command(host, port, prometheus_port, log_level, os.environ.get(ADMIN_KEY_ENV) or None)
     os.execv(command[0], command)

@@ -44,8 +44,17 @@ class RouterError(RuntimeError):
 class RouterClient(retry.RetryingClient):
     """Async client of the router's worker API; use as an async context manager."""
 
-    def __init__(self, base_url: str, *, timeout: float = 10.0, retries: int = 2, backoff: float = 0.2) -> None:
-        super().__init__(base_url, timeout=timeout, retries=retries, backoff=backoff)
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 10.0,
+        retries: int = 2,
+        backoff: float = 0.2,
+        admin_key: str | None = None,
+    ) -> None:
+        """``admin_key``: the router's control-plane key (``POPE_ROUTER_ADMIN_KEY``), if it has one."""
+        super().__init__(base_url, timeout=timeout, retries=retries, backoff=backoff, token=admin_key)
 
     async def _call(self, method: str, path: str, json: Any = None) -> Any:
         resp = await retry.request(

@@ -113,7 +113,8 @@ class Fleet:
         self.settings = settings
         self.registry = Registry(redis, Keys(settings.key_prefix)) if redis is not None else None
         if router is None and settings.router_url:
-            router = RouterClient(settings.router_url)
+            key = settings.router_admin_key.get_secret_value() if settings.router_admin_key else None
+            router = RouterClient(settings.router_url, admin_key=key)
         self.router = router
         self.engines: dict[str, Engine] = {}
         for url in settings.engine_list():

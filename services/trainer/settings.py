@@ -32,6 +32,8 @@ class TrainerSettings(ServiceSettings):
     """``host:port`` of a DNS name whose addresses are engines (a Kubernetes headless
     Service), resolved at every check: engines that appear are loaded and routed, ones that
     go are forgotten. None: the engines are the listed ones only."""
+    router_admin_key: SecretStr | None = None
+    """The router's control-plane key (``pope router`` with ``POPE_ROUTER_ADMIN_KEY``), when it has one."""
     router_url: str | None = None
     """SGLang's router (``sglang-router``), whose workers the trainer keeps to the engines
     serving its weights: one that dies or lags past ``max_staleness`` leaves it until it is

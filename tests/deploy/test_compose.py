@@ -175,8 +175,9 @@ def test_every_variable_is_required_or_defaulted_and_documented_in_env_example()
         secrets_and_model = {"REDIS_PASSWORD", "POPE_API_TOKEN", "ENGINE_API_KEY", "MODEL_DIR"}
         if path == COMPOSE:
             assert required == secrets_and_model
-        else:  # with several engines the trainer's GPUs too: their default is engine-1's
-            assert "TRAINER_GPUS" in required and required <= {*secrets_and_model, "TRAINER_GPUS"}, path.name
+        else:  # with several engines the trainer's GPUs (their default is engine-1's) and the router's key
+            assert {"TRAINER_GPUS", "ROUTER_ADMIN_KEY"} <= required, path.name
+            assert required <= {*secrets_and_model, "TRAINER_GPUS", "ROUTER_ADMIN_KEY"}, path.name
 
 
 def test_the_gpu_trainer_runs_trainer_nproc_ranks_with_room_in_dev_shm() -> None:

@@ -22,9 +22,10 @@ from services.common.engines import EngineState, Registry
 from services.common.keys import Keys
 from services.common.messages import Lineage
 from services.common.redis_server import free_port
-from services.common.router_client import RouterClient
+from services.common.router_client import RouterClient, RouterError
 from services.rollout.engines import Engines
 from services.rollout.settings import RolloutSettings
+from services.router import ADMIN_KEY_ENV, router_command
 from services.trainer.fleet import Fleet
 from services.trainer.settings import TrainerSettings
 from tests.conftest import _wait_healthy, running_pope
@@ -94,6 +95,34 @@ async def test_the_router_takes_rows_apart_and_lists_adds_and_removes_workers(ti
             await r.remove(urls[1])
             assert set(await r.workers()) == {urls[0]}
             await r.remove(urls[1])  # not a worker: nothing to do
+
+
+async def test_the_routers_worker_list_needs_its_admin_key_when_it_has_one(tiny_model: Path) -> None:
+    """``pope router`` with POPE_ROUTER_ADMIN_KEY: its worker list is the trainer's alone
+    (the router's control-plane key), while generation and health stay open."""
+    args = ["router", "--prometheus-port", str(free_port())]
+    with running_pope(args, "/liveness", env={ADMIN_KEY_ENV: "k3y"}) as proc:
+        async with RouterClient(proc.url, retries=0) as anyone:
+            with pytest.raises(RouterError) as refused:
+                await anyone.workers()
+            assert refused.value.status == 401
+            with pytest.raises(RouterError):
+                await anyone.add("http://127.0.0.1:9")
+        async with RouterClient(proc.url, retries=0, admin_key="wrong") as wrong:
+            with pytest.raises(RouterError):
+                await wrong.workers()
+        port = free_port()
+        with engine_on(tiny_model, port):
+            url = f"http://127.0.0.1:{port}"
+            async with RouterClient(proc.url, admin_key="k3y") as trainer:
+                assert await trainer.workers() == {}
+                await trainer.add(url)
+                assert set(await trainer.workers()) == {url}
+            async with EngineClient(proc.url, rows_apart=True) as rollout:  # needs no key
+                [out] = await rollout.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2), rid="g")
+                assert len(out.output_ids) == 2
+    with pytest.raises(ValueError, match="without ':'"):
+        router_command("127.0.0.1", 1, 2, admin_key="a:b")
 
 
 class Recorded(RouterClient):
