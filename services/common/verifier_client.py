@@ -13,7 +13,16 @@ from services.common import retry
 from services.common.messages import Score
 
 MAX_ROWS = 512
-"""Rows per request: large evaluations go in slices, so no request runs for minutes."""
+"""Rows per request: large evaluations go in slices, so no request runs for minutes. The
+verifier takes no more (422)."""
+MAX_ANSWER_CHARS = 131_072
+"""Longest completion a row may carry (the verifier answers 422 past it): a 32k-token
+completion at 4 characters a token; 512 such rows are the 64 MiB body limit. Longer ones
+are sent as their last ``MAX_ANSWER_CHARS``, which loses nothing: the verifier reads only a
+completion's last 16,000 characters (guard.TAIL_CHARS)."""
+MAX_GOLD_CHARS = 4_096
+"""Longest gold answer a row may carry (422 past it); the verifier's guard already refuses
+one of over 500 characters, row by row, as no real answer."""
 
 
 class VerifierError(RuntimeError):
@@ -36,7 +45,7 @@ class VerifierClient(retry.RetryingClient):
         """Score each (completion, gold answer) pair; results in order."""
         out: list[Score] = []
         for i in range(0, len(pairs), MAX_ROWS):
-            rows = [{"answer": a, "gold": g} for a, g in pairs[i : i + MAX_ROWS]]
+            rows = [{"answer": a[-MAX_ANSWER_CHARS:], "gold": g} for a, g in pairs[i : i + MAX_ROWS]]
             out += [Score.model_validate(s) for s in await self._post(rows)]
         return out
 

@@ -18,7 +18,19 @@ class VerifierSettings(ServiceSettings):
     """Largest request body taken (413 above it): the rollout's client sends at most 512 rows
     a request, each up to a 16k-token completion (about 64 KiB)."""
     workers: int = Field(2, ge=1)
-    """math-verify worker processes."""
+    """math-verify worker processes scoring the rollouts stream (and POST /v1/verify too when
+    ``consume`` is off: then there is no training to keep them for)."""
+    verify_workers: int = Field(1, ge=1)
+    """math-verify worker processes of their own for POST /v1/verify while ``consume`` is on,
+    so ad-hoc scoring, however hard its answers, never takes a stream worker."""
+    verify_queue: int = Field(16, ge=1)
+    """POST /v1/verify requests taken at once (scoring or waiting for a worker); one more is
+    answered 503 with Retry-After, so waiting work stays bounded. Evaluation and the hint
+    search send 4 at a time each by default."""
+    verify_deadline_s: float = Field(60.0, gt=0.0)
+    """Longest a POST /v1/verify request runs, waiting for a worker included: rows not scored
+    by then score 0 with ``timed_out``. Bounds every answer's time whatever the rows hold
+    (512 rows at ``timeout_s`` each would be over 40 minutes on one worker)."""
     timeout_s: float = Field(5.0, gt=0.0)
     """Hard wall-clock limit per answer; the worker is killed past it and the answer scores 0."""
     memory_limit_mb: int | None = Field(2048, ge=64)
