@@ -4,7 +4,8 @@
         scores = await verifier.verify([("... \\boxed{4}", "4")])    # [Score(reward=1.0, ...)]
 
 Used by the hint search and evaluation, which score samples outside the stream pipeline.
-Transport errors and 503 are retried with backoff; anything else raises ``VerifierError``.
+Transport errors and 503 (the verifier starting, or full: ``verify_queue``) are retried
+with backoff, waiting at least the 503's Retry-After; anything else raises ``VerifierError``.
 """
 
 from __future__ import annotations
