@@ -7,8 +7,8 @@ server starting, loading or full) are retried with jittered exponential backoff 
 refusal raises at once. The other transport errors (a read timeout, a connection dropped
 after the request went out) leave it unknown whether the server is still working on the
 request: an idempotent request is retried like the rest, one that must not run twice
-(``on_lost``) is not sent again. Each client raises its own
-error type, so callers catch one exception per peer.
+(``on_lost``) is not sent again. Each client raises its own error type, so callers catch
+one exception per peer.
 """
 
 from __future__ import annotations

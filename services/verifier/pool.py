@@ -102,7 +102,7 @@ def _worker_main(
             gold_parsed = parse_gold(gold, policy)
         except Exception as exc:
             gold_parsed = None
-            log.warning("gold %r failed to parse: %s", gold, exc)
+            log.warning("gold %r failed to parse: %s", gold[:200], exc)  # a 4 KiB gold is one line
         conn.send(("gold", None))
         for i, answer in enumerate(answers):
             _limit_cpu(cpu_limit_s)
