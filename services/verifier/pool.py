@@ -47,6 +47,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 
 from services.common.messages import Score, ScoringPolicy
+from services.common.verifier_client import NOT_SCORED
 from services.verifier.guard import Refused
 from services.verifier.scoring import final_answer_text
 
@@ -117,7 +118,7 @@ def _worker_main(
             conn.send(("score", i, score.model_dump()))
 
 
-LATE = Score(reward=0.0, timed_out=True, error="not scored before the request's deadline")
+LATE = Score(reward=0.0, timed_out=True, error=NOT_SCORED)
 """The score of an answer whose caller's deadline passed before it was scored."""
 
 
@@ -196,8 +197,16 @@ class ScoringPool:
         scores: list[Score | None] = [None] * len(answers)
         pending = list(range(len(answers)))
         cap = math.inf if request_deadline is None else request_deadline
+        lost_idle = 0
         while pending and time.monotonic() < cap:
-            proc.conn.send((gold, [answers[i] for i in pending]))
+            try:
+                proc.conn.send((gold, [answers[i] for i in pending]))
+            except OSError:  # it died while idle (killed from outside): a fresh one takes the group
+                lost_idle += 1
+                proc = self._replace(proc, "died")
+                if lost_idle > 1:  # fresh ones die too: give up on the group rather than spin
+                    break
+                continue
             # The gold parse gets one limit; then each answer its own, from the last result.
             deadline = min(time.monotonic() + self.timeout_s, cap)
             started = time.monotonic()
@@ -235,7 +244,8 @@ class ScoringPool:
             log.warning("answer %d of a group: %s; replacing worker pid %s", culprit, failure.error, proc.process.pid)
             proc = self._replace(proc, reason)
             pending = [i for i in pending if scores[i] is None]
-        return proc, [s if s is not None else LATE for s in scores]
+        unscored = LATE if lost_idle <= 1 else Score(reward=0.0, error="verifier workers die as they start")
+        return proc, [s if s is not None else unscored for s in scores]
 
     def _spawn(self) -> _Proc:
         parent, child = _ctx.Pipe()

@@ -8,8 +8,9 @@ bounded three ways, all in the OpenAPI document with the body of each answer:
   and each gold at most ``MAX_GOLD_CHARS`` (422, pydantic's message naming the row and the
   limit); a body over ``max_body_bytes`` is a 413 (services/common/http.py);
 - its time: ``verify_deadline_s`` from when it is taken, waiting for a worker included;
-  rows not scored by then score 0 with ``timed_out`` (pool.py), so every request is
-  answered within the deadline plus one answer's cut-off, whatever its answers hold;
+  rows not scored by then score 0 with ``timed_out`` and the error ``NOT_SCORED``
+  (pool.py), which VerifierClient sends again; so every request is answered within the
+  deadline and a worker's replacement, whatever its answers hold;
 - how many wait: ``verify_queue`` requests are taken at once; one more is answered 503
   with ``Retry-After`` (seconds until the oldest taken one's deadline), which
   VerifierClient retries, rather than a queue that grows without limit.
@@ -30,10 +31,18 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.common.http import DETAIL_SCHEMA
 from services.common.messages import Score, ScoringPolicy
-from services.common.verifier_client import MAX_ANSWER_CHARS, MAX_GOLD_CHARS, MAX_ROWS
+from services.common.verifier_client import MAX_ROWS
 from services.verifier.pool import ScoringPool
 
 POLICY_HEADER = "X-Pope-Scoring-Policy"
+
+MAX_ANSWER_CHARS = 1 << 20
+"""Longest completion a row may carry: a megabyte (the adversarial corpus's largest cases)
+is still taken and scored, cheaply, since only its last 16,000 characters are read; 64
+such rows fill the 64 MiB body limit. VerifierClient sends at most the last 32,768."""
+MAX_GOLD_CHARS = 4_096
+"""Longest gold answer a row may carry; the guard already refuses one of over 500
+characters, row by row, as no real answer."""
 
 REFUSED = Counter("pope_verifier_verify_refused_total", "POST /v1/verify requests answered 503 (queue full)")
 

@@ -4,6 +4,7 @@ hard answers does not hold up training's stream scoring, and every request is bo
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
@@ -15,7 +16,8 @@ from redis import Redis
 from services.common.keys import Keys
 from services.common.messages import encode
 from services.common.streams import DATA
-from services.common.verifier_client import MAX_ANSWER_CHARS, MAX_GOLD_CHARS, MAX_ROWS
+from services.common.verifier_client import MAX_ROWS, NOT_SCORED, VerifierClient
+from services.verifier.verify_api import MAX_ANSWER_CHARS, MAX_GOLD_CHARS
 from tests.conftest import running_pope
 from tests.integration.test_verifier_service import SLOW, env_for, raw_group, wait_scored
 
@@ -56,6 +58,7 @@ def test_hard_verify_request_does_not_starve_training(redis_url: str, keys: Keys
         redis_url,
         keys,
         POPE_VERIFIER__TIMEOUT_S=str(timeout_s),
+        POPE_VERIFIER__VERIFY_DEADLINE_S="60",  # the whole request in one go
         POPE_VERIFIER__API_TOKEN="t0k",
         POPE_VERIFIER__STREAMS__BLOCK_MS="100",
     )
@@ -125,7 +128,7 @@ def test_verify_bounds(redis_url: str, keys: Keys) -> None:
         refused(post([row] * (MAX_ROWS + 1)), 422, f"at most {MAX_ROWS} items")
         refused(post([row, {"answer": "x" * (MAX_ANSWER_CHARS + 1), "gold": "1"}]), 422, f"at most {MAX_ANSWER_CHARS}")
         refused(post([{"answer": "1", "gold": "1" * (MAX_GOLD_CHARS + 1)}]), 422, f"at most {MAX_GOLD_CHARS}")
-        refused(post([{"answer": "x" * MAX_ANSWER_CHARS, "gold": "1"}] * 40), 413, "max_body_bytes")
+        refused(post([{"answer": "x" * MAX_ANSWER_CHARS, "gold": "1"}] * 5), 413, "max_body_bytes")
         for body in (b'[{"answer": NaN, "gold": "1"}]', b"NaN", b'[{"answer": "1", "gold": Infinity}]'):
             resp = httpx.post(url, content=body, headers={**AUTH, "Content-Type": "application/json"})
             refused(resp, 422, "detail")
@@ -138,7 +141,16 @@ def test_verify_bounds(redis_url: str, keys: Keys) -> None:
         assert slow.status_code == 200 and elapsed < deadline_s + timeout_s, (slow.status_code, elapsed)
         errors = [s["error"] for s in slow.json()]
         assert all(s["timed_out"] and s["reward"] == 0.0 for s in slow.json())
-        assert "longer than 2s" in errors[0] and "deadline" in errors[-1], errors
+        assert "longer than 2s" in errors[0] and errors[-1] == NOT_SCORED, errors
+
+        # The client sends the rows the deadline left again, until every row is scored.
+        async def through_client() -> list[float]:
+            async with VerifierClient(proc.url, api_token="t0k") as client:
+                scores = await client.verify([(SLOW, "4")] * 4 + [("\\boxed{4}", "4")])
+            assert not any(s.error == NOT_SCORED for s in scores), scores
+            return [s.reward for s in scores]
+
+        assert asyncio.run(through_client()) == [0.0] * 4 + [1.0]
 
         # verify_queue: with one request in hand, the next is a 503 with Retry-After.
         before = answers_scored(proc.url)
