@@ -2,12 +2,13 @@
 verifier_client).
 
 A failure to connect (refused, connect or pool timeout: the request never left) and 503 (a
-server starting or loading) are retried with jittered exponential backoff up to
-``retries`` times; any other refusal raises at once. The other transport errors (a read
-timeout, a connection dropped after the request went out) leave it unknown whether the
-server is still working on the request: an idempotent request is retried like the rest,
-one that must not run twice (``on_lost``) is not sent again. Each client raises its own
-error type, so callers catch one exception per peer.
+server starting, loading or full) are retried with jittered exponential backoff up to
+``retries`` times, waiting at least a 503's ``Retry-After`` (to ``MAX_DELAY``); any other
+refusal raises at once. The other transport errors (a read timeout, a connection dropped
+after the request went out) leave it unknown whether the server is still working on the
+request: an idempotent request is retried like the rest, one that must not run twice
+(``on_lost``) is not sent again. Each client raises its own error type, so callers catch
+one exception per peer.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ def backoff_delay(attempt: int, backoff: float, rand: Callable[[], float] = rand
     return d / 2 + rand() * d / 2
 
 
+def retry_after(resp: httpx.Response) -> float:
+    """A 503's ``Retry-After`` in seconds (the delta form), capped at ``MAX_DELAY``; 0 without one."""
+    value = resp.headers.get("retry-after", "")
+    return min(float(value), MAX_DELAY) if value.isdigit() else 0.0
+
+
 def _ok(resp: httpx.Response) -> bool:
     return resp.status_code < 400
 
@@ -79,6 +86,7 @@ async def request(
     """
     for attempt in range(retries + 1):
         status: int | None = None  # of the last answer, when the last try got one (503)
+        asked = 0.0  # the server's Retry-After
         try:
             resp = await http.request(method, path, json=json)
         except httpx.TransportError as exc:
@@ -93,13 +101,14 @@ async def request(
         else:
             if resp.status_code == 503:
                 problem, status = f"{peer} is not ready (503): {resp.text[:200]}", 503
+                asked = retry_after(resp)
             elif not accept(resp):
                 raise fail(f"{method} {path} -> {resp.status_code}: {error_message(resp)}", resp.status_code)
             else:
                 return resp
         if attempt == retries:
             raise fail(problem, status)
-        delay = backoff_delay(attempt, backoff, rand)
+        delay = max(backoff_delay(attempt, backoff, rand), asked)
         log.warning("%s (attempt %d of %d); retrying in %.1fs", problem, attempt + 1, retries + 1, delay)
         await asyncio.sleep(delay)
     raise AssertionError("unreachable")

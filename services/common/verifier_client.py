@@ -4,7 +4,10 @@
         scores = await verifier.verify([("... \\boxed{4}", "4")])    # [Score(reward=1.0, ...)]
 
 Used by the hint search and evaluation, which score samples outside the stream pipeline.
-Transport errors and 503 are retried with backoff; anything else raises ``VerifierError``.
+The verifier answers each request within its deadline (``verify_deadline_s``), the rows it
+had no time for marked ``NOT_SCORED``; those are sent again, so every row is scored.
+Transport errors and 503 (the verifier starting, or full: ``verify_queue``) are retried
+with backoff, waiting at least the 503's Retry-After; anything else raises ``VerifierError``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,17 @@ from services.common import retry
 from services.common.messages import Score
 
 MAX_ROWS = 512
-"""Rows per request: large evaluations go in slices, so no request runs for minutes."""
+"""Rows per request: large evaluations go in slices, so no request runs for minutes. The
+verifier takes no more (422)."""
+SENT_ANSWER_CHARS = 32_768
+"""A completion is sent as its last ``SENT_ANSWER_CHARS`` characters, which loses nothing
+(the verifier reads only a completion's last 16,000, guard.TAIL_CHARS) and keeps a request
+of 512 rows far under the verifier's 64 MiB body limit whatever the completions' length."""
+NOT_SCORED = "not scored before the request's deadline"
+"""The error of a row the verifier had no time for within the request's deadline; sent again."""
+MAX_STALLS = 3
+"""Requests in a row that score none of the rows sent again before the client gives up on
+them (they stay 0 with ``timed_out``): a verifier with no worker free for that long."""
 
 
 class VerifierError(RuntimeError):
@@ -36,9 +49,19 @@ class VerifierClient(retry.RetryingClient):
         """Score each (completion, gold answer) pair; results in order."""
         out: list[Score] = []
         for i in range(0, len(pairs), MAX_ROWS):
-            rows = [{"answer": a, "gold": g} for a, g in pairs[i : i + MAX_ROWS]]
-            out += [Score.model_validate(s) for s in await self._post(rows)]
+            rows = [{"answer": a[-SENT_ANSWER_CHARS:], "gold": g} for a, g in pairs[i : i + MAX_ROWS]]
+            out += await self._score_all(rows)
         return out
+
+    async def _score_all(self, rows: list[dict[str, str]]) -> list[Score]:
+        scores = [Score.model_validate(s) for s in await self._post(rows)]
+        stalls = 0
+        while (late := [i for i, s in enumerate(scores) if s.error == NOT_SCORED]) and stalls < MAX_STALLS:
+            again = [Score.model_validate(s) for s in await self._post([rows[i] for i in late])]
+            stalls = stalls + 1 if all(s.error == NOT_SCORED for s in again) else 0
+            for i, score in zip(late, again, strict=True):
+                scores[i] = score
+        return scores
 
     async def _post(self, rows: list[dict[str, str]]) -> list[object]:
         resp = await retry.request(

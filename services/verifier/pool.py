@@ -20,6 +20,12 @@ replacement is ready in milliseconds rather than the seconds a fresh import take
 
 One task is one group: the gold answer is parsed once, then each answer is scored and
 reported back as it is done (so the parent knows which answer a timeout belongs to).
+A group may carry a deadline (an HTTP request's, service.py): what is not scored by then
+scores 0 with ``timed_out`` (the answer in progress is cut off as at its own limit), so
+no caller waits on a pool for longer than it said it would.
+
+Each pool waits on its workers from threads of its own, one per worker, so two pools in
+one process (the stream's and POST /v1/verify's) never wait on each other for a thread.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import os
 import resource
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -40,6 +47,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 
 from services.common.messages import Score, ScoringPolicy
+from services.common.verifier_client import NOT_SCORED
 from services.verifier.guard import Refused
 from services.verifier.scoring import final_answer_text
 
@@ -95,7 +103,7 @@ def _worker_main(
             gold_parsed = parse_gold(gold, policy)
         except Exception as exc:
             gold_parsed = None
-            log.warning("gold %r failed to parse: %s", gold, exc)
+            log.warning("gold %r failed to parse: %s", gold[:200], exc)  # a 4 KiB gold is one line
         conn.send(("gold", None))
         for i, answer in enumerate(answers):
             _limit_cpu(cpu_limit_s)
@@ -108,6 +116,10 @@ def _worker_main(
             except Exception as exc:
                 score = Score(reward=0.0, error=f"{type(exc).__name__}: {exc}"[:500])
             conn.send(("score", i, score.model_dump()))
+
+
+LATE = Score(reward=0.0, timed_out=True, error=NOT_SCORED)
+"""The score of an answer whose caller's deadline passed before it was scored."""
 
 
 @dataclass
@@ -131,6 +143,7 @@ class ScoringPool:
         self.policy = policy
         self._idle: asyncio.Queue[_Proc] = asyncio.Queue()
         self._all: list[_Proc] = []
+        self._threads = ThreadPoolExecutor(workers, thread_name_prefix="pope-verifier-pool")
         self.restarts = 0
 
     async def start(self) -> None:
@@ -147,6 +160,7 @@ class ScoringPool:
             if p.process.is_alive():
                 p.process.kill()
         self._all.clear()
+        self._threads.shutdown(wait=False)
 
     def pids(self) -> list[int]:
         return [p.process.pid for p in self._all if p.process.pid is not None]
@@ -158,25 +172,43 @@ class ScoringPool:
     def alive(self) -> bool:
         return len(self._all) == self.size and all(p.process.is_alive() for p in self._all)
 
-    async def score(self, gold: str, answers: list[str]) -> list[Score]:
-        """Score every answer against ``gold``; never raises for bad input, never hangs."""
+    async def score(self, gold: str, answers: list[str], deadline: float | None = None) -> list[Score]:
+        """Score every answer against ``gold``; never raises for bad input, never hangs.
+        With ``deadline`` (``time.monotonic()``), what is not scored by then, waiting for
+        a worker included, scores 0 with ``timed_out``."""
         if not answers:
             return []
-        proc = await self._idle.get()
         try:
-            proc, scores = await asyncio.to_thread(self._run, proc, gold, answers)
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            proc = await asyncio.wait_for(self._idle.get(), wait)
+        except TimeoutError:
+            return [LATE] * len(answers)
+        loop = asyncio.get_running_loop()
+        try:
+            proc, scores = await loop.run_in_executor(self._threads, self._run, proc, gold, answers, deadline)
         finally:
             self._idle.put_nowait(proc)
         return scores
 
     # Runs in a thread: blocking pipe I/O with deadlines.
-    def _run(self, proc: _Proc, gold: str, answers: list[str]) -> tuple[_Proc, list[Score]]:
+    def _run(
+        self, proc: _Proc, gold: str, answers: list[str], request_deadline: float | None
+    ) -> tuple[_Proc, list[Score]]:
         scores: list[Score | None] = [None] * len(answers)
         pending = list(range(len(answers)))
-        while pending:
-            proc.conn.send((gold, [answers[i] for i in pending]))
+        cap = math.inf if request_deadline is None else request_deadline
+        lost_idle = 0
+        while pending and time.monotonic() < cap:
+            try:
+                proc.conn.send((gold, [answers[i] for i in pending]))
+            except OSError:  # it died while idle (killed from outside): a fresh one takes the group
+                lost_idle += 1
+                proc = self._replace(proc, "died")
+                if lost_idle > 1:  # fresh ones die too: give up on the group rather than spin
+                    break
+                continue
             # The gold parse gets one limit; then each answer its own, from the last result.
-            deadline = time.monotonic() + self.timeout_s
+            deadline = min(time.monotonic() + self.timeout_s, cap)
             started = time.monotonic()
             done_here = 0
             failure: Score | None = None
@@ -189,6 +221,9 @@ class ScoringPool:
                     failure = Score(reward=0.0, error="verifier worker died while scoring this answer")
                     reason = "died"
                     break
+                if msg is None and deadline >= cap:
+                    failure, reason = LATE, "deadline"
+                    break
                 if msg is None:
                     failure = Score(reward=0.0, timed_out=True, error=f"scoring took longer than {self.timeout_s:g}s")
                     reason = "timeout"
@@ -200,7 +235,7 @@ class ScoringPool:
                     ANSWER_SECONDS.observe(time.monotonic() - started)
                     done_here += 1
                 started = time.monotonic()
-                deadline = started + self.timeout_s
+                deadline = min(started + self.timeout_s, cap)
             proc.busy = False
             if failure is None:
                 break
@@ -209,7 +244,8 @@ class ScoringPool:
             log.warning("answer %d of a group: %s; replacing worker pid %s", culprit, failure.error, proc.process.pid)
             proc = self._replace(proc, reason)
             pending = [i for i in pending if scores[i] is None]
-        return proc, [s if s is not None else Score(reward=0.0, error="not scored") for s in scores]
+        unscored = LATE if lost_idle <= 1 else Score(reward=0.0, error="verifier workers die as they start")
+        return proc, [s if s is not None else unscored for s in scores]
 
     def _spawn(self) -> _Proc:
         parent, child = _ctx.Pipe()

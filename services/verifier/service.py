@@ -5,7 +5,9 @@ worker per scoring process, so every process stays busy), scores every sample wi
 pool, and publishes the ScoredGroup to ``pope:scored``, committed atomically with the ack
 (common.worker). Any number of verifier processes share the work; a dead one's groups
 are reclaimed by the others after the lease. Also serves ``POST /v1/verify`` for ad-hoc
-scoring (the hint search uses it), and /healthz, /readyz, /metrics.
+scoring (evaluation and the hint search; verify_api.py) with a pool of its own
+(``verify_workers``), so no ad-hoc request can hold up training's scoring, and /healthz,
+/readyz, /metrics.
 
 A truncated sample (finish_reason "length") scores 0 whatever it says (DESIGN.md 1.5);
 its answer is still extracted, for inspection.
@@ -19,11 +21,9 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
 
-from fastapi import Body, FastAPI, HTTPException, Response
+from fastapi import FastAPI
 from prometheus_client import Counter
-from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -36,6 +36,7 @@ from services.common.streams import GroupReader
 from services.common.worker import Effects, Worker
 from services.verifier.pool import ScoringPool
 from services.verifier.settings import VerifierSettings
+from services.verifier.verify_api import Admission, add_verify_route
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,6 @@ CORRECT = Counter("pope_verifier_correct_total", "Samples scored correct", ["pat
 TIMED_OUT = Counter("pope_verifier_timed_out_total", "Samples whose scoring hit the time limit", ["path"])
 ERRORS = Counter("pope_verifier_errors_total", "Samples whose scoring failed", ["path"])
 GROUPS = Counter("pope_verifier_groups_total", "Groups scored from the stream")
-
-MAX_VERIFY_ROWS = 10_000
-POLICY_HEADER = "X-Pope-Scoring-Policy"
 
 
 def count(scores: list[Score], path: str) -> None:
@@ -67,32 +65,16 @@ async def score_group(pool: ScoringPool, group: RawGroup) -> ScoredGroup:
     return ScoredGroup.from_raw(group, scores, pool.policy)
 
 
-class VerifyRow(BaseModel):
-    """One row of POST /v1/verify."""
-
-    model_config = ConfigDict(extra="forbid")
-    answer: str = Field(description="The full model completion; its final answer is read by the scoring policy.")
-    gold: str = Field(min_length=1, description="The reference answer.")
-
-
-async def verify_rows(pool: ScoringPool, rows: list[VerifyRow]) -> list[Score]:
-    """Score rows in order; rows sharing a gold answer go to one worker as one group."""
-    by_gold: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_gold.setdefault(row.gold, []).append(i)
-    results = await asyncio.gather(*(pool.score(g, [rows[i].answer for i in idx]) for g, idx in by_gold.items()))
-    out: list[Score | None] = [None] * len(rows)
-    for idx, scores in zip(by_gold.values(), results, strict=True):
-        for i, sc in zip(idx, scores, strict=True):
-            out[i] = sc
-    final = [s for s in out if s is not None]
-    count(final, "http")
-    return final
-
-
 def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAPI:
     keys = Keys(settings.key_prefix)
     pool = ScoringPool(settings.workers, settings.timeout_s, settings.memory_limit_mb, settings.policy)
+    # Not consuming, there is no training to keep workers for: the one pool serves HTTP.
+    http_pool = (
+        ScoringPool(settings.verify_workers, settings.timeout_s, settings.memory_limit_mb, settings.policy)
+        if settings.consume
+        else pool
+    )
+    pools = [pool, http_pool] if http_pool is not pool else [pool]
     stop = asyncio.Event()
     instance = f"verifier-{socket.gethostname()}-{os.getpid()}"
     client = redis or Redis.from_url(settings.redis_url)
@@ -108,7 +90,7 @@ def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAP
                 await check_run_format(client, keys)
             except RedisError as exc:  # the stream workers wait Redis out
                 log.warning("could not check the run record yet (%s)", exc)
-        await pool.start()
+        await asyncio.gather(*(p.start() for p in pools))
         workers = [
             Worker(
                 GroupReader(client, keys, keys.rollouts, VERIFIERS, f"{instance}-{i}", settings.streams),
@@ -124,9 +106,10 @@ def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAP
         ]
         tasks = [asyncio.create_task(w.run(stop)) for w in workers] if settings.consume else []
         log.info(
-            "verifier %s: %d scoring workers, scoring policy %s, consuming %s: %s",
+            "verifier %s: %d scoring workers, %d for POST /v1/verify, scoring policy %s, consuming %s: %s",
             instance,
             settings.workers,
+            http_pool.size,
             settings.policy,
             keys.rollouts,
             settings.consume,
@@ -134,28 +117,22 @@ def create_app(settings: VerifierSettings, redis: Redis | None = None) -> FastAP
         yield
         stop.set()  # each stream worker finishes the group in hand, hands back the rest
         await asyncio.gather(*tasks, return_exceptions=True)
-        await pool.close()
+        await asyncio.gather(*(p.close() for p in pools))
         if redis is None:
             await client.aclose()
 
     app = api_app(settings, title="POPE-RL verifier", lifespan=lifespan)
-    app.state.pool = pool
+    app.state.pool, app.state.http_pool = pool, http_pool
 
     async def ready() -> str | None:
-        if not pool.alive():
+        if not all(p.alive() for p in pools):
             return "scoring workers are not all up"
         return await redis_unready(client)
 
     add_health_routes(app, ready)
 
-    @app.post("/v1/verify")
-    async def verify(rows: Annotated[list[VerifyRow], Body()], response: Response) -> list[Score]:
-        """Score completions against gold answers: one verdict per row, in order; the
-        ``X-Pope-Scoring-Policy`` header names the rules that scored them."""
-        if len(rows) > MAX_VERIFY_ROWS:
-            raise HTTPException(413, f"at most {MAX_VERIFY_ROWS} rows per request, got {len(rows)}")
-        response.headers[POLICY_HEADER] = settings.policy
-        return await verify_rows(pool, rows)
+    admission = Admission(settings.verify_queue, settings.verify_deadline_s)
+    add_verify_route(app, http_pool, admission, settings.policy, lambda scores: count(scores, "http"))
 
     return app
 

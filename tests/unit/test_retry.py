@@ -56,6 +56,26 @@ async def test_the_pauses_use_the_given_jitter(monkeypatch: pytest.MonkeyPatch) 
     assert pauses == pytest.approx([0.0005, 0.0015, 0.004])
 
 
+async def test_a_503_waits_at_least_its_retry_after_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    pauses: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        await real_sleep(0)
+
+    monkeypatch.setattr(retry.asyncio, "sleep", sleep)
+    answers = iter([("3", 503), ("999", 503), ("soon", 503), (None, 200)])
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        after, status = next(answers)
+        return httpx.Response(status, json={"detail": "full"}, headers={"Retry-After": after} if after else {})
+
+    http = httpx.AsyncClient(transport=httpx.MockTransport(handle), base_url="http://peer")
+    assert (await call(http, rand=lambda: 0.0)).status_code == 200
+    assert pauses == pytest.approx([3.0, retry.MAX_DELAY, 0.002])  # a date form is not read: the backoff
+
+
 @pytest.mark.parametrize(
     "error", [httpx.ConnectError("refused"), httpx.ConnectTimeout("slow handshake"), httpx.PoolTimeout("pool full")]
 )
