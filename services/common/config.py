@@ -125,9 +125,10 @@ class ServiceSettings(SectionSettings):
     """Redis holding the streams, the problem store and shared state (REDIS_URL is honoured)."""
     key_prefix: str = Field(DEFAULT_PREFIX, min_length=1)
     """Prefix of every stream and key, so several runs can share one Redis."""
-    api_token: SecretStr | None = None
+    api_token: SecretStr | None = Field(None, min_length=1)
     """When set, every mutating HTTP endpoint (POST, PUT, PATCH, DELETE) needs
-    'Authorization: Bearer <token>' ("Bearer" in any case, RFC 6750)."""
+    'Authorization: Bearer <token>' ("Bearer" in any case, RFC 6750). An empty one is an
+    error, not a token that an empty header would match."""
     require_auth_for_reads: bool = False
     """With ``api_token`` set, the reads need the token too: problems with their solutions,
     hints and eval answers, rollouts, jobs, training state. Health, readiness, metrics and the

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from pydantic import SecretStr
 
+from services.common.config import ConfigError, load_settings
 from services.common.http import declare_bearer, needs_token, token_matches
+from services.rollout.settings import RolloutSettings
 
 
 def test_writes_need_the_token_and_reads_only_when_locked() -> None:
@@ -49,3 +52,8 @@ def test_the_openapi_marks_exactly_the_guarded_operations() -> None:
     declare_bearer(locked, reads_locked=True)
     assert locked["paths"]["/v1/problems"]["get"]["security"] == [{"bearer": []}]
     assert "security" not in locked["paths"]["/healthz"]["get"]
+
+
+def test_an_empty_token_is_refused_not_matched_by_an_empty_header() -> None:
+    with pytest.raises(ConfigError, match="api_token"):
+        load_settings(RolloutSettings, api_token="")
