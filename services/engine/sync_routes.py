@@ -31,8 +31,10 @@ def add_weight_sync_routes(
     json_body: Callable[[Request], Awaitable[dict[str, Any]]],
     bad_request: type[Exception],
     on_loaded: Callable[[EngineRuntime], None],
+    admin: Callable[[Any], Any],
 ) -> None:
-    """Add the five routes; ``on_loaded`` runs after new weights were swapped in."""
+    """Add the five routes; ``on_loaded`` runs after new weights were swapped in, and
+    ``admin`` marks each as SGLang marks them (``AuthLevel.ADMIN_OPTIONAL``)."""
 
     def field(body: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
         value = body.get(name, default)
@@ -41,6 +43,7 @@ def add_weight_sync_routes(
         return value
 
     @app.post("/init_weights_update_group")
+    @admin
     async def init_group(request: Request) -> JSONResponse:
         rt = runtime()
         body = await json_body(request)
@@ -56,6 +59,7 @@ def add_weight_sync_routes(
         return answer(True, "Succeeded to initialize custom process group.")
 
     @app.post("/destroy_weights_update_group")
+    @admin
     async def destroy_group(request: Request) -> JSONResponse:
         rt = runtime()
         name = field(await json_body(request), "group_name", str, DEFAULT_GROUP)
@@ -66,6 +70,7 @@ def add_weight_sync_routes(
         return answer(True, "Succeeded to destroy custom process group.")
 
     @app.post("/begin_weight_update")
+    @admin
     async def begin(request: Request) -> JSONResponse:
         rt = runtime()
         selector = field(await json_body(request), "selector", str, "all")
@@ -78,6 +83,7 @@ def add_weight_sync_routes(
         return answer(True, "Success")
 
     @app.post("/end_weight_update")
+    @admin
     async def end(request: Request) -> JSONResponse:
         rt = runtime()
         await json_body(request)
@@ -88,6 +94,7 @@ def add_weight_sync_routes(
         return answer(True, "Success")
 
     @app.post("/update_weights_from_distributed")
+    @admin
     async def update(request: Request) -> JSONResponse:
         rt = runtime()
         body = await json_body(request)
