@@ -68,6 +68,12 @@ The tests read this release's wheel (its server and request structures are the c
 and docker-compose.yml and the Kubernetes gpu overlay run its image (tests/deploy checks)."""
 
 
+REFUSALS = frozenset({400, 404, 409})
+"""How an engine refuses a weight update or sync call with ``{"success": false, "message"}``:
+SGLang with 400 always; the CPU engine with 404 for a path or group it lacks and 409 for a
+call that came at the wrong time (services/engine/weight_sync.py)."""
+
+
 class EngineError(RuntimeError):
     """The engine refused a request or could not be reached."""
 
@@ -236,10 +242,11 @@ class EngineClient(retry.RetryingClient):
         retries: int | None = None,
         admin: bool = False,
     ) -> httpx.Response:
-        """``admin``: a control call (SGLang's ADMIN_OPTIONAL), sent with the admin key if any."""
+        """``ok_400``: a refusal (REFUSALS) is an answer to read, not an error to raise.
+        ``admin``: a control call (SGLang's ADMIN_OPTIONAL), sent with the admin key if any."""
 
         def accept(resp: httpx.Response) -> bool:
-            return resp.status_code < 400 or (ok_400 and resp.status_code == 400)
+            return resp.status_code < 400 or (ok_400 and resp.status_code in REFUSALS)
 
         return await retry.request(
             self._http,
@@ -375,9 +382,9 @@ class EngineClient(retry.RetryingClient):
         )
         resp = await self._request("POST", "/update_weights_from_disk", body, ok_400=True, admin=True)
         data = resp.json()
-        if resp.status_code == 400 or not data.get("success"):
+        if resp.status_code in REFUSALS or not data.get("success"):
             name = body["weight_version"]
-            raise EngineError(f"weight update to version {name} failed: {data.get('message')}", 400)
+            raise EngineError(f"weight update to version {name} failed: {data.get('message')}", resp.status_code)
         return str(data.get("message", ""))
 
     async def model_info(self) -> ModelInfo:
@@ -445,7 +452,7 @@ class EngineClient(retry.RetryingClient):
         except TimeoutError:
             raise EngineError(f"POST {path}: no answer from the engine at {self.base_url} in {timeout_s:g}s") from None
         data = resp.json()
-        if resp.status_code == 400 or not data.get("success"):
+        if resp.status_code in REFUSALS or not data.get("success"):
             raise EngineError(f"POST {path} failed at {self.base_url}: {data.get('message')}", resp.status_code)
         return str(data.get("message", ""))
 

@@ -74,6 +74,7 @@ def _prompts(body: dict[str, Any], rt: EngineRuntime, max_prompts: int) -> tuple
     rows: list[Any] = ids if batch else [ids]  # type: ignore[assignment]
     if len(rows) > max_prompts:
         raise BadRequest(f"{len(rows)} prompts in one request; this engine takes at most {max_prompts}")
+    rows = [_integral(row) for row in rows]
     for i, row in enumerate(rows):
         if not isinstance(row, list) or not row or not all(type(t) is int for t in row):
             raise BadRequest(
@@ -84,6 +85,14 @@ def _prompts(body: dict[str, Any], rt: EngineRuntime, max_prompts: int) -> tuple
         if not all(0 <= t < rt.vocab_size for t in row):
             raise BadRequest(f"input_ids contain a token id outside [0, {rt.vocab_size})")
     return rows, batch
+
+
+def _integral(row: Any) -> Any:
+    """``row`` with integral floats as ints: JSON has one number type, and JSON Schema's
+    integer (the declared type of token ids) counts 5.0 as one."""
+    if not isinstance(row, list):
+        return row
+    return [int(t) if isinstance(t, float) and t.is_integer() else t for t in row]
 
 
 def _rids(rid: Any, prompts: int, batch: bool) -> list[str]:
@@ -140,16 +149,20 @@ async def generate(rt: EngineRuntime, body: dict[str, Any], limits: Limits) -> A
     if _flag(body, "stream"):
         raise BadRequest("streaming is not supported by the CPU engine")
     prompts, batch = _prompts(body, rt, limits.max_prompts)
+    raw_params = body.get("sampling_params")
+    if isinstance(raw_params, list) and not all(isinstance(p, dict) for p in raw_params):
+        raise BadRequest("sampling_params must be an object or a list of objects, one per prompt")
     try:
         specs = [
             SamplingSpec.parse(p, rt.vocab_size, limits.max_n)
-            for p in _per_prompt(body.get("sampling_params"), len(prompts), "sampling_params")
+            for p in _per_prompt(raw_params, len(prompts), "sampling_params")
         ]
     except SamplingError as exc:
         raise BadRequest(str(exc)) from exc
     if len({spec.n for spec in specs}) > 1:
         raise BadRequest("The parallel_sample_num should be the same for all samples in sample params.")
-    logprob = _per_prompt(body.get("return_logprob") or False, len(prompts), "return_logprob")
+    flags = body.get("return_logprob")
+    logprob = _per_prompt(False if flags is None else flags, len(prompts), "return_logprob")
     if not all(isinstance(flag, bool) for flag in logprob):
         raise BadRequest("'return_logprob' must be a boolean or a list of them, one per prompt")
     n = specs[0].n

@@ -9,16 +9,21 @@ it can answer: 400 for a malformed body, 401 where a key guards it, 409 for a di
 during a distributed update, 413 for an oversized body, 503 while the model loads.
 
 What JSON Schema cannot say, and the engine still refuses with 400: a list-valued
-``sampling_params``, ``return_logprob`` or ``rid`` must have one entry per prompt; the
-tokens of one request (rows x n x (prompt + max_new_tokens), max_new_tokens capped to
-the context) must stay within ``max_request_tokens``.
+``sampling_params``, ``return_logprob`` or ``rid`` must have one entry per prompt, and
+``names``, ``dtypes`` and ``shapes`` one per tensor; the tokens of one request (rows x n x
+(prompt + max_new_tokens), max_new_tokens capped to the context) must stay within
+``max_request_tokens``; ``rank_offset`` must be below ``world_size``; and joining a group
+needs rank 0 listening at ``master_address:master_port`` (else 400 once
+``weight_sync_timeout_s`` passed). ``/ready`` answers 503 while paused, by SGLang's design.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
@@ -198,7 +203,7 @@ def bodies(limits: Limits, rt: EngineRuntime | None) -> dict[str, Schema]:
             _obj(
                 {
                     "names": {**bucket, "items": {"type": "string"}},
-                    "dtypes": {**bucket, "items": {"type": "string"}},
+                    "dtypes": {**bucket, "items": {"enum": DTYPES}},
                     "shapes": {**bucket, "items": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
                     "group_name": GROUP,
                     "weight_version": {"type": ["string", "null"]},
@@ -212,14 +217,21 @@ def bodies(limits: Limits, rt: EngineRuntime | None) -> dict[str, Schema]:
 
 
 LOADED: Schema = {**SUCCESS, "properties": {**SUCCESS["properties"], "num_paused_requests": {"type": "integer"}}}
+DTYPES = sorted(n for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype))
 EMPTY = {"description": "Done (no body)"}
 TEXT = {"description": "Plain text", "content": {"text/plain": {"schema": {"type": "string"}}}}
-SYNC = {"200": _json(SUCCESS, "Done"), "400": _json({"anyOf": [SUCCESS, ERROR]}, "Refused or malformed")}
+SYNC = {
+    "200": _json(SUCCESS, "Done"),
+    "400": _json({"anyOf": [SUCCESS, ERROR]}, "Refused or malformed"),
+    "404": _json(SUCCESS, "No such group"),
+    "409": _json(SUCCESS, "Not now: a session already open, none open, or a group that exists"),
+}
 OKS: dict[str, Schema] = {
     "/generate": {"200": _json({"anyOf": [GENERATE_OUTPUT, {"type": "array", "items": GENERATE_OUTPUT}]}, "Done")},
     "/update_weights_from_disk": {
         "200": _json(LOADED, "Loaded"),
         "400": _json({"anyOf": [SUCCESS, ERROR]}, "Not loaded (the old weights keep serving) or malformed"),
+        "404": _json(LOADED, "No model directory at model_path"),
         "409": _json(ERROR, "A distributed update session (begin..end) is open"),
     },
     "/pause_generation": {"200": _json(STATUS, "Paused")},
@@ -252,7 +264,9 @@ def install_openapi(
             return cached[0]
         rt = runtime()
         app.openapi_schema = None
-        doc = plain()
+        with warnings.catch_warnings():  # one route with two methods: its ids are set below
+            warnings.filterwarnings("ignore", "Duplicate Operation ID")
+            doc = plain()
         app.openapi_schema = None
         body = bodies(limits, rt)
         for route in app.routes:
@@ -262,6 +276,7 @@ def install_openapi(
             key = guarded(level) and not route.path.startswith(("/health", "/ready", "/metrics"))
             for method in route.methods or ():
                 op = doc["paths"][route.path][method.lower()]
+                op["operationId"] = f"{method.lower()}{route.path.replace('/', '_')}"
                 responses: Schema = {
                     **({"503": _json(ERROR, "The model is loading")} if route.path not in NO_503 else {}),
                     **OKS[route.path],

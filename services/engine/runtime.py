@@ -50,6 +50,10 @@ class WeightLoadError(RuntimeError):
     """New weights could not be loaded; the old ones keep serving."""
 
 
+class WeightsNotFound(WeightLoadError):
+    """No model directory at the path given (an HTTP 404, SGLang's 400)."""
+
+
 class WeightUpdateBusy(WeightLoadError):
     """The update cannot be serialized behind the one in progress (an HTTP 409)."""
 
@@ -248,7 +252,7 @@ class EngineRuntime:
         except (OSError, ValueError):  # a NUL byte, a name too long
             found = False
         if not found:
-            raise WeightLoadError(f"no HF model directory at {path!r} (no config.json there)")
+            raise WeightsNotFound(f"no HF model directory at {path!r} (no config.json there)")
         with self._update_lock:
             return self._update_from(path, version, abort_all)
 

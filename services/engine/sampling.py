@@ -120,11 +120,15 @@ class SamplingSpec:
                 return default
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
+            if kind is int and isinstance(value, float) and value.is_integer():
+                value = int(value)  # JSON Schema's integer: 5.0 is one
             if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise SamplingError(f"sampling parameter {key!r} must be {kind.__name__}, got {value!r}")
             return value
 
         stop = raw.get("stop_token_ids")
+        if isinstance(stop, list):
+            stop = [int(t) if isinstance(t, float) and t.is_integer() else t for t in stop]
         if stop is not None and (not isinstance(stop, list) or not all(type(t) is int for t in stop)):
             raise SamplingError("stop_token_ids must be a list of token ids")
         num("spaces_between_special_tokens", bool, True)

@@ -40,7 +40,7 @@ from services.engine.decode import Sequence
 from services.engine.generation import BadRequest, ClientGone, Limits, generate
 from services.engine.guard import AuthLevel, LimitBody, RequireKeys, auth_level
 from services.engine.openapi import install_openapi
-from services.engine.runtime import EngineRuntime, WeightLoadError, WeightUpdateBusy
+from services.engine.runtime import EngineRuntime, WeightLoadError, WeightsNotFound, WeightUpdateBusy
 from services.engine.sampling import SamplingSpec
 from services.engine.settings import EngineSettings
 from services.engine.sync_routes import add_weight_sync_routes
@@ -227,8 +227,9 @@ def create_app(
             message = await asyncio.to_thread(rt.update_weights, path, version, abort_all)
         except WeightUpdateBusy:
             raise
-        except WeightLoadError as exc:
-            return JSONResponse({"success": False, "message": str(exc), "num_paused_requests": 0}, 400)
+        except WeightLoadError as exc:  # the old weights keep serving
+            status = 404 if isinstance(exc, WeightsNotFound) else 400
+            return JSONResponse({"success": False, "message": str(exc), "num_paused_requests": 0}, status)
         if version is not None:
             message += f" Weight version updated to {version}."
         WEIGHT_VERSION.set(_as_number(rt.weight_version))

@@ -3,7 +3,8 @@
 Request fields are SGLang 0.5.23's (``io_struct.InitWeightsUpdateGroupReqInput``,
 ``UpdateWeightsFromDistributedReqInput``, ``DestroyWeightsUpdateGroupReqInput``,
 ``BeginWeightUpdateReqInput``, ``EndWeightUpdateReqInput``); every route answers
-``{"success", "message"}``, 200 on success and 400 on failure, as SGLang's do.
+``{"success", "message"}``, 200 on success and 400 on failure, as SGLang's do, but 409 for
+a call refused for the engine's state and 404 for a group it lacks (WeightSyncError).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from services.engine.weight_sync import WeightSyncError, tensor_specs
 DEFAULT_GROUP = "weight_update_group"  # SGLang's default group_name
 
 
-def answer(success: bool, message: str) -> JSONResponse:
-    return JSONResponse({"success": success, "message": message}, 200 if success else 400)
+def answer(success: bool, message: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"success": success, "message": message}, 200 if success else status)
 
 
 def add_weight_sync_routes(
@@ -38,6 +39,8 @@ def add_weight_sync_routes(
 
     def field(body: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
         value = body.get(name, default)
+        if kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)  # JSON Schema's integer: 5.0 is one
         if value is ... or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise bad_request(f"'{name}' is required and must be {kind.__name__}")
         return value
@@ -55,7 +58,7 @@ def add_weight_sync_routes(
         try:
             await asyncio.to_thread(rt.weight_groups.init, address, port, offset, size, name)
         except WeightSyncError as exc:
-            return answer(False, str(exc))
+            return answer(False, str(exc), exc.status)
         return answer(True, "Succeeded to initialize custom process group.")
 
     @app.post("/destroy_weights_update_group")
@@ -66,7 +69,7 @@ def add_weight_sync_routes(
         try:
             rt.weight_groups.destroy(name)
         except WeightSyncError as exc:
-            return answer(False, str(exc))
+            return answer(False, str(exc), exc.status)
         return answer(True, "Succeeded to destroy custom process group.")
 
     @app.post("/begin_weight_update")
@@ -79,7 +82,7 @@ def add_weight_sync_routes(
         try:
             rt.weight_groups.begin()
         except WeightSyncError as exc:
-            return answer(False, str(exc))
+            return answer(False, str(exc), exc.status)
         return answer(True, "Success")
 
     @app.post("/end_weight_update")
@@ -90,7 +93,7 @@ def add_weight_sync_routes(
         try:
             rt.weight_groups.end()
         except WeightSyncError as exc:
-            return answer(False, str(exc))
+            return answer(False, str(exc), exc.status)
         return answer(True, "Success")
 
     @app.post("/update_weights_from_distributed")
@@ -112,7 +115,9 @@ def add_weight_sync_routes(
         try:
             named = await asyncio.to_thread(rt.weight_groups.receive, name, specs, flattened)
             message = await asyncio.to_thread(rt.load_tensors, named, version, abort_all)
-        except (WeightSyncError, WeightLoadError) as exc:
+        except WeightSyncError as exc:
+            return answer(False, str(exc), exc.status)
+        except WeightLoadError as exc:
             return answer(False, str(exc))
         on_loaded(rt)
         if version is not None:

@@ -63,6 +63,7 @@ CALLS: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {
     "weight_version": [((), {})],
     "served_version": [((), {})],
     "healthy": [((), {})],
+    "ready": [((), {})],
     "pause": [((), {}), (("retract",), {})],
     "resume": [((), {})],
     "abort": [(("g-1",), {}), ((), {"abort_all": True})],
@@ -245,7 +246,7 @@ def test_sglangs_auth_admits_the_client_with_the_key_and_refuses_it_without(
     for method, path, _body, header in every_request(sent):
         assert header == f"Bearer {KEY}"
         assert allowed(method, path, header), f"SGLang --api-key refuses the client's {method} {path}"
-        if path != "/health":
+        if path not in ("/health", "/ready"):  # probes: open by SGLang's design
             assert not allowed(method, path, None), f"{method} {path} would be open without the key"
     # What the CPU engine leaves open without a key, SGLang does too.
     for path in ("/health", "/health_generate", "/ready", "/metrics"):
