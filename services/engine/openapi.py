@@ -105,8 +105,8 @@ def generate_request(limits: Limits, rt: EngineRuntime | None) -> Schema:
     return {
         "type": "object",
         "properties": {
-            "text": {"anyOf": [text, {"type": "array", "items": text, **many}]},
-            "input_ids": {"anyOf": [ids, {"type": "array", "items": ids, **many}]},
+            "text": {"anyOf": [{"type": "null"}, text, {"type": "array", "items": text, **many}]},
+            "input_ids": {"anyOf": [{"type": "null"}, ids, {"type": "array", "items": ids, **many}]},
             "sampling_params": {"anyOf": [{"type": "null"}, params, {"type": "array", "items": params, **many}]},
             "rid": {
                 "anyOf": [
@@ -119,7 +119,11 @@ def generate_request(limits: Limits, rt: EngineRuntime | None) -> Schema:
             "return_text_in_logprobs": BOOL_OR_NULL,
             "stream": {"enum": [False, None]},
         },
-        "oneOf": [{"required": ["text"]}, {"required": ["input_ids"]}],
+        # Exactly one of them given (null is not given, as in SGLang's dataclass).
+        "oneOf": [
+            {"required": ["text"], "properties": {"text": {"type": ["string", "array"]}}},
+            {"required": ["input_ids"], "properties": {"input_ids": {"type": "array"}}},
+        ],
     }
 
 

@@ -66,7 +66,7 @@ def test_every_operation_declares_its_body_its_errors_and_its_auth(
                     jsonschema.Draft202012Validator.check_schema(media["schema"])
     assert len(ids) == len(set(ids))
     generate = doc["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert generate["properties"]["input_ids"]["anyOf"][1]["maxItems"] == 7
+    assert generate["properties"]["input_ids"]["anyOf"][2]["maxItems"] == 7
     params = generate["properties"]["sampling_params"]["anyOf"][1]
     assert params["properties"]["n"]["maximum"] == 3 and params["additionalProperties"] is False
 
@@ -79,7 +79,7 @@ def test_the_engines_answers_match_its_document(tiny_model: Path) -> None:
     with running_engine(tiny_model) as url:
         doc = httpx.get(f"{url}/openapi.json").json()
         body = doc["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-        token = body["properties"]["input_ids"]["anyOf"][0]["items"]
+        token = body["properties"]["input_ids"]["anyOf"][1]["items"]
         assert token["maximum"] == 511  # the loaded model's vocabulary bounds the token ids
         requests: list[tuple[str, str, Any, int]] = [
             ("post", "/generate", {"input_ids": [[1, 2]], "sampling_params": {"max_new_tokens": 2}}, 200),
