@@ -101,6 +101,8 @@ def _rids(rid: Any, prompts: int, batch: bool) -> list[str]:
     must hold one distinct rid per prompt, and prompts without one get fresh ids."""
     if rid is not None and not isinstance(rid, str | list):
         raise BadRequest("The rid should be a string or a list of strings.")
+    if isinstance(rid, list) and not all(isinstance(r, str) and r for r in rid):
+        raise BadRequest("The rid should be a string or a list of strings.")  # non-empty ones
     if not batch:
         given = rid[0] if isinstance(rid, list) and len(rid) == 1 else rid
         if given is not None and not isinstance(given, str):
@@ -112,8 +114,6 @@ def _rids(rid: Any, prompts: int, batch: bool) -> list[str]:
         return [f"{rid}_{i}" for i in range(prompts)]
     if len(rid) != prompts:
         raise BadRequest("The specified rids length mismatch with the batch_size for batch processing.")
-    if not all(isinstance(r, str) and r for r in rid):
-        raise BadRequest("The rid should be a string or a list of strings.")
     if len(set(rid)) != len(rid):
         raise BadRequest(
             f"Duplicate request IDs detected within the request: {sorted({r for r in rid if rid.count(r) > 1})}"
