@@ -8,7 +8,8 @@ is loaded, its vocabulary and context as bounds on token ids and prompt lengths.
 it can answer: 400 for a malformed body, 401 where a key guards it, 409 for a disk load
 during a distributed update, 413 for an oversized body, 503 while the model loads.
 
-What JSON Schema cannot say, and the engine still refuses with 400: a list-valued
+What JSON Schema cannot say, and the engine still refuses with 400: a ``text`` that
+tokenizes to the context or more; a list-valued
 ``sampling_params``, ``return_logprob`` or ``rid`` must have one entry per prompt, and
 ``names``, ``dtypes`` and ``shapes`` one per tensor; the tokens of one request (rows x n x
 (prompt + max_new_tokens), max_new_tokens capped to the context) must stay within
@@ -98,8 +99,9 @@ def generate_request(limits: Limits, rt: EngineRuntime | None) -> Schema:
     vocab, context = (rt.vocab_size, rt.context_len) if rt is not None else (None, None)
     token: Schema = {"type": "integer", "minimum": 0, **({"maximum": vocab - 1} if vocab else {})}
     ids: Schema = {"type": "array", "items": token, "minItems": 1, **({"maxItems": context - 1} if context else {})}
-    # A byte-level BPE makes at most one token per UTF-8 byte, at most 4 per character.
-    text: Schema = {"type": "string", "minLength": 1, **({"maxLength": (context - 1) // 4} if context else {})}
+    # No maxLength: how many tokens a text makes is the tokenizer's to say (a text over
+    # the context is refused with 400, as input_ids over it are).
+    text: Schema = {"type": "string", "minLength": 1}
     many = {"minItems": 1, "maxItems": limits.max_prompts}
     params = sampling_params(limits, vocab)
     return {
