@@ -11,6 +11,7 @@ inference, and then every one of a request's ``n`` copies draws with that one se
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,10 @@ def _is_default(value: Any, default: Any) -> bool:
     candidates: tuple[Any, ...] = (default, None, [], {})
     return any(type(value) is type(v) and value == v for v in candidates)
 
+
+SAMPLING_EPS = 1e-6
+"""A temperature below this samples greedily, as SGLang's ``SamplingParams`` makes it (a
+tiny positive one would overflow ``logits / temperature`` into NaN probabilities)."""
 
 DEFAULT_SEED = 42
 """The seed SGLang gives a row without a ``sampling_seed`` under deterministic inference
@@ -159,6 +164,8 @@ class SamplingSpec:
             raise SamplingError(f"max_new_tokens must be at least 0, got {spec.max_new_tokens}.")
         if spec.sampling_seed is not None and not -(2**63) <= spec.sampling_seed <= 2**63 - 1:
             raise SamplingError(f"sampling_seed must be in [-2**63, 2**63 - 1], got {spec.sampling_seed}.")
+        if spec.temperature < SAMPLING_EPS:  # SGLang's special case: greedy (logprobs at T = 1)
+            spec = dataclasses.replace(spec, temperature=0.0)
         if spec.n < 1 or (max_n is not None and spec.n > max_n):
             raise SamplingError(f"n must be in [1, {max_n}] here (SGLang's parallel_sample_num), got {spec.n}")
         if any(not 0 <= t < vocab_size for t in spec.stop_token_ids):

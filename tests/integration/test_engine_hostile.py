@@ -234,3 +234,10 @@ def test_an_oversized_body_is_413_without_reading_it_whole(engine: Popen) -> Non
     resp = httpx.post(engine.url + "/generate", content=chunks(), timeout=60)
     assert_error(resp, 413, "max_request_bytes")
     assert greedy(engine.url)
+
+
+def test_a_tiny_temperature_samples_greedily_with_finite_logprobs(engine: Popen) -> None:
+    tiny = {"input_ids": PROMPT, "return_logprob": True, "sampling_params": {**GREEDY, "temperature": 1e-300}}
+    out = post(engine.url, "/generate", tiny).json()[0]
+    assert out["output_ids"] == greedy(engine.url)
+    assert all(isinstance(lp, float) for lp, _tok, _text in out["meta_info"]["output_token_logprobs"])

@@ -141,3 +141,11 @@ def test_without_deterministic_inference_the_seed_is_ignored() -> None:
         draws(generators(SamplingSpec(sampling_seed=7), deterministic=False, process_rng=rng)) for _ in "ab"
     )
     assert first != again
+
+
+def test_a_tiny_temperature_is_greedy_as_in_sglang() -> None:
+    spec = SamplingSpec.parse({"temperature": 1e-300}, vocab_size=100)
+    assert spec.greedy and spec.temperature == 0.0
+    logits = torch.randn(1, 100) * 5
+    tokens, logprobs = sample_next(logits, [spec], [torch.Generator().manual_seed(0)])
+    assert int(tokens[0]) == int(logits.argmax()) and torch.isfinite(logprobs).all()
