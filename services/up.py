@@ -121,16 +121,23 @@ def engines_and_router(model: str, n: int, port: int, cfg: list[str]) -> tuple[l
 
 
 def engine_key_problem(engine: EngineSettings, **clients: RolloutSettings | TrainerSettings) -> str | None:
-    """What is wrong when the engine has an API key its clients (by section) do not send:
-    their every call would be refused (401)."""
-    if engine.api_key is None or not engine.api_key.get_secret_value():
-        return None
-    for section, settings in clients.items():
-        if settings.engine_api_key is None or settings.engine_api_key != engine.api_key:
-            return (
-                f"pope up: engine.api_key is set but {section}.engine_api_key is not the same key; "
-                "set shared.engine_api_key (rollout and trainer read it) to the engine's key"
-            )
+    """What is wrong when the engine has an API key or an admin key its clients (by
+    section) do not send: their every call, or every control call, would be refused (401).
+    Both services need the admin key: the trainer's weight updates and the rollout's aborts
+    are control calls."""
+    for engine_key, client_key, shared in (
+        (engine.api_key, "engine_api_key", "shared.engine_api_key"),
+        (engine.admin_api_key, "engine_admin_key", "shared.engine_admin_key"),
+    ):
+        if engine_key is None or not engine_key.get_secret_value():
+            continue
+        name = "api_key" if client_key == "engine_api_key" else "admin_api_key"
+        for section, settings in clients.items():
+            if getattr(settings, client_key) != engine_key:
+                return (
+                    f"pope up: engine.{name} is set but {section}.{client_key} is not the same key; "
+                    f"set {shared} (rollout and trainer read it) to the engine's key"
+                )
     return None
 
 

@@ -22,12 +22,12 @@ the method used, none is one it marks deprecated (``/model_info``, not ``/get_mo
 and every body built here (the ``*_payload`` builders, public so the tests check exactly
 what is sent) holds only fields of the route's request structure, with their types.
 
-Auth: with ``api_key`` every request carries ``Authorization: Bearer <key>``, as SGLang's
-``--api-key`` wants (sglang/srt/utils/auth.py). That one key opens both its ordinary
-endpoints (``/generate``, ``/model_info``) and the control ones marked
-``AuthLevel.ADMIN_OPTIONAL`` (weight updates, pause, abort); an engine started with
-``--admin-api-key`` as well would want that other key for the control ones, which this
-client does not hold, so deployments set ``--api-key`` only. Health and metrics are open.
+Auth, as SGLang 0.5.23 decides it (sglang/srt/utils/auth.py): ``api_key`` (its
+``--api-key``) goes with the ordinary calls (``/generate``, ``/model_info``), and with the
+control calls too unless the engine also has ``--admin-api-key``: then the control calls,
+the ones it marks ``AuthLevel.ADMIN_OPTIONAL`` (weight updates and sync, pause, continue,
+abort), carry ``admin_key`` instead, and the api key no longer opens them. Health,
+readiness and metrics are open.
 
 Call sequence of a weight update: SGLang's ``/update_weights_from_disk`` restores the
 weights for loading and post-processes them itself (its runner's disk update calls
@@ -66,6 +66,12 @@ SGLANG_VERSION = "0.5.23"
 """The SGLang release this client is written against: the one version of the project.
 The tests read this release's wheel (its server and request structures are the contract)
 and docker-compose.yml and the Kubernetes gpu overlay run its image (tests/deploy checks)."""
+
+
+REFUSALS = frozenset({400, 404, 409})
+"""How an engine refuses a weight update or sync call with ``{"success": false, "message"}``:
+SGLang with 400 always; the CPU engine with 404 for a path or group it lacks and 409 for a
+call that came at the wrong time (services/engine/weight_sync.py)."""
 
 
 class EngineError(RuntimeError):
@@ -210,6 +216,7 @@ class EngineClient(retry.RetryingClient):
         retries: int = 5,
         backoff: float = 0.5,
         api_key: str | None = None,
+        admin_key: str | None = None,
         rows_apart: bool = False,
         abort_lost: Callable[[str], Awaitable[bool]] | None = None,
     ) -> None:
@@ -217,8 +224,10 @@ class EngineClient(retry.RetryingClient):
         router, which takes one ``sampling_params`` object and one rid per request (a row's
         own seed and rid would not pass it as a batch). ``abort_lost(rid)``: how a row whose
         answer was lost is aborted (True if it was), where this client's own
-        ``/abort_request`` would reach no engine (a router routes no control call)."""
+        ``/abort_request`` would reach no engine (a router routes no control call).
+        ``admin_key``: sent instead of ``api_key`` on the control calls (module docstring)."""
         super().__init__(base_url, timeout=timeout, retries=retries, backoff=backoff, token=api_key)
+        self._admin = {"Authorization": f"Bearer {admin_key}"} if admin_key else None
         self.rows_apart = rows_apart
         self._abort_lost = abort_lost
 
@@ -231,9 +240,13 @@ class EngineClient(retry.RetryingClient):
         ok_400: bool = False,
         on_lost: Callable[[], Awaitable[None]] | None = None,
         retries: int | None = None,
+        admin: bool = False,
     ) -> httpx.Response:
+        """``ok_400``: a refusal (REFUSALS) is an answer to read, not an error to raise.
+        ``admin``: a control call (SGLang's ADMIN_OPTIONAL), sent with the admin key if any."""
+
         def accept(resp: httpx.Response) -> bool:
-            return resp.status_code < 400 or (ok_400 and resp.status_code == 400)
+            return resp.status_code < 400 or (ok_400 and resp.status_code in REFUSALS)
 
         return await retry.request(
             self._http,
@@ -246,6 +259,7 @@ class EngineClient(retry.RetryingClient):
             fail=EngineError,
             accept=accept,
             on_lost=on_lost,
+            headers=self._admin if admin else None,
         )
 
     @staticmethod
@@ -366,11 +380,11 @@ class EngineClient(retry.RetryingClient):
         body = self.update_weights_payload(
             model_path, weight_version, lineage=lineage, abort_all_requests=abort_all_requests
         )
-        resp = await self._request("POST", "/update_weights_from_disk", body, ok_400=True)
+        resp = await self._request("POST", "/update_weights_from_disk", body, ok_400=True, admin=True)
         data = resp.json()
-        if resp.status_code == 400 or not data.get("success"):
+        if resp.status_code in REFUSALS or not data.get("success"):
             name = body["weight_version"]
-            raise EngineError(f"weight update to version {name} failed: {data.get('message')}", 400)
+            raise EngineError(f"weight update to version {name} failed: {data.get('message')}", resp.status_code)
         return str(data.get("message", ""))
 
     async def model_info(self) -> ModelInfo:
@@ -385,6 +399,15 @@ class EngineClient(retry.RetryingClient):
         """(step, lineage) of the weights being served."""
         return (await self.model_info()).served
 
+    async def ready(self) -> bool:
+        """SGLang's ``GET /ready``: True when the engine has started and is not paused (an
+        engine someone else left paused answers False, while ``healthy`` says True)."""
+        try:
+            resp = await self._http.get("/ready", timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
     async def healthy(self) -> bool:
         try:
             resp = await self._http.get("/health", timeout=5.0)
@@ -398,7 +421,7 @@ class EngineClient(retry.RetryingClient):
         return {"mode": mode}
 
     async def pause(self, mode: Literal["abort", "in_place", "retract"] = "abort") -> None:
-        await self._request("POST", "/pause_generation", self.pause_payload(mode))
+        await self._request("POST", "/pause_generation", self.pause_payload(mode), admin=True)
 
     @staticmethod
     def resume_payload() -> dict[str, Any]:
@@ -407,7 +430,7 @@ class EngineClient(retry.RetryingClient):
         return {}
 
     async def resume(self) -> None:
-        await self._request("POST", "/continue_generation", self.resume_payload())
+        await self._request("POST", "/continue_generation", self.resume_payload(), admin=True)
 
     @staticmethod
     def abort_payload(rid: str | None = None, *, abort_all: bool = False) -> dict[str, Any]:
@@ -415,21 +438,21 @@ class EngineClient(retry.RetryingClient):
         return {"rid": rid or "", "abort_all": abort_all}
 
     async def abort(self, rid: str | None = None, *, abort_all: bool = False) -> None:
-        await self._request("POST", "/abort_request", self.abort_payload(rid, abort_all=abort_all))
+        await self._request("POST", "/abort_request", self.abort_payload(rid, abort_all=abort_all), admin=True)
 
     # Broadcast weight sync: each call sent once, under its own timeout.
     async def _sync_call(self, path: str, body: dict[str, Any], timeout_s: float) -> str:
         """POST ``body`` once; the engine's message, or EngineError (refused, or no answer in time)."""
 
         async def call() -> httpx.Response:
-            return await self._request("POST", path, body, ok_400=True, retries=0)
+            return await self._request("POST", path, body, ok_400=True, retries=0, admin=True)
 
         try:
             resp = await asyncio.wait_for(call(), timeout_s)
         except TimeoutError:
             raise EngineError(f"POST {path}: no answer from the engine at {self.base_url} in {timeout_s:g}s") from None
         data = resp.json()
-        if resp.status_code == 400 or not data.get("success"):
+        if resp.status_code in REFUSALS or not data.get("success"):
             raise EngineError(f"POST {path} failed at {self.base_url}: {data.get('message')}", resp.status_code)
         return str(data.get("message", ""))
 

@@ -75,6 +75,7 @@ async def request(
     accept: Callable[[httpx.Response], bool] = _ok,
     on_lost: Callable[[], Awaitable[None]] | None = None,
     rand: Callable[[], float] = random.random,
+    headers: dict[str, str] | None = None,
 ) -> httpx.Response:
     """``method path`` on ``http``; ``peer`` names the server in messages ("the engine at URL");
     ``fail(message, status)`` builds the error raised; ``accept`` says which answers are results.
@@ -83,12 +84,13 @@ async def request(
     reached the server but its answer was lost, it is not sent again; ``on_lost()`` is
     awaited (to cancel it there) and the error raised, for the caller to redo the work
     under its own id. ``rand`` draws the backoff's jitter (tests pass a fixed one).
+    ``headers`` are sent with this request over the client's own (another key, say).
     """
     for attempt in range(retries + 1):
         status: int | None = None  # of the last answer, when the last try got one (503)
         asked = 0.0  # the server's Retry-After
         try:
-            resp = await http.request(method, path, json=json)
+            resp = await http.request(method, path, json=json, headers=headers)
         except httpx.TransportError as exc:
             problem = f"cannot reach {peer}: {type(exc).__name__}: {exc}"
             if on_lost is not None and not isinstance(exc, UNSENT):

@@ -12,6 +12,16 @@ finishes on the weights it started with, or is aborted, if asked); while paused 
 or retracting (``pause``), at once, the batch going on with the new weights when
 generation continues, each sequence noting which weights made which of its tokens. A load
 that fails leaves the old weights serving.
+
+Weight updates are serialized (``_update_lock``), as SGLang serializes them under its
+tokenizer manager's ``model_update_lock`` (a writer lock): a second update waits for the
+first to finish, then runs. Every ``from_pretrained`` of the process also holds one
+lock (``_LOAD_LOCK``): transformers' loading is not thread-safe. For the length of a load
+it swaps process-wide state (``torch.nn.init``'s functions, ``PreTrainedModel.init_weights``,
+``torch.linspace``, a meta-device context, the default dtype) and on exit restores what it
+found on entry; loads that overlap restore each other's swapped state, which then stays:
+four concurrent loads left every later one failing with "Cannot copy out of meta tensor"
+until a restart (tests/integration/test_engine_hostile.py).
 """
 
 from __future__ import annotations
@@ -40,6 +50,18 @@ class WeightLoadError(RuntimeError):
     """New weights could not be loaded; the old ones keep serving."""
 
 
+class WeightsNotFound(WeightLoadError):
+    """No model directory at the path given (an HTTP 404, SGLang's 400)."""
+
+
+class WeightUpdateBusy(WeightLoadError):
+    """The update cannot be serialized behind the one in progress (an HTTP 409)."""
+
+
+_LOAD_LOCK = threading.Lock()
+"""Held by every ``from_pretrained`` of the process (see the module docstring)."""
+
+
 @dataclass
 class Job:
     """The sequences of one HTTP request; ``on_done`` is called from the decode thread."""
@@ -55,7 +77,23 @@ def load_model(path: str | Path, device: str, dtype: torch.dtype) -> Any:
     model classes are not usefully typed)."""
     from transformers import AutoModelForCausalLM
 
-    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    with _LOAD_LOCK:
+        model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_checked(path: str | Path, device: str, dtype: torch.dtype) -> Any:
+    """``load_model``, refusing a checkpoint that does not fill the whole model: transformers
+    initialises missing weights at random and, with mismatched shapes, warns and goes on;
+    served, either would be a silently different model."""
+    from transformers import AutoModelForCausalLM
+
+    with _LOAD_LOCK:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, output_loading_info=True)
+    model, info = loaded
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+    if problems:
+        raise WeightLoadError(f"the checkpoint at {path!r} does not fit its config: {problems}")
     return model.to(device).eval()
 
 
@@ -96,6 +134,7 @@ class EngineRuntime:
         self._carry: Job | None = None  # a job that did not fit the last batch
         self._model_lock = threading.Lock()  # held while a batch decodes
         self._swap_lock = threading.Lock()  # guards (model, weight_version) together
+        self._update_lock = threading.Lock()  # one weight update at a time (module docstring)
         self._resume = threading.Event()  # cleared while paused
         self._resume.set()
         self._pause_mode: PauseMode = "abort"  # of the last pause
@@ -183,6 +222,10 @@ class EngineRuntime:
         self._resume.set()
 
     @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
     def paused(self) -> bool:
         return not self._resume.is_set()
 
@@ -192,11 +235,32 @@ class EngineRuntime:
 
     # Weights.
     def update_weights(self, path: str, version: str | None, abort_all: bool = False) -> str:
-        """Load weights from ``path`` and swap them in between batches; return a message."""
-        if not (Path(path) / "config.json").is_file():
-            raise WeightLoadError(f"no HF model directory at {path!r} (no config.json there)")
+        """Load weights from ``path`` and swap them in between batches; return a message.
+
+        Waits for an update in progress, as SGLang's writer lock does. Refused
+        (WeightUpdateBusy, 409) while a distributed update session is open: its
+        begin..end bracket belongs to whoever opened it and may last as long as they
+        like (a trainer that died never ends it), so waiting for it could be forever,
+        and loading in the middle of it would serve a mix of two checkpoints."""
+        if self.weight_groups.session_open:
+            raise WeightUpdateBusy(
+                "a distributed weight update (begin_weight_update .. end_weight_update) is in progress; "
+                "load from disk after end_weight_update"
+            )
         try:
-            new = load_model(path, self.device, self.dtype)
+            found = (Path(path) / "config.json").is_file()
+        except (OSError, ValueError):  # a NUL byte, a name too long
+            found = False
+        if not found:
+            raise WeightsNotFound(f"no HF model directory at {path!r} (no config.json there)")
+        with self._update_lock:
+            return self._update_from(path, version, abort_all)
+
+    def _update_from(self, path: str, version: str | None, abort_all: bool) -> str:
+        try:
+            new = load_checked(path, self.device, self.dtype)
+        except WeightLoadError:
+            raise
         except Exception as exc:  # any failure to read or build the model
             raise WeightLoadError(f"failed to load weights from {path!r}: {type(exc).__name__}: {exc}") from exc
         if int(new.config.vocab_size) != self.vocab_size:
@@ -204,6 +268,11 @@ class EngineRuntime:
                 f"model at {path!r} has vocab_size {new.config.vocab_size}; "
                 f"the served tokenizer needs {self.vocab_size}"
             )
+        served = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        loaded = {k: tuple(v.shape) for k, v in new.state_dict().items()}
+        if served != loaded:
+            differ = sorted(k for k in served.keys() | loaded.keys() if served.get(k) != loaded.get(k))[:5]
+            raise WeightLoadError(f"model at {path!r} is not the served architecture (differs at {differ})")
         if abort_all:
             self.abort(abort_all=True)
         if self.paused and self._pause_mode != "abort":
@@ -229,7 +298,12 @@ class EngineRuntime:
     def load_tensors(self, named: list[tuple[str, torch.Tensor]], version: str | None, abort_all: bool = False) -> str:
         """Copy ``named`` (Hugging Face names, any float dtype) into the serving weights
         between batches; return a message. Every name and shape is checked first, so a
-        refused load changes nothing. A tied weight is sent once and updates both names."""
+        refused load changes nothing. A tied weight is sent once and updates both names.
+        Serialized with the disk loads (``update_weights``)."""
+        with self._update_lock:
+            return self._copy_in(named, version, abort_all)
+
+    def _copy_in(self, named: list[tuple[str, torch.Tensor]], version: str | None, abort_all: bool) -> str:
         weights = self.model.state_dict()  # name -> tensor sharing the parameter's storage
         for name, tensor in named:
             if name not in weights:

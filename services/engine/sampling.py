@@ -11,6 +11,8 @@ inference, and then every one of a request's ``n`` copies draws with that one se
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +70,17 @@ SUPPORTED = frozenset(
 )
 
 
+def _is_default(value: Any, default: Any) -> bool:
+    """Whether an unsupported parameter carries its default (or null, [], {}), the type
+    counted too: ``False`` is not a default of 0, though Python calls them equal."""
+    candidates: tuple[Any, ...] = (default, None, [], {})
+    return any(type(value) is type(v) and value == v for v in candidates)
+
+
+SAMPLING_EPS = 1e-6
+"""A temperature below this samples greedily, as SGLang's ``SamplingParams`` makes it (a
+tiny positive one would overflow ``logits / temperature`` into NaN probabilities)."""
+
 DEFAULT_SEED = 42
 """The seed SGLang gives a row without a ``sampling_seed`` under deterministic inference
 (``SamplingBatchInfo.from_schedule_batch``)."""
@@ -94,12 +107,16 @@ class SamplingSpec:
     sampling_seed: int | None = None
 
     @classmethod
-    def parse(cls, raw: dict[str, Any] | None, vocab_size: int) -> SamplingSpec:
+    def parse(cls, raw: Any, vocab_size: int, max_n: int | None = None) -> SamplingSpec:
+        """Check ``raw`` (one request's ``sampling_params``) as SGLang's ``SamplingParams``
+        and its ``verify`` check it, with SGLang's messages; ``max_n`` caps ``n``."""
+        if raw is not None and not isinstance(raw, dict):
+            raise SamplingError(f"sampling_params must be an object, got {type(raw).__name__}")
         raw = dict(raw or {})
         for key, value in raw.items():
             if key not in SGLANG_DEFAULTS:
                 raise SamplingError(f"unknown sampling parameter {key!r}")
-            if key not in SUPPORTED and value not in (SGLANG_DEFAULTS[key], None, [], {}):
+            if key not in SUPPORTED and not _is_default(value, SGLANG_DEFAULTS[key]):
                 raise SamplingError(f"sampling parameter {key!r} is not supported by the CPU engine")
 
         def num(key: str, kind: type, default: Any) -> Any:
@@ -108,37 +125,50 @@ class SamplingSpec:
                 return default
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
+            if kind is int and isinstance(value, float) and value.is_integer():
+                value = int(value)  # JSON Schema's integer: 5.0 is one
             if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
                 raise SamplingError(f"sampling parameter {key!r} must be {kind.__name__}, got {value!r}")
             return value
 
+        stop = raw.get("stop_token_ids")
+        if isinstance(stop, list):
+            stop = [int(t) if isinstance(t, float) and t.is_integer() else t for t in stop]
+        if stop is not None and (not isinstance(stop, list) or not all(type(t) is int for t in stop)):
+            raise SamplingError("stop_token_ids must be a list of token ids")
+        num("spaces_between_special_tokens", bool, True)
         top_k = num("top_k", int, -1)
+        if top_k < 1 and top_k != -1:  # SGLang's verify; -1 and its default 1 << 30 mean off
+            raise SamplingError(f"top_k must be -1 (disable) or at least 1, got {top_k}.")
         spec = cls(
             max_new_tokens=num("max_new_tokens", int, 128),
             temperature=num("temperature", float, 1.0),
             top_p=num("top_p", float, 1.0),
-            top_k=-1 if top_k <= 0 or top_k >= vocab_size else top_k,
+            top_k=-1 if top_k == -1 or top_k >= vocab_size else top_k,
             min_p=num("min_p", float, 0.0),
             n=num("n", int, 1),
-            stop_token_ids=tuple(raw.get("stop_token_ids") or ()),
+            stop_token_ids=tuple(stop or ()),
             ignore_eos=num("ignore_eos", bool, False),
             skip_special_tokens=num("skip_special_tokens", bool, True),
             no_stop_trim=num("no_stop_trim", bool, False),
             sampling_seed=num("sampling_seed", int, None),
         )
+        # SGLang's SamplingParams.verify, in its order and words (NaN fails every range).
+        if not math.isfinite(spec.temperature) or spec.temperature < 0.0:
+            raise SamplingError(f"temperature must be a non-negative finite number, got {spec.temperature}.")
+        if not 0.0 < spec.top_p <= 1.0:
+            raise SamplingError(f"top_p must be in (0, 1], got {spec.top_p}.")
+        if not 0.0 <= spec.min_p <= 1.0:
+            raise SamplingError(f"min_p must be in [0, 1], got {spec.min_p}.")
         if spec.max_new_tokens < 0:
-            raise SamplingError("max_new_tokens must be >= 0")
-        if spec.temperature < 0:
-            raise SamplingError("temperature must be >= 0")
-        if not 0 < spec.top_p <= 1:
-            raise SamplingError("top_p must be in (0, 1]")
-        if not 0 <= spec.min_p <= 1:
-            raise SamplingError("min_p must be in [0, 1]")
-        if spec.n < 1:
-            raise SamplingError("n must be >= 1")
-        if spec.sampling_seed is not None and not -(2**63) <= spec.sampling_seed < 2**63:
-            raise SamplingError("sampling_seed must be in [-2**63, 2**63 - 1]")  # SGLang's range
-        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in spec.stop_token_ids):
+            raise SamplingError(f"max_new_tokens must be at least 0, got {spec.max_new_tokens}.")
+        if spec.sampling_seed is not None and not -(2**63) <= spec.sampling_seed <= 2**63 - 1:
+            raise SamplingError(f"sampling_seed must be in [-2**63, 2**63 - 1], got {spec.sampling_seed}.")
+        if spec.temperature < SAMPLING_EPS:  # SGLang's special case: greedy (logprobs at T = 1)
+            spec = dataclasses.replace(spec, temperature=0.0)
+        if spec.n < 1 or (max_n is not None and spec.n > max_n):
+            raise SamplingError(f"n must be in [1, {max_n}] here (SGLang's parallel_sample_num), got {spec.n}")
+        if any(not 0 <= t < vocab_size for t in spec.stop_token_ids):
             raise SamplingError(f"stop_token_ids must be token ids in [0, {vocab_size})")
         return spec
 

@@ -5,21 +5,23 @@
          -d '{"text": "The answer is", "sampling_params": {"max_new_tokens": 16, "temperature": 0}}'
 
 Request and response shapes follow SGLang 0.5.x (DESIGN.md 3); tests check them against
-SGLang's own contract module. Errors answer 400 with ``{"object": "error", "message":
-..., "type": "BadRequest", "code": 400}`` as SGLang does.
+SGLang's own contract module. Errors answer ``{"object": "error", "message": ..., "type":
+..., "code": <status>}`` as SGLang does (400 for a malformed body of any route, never a
+500; 409, 413 and 503 as ``openapi.py`` declares them); auth refusals are SGLang's
+``{"error": "Unauthorized"}`` (guard.py). /openapi.json declares every route's body,
+bounds and answers (openapi.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import json
 import logging
 import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from types import FrameType
@@ -28,29 +30,24 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.config import model_dir_problem
 from services.common.http import uvicorn_config
 from services.common.messages import parse_version
 from services.engine.decode import Sequence
-from services.engine.runtime import EngineRuntime, WeightLoadError
-from services.engine.sampling import SamplingError, SamplingSpec, generators
+from services.engine.generation import BadRequest, ClientGone, Limits, generate
+from services.engine.guard import AuthLevel, LimitBody, RequireKeys, auth_level
+from services.engine.openapi import install_openapi
+from services.engine.runtime import EngineRuntime, WeightLoadError, WeightsNotFound, WeightUpdateBusy
+from services.engine.sampling import SamplingSpec
 from services.engine.settings import EngineSettings
 from services.engine.sync_routes import add_weight_sync_routes
 
 log = logging.getLogger(__name__)
 
 REQUESTS = Counter("pope_engine_requests_total", "Generate requests", ["outcome"])
-PROMPT_TOKENS = Counter("pope_engine_prompt_tokens_total", "Prompt tokens prefilled")
-GEN_TOKENS = Counter("pope_engine_generation_tokens_total", "Tokens generated")
-LATENCY = Histogram(
-    "pope_engine_e2e_latency_seconds",
-    "Generate request latency",
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
-)
 WEIGHT_VERSION = Gauge("pope_engine_weight_version", "Weight version being served (as a number)")
 QUEUE = Gauge("pope_engine_queue_depth", "Requests waiting for a batch")
 RUNNING = Gauge("pope_engine_running_sequences", "Sequences in the batch being decoded")
@@ -59,157 +56,35 @@ ABORTED = Counter("pope_engine_aborted_sequences_total", "Running or queued sequ
 DISCONNECT_POLL_S = 1.0
 """How often a /generate in progress checks that its client is still connected (SGLang: 4 s)."""
 
-
-class BadRequest(ValueError):
-    """The request is malformed; answered with 400 and this message."""
-
-
-class ClientGone(Exception):
-    """The client of a /generate disconnected before its answer was ready."""
+ADMIN = auth_level(AuthLevel.ADMIN_OPTIONAL)
 
 
 def error(message: str, status: int = 400) -> JSONResponse:
-    kind = {400: "BadRequest", 401: "Unauthorized", 503: "ServiceUnavailable"}.get(status, "Error")
+    kind = {
+        400: "BadRequest",
+        401: "Unauthorized",
+        409: "Conflict",
+        413: "RequestTooLarge",
+        503: "ServiceUnavailable",
+    }.get(status, "Error")
     return JSONResponse({"object": "error", "message": message, "type": kind, "code": status}, status)
 
 
-def _per_prompt(value: Any, n: int, name: str) -> list[Any]:
-    """SGLang lets a field be one value for all prompts or a list with one per prompt."""
-    if isinstance(value, list):
-        if len(value) != n:
-            raise BadRequest(f"{name} has {len(value)} entries for {n} prompts")
-        return value
-    return [value] * n
+def _reject_constant(name: str) -> Any:
+    raise BadRequest(f"request body is not valid JSON: {name} is not a JSON value")
 
 
-def _prompts(body: dict[str, Any], rt: EngineRuntime) -> tuple[list[list[int]], bool]:
-    """The prompts as token ids, and whether the request was a batch."""
-    ids, text = body.get("input_ids"), body.get("text")
-    if (ids is None) == (text is None):
-        raise BadRequest("give exactly one of 'text' and 'input_ids'")
-    if text is not None:
-        texts = text if isinstance(text, list) else [text]
-        if not texts or not all(isinstance(t, str) and t for t in texts):
-            raise BadRequest("'text' must be a non-empty string or a list of them")
-        return [rt.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], isinstance(text, list)
-    batch = isinstance(ids, list) and bool(ids) and all(isinstance(r, list) for r in ids)
-    rows: list[Any] = ids if batch else [ids]  # type: ignore[assignment]
-    for i, row in enumerate(rows):
-        if not isinstance(row, list) or not row or not all(type(t) is int for t in row):
-            raise BadRequest(
-                f"input_ids[{i}] must be a non-empty list of token ids"
-                if batch
-                else "'input_ids' must be a non-empty list of token ids (or a list of them)"
-            )
-        if not all(0 <= t < rt.vocab_size for t in row):
-            raise BadRequest(f"input_ids contain a token id outside [0, {rt.vocab_size})")
-    return rows, batch
-
-
-def _rids(rid: Any, prompts: int, batch: bool) -> list[str]:
-    """Each prompt's rid as SGLang 0.5.23 names it (``GenerateReqInput._normalize_rid``): a
-    single request keeps its rid; in a batch a string ``r`` names prompt i ``r_i``, a list
-    must hold one distinct rid per prompt, and prompts without one get fresh ids."""
-    if rid is not None and not isinstance(rid, str | list):
-        raise BadRequest("The rid should be a string or a list of strings.")
-    if not batch:
-        given = rid[0] if isinstance(rid, list) and len(rid) == 1 else rid
-        if given is not None and not isinstance(given, str):
-            raise BadRequest("The rid of a single request should be a string.")
-        return [given or uuid.uuid4().hex]
-    if rid is None:
-        return [uuid.uuid4().hex for _ in range(prompts)]
-    if isinstance(rid, str):
-        return [f"{rid}_{i}" for i in range(prompts)]
-    if len(rid) != prompts:
-        raise BadRequest("The specified rids length mismatch with the batch_size for batch processing.")
-    if not all(isinstance(r, str) and r for r in rid):
-        raise BadRequest("The rid should be a string or a list of strings.")
-    if len(set(rid)) != len(rid):
-        raise BadRequest(
-            f"Duplicate request IDs detected within the request: {sorted({r for r in rid if rid.count(r) > 1})}"
-        )
-    return list(rid)
-
-
-def _finish_reason(seq: Sequence) -> dict[str, Any]:
-    kind, detail = seq.finish
-    if kind == "stop":
-        return {"type": "stop", "matched": detail}
-    if kind == "length":
-        return {"type": "length", "length": detail}
-    return {"type": "abort", "message": detail}
-
-
-def _text(rt: EngineRuntime, seq: Sequence) -> str:
-    ids = seq.output_ids
-    if seq.finish[0] == "stop" and not seq.spec.no_stop_trim:
-        ids = ids[:-1]  # SGLang leaves the matched stop token out of the text
-    return str(rt.tokenizer.decode(ids, skip_special_tokens=seq.spec.skip_special_tokens))
-
-
-async def generate(rt: EngineRuntime, body: dict[str, Any]) -> Any:
-    start = time.monotonic()
-    if body.get("stream"):
-        raise BadRequest("streaming is not supported by the CPU engine")
-    prompts, batch = _prompts(body, rt)
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON (RFC 8259): NaN and Infinity are refused, and so are bodies that are not
+    UTF-8 or nest too deep for the parser (RecursionError), all as 400."""
     try:
-        specs = [
-            SamplingSpec.parse(p, rt.vocab_size)
-            for p in _per_prompt(body.get("sampling_params"), len(prompts), "sampling_params")
-        ]
-    except SamplingError as exc:
-        raise BadRequest(str(exc)) from exc
-    if len({spec.n for spec in specs}) > 1:
-        raise BadRequest("The parallel_sample_num should be the same for all samples in sample params.")
-    logprob = _per_prompt(body.get("return_logprob") or False, len(prompts), "return_logprob")
-    n = specs[0].n
-    # SGLang makes a request with n > 1 a batch, and gives each of the n copies of a prompt
-    # a fresh rid (tokenizer_manager._handle_batch_request): the prompt's own rid then names
-    # no sequence, so an abort by it stops nothing, there as here.
-    rids = _rids(body.get("rid"), len(prompts), batch or n > 1)
-    text_in_logprobs = bool(body.get("return_text_in_logprobs"))
-
-    seqs, seq_rids, rows = [], [], []
-    for i, (prompt, spec) in enumerate(zip(prompts, specs, strict=True)):
-        room = rt.context_len - len(prompt)
-        if room <= 0:
-            raise BadRequest(f"prompt {i} has {len(prompt)} tokens; the context length is {rt.context_len}")
-        if spec.max_new_tokens > room:  # as SGLang does: cap the completion to the context
-            spec = dataclasses.replace(spec, max_new_tokens=room)
-        # The n copies share the seed under deterministic inference, as on SGLang (DESIGN.md 3).
-        for gen in generators(spec, deterministic=rt.deterministic, process_rng=rt.process_rng):
-            seqs.append(Sequence(prompt, spec, gen))
-            seq_rids.append(rids[i] if n == 1 else uuid.uuid4().hex)
-            rows.append(i)
-    await rt.run(seq_rids, seqs)
-    latency = time.monotonic() - start
-
-    out = []
-    for seq, i, out_id in zip(seqs, rows, seq_rids, strict=True):
-        spans = seq.spans()
-        meta: dict[str, Any] = {
-            "id": out_id,
-            "prompt_tokens": len(seq.prompt_ids),
-            "completion_tokens": len(seq.output_ids),
-            "cached_tokens": 0,
-            "finish_reason": _finish_reason(seq),
-            # As SGLang 0.5.23 reports them (sglang/srt/utils/weight_versions.py): which
-            # weights made which tokens, and the last of them as weight_version.
-            "weight_version": spans[-1][0],
-            "weight_versions": [{"version": v, "start": a, "end": b} for v, a, b in spans],
-            "e2e_latency": latency,
-        }
-        if logprob[i]:
-            meta["output_token_logprobs"] = [
-                [lp, tok, rt.tokenizer.decode([tok]) if text_in_logprobs else None]
-                for lp, tok in zip(seq.logprobs, seq.output_ids, strict=True)
-            ]
-        out.append({"text": _text(rt, seq), "output_ids": seq.output_ids, "meta_info": meta})
-        GEN_TOKENS.inc(len(seq.output_ids))
-    PROMPT_TOKENS.inc(sum(len(p) for p in prompts))
-    LATENCY.observe(latency)
-    return out if batch or len(out) > 1 else out[0]
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise BadRequest("request body is not UTF-8") from None
+    except RecursionError:
+        raise BadRequest("request body is not valid JSON: nested too deep") from None
+    except ValueError as exc:  # JSONDecodeError, and ints of more digits than Python converts
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
 
 
 async def while_connected(request: Request, work: Coroutine[Any, Any, Any]) -> Any:
@@ -229,24 +104,6 @@ async def while_connected(request: Request, work: Coroutine[Any, Any, Any]) -> A
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-class RequireKey:
-    """ASGI middleware: every path but health and metrics needs ``Authorization: Bearer
-    <key>``. Plain ASGI, not ``@app.middleware``: Starlette's BaseHTTPMiddleware hides the
-    client's disconnect from the route, and while_connected needs to see it."""
-
-    OPEN = frozenset({"/health", "/health_generate", "/metrics"})
-
-    def __init__(self, app: ASGIApp, key: str) -> None:
-        self.app, self.expected = app, f"Bearer {key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        guarded = scope["type"] == "http" and scope["path"] not in self.OPEN
-        if guarded and dict(scope["headers"]).get(b"authorization") != self.expected:
-            await error("missing or wrong API key", 401)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 class _Slot:
@@ -270,10 +127,14 @@ def create_app(
     load: EngineRuntime | Callable[[], EngineRuntime],
     api_key: str | None = None,
     on_fatal: Callable[[], None] = lambda: os.kill(os.getpid(), signal.SIGTERM),
+    *,
+    admin_key: str | None = None,
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The FastAPI app; ``load`` is a runtime, or a function that builds one in the
-    background (``on_fatal`` is called if that fails, to stop the server)."""
-    slot = _Slot()
+    background (``on_fatal`` is called if that fails, to stop the server). ``api_key`` and
+    ``admin_key`` are SGLang's --api-key and --admin-api-key (guard.py)."""
+    slot, limits = _Slot(), limits or Limits()
 
     def start(rt: EngineRuntime) -> None:
         rt.start()
@@ -300,21 +161,23 @@ def create_app(
 
     app = FastAPI(title="POPE-RL CPU engine (SGLang native API subset)", lifespan=lifespan)
     app.state.slot = slot
-
-    if api_key:
-        app.add_middleware(RequireKey, key=api_key)
+    # Added last runs first: the size limit holds for every request, keyed or not.
+    app.add_middleware(RequireKeys, fastapi_app=app, api_key=api_key or None, admin_key=admin_key or None)
+    app.add_middleware(LimitBody, limit=limits.max_request_bytes)
 
     @app.exception_handler(Starting)
     async def starting(request: Request, exc: Starting) -> JSONResponse:
         return error(str(exc), 503)
 
-    async def json_body(request: Request) -> dict[str, Any]:
+    async def json_body(request: Request, *, empty_ok: bool = False) -> dict[str, Any]:
+        """The body as a JSON object; ``empty_ok``: an empty body is ``{}`` (SGLang's defaults)."""
         try:
-            body = await request.json()
+            raw = await request.body()
         except ClientDisconnect:  # the client went away before its body was in (killed, say)
             raise ClientGone from None
-        except ValueError as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+        if empty_ok and not raw.strip():
+            return {}
+        body = parse_json(raw)
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
         return body
@@ -327,12 +190,16 @@ def create_app(
     async def bad_request(request: Request, exc: BadRequest) -> JSONResponse:
         return error(str(exc))
 
+    @app.exception_handler(WeightUpdateBusy)
+    async def busy(request: Request, exc: WeightUpdateBusy) -> JSONResponse:
+        return error(str(exc), 409)
+
     @app.api_route("/generate", methods=["POST", "PUT"])
     async def generate_route(request: Request) -> Any:
         rt = slot.get()
         QUEUE.set(rt.queue_depth)
         try:
-            result = await while_connected(request, generate(rt, await json_body(request)))
+            result = await while_connected(request, generate(rt, await json_body(request), limits))
         except BadRequest:
             REQUESTS.labels("bad_request").inc()
             raise
@@ -343,26 +210,33 @@ def create_app(
         return result
 
     @app.post("/update_weights_from_disk")
+    @ADMIN
     async def update_weights(request: Request) -> JSONResponse:
         rt = slot.get()
         body = await json_body(request)
         path = body.get("model_path")
         if not isinstance(path, str) or not path:
-            raise BadRequest("'model_path' is required")
+            raise BadRequest("'model_path' is required and must be a non-empty string")
         version = body.get("weight_version")
         if version is not None and not isinstance(version, str):
-            raise BadRequest("'weight_version' must be a string")
+            raise BadRequest("'weight_version' must be a string")  # any string, as SGLang takes
+        abort_all = body.get("abort_all_requests", False)
+        if not isinstance(abort_all, bool):
+            raise BadRequest("'abort_all_requests' must be a boolean")
         try:
-            message = await asyncio.to_thread(rt.update_weights, path, version, bool(body.get("abort_all_requests")))
-        except WeightLoadError as exc:
-            return JSONResponse({"success": False, "message": str(exc), "num_paused_requests": 0}, 400)
+            message = await asyncio.to_thread(rt.update_weights, path, version, abort_all)
+        except WeightUpdateBusy:
+            raise
+        except WeightLoadError as exc:  # the old weights keep serving
+            status = 404 if isinstance(exc, WeightsNotFound) else 400
+            return JSONResponse({"success": False, "message": str(exc), "num_paused_requests": 0}, status)
         if version is not None:
             message += f" Weight version updated to {version}."
         WEIGHT_VERSION.set(_as_number(rt.weight_version))
         return JSONResponse({"success": True, "message": message, "num_paused_requests": 0})
 
     add_weight_sync_routes(
-        app, slot.get, json_body, BadRequest, lambda rt: WEIGHT_VERSION.set(_as_number(rt.weight_version))
+        app, slot.get, json_body, BadRequest, lambda rt: WEIGHT_VERSION.set(_as_number(rt.weight_version)), ADMIN
     )
 
     @app.get("/model_info")
@@ -384,7 +258,7 @@ def create_app(
 
     # SGLang still serves the old name and warns on every call, as this does; the client
     # never calls it (tests/integration/test_sglang_contract.py).
-    @app.get("/get_model_info")
+    @app.get("/get_model_info", deprecated=True)
     async def get_model_info() -> dict[str, Any]:
         log.warning("Endpoint '/get_model_info' is deprecated (as in SGLang): use '/model_info'")
         return await model_info()
@@ -393,6 +267,13 @@ def create_app(
     async def health() -> Response:
         slot.get()
         return Response(status_code=200)
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """SGLang 0.5.23's readiness (``TokenizerManager.is_ready``): 200 once started and
+        while not paused, else 503, so a caller can tell an engine left paused."""
+        rt = slot.rt
+        return Response(status_code=200 if rt is not None and not rt.paused and not rt.closing else 503)
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
@@ -403,34 +284,49 @@ def create_app(
         try:
             await asyncio.wait_for(rt.run([f"HEALTH_CHECK_{time.time()}"], [Sequence([0], spec)]), 20)
         except TimeoutError:
-            return Response(status_code=503)
+            return error("no token generated within 20 s", 503)
         return Response(status_code=200)
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
+    @ADMIN
     async def flush_cache() -> PlainTextResponse:
         slot.get()
         # No prefix cache to flush: every batch starts from an empty KV cache.
         return PlainTextResponse("Cache flushed.\n")
 
     @app.post("/pause_generation")
+    @ADMIN
     async def pause(request: Request) -> dict[str, str]:
         rt = slot.get()
-        raw = await request.body()
-        mode = (await json_body(request)).get("mode", "abort") if raw.strip() else "abort"
+        mode = (await json_body(request, empty_ok=True)).get("mode", "abort")
         if mode not in ("abort", "in_place", "retract"):
             raise BadRequest("'mode' must be one of 'abort', 'in_place', 'retract'")
-        rt.pause(mode)  # type: ignore[arg-type]  # checked just above
+        rt.pause(mode)
         return {"message": "Generation paused successfully.", "status": "ok"}
 
     @app.post("/continue_generation")
-    async def resume() -> dict[str, str]:
-        slot.get().resume()
+    @ADMIN
+    async def resume(request: Request) -> dict[str, str]:
+        rt = slot.get()
+        await json_body(request, empty_ok=True)
+        rt.resume()
         return {"message": "Generation continued successfully.", "status": "ok"}
 
     @app.post("/abort_request")
+    @ADMIN
     async def abort(request: Request) -> Response:
+        rt = slot.get()
         body = await json_body(request)
-        ABORTED.inc(slot.get().abort(body.get("rid"), abort_all=bool(body.get("abort_all"))))
+        rid, abort_all = body.get("rid"), body.get("abort_all", False)
+        if not isinstance(abort_all, bool):
+            raise BadRequest("'abort_all' must be a boolean")
+        many = isinstance(rid, list) and all(isinstance(r, str) for r in rid)
+        if rid is not None and not isinstance(rid, str) and not many:
+            raise BadRequest("The rid should be a string or a list of strings.")
+        if abort_all:
+            ABORTED.inc(rt.abort(abort_all=True))
+        else:
+            ABORTED.inc(sum(rt.abort(one) for one in (rid if isinstance(rid, list) else [rid])))
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -440,7 +336,13 @@ def create_app(
             RUNNING.set(slot.rt.running)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    install_openapi(app, limits, lambda: slot.rt, guarded=lambda level: _guarded(level, api_key, admin_key))
     return app
+
+
+def _guarded(level: AuthLevel, api_key: str | None, admin_key: str | None) -> bool:
+    """Whether a route of ``level`` needs a key on this server (guard.allowed's rule)."""
+    return bool(api_key or (level is AuthLevel.ADMIN_OPTIONAL and admin_key))
 
 
 def _as_number(version: str) -> float:
@@ -480,13 +382,20 @@ def serve(settings: EngineSettings) -> None:
     if problem := model_dir_problem(model_path, "engine"):
         raise SystemExit(problem)
     key = settings.api_key.get_secret_value() if settings.api_key else None
+    admin = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
+    limits = Limits(
+        max_request_bytes=settings.max_request_bytes,
+        max_prompts=settings.max_prompts_per_request,
+        max_n=settings.max_n,
+        max_request_tokens=settings.max_request_tokens,
+    )
     server: uvicorn.Server | None = None
 
     def stop() -> None:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(load, key, on_fatal=stop)
+    app = create_app(load, key, on_fatal=stop, admin_key=admin, limits=limits)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:

@@ -40,4 +40,28 @@ class EngineSettings(SectionSettings):
     broadcast): a trainer that dies mid-broadcast fails that call after this, and the old
     weights keep serving."""
     api_key: SecretStr | None = None
-    """When set, every endpoint but health and metrics needs 'Authorization: Bearer <key>' (SGLang's --api-key)."""
+    """SGLang's --api-key: when set, the ordinary endpoints (generate, model_info, server_info)
+    need 'Authorization: Bearer <key>', and so do the control ones unless ``admin_api_key``
+    is set. /health*, /ready* and /metrics stay open (services/engine/guard.py has the rule)."""
+    admin_api_key: SecretStr | None = None
+    """SGLang's --admin-api-key: when set, the control endpoints (weight updates and sync,
+    pause, continue, abort_request, flush_cache) need this key and no longer take
+    ``api_key``; the ordinary ones keep taking ``api_key`` (open when only this is set)."""
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    """Largest request body, in bytes; a larger one answers 413 before it is read whole.
+    The largest legitimate request is a batch of ``max_batch`` (64) prompts, each of up to
+    a context of token ids as JSON: 64 x 40,960 (Qwen3's context) x 7 bytes ("151642,")
+    is 18.4 MB, plus one sampling_params object per row; 32 MiB leaves headroom."""
+    max_prompts_per_request: int = Field(1024, ge=1)
+    """Most prompts (rows) in one /generate. The rollout sends one request of group_size rows
+    (8 by default) per group; 1024 admits any batch a client builds, and bounds the
+    tokenization and bookkeeping a single request can ask for."""
+    max_n: int = Field(64, ge=1)
+    """Largest ``sampling_params.n`` (SGLang's parallel_sample_num): the engine makes n
+    sequences per prompt up front (n = 10^6 once grew it past 5 GB). This system's client
+    never sends n > 1 (each copy is its own row), so 64 only serves other clients."""
+    max_request_tokens: int = Field(4 * 1024 * 1024, ge=1)
+    """Most tokens one /generate may ask for: the sum over its sequences (rows x n) of prompt
+    plus max_new_tokens, after max_new_tokens is capped to the context as SGLang caps it.
+    Larger answers 400 at once, so one request cannot hold the engine for minutes. 4 Mi
+    tokens admits 64 rows that each fill a 40,960-token context (2.6 Mi)."""

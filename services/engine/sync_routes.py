@@ -3,7 +3,8 @@
 Request fields are SGLang 0.5.23's (``io_struct.InitWeightsUpdateGroupReqInput``,
 ``UpdateWeightsFromDistributedReqInput``, ``DestroyWeightsUpdateGroupReqInput``,
 ``BeginWeightUpdateReqInput``, ``EndWeightUpdateReqInput``); every route answers
-``{"success", "message"}``, 200 on success and 400 on failure, as SGLang's do.
+``{"success", "message"}``, 200 on success and 400 on failure, as SGLang's do, but 409 for
+a call refused for the engine's state and 404 for a group it lacks (WeightSyncError).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from services.engine.weight_sync import WeightSyncError, tensor_specs
 DEFAULT_GROUP = "weight_update_group"  # SGLang's default group_name
 
 
-def answer(success: bool, message: str) -> JSONResponse:
-    return JSONResponse({"success": success, "message": message}, 200 if success else 400)
+def answer(success: bool, message: str, status: int = 400) -> JSONResponse:
+    return JSONResponse({"success": success, "message": message}, 200 if success else status)
 
 
 def add_weight_sync_routes(
@@ -31,16 +32,21 @@ def add_weight_sync_routes(
     json_body: Callable[[Request], Awaitable[dict[str, Any]]],
     bad_request: type[Exception],
     on_loaded: Callable[[EngineRuntime], None],
+    admin: Callable[[Any], Any],
 ) -> None:
-    """Add the five routes; ``on_loaded`` runs after new weights were swapped in."""
+    """Add the five routes; ``on_loaded`` runs after new weights were swapped in, and
+    ``admin`` marks each as SGLang marks them (``AuthLevel.ADMIN_OPTIONAL``)."""
 
     def field(body: dict[str, Any], name: str, kind: type, default: Any = ...) -> Any:
         value = body.get(name, default)
+        if kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)  # JSON Schema's integer: 5.0 is one
         if value is ... or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise bad_request(f"'{name}' is required and must be {kind.__name__}")
         return value
 
     @app.post("/init_weights_update_group")
+    @admin
     async def init_group(request: Request) -> JSONResponse:
         rt = runtime()
         body = await json_body(request)
@@ -52,20 +58,22 @@ def add_weight_sync_routes(
         try:
             await asyncio.to_thread(rt.weight_groups.init, address, port, offset, size, name)
         except WeightSyncError as exc:
-            return answer(False, str(exc))
+            return answer(False, str(exc), exc.status)
         return answer(True, "Succeeded to initialize custom process group.")
 
     @app.post("/destroy_weights_update_group")
+    @admin
     async def destroy_group(request: Request) -> JSONResponse:
         rt = runtime()
         name = field(await json_body(request), "group_name", str, DEFAULT_GROUP)
         try:
             rt.weight_groups.destroy(name)
         except WeightSyncError as exc:
-            return answer(False, str(exc))
+            return answer(False, str(exc), exc.status)
         return answer(True, "Succeeded to destroy custom process group.")
 
     @app.post("/begin_weight_update")
+    @admin
     async def begin(request: Request) -> JSONResponse:
         rt = runtime()
         selector = field(await json_body(request), "selector", str, "all")
@@ -74,20 +82,22 @@ def add_weight_sync_routes(
         try:
             rt.weight_groups.begin()
         except WeightSyncError as exc:
-            return answer(False, str(exc))
+            return answer(False, str(exc), exc.status)
         return answer(True, "Success")
 
     @app.post("/end_weight_update")
+    @admin
     async def end(request: Request) -> JSONResponse:
         rt = runtime()
         await json_body(request)
         try:
             rt.weight_groups.end()
         except WeightSyncError as exc:
-            return answer(False, str(exc))
+            return answer(False, str(exc), exc.status)
         return answer(True, "Success")
 
     @app.post("/update_weights_from_distributed")
+    @admin
     async def update(request: Request) -> JSONResponse:
         rt = runtime()
         body = await json_body(request)
@@ -105,7 +115,9 @@ def add_weight_sync_routes(
         try:
             named = await asyncio.to_thread(rt.weight_groups.receive, name, specs, flattened)
             message = await asyncio.to_thread(rt.load_tensors, named, version, abort_all)
-        except (WeightSyncError, WeightLoadError) as exc:
+        except WeightSyncError as exc:
+            return answer(False, str(exc), exc.status)
+        except WeightLoadError as exc:
             return answer(False, str(exc))
         on_loaded(rt)
         if version is not None:

@@ -41,7 +41,22 @@ log = logging.getLogger(__name__)
 
 
 class WeightSyncError(RuntimeError):
-    """A weight-sync call that failed; answered ``{"success": false, "message": ...}``."""
+    """A weight-sync call that failed; answered ``{"success": false, "message": ...}``
+    with ``status``: SGLang answers 400 to every failure; here a call refused for the
+    engine's state answers 409 (a session already open, or none open, a group that exists)
+    and one naming a group the engine lacks 404, so that a client (or a fuzzer) can tell
+    a malformed request from one that came at the wrong time. Both are errors to SGLang's
+    clients too, which look at ``success``."""
+
+    status = 400
+
+
+class SyncConflict(WeightSyncError):
+    status = 409
+
+
+class NoSuchGroup(WeightSyncError):
+    status = 404
 
 
 @dataclass(frozen=True)
@@ -89,7 +104,7 @@ class WeightGroups:
             raise WeightSyncError("Group name cannot be empty")
         with self._lock:
             if group_name in self._groups:
-                raise WeightSyncError(f"The specified group name {group_name!r} has already been created")
+                raise SyncConflict(f"The specified group name {group_name!r} has already been created")
         if not 0 < rank < world_size:
             raise WeightSyncError(f"rank {rank} must be in [1, {world_size}): rank 0 is the trainer")
         try:
@@ -104,31 +119,31 @@ class WeightGroups:
     def destroy(self, group_name: str) -> None:
         with self._lock:
             if self._groups.pop(group_name, None) is None:
-                raise WeightSyncError("The group to be destroyed does not exist.")
+                raise NoSuchGroup("The group to be destroyed does not exist.")
         log.info("left weight update group %s", group_name)
 
     def begin(self) -> None:
         with self._lock:
             if self.session_open:
-                raise WeightSyncError("a weight-update session is already open; call end_weight_update() first")
+                raise SyncConflict("a weight-update session is already open; call end_weight_update() first")
             self.session_open = True
 
     def end(self) -> None:
         with self._lock:
             if not self.session_open:
-                raise WeightSyncError("no weight-update session is open; call begin_weight_update() first")
+                raise SyncConflict("no weight-update session is open; call begin_weight_update() first")
             self.session_open = False
 
     def receive(self, group_name: str, specs: list[TensorSpec], flattened: bool) -> list[tuple[str, torch.Tensor]]:
         """The tensors of one broadcast from rank 0, received whole."""
         with self._lock:
             if not self.session_open:
-                raise WeightSyncError(
+                raise SyncConflict(
                     "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()"
                 )
             group = self._groups.get(group_name)
         if group is None:
-            raise WeightSyncError(
+            raise NoSuchGroup(
                 f"Group {group_name} not in {sorted(self._groups)}. Please call `init_weights_update_group` first."
             )
         try:

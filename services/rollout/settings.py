@@ -99,14 +99,21 @@ class RolloutSettings(ServiceSettings):
     every engine of the registry (the router routes no control call)."""
     engine_api_key: SecretStr | None = None
     """The engine's API key (SGLang's --api-key, the CPU engine's ``engine.api_key``), when it has one."""
+    engine_admin_key: SecretStr | None = None
+    """The engine's admin key (SGLang's --admin-api-key, the CPU engine's ``engine.admin_api_key``),
+    when it has one. The rollout needs it too: a generation whose answer was lost is stopped
+    with /abort_request, a control call that such an engine opens with this key only (without
+    it the abort is refused, and the lost rows decode on to their end)."""
 
     def engine_client(self, url: str | None = None, **kwargs: Any) -> EngineClient:
         """A client of ``url`` (default ``engine_url``, with ``engine_router``'s way of
-        sending) that sends ``engine_api_key``; ``kwargs``: EngineClient's."""
+        sending) that sends ``engine_api_key``, and ``engine_admin_key`` on the control
+        calls; ``kwargs``: EngineClient's."""
         key = self.engine_api_key.get_secret_value() if self.engine_api_key else None
+        admin = self.engine_admin_key.get_secret_value() if self.engine_admin_key else None
         if url is None:
             url, kwargs = self.engine_url, {"rows_apart": self.engine_router, **kwargs}
-        return EngineClient(url, api_key=key, **kwargs)
+        return EngineClient(url, api_key=key, admin_key=admin, **kwargs)
 
     group_size: int = Field(8, ge=2)
     """Samples per group (G); GRPO needs at least two to have a baseline."""

@@ -124,11 +124,11 @@ class Fleet:
         self._forgotten: set[str] = set()  # to take out of the router and the registry
 
     def _add(self, url: str, *, discovered: bool) -> Engine:
-        key = self.settings.engine_api_key.get_secret_value() if self.settings.engine_api_key else None
+        key, admin = self.settings.engine_keys()
         engine = Engine(
             url,
-            EngineClient(url, api_key=key, retries=2),
-            EngineClient(url, api_key=key, retries=0, timeout=CHECK_TIMEOUT_S),
+            EngineClient(url, api_key=key, admin_key=admin, retries=2),
+            EngineClient(url, api_key=key, admin_key=admin, retries=0, timeout=CHECK_TIMEOUT_S),
             discovered=discovered,
         )
         self.engines[url] = engine

@@ -24,6 +24,10 @@ class TrainerSettings(ServiceSettings):
     """Engine that receives new weights (/update_weights_from_disk); empty: none (checkpoints only)."""
     engine_api_key: SecretStr | None = None
     """The engine's API key (SGLang's --api-key, the CPU engine's ``engine.api_key``), when it has one."""
+    engine_admin_key: SecretStr | None = None
+    """The engine's admin key (SGLang's --admin-api-key, the CPU engine's ``engine.admin_api_key``),
+    when it has one: every call of the trainer but /model_info is a control call (weight
+    updates and sync, pause, continue), which such an engine opens with this key only."""
 
     engine_urls: list[str] = Field(default_factory=list)
     """More engines, each pushed every version as ``engine_url`` is (JSON list on a flag:
@@ -56,9 +60,17 @@ class TrainerSettings(ServiceSettings):
     first tokens after the update see keys and values of the old weights)."""
 
     def engine_client(self, url: str | None = None) -> EngineClient:
-        """A client of ``url`` (``engine_url`` by default) that sends ``engine_api_key``."""
-        key = self.engine_api_key.get_secret_value() if self.engine_api_key else None
-        return EngineClient(url or self.engine_url, api_key=key)
+        """A client of ``url`` (``engine_url`` by default) that sends ``engine_api_key``, and
+        ``engine_admin_key`` on the control calls."""
+        key, admin = self.engine_keys()
+        return EngineClient(url or self.engine_url, api_key=key, admin_key=admin)
+
+    def engine_keys(self) -> tuple[str | None, str | None]:
+        """EngineClient's ``api_key`` and ``admin_key`` from these settings."""
+        return (
+            self.engine_api_key.get_secret_value() if self.engine_api_key else None,
+            self.engine_admin_key.get_secret_value() if self.engine_admin_key else None,
+        )
 
     def engine_list(self) -> list[str]:
         """``engine_url`` (if set) and ``engine_urls``, each once, without trailing slashes."""

@@ -42,7 +42,7 @@ async def test_weight_update_changes_outputs_and_reports_the_version(
         before = await client.generate(PROMPTS, GREEDY)
         assert {o.weight_version for o in before} == {0}
 
-        # A bad path answers 400 and the old weights keep serving.
+        # A bad path is refused (404) and the old weights keep serving.
         with pytest.raises(EngineError, match="no HF model directory"):
             await client.update_weights_from_disk(str(tmp_path / "missing"), 1)
         assert [o.output_ids for o in await client.generate(PROMPTS, GREEDY)] == [o.output_ids for o in before]

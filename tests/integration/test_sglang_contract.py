@@ -28,7 +28,8 @@ import pytest
 from fastapi.routing import APIRoute
 
 from services.common.engine_client import EngineClient, SamplingParams
-from services.engine.server import RequireKey, create_app
+from services.engine.guard import AuthLevel
+from services.engine.server import create_app
 from tests import sglang_source as sgl
 
 KEY = "contract-key"
@@ -62,6 +63,7 @@ CALLS: dict[str, list[tuple[tuple[Any, ...], dict[str, Any]]]] = {
     "weight_version": [((), {})],
     "served_version": [((), {})],
     "healthy": [((), {})],
+    "ready": [((), {})],
     "pause": [((), {}), (("retract",), {})],
     "resume": [((), {})],
     "abort": [(("g-1",), {}), ((), {"abort_all": True})],
@@ -244,11 +246,23 @@ def test_sglangs_auth_admits_the_client_with_the_key_and_refuses_it_without(
     for method, path, _body, header in every_request(sent):
         assert header == f"Bearer {KEY}"
         assert allowed(method, path, header), f"SGLang --api-key refuses the client's {method} {path}"
-        if path != "/health":
+        if path not in ("/health", "/ready"):  # probes: open by SGLang's design
             assert not allowed(method, path, None), f"{method} {path} would be open without the key"
     # What the CPU engine leaves open without a key, SGLang does too.
-    for path in RequireKey.OPEN:
+    for path in ("/health", "/health_generate", "/ready", "/metrics"):
         assert allowed("GET", path, None), path
+
+
+def test_every_cpu_engine_route_has_sglangs_auth_level(server: sgl.Server) -> None:
+    app = create_app(lambda: None)  # type: ignore[arg-type,return-value]  # never started: routes only
+    for route in app.routes:
+        if not isinstance(route, APIRoute) or route.path == "/metrics":  # SGLang mounts /metrics: open
+            continue
+        level = getattr(route.endpoint, "_auth_level", AuthLevel.NORMAL)
+        for method in route.methods or ():
+            theirs = server.route(method, route.path)
+            assert theirs is not None, (method, route.path)
+            assert level.name == theirs.auth, f"{method} {route.path}: {level.name} here, {theirs.auth} in SGLang"
 
 
 def cpu_engine_routes() -> set[tuple[str, str]]:

@@ -72,11 +72,35 @@ def test_rows_sample_independently_of_their_batch() -> None:
         ({"temperature": -0.1}, "temperature"),
         ({"sampling_seed": 2**63}, "sampling_seed"),
         ({"sampling_seed": 1.5}, "must be int"),
+        ({"sampling_seed": 2**70}, "sampling_seed"),
+        ({"temperature": float("nan")}, "non-negative finite"),
+        ({"temperature": float("inf")}, "non-negative finite"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"min_p": float("nan")}, "min_p"),
+        ({"top_k": 0}, "top_k must be -1"),
+        ({"top_k": -2}, "top_k must be -1"),
+        ({"stop_token_ids": 5}, "list of token ids"),
+        ({"stop_token_ids": [True]}, "list of token ids"),
+        ({"min_new_tokens": False}, "not supported"),  # not its default 0, though False == 0
+        ({"skip_special_tokens": "yes"}, "must be bool"),
     ],
 )
 def test_bad_parameters_are_refused(params: dict[str, object], reason: str) -> None:
     with pytest.raises(SamplingError, match=reason):
         SamplingSpec.parse(params, vocab_size=100)
+
+
+@pytest.mark.parametrize("raw", ["greedy", 5, [1], True])
+def test_sampling_params_must_be_an_object(raw: object) -> None:
+    with pytest.raises(SamplingError, match="must be an object"):
+        SamplingSpec.parse(raw, vocab_size=100)
+
+
+def test_n_is_capped_and_integral_floats_are_integers() -> None:
+    with pytest.raises(SamplingError, match="parallel_sample_num"):
+        SamplingSpec.parse({"n": 10**6}, vocab_size=100, max_n=64)
+    spec = SamplingSpec.parse({"n": 2.0, "max_new_tokens": 8.0, "stop_token_ids": [3.0]}, vocab_size=100, max_n=64)
+    assert (spec.n, spec.max_new_tokens, spec.stop_token_ids) == (2, 8, (3,))
 
 
 def test_sglang_defaults_are_accepted_and_top_k_off_values_normalised() -> None:
@@ -117,3 +141,11 @@ def test_without_deterministic_inference_the_seed_is_ignored() -> None:
         draws(generators(SamplingSpec(sampling_seed=7), deterministic=False, process_rng=rng)) for _ in "ab"
     )
     assert first != again
+
+
+def test_a_tiny_temperature_is_greedy_as_in_sglang() -> None:
+    spec = SamplingSpec.parse({"temperature": 1e-300}, vocab_size=100)
+    assert spec.greedy and spec.temperature == 0.0
+    logits = torch.randn(1, 100) * 5
+    tokens, logprobs = sample_next(logits, [spec], [torch.Generator().manual_seed(0)])
+    assert int(tokens[0]) == int(logits.argmax()) and torch.isfinite(logprobs).all()
