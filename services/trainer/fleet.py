@@ -12,7 +12,9 @@ out). While it loads, an engine is ``updating`` and stays routed: its requests w
 load, as SGLang's disk update makes them. An engine the checks cannot reach
 ``engine_dead_after`` times in a row (or a push cannot reach) is ``dead``; one serving
 weights past ``max_staleness``, of a lost lineage, or not the trainer's (a restarted engine
-serves its start-up weights; a new one has loaded nothing yet) is ``lagging``. Neither is
+serves its start-up weights; a new one has loaded nothing yet; someone loaded weights of a
+name the trainer never issued) is ``lagging``, and loaded again. An engine found paused
+(``/ready``) that this fleet did not leave paused is continued, counted and logged. Neither is
 routed: with a router (``router_url``) the fleet owns its worker list, which holds exactly
 the ``serving`` and ``updating`` engines; a lagging or returning engine is loaded first
 and joins after. Each check and push writes every engine's record to the registry
@@ -53,6 +55,9 @@ log = logging.getLogger(__name__)
 CHECK_TIMEOUT_S = 5.0
 """A check's /model_info must answer within this."""
 
+UNPAUSED = Counter(
+    "pope_trainer_engines_unpaused_total", "Engines found paused by someone other than the trainer, and continued"
+)
 FALLBACKS = Counter(
     "pope_trainer_weight_sync_fallbacks_total", "Broadcast pushes to an engine that failed and went by disk instead"
 )
@@ -253,13 +258,22 @@ class Fleet:
             self._failed(e, "check", exc, count)
             return
         e.failures, e.error, e.weight_version = 0, None, info.weight_version
-        if e.held:  # this fleet paused it and could not say continue
+        # Paused by this fleet, which could not say continue, or (/ready 503 while it serves:
+        # SGLang's) by someone else: nothing pauses an engine between two of this fleet's
+        # calls, which hold the weights lock, so a pause seen here is a stall to undo.
+        ours = e.held
+        if ours or not await e.probe.ready():
+            why = "an in-flight update had left it paused" if ours else "someone else had paused it"
             try:
                 await e.probe.resume()
                 e.held = False
-                log.info("engine %s: generation continued (an in-flight update had left it paused)", e.url)
+                if ours:
+                    log.info("engine %s: generation continued (%s)", e.url, why)
+                else:
+                    UNPAUSED.inc()
+                    log.warning("engine %s: generation continued (%s)", e.url, why)
             except EngineError as exc:
-                log.warning("engine %s: still paused by an in-flight update: %s", e.url, exc)
+                log.warning("engine %s: still paused (%s): %s", e.url, why, exc)
         e.set_state(self._judge(e))
 
     async def _load(self, e: Engine, path: Path, step: int, lineage: int) -> bool:

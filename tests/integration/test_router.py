@@ -26,7 +26,7 @@ from services.common.router_client import RouterClient, RouterError
 from services.rollout.engines import Engines
 from services.rollout.settings import RolloutSettings
 from services.router import ADMIN_KEY_ENV, router_command
-from services.trainer.fleet import Fleet
+from services.trainer.fleet import UNPAUSED, Fleet
 from services.trainer.settings import TrainerSettings
 from tests.conftest import _wait_healthy, running_pope
 
@@ -205,3 +205,36 @@ async def test_the_fleet_keeps_every_engine_on_the_trainers_weights_and_routes_o
     finally:
         await fleet.aclose()
         await rollout.aclose()
+
+
+async def test_the_fleet_undoes_an_outsiders_pause_and_foreign_weights(
+    tiny_model: Path, aredis: Redis, keys: Keys
+) -> None:
+    """Someone else pauses the engine (an empty POST /pause_generation stalled training while
+    /health_generate said 200) and loads weights named "abc" (any string, as SGLang takes):
+    the fleet's next check continues it and loads the trainer's weights again."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    fleet = Fleet(TrainerSettings(engine_url=url, key_prefix=keys.prefix), aredis)
+    try:
+        with engine_on(tiny_model, port):
+            assert await fleet.push(tiny_model, 4)
+            async with httpx.AsyncClient(base_url=url, timeout=30) as outsider:
+                assert (await outsider.post("/pause_generation")).status_code == 200
+                body = {"model_path": str(tiny_model), "weight_version": "abc"}
+                assert (await outsider.post("/update_weights_from_disk", json=body)).status_code == 200
+                assert (await outsider.get("/ready")).status_code == 503
+                assert (await outsider.get("/health_generate")).status_code == 200  # it says nothing
+
+                before = UNPAUSED._value.get()
+                assert await fleet.reconcile(tiny_model, 4, Lineage())
+                assert UNPAUSED._value.get() == before + 1
+                assert (await outsider.get("/ready")).status_code == 200
+                assert (await outsider.get("/model_info")).json()["weight_version"] == "4"
+                [record] = await Registry(aredis, keys).all()
+                assert (record.state, record.weight_version) == (EngineState.SERVING, "4")
+            async with EngineClient(url) as client:  # and it generates again
+                [out] = await client.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2))
+                assert len(out.output_ids) == 2
+    finally:
+        await fleet.aclose()
