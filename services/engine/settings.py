@@ -39,11 +39,11 @@ class EngineSettings(SectionSettings):
     """Longest wait of a broadcast weight sync (joining the trainer's group, receiving one
     broadcast): a trainer that dies mid-broadcast fails that call after this, and the old
     weights keep serving."""
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(None, min_length=1)
     """SGLang's --api-key: when set, the ordinary endpoints (generate, model_info, server_info)
     need 'Authorization: Bearer <key>', and so do the control ones unless ``admin_api_key``
     is set. /health*, /ready* and /metrics stay open (services/engine/guard.py has the rule)."""
-    admin_api_key: SecretStr | None = None
+    admin_api_key: SecretStr | None = Field(None, min_length=1)
     """SGLang's --admin-api-key: when set, the control endpoints (weight updates and sync,
     pause, continue, abort_request, flush_cache) need this key and no longer take
     ``api_key``; the ordinary ones keep taking ``api_key`` (open when only this is set)."""

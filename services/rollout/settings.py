@@ -97,9 +97,9 @@ class RolloutSettings(ServiceSettings):
     """``engine_url`` is SGLang's router: each sample is a request of its own (the router
     takes one sampling_params object and one rid per request), and a lost one is aborted on
     every engine of the registry (the router routes no control call)."""
-    engine_api_key: SecretStr | None = None
+    engine_api_key: SecretStr | None = Field(None, min_length=1)
     """The engine's API key (SGLang's --api-key, the CPU engine's ``engine.api_key``), when it has one."""
-    engine_admin_key: SecretStr | None = None
+    engine_admin_key: SecretStr | None = Field(None, min_length=1)
     """The engine's admin key (SGLang's --admin-api-key, the CPU engine's ``engine.admin_api_key``),
     when it has one. The rollout needs it too: a generation whose answer was lost is stopped
     with /abort_request, a control call that such an engine opens with this key only (without
@@ -147,7 +147,7 @@ class RolloutSettings(ServiceSettings):
     """The words around each problem (plain and guided), with their version."""
     verifier_url: str = "http://127.0.0.1:8001"
     """Verifier service, for the hint search and evaluation (POST /v1/verify)."""
-    verifier_token: SecretStr | None = None
+    verifier_token: SecretStr | None = Field(None, min_length=1)
     """The verifier's bearer token (its ``verifier.api_token``), when it has one."""
 
     def verifier_client(self) -> VerifierClient:

@@ -22,9 +22,9 @@ class TrainerSettings(ServiceSettings):
     """HTTP: health, metrics and training state."""
     engine_url: str = "http://127.0.0.1:30000"
     """Engine that receives new weights (/update_weights_from_disk); empty: none (checkpoints only)."""
-    engine_api_key: SecretStr | None = None
+    engine_api_key: SecretStr | None = Field(None, min_length=1)
     """The engine's API key (SGLang's --api-key, the CPU engine's ``engine.api_key``), when it has one."""
-    engine_admin_key: SecretStr | None = None
+    engine_admin_key: SecretStr | None = Field(None, min_length=1)
     """The engine's admin key (SGLang's --admin-api-key, the CPU engine's ``engine.admin_api_key``),
     when it has one: every call of the trainer but /model_info is a control call (weight
     updates and sync, pause, continue), which such an engine opens with this key only."""
@@ -36,7 +36,7 @@ class TrainerSettings(ServiceSettings):
     """``host:port`` of a DNS name whose addresses are engines (a Kubernetes headless
     Service), resolved at every check: engines that appear are loaded and routed, ones that
     go are forgotten. None: the engines are the listed ones only."""
-    router_admin_key: SecretStr | None = None
+    router_admin_key: SecretStr | None = Field(None, min_length=1)
     """The router's control-plane key (``pope router`` with ``POPE_ROUTER_ADMIN_KEY``), when it has one."""
     router_url: str | None = None
     """SGLang's router (``sglang-router``), whose workers the trainer keeps to the engines
