@@ -1,56 +1,102 @@
 """Hint-search jobs over HTTP: the rollout service runs ``pope hints build``'s work for you.
 
-    POST /v1/hints/jobs        {"split": "train", "problem_ids": null, "redo": false,
-                                "hints": {"k": 16, ...}}   -> 202 {"job": {...}}
-    GET  /v1/hints/jobs/{id}   the job: state (running | done | failed), progress with ETA,
-                               counts by label, the settings it runs with
-    GET  /v1/hints/jobs        every job, newest first
+    POST   /v1/hints/jobs        {"split": "train", "problem_ids": null, "redo": false,
+                                  "hints": {"k": 16, ...}}   -> 202 {"job": {...}}
+    GET    /v1/hints/jobs?limit= the newest jobs first (100 by default, at most 1000)
+    GET    /v1/hints/jobs/{id}   the job: state (running | done | failed | cancelled), progress
+                                 with ETA, counts by label, the settings it runs with
+    DELETE /v1/hints/jobs/{id}   cancel it: 200 with the job, now "cancelled" (a cancelled
+                                 one is answered as it is); 409 for one done or failed
 
-One job runs at a time (a second POST while one runs is a 409 naming it). Jobs live in
-Redis; a job left ``running`` by a service that died is resumed when the service starts
-again, and, like the CLI, skips every problem it already finished.
+``hints`` overrides the service's ``rollout.hints`` field by field, each within the bounds
+of HintSettings; ``max_new_tokens`` is at most the model's context (a default over it is
+lowered to it) and ``max_fraction`` at most the service's (problems were admitted against
+it, fit.py). One job runs at a time (a second POST while one runs is a 409 naming it).
+Jobs live in Redis; a job left ``running`` by a service that died is resumed when the
+service starts again, and, like the CLI, skips every problem it already finished. A
+cancelled job is never resumed: it is marked so in Redis before its task is stopped.
+Problems finished before a cancel keep their results.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, HTTPException
+from fastapi import APIRouter, Body, HTTPException, Query
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
 from services.common.engine_client import EngineClient
 from services.common.keys import Keys
-from services.common.messages import Problem
+from services.common.messages import MAX_ID_CHARS, Problem
 from services.rollout.attempts import Attempter
+from services.rollout.fit import model_context
 from services.rollout.hint_builder import HintBuilder, Progress
 from services.rollout.settings import HintSettings, RolloutSettings
 from services.rollout.store import ProblemStore
 
 log = logging.getLogger(__name__)
 
+MAX_JOB_PROBLEMS = 100_000
+"""Most ``problem_ids`` one job names."""
+
+JobState = Literal["running", "done", "failed", "cancelled"]
+
+
+class HintOverrides(BaseModel):
+    """Fields of the service's ``rollout.hints`` (HintSettings) a job sets for itself; each
+    unset one is the service's. Bounds are HintSettings' (tests/unit/test_hint_jobs.py
+    keeps the two in step)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    k: int | None = Field(None, ge=1, le=1024)
+    """Unhinted attempts per problem."""
+    k_hint: int | None = Field(None, ge=1, le=256)
+    """Attempts per candidate prefix."""
+    max_new_tokens: int | None = Field(None, ge=1, le=1 << 20)
+    """Longest response; at most the model's context."""
+    temperature: float | None = Field(None, gt=0.0, le=10.0)
+    """Sampling temperature."""
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    """Nucleus sampling."""
+    max_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    """Longest prefix tried, as a share of the solution; at most the service's."""
+    method: Literal["linear", "galloping"] | None = None
+    """linear or galloping search over the cuts."""
+    min_cuts: int | None = Field(None, ge=1, le=256)
+    """Natural boundaries collected until there are this many cuts."""
+    max_cuts: int | None = Field(None, ge=1, le=256)
+    """Most candidate prefixes per problem."""
+    concurrency: int | None = Field(None, ge=1, le=256)
+    """Problems searched at once."""
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    """Seeds every request."""
+
 
 class HintJobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     split: Literal["train", "eval"] | None = "train"
     """Search the problems of this split (None: every split)."""
-    problem_ids: list[str] | None = None
+    problem_ids: list[Annotated[str, Field(max_length=MAX_ID_CHARS)]] | None = Field(None, max_length=MAX_JOB_PROBLEMS)
     """Only these problems (all of the split when None)."""
     redo: bool = False
     """Search again problems already searched with the same settings."""
-    hints: dict[str, Any] = Field(default_factory=dict)
+    hints: HintOverrides = Field(default_factory=HintOverrides)
     """Overrides of the service's ``rollout.hints`` settings (k, k_hint, max_new_tokens, ...)."""
 
 
 class HintJob(BaseModel):
     id: str
-    state: Literal["running", "done", "failed"]
+    state: JobState
     request: HintJobRequest
     settings: HintSettings
     progress: dict[str, Any] = Field(default_factory=dict)
@@ -59,8 +105,42 @@ class HintJob(BaseModel):
     updated_at: float
 
 
+class Detail(BaseModel):
+    """An error's answer: ``{"detail": "<why>"}``."""
+
+    detail: str
+
+
+def job_settings(base: HintSettings, overrides: HintOverrides, context: int | None) -> HintSettings:
+    """The settings a job runs with: ``base`` with ``overrides``, ``max_new_tokens`` within
+    ``context`` (the default lowered to it, an override over it refused) and ``max_fraction``
+    at most ``base``'s. Raises RequestValidationError (a 422 in FastAPI's shape)."""
+    asked = overrides.model_dump(exclude_none=True)
+    errors = []
+    if context is not None and asked.get("max_new_tokens", 0) > context:
+        errors.append(_error(("body", "hints", "max_new_tokens"), f"at most the model's context, {context} tokens"))
+    if asked.get("max_fraction", 0.0) > base.max_fraction:
+        errors.append(
+            _error(
+                ("body", "hints", "max_fraction"),
+                f"at most the service's rollout.hints.max_fraction, {base.max_fraction:g}: problems "
+                "were admitted against it (their longest hint must fit the model's context)",
+            )
+        )
+    if errors:
+        raise RequestValidationError(errors)
+    merged = {**base.model_dump(), **asked}
+    if context is not None:
+        merged["max_new_tokens"] = min(merged["max_new_tokens"], context)
+    return HintSettings.model_validate(merged)
+
+
+def _error(loc: tuple[str, ...], message: str) -> dict[str, Any]:
+    return {"type": "value_error", "loc": loc, "msg": f"Value error, {message}", "input": None}
+
+
 class HintJobs:
-    """Starts, tracks and resumes hint-search jobs for the rollout service."""
+    """Starts, tracks, cancels and resumes hint-search jobs for the rollout service."""
 
     def __init__(
         self,
@@ -74,7 +154,12 @@ class HintJobs:
         self.keys = Keys(settings.key_prefix)
         self.tokenizer = tokenizer  # loads the model's tokenizer on first use
         self.task: asyncio.Task[None] | None = None
-        self.running: str | None = None
+        self.job: HintJob | None = None
+        """The job this process runs (its task is ``task``), if any."""
+
+    @property
+    def running(self) -> str | None:
+        return None if self.job is None else self.job.id
 
     async def get(self, job_id: str) -> HintJob | None:
         raw = await self.redis.hget(self.keys.hint_jobs, job_id)  # type: ignore[misc]
@@ -94,10 +179,8 @@ class HintJobs:
             )
         if not self.settings.model_path:
             raise HTTPException(409, "the rollout service has no model (--model DIR): the search needs its tokenizer")
-        try:
-            cfg = HintSettings.model_validate({**self.settings.hints.model_dump(), **request.hints})
-        except ValueError as exc:
-            raise HTTPException(422, f"hints: {exc}") from None
+        context = await asyncio.to_thread(model_context, self.settings.model_path)
+        cfg = job_settings(self.settings.hints, request.hints, context)
         now = time.time()
         job = HintJob(
             id=uuid.uuid4().hex[:12], state="running", request=request, settings=cfg, created_at=now, updated_at=now
@@ -106,15 +189,34 @@ class HintJobs:
         self._launch(job)
         return job
 
+    async def cancel(self, job_id: str) -> HintJob:
+        """Mark the job cancelled (in Redis first, so no restart resumes it), then stop its
+        task; 404 unknown, 409 when it already ended otherwise."""
+        job = self.job if self.running == job_id else await self.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no hint job {job_id!r}")
+        if job.state in ("done", "failed"):
+            raise HTTPException(409, f"hint job {job_id} is {job.state}: there is nothing to cancel")
+        if job.state == "cancelled":
+            return job
+        job.state, job.updated_at = "cancelled", time.time()
+        await self._save(job)
+        if self.running == job_id and self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        return job
+
     async def resume_interrupted(self) -> None:
-        """Restart the job a previous process of this service left running, if any."""
+        """Restart the job a previous process of this service left running, if any
+        (never a cancelled one)."""
         for job in await self.all():
             if job.state == "running" and self.running is None:
                 log.info("resuming hint job %s", job.id)
                 self._launch(job)
 
     def _launch(self, job: HintJob) -> None:
-        self.running = job.id
+        self.job = job
         self.task = asyncio.create_task(self._run(job))
 
     async def _run(self, job: HintJob) -> None:
@@ -146,8 +248,10 @@ class HintJobs:
             log.exception("hint job %s failed", job.id)
             job.state, job.error = "failed", f"{type(exc).__name__}: {exc}"
         finally:
+            # Cancelled by DELETE: saved "cancelled" already; by a shutdown: saved as it
+            # stands, still "running", so the next start resumes it.
             job.updated_at = time.time()
-            self.running = None
+            self.job = None
             await self._save(job)
 
 
@@ -161,21 +265,31 @@ def _chosen(p: Problem, req: HintJobRequest) -> bool:
 
 def hint_jobs_router(jobs: HintJobs) -> APIRouter:
     router = APIRouter(prefix="/v1/hints")
+    not_found: dict[int | str, dict[str, Any]] = {404: {"model": Detail, "description": "no such job"}}
 
-    @router.post("/jobs", status_code=202)
+    @router.post("/jobs", status_code=202, responses={409: {"model": Detail, "description": "a job runs, or no model"}})
     async def start_job(request: Annotated[HintJobRequest, Body()]) -> HintJob:
         """Start the hard-problem filter and hint search over the stored problems."""
         return await jobs.start(request)
 
     @router.get("/jobs")
-    async def list_jobs() -> list[HintJob]:
-        return await jobs.all()
+    async def list_jobs(limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[HintJob]:
+        """The newest ``limit`` jobs, newest first."""
+        return (await jobs.all())[:limit]
 
-    @router.get("/jobs/{job_id}")
+    @router.get("/jobs/{job_id}", responses=not_found)
     async def get_job(job_id: str) -> HintJob:
         job = await jobs.get(job_id)
         if job is None:
             raise HTTPException(404, f"no hint job {job_id!r}")
         return job
+
+    @router.delete(
+        "/jobs/{job_id}", responses={**not_found, 409: {"model": Detail, "description": "the job is done or failed"}}
+    )
+    async def cancel_job(job_id: str) -> HintJob:
+        """Cancel a running job: its search stops, its state becomes "cancelled" and it is
+        never resumed; problems it finished keep their results."""
+        return await jobs.cancel(job_id)
 
     return router
