@@ -9,9 +9,9 @@ A problem fits when its longest prompt, in tokens, plus the response budget of i
 model's context. Its longest prompt is the longest of the chat-templated user messages
 (prompts.py) it can be shown: unhinted, hinted with its own hint, and hinted with the
 longest hint the hint search could cut from its solution (hints.py: at most
-``max_fraction`` of the solution's tokens; counted one token long, a cut may end inside
-a token). A problem that does not fit would fail or be truncated on every step that drew
-it, so it is refused at the door, not discovered in training.
+``max_fraction`` of the solution's tokens; counted ``CUT_SLACK`` tokens long). A problem
+that does not fit would fail or be truncated on every step that drew it, so it is refused
+at the door, not discovered in training.
 
 Without a model (no ``model_path``, or a config.json with no context length) there is
 nothing to count tokens with: only the character bounds of ``Problem`` apply.
@@ -30,6 +30,10 @@ from services.common.messages import Problem, Variant
 from services.rollout.prompts import PromptTemplate, user_message
 
 log = logging.getLogger(__name__)
+
+CUT_SLACK = 2
+"""Tokens added to a cut's count when it is counted apart from the prompt it ends (a
+token may merge across the join, and a cut may end inside a token)."""
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 """Where HF configs keep the context length (the first found wins; Qwen, Llama: the first)."""
@@ -69,16 +73,30 @@ class FitCheck:
 
     def misfits(self, problems: list[Problem]) -> Iterator[tuple[int, str, str]]:
         """(row, field, why) for every problem of ``problems`` that does not fit."""
+        # Most problems fit by a wide margin: a token of the message covers at least one of
+        # its UTF-8 bytes (byte-level BPE, SentencePiece), so bytes plus the template's own
+        # tokens bound the prompt. Only a problem that bound does not clear is tokenized.
+        overhead = self._prompt_lengths([""])[0]
+        close = [
+            row
+            for row, p in enumerate(problems)
+            if overhead + max(len(m.encode()) for _, m in self._messages(p, p.solution)) + self.budgets[p.split]
+            > self.context
+        ]
+        # The longest cut is counted as the hinted prompt with an empty hint plus the cut's
+        # tokens and CUT_SLACK, so no solution is tokenized twice (nor with offsets).
+        solution_tokens = self._lengths([problems[row].solution or "" for row in close])
         messages: list[tuple[int, str, str]] = []  # (row, field to blame, user message)
-        ends = self._token_ends([p.solution or "" for p in problems])
-        for row, p in enumerate(problems):
-            messages.append((row, "prompt", user_message(p, Variant.UNHINTED, self.template)))
-            if p.hint is not None:
-                messages.append((row, "hint", user_message(p, Variant.HINTED, self.template)))
-            if p.solution is not None and (cut := self.longest_cut(p.solution, ends[row])):
-                hinted = p.model_copy(update={"hint": cut})
-                messages.append((row, "solution", user_message(hinted, Variant.HINTED, self.template)))
+        for row in close:
+            messages += [
+                (row, field, m) for field, m in self._messages(problems[row], "" if problems[row].solution else None)
+            ]
         lengths = self._prompt_lengths([m for _, _, m in messages])
+        cut_tokens = {row: math.floor(self.max_fraction * n) for row, n in zip(close, solution_tokens, strict=True)}
+        lengths = [
+            n + cut_tokens[row] + CUT_SLACK if field == "solution" else n
+            for (row, field, _), n in zip(messages, lengths, strict=True)
+        ]
         longest: dict[int, tuple[int, str]] = {}
         for (row, field, _), n in zip(messages, lengths, strict=True):
             if n > longest.get(row, (-1, ""))[0]:
@@ -97,16 +115,19 @@ class FitCheck:
                     f"(max_position_embeddings, {self.source})",
                 )
 
-    def longest_cut(self, solution: str, token_ends: list[int]) -> str | None:
-        """The longest prefix the hint search may show (hints.cut_points), None if none."""
-        most = math.floor(self.max_fraction * len(token_ends))
-        if most < 1:
-            return None
-        return solution[: token_ends[min(most, len(token_ends) - 1)]]  # one token over: a cut may split one
+    def _messages(self, p: Problem, cut: str | None) -> list[tuple[str, str]]:
+        """(field to blame, user message) for every prompt ``p`` can be shown: unhinted,
+        hinted with its own hint, hinted with ``cut`` of its solution (None: no cut)."""
+        out = [("prompt", user_message(p, Variant.UNHINTED, self.template))]
+        for field, hint in (("hint", p.hint), ("solution", cut)):
+            if hint is not None:
+                out.append((field, user_message(p.model_copy(update={"hint": hint}), Variant.HINTED, self.template)))
+        return out
 
-    def _token_ends(self, texts: list[str]) -> list[list[int]]:
-        enc = self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        return [[int(end) for _, end in offsets] for offsets in enc["offset_mapping"]]
+    def _lengths(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []  # the tokenizer fails on an empty batch
+        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def _prompt_lengths(self, messages: list[str]) -> list[int]:
         """Tokens of each one-turn chat up to the answer (prompts.prompt_ids), batched: the
@@ -119,4 +140,4 @@ class FitCheck:
             )
             for m in messages
         ]
-        return [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return self._lengths(texts)

@@ -21,7 +21,7 @@ from services.common.http import api_app
 from services.common.keys import Keys
 from services.common.messages import Problem, ProblemLabel, Score, ScoredGroup, Variant, problem_id_for
 from services.common.redis_server import free_port
-from services.rollout.api import problems_and_rollouts_router
+from services.rollout.api import FitSource, problems_and_rollouts_router
 from services.rollout.archive import RolloutArchive, RolloutRecord
 from services.rollout.settings import RolloutSettings
 from services.rollout.store import ProblemStore
@@ -36,7 +36,12 @@ class Api:
 
 @contextlib.contextmanager
 def serving(
-    redis_url: str, keys: Keys, archive: RolloutArchive, token: str | None = None, reads_locked: bool = False
+    redis_url: str,
+    keys: Keys,
+    archive: RolloutArchive,
+    token: str | None = None,
+    reads_locked: bool = False,
+    fit: FitSource | None = None,
 ) -> Iterator[Api]:
     """The router on an app served by uvicorn on a free port, in a thread with its own
     event loop. The Redis client is made inside that loop: a redis.asyncio client's
@@ -48,7 +53,7 @@ def serving(
         client = Redis.from_url(redis_url)
         settings = RolloutSettings(api_token=SecretStr(token) if token else None, require_auth_for_reads=reads_locked)
         app = api_app(settings)
-        app.include_router(problems_and_rollouts_router(ProblemStore(client, keys), archive))
+        app.include_router(problems_and_rollouts_router(ProblemStore(client, keys), archive, fit))
         server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
         servers.append(server)
         try:
