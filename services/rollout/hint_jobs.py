@@ -21,7 +21,6 @@ Problems finished before a cancel keep their results.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -46,6 +45,9 @@ log = logging.getLogger(__name__)
 
 MAX_JOB_PROBLEMS = 100_000
 """Most ``problem_ids`` one job names."""
+
+CANCEL_WAIT_S = 30.0
+"""How long DELETE waits for a cancelled job's task to end (it ends at its next await)."""
 
 JobState = Literal["running", "done", "failed", "cancelled"]
 
@@ -203,8 +205,7 @@ class HintJobs:
         await self._save(job)
         if self.running == job_id and self.task is not None:
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            await asyncio.wait({self.task}, timeout=CANCEL_WAIT_S)  # its requests are dropped with it
         return job
 
     async def resume_interrupted(self) -> None:

@@ -288,6 +288,14 @@ def test_the_rollout_service_answers_unreadable_bodies_in_the_row_error_shape(
         assert error["row"] is None and error["message"].startswith("the body is not valid JSON")
         status = httpx.get(f"{proc.url}/v1/status", timeout=10).json()
         assert status["rollout"]["waiting_for"] == "scheduler disabled" and "planner" not in status["rollout"]
+        # Every 422 of POST /v1/problems has the row-error shape, a bad query's too.
+        resp = httpx.post(f"{proc.url}/v1/problems", params={"allow_leakage": "maybe"}, json=rows(1), timeout=10)
+        assert resp.status_code == 422 and resp.json()["detail"][0]["field"] == "query.allow_leakage"
+        # The history is bounded (a huge one was a 500).
+        for history in (10**9, -1, "x"):
+            resp = httpx.get(f"{proc.url}/v1/status", params={"history": history}, timeout=10)
+            assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["query", "history"]
+        assert httpx.get(f"{proc.url}/v1/status", params={"history": 1000}, timeout=10).json()["history"] == []
 
 
 def test_reads_need_the_token_when_locked_and_probes_stay_open(redis_url: str, keys: Keys, tmp_path: Path) -> None:
