@@ -183,7 +183,7 @@ class Problem(Message):
     @model_validator(mode="before")
     @classmethod
     def _derive_id(cls, data: object) -> object:
-        if isinstance(data, dict) and not data.get("id"):
+        if isinstance(data, dict) and data.get("id", "") == "":  # not another falsy value: {} is no id
             prompt, answer = data.get("prompt"), data.get("answer")
             if isinstance(prompt, str) and isinstance(answer, str) and prompt and answer:
                 data = {**data, "id": problem_id_for(prompt, answer)}

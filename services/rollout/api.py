@@ -101,7 +101,7 @@ class ProblemView(BaseModel):
 class ProblemPatch(BaseModel):
     """PATCH /v1/problems/{id}: keep a problem out of training, or let it back in."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     excluded: bool | Annotated[str, Field(min_length=1, max_length=MAX_NOTE_CHARS)]
     """true (or a reason): excluded from training, still stored and evaluated; false:
@@ -114,11 +114,64 @@ class RolloutPage(BaseModel):
     """Pass back as ``cursor`` for the next (older) page; None on the last page."""
 
 
+SEARCH_NOT_POSTED = (
+    "search is the hint search's own record (GET shows it, a repost keeps it): it is not posted; "
+    "import searched problems with `pope data import`"
+)
+
+
+def _posted(schema: dict[str, Any]) -> dict[str, Any]:
+    """Problem's schema as a posted row: without ``search``, the service's own record."""
+    properties = {k: v for k, v in schema["properties"].items() if k != "search"}
+    return {**schema, "properties": properties}
+
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` put in place of every ``$ref`` (no cycles)."""
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return dict(inline(schema))
+
+
+PROBLEMS_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_PROBLEM_ROWS,
+                "items": {
+                    **_posted(_inlined(Problem.model_json_schema(mode="validation"))),
+                    # Problem's invariant, said in JSON Schema: a hard_hinted problem has a hint.
+                    "if": {"properties": {"label": {"const": "hard_hinted"}}, "required": ["label"]},
+                    "then": {"required": ["hint"], "properties": {"hint": {"type": "string"}}},
+                },
+            }
+        }
+    },
+}
+"""POST /v1/problems's body as the OpenAPI shows it (the route reads it as Any, to report
+a bad row by its index): a list of problems."""
+
+
 def validate_rows(rows: list[Any]) -> tuple[list[Problem], list[RowError]]:
     """Every row as a Problem, or every error of every row (so one reply lists them all)."""
     problems: list[Problem] = []
     errors: list[RowError] = []
     for i, row in enumerate(rows):
+        if isinstance(row, dict) and "search" in row:
+            errors.append(RowError(row=i, field="search", message=SEARCH_NOT_POSTED))
+            continue
         try:
             problems.append(Problem.model_validate(row))
         except ValidationError as exc:
@@ -146,11 +199,14 @@ def problems_and_rollouts_router(
     problems are checked against the model's context by ``fit`` (None: not at all)."""
     router = APIRouter(prefix="/v1")
     not_found: dict[int | str, dict[str, Any]] = {404: {"model": Detail, "description": "no problem with that id"}}
+    unreadable: dict[int | str, dict[str, Any]] = {400: {"model": Detail, "description": "a body that is not UTF-8"}}
 
     @router.post(
         "/problems",
         status_code=201,
+        openapi_extra={"requestBody": PROBLEMS_BODY},
         responses={
+            **unreadable,
             413: {"model": Detail, "description": f"over {MAX_PROBLEM_ROWS} rows, or a body over max_body_bytes"},
             422: {"model": RowErrors, "description": "refused rows: each with its row, field and reason"},
         },
@@ -219,7 +275,7 @@ def problems_and_rollouts_router(
             raise HTTPException(404, f"no problem with id {problem_id!r}")
         return ProblemView(problem=problem, stats=await store.stats(problem_id))
 
-    @router.patch("/problems/{problem_id}", responses=not_found)
+    @router.patch("/problems/{problem_id}", responses={**not_found, **unreadable})
     async def patch_problem(problem_id: str, patch: Annotated[ProblemPatch, Body()]) -> Problem:
         """Exclude the problem from training (``true`` or a reason) or include it again
         (``false``); the scheduler draws from the store each step, so it takes effect at
@@ -239,22 +295,23 @@ def problems_and_rollouts_router(
             raise HTTPException(404, f"no problem with id {problem_id!r}")
         return Response(status_code=204)
 
-    @router.get("/rollouts", responses={400: {"model": Detail, "description": "a cursor that is not ours"}})
+    @router.get("/rollouts", responses={404: {"model": Detail, "description": "no page at that cursor"}})
     async def get_rollouts(
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-        cursor: Annotated[str | None, Query(max_length=64)] = None,
+        cursor: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] = None,
         problem_id: Annotated[str | None, Query(max_length=MAX_ID_CHARS)] = None,
         variant: Variant | None = None,
-        weight_version: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+        weight_version: Annotated[int | None, Query(ge=0, le=2**53)] = None,
     ) -> RolloutPage:
-        """Scored samples from the archive, newest first, filtered by every given field."""
+        """Scored samples from the archive, newest first, filtered by every given field. A
+        cursor that is not a ``next_cursor`` of this archive finds no page (404)."""
         try:
             # File reads block; keep them off the event loop.
             records, next_cursor = await asyncio.to_thread(
                 archive.page, limit, cursor, problem_id=problem_id, variant=variant, weight_version=weight_version
             )
         except ValueError as exc:
-            raise HTTPException(400, str(exc)) from None
+            raise HTTPException(404, str(exc)) from None
         return RolloutPage(rollouts=records, next_cursor=next_cursor)
 
     return router

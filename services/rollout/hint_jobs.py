@@ -9,9 +9,9 @@
                                  one is answered as it is); 409 for one done or failed
 
 ``hints`` overrides the service's ``rollout.hints`` field by field, each within the bounds
-of HintSettings; ``max_new_tokens`` is at most the model's context (a default over it is
-lowered to it) and ``max_fraction`` at most the service's (problems were admitted against
-it, fit.py). One job runs at a time (a second POST while one runs is a 409 naming it).
+of HintSettings; ``max_new_tokens`` is lowered to the model's context and ``max_fraction``
+to the service's (problems were admitted against it, fit.py) where asked or configured
+above them, which the job's ``adjusted`` says. One job runs at a time (a second POST while one runs is a 409 naming it).
 Jobs live in Redis; a job left ``running`` by a service that died is resumed when the
 service starts again, and, like the CLI, skips every problem it already finished. A
 cancelled job is never resumed: it is marked so in Redis before its task is stopped.
@@ -28,8 +28,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Query
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from redis.asyncio import Redis
 
 from services.common.engine_client import EngineClient
@@ -49,21 +48,30 @@ MAX_JOB_PROBLEMS = 100_000
 CANCEL_WAIT_S = 30.0
 """How long DELETE waits for a cancelled job's task to end (it ends at its next await)."""
 
+
+def _whole(value: Any) -> Any:
+    """A JSON number like 4.0 is an integer in JSON Schema: take it as 4 (strict ints refuse it)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Whole = Annotated[int, BeforeValidator(_whole)]
+"""An int that is never ``true`` (strict) but may be written 4.0."""
+
 JobState = Literal["running", "done", "failed", "cancelled"]
 
 
 class HintOverrides(BaseModel):
     """Fields of the service's ``rollout.hints`` (HintSettings) a job sets for itself; each
     unset one is the service's. Bounds are HintSettings' (tests/unit/test_hint_jobs.py
-    keeps the two in step)."""
+    keeps the two in step); strict, so ``true`` is not taken for 1."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
-    k: int | None = Field(None, ge=1, le=1024)
+    k: Whole | None = Field(None, ge=1, le=1024)
     """Unhinted attempts per problem."""
-    k_hint: int | None = Field(None, ge=1, le=256)
+    k_hint: Whole | None = Field(None, ge=1, le=256)
     """Attempts per candidate prefix."""
-    max_new_tokens: int | None = Field(None, ge=1, le=1 << 20)
+    max_new_tokens: Whole | None = Field(None, ge=1, le=1 << 20)
     """Longest response; at most the model's context."""
     temperature: float | None = Field(None, gt=0.0, le=10.0)
     """Sampling temperature."""
@@ -73,18 +81,18 @@ class HintOverrides(BaseModel):
     """Longest prefix tried, as a share of the solution; at most the service's."""
     method: Literal["linear", "galloping"] | None = None
     """linear or galloping search over the cuts."""
-    min_cuts: int | None = Field(None, ge=1, le=256)
+    min_cuts: Whole | None = Field(None, ge=1, le=256)
     """Natural boundaries collected until there are this many cuts."""
-    max_cuts: int | None = Field(None, ge=1, le=256)
+    max_cuts: Whole | None = Field(None, ge=1, le=256)
     """Most candidate prefixes per problem."""
-    concurrency: int | None = Field(None, ge=1, le=256)
+    concurrency: Whole | None = Field(None, ge=1, le=256)
     """Problems searched at once."""
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: Whole | None = Field(None, ge=0, le=2**31 - 1)
     """Seeds every request."""
 
 
 class HintJobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
     split: Literal["train", "eval"] | None = "train"
     """Search the problems of this split (None: every split)."""
@@ -103,6 +111,8 @@ class HintJob(BaseModel):
     settings: HintSettings
     progress: dict[str, Any] = Field(default_factory=dict)
     error: str | None = None
+    adjusted: list[str] = Field(default_factory=list)
+    """Asked-for settings lowered to what the service allows, each with why."""
     created_at: float
     updated_at: float
 
@@ -113,32 +123,23 @@ class Detail(BaseModel):
     detail: str
 
 
-def job_settings(base: HintSettings, overrides: HintOverrides, context: int | None) -> HintSettings:
-    """The settings a job runs with: ``base`` with ``overrides``, ``max_new_tokens`` within
-    ``context`` (the default lowered to it, an override over it refused) and ``max_fraction``
-    at most ``base``'s. Raises RequestValidationError (a 422 in FastAPI's shape)."""
-    asked = overrides.model_dump(exclude_none=True)
-    errors = []
-    if context is not None and asked.get("max_new_tokens", 0) > context:
-        errors.append(_error(("body", "hints", "max_new_tokens"), f"at most the model's context, {context} tokens"))
-    if asked.get("max_fraction", 0.0) > base.max_fraction:
-        errors.append(
-            _error(
-                ("body", "hints", "max_fraction"),
-                f"at most the service's rollout.hints.max_fraction, {base.max_fraction:g}: problems "
-                "were admitted against it (their longest hint must fit the model's context)",
-            )
+def job_settings(base: HintSettings, overrides: HintOverrides, context: int | None) -> tuple[HintSettings, list[str]]:
+    """The settings a job runs with, and what was lowered: ``base`` with ``overrides``,
+    ``max_new_tokens`` at most ``context`` and ``max_fraction`` at most ``base``'s (problems
+    were admitted against it, fit.py). Lowered, not refused: each is a ceiling of the
+    service's, not a mistake in the request, and the job shows what it runs with."""
+    merged = {**base.model_dump(), **overrides.model_dump(exclude_none=True)}
+    adjusted = []
+    if context is not None and merged["max_new_tokens"] > context:
+        adjusted.append(f"max_new_tokens {merged['max_new_tokens']} lowered to the model's context, {context}")
+        merged["max_new_tokens"] = context
+    if merged["max_fraction"] > base.max_fraction:
+        adjusted.append(
+            f"max_fraction {merged['max_fraction']:g} lowered to the service's rollout.hints.max_fraction, "
+            f"{base.max_fraction:g}: problems were admitted against it"
         )
-    if errors:
-        raise RequestValidationError(errors)
-    merged = {**base.model_dump(), **asked}
-    if context is not None:
-        merged["max_new_tokens"] = min(merged["max_new_tokens"], context)
-    return HintSettings.model_validate(merged)
-
-
-def _error(loc: tuple[str, ...], message: str) -> dict[str, Any]:
-    return {"type": "value_error", "loc": loc, "msg": f"Value error, {message}", "input": None}
+        merged["max_fraction"] = base.max_fraction
+    return HintSettings.model_validate(merged), adjusted
 
 
 class HintJobs:
@@ -182,10 +183,16 @@ class HintJobs:
         if not self.settings.model_path:
             raise HTTPException(409, "the rollout service has no model (--model DIR): the search needs its tokenizer")
         context = await asyncio.to_thread(model_context, self.settings.model_path)
-        cfg = job_settings(self.settings.hints, request.hints, context)
+        cfg, adjusted = job_settings(self.settings.hints, request.hints, context)
         now = time.time()
         job = HintJob(
-            id=uuid.uuid4().hex[:12], state="running", request=request, settings=cfg, created_at=now, updated_at=now
+            id=uuid.uuid4().hex[:12],
+            state="running",
+            request=request,
+            settings=cfg,
+            adjusted=adjusted,
+            created_at=now,
+            updated_at=now,
         )
         await self._save(job)
         self._launch(job)
@@ -268,7 +275,14 @@ def hint_jobs_router(jobs: HintJobs) -> APIRouter:
     router = APIRouter(prefix="/v1/hints")
     not_found: dict[int | str, dict[str, Any]] = {404: {"model": Detail, "description": "no such job"}}
 
-    @router.post("/jobs", status_code=202, responses={409: {"model": Detail, "description": "a job runs, or no model"}})
+    @router.post(
+        "/jobs",
+        status_code=202,
+        responses={
+            400: {"model": Detail, "description": "a body that is not UTF-8"},
+            409: {"model": Detail, "description": "a job runs, or no model"},
+        },
+    )
     async def start_job(request: Annotated[HintJobRequest, Body()]) -> HintJob:
         """Start the hard-problem filter and hint search over the stored problems."""
         return await jobs.start(request)

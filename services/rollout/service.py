@@ -10,10 +10,13 @@ GET /v1/rollouts pages, and into the per-problem attempt and solve counts.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
+import re
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,9 +24,10 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from redis.asyncio import Redis
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.http import add_health_routes, api_app, redis_unready, stop_if_failed, validation_error
 from services.common.http import serve as run_server
@@ -80,12 +84,14 @@ def create_app(settings: RolloutSettings) -> FastAPI:
     archive = RolloutArchive(settings.archive_dir / "rollouts.jsonl")
     stop = asyncio.Event()
     held: dict[str, Any] = {}
+    loading = threading.Lock()  # called from worker threads; transformers' lazy import is not thread-safe
 
-    def tokenizer() -> Any:  # loaded once, on first use (the scheduler or a hint job)
-        if "tokenizer" not in held:
-            from transformers import AutoTokenizer
+    def tokenizer() -> Any:  # loaded once, on first use (the scheduler, a hint job, a POST's fit check)
+        with loading:
+            if "tokenizer" not in held:
+                from transformers import AutoTokenizer
 
-            held["tokenizer"] = AutoTokenizer.from_pretrained(settings.model_path)
+                held["tokenizer"] = AutoTokenizer.from_pretrained(settings.model_path)
         return held["tokenizer"]
 
     hint_jobs = HintJobs(settings, redis, store, engine, tokenizer)
@@ -181,6 +187,17 @@ def create_app(settings: RolloutSettings) -> FastAPI:
                 rows.append({"row": None, "field": ".".join(str(p) for p in e["loc"]) or None, "message": e["msg"]})
         return JSONResponse({"detail": rows}, 422)
 
+    plain_http_error = app.exception_handlers[StarletteHTTPException]
+
+    @app.exception_handler(StarletteHTTPException)
+    async def method_not_allowed(request: Request, exc: StarletteHTTPException) -> Response:
+        """A 405's Allow names every method of the path: Starlette names only those of the
+        first route matching it (GET /v1/problems and POST /v1/problems are two routes)."""
+        if exc.status_code == 405:
+            exc = StarletteHTTPException(405, exc.detail, headers={"Allow": ", ".join(_methods(app, request))})
+        answer = plain_http_error(request, exc)
+        return await answer if inspect.isawaitable(answer) else answer
+
     async def ready() -> str | None:
         failed: str | None = getattr(app.state, "failed", None)
         return failed or await redis_unready(redis)
@@ -228,6 +245,14 @@ async def _streams(redis: Redis, keys: Keys) -> dict[str, Any]:
     for name, stream, group in (("rollouts", keys.rollouts, VERIFIERS), ("scored", keys.scored, TRAINERS)):
         out[name] = {"length": await redis.xlen(stream), group: await group_info(redis, stream, group)}
     return out
+
+
+def _methods(app: FastAPI, request: Request) -> list[str]:
+    """The methods the API's description (OpenAPI) gives ``request``'s path."""
+    for template, operations in app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)), request.url.path):
+            return sorted(m.upper() for m in operations)
+    return []
 
 
 def _num(raw: bytes) -> int | float | str:

@@ -53,7 +53,7 @@ class HintSettings(BaseModel):
     """Problems searched at once (each sends up to ``k`` samples to the engine). 1 makes
     records exactly reproducible on an engine with deterministic inference (a batch then
     holds one problem's samples only; batched decoding can differ in the last float bits)."""
-    seed: int = Field(0, ge=0, le=2**63 - 1)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
     """Seeds every request (per problem, stage and prefix), so a rebuild on an engine with
     deterministic inference draws the same (one without ignores seeds, as SGLang does)."""
 

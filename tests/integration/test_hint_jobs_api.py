@@ -129,8 +129,8 @@ def test_a_job_posted_empty_runs_with_the_bounded_defaults_and_delete_cancels_it
         {"k": 0},
         {"k_hint": 10**4},
         {"concurrency": 10**4},
-        {"max_new_tokens": 5000},  # over the tiny model's 4096-token context
-        {"max_fraction": 0.5},  # over the service's 0.25: problems were admitted against it
+        {"seed": False},
+        {"max_cuts": 2.5},
         {"bogus": 1},
     ],
 )
@@ -141,6 +141,21 @@ def test_unbounded_job_settings_are_refused(service: tuple[str, RolloutSettings]
     [error] = resp.json()["detail"]
     assert error["loc"][-1] == next(iter(hints))
     assert httpx.get(f"{url}/v1/hints/jobs").json() == []
+
+
+def test_settings_over_the_services_ceilings_are_lowered_and_said(service: tuple[str, RolloutSettings]) -> None:
+    url, _ = service
+    asked = {"max_new_tokens": 5000, "max_fraction": 0.5, "max_cuts": 8.0}
+    resp = httpx.post(f"{url}/v1/hints/jobs", json={"hints": asked})
+    assert resp.status_code == 202, resp.text
+    job = resp.json()
+    assert (job["settings"]["max_new_tokens"], job["settings"]["max_fraction"], job["settings"]["max_cuts"]) == (
+        4096,
+        0.25,
+        8,
+    )
+    assert len(job["adjusted"]) == 2 and "context, 4096" in job["adjusted"][0]
+    assert httpx.delete(f"{url}/v1/hints/jobs/{job['id']}", timeout=60).status_code == 200
 
 
 def test_bad_listing_limits_are_422(service: tuple[str, RolloutSettings]) -> None:

@@ -145,7 +145,16 @@ def test_bad_rollout_query_values_are_422(api: Api, params: dict[str, Any]) -> N
     assert httpx.get(f"{api.url}/v1/rollouts", params=params).status_code == 422
 
 
-def test_a_cursor_that_is_not_ours_is_400(api: Api) -> None:
-    for cursor in ("nope", "!!!", "cG9wZTotMQ"):
+def test_a_cursor_that_is_not_ours_finds_no_page(api: Api) -> None:
+    # "cG9wZTotMQ": base64url, but of no offset of ours.
+    for cursor, status in (("nope", 404), ("cG9wZTotMQ", 404), ("!!!", 422)):
         resp = httpx.get(f"{api.url}/v1/rollouts", params={"cursor": cursor, "variant": Variant.HINTED.value})
-        assert resp.status_code == 400 and isinstance(resp.json()["detail"], str), resp.text
+        assert resp.status_code == status, resp.text
+        assert status == 422 or isinstance(resp.json()["detail"], str)
+
+
+def test_a_posted_search_record_is_refused(api: Api) -> None:
+    row = {"prompt": "p", "answer": "1", "search": hard_hinted_search().model_dump(mode="json")}
+    resp = post(api, [row])
+    assert resp.status_code == 422 and resp.json()["detail"][0]["field"] == "search"
+    assert post(api, [{"prompt": "p", "answer": "1", "id": {}}]).status_code == 422  # {} is no id
