@@ -37,7 +37,7 @@ from services.rollout.merge import LeakedPair, exclude_leaks, keep_search, split
 from services.rollout.store import ProblemStore
 
 MAX_PROBLEM_ROWS = 10_000
-"""Largest POST /v1/problems batch (413 above it). Each row is validated and tokenized
+"""Largest POST /v1/problems batch (a 422 above it). Each row is validated and tokenized
 (fit.py) before the one transaction that stores the batch, so a batch is a few seconds of
 work at most; 32 MiB (``max_body_bytes``) over 10,000 rows is still ~3 KB a row. A larger
 dataset goes in several POSTs, or through ``pope data import``."""
@@ -207,8 +207,11 @@ def problems_and_rollouts_router(
         openapi_extra={"requestBody": PROBLEMS_BODY},
         responses={
             **unreadable,
-            413: {"model": Detail, "description": f"over {MAX_PROBLEM_ROWS} rows, or a body over max_body_bytes"},
-            422: {"model": RowErrors, "description": "refused rows: each with its row, field and reason"},
+            413: {"model": Detail, "description": "a body over max_body_bytes"},
+            422: {
+                "model": RowErrors,
+                "description": f"refused rows (each with its row, field and reason), or over {MAX_PROBLEM_ROWS} rows",
+            },
         },
     )
     async def post_problems(body: Annotated[Any, Body()], allow_leakage: bool = False) -> Created:
@@ -228,7 +231,8 @@ def problems_and_rollouts_router(
         if not body:
             raise _unprocessable([RowError(row=None, field=None, message="the list of problems is empty")])
         if len(body) > MAX_PROBLEM_ROWS:
-            raise HTTPException(413, f"at most {MAX_PROBLEM_ROWS} problems per request, got {len(body)}")
+            message = f"at most {MAX_PROBLEM_ROWS} problems per request, got {len(body)}: post them in several"
+            raise _unprocessable([RowError(row=None, field=None, message=message)])
         problems, errors = validate_rows(body)
         if errors:
             raise _unprocessable(errors)

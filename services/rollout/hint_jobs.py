@@ -54,9 +54,6 @@ def _whole(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-Whole = Annotated[int, BeforeValidator(_whole)]
-"""An int that is never ``true`` (strict) but may be written 4.0."""
-
 JobState = Literal["running", "done", "failed", "cancelled"]
 
 
@@ -67,11 +64,11 @@ class HintOverrides(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
-    k: Whole | None = Field(None, ge=1, le=1024)
+    k: Annotated[int, Field(ge=1, le=1024), BeforeValidator(_whole)] | None = None
     """Unhinted attempts per problem."""
-    k_hint: Whole | None = Field(None, ge=1, le=256)
+    k_hint: Annotated[int, Field(ge=1, le=256), BeforeValidator(_whole)] | None = None
     """Attempts per candidate prefix."""
-    max_new_tokens: Whole | None = Field(None, ge=1, le=1 << 20)
+    max_new_tokens: Annotated[int, Field(ge=1, le=1 << 20), BeforeValidator(_whole)] | None = None
     """Longest response; at most the model's context."""
     temperature: float | None = Field(None, gt=0.0, le=10.0)
     """Sampling temperature."""
@@ -81,13 +78,13 @@ class HintOverrides(BaseModel):
     """Longest prefix tried, as a share of the solution; at most the service's."""
     method: Literal["linear", "galloping"] | None = None
     """linear or galloping search over the cuts."""
-    min_cuts: Whole | None = Field(None, ge=1, le=256)
+    min_cuts: Annotated[int, Field(ge=1, le=256), BeforeValidator(_whole)] | None = None
     """Natural boundaries collected until there are this many cuts."""
-    max_cuts: Whole | None = Field(None, ge=1, le=256)
+    max_cuts: Annotated[int, Field(ge=1, le=256), BeforeValidator(_whole)] | None = None
     """Most candidate prefixes per problem."""
-    concurrency: Whole | None = Field(None, ge=1, le=256)
+    concurrency: Annotated[int, Field(ge=1, le=256), BeforeValidator(_whole)] | None = None
     """Problems searched at once."""
-    seed: Whole | None = Field(None, ge=0, le=2**31 - 1)
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1), BeforeValidator(_whole)] | None = None
     """Seeds every request."""
 
 

@@ -103,10 +103,21 @@ def create_app(settings: RolloutSettings) -> FastAPI:
             settings.model_path,
         )
 
+    elif settings.max_new_tokens >= context:
+        log.warning(
+            "max_new_tokens %d leaves no room in the model's context of %d tokens: every train problem "
+            "posted will be refused (POST /v1/problems, 422)",
+            settings.max_new_tokens,
+            context,
+        )
+
     def fit() -> FitCheck | None:  # POST /v1/problems's context check
         if context is None:
             return None
-        budgets = {"train": settings.max_new_tokens, "eval": settings.evaluation.max_new_tokens}
+        # An eval problem's response budget is the periodic evaluation's when the service
+        # runs one; otherwise evaluation is `pope eval`'s, with its own, so the prompt must fit.
+        evaluates = settings.evaluation.every_steps > 0
+        budgets = {"train": settings.max_new_tokens, "eval": settings.evaluation.max_new_tokens if evaluates else 0}
         source = f"{settings.model_path}/config.json"
         return FitCheck(tokenizer(), settings.prompt_template, context, budgets, settings.hints.max_fraction, source)
 

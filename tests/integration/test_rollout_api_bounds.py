@@ -79,7 +79,7 @@ def test_without_a_model_only_character_bounds_apply(api: Api) -> None:
 def test_a_batch_over_the_row_bound_is_refused(api: Api) -> None:
     rows = [{"prompt": f"q{i}", "answer": "1"} for i in range(MAX_PROBLEM_ROWS + 1)]
     resp = post(api, rows)
-    assert resp.status_code == 413 and str(MAX_PROBLEM_ROWS) in resp.json()["detail"]
+    assert resp.status_code == 422 and str(MAX_PROBLEM_ROWS) in resp.json()["detail"][0]["message"]
 
 
 async def test_delete_and_exclude_and_the_planner_no_longer_draws_them(api: Api, aredis: Redis, keys: Keys) -> None:
