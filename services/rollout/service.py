@@ -1,7 +1,9 @@
 """The rollout service: ``pope rollout --port 8000 --model DIR``.
 
-It owns the problems and the user-facing API (api.py: problems and rollouts; here:
-GET /v1/status, /healthz, /readyz, /metrics, /docs), runs the scheduler (scheduler.py)
+It owns the problems and the user-facing API (api.py: problems and rollouts; hint_jobs.py:
+hint-search jobs; here: GET /v1/status?history=N (N <= 1000), /healthz, /readyz, /metrics,
+/docs, and the context check posted problems go through, fit.py, when the model's
+config.json gives a context), runs the scheduler (scheduler.py)
 that turns problems into raw groups, and keeps its own read of ``pope:scored``
 (consumer group ``archivers``): every scored sample goes to the JSONL archive that
 GET /v1/rollouts pages, and into the per-problem attempt and solve counts.
