@@ -121,9 +121,9 @@ SEARCH_NOT_POSTED = (
 
 
 def _posted(schema: dict[str, Any]) -> dict[str, Any]:
-    """Problem's schema as a posted row: without ``search``, the service's own record."""
-    properties = {k: v for k, v in schema["properties"].items() if k != "search"}
-    return {**schema, "properties": properties}
+    """Problem's schema as a posted row: ``search``, the service's own record, only null."""
+    search = {"type": "null", "default": None, "description": "Never posted (the service's own record)."}
+    return {**schema, "properties": {**schema["properties"], "search": search}}
 
 
 def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +169,7 @@ def validate_rows(rows: list[Any]) -> tuple[list[Problem], list[RowError]]:
     problems: list[Problem] = []
     errors: list[RowError] = []
     for i, row in enumerate(rows):
-        if isinstance(row, dict) and "search" in row:
+        if isinstance(row, dict) and row.get("search") is not None:
             errors.append(RowError(row=i, field="search", message=SEARCH_NOT_POSTED))
             continue
         try:
