@@ -1,17 +1,20 @@
 """Hint-search jobs over HTTP: the rollout service runs ``pope hints build``'s work for you.
 
     POST   /v1/hints/jobs        {"split": "train", "problem_ids": null, "redo": false,
-                                  "hints": {"k": 16, ...}}   -> 202 {"job": {...}}
+                                  "hints": {"k": 16, ...}}   -> 202, the job
     GET    /v1/hints/jobs?limit= the newest jobs first (100 by default, at most 1000)
     GET    /v1/hints/jobs/{id}   the job: state (running | done | failed | cancelled), progress
                                  with ETA, counts by label, the settings it runs with
-    DELETE /v1/hints/jobs/{id}   cancel it: 200 with the job, now "cancelled" (a cancelled
-                                 one is answered as it is); 409 for one done or failed
+    POST   /v1/hints/jobs/{id}/cancel
+                                 200 with the job, now "cancelled" (a cancelled one is answered
+                                 as it is); 409 for one done or failed
+    DELETE /v1/hints/jobs/{id}   204: cancelled if it runs, then forgotten (GET: 404 after)
 
 ``hints`` overrides the service's ``rollout.hints`` field by field, each within the bounds
 of HintSettings; ``max_new_tokens`` is lowered to the model's context and ``max_fraction``
 to the service's (problems were admitted against it, fit.py) where asked or configured
-above them, which the job's ``adjusted`` says. One job runs at a time (a second POST while one runs is a 409 naming it).
+above them, which the job's ``adjusted`` says. One job runs at a time (a second POST while
+one runs is a 409 naming it).
 Jobs live in Redis; a job left ``running`` by a service that died is resumed when the
 service starts again, and, like the CLI, skips every problem it already finished. A
 cancelled job is never resumed: it is marked so in Redis before its task is stopped.
@@ -27,7 +30,7 @@ import uuid
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, HTTPException, Query
+from fastapi import APIRouter, Body, HTTPException, Query, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from redis.asyncio import Redis
 
@@ -212,6 +215,16 @@ class HintJobs:
             await asyncio.wait({self.task}, timeout=CANCEL_WAIT_S)  # its requests are dropped with it
         return job
 
+    async def delete(self, job_id: str) -> None:
+        """Cancel the job if it runs, then remove it; 404 unknown. Cancelled first, so a
+        crash between the two leaves a cancelled job, never one a restart resumes."""
+        job = self.job if self.running == job_id else await self.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no hint job {job_id!r}")
+        if job.state == "running":
+            await self.cancel(job_id)
+        await self.redis.hdel(self.keys.hint_jobs, job_id)  # type: ignore[misc]
+
     async def resume_interrupted(self) -> None:
         """Restart the job a previous process of this service left running, if any
         (never a cancelled one)."""
@@ -296,12 +309,20 @@ def hint_jobs_router(jobs: HintJobs) -> APIRouter:
             raise HTTPException(404, f"no hint job {job_id!r}")
         return job
 
-    @router.delete(
-        "/jobs/{job_id}", responses={**not_found, 409: {"model": Detail, "description": "the job is done or failed"}}
+    @router.post(
+        "/jobs/{job_id}/cancel",
+        responses={**not_found, 409: {"model": Detail, "description": "the job is done or failed"}},
     )
     async def cancel_job(job_id: str) -> HintJob:
         """Cancel a running job: its search stops, its state becomes "cancelled" and it is
-        never resumed; problems it finished keep their results."""
+        never resumed; problems it finished keep their results. A cancelled job is answered
+        as it is; a done or failed one is a 409."""
         return await jobs.cancel(job_id)
+
+    @router.delete("/jobs/{job_id}", status_code=204, response_class=Response, responses=not_found)
+    async def delete_job(job_id: str) -> Response:
+        """Cancel the job if it runs (as POST .../cancel), then forget it (GET is a 404 after)."""
+        await jobs.delete(job_id)
+        return Response(status_code=204)
 
     return router

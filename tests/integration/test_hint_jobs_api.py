@@ -1,6 +1,7 @@
-"""Hint jobs over real HTTP and a real Redis: bounded settings, a listing, DELETE that
-cancels, and no resuming of a cancelled job after a restart. The engine is a socket that
-takes connections and never answers, so a job stays running until it is cancelled."""
+"""Hint jobs over real HTTP and a real Redis: bounded settings, a listing, cancel (POST
+.../cancel) and DELETE (cancel, then forget), and no resuming of a cancelled job after a
+restart. The engine is a socket that takes connections and never answers, so a job stays
+running until it is cancelled."""
 
 from __future__ import annotations
 
@@ -112,14 +113,22 @@ def test_a_job_posted_empty_runs_with_the_bounded_defaults_and_delete_cancels_it
     assert httpx.post(f"{url}/v1/hints/jobs", json={}).status_code == 409  # one at a time
     listed = httpx.get(f"{url}/v1/hints/jobs", params={"limit": 1}).json()
     assert [j["id"] for j in listed] == [job.id]
-    resp = httpx.delete(f"{url}/v1/hints/jobs/{job.id}", timeout=60)
+    resp = httpx.post(f"{url}/v1/hints/jobs/{job.id}/cancel", timeout=60)
     assert resp.status_code == 200 and resp.json()["state"] == "cancelled"
     assert httpx.get(f"{url}/v1/hints/jobs/{job.id}").json()["state"] == "cancelled"
-    assert httpx.delete(f"{url}/v1/hints/jobs/{job.id}").json()["state"] == "cancelled"  # as it is
-    assert httpx.delete(f"{url}/v1/hints/jobs/nope").status_code == 404
+    assert httpx.post(f"{url}/v1/hints/jobs/{job.id}/cancel").json()["state"] == "cancelled"  # as it is
+    assert httpx.post(f"{url}/v1/hints/jobs/nope/cancel").status_code == 404
     again = httpx.post(f"{url}/v1/hints/jobs", json={"hints": {"k": 2}})  # the slot is free again
     assert again.status_code == 202 and again.json()["settings"]["k"] == 2
-    assert httpx.delete(f"{url}/v1/hints/jobs/{again.json()['id']}", timeout=60).status_code == 200
+    # DELETE cancels a running job and forgets it; the slot is free after.
+    assert httpx.delete(f"{url}/v1/hints/jobs/{again.json()['id']}", timeout=60).status_code == 204
+    assert httpx.get(f"{url}/v1/hints/jobs/{again.json()['id']}").status_code == 404
+    assert httpx.delete(f"{url}/v1/hints/jobs/{again.json()['id']}").status_code == 404
+    assert httpx.delete(f"{url}/v1/hints/jobs/{job.id}").status_code == 204  # a cancelled one too
+    assert httpx.get(f"{url}/v1/hints/jobs").json() == []
+    third = httpx.post(f"{url}/v1/hints/jobs", json={})
+    assert third.status_code == 202
+    assert httpx.delete(f"{url}/v1/hints/jobs/{third.json()['id']}", timeout=60).status_code == 204
 
 
 @pytest.mark.parametrize(
@@ -155,7 +164,7 @@ def test_settings_over_the_services_ceilings_are_lowered_and_said(service: tuple
         8,
     )
     assert len(job["adjusted"]) == 2 and "context, 4096" in job["adjusted"][0]
-    assert httpx.delete(f"{url}/v1/hints/jobs/{job['id']}", timeout=60).status_code == 200
+    assert httpx.post(f"{url}/v1/hints/jobs/{job['id']}/cancel", timeout=60).status_code == 200
 
 
 def test_bad_listing_limits_are_422(service: tuple[str, RolloutSettings]) -> None:
@@ -170,7 +179,7 @@ async def test_a_cancelled_job_is_not_resumed_after_a_restart_and_a_running_one_
     url, settings = service
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         job = (await http.post("/v1/hints/jobs", json={})).json()
-        assert (await http.delete(f"/v1/hints/jobs/{job['id']}")).json()["state"] == "cancelled"
+        assert (await http.post(f"/v1/hints/jobs/{job['id']}/cancel")).json()["state"] == "cancelled"
     restarted = jobs_for(settings, aredis)
     await restarted.resume_interrupted()
     assert restarted.task is None
@@ -194,7 +203,7 @@ async def test_done_and_failed_jobs_cannot_be_cancelled(service: tuple[str, Roll
         )
     async with httpx.AsyncClient(base_url=url) as http:
         for state in ("done", "failed"):
-            resp = await http.delete(f"/v1/hints/jobs/{state}")
+            resp = await http.post(f"/v1/hints/jobs/{state}/cancel")
             assert resp.status_code == 409 and state in resp.json()["detail"]
             assert (await http.get(f"/v1/hints/jobs/{state}")).json()["state"] == state
     await jobs.engine.aclose()
