@@ -137,11 +137,28 @@ class HintSearch(BaseModel):
         return self
 
 
+MAX_PROMPT_CHARS = 32_768
+"""Longest problem statement: competition problems run to a few thousand characters; this
+is ~8k tokens, already more than most contexts leave once a response's budget is taken."""
+MAX_ANSWER_CHARS = 4_096
+"""Longest reference answer (a final expression, not a derivation)."""
+MAX_SOLUTION_CHARS = 65_536
+"""Longest oracle solution (and so hint, a prefix of one): the search cuts at most a
+fraction of it, so a longer one could only ever be trimmed."""
+MAX_ID_CHARS = 256
+"""Longest problem id: ids go into Redis keys, request ids and group ids."""
+MAX_NOTE_CHARS = 1_024
+"""Longest ``source`` or ``excluded`` note."""
+
+
 class Problem(Message):
     """A math problem the system trains or evaluates on.
 
     Invariants:
     - ``prompt`` and ``answer`` are non-empty; ``id`` is derived from them when not given.
+    - Every text is bounded in characters (``MAX_PROMPT_CHARS`` and its neighbours): one
+      oversized problem stored for training stalls every step that draws it. Whether a
+      problem fits the model's context is the rollout service's check (services/rollout/fit.py).
     - ``hint``, when set, is non-empty and is the privileged prefix shown in the hinted
       variant; it is prompt text and is never trained on.
     - ``label == hard_hinted`` implies a hint.
@@ -149,22 +166,24 @@ class Problem(Message):
       a train problem that is also an eval problem); it is still stored and evaluated.
     """
 
-    id: str = Field(default="", description="Stable id; derived from prompt and answer when empty.")
-    prompt: NonEmptyStr
-    answer: NonEmptyStr
-    solution: NonEmptyStr | None = None
-    hint: NonEmptyStr | None = None
+    id: str = Field(
+        default="", max_length=MAX_ID_CHARS, description="Stable id; derived from prompt and answer when empty."
+    )
+    prompt: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+    answer: Annotated[str, Field(min_length=1, max_length=MAX_ANSWER_CHARS)]
+    solution: Annotated[str, Field(min_length=1, max_length=MAX_SOLUTION_CHARS)] | None = None
+    hint: Annotated[str, Field(min_length=1, max_length=MAX_SOLUTION_CHARS)] | None = None
     split: Literal["train", "eval"] = "train"
     label: ProblemLabel | None = None
-    source: str | None = None
-    excluded: str | None = None
+    source: Annotated[str, Field(max_length=MAX_NOTE_CHARS)] | None = None
+    excluded: Annotated[str, Field(max_length=MAX_NOTE_CHARS)] | None = None
     search: HintSearch | None = None
     """The hint search's record, once it has run on this problem."""
 
     @model_validator(mode="before")
     @classmethod
     def _derive_id(cls, data: object) -> object:
-        if isinstance(data, dict) and not data.get("id"):
+        if isinstance(data, dict) and data.get("id", "") == "":  # not another falsy value: {} is no id
             prompt, answer = data.get("prompt"), data.get("answer")
             if isinstance(prompt, str) and isinstance(answer, str) and prompt and answer:
                 data = {**data, "id": problem_id_for(prompt, answer)}

@@ -1,34 +1,55 @@
 """The rollout service's user-facing HTTP API for problems and archived rollouts (DESIGN.md 4a).
 
-    POST /v1/problems?allow_leakage=  a JSON list of problems; all-or-nothing; 201 {"ids": [...], "leaked": [...]}
-    GET  /v1/problems?label=&split=   {"count": n, "problems": [...]}; label "none": not searched yet
-    GET  /v1/problems/{id}            {"problem": {...}, "stats": {"hinted": {...}, "unhinted": {...}}}
-    GET  /v1/rollouts?limit=&cursor=&problem_id=&variant=&weight_version=
-                                      {"rollouts": [...newest first...], "next_cursor": str | null}
+    POST   /v1/problems?allow_leakage=   a JSON list of problems (at most 10,000); all-or-nothing;
+                                         201 {"ids": [...], "leaked": [...]}; 422 {"detail": [RowError]}
+    GET    /v1/problems?label=&split=&limit=&offset=
+                                         {"count": n, "problems": [...a page, by id...], "next_offset": int | null}
+    GET    /v1/problems/{id}             {"problem": {...}, "stats": {"hinted": {...}, "unhinted": {...}}}
+    PATCH  /v1/problems/{id}             {"excluded": true | "why" | false}: keep it out of training, or not
+    DELETE /v1/problems/{id}             204: gone, and no longer drawn; its rollouts stay archived
+    GET    /v1/rollouts?limit=&cursor=&problem_id=&variant=&weight_version=
+                                         {"rollouts": [...newest first...], "next_cursor": str | null}
 
 Mount it on the service's app:
 
-    app.include_router(problems_and_rollouts_router(store, archive))
+    app.include_router(problems_and_rollouts_router(store, archive, fit))
 
-Auth is the app's (services/common/http.py, ``api_app``): POST needs the bearer token
-when one is configured, and the reads too with ``require_auth_for_reads``.
+A posted problem must fit the model's context (``fit``: fit.py; without a model only the
+character bounds of ``Problem`` apply). Errors are ``{"detail": "<why>"}`` (400, 404, 413),
+FastAPI's 422 for a bad query, and POST /v1/problems's 422 is ``{"detail": [RowError, ...]}``.
+Auth is the app's (services/common/http.py, ``api_app``): every mutating route needs the
+bearer token when one is configured, and the reads too with ``require_auth_for_reads``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, HTTPException, Query
-from pydantic import BaseModel, ValidationError
+from fastapi import APIRouter, Body, HTTPException, Query, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.common.messages import Problem, ProblemLabel, Variant
+from services.common.messages import MAX_ID_CHARS, MAX_NOTE_CHARS, Problem, ProblemLabel, Variant
 from services.rollout.archive import RolloutArchive, RolloutRecord
+from services.rollout.fit import FitCheck
 from services.rollout.merge import LeakedPair, exclude_leaks, keep_search, split_id
 from services.rollout.store import ProblemStore
 
-MAX_PROBLEM_ROWS = 100_000
-"""Largest POST /v1/problems batch: one transaction must stay a reasonable size."""
+MAX_PROBLEM_ROWS = 10_000
+"""Largest POST /v1/problems batch (a 422 above it). Each row is validated and tokenized
+(fit.py) before the one transaction that stores the batch, so a batch is a few seconds of
+work at most; 32 MiB (``max_body_bytes``) over 10,000 rows is still ~3 KB a row. A larger
+dataset goes in several POSTs, or through ``pope data import``."""
+
+MAX_PAGE = 1000
+"""Largest page of GET /v1/problems and GET /v1/rollouts."""
+
+EXCLUDED_BY_API = "excluded through the API (PATCH /v1/problems/{id})"
+"""The ``excluded`` reason a PATCH with ``true`` records."""
+
+FitSource = Callable[[], FitCheck | None]
+"""Builds the context check (loading the tokenizer on first use); None: no model to count with."""
 
 
 class RowError(BaseModel):
@@ -39,6 +60,18 @@ class RowError(BaseModel):
     field: str | None
     """Dotted path of the field, or None when the row as a whole is wrong."""
     message: str
+
+
+class RowErrors(BaseModel):
+    """POST /v1/problems's 422: every reason of every refused row."""
+
+    detail: list[RowError]
+
+
+class Detail(BaseModel):
+    """An error's answer: ``{"detail": "<why>"}``."""
+
+    detail: str
 
 
 class Created(BaseModel):
@@ -52,7 +85,11 @@ class Created(BaseModel):
 
 class ProblemList(BaseModel):
     count: int
+    """Problems matching the filters, over all pages."""
     problems: list[Problem]
+    """This page of them, in id order."""
+    next_offset: int | None = None
+    """Pass back as ``offset`` for the next page; None on the last page."""
 
 
 class ProblemView(BaseModel):
@@ -61,10 +98,70 @@ class ProblemView(BaseModel):
     """Per variant ("hinted", "unhinted"): {"attempts": n, "solves": n}."""
 
 
+class ProblemPatch(BaseModel):
+    """PATCH /v1/problems/{id}: keep a problem out of training, or let it back in."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    excluded: bool | Annotated[str, Field(min_length=1, max_length=MAX_NOTE_CHARS)]
+    """true (or a reason): excluded from training, still stored and evaluated; false:
+    trained on again (a leak exclusion included: the caller takes it back)."""
+
+
 class RolloutPage(BaseModel):
     rollouts: list[RolloutRecord]
     next_cursor: str | None
     """Pass back as ``cursor`` for the next (older) page; None on the last page."""
+
+
+SEARCH_NOT_POSTED = (
+    "search is the hint search's own record (GET shows it, a repost keeps it): it is not posted; "
+    "import searched problems with `pope data import`"
+)
+
+
+def _posted(schema: dict[str, Any]) -> dict[str, Any]:
+    """Problem's schema as a posted row: ``search``, the service's own record, only null."""
+    search = {"type": "null", "default": None, "description": "Never posted (the service's own record)."}
+    return {**schema, "properties": {**schema["properties"], "search": search}}
+
+
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema with its ``$defs`` put in place of every ``$ref`` (no cycles)."""
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return dict(inline(schema))
+
+
+PROBLEMS_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_PROBLEM_ROWS,
+                "items": {
+                    **_posted(_inlined(Problem.model_json_schema(mode="validation"))),
+                    # Problem's invariant, said in JSON Schema: a hard_hinted problem has a hint.
+                    "if": {"properties": {"label": {"const": "hard_hinted"}}, "required": ["label"]},
+                    "then": {"required": ["hint"], "properties": {"hint": {"type": "string"}}},
+                },
+            }
+        }
+    },
+}
+"""POST /v1/problems's body as the OpenAPI shows it (the route reads it as Any, to report
+a bad row by its index): a list of problems."""
 
 
 def validate_rows(rows: list[Any]) -> tuple[list[Problem], list[RowError]]:
@@ -72,6 +169,9 @@ def validate_rows(rows: list[Any]) -> tuple[list[Problem], list[RowError]]:
     problems: list[Problem] = []
     errors: list[RowError] = []
     for i, row in enumerate(rows):
+        if isinstance(row, dict) and row.get("search") is not None:
+            errors.append(RowError(row=i, field="search", message=SEARCH_NOT_POSTED))
+            continue
         try:
             problems.append(Problem.model_validate(row))
         except ValidationError as exc:
@@ -85,18 +185,45 @@ def _unprocessable(errors: list[RowError]) -> HTTPException:
     return HTTPException(422, [e.model_dump() for e in errors])
 
 
-def problems_and_rollouts_router(store: ProblemStore, archive: RolloutArchive) -> APIRouter:
-    """The /v1/problems and /v1/rollouts routes over ``store`` and ``archive``."""
-    router = APIRouter(prefix="/v1")
+def _misfits(fit: FitSource | None, problems: list[Problem]) -> list[RowError]:
+    check = fit() if fit is not None else None
+    if check is None:
+        return []
+    return [RowError(row=row, field=field, message=why) for row, field, why in check.misfits(problems)]
 
-    @router.post("/problems", status_code=201)
+
+def problems_and_rollouts_router(
+    store: ProblemStore, archive: RolloutArchive, fit: FitSource | None = None
+) -> APIRouter:
+    """The /v1/problems and /v1/rollouts routes over ``store`` and ``archive``; posted
+    problems are checked against the model's context by ``fit`` (None: not at all)."""
+    router = APIRouter(prefix="/v1")
+    not_found: dict[int | str, dict[str, Any]] = {404: {"model": Detail, "description": "no problem with that id"}}
+    unreadable: dict[int | str, dict[str, Any]] = {400: {"model": Detail, "description": "a body that is not UTF-8"}}
+
+    @router.post(
+        "/problems",
+        status_code=201,
+        openapi_extra={"requestBody": PROBLEMS_BODY},
+        responses={
+            **unreadable,
+            413: {"model": Detail, "description": "a body over max_body_bytes"},
+            422: {
+                "model": RowErrors,
+                "description": f"refused rows (each with its row, field and reason), or over {MAX_PROBLEM_ROWS} rows",
+            },
+        },
+    )
     async def post_problems(body: Annotated[Any, Body()], allow_leakage: bool = False) -> Created:
         """Store a JSON list of problems: validated whole first, so either every row is
-        stored or none is. A row whose id exists replaces it (keeping its hint search if its
-        prompt and answer are unchanged); a row without an id gets one derived from its
-        prompt and answer (its split's name appended when the same problem is stored in the
-        other split); within one request the last row wins. A train problem that is also
-        an eval problem is excluded from training unless ``allow_leakage``."""
+        stored or none is. Each row must fit the model's context: its longest prompt
+        (hinted with the longest hint the search may cut) plus its split's max_new_tokens
+        (without a model, only the character bounds apply). A row whose id exists replaces
+        it (keeping its hint search if its prompt and answer are unchanged); a row without
+        an id gets one derived from its prompt and answer (its split's name appended when
+        the same problem is stored in the other split); within one request the last row
+        wins. A train problem that is also an eval problem is excluded from training unless
+        ``allow_leakage``."""
         # The body is taken as Any so that a bad row is reported by its index with our
         # error shape, not as FastAPI's "body.3.answer" location.
         if not isinstance(body, list):
@@ -104,7 +231,8 @@ def problems_and_rollouts_router(store: ProblemStore, archive: RolloutArchive) -
         if not body:
             raise _unprocessable([RowError(row=None, field=None, message="the list of problems is empty")])
         if len(body) > MAX_PROBLEM_ROWS:
-            raise HTTPException(413, f"at most {MAX_PROBLEM_ROWS} problems per request, got {len(body)}")
+            message = f"at most {MAX_PROBLEM_ROWS} problems per request, got {len(body)}: post them in several"
+            raise _unprocessable([RowError(row=None, field=None, message=message)])
         problems, errors = validate_rows(body)
         if errors:
             raise _unprocessable(errors)
@@ -112,53 +240,82 @@ def problems_and_rollouts_router(store: ProblemStore, archive: RolloutArchive) -
         # isolated from a concurrent writer between the read and the one-transaction write).
         before = {p.id: p for p in await store.all()}
         batch: dict[str, Problem] = {}
-        ids = []
+        rows: list[Problem] = []  # each row as it would be stored (a kept search's hint included)
         for problem in problems:
             problem = split_id(problem, batch.get(problem.id) or before.get(problem.id))
             batch[problem.id] = keep_search(problem, before.get(problem.id))
-            ids.append(problem.id)
+            rows.append(batch[problem.id])
+        # Tokenizing is CPU work (the tokenizer's own threads): off the event loop.
+        errors = await asyncio.to_thread(_misfits, fit, rows)
+        if errors:
+            raise _unprocessable(errors)
         leaked, _ = exclude_leaks(batch, before, allow_leakage)
         await store.put_many(list(batch.values()))
-        return Created(ids=ids, leaked=leaked)
+        return Created(ids=[p.id for p in rows], leaked=leaked)
 
     @router.get("/problems")
     async def list_problems(
         label: Annotated[ProblemLabel | Literal["none"] | None, Query()] = None,
         split: Annotated[Literal["train", "eval"] | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+        offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
     ) -> ProblemList:
         """Stored problems (each with its hint-search record, if searched), filtered by
-        label (``none``: not labelled yet) and split."""
+        label (``none``: not labelled yet) and split, a page of ``limit`` at a time in id order."""
         problems = [
             p
             for p in await store.all()
             if (label is None or (p.label is None if label == "none" else p.label == label))
             and (split is None or p.split == split)
         ]
-        return ProblemList(count=len(problems), problems=problems)
+        page = problems[offset : offset + limit]
+        more = offset + limit < len(problems)
+        return ProblemList(count=len(problems), problems=page, next_offset=offset + limit if more else None)
 
-    @router.get("/problems/{problem_id}")
+    @router.get("/problems/{problem_id}", responses=not_found)
     async def get_problem(problem_id: str) -> ProblemView:
         problem = await store.get(problem_id)
         if problem is None:
             raise HTTPException(404, f"no problem with id {problem_id!r}")
         return ProblemView(problem=problem, stats=await store.stats(problem_id))
 
-    @router.get("/rollouts")
+    @router.patch("/problems/{problem_id}", responses={**not_found, **unreadable})
+    async def patch_problem(problem_id: str, patch: Annotated[ProblemPatch, Body()]) -> Problem:
+        """Exclude the problem from training (``true`` or a reason) or include it again
+        (``false``); the scheduler draws from the store each step, so it takes effect at
+        the next step. Returns the problem as stored."""
+        reason = EXCLUDED_BY_API if patch.excluded is True else (patch.excluded or None)
+        updated = await store.update(problem_id, lambda p: p.model_copy(update={"excluded": reason}))
+        if updated is None:
+            raise HTTPException(404, f"no problem with id {problem_id!r}")
+        return updated
+
+    @router.delete("/problems/{problem_id}", status_code=204, response_class=Response, responses=not_found)
+    async def delete_problem(problem_id: str) -> Response:
+        """Remove the problem and its solve counts: no later step draws it (a step already
+        planned skips it); groups of it already sampled are still scored and trained on,
+        and its rollouts stay in the archive."""
+        if not await store.delete(problem_id):
+            raise HTTPException(404, f"no problem with id {problem_id!r}")
+        return Response(status_code=204)
+
+    @router.get("/rollouts", responses={404: {"model": Detail, "description": "no page at that cursor"}})
     async def get_rollouts(
-        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-        cursor: str | None = None,
-        problem_id: str | None = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+        cursor: Annotated[str | None, Query(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")] = None,
+        problem_id: Annotated[str | None, Query(max_length=MAX_ID_CHARS)] = None,
         variant: Variant | None = None,
-        weight_version: Annotated[int | None, Query(ge=0)] = None,
+        weight_version: Annotated[int | None, Query(ge=0, le=2**53)] = None,
     ) -> RolloutPage:
-        """Scored samples from the archive, newest first, filtered by every given field."""
+        """Scored samples from the archive, newest first, filtered by every given field. A
+        cursor that is not a ``next_cursor`` of this archive finds no page (404)."""
         try:
             # File reads block; keep them off the event loop.
             records, next_cursor = await asyncio.to_thread(
                 archive.page, limit, cursor, problem_id=problem_id, variant=variant, weight_version=weight_version
             )
         except ValueError as exc:
-            raise HTTPException(400, str(exc)) from None
+            raise HTTPException(404, str(exc)) from None
         return RolloutPage(rollouts=records, next_cursor=next_cursor)
 
     return router

@@ -9,7 +9,8 @@ through the engine and the verifier service, as in training.
     builder = HintBuilder(settings.hints, attempter, tokenizer, store, template_version, model)
     summary = await builder.run(problems, on_progress=print)
 
-Each finished problem is written to the store at once, with its search record and a
+Each finished problem's findings are written to the store at once (onto the problem as
+stored then: one deleted or changed meanwhile is left as it is), with its search record and a
 fingerprint of the settings, so a build killed at any point and restarted redoes no
 finished problem and loses no result. Seeds derive from (seed, problem, stage, prefix
 length), so a rebuild draws the same samples.
@@ -135,7 +136,7 @@ class HintBuilder:
         async def one(problem: Problem) -> None:
             async with limit:
                 result = await self.search(problem)
-                await self.store.put_many([result])  # durable before it counts as done
+                await self.store.update(problem.id, lambda stored: with_search(stored, result))  # durable first
             assert result.search is not None
             progress.done += 1
             progress.tokens += result.search.tokens_spent
@@ -214,6 +215,14 @@ class HintBuilder:
                 update["hint"] = solution[: cut.chars]
         search = HintSearch(label=label, tokens_spent=spent, **record)
         return Problem.model_validate({**problem.model_dump(), **update, "label": label, "search": search})
+
+
+def with_search(stored: Problem, result: Problem) -> Problem | None:
+    """``stored`` (as it is now: excluded since, say) with the search's findings from
+    ``result``; None, keeping nothing, when its text changed under its id meanwhile."""
+    if (stored.prompt, stored.answer, stored.solution) != (result.prompt, result.answer, result.solution):
+        return None
+    return stored.model_copy(update={"hint": result.hint, "label": result.label, "search": result.search})
 
 
 def summary_table(problems: list[Problem]) -> str:

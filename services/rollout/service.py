@@ -1,7 +1,9 @@
 """The rollout service: ``pope rollout --port 8000 --model DIR``.
 
-It owns the problems and the user-facing API (api.py: problems and rollouts; here:
-GET /v1/status, /healthz, /readyz, /metrics, /docs), runs the scheduler (scheduler.py)
+It owns the problems and the user-facing API (api.py: problems and rollouts; hint_jobs.py:
+hint-search jobs; here: GET /v1/status?history=N (N <= 1000), /healthz, /readyz, /metrics,
+/docs, and the context check posted problems go through, fit.py, when the model's
+config.json gives a context), runs the scheduler (scheduler.py)
 that turns problems into raw groups, and keeps its own read of ``pope:scored``
 (consumer group ``archivers``): every scored sample goes to the JSONL archive that
 GET /v1/rollouts pages, and into the per-problem attempt and solve counts.
@@ -10,19 +12,24 @@ GET /v1/rollouts pages, and into the per-problem attempt and solve counts.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
+import re
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from redis.asyncio import Redis
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.http import add_health_routes, api_app, redis_unready, stop_if_failed, validation_error
 from services.common.http import serve as run_server
@@ -37,12 +44,37 @@ from services.rollout.archiver import Archiver
 from services.rollout.attempts import Attempter
 from services.rollout.engines import Engines
 from services.rollout.evaluation import PeriodicEval
+from services.rollout.fit import FitCheck, model_context
 from services.rollout.hint_jobs import HintJobs, hint_jobs_router
 from services.rollout.scheduler import Scheduler
 from services.rollout.settings import RolloutSettings
 from services.rollout.store import ProblemStore
 
 log = logging.getLogger(__name__)
+
+MAX_HISTORY = 1000
+"""Most trainer steps GET /v1/status?history= returns (the trainer keeps a bounded list too)."""
+
+
+class Status(BaseModel):
+    """GET /v1/status: where training stands, for people and dashboards (free-form parts)."""
+
+    trainer: dict[str, Any]
+    """The trainer's control state (version, buffer, drops) and ``last_step``'s metrics."""
+    engine: dict[str, Any]
+    """Where generation goes and the weights the engines serve."""
+    rollout: dict[str, Any]
+    """The scheduler: step, what it waits for, groups per minute."""
+    streams: dict[str, Any]
+    """Depth and consumer-group lag of pope:rollouts and pope:scored."""
+    problems: int
+    """Problems stored."""
+    evaluation: dict[str, Any]
+    """The periodic evaluation's state."""
+    at: float
+    """Unix time of this answer."""
+    history: list[dict[str, Any]]
+    """The trainer's last ``history`` steps of metrics, newest first."""
 
 
 def create_app(settings: RolloutSettings) -> FastAPI:
@@ -54,15 +86,43 @@ def create_app(settings: RolloutSettings) -> FastAPI:
     archive = RolloutArchive(settings.archive_dir / "rollouts.jsonl")
     stop = asyncio.Event()
     held: dict[str, Any] = {}
+    loading = threading.Lock()  # called from worker threads; transformers' lazy import is not thread-safe
 
-    def tokenizer() -> Any:  # loaded once, on first use (the scheduler or a hint job)
-        if "tokenizer" not in held:
-            from transformers import AutoTokenizer
+    def tokenizer() -> Any:  # loaded once, on first use (the scheduler, a hint job, a POST's fit check)
+        with loading:
+            if "tokenizer" not in held:
+                from transformers import AutoTokenizer
 
-            held["tokenizer"] = AutoTokenizer.from_pretrained(settings.model_path)
+                held["tokenizer"] = AutoTokenizer.from_pretrained(settings.model_path)
         return held["tokenizer"]
 
     hint_jobs = HintJobs(settings, redis, store, engine, tokenizer)
+    context = model_context(settings.model_path)
+    if context is None:
+        log.warning(
+            "no model context (model_path %s, no max_position_embeddings in its config.json): posted problems "
+            "are checked against Problem's character bounds only, not against the model's context",
+            settings.model_path,
+        )
+
+    elif settings.max_new_tokens >= context:
+        log.warning(
+            "max_new_tokens %d leaves no room in the model's context of %d tokens: every train problem "
+            "posted will be refused (POST /v1/problems, 422)",
+            settings.max_new_tokens,
+            context,
+        )
+
+    def fit() -> FitCheck | None:  # POST /v1/problems's context check
+        if context is None:
+            return None
+        # An eval problem's response budget is the periodic evaluation's when the service
+        # runs one; otherwise evaluation is `pope eval`'s, with its own, so the prompt must fit.
+        evaluates = settings.evaluation.every_steps > 0
+        budgets = {"train": settings.max_new_tokens, "eval": settings.evaluation.max_new_tokens if evaluates else 0}
+        source = f"{settings.model_path}/config.json"
+        return FitCheck(tokenizer(), settings.prompt_template, context, budgets, settings.hints.max_fraction, source)
+
     verifier = settings.verifier_client()
 
     async def attempter() -> Attempter:
@@ -121,18 +181,35 @@ def create_app(settings: RolloutSettings) -> FastAPI:
         lifespan=lifespan,
         description="Problems in, hinted and unhinted rollouts out (POPE).",
     )
-    app.include_router(problems_and_rollouts_router(store, archive))
+    app.include_router(problems_and_rollouts_router(store, archive, fit))
     app.include_router(hint_jobs_router(hint_jobs))
 
     @app.exception_handler(RequestValidationError)
     async def unreadable_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        """A body that is not JSON at all gets the same error shape as a bad row."""
-        bad_json = [e for e in exc.errors() if e.get("type") == "json_invalid"]
-        if bad_json:
-            reason = bad_json[0].get("ctx", {}).get("error", "")
-            message = f"the body is not valid JSON: {reason}".rstrip(": ")
-            return JSONResponse({"detail": [{"row": None, "field": None, "message": message}]}, 422)
-        return validation_error(exc)
+        """POST /v1/problems answers every 422 in its row-error shape (api.RowErrors): a
+        body that is not JSON at all, or a bad query; every other route FastAPI's own."""
+        if not (request.method == "POST" and request.url.path == "/v1/problems"):
+            return validation_error(exc)
+        rows = []
+        for e in exc.errors():
+            if e.get("type") == "json_invalid":
+                reason = e.get("ctx", {}).get("error", "")
+                message = f"the body is not valid JSON: {reason}".rstrip(": ")
+                rows.append({"row": None, "field": None, "message": message})
+            else:
+                rows.append({"row": None, "field": ".".join(str(p) for p in e["loc"]) or None, "message": e["msg"]})
+        return JSONResponse({"detail": rows}, 422)
+
+    plain_http_error = app.exception_handlers[StarletteHTTPException]
+
+    @app.exception_handler(StarletteHTTPException)
+    async def method_not_allowed(request: Request, exc: StarletteHTTPException) -> Response:
+        """A 405's Allow names every method of the path: Starlette names only those of the
+        first route matching it (GET /v1/problems and POST /v1/problems are two routes)."""
+        if exc.status_code == 405:
+            exc = StarletteHTTPException(405, exc.detail, headers={"Allow": ", ".join(_methods(app, request))})
+        answer = plain_http_error(request, exc)
+        return await answer if inspect.isawaitable(answer) else answer
 
     async def ready() -> str | None:
         failed: str | None = getattr(app.state, "failed", None)
@@ -140,8 +217,8 @@ def create_app(settings: RolloutSettings) -> FastAPI:
 
     add_health_routes(app, ready)
 
-    @app.get("/v1/status")
-    async def status(history: int = 0) -> dict[str, Any]:
+    @app.get("/v1/status", response_model=Status)
+    async def status(history: Annotated[int, Query(ge=0, le=MAX_HISTORY)] = 0) -> dict[str, Any]:
         """Training state: the trainer's control state (version, buffer, drops) and its last
         step's metrics, engine weight version, stream depths, rates; with ``history=N``, the
         trainer's last N steps of metrics (newest first)."""
@@ -181,6 +258,14 @@ async def _streams(redis: Redis, keys: Keys) -> dict[str, Any]:
     for name, stream, group in (("rollouts", keys.rollouts, VERIFIERS), ("scored", keys.scored, TRAINERS)):
         out[name] = {"length": await redis.xlen(stream), group: await group_info(redis, stream, group)}
     return out
+
+
+def _methods(app: FastAPI, request: Request) -> list[str]:
+    """The methods the API's description (OpenAPI) gives ``request``'s path."""
+    for template, operations in app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)), request.url.path):
+            return sorted(m.upper() for m in operations)
+    return []
 
 
 def _num(raw: bytes) -> int | float | str:

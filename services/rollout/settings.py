@@ -24,31 +24,36 @@ class HintSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
-    k: int = Field(128, ge=1)
-    """Unhinted attempts per problem; a problem is hard when none succeeds."""
-    k_hint: int = Field(8, ge=1)
+    k: int = Field(128, ge=1, le=1024)
+    """Unhinted attempts per problem; a problem is hard when none succeeds (at most 1024:
+    the paper's 128 already costs minutes a problem on real models)."""
+    k_hint: int = Field(8, ge=1, le=256)
     """Attempts per candidate prefix; a prefix works when at least one succeeds."""
-    max_new_tokens: int = Field(32768, ge=1)
-    """Longest response in the search (the paper: 32k)."""
-    temperature: float = Field(0.8, gt=0.0)
+    max_new_tokens: int = Field(32768, ge=1, le=1 << 20)
+    """Longest response in the search (the paper: 32k). A job runs with at most the model's
+    context (config.json's max_position_embeddings): a default over it is lowered to it, a
+    job asking for more is refused."""
+    temperature: float = Field(0.8, gt=0.0, le=10.0)
     """Sampling temperature: training's, so 'hard' means hard for the rollouts RL will see."""
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     """Nucleus sampling in the search (1.0: the full distribution, as in training)."""
     max_fraction: float = Field(0.25, gt=0.0, le=1.0)
-    """Longest prefix tried, as a share of the solution's tokens."""
+    """Longest prefix tried, as a share of the solution's tokens. Problems are admitted
+    against the service's value (fit.py: their longest hint must fit the context), so a job
+    may lower it but not raise it."""
     method: Literal["linear", "galloping"] = "linear"
     """linear: the paper's scan from the shortest prefix up. galloping: probe cuts 0, 2, 6, 14, ...
     cuts then bisect; fewer attempts, approximate (success is not monotone in length)."""
-    min_cuts: int = Field(3, ge=1)
+    min_cuts: int = Field(3, ge=1, le=256)
     """Natural boundaries (paragraph, then sentence, then line ends) are collected until there
     are this many cuts; token counts are added when there are fewer."""
-    max_cuts: int = Field(16, ge=1)
+    max_cuts: int = Field(16, ge=1, le=256)
     """Most candidate prefixes per problem (more are thinned, evenly spaced)."""
-    concurrency: int = Field(4, ge=1)
-    """Problems searched at once. 1 makes records exactly reproducible on an engine with
-    deterministic inference (a batch then holds one problem's samples only; batched
-    decoding can differ in the last float bits)."""
-    seed: int = 0
+    concurrency: int = Field(4, ge=1, le=256)
+    """Problems searched at once (each sends up to ``k`` samples to the engine). 1 makes
+    records exactly reproducible on an engine with deterministic inference (a batch then
+    holds one problem's samples only; batched decoding can differ in the last float bits)."""
+    seed: int = Field(0, ge=0, le=2**31 - 1)
     """Seeds every request (per problem, stage and prefix), so a rebuild on an engine with
     deterministic inference draws the same (one without ignores seeds, as SGLang does)."""
 

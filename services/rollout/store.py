@@ -5,6 +5,13 @@
     problem = await store.get(ids[0])
     effects.call(lambda pipe: store.queue_record(pipe, scored_group))   # in a stream handler
     await store.stats(ids[0])  # {"hinted": {"attempts": 8, "solves": 3}, "unhinted": {...}}
+    await store.update(pid, lambda p: p.model_copy(update={"excluded": "why"}))  # None: gone
+    await store.delete(pid)                   # False when it was not stored
+
+A deleted problem is no longer drawn (the scheduler reads the store each step, and skips
+a planned group whose problem is gone); groups already published are still scored and
+trained on. ``update`` re-reads the problem under WATCH, so a change made meanwhile (an
+exclusion, a hint search's result, a deletion) is never overwritten with an old copy.
 
 Layout (services/common/keys.py):
 
@@ -14,8 +21,11 @@ Layout (services/common/keys.py):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
 
 from services.common.keys import Keys
 from services.common.messages import Problem, ScoredGroup, Variant, decode, encode
@@ -60,6 +70,37 @@ class ProblemStore:
         """Every stored problem, in id order (HGETALL order is not stable across writes)."""
         rows: dict[bytes, bytes] = await self.redis.hgetall(self.keys.problems)  # type: ignore[misc]
         return [decode(Problem, rows[k]) for k in sorted(rows)]
+
+    async def update(self, problem_id: str, change: Callable[[Problem], Problem | None]) -> Problem | None:
+        """Store ``change(stored)`` in place of the stored problem, atomically against any
+        other write to the store (optimistic: retried when one lands between the read and
+        the write). Returns what was stored; None, storing nothing, when the problem is not
+        stored or ``change`` returns None."""
+        while True:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    await pipe.watch(self.keys.problems)
+                    data = await pipe.hget(self.keys.problems, problem_id)  # type: ignore[misc]
+                    new = None if data is None else change(decode(Problem, data))
+                    if new is None:
+                        return None
+                    if new.id != problem_id:
+                        raise ValueError(f"an update may not change a problem's id ({problem_id!r} -> {new.id!r})")
+                    pipe.multi()
+                    pipe.hset(self.keys.problems, mapping={problem_id: encode(new)})
+                    await pipe.execute()
+                    return new
+                except WatchError:
+                    continue
+
+    async def delete(self, problem_id: str) -> bool:
+        """Remove the problem and its solve counts; False when it was not stored."""
+        fields = [stats_field(problem_id, v, c) for v in Variant for c in (ATTEMPTS, SOLVES)]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(self.keys.problems, problem_id)
+            pipe.hdel(self.keys.stats, *fields)
+            removed, _ = await pipe.execute()
+        return bool(removed)
 
     async def count(self) -> int:
         n: int = await self.redis.hlen(self.keys.problems)  # type: ignore[misc]

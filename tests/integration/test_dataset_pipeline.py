@@ -57,6 +57,7 @@ WITH_TOKEN = {**os.environ, "POPE_ROLLOUT__VERIFIER_TOKEN": TOKEN}
 CONFIG = {
     "rollout": {
         "prompt_template": TEMPLATE.model_dump(),
+        "max_new_tokens": 48,  # posted problems must fit the tiny model's 4096-token context with it
         "hints": {"k": 4, "k_hint": 4, "max_new_tokens": 12, "concurrency": 1},
     }
 }

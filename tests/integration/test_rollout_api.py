@@ -21,7 +21,7 @@ from services.common.http import api_app
 from services.common.keys import Keys
 from services.common.messages import Problem, ProblemLabel, Score, ScoredGroup, Variant, problem_id_for
 from services.common.redis_server import free_port
-from services.rollout.api import problems_and_rollouts_router
+from services.rollout.api import FitSource, problems_and_rollouts_router
 from services.rollout.archive import RolloutArchive, RolloutRecord
 from services.rollout.settings import RolloutSettings
 from services.rollout.store import ProblemStore
@@ -36,7 +36,12 @@ class Api:
 
 @contextlib.contextmanager
 def serving(
-    redis_url: str, keys: Keys, archive: RolloutArchive, token: str | None = None, reads_locked: bool = False
+    redis_url: str,
+    keys: Keys,
+    archive: RolloutArchive,
+    token: str | None = None,
+    reads_locked: bool = False,
+    fit: FitSource | None = None,
 ) -> Iterator[Api]:
     """The router on an app served by uvicorn on a free port, in a thread with its own
     event loop. The Redis client is made inside that loop: a redis.asyncio client's
@@ -48,7 +53,7 @@ def serving(
         client = Redis.from_url(redis_url)
         settings = RolloutSettings(api_token=SecretStr(token) if token else None, require_auth_for_reads=reads_locked)
         app = api_app(settings)
-        app.include_router(problems_and_rollouts_router(ProblemStore(client, keys), archive))
+        app.include_router(problems_and_rollouts_router(ProblemStore(client, keys), archive, fit))
         server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
         servers.append(server)
         try:
@@ -254,10 +259,12 @@ def test_rollouts_bad_query_is_422(api: Api, params: dict[str, Any]) -> None:
     assert httpx.get(f"{api.url}/v1/rollouts", params=params).status_code == 422
 
 
-def test_rollouts_bad_cursor_is_400(api: Api) -> None:
+def test_rollouts_bad_cursor_is_422_or_finds_no_page(api: Api) -> None:
+    """Not base64url: refused by the query's pattern; not one of ours: no page there (404)."""
     fill_archive(api.archive)
-    resp = httpx.get(f"{api.url}/v1/rollouts", params={"cursor": "garbage!"})
-    assert resp.status_code == 400 and "malformed cursor" in resp.json()["detail"]
+    assert httpx.get(f"{api.url}/v1/rollouts", params={"cursor": "garbage!"}).status_code == 422
+    resp = httpx.get(f"{api.url}/v1/rollouts", params={"cursor": "garbage"})
+    assert resp.status_code == 404 and "malformed cursor" in resp.json()["detail"]
 
 
 def test_the_rollout_service_answers_unreadable_bodies_in_the_row_error_shape(
@@ -283,6 +290,14 @@ def test_the_rollout_service_answers_unreadable_bodies_in_the_row_error_shape(
         assert error["row"] is None and error["message"].startswith("the body is not valid JSON")
         status = httpx.get(f"{proc.url}/v1/status", timeout=10).json()
         assert status["rollout"]["waiting_for"] == "scheduler disabled" and "planner" not in status["rollout"]
+        # Every 422 of POST /v1/problems has the row-error shape, a bad query's too.
+        resp = httpx.post(f"{proc.url}/v1/problems", params={"allow_leakage": "maybe"}, json=rows(1), timeout=10)
+        assert resp.status_code == 422 and resp.json()["detail"][0]["field"] == "query.allow_leakage"
+        # The history is bounded (a huge one was a 500).
+        for history in (10**9, -1, "x"):
+            resp = httpx.get(f"{proc.url}/v1/status", params={"history": history}, timeout=10)
+            assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["query", "history"]
+        assert httpx.get(f"{proc.url}/v1/status", params={"history": 1000}, timeout=10).json()["history"] == []
 
 
 def test_reads_need_the_token_when_locked_and_probes_stay_open(redis_url: str, keys: Keys, tmp_path: Path) -> None:
