@@ -114,18 +114,6 @@ class RolloutPage(BaseModel):
     """Pass back as ``cursor`` for the next (older) page; None on the last page."""
 
 
-SEARCH_NOT_POSTED = (
-    "search is the hint search's own record (GET shows it, a repost keeps it): it is not posted; "
-    "import searched problems with `pope data import`"
-)
-
-
-def _posted(schema: dict[str, Any]) -> dict[str, Any]:
-    """Problem's schema as a posted row: ``search``, the service's own record, only null."""
-    search = {"type": "null", "default": None, "description": "Never posted (the service's own record)."}
-    return {**schema, "properties": {**schema["properties"], "search": search}}
-
-
 def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
     """A pydantic JSON schema with its ``$defs`` put in place of every ``$ref`` (no cycles)."""
     defs = schema.pop("$defs", {})
@@ -151,7 +139,7 @@ PROBLEMS_BODY: dict[str, Any] = {
                 "minItems": 1,
                 "maxItems": MAX_PROBLEM_ROWS,
                 "items": {
-                    **_posted(_inlined(Problem.model_json_schema(mode="validation"))),
+                    **_inlined(Problem.model_json_schema(mode="validation")),
                     # Problem's invariant, said in JSON Schema: a hard_hinted problem has a hint.
                     "if": {"properties": {"label": {"const": "hard_hinted"}}, "required": ["label"]},
                     "then": {"required": ["hint"], "properties": {"hint": {"type": "string"}}},
@@ -169,9 +157,6 @@ def validate_rows(rows: list[Any]) -> tuple[list[Problem], list[RowError]]:
     problems: list[Problem] = []
     errors: list[RowError] = []
     for i, row in enumerate(rows):
-        if isinstance(row, dict) and row.get("search") is not None:
-            errors.append(RowError(row=i, field="search", message=SEARCH_NOT_POSTED))
-            continue
         try:
             problems.append(Problem.model_validate(row))
         except ValidationError as exc:

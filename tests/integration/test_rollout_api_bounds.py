@@ -153,9 +153,10 @@ def test_a_cursor_that_is_not_ours_finds_no_page(api: Api) -> None:
         assert status == 422 or isinstance(resp.json()["detail"], str)
 
 
-def test_a_posted_search_record_is_refused(api: Api) -> None:
-    row = {"prompt": "p", "answer": "1", "search": hard_hinted_search().model_dump(mode="json")}
-    resp = post(api, [row])
-    assert resp.status_code == 422 and resp.json()["detail"][0]["field"] == "search"
+def test_a_searched_problem_posts_with_its_search_record(api: Api) -> None:
+    """The experiments post hint-searched problems (their hints with the search's record)."""
+    searched = {"prompt": "p", "answer": "1", "hint": "x is", "label": "hard_hinted"}
+    row = {**searched, "search": hard_hinted_search().model_dump(mode="json")}
+    assert post(api, [row]).status_code == 201
     assert post(api, [{"prompt": "p", "answer": "1", "id": {}}]).status_code == 422  # {} is no id
     assert post(api, [{"prompt": "p", "answer": "1", "search": None}]).status_code == 201  # a dumped Problem
