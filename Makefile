@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-unit lint fmt clean demo experiment smoke-containers chaos chaos-short verifier-fuzz
+.PHONY: venv test test-unit lint fmt clean demo experiment smoke-containers chaos chaos-short verifier-fuzz fuzz
 
 venv: $(STAMP)
 
@@ -72,6 +72,15 @@ chaos-short: $(STAMP)
 MUTATIONS ?= 2000
 verifier-fuzz: $(STAMP)
 	$(PY) bench/verifier_adversarial.py --mutations $(MUTATIONS) --seed $(SEED)
+
+# Every HTTP service fuzzed by schemathesis from its own OpenAPI (tests/fuzz; the router from
+# tests/fuzz/router_openapi.yaml), all checks, FUZZ_CASES generated cases a service (CI: 1000),
+# each failure shrunk to a minimal request (FUZZ_SHRINK=1; off in CI), the router sent invalid
+# cases too (FUZZ_ROUTER_MODE=all; CI: valid ones only).
+# What it found: tests/fuzz/FINDINGS.md.
+FUZZ_CASES ?= 10000
+fuzz: $(STAMP)
+	FUZZ_CASES=$(FUZZ_CASES) FUZZ_SHRINK=1 FUZZ_ROUTER_MODE=all FUZZ_TIMEOUT_S=3000 $(PY) -m pytest tests/fuzz --timeout 3600 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
