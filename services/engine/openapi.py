@@ -192,7 +192,7 @@ def bodies(limits: Limits, rt: EngineRuntime | None) -> dict[str, Schema]:
         "/init_weights_update_group": _body(
             _obj(
                 {
-                    "master_address": {"type": "string"},
+                    "master_address": {"type": "string", "minLength": 1},
                     "master_port": {"type": "integer", "minimum": 1, "maximum": 65535},
                     "rank_offset": {"type": "integer", "minimum": 1},
                     "world_size": {"type": "integer", "minimum": 2},

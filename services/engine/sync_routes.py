@@ -51,6 +51,8 @@ def add_weight_sync_routes(
         rt = runtime()
         body = await json_body(request)
         address, port = field(body, "master_address", str), field(body, "master_port", int)
+        if not address or not 1 <= port <= 65535:  # else the rendezvous waits out its timeout on nothing
+            raise bad_request("'master_address' must be a host and 'master_port' in 1..65535")
         offset, size = field(body, "rank_offset", int), field(body, "world_size", int)
         name, backend = field(body, "group_name", str, DEFAULT_GROUP), field(body, "backend", str, "nccl")
         if backend != "gloo":

@@ -69,8 +69,10 @@ def trainer_url(redis_url: str, keys: Keys, tiny_model: Path, tmp_path: Path) ->
 
 @pytest.fixture
 def fuzz_engine_url(tiny_model: Path) -> Iterator[str]:
-    """An engine of the fuzz's own: its admin routes are fuzzed too (pause, weights, abort)."""
-    with running_engine(tiny_model) as url:
+    """An engine of the fuzz's own: its admin routes are fuzzed too (pause, weights, abort).
+    A weight-sync group's rendezvous with a trainer nobody runs fails after 2 s, inside the
+    fuzz's request timeout (its default, 120 s, is for a real trainer's start)."""
+    with running_engine(tiny_model, "--weight-sync-timeout-s", "2") as url:
         yield url
 
 
