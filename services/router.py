@@ -12,9 +12,10 @@ since every engine serves the same weights and a group's samples are requests of
 
 With ``POPE_ROUTER_ADMIN_KEY`` set, the router's worker list (``/workers``, read or
 changed) needs ``Authorization: Bearer <key>`` (the router's control-plane keys, one of
-role admin): the trainer sends it (``trainer.router_admin_key``). Generation stays open to
-whoever reaches the router; the engines' own keys guard them, and the network policy (or
-compose's unpublished port) keeps the router to the rollout service and the trainer.
+role admin): the trainer sends it (``trainer.router_admin_key``). Generation through the
+router is open to whoever reaches it (it forwards with the engine key each worker was added
+with; sglang-router 0.3.2 has no client key for its data plane): the network policy (or
+compose's unpublished port) is what keeps the router to the rollout service and the trainer.
 """
 
 from __future__ import annotations

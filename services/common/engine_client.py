@@ -399,14 +399,15 @@ class EngineClient(retry.RetryingClient):
         """(step, lineage) of the weights being served."""
         return (await self.model_info()).served
 
-    async def ready(self) -> bool:
-        """SGLang's ``GET /ready``: True when the engine has started and is not paused (an
-        engine someone else left paused answers False, while ``healthy`` says True)."""
+    async def ready(self) -> bool | None:
+        """SGLang's ``GET /ready``: True when the engine has started and is not paused, False
+        when it answers 503 (paused, say: an engine someone else left paused, while
+        ``healthy`` says True), None when it cannot tell (no answer, no such route)."""
         try:
             resp = await self._http.get("/ready", timeout=5.0)
         except httpx.HTTPError:
-            return False
-        return resp.status_code == 200
+            return None
+        return {200: True, 503: False}.get(resp.status_code)
 
     async def healthy(self) -> bool:
         try:

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -91,20 +91,10 @@ def token_matches(header: str | None, token: SecretStr) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(credentials.encode(), token.get_secret_value().encode())
 
 
-def unauthorized() -> HTTPException:
-    return HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-
 def api_app(settings: ServiceSettings, **fastapi_kwargs: Any) -> FastAPI:
     """A service's FastAPI app with its auth, body limit and error handling (module doc)."""
     token, reads_locked = settings.api_token, settings.require_auth_for_reads
-
-    async def check_token(request: Request) -> None:
-        guarded = token is not None and needs_token(request.method, request.url.path, reads_locked)
-        if guarded and not token_matches(request.headers.get("authorization"), token):  # type: ignore[arg-type]
-            raise unauthorized()
-
-    app = FastAPI(dependencies=[Depends(check_token)], **fastapi_kwargs)
+    app = FastAPI(**fastapi_kwargs)
     limit_mib = settings.max_body_bytes / 2**20
     too_large_body = {"detail": f"the request body is over {limit_mib:g} MiB (max_body_bytes)"}
     # Starlette's limit counts the bytes as they arrive (FastAPI turns its signal into a 413
@@ -112,6 +102,8 @@ def api_app(settings: ServiceSettings, **fastapi_kwargs: Any) -> FastAPI:
     # answered at once, in JSON (Starlette's own answer to that is plain text).
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
     app.add_middleware(DeclaredLengthLimit, limit=settings.max_body_bytes, body=too_large_body)
+    if token is not None:  # outermost: a request without the token is refused before a byte of its body is read
+        app.add_middleware(RequireToken, token=token, reads_locked=reads_locked)
 
     @app.exception_handler(StarletteHTTPException)
     async def too_large(request: Request, exc: StarletteHTTPException) -> Response:
@@ -135,6 +127,26 @@ def api_app(settings: ServiceSettings, **fastapi_kwargs: Any) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+class RequireToken:
+    """ASGI middleware: a request that ``needs_token`` without the token is answered 401 at
+    once. Not a FastAPI dependency: those run after the body is read and parsed, so anyone
+    could make a service buffer and parse ``max_body_bytes`` of JSON on its event loop."""
+
+    def __init__(self, app: ASGIApp, token: SecretStr, reads_locked: bool) -> None:
+        self.app, self.token, self.reads_locked = app, token, reads_locked
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and needs_token(scope["method"], scope["path"], self.reads_locked):
+            header = dict(scope["headers"]).get(b"authorization")
+            if not token_matches(header.decode("latin-1") if header is not None else None, self.token):
+                response = JSONResponse(
+                    {"detail": "missing or wrong bearer token"}, 401, headers={"WWW-Authenticate": "Bearer"}
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class DeclaredLengthLimit:

@@ -61,6 +61,11 @@ class VerifierClient(retry.RetryingClient):
             stalls = stalls + 1 if all(s.error == NOT_SCORED for s in again) else 0
             for i, score in zip(late, again, strict=True):
                 scores[i] = score
+        if late:  # never a placeholder as a verdict: the hint search would count it a failure
+            raise VerifierError(
+                f"{len(late)} of {len(rows)} rows still unscored after {MAX_STALLS} requests in a row "
+                "scored none of them (the verifier's verify pool is saturated)"
+            )
         return scores
 
     async def _post(self, rows: list[dict[str, str]]) -> list[object]:

@@ -10,7 +10,9 @@ than ``max_request_tokens``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -56,6 +58,16 @@ def _per_prompt(value: Any, n: int, name: str) -> list[Any]:
             raise BadRequest(f"{name} has {len(value)} entries for {n} prompts")
         return value
     return [value] * n
+
+
+_TOKENIZING = threading.Lock()
+"""One tokenization at a time: a fast tokenizer's settings are shared state (concurrent calls
+from threads can fail with "Already borrowed")."""
+
+
+def _prompts_one_at_a_time(body: dict[str, Any], rt: EngineRuntime, max_prompts: int) -> tuple[list[list[int]], bool]:
+    with _TOKENIZING:
+        return _prompts(body, rt, max_prompts)
 
 
 def _prompts(body: dict[str, Any], rt: EngineRuntime, max_prompts: int) -> tuple[list[list[int]], bool]:
@@ -148,7 +160,9 @@ async def generate(rt: EngineRuntime, body: dict[str, Any], limits: Limits) -> A
     start = time.monotonic()
     if _flag(body, "stream"):
         raise BadRequest("streaming is not supported by the CPU engine")
-    prompts, batch = _prompts(body, rt, limits.max_prompts)
+    # In a thread: tokenizing megabytes of text takes seconds, and the event loop answers
+    # /health, aborts and the trainer's checks meanwhile.
+    prompts, batch = await asyncio.to_thread(_prompts_one_at_a_time, body, rt, limits.max_prompts)
     raw_params = body.get("sampling_params")
     if isinstance(raw_params, list) and not all(isinstance(p, dict) for p in raw_params):
         raise BadRequest("sampling_params must be an object or a list of objects, one per prompt")

@@ -242,11 +242,7 @@ class EngineRuntime:
         begin..end bracket belongs to whoever opened it and may last as long as they
         like (a trainer that died never ends it), so waiting for it could be forever,
         and loading in the middle of it would serve a mix of two checkpoints."""
-        if self.weight_groups.session_open:
-            raise WeightUpdateBusy(
-                "a distributed weight update (begin_weight_update .. end_weight_update) is in progress; "
-                "load from disk after end_weight_update"
-            )
+        self._refuse_during_session()
         try:
             found = (Path(path) / "config.json").is_file()
         except (OSError, ValueError):  # a NUL byte, a name too long
@@ -254,7 +250,15 @@ class EngineRuntime:
         if not found:
             raise WeightsNotFound(f"no HF model directory at {path!r} (no config.json there)")
         with self._update_lock:
+            self._refuse_during_session()  # again: a session may have begun while this waited
             return self._update_from(path, version, abort_all)
+
+    def _refuse_during_session(self) -> None:
+        if self.weight_groups.session_open:
+            raise WeightUpdateBusy(
+                "a distributed weight update (begin_weight_update .. end_weight_update) is in progress; "
+                "load from disk after end_weight_update"
+            )
 
     def _update_from(self, path: str, version: str | None, abort_all: bool) -> str:
         try:

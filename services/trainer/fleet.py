@@ -262,7 +262,7 @@ class Fleet:
         # SGLang's) by someone else: nothing pauses an engine between two of this fleet's
         # calls, which hold the weights lock, so a pause seen here is a stall to undo.
         ours = e.held
-        if ours or not await e.probe.ready():
+        if ours or await e.probe.ready() is False:
             why = "an in-flight update had left it paused" if ours else "someone else had paused it"
             try:
                 await e.probe.resume()

@@ -130,7 +130,7 @@ async def test_the_trainer_and_rollout_clients_work_against_an_engine_with_both_
         trainer = load_settings(TrainerSettings, None)
         async with trainer.engine_client() as client:
             await client.pause("in_place")
-            assert not await client.ready() and await client.healthy()
+            assert await client.ready() is False and await client.healthy()
             await client.resume()
             assert await client.ready()
             await client.begin_weight_update()

@@ -191,6 +191,11 @@ def test_posting_requires_the_bearer_token_when_configured(redis_url: str, keys:
         right = {"Authorization": "Bearer t0k"}
         assert httpx.post(f"{api.url}/v1/problems", json=rows(1), headers=right).status_code == 201
         assert count(api) == 1
+        # Refused at the door, before its body is read or parsed: a body that is not JSON
+        # is a 401 too, not the 422 parsing it would give.
+        garbage = {"Content-Type": "application/json"}
+        assert httpx.post(f"{api.url}/v1/problems", content=b"[{", headers=garbage).status_code == 401
+        assert httpx.post(f"{api.url}/v1/problems", content=b"[{", headers={**garbage, **right}).status_code == 422
 
 
 async def test_get_problem_shows_per_variant_counts(api: Api, aredis: Redis, keys: Keys) -> None:

@@ -5,7 +5,8 @@ inside the project, lazy imports in functions included) and reads each module's 
 for the ways bytes become code: the pickle family (pickle, marshal, shelve, dill,
 cloudpickle and the torch.distributed ``*_object*`` collectives, which pickle), ``eval``,
 ``exec``, ``compile`` and ``__import__``, YAML's unsafe loaders, ``torch.load`` without
-``weights_only=True``, and a shell command line. What is found must be on the list below,
+``weights_only=True``, ``trust_remote_code`` (a model directory's own Python, where the
+trainer's weight pushes name the directory), and a shell command line. What is found must be on the list below,
 each with the reason it carries nothing from the wire; a new use fails until it is judged.
 
 math-verify hands answer text to sympy's ``parse_expr``, which evaluates: the services'
@@ -34,6 +35,10 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("services.verifier.pool", "Connection.recv"): (
         "the parent and its own forked scoring workers: the pickles are made by this code, of "
         "strings and Score dicts; wire text travels inside them as str values, never as pickle bytes"
+    ),
+    ("services.trainer.policy", "from torch import load"): (
+        "torch.distributed.checkpoint's load of the trainer's own checkpoint (its .metadata is a "
+        "pickle) from trainer.checkpoint_dir, written by the trainer; no request names that directory"
     ),
 }
 
@@ -86,6 +91,9 @@ def findings(tree: ast.AST) -> Iterator[str]:
             for name in names:
                 if name.split(".")[0] in PICKLING_MODULES:
                     yield f"import {name}"
+            torch_from = isinstance(node, ast.ImportFrom) and (node.module or "").startswith("torch")
+            if torch_from and any(a.name == "load" for a in node.names):
+                yield "from torch import load"
         if not isinstance(node, ast.Call):
             continue
         func = node.func
@@ -94,7 +102,12 @@ def findings(tree: ast.AST) -> Iterator[str]:
         if not isinstance(func, ast.Attribute):
             continue
         owner = func.value.id if isinstance(func.value, ast.Name) else None
+        if isinstance(func.value, ast.Attribute) and func.value.attr == "serialization":
+            owner = "torch"  # torch.serialization.load
         keywords = {k.arg: k.value for k in node.keywords}
+        remote = keywords.get("trust_remote_code")
+        if remote is not None and not (isinstance(remote, ast.Constant) and remote.value is False):
+            yield "trust_remote_code"  # a model directory's own Python, run
         if func.attr in PICKLING_COLLECTIVES:
             yield func.attr
         elif owner == "yaml" and func.attr in UNSAFE_YAML:
@@ -135,7 +148,9 @@ from marshal import loads
 import yaml, torch, subprocess
 eval(x); exec(y)
 yaml.load(s); yaml.safe_load(s)
-torch.load(p); torch.load(p, weights_only=True)
+torch.load(p); torch.load(p, weights_only=True); torch.serialization.load(p)
+from torch import load
+AutoModel.from_pretrained(path, trust_remote_code=True); AutoModel.from_pretrained(path)
 dist.broadcast_object_list(objs)
 conn.recv()
 subprocess.run(cmd, shell=True); subprocess.run(argv)
@@ -149,6 +164,9 @@ subprocess.run(cmd, shell=True); subprocess.run(argv)
             "exec()",
             "yaml.load",
             "torch.load without weights_only=True",
+            "torch.load without weights_only=True",
+            "from torch import load",
+            "trust_remote_code",
             "broadcast_object_list",
             "Connection.recv",
             "a shell command line",
