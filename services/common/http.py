@@ -37,6 +37,7 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.common.config import ServiceSettings
@@ -103,7 +104,7 @@ def api_app(settings: ServiceSettings, **fastapi_kwargs: Any) -> FastAPI:
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_body_bytes)
     app.add_middleware(DeclaredLengthLimit, limit=settings.max_body_bytes, body=too_large_body)
     if token is not None:  # outermost: a request without the token is refused before a byte of its body is read
-        app.add_middleware(RequireToken, token=token, reads_locked=reads_locked)
+        app.add_middleware(RequireToken, token=token, reads_locked=reads_locked, routes=lambda: app.router.routes)
 
     @app.exception_handler(StarletteHTTPException)
     async def too_large(request: Request, exc: StarletteHTTPException) -> Response:
@@ -130,15 +131,20 @@ def api_app(settings: ServiceSettings, **fastapi_kwargs: Any) -> FastAPI:
 
 
 class RequireToken:
-    """ASGI middleware: a request that ``needs_token`` without the token is answered 401 at
-    once. Not a FastAPI dependency: those run after the body is read and parsed, so anyone
-    could make a service buffer and parse ``max_body_bytes`` of JSON on its event loop."""
+    """ASGI middleware: a request for a route that ``needs_token``, without the token, is
+    answered 401 at once. Not a FastAPI dependency: those run after the body is read and
+    parsed, so anyone could make a service buffer and parse ``max_body_bytes`` of JSON on
+    its event loop. A method or path no route serves goes on to its 405 or 404."""
 
-    def __init__(self, app: ASGIApp, token: SecretStr, reads_locked: bool) -> None:
-        self.app, self.token, self.reads_locked = app, token, reads_locked
+    def __init__(self, app: ASGIApp, token: SecretStr, reads_locked: bool, routes: Callable[[], list[Any]]) -> None:
+        self.app, self.token, self.reads_locked, self.routes = app, token, reads_locked, routes
+
+    def _routed(self, scope: Scope) -> bool:
+        return any(route.matches(scope)[0] is Match.FULL for route in self.routes())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and needs_token(scope["method"], scope["path"], self.reads_locked):
+        guarded = scope["type"] == "http" and needs_token(scope["method"], scope["path"], self.reads_locked)
+        if guarded and self._routed(scope):
             header = dict(scope["headers"]).get(b"authorization")
             if not token_matches(header.decode("latin-1") if header is not None else None, self.token):
                 response = JSONResponse(

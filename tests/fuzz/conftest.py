@@ -70,9 +70,13 @@ def trainer_url(redis_url: str, keys: Keys, tiny_model: Path, tmp_path: Path) ->
 @pytest.fixture
 def fuzz_engine_url(tiny_model: Path) -> Iterator[str]:
     """An engine of the fuzz's own: its admin routes are fuzzed too (pause, weights, abort).
-    A weight-sync group's rendezvous with a trainer nobody runs fails after 2 s, inside the
-    fuzz's request timeout (its default, 120 s, is for a real trainer's start)."""
-    with running_engine(tiny_model, "--weight-sync-timeout-s", "2") as url:
+    A weight-sync group's rendezvous with a trainer nobody runs fails after 0.5 s, inside the
+    fuzz's request timeout (its default, 120 s, is for a real trainer's start). A request's
+    tokens are held to 256 (rows x n x (prompt + max_new_tokens); over it a 400, as any
+    engine answers past its budget): each case then decodes in well under a second, and the
+    tier stays inside CI's time."""
+    extra = ("--weight-sync-timeout-s", "0.5", "--max-request-tokens", "256")
+    with running_engine(tiny_model, *extra) as url:
         yield url
 
 

@@ -317,6 +317,9 @@ def test_reads_need_the_token_when_locked_and_probes_stay_open(redis_url: str, k
         assert httpx.get(f"{api.url}/v1/problems", headers={"Authorization": "Bearer T0K"}).status_code == 401
         assert httpx.get(f"{api.url}/v1/problems", headers={"Authorization": "Basic t0k"}).status_code == 401
         assert httpx.get(f"{api.url}/openapi.json").status_code == 200  # the API's description is open
+        # What no route serves is its 405 or 404, token or not.
+        assert httpx.put(f"{api.url}/v1/problems").status_code == 405
+        assert httpx.post(f"{api.url}/v1/nothing").status_code == 404
         ops = httpx.get(f"{api.url}/openapi.json").json()["paths"]
         assert all(
             op["security"] == [{"bearer": []}] and "401" in op["responses"] for p in ops.values() for op in p.values()
