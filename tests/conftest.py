@@ -18,7 +18,7 @@ import tempfile
 import time
 import uuid
 import zipfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +203,57 @@ def sglang_api(sglang_source: Path) -> Any:
     sys.modules["sglang_api_types"] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def app_in_thread(redis_url: str, build: Callable[[Redis], Any]) -> Iterator[str]:
+    """``build(redis)``'s app served by uvicorn on a free port, in a thread with its own event
+    loop; yields its URL. The Redis client is made inside that loop: a redis.asyncio client's
+    connections belong to the loop that uses them, which is the server's, not the test's."""
+    import asyncio
+    import threading
+
+    import uvicorn
+
+    from services.common.redis_server import free_port
+
+    port = free_port()
+    servers: list[uvicorn.Server] = []
+
+    async def main() -> None:
+        client = Redis.from_url(redis_url)
+        server = uvicorn.Server(uvicorn.Config(build(client), port=port, log_level="warning"))
+        servers.append(server)
+        try:
+            await server.serve()
+        finally:
+            await client.aclose()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (servers and servers[0].started):
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if servers:
+            servers[0].should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture
+def never_loaded() -> Iterator[Any]:
+    """An engine's model loader that never finishes (released at the end): the server answers
+    as it does while starting."""
+    import threading
+
+    gate = threading.Event()
+
+    def load() -> Any:
+        gate.wait()
+        raise RuntimeError("never loaded")
+
+    yield load
+    gate.set()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,7 +20,6 @@ from fastapi.routing import APIRoute
 from services.common.config import load_settings
 from services.common.engine_client import EngineClient, EngineError, SamplingParams
 from services.common.redis_server import free_port
-from services.engine.runtime import EngineRuntime
 from services.engine.server import create_app
 from services.rollout.settings import RolloutSettings
 from services.trainer.settings import TrainerSettings
@@ -55,18 +53,6 @@ def expected(path: str, header: str | None, api: str | None, admin: str | None) 
             return sent == admin
         return sent == api if api else True
     return sent == api if api else True
-
-
-@pytest.fixture
-def never_loaded() -> Iterator[object]:
-    gate = threading.Event()
-
-    def load() -> EngineRuntime:
-        gate.wait()
-        raise RuntimeError("never loaded")
-
-    yield load
-    gate.set()
 
 
 @pytest.mark.parametrize(("api", "admin"), [(None, None), (API, None), (None, ADMIN), (API, ADMIN)])

@@ -5,9 +5,7 @@ answer outside its declaration, is a bug here."""
 
 from __future__ import annotations
 
-import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +14,11 @@ import jsonschema
 import pytest
 
 from services.engine.generation import Limits
-from services.engine.runtime import EngineRuntime
 from services.engine.server import create_app
 from tests.conftest import running_engine
 
 NO_BODY = {("post", "/flush_cache")}  # SGLang's takes none
 NO_MODEL = {"/ready", "/metrics"}  # answer before the model is loaded
-
-
-@pytest.fixture
-def never_loaded() -> Iterator[Any]:
-    gate = threading.Event()
-
-    def load() -> EngineRuntime:
-        gate.wait()
-        raise RuntimeError("never loaded")
-
-    yield load
-    gate.set()
 
 
 @pytest.mark.parametrize(("api", "admin"), [(None, None), ("k", None), ("k", "a")])

@@ -5,10 +5,8 @@ running until it is cancelled."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,16 +14,16 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from services.common.http import api_app
 from services.common.keys import Keys
 from services.common.messages import Problem
-from services.common.redis_server import free_port
 from services.rollout.hint_jobs import HintJob, HintJobs, hint_jobs_router
 from services.rollout.settings import HintSettings, RolloutSettings
 from services.rollout.store import ProblemStore
+from tests.conftest import app_in_thread
 
 
 @pytest.fixture
@@ -58,33 +56,15 @@ def jobs_for(settings: RolloutSettings, redis: Redis) -> HintJobs:
 
 @contextlib.contextmanager
 def serving_jobs(settings: RolloutSettings) -> Iterator[str]:
-    """hint_jobs_router on an app under uvicorn in a thread (its own loop and Redis client)."""
-    port = free_port()
-    servers: list[uvicorn.Server] = []
+    """hint_jobs_router on an app under uvicorn in a thread (``app_in_thread``)."""
 
-    async def main() -> None:
-        redis = Redis.from_url(settings.redis_url)
+    def build(redis: Redis) -> FastAPI:
         app = api_app(settings)
         app.include_router(hint_jobs_router(jobs_for(settings, redis)))
-        server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
-        servers.append(server)
-        try:
-            await server.serve()
-        finally:
-            await redis.aclose()
+        return app
 
-    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not (servers and servers[0].started):
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if servers:
-            servers[0].should_exit = True
-        thread.join(30)
+    with app_in_thread(settings.redis_url, build) as url:
+        yield url
 
 
 @pytest.fixture

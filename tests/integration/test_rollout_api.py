@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,18 +10,18 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from fastapi import FastAPI
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from services.common.http import api_app
 from services.common.keys import Keys
 from services.common.messages import Problem, ProblemLabel, Score, ScoredGroup, Variant, problem_id_for
-from services.common.redis_server import free_port
 from services.rollout.api import FitSource, problems_and_rollouts_router
 from services.rollout.archive import RolloutArchive, RolloutRecord
 from services.rollout.settings import RolloutSettings
 from services.rollout.store import ProblemStore
+from tests.conftest import app_in_thread
 from tests.factories import group, hard_hinted_search
 
 
@@ -43,36 +40,16 @@ def serving(
     reads_locked: bool = False,
     fit: FitSource | None = None,
 ) -> Iterator[Api]:
-    """The router on an app served by uvicorn on a free port, in a thread with its own
-    event loop. The Redis client is made inside that loop: a redis.asyncio client's
-    connections belong to the loop that uses them, which is the server's, not the test's."""
-    port = free_port()
-    servers: list[uvicorn.Server] = []
+    """The router on an app served by uvicorn on a free port (``app_in_thread``)."""
+    settings = RolloutSettings(api_token=SecretStr(token) if token else None, require_auth_for_reads=reads_locked)
 
-    async def main() -> None:
-        client = Redis.from_url(redis_url)
-        settings = RolloutSettings(api_token=SecretStr(token) if token else None, require_auth_for_reads=reads_locked)
+    def build(client: Redis) -> FastAPI:
         app = api_app(settings)
         app.include_router(problems_and_rollouts_router(ProblemStore(client, keys), archive, fit))
-        server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
-        servers.append(server)
-        try:
-            await server.serve()
-        finally:
-            await client.aclose()
+        return app
 
-    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not (servers and servers[0].started):
-            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        yield Api(f"http://127.0.0.1:{port}", archive)
-    finally:
-        if servers:
-            servers[0].should_exit = True
-        thread.join(30)
+    with app_in_thread(redis_url, build) as url:
+        yield Api(url, archive)
 
 
 @pytest.fixture
