@@ -85,11 +85,13 @@ def needs_token(method: str, path: str, reads_locked: bool) -> bool:
     return method in MUTATING or reads_locked
 
 
-def token_matches(header: str | None, token: SecretStr) -> bool:
+def token_matches(header: str | None, token: SecretStr | str) -> bool:
     """``Authorization: Bearer <token>``, the scheme's name in any case (RFC 6750 sec. 2.1
-    via RFC 7235: auth schemes are case-insensitive); compared in constant time."""
+    via RFC 7235: auth schemes are case-insensitive); compared in constant time. The
+    engine's keys are checked by it too (SGLang's rule is the same)."""
     scheme, credentials = get_authorization_scheme_param(header)
-    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.encode(), token.get_secret_value().encode())
+    expected = token.get_secret_value() if isinstance(token, SecretStr) else token
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.encode(), expected.encode())
 
 
 def api_app(settings: ServiceSettings, **fastapi_kwargs: Any) -> FastAPI:

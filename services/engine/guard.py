@@ -21,7 +21,6 @@ A refusal answers 401 ``{"error": "Unauthorized"}`` (SGLang's body), the scheme
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -29,6 +28,8 @@ from typing import Any, TypeVar
 from fastapi.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.common.http import token_matches
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,15 +51,6 @@ def auth_level(level: AuthLevel) -> Callable[[F], F]:
     return mark
 
 
-def _bearer_is(header: str | None, expected: str) -> bool:
-    if not header:
-        return False
-    parts = header.split(" ", 1)
-    if len(parts) != 2 or parts[0].lower() != "bearer":
-        return False
-    return secrets.compare_digest(parts[1].encode(), expected.encode())
-
-
 def allowed(
     method: str, path: str, header: str | None, api_key: str | None, admin_key: str | None, level: AuthLevel
 ) -> bool:
@@ -66,9 +58,9 @@ def allowed(
     if method == "OPTIONS" or path.startswith(("/health", "/ready", "/metrics")):
         return True
     if level is AuthLevel.ADMIN_OPTIONAL and admin_key:
-        return _bearer_is(header, admin_key)
+        return token_matches(header, admin_key)
     if api_key:
-        return _bearer_is(header, api_key)
+        return token_matches(header, api_key)
     return True
 
 
