@@ -324,6 +324,9 @@ class RawGroup(Message):
     - ``temperature`` is the sampling temperature: the trainer recomputes logprobs at
       exactly this temperature, so the importance ratio compares like with like.
     - ``template_version`` names the prompt template that rendered ``prompt``.
+    - ``hint``, when set, is the privileged prefix the hinted prompt shows, found in
+      ``prompt`` (it marks the hint for readers: the archive, the dashboard, wandb); an
+      unhinted group has none.
     - ``lineage`` is the trainer lineage the group was planned under (part of its
       identity); each sample says which weights sampled it.
     """
@@ -340,9 +343,16 @@ class RawGroup(Message):
     temperature: float = Field(gt=0.0)
     template_version: str = ""
     lineage: NonNegativeInt = 0
+    hint: str | None = None
+    """The hint shown in ``prompt`` (a hinted group's; None in one made before the field)."""
 
     @model_validator(mode="after")
     def _check_group(self) -> Self:
+        if self.hint is not None:
+            if self.variant is not Variant.HINTED:
+                raise ValueError("only a hinted group shows a hint")
+            if not self.hint or self.hint not in self.prompt:
+                raise ValueError("hint must be a non-empty part of prompt")
         for i, s in enumerate(self.samples):
             if s.problem_id != self.problem_id:
                 raise ValueError(

@@ -59,6 +59,8 @@ class RolloutRecord(BaseModel):
     variant: Variant
     prompt: str
     """The rendered prompt (for a hinted group it contains the hint)."""
+    hint: str | None = None
+    """The hint ``prompt`` shows (a hinted group's; None in rows archived before the field)."""
     text: str
     """The completion."""
     reward: float
@@ -86,6 +88,7 @@ class RolloutRecord(BaseModel):
                 problem_id=g.problem_id,
                 variant=g.variant,
                 prompt=g.prompt,
+                hint=g.hint,
                 text=sample.text,
                 reward=score.reward,
                 extracted=score.extracted,

@@ -455,6 +455,7 @@ class Scheduler:
             temperature=cfg.temperature,
             template_version=cfg.prompt_template.version,
             lineage=self.plan_lineage,
+            hint=problem.hint if variant is Variant.HINTED else None,
         )
 
     def rate_per_min(self) -> float:
