@@ -94,6 +94,11 @@ class Keys:
     def stats(self) -> str:
         return f"{self.prefix}stats"
 
+    @property
+    def first_solves(self) -> str:
+        """Sorted set: "<problem-id>:<variant>" scored by the step of its first solve."""
+        return f"{self.prefix}first_solves"
+
     def state(self, name: str) -> str:
         return f"{self.prefix}state:{name}"
 

@@ -7,7 +7,10 @@
     GET    /v1/problems/{id}             {"problem": {...}, "stats": {"hinted": {...}, "unhinted": {...}}}
     PATCH  /v1/problems/{id}             {"excluded": true | "why" | false}: keep it out of training, or not
     DELETE /v1/problems/{id}             204: gone, and no longer drawn; its rollouts stay archived
-    GET    /v1/rollouts?limit=&cursor=&problem_id=&variant=&weight_version=
+    GET    /v1/transfer?label=&split=&limit=&offset=
+                                         {"count": n, "rows": [TransferRow...], "next_offset": int | null}:
+                                         per problem, attempts, solves and first-solve step by variant
+    GET    /v1/rollouts?limit=&cursor=&problem_id=&variant=&weight_version=&step=&min_reward=&max_reward=
                                          {"rollouts": [...newest first...], "next_cursor": str | null}
 
 Mount it on the service's app:
@@ -34,7 +37,7 @@ from services.common.messages import MAX_ID_CHARS, MAX_NOTE_CHARS, Problem, Prob
 from services.rollout.archive import RolloutArchive, RolloutRecord
 from services.rollout.fit import FitCheck
 from services.rollout.merge import LeakedPair, exclude_leaks, keep_search, split_id
-from services.rollout.store import ProblemStore
+from services.rollout.store import ProblemStore, VariantStats
 
 MAX_PROBLEM_ROWS = 10_000
 """Largest POST /v1/problems batch (a 422 above it). Each row is validated and tokenized
@@ -44,6 +47,9 @@ dataset goes in several POSTs, or through ``pope data import``."""
 
 MAX_PAGE = 1000
 """Largest page of GET /v1/problems and GET /v1/rollouts."""
+
+MAX_TRANSFER_PAGE = 5000
+"""Largest page of GET /v1/transfer (its rows are small: counts and a cut prompt)."""
 
 EXCLUDED_BY_API = "excluded through the API (PATCH /v1/problems/{id})"
 """The ``excluded`` reason a PATCH with ``true`` records."""
@@ -106,6 +112,71 @@ class ProblemPatch(BaseModel):
     excluded: bool | Annotated[str, Field(min_length=1, max_length=MAX_NOTE_CHARS)]
     """true (or a reason): excluded from training, still stored and evaluated; false:
     trained on again (a leak exclusion included: the caller takes it back)."""
+
+
+class VariantCounts(BaseModel):
+    attempts: int
+    """Samples of this variant scored."""
+    solves: int
+    """Of them, those with a reward above 0."""
+    first_solve_step: int | None
+    """The training step of the earliest group of this variant that solved it (None: none has)."""
+
+
+class TransferRow(BaseModel):
+    """One problem as the dashboard's problems table shows it: POPE's transfer is a problem
+    whose hinted variant solves first and whose unhinted variant then does too."""
+
+    id: str
+    label: ProblemLabel | None
+    split: Literal["train", "eval"]
+    excluded: str | None
+    prompt: str
+    """The problem's text, cut to ``PROMPT_PREVIEW_CHARS``."""
+    hint_chars: int | None
+    solution_chars: int | None
+    hint_fraction: float | None
+    """The hint's share of the solution: of its tokens when the hint search chose it (its
+    ``prefix_fraction``), else of its characters when the hint is a prefix of the solution;
+    None without a hint or a solution it comes from."""
+    hinted: VariantCounts
+    unhinted: VariantCounts
+
+
+class TransferTable(BaseModel):
+    count: int
+    """Problems matching the filters, over all pages."""
+    rows: list[TransferRow]
+    """This page of them, in id order."""
+    next_offset: int | None = None
+
+
+PROMPT_PREVIEW_CHARS = 200
+"""Characters of a problem's text a TransferRow carries."""
+
+
+def transfer_row(problem: Problem, stats: dict[str, VariantStats] | None) -> TransferRow:
+    """The problems-table row of ``problem`` with its counts (None: never sampled)."""
+    counts = {v.value: VariantCounts(**vars((stats or {}).get(v.value) or VariantStats())) for v in Variant}
+    fraction: float | None = None
+    search = problem.search
+    if problem.hint is not None and problem.solution is not None:
+        if search is not None and search.prefix_chars == len(problem.hint) and search.prefix_fraction is not None:
+            fraction = search.prefix_fraction
+        elif problem.solution.startswith(problem.hint):
+            fraction = len(problem.hint) / len(problem.solution)
+    return TransferRow(
+        id=problem.id,
+        label=problem.label,
+        split=problem.split,
+        excluded=problem.excluded,
+        prompt=problem.prompt[:PROMPT_PREVIEW_CHARS],
+        hint_chars=len(problem.hint) if problem.hint is not None else None,
+        solution_chars=len(problem.solution) if problem.solution is not None else None,
+        hint_fraction=fraction,
+        hinted=counts[Variant.HINTED.value],
+        unhinted=counts[Variant.UNHINTED.value],
+    )
 
 
 class RolloutPage(BaseModel):
@@ -175,6 +246,18 @@ def _misfits(fit: FitSource | None, problems: list[Problem]) -> list[RowError]:
     if check is None:
         return []
     return [RowError(row=row, field=field, message=why) for row, field, why in check.misfits(problems)]
+
+
+def _filtered(
+    problems: list[Problem], label: ProblemLabel | Literal["none"] | None, split: Literal["train", "eval"] | None
+) -> list[Problem]:
+    """``problems`` with ``label`` (``none``: not labelled yet) and in ``split``, each when given."""
+    return [
+        p
+        for p in problems
+        if (label is None or (p.label is None if label == "none" else p.label == label))
+        and (split is None or p.split == split)
+    ]
 
 
 def problems_and_rollouts_router(
@@ -247,15 +330,27 @@ def problems_and_rollouts_router(
     ) -> ProblemList:
         """Stored problems (each with its hint-search record, if searched), filtered by
         label (``none``: not labelled yet) and split, a page of ``limit`` at a time in id order."""
-        problems = [
-            p
-            for p in await store.all()
-            if (label is None or (p.label is None if label == "none" else p.label == label))
-            and (split is None or p.split == split)
-        ]
+        problems = _filtered(await store.all(), label, split)
         page = problems[offset : offset + limit]
         more = offset + limit < len(problems)
         return ProblemList(count=len(problems), problems=page, next_offset=offset + limit if more else None)
+
+    @router.get("/transfer")
+    async def transfer(
+        label: Annotated[ProblemLabel | Literal["none"] | None, Query()] = None,
+        split: Annotated[Literal["train", "eval"] | None, Query()] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_TRANSFER_PAGE)] = MAX_TRANSFER_PAGE,
+        offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    ) -> TransferTable:
+        """The problems table: each problem's hint share and, per variant, its attempts,
+        solves and the step of its first solve (the unhinted one's is the transfer), filtered
+        like GET /v1/problems, in id order."""
+        problems = _filtered(await store.all(), label, split)
+        page = problems[offset : offset + limit]
+        stats = await store.all_stats()
+        more = offset + limit < len(problems)
+        rows = [transfer_row(p, stats.get(p.id)) for p in page]
+        return TransferTable(count=len(problems), rows=rows, next_offset=offset + limit if more else None)
 
     @router.get("/problems/{problem_id}", responses=not_found)
     async def get_problem(problem_id: str) -> ProblemView:
@@ -291,13 +386,25 @@ def problems_and_rollouts_router(
         problem_id: Annotated[str | None, Query(max_length=MAX_ID_CHARS)] = None,
         variant: Variant | None = None,
         weight_version: Annotated[int | None, Query(ge=0, le=2**53)] = None,
+        step: Annotated[int | None, Query(ge=0, le=2**53)] = None,
+        min_reward: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
+        max_reward: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
     ) -> RolloutPage:
-        """Scored samples from the archive, newest first, filtered by every given field. A
-        cursor that is not a ``next_cursor`` of this archive finds no page (404)."""
+        """Scored samples from the archive, newest first, filtered by every given field (a
+        reward between ``min_reward`` and ``max_reward``, both included). A cursor that is
+        not a ``next_cursor`` of this archive finds no page (404)."""
         try:
             # File reads block; keep them off the event loop.
             records, next_cursor = await asyncio.to_thread(
-                archive.page, limit, cursor, problem_id=problem_id, variant=variant, weight_version=weight_version
+                archive.page,
+                limit,
+                cursor,
+                problem_id=problem_id,
+                variant=variant,
+                weight_version=weight_version,
+                step=step,
+                min_reward=min_reward,
+                max_reward=max_reward,
             )
         except ValueError as exc:
             raise HTTPException(404, str(exc)) from None

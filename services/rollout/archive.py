@@ -185,9 +185,13 @@ class RolloutArchive:
         problem_id: str | None = None,
         variant: Variant | None = None,
         weight_version: int | None = None,
+        step: int | None = None,
+        min_reward: float | None = None,
+        max_reward: float | None = None,
     ) -> tuple[list[RolloutRecord], str | None]:
-        """Up to ``limit`` records matching every given filter, newest first, and the
-        cursor of the next page (None when no older record matches).
+        """Up to ``limit`` records matching every given filter (the rewards' bounds are
+        inclusive), newest first, and the cursor of the next page (None when no older record
+        matches).
 
         Raises ValueError for a malformed cursor or a limit below 1.
         """
@@ -204,9 +208,20 @@ class RolloutArchive:
                 _check_boundary(f, start, end, cursor or "")
                 end = start
             out: list[RolloutRecord] = []
+
+            def matches(r: RolloutRecord) -> bool:
+                return (
+                    (problem_id is None or r.problem_id == problem_id)
+                    and (variant is None or r.variant == variant)
+                    and (weight_version is None or r.weight_version == weight_version)
+                    and (step is None or r.step == step)
+                    and (min_reward is None or r.reward >= min_reward)
+                    and (max_reward is None or r.reward <= max_reward)
+                )
+
             for line_start, line in _lines_backwards(f, end):
                 record = _parse(line, line_start, self.path)
-                if record is None or not _matches(record, problem_id, variant, weight_version):
+                if record is None or not matches(record):
                     continue
                 if len(out) == limit:
                     # One more match exists: the next page starts just after it.
@@ -296,11 +311,3 @@ def _parse(line: bytes, offset: int, path: Path) -> RolloutRecord | None:
         # One bad line (a hand edit, an old format) must not make the archive unreadable.
         log.warning("%s: skipping a malformed record at byte %d: %s", path, offset, exc.errors()[0]["msg"])
         return None
-
-
-def _matches(r: RolloutRecord, problem_id: str | None, variant: Variant | None, weight_version: int | None) -> bool:
-    return (
-        (problem_id is None or r.problem_id == problem_id)
-        and (variant is None or r.variant == variant)
-        and (weight_version is None or r.weight_version == weight_version)
-    )

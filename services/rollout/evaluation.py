@@ -41,6 +41,10 @@ PASS_AT = Gauge("pope_eval_pass_at", "pass@k of the latest periodic evaluation",
 EVAL_VERSION = Gauge("pope_eval_weight_version", "Weight version of the latest periodic evaluation")
 
 
+MAX_EVAL_HISTORY = 1000
+"""Evaluations kept in ``history:eval`` (GET /v1/evaluations), newest first."""
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased estimate of P(at least one of k samples solves) from c successes in n samples."""
     if not 0 <= c <= n or not 1 <= k <= n:
@@ -218,8 +222,11 @@ class PeriodicEval:
                 f"{variant}/{name}": value for variant, stats in report.summary.items() for name, value in stats.items()
             },
         }
-        await self.redis.hset(self.keys.state("eval"), mapping=row)  # type: ignore[misc]
-        await self.redis.lpush(self.keys.history("eval"), json.dumps(row))  # type: ignore[misc]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.keys.state("eval"), mapping=row)
+            pipe.lpush(self.keys.history("eval"), json.dumps(row))
+            pipe.ltrim(self.keys.history("eval"), 0, MAX_EVAL_HISTORY - 1)
+            await pipe.execute()
         for variant, stats in report.summary.items():
             for name in ("pass@1", f"pass@{report.k}"):
                 PASS_AT.labels(variant, name.split("@")[1]).set(stats[name])

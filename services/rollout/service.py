@@ -1,12 +1,13 @@
 """The rollout service: ``pope rollout --port 8000 --model DIR``.
 
 It owns the problems and the user-facing API (api.py: problems and rollouts; hint_jobs.py:
-hint-search jobs; here: GET /v1/status?history=N (N <= 1000), /healthz, /readyz, /metrics,
-/docs, and the context check posted problems go through, fit.py, when the model's
-config.json gives a context), runs the scheduler (scheduler.py)
-that turns problems into raw groups, and keeps its own read of ``pope:scored``
-(consumer group ``archivers``): every scored sample goes to the JSONL archive that
-GET /v1/rollouts pages, and into the per-problem attempt and solve counts.
+hint-search jobs; dashboard.py: the live page at /; here: GET /v1/status?history=N
+(N <= 1000), GET /v1/evaluations?limit=N, /healthz, /readyz, /metrics, /docs, and the
+context check posted problems go through, fit.py, when the model's config.json gives a
+context), runs the scheduler (scheduler.py) that turns problems into raw groups, and keeps
+its own read of ``pope:scored`` (consumer group ``archivers``): every scored sample goes to
+the JSONL archive that GET /v1/rollouts pages, and into the per-problem attempt and solve
+counts.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ from services.rollout.api import problems_and_rollouts_router
 from services.rollout.archive import RolloutArchive
 from services.rollout.archiver import Archiver
 from services.rollout.attempts import Attempter
+from services.rollout.dashboard import dashboard_router
 from services.rollout.engines import Engines
-from services.rollout.evaluation import PeriodicEval
+from services.rollout.evaluation import MAX_EVAL_HISTORY, PeriodicEval
 from services.rollout.fit import FitCheck, model_context
 from services.rollout.hint_jobs import HintJobs, hint_jobs_router
 from services.rollout.scheduler import Scheduler
@@ -75,6 +77,18 @@ class Status(BaseModel):
     """Unix time of this answer."""
     history: list[dict[str, Any]]
     """The trainer's last ``history`` steps of metrics, newest first."""
+
+
+class Evaluations(BaseModel):
+    """GET /v1/evaluations: the periodic pass@k evaluations."""
+
+    every_steps: int
+    """Trainer steps between evaluations (0: the service runs none)."""
+    k: int
+    """Samples per problem and variant; the rows' ``pass@<k>`` is with this k."""
+    evaluations: list[dict[str, Any]]
+    """Newest first: ``weight_version``, ``at``, ``seconds`` and ``<variant>/<stat>`` for stat
+    in problems, samples, pass@1, pass@<k>, response_tokens_mean, truncated_frac."""
 
 
 def create_app(settings: RolloutSettings) -> FastAPI:
@@ -183,6 +197,7 @@ def create_app(settings: RolloutSettings) -> FastAPI:
     )
     app.include_router(problems_and_rollouts_router(store, archive, fit))
     app.include_router(hint_jobs_router(hint_jobs))
+    app.include_router(dashboard_router())
 
     @app.exception_handler(RequestValidationError)
     async def unreadable_body(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -249,6 +264,14 @@ def create_app(settings: RolloutSettings) -> FastAPI:
             if history > 0
             else [],
         }
+
+    @app.get("/v1/evaluations", response_model=Evaluations)
+    async def evaluations(limit: Annotated[int, Query(ge=1, le=MAX_EVAL_HISTORY)] = 100) -> dict[str, Any]:
+        """The periodic evaluations, newest first: each one's weight version, time, and per
+        variant its problems, samples, pass@1, pass@k, mean response tokens and truncated share."""
+        rows = await redis.lrange(keys.history("eval"), 0, limit - 1)  # type: ignore[misc]
+        cfg = settings.evaluation
+        return {"every_steps": cfg.every_steps, "k": cfg.k, "evaluations": [json.loads(r) for r in rows]}
 
     return app
 

@@ -5,6 +5,7 @@
     problem = await store.get(ids[0])
     effects.call(lambda pipe: store.queue_record(pipe, scored_group))   # in a stream handler
     await store.stats(ids[0])  # {"hinted": {"attempts": 8, "solves": 3}, "unhinted": {...}}
+    await store.all_stats()    # {problem-id: {"hinted": VariantStats(...), ...}} for every problem counted
     await store.update(pid, lambda p: p.model_copy(update={"excluded": "why"}))  # None: gone
     await store.delete(pid)                   # False when it was not stored
 
@@ -17,11 +18,18 @@ Layout (services/common/keys.py):
 
     <prefix>problems   hash  problem-id -> Problem JSON
     <prefix>stats      hash  "<problem-id>:<variant>:attempts" | ":solves" -> count
+    <prefix>first_solves  sorted set  "<problem-id>:<variant>" -> the step of its first solve
+
+The step of a first solve is the training step a group was generated for (RawGroup.step),
+the smallest of every solving group's (ZADD LT), so groups scored out of order still give
+the first: for an unhinted variant it is the transfer, the step from which the problem is
+solved without its hint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -37,6 +45,21 @@ SOLVES = "solves"
 def stats_field(problem_id: str, variant: Variant, counter: str) -> str:
     """The field of the stats hash holding one counter of one problem variant."""
     return f"{problem_id}:{variant.value}:{counter}"
+
+
+def first_solve_member(problem_id: str, variant: Variant) -> str:
+    """The member of the first-solves sorted set for one problem variant."""
+    return f"{problem_id}:{variant.value}"
+
+
+@dataclass
+class VariantStats:
+    """One problem variant's counts: samples drawn, samples solved, and the step of its
+    first solve (None: never solved)."""
+
+    attempts: int = 0
+    solves: int = 0
+    first_solve_step: int | None = None
 
 
 class ProblemStore:
@@ -99,7 +122,8 @@ class ProblemStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hdel(self.keys.problems, problem_id)
             pipe.hdel(self.keys.stats, *fields)
-            removed, _ = await pipe.execute()
+            pipe.zrem(self.keys.first_solves, *(first_solve_member(problem_id, v) for v in Variant))
+            removed, _, _ = await pipe.execute()
         return bool(removed)
 
     async def count(self) -> int:
@@ -111,11 +135,15 @@ class ProblemStore:
 
         Used from a stream handler (``effects.call(lambda p: store.queue_record(p, g))``)
         so the counts commit with the message's ack and a redelivered group, being
-        skipped as done, is never counted twice. A sample solves when its reward is > 0.
+        skipped as done, is never counted twice. A sample solves when its reward is > 0; a
+        group that solves lowers its variant's first-solve step to its own if earlier.
         """
         solves = sum(score.reward > 0 for score in group.scores)
         pipe.hincrby(self.keys.stats, stats_field(group.problem_id, group.variant, ATTEMPTS), len(group.samples))
         pipe.hincrby(self.keys.stats, stats_field(group.problem_id, group.variant, SOLVES), solves)
+        if solves:
+            member = first_solve_member(group.problem_id, group.variant)
+            pipe.zadd(self.keys.first_solves, {member: group.step}, lt=True)
 
     async def stats(self, problem_id: str) -> dict[str, dict[str, int]]:
         """{"hinted": {"attempts": a, "solves": s}, "unhinted": {...}}; zeros when absent."""
@@ -123,3 +151,26 @@ class ProblemStore:
         values: list[bytes | None] = await self.redis.hmget(self.keys.stats, fields)  # type: ignore[misc]
         counts = iter(int(v) if v is not None else 0 for v in values)
         return {v.value: {c: next(counts) for c in (ATTEMPTS, SOLVES)} for v in Variant}
+
+    async def all_stats(self) -> dict[str, dict[str, VariantStats]]:
+        """Every counted problem's stats by variant value (two reads, not one per problem);
+        a problem never sampled is absent."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.keys.stats)
+            pipe.zrange(self.keys.first_solves, 0, -1, withscores=True)
+            counts, firsts = await pipe.execute()
+        out: dict[str, dict[str, VariantStats]] = {}
+
+        def slot(problem_id: str, variant: str) -> VariantStats:
+            return out.setdefault(problem_id, {v.value: VariantStats() for v in Variant}).setdefault(
+                variant, VariantStats()
+            )
+
+        for field, value in counts.items():
+            problem_id, variant, counter = field.decode().rsplit(":", 2)
+            if counter in (ATTEMPTS, SOLVES):
+                setattr(slot(problem_id, variant), counter, int(value))
+        for member, step in firsts:
+            problem_id, variant = member.decode().rsplit(":", 1)
+            slot(problem_id, variant).first_solve_step = int(step)
+        return out

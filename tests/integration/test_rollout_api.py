@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from services.common.http import api_app
 from services.common.keys import Keys
-from services.common.messages import Problem, ProblemLabel, Score, ScoredGroup, Variant, problem_id_for
+from services.common.messages import Problem, ProblemLabel, RawGroup, Score, ScoredGroup, Variant, problem_id_for
 from services.rollout.api import FitSource, problems_and_rollouts_router
 from services.rollout.archive import RolloutArchive, RolloutRecord
 from services.rollout.settings import RolloutSettings
@@ -329,3 +329,77 @@ def test_a_nan_in_a_refused_body_is_a_422_not_a_500(api: Api) -> None:
     )
     assert resp.status_code == 422, resp.text
     assert count(api) == 0
+
+
+def test_rollouts_filter_by_step_and_reward(api: Api) -> None:
+    fill_archive(api.archive)
+    at_step = [r for p in fetch_all(api, limit=2, step=5) for r in p]
+    assert [(r["group_id"], r["sample_index"]) for r in at_step] == [("g5", 1), ("g5", 0)]
+    solved = [r for p in fetch_all(api, limit=7, min_reward=0.5) for r in p]
+    assert len(solved) == 12 and {r["reward"] for r in solved} == {1.0}
+    failed = [r for p in fetch_all(api, max_reward=0.0, variant="hinted") for r in p]
+    assert len(failed) == 6 and {r["reward"] for r in failed} == {0.0}
+    assert fetch_all(api, min_reward=0.5, max_reward=0.7) == [[]]
+    for bad in ({"min_reward": -0.1}, {"max_reward": 1.5}, {"step": -1}, {"min_reward": "nan"}):
+        assert httpx.get(f"{api.url}/v1/rollouts", params=bad).status_code == 422, bad
+
+
+def test_an_archived_hinted_sample_carries_its_hint(api: Api) -> None:
+    shown = {"prompt": "Q?\n\nPartial solution:\nHINT", "hint": "HINT"}
+    raw = RawGroup.model_validate({**dict(group("gh", "p1", Variant.HINTED)), **shown})
+    api.archive.append(RolloutRecord.from_group(ScoredGroup.from_raw(raw, [Score(reward=1.0)] * 2)))
+    [record, _] = httpx.get(f"{api.url}/v1/rollouts").json()["rollouts"]
+    assert record["hint"] == "HINT" and record["prompt"].endswith(record["hint"])
+
+
+async def test_the_transfer_table_counts_each_variant_and_its_first_solve(api: Api, aredis: Redis, keys: Keys) -> None:
+    solution = "Add the numbers: 2 and 2 make 4, so the answer is 4."
+    posted = [
+        {"prompt": "What is 2+2?", "answer": "4", "solution": solution, "hint": solution[:13], "label": "hard_hinted"},
+        {"prompt": "What is 3+3?", "answer": "6"},
+        {"prompt": "What is 4+4?", "answer": "8", "split": "eval"},
+    ]
+    async with httpx.AsyncClient(base_url=api.url) as http:
+        ids = (await http.post("/v1/problems", json=posted)).json()["ids"]
+        store = ProblemStore(aredis, keys)
+
+        def scored(gid: str, variant: Variant, step: int, rewards: list[float]) -> ScoredGroup:
+            raw = group(gid, ids[0], variant, size=len(rewards), step=step)
+            return ScoredGroup.from_raw(raw, [Score(reward=r) for r in rewards])
+
+        # Scored out of order: the first solve is the earliest step's, whenever it lands.
+        for g in (
+            scored("h1", Variant.HINTED, 3, [1.0, 0.0]),
+            scored("u1", Variant.UNHINTED, 2, [0.0, 0.0]),
+            scored("h0", Variant.HINTED, 1, [0.0, 1.0]),
+            scored("u3", Variant.UNHINTED, 9, [1.0, 0.0]),
+            scored("u2", Variant.UNHINTED, 6, [0.0, 1.0]),
+            scored("h2", Variant.HINTED, 0, [0.0, 0.0]),  # earlier, but it solved nothing
+        ):
+            async with aredis.pipeline(transaction=True) as pipe:
+                store.queue_record(pipe, g)
+                await pipe.execute()
+
+        table = (await http.get("/v1/transfer")).json()
+        assert table["count"] == 3 and table["next_offset"] is None
+        rows = {r["id"]: r for r in table["rows"]}
+        first = rows[ids[0]]
+        assert first["hinted"] == {"attempts": 6, "solves": 2, "first_solve_step": 1}
+        assert first["unhinted"] == {"attempts": 6, "solves": 2, "first_solve_step": 6}
+        assert first["label"] == "hard_hinted" and first["hint_chars"] == 13
+        assert first["hint_fraction"] == pytest.approx(13 / len(solution))
+        never = {"attempts": 0, "solves": 0, "first_solve_step": None}
+        assert rows[ids[1]]["hinted"] == never and rows[ids[1]]["unhinted"] == never
+        assert rows[ids[1]]["hint_fraction"] is None
+
+        # Filtered and paged like GET /v1/problems.
+        evals = (await http.get("/v1/transfer", params={"split": "eval"})).json()
+        assert [r["id"] for r in evals["rows"]] == [ids[2]]
+        page = (await http.get("/v1/transfer", params={"limit": 2})).json()
+        assert len(page["rows"]) == 2 and page["next_offset"] == 2
+        assert (await http.get("/v1/transfer", params={"limit": 0})).status_code == 422
+
+        # A deleted problem's counts and first solves go with it.
+        assert (await http.delete(f"/v1/problems/{ids[0]}")).status_code == 204
+        assert ids[0] not in await store.all_stats()
+        assert await aredis.zcard(keys.first_solves) == 0
