@@ -83,6 +83,21 @@ def test_the_dashboard_follows_a_pope_up_run(
         assert hint in (page.text_content("#rollout-detail pre.prompt") or "")
         page.screenshot(path=str(artifacts / "run-inspector.png"), full_page=True)
 
+        # Paging through the archive (every variant): an older page, then back.
+        page.click("#f-clear")
+        page.wait_for_selector("#page-older:not([disabled])", timeout=120_000)
+        page.uncheck("#live")  # hold the newest page still while comparing
+        keys_of = "rows => rows.map(r => r.dataset.key)"
+        first = page.eval_on_selector_all("#rollouts-table tbody tr[data-key]", keys_of)
+        page.click("#page-older")
+        page.wait_for_selector("#page-number:has-text('page 2')")
+        older = page.eval_on_selector_all("#rollouts-table tbody tr[data-key]", keys_of)
+        assert older and not set(older) & set(first)
+        page.click("#page-newer")
+        page.wait_for_selector("#page-number:has-text('page 1')")
+        assert page.eval_on_selector_all("#rollouts-table tbody tr[data-key]", keys_of) == first
+        page.check("#live")
+
         # Live: the trainer steps and the page follows, its curves with it.
         step = int(page.get_attribute("#overview", "data-step") or 0)
         points = int(page.get_attribute("#chart-reward", "data-points") or 0)

@@ -215,3 +215,16 @@ def test_messages_are_immutable() -> None:
     p = Problem(prompt="p", answer="1")
     with pytest.raises(ValidationError):
         p.answer = "2"  # type: ignore[misc]
+
+
+def test_a_group_shows_a_hint_only_when_hinted_and_only_one_its_prompt_holds() -> None:
+    hinted = {**dict(group("g", variant=Variant.HINTED)), "prompt": "Q\n\nPartial solution:\nfirst steps"}
+    assert RawGroup.model_validate({**hinted, "hint": "first steps"}).hint == "first steps"
+    assert RawGroup.model_validate(hinted).hint is None  # a group made before the field
+    with pytest.raises(ValidationError, match="only a hinted group"):
+        RawGroup.model_validate({**dict(group("g")), "hint": "What"})
+    for bad in ("", "other steps"):
+        with pytest.raises(ValidationError, match="part of prompt"):
+            RawGroup.model_validate({**hinted, "hint": bad})
+    scored = ScoredGroup.from_raw(RawGroup.model_validate({**hinted, "hint": "first steps"}), [Score(reward=1.0)] * 2)
+    assert decode(ScoredGroup, encode(scored)).hint == "first steps"
