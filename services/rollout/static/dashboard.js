@@ -4,7 +4,8 @@
 "use strict";
 
 const POLL_MS = 3000;
-const HISTORY = 1000;
+const HISTORY = 1000; // trainer steps charted (the API's most)
+const RECENT = 50; // steps asked for on each poll after the first
 const ROLLOUTS_PAGE = 25;
 const TOKEN_KEY = "pope-rl-token";
 const SVG = "http://www.w3.org/2000/svg";
@@ -552,11 +553,36 @@ function showRollout(r) {
 
 let tick = 0;
 
+// The trainer's steps by step number: all of them once, then only the newest few each poll
+// (a step seen again replaces the one held: a resumed trainer redoes steps).
+const steps = new Map();
+
+async function readStatus() {
+  const recent = steps.size ? RECENT : HISTORY;
+  const status = await api(`/v1/status?history=${recent}`);
+  const newest = Math.max(-1, ...steps.keys());
+  const rows = status.history;
+  if (steps.size && rows.length === recent && rows[rows.length - 1].step > newest + 1) {
+    return api(`/v1/status?history=${HISTORY}`).then((full) => merge(full, true)); // fell behind
+  }
+  return merge(status, false);
+}
+
+function merge(status, whole) {
+  if (whole) steps.clear();
+  const version = status.trainer && status.trainer.version;
+  if (typeof version === "number") for (const step of steps.keys()) if (step > version) steps.delete(step); // rewound
+  for (const row of status.history) steps.set(row.step, row);
+  const keep = new Set([...steps.keys()].sort((a, b) => a - b).slice(-HISTORY));
+  for (const step of steps.keys()) if (!keep.has(step)) steps.delete(step);
+  return status;
+}
+
 async function refresh() {
   const slow = tick++ % 2 === 0; // the problems table and evaluations every other poll
-  const status = await api(`/v1/status?history=${HISTORY}`);
+  const status = await readStatus();
   renderOverview(status);
-  renderTraining(status.history);
+  renderTraining([...steps.values()]);
   renderEngines(status.engine);
   if (slow) {
     renderEvaluations(await api("/v1/evaluations?limit=1000"));
