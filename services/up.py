@@ -232,7 +232,10 @@ def up(
                 with running(
                     children, run_dir / "logs", out, LABEL, env=env, stopping=stopping, restart=restart
                 ) as stack:
-                    stack.say(f"all services ready. API: {rollout_url}/docs  status: {rollout_url}/v1/status")
+                    stack.say(
+                        f"all services ready. dashboard: {rollout_url}/  API: {rollout_url}/docs  "
+                        f"status: {rollout_url}/v1/status"
+                    )
                     if problems is not None:
                         submit(problems, rollout_url, rollout_s, stack)
                     code = watch(stack, rollout_url, url, steps, stopping)

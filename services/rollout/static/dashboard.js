@@ -611,6 +611,7 @@ async function start() {
 }
 
 function wire() {
+  $("token-dialog").addEventListener("cancel", (ev) => ev.preventDefault()); // Escape: the reads still need it
   for (const th of $("problems-table").tHead.rows[0].cells) th.addEventListener("click", () => sortProblems(th.dataset.key));
   for (const id of ["problems-filter", "problems-label", "problems-split", "problems-transferred"]) {
     $(id).addEventListener("input", renderProblems);
