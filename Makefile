@@ -27,11 +27,13 @@ test: $(STAMP)
 # runs/test-artifacts/dashboard/. `make test` runs it too where Chromium is installed (and
 # skips it, saying so, where not); this target installs Debian's chromium first.
 browser-test: $(STAMP) chromium
-	$(PY) -m pytest tests/browser $(PYTEST_ARGS)
+	POPE_REQUIRE_BROWSER=1 $(PY) -m pytest tests/browser $(PYTEST_ARGS)
 
 chromium:
 	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-		apt-get install -y -q chromium >/dev/null; } || { echo "need Debian's chromium (apt-get install chromium)"; exit 1; }
+		{ apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && \
+		apt-get install -y -q chromium >/dev/null; }; }; } || \
+		{ echo "need Debian's chromium (apt-get install chromium)"; exit 1; }
 
 # The unit tier alone: no Redis, no processes, no sockets (tests/unit/conftest.py fails a
 # test that starts or opens one), under a minute. The other tiers (integration, e2e, deploy,

@@ -69,15 +69,14 @@ def add_health_routes(app: FastAPI, ready: ReadyCheck) -> None:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-OPEN_PATHS = frozenset(
-    {"/", "/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
-)
-"""Never behind the token: probes and Prometheus carry no secret, and these show no data
-(``/`` is the rollout service's dashboard page, which reads its data through the API, with
-the token when reads need it)."""
+DASHBOARD_PATHS = frozenset({"/", "/dashboard/dashboard.js", "/dashboard/dashboard.css"})
+"""The rollout service's dashboard page and its two files (rollout/dashboard.py): the same
+for everyone, no data; the page reads the API with the token when reads need it."""
 
-OPEN_PREFIXES = ("/dashboard/",)
-"""Paths under these are open too: the dashboard's script and style, no data."""
+OPEN_PATHS = frozenset(
+    {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", *DASHBOARD_PATHS}
+)
+"""Never behind the token: probes and Prometheus carry no secret, and these show no data."""
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -87,7 +86,7 @@ BEARER_SCHEME = "bearer"
 
 def needs_token(method: str, path: str, reads_locked: bool) -> bool:
     """Whether a request needs the bearer token, when one is configured."""
-    if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or method == "OPTIONS":
+    if path in OPEN_PATHS or method == "OPTIONS":
         return False
     return method in MUTATING or reads_locked
 

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Query, Response
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.messages import MAX_ID_CHARS, MAX_NOTE_CHARS, Problem, ProblemLabel, Variant
@@ -139,6 +140,8 @@ class TransferRow(BaseModel):
     """The hint's share of the solution: of its tokens when the hint search chose it (its
     ``prefix_fraction``), else of its characters when the hint is a prefix of the solution;
     None without a hint or a solution it comes from."""
+    hint_fraction_of: Literal["tokens", "chars"] | None
+    """What ``hint_fraction`` counts."""
     hinted: VariantCounts
     unhinted: VariantCounts
 
@@ -159,12 +162,13 @@ def transfer_row(problem: Problem, stats: dict[str, VariantStats] | None) -> Tra
     """The problems-table row of ``problem`` with its counts (None: never sampled)."""
     counts = {v.value: VariantCounts(**vars((stats or {}).get(v.value) or VariantStats())) for v in Variant}
     fraction: float | None = None
+    of: Literal["tokens", "chars"] | None = None
     search = problem.search
     if problem.hint is not None and problem.solution is not None:
         if search is not None and search.prefix_chars == len(problem.hint) and search.prefix_fraction is not None:
-            fraction = search.prefix_fraction
+            fraction, of = search.prefix_fraction, "tokens"
         elif problem.solution.startswith(problem.hint):
-            fraction = len(problem.hint) / len(problem.solution)
+            fraction, of = len(problem.hint) / len(problem.solution), "chars"
     return TransferRow(
         id=problem.id,
         label=problem.label,
@@ -174,6 +178,7 @@ def transfer_row(problem: Problem, stats: dict[str, VariantStats] | None) -> Tra
         hint_chars=len(problem.hint) if problem.hint is not None else None,
         solution_chars=len(problem.solution) if problem.solution is not None else None,
         hint_fraction=fraction,
+        hint_fraction_of=of,
         hinted=counts[Variant.HINTED.value],
         unhinted=counts[Variant.UNHINTED.value],
     )
@@ -345,12 +350,16 @@ def problems_and_rollouts_router(
         """The problems table: each problem's hint share and, per variant, its attempts,
         solves and the step of its first solve (the unhinted one's is the transfer), filtered
         like GET /v1/problems, in id order."""
-        problems = _filtered(await store.all(), label, split)
-        page = problems[offset : offset + limit]
-        stats = await store.all_stats()
-        more = offset + limit < len(problems)
+        if label is None and split is None:  # a page read by id: only its problems are read
+            ids = await store.ids()
+            count, page = len(ids), await store.get_many(ids[offset : offset + limit])
+        else:
+            problems = _filtered(await store.all(), label, split)
+            count, page = len(problems), problems[offset : offset + limit]
+        stats = await store.stats_many([p.id for p in page])
+        more = offset + limit < count
         rows = [transfer_row(p, stats.get(p.id)) for p in page]
-        return TransferTable(count=len(problems), rows=rows, next_offset=offset + limit if more else None)
+        return TransferTable(count=count, rows=rows, next_offset=offset + limit if more else None)
 
     @router.get("/problems/{problem_id}", responses=not_found)
     async def get_problem(problem_id: str) -> ProblemView:
@@ -393,6 +402,9 @@ def problems_and_rollouts_router(
         """Scored samples from the archive, newest first, filtered by every given field (a
         reward between ``min_reward`` and ``max_reward``, both included). A cursor that is
         not a ``next_cursor`` of this archive finds no page (404)."""
+        if min_reward is not None and max_reward is not None and min_reward > max_reward:
+            why = f"min_reward {min_reward} is above max_reward {max_reward}: no reward is in that range"
+            raise RequestValidationError([{"type": "value_error", "loc": ("query", "min_reward"), "msg": why}])
         try:
             # File reads block; keep them off the event loop.
             records, next_cursor = await asyncio.to_thread(

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import os
 import re
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -208,20 +209,33 @@ class RolloutArchive:
                 _check_boundary(f, start, end, cursor or "")
                 end = start
             out: list[RolloutRecord] = []
+            want = {
+                k: v
+                for k, v in (
+                    ("problem_id", problem_id),
+                    ("variant", variant.value if variant is not None else None),
+                    ("weight_version", weight_version),
+                    ("step", step),
+                )
+                if v is not None
+            }
 
-            def matches(r: RolloutRecord) -> bool:
+            def matches(row: dict[str, Any]) -> bool:  # on the raw JSON: only a match is validated
+                reward = row.get("reward")
+                if not isinstance(reward, int | float):
+                    return False
                 return (
-                    (problem_id is None or r.problem_id == problem_id)
-                    and (variant is None or r.variant == variant)
-                    and (weight_version is None or r.weight_version == weight_version)
-                    and (step is None or r.step == step)
-                    and (min_reward is None or r.reward >= min_reward)
-                    and (max_reward is None or r.reward <= max_reward)
+                    all(row.get(k) == v for k, v in want.items())
+                    and (min_reward is None or reward >= min_reward)
+                    and (max_reward is None or reward <= max_reward)
                 )
 
             for line_start, line in _lines_backwards(f, end):
-                record = _parse(line, line_start, self.path)
-                if record is None or not matches(record):
+                row = _json(line, line_start, self.path)
+                if row is None or not matches(row):
+                    continue
+                record = _record(row, line_start, self.path)
+                if record is None:
                     continue
                 if len(out) == limit:
                     # One more match exists: the next page starts just after it.
@@ -309,5 +323,26 @@ def _parse(line: bytes, offset: int, path: Path) -> RolloutRecord | None:
         return RolloutRecord.model_validate_json(line)
     except ValidationError as exc:
         # One bad line (a hand edit, an old format) must not make the archive unreadable.
+        log.warning("%s: skipping a malformed record at byte %d: %s", path, offset, exc.errors()[0]["msg"])
+        return None
+
+
+def _json(line: bytes, offset: int, path: Path) -> dict[str, Any] | None:
+    """A line's JSON object, or None (logged) when it is not one."""
+    try:
+        row = json.loads(line)
+    except ValueError as exc:
+        log.warning("%s: skipping a malformed record at byte %d: %s", path, offset, exc)
+        return None
+    if not isinstance(row, dict):
+        log.warning("%s: skipping a malformed record at byte %d: not a JSON object", path, offset)
+        return None
+    return row
+
+
+def _record(row: dict[str, Any], offset: int, path: Path) -> RolloutRecord | None:
+    try:
+        return RolloutRecord.model_validate(row)
+    except ValidationError as exc:
         log.warning("%s: skipping a malformed record at byte %d: %s", path, offset, exc.errors()[0]["msg"])
         return None

@@ -5,7 +5,7 @@
     problem = await store.get(ids[0])
     effects.call(lambda pipe: store.queue_record(pipe, scored_group))   # in a stream handler
     await store.stats(ids[0])  # {"hinted": {"attempts": 8, "solves": 3}, "unhinted": {...}}
-    await store.all_stats()    # {problem-id: {"hinted": VariantStats(...), ...}} for every problem counted
+    await store.stats_many(ids)  # {problem-id: {"hinted": VariantStats(...), ...}}, two reads in all
     await store.update(pid, lambda p: p.model_copy(update={"excluded": "why"}))  # None: gone
     await store.delete(pid)                   # False when it was not stored
 
@@ -152,25 +152,34 @@ class ProblemStore:
         counts = iter(int(v) if v is not None else 0 for v in values)
         return {v.value: {c: next(counts) for c in (ATTEMPTS, SOLVES)} for v in Variant}
 
-    async def all_stats(self) -> dict[str, dict[str, VariantStats]]:
-        """Every counted problem's stats by variant value (two reads, not one per problem);
-        a problem never sampled is absent."""
+    async def ids(self) -> list[str]:
+        """Every stored problem's id, sorted (the ids alone: no problem is read)."""
+        raw: list[bytes] = await self.redis.hkeys(self.keys.problems)  # type: ignore[misc]
+        return sorted(k.decode() for k in raw)
+
+    async def get_many(self, problem_ids: list[str]) -> list[Problem]:
+        """The stored problems of ``problem_ids``, in that order (one gone meanwhile is left out)."""
+        if not problem_ids:
+            return []
+        rows: list[bytes | None] = await self.redis.hmget(self.keys.problems, problem_ids)  # type: ignore[misc]
+        return [decode(Problem, row) for row in rows if row is not None]
+
+    async def stats_many(self, problem_ids: list[str]) -> dict[str, dict[str, VariantStats]]:
+        """Each problem's stats by variant value, read for these problems only (two reads in
+        all); zeros and no first solve for one never sampled."""
+        if not problem_ids:
+            return {}
+        pairs = [(pid, v) for pid in problem_ids for v in Variant]
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.keys.stats)
-            pipe.zrange(self.keys.first_solves, 0, -1, withscores=True)
+            pipe.hmget(self.keys.stats, [stats_field(pid, v, c) for pid, v in pairs for c in (ATTEMPTS, SOLVES)])
+            pipe.zmscore(self.keys.first_solves, [first_solve_member(pid, v) for pid, v in pairs])
             counts, firsts = await pipe.execute()
-        out: dict[str, dict[str, VariantStats]] = {}
-
-        def slot(problem_id: str, variant: str) -> VariantStats:
-            return out.setdefault(problem_id, {v.value: VariantStats() for v in Variant}).setdefault(
-                variant, VariantStats()
+        out: dict[str, dict[str, VariantStats]] = {pid: {} for pid in problem_ids}
+        for i, (pid, v) in enumerate(pairs):
+            attempts, solves, first = counts[2 * i], counts[2 * i + 1], firsts[i]
+            out[pid][v.value] = VariantStats(
+                attempts=int(attempts or 0),
+                solves=int(solves or 0),
+                first_solve_step=None if first is None else int(first),
             )
-
-        for field, value in counts.items():
-            problem_id, variant, counter = field.decode().rsplit(":", 2)
-            if counter in (ATTEMPTS, SOLVES):
-                setattr(slot(problem_id, variant), counter, int(value))
-        for member, step in firsts:
-            problem_id, variant = member.decode().rsplit(":", 1)
-            slot(problem_id, variant).first_solve_step = int(step)
         return out

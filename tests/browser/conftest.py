@@ -1,6 +1,8 @@
 """The browser tier: the dashboard in a real headless Chromium (Debian's ``chromium``)
 driven by Playwright, against real services. Skipped, saying why, where there is no
-Chromium or no Playwright; `make browser-test` installs both and runs the tier.
+Chromium or no Playwright, unless ``POPE_REQUIRE_BROWSER=1`` (CI sets it once it has
+installed Chromium): then that is a failure. `make browser-test` installs Chromium and runs
+the tier.
 
 Screenshots go to ``$POPE_TEST_ARTIFACTS`` (default ``runs/test-artifacts``)/dashboard/.
 """
@@ -40,12 +42,18 @@ def artifacts() -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def browser() -> Iterator[Any]:
+@pytest.fixture(scope="module")  # not the session's: Playwright's sync API holds an event loop
+def browser() -> Iterator[Any]:  # on this thread while it runs, which async tests after it cannot share
     executable = chromium_path()
+    required = os.environ.get("POPE_REQUIRE_BROWSER") == "1"  # CI sets it once Chromium is installed
     if executable is None:
-        pytest.skip("no Chromium on PATH (apt-get install chromium; `make browser-test` does)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="no Playwright (pip install playwright)")
+        why = "no Chromium on PATH (apt-get install chromium; `make browser-test` does)"
+        pytest.fail(why) if required else pytest.skip(why)
+    try:
+        from playwright import sync_api
+    except ImportError:
+        why = "no Playwright (the test extra: pip install -e '.[test]')"
+        pytest.fail(why) if required else pytest.skip(why)
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
         yield browser

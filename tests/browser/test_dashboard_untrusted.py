@@ -5,6 +5,7 @@ completion show as text and never run."""
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from services.common.keys import Keys
-from services.common.messages import RawGroup, Score, ScoredGroup, Variant, encode
+from services.common.messages import RawGroup, Score, ScoredGroup, TrainerControl, Variant, encode
 from services.common.streams import DATA
 from services.rollout.service import create_app
 from services.rollout.settings import RolloutSettings
@@ -116,6 +117,12 @@ def test_hostile_text_shows_as_text_and_the_token_stays_out_of_urls(
         assert ANSWER in page.text_content("#rollout-detail dl")
         assert ANSWER in page.text_content('#rollouts-table tbody tr[data-key="g-hostile/0"]')
         assert PROBLEM[:60] in (page.get_attribute(f'#problems-table tbody tr[data-id="{pid}"]', "title") or "")
+        # Its row: the hint's share of the solution, and the step of its first (hinted) solve.
+        cells = page.eval_on_selector_all(
+            f'#problems-table tbody tr[data-id="{pid}"] td', "cs => cs.map(c => c.textContent)"
+        )
+        share = f"{round(100 * len(HINT) / len(HINT + ' then add'))}%"
+        assert cells[4] == share and cells[5:11] == ["2", "1", "0", "0", "3", "–"], cells
         # Nothing of it became an element, and nothing ran.
         made = page.evaluate(
             "['script', 'img', 'iframe', 'svg b', 'b', 'u'].map(s => document.querySelectorAll('main ' + s).length)"
@@ -143,3 +150,29 @@ def poll(read: Any, within_s: float = 20.0) -> Any:
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.2)
     return found
+
+
+def test_the_curves_show_each_step_once_after_a_trainer_resumed(
+    watched: PageWatch, redis_url: str, keys: Keys, tmp_path: Path
+) -> None:
+    """A trainer that resumed from step 3 pushes steps 4.. again, while its abandoned 4 and 5
+    stay deeper in the history: the charts show steps 1-4, with 4's new values."""
+
+    def row(step: int, reward: float) -> str:
+        return json.dumps({"step": step, "at": 0.0, "hinted/reward_mean": reward, "unhinted/reward_mean": reward / 2})
+
+    with rollout_service(redis_url, keys, tmp_path) as url, redis.Redis.from_url(redis_url) as client:
+        abandoned = [row(1, 0.1), row(2, 0.2), row(3, 0.3), row(4, 0.4), row(5, 0.5)]
+        client.lpush(keys.history("trainer"), *abandoned, row(4, 0.9))  # LPUSH: the last is the newest
+        client.set(keys.state("trainer"), encode(TrainerControl(version=4, buffered=0, instance="trainer")))
+        page = watched.page
+        page.goto(url)
+        page.fill("#token-input", TOKEN)
+        page.click("#token-submit")
+        page.wait_for_function("() => Number(document.getElementById('chart-reward').dataset.points) > 0")
+        hinted = page.eval_on_selector_all(
+            '#chart-reward g.points[data-series="hinted"] title', "ts => ts.map(t => t.textContent)"
+        )
+        assert hinted == ["hinted @ 1: 0.100", "hinted @ 2: 0.200", "hinted @ 3: 0.300", "hinted @ 4: 0.900"]
+        assert page.get_attribute("#overview", "data-step") == "4"
+        assert watched.errors == [], watched.errors

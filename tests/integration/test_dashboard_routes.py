@@ -11,7 +11,9 @@ from fastapi import FastAPI
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from services.common.http import DASHBOARD_PATHS
 from services.common.keys import Keys
+from services.rollout.dashboard import ASSETS
 from services.rollout.evaluation import EvalReport, PeriodicEval, ProblemResult, summarize
 from services.rollout.service import create_app
 from services.rollout.settings import EvalSettings, RolloutSettings
@@ -60,6 +62,8 @@ def test_the_page_is_open_and_locked_down_and_the_data_is_not(redis_url: str, ke
         spec = httpx.get(f"{url}/openapi.json").json()
         assert spec["paths"]["/v1/status"]["get"]["security"]
         assert "/" not in spec["paths"]  # the page is not part of the API
+        # The open paths are the page and its files, no more.
+        assert {"/", *(f"/dashboard/{name}" for name in ASSETS)} == DASHBOARD_PATHS
 
 
 async def test_evaluations_lists_each_periodic_evaluation_newest_first(

@@ -340,6 +340,7 @@ def test_rollouts_filter_by_step_and_reward(api: Api) -> None:
     failed = [r for p in fetch_all(api, max_reward=0.0, variant="hinted") for r in p]
     assert len(failed) == 6 and {r["reward"] for r in failed} == {0.0}
     assert fetch_all(api, min_reward=0.5, max_reward=0.7) == [[]]
+    assert httpx.get(f"{api.url}/v1/rollouts", params={"min_reward": 1, "max_reward": 0}).status_code == 422
     for bad in ({"min_reward": -0.1}, {"max_reward": 1.5}, {"step": -1}, {"min_reward": "nan"}):
         assert httpx.get(f"{api.url}/v1/rollouts", params=bad).status_code == 422, bad
 
@@ -387,7 +388,7 @@ async def test_the_transfer_table_counts_each_variant_and_its_first_solve(api: A
         assert first["hinted"] == {"attempts": 6, "solves": 2, "first_solve_step": 1}
         assert first["unhinted"] == {"attempts": 6, "solves": 2, "first_solve_step": 6}
         assert first["label"] == "hard_hinted" and first["hint_chars"] == 13
-        assert first["hint_fraction"] == pytest.approx(13 / len(solution))
+        assert first["hint_fraction"] == pytest.approx(13 / len(solution)) and first["hint_fraction_of"] == "chars"
         never = {"attempts": 0, "solves": 0, "first_solve_step": None}
         assert rows[ids[1]]["hinted"] == never and rows[ids[1]]["unhinted"] == never
         assert rows[ids[1]]["hint_fraction"] is None
@@ -401,5 +402,6 @@ async def test_the_transfer_table_counts_each_variant_and_its_first_solve(api: A
 
         # A deleted problem's counts and first solves go with it.
         assert (await http.delete(f"/v1/problems/{ids[0]}")).status_code == 204
-        assert ids[0] not in await store.all_stats()
+        zeros = {"attempts": 0, "solves": 0, "first_solve_step": None}
+        assert vars((await store.stats_many([ids[0]]))[ids[0]]["hinted"]) == zeros
         assert await aredis.zcard(keys.first_solves) == 0

@@ -6,6 +6,8 @@
 const POLL_MS = 3000;
 const HISTORY = 1000; // trainer steps charted (the API's most)
 const RECENT = 50; // steps asked for on each poll after the first
+const SLOW_EVERY = 4; // polls between reads of the problems table and the evaluations
+const MAX_ROWS = 500; // problems-table rows drawn (the filters narrow the rest)
 const ROLLOUTS_PAGE = 25;
 const TOKEN_KEY = "pope-rl-token";
 const SVG = "http://www.w3.org/2000/svg";
@@ -73,17 +75,22 @@ function askToken(message) {
   note.hidden = !message;
   note.textContent = message || "";
   asking = new Promise((resolve) => {
-    $("token-form").addEventListener(
-      "submit",
-      () => {
-        const token = $("token-input").value.trim();
-        $("token-input").value = "";
-        sessionStorage.setItem(TOKEN_KEY, token);
-        asking = null;
-        resolve(token);
-      },
-      { once: true },
-    );
+    const form = $("token-form");
+    const take = (ev) => {
+      const token = $("token-input").value.trim();
+      $("token-input").value = "";
+      if (!/^[\x21-\x7e]+$/.test(token)) {
+        ev.preventDefault(); // keep the dialog open: a header can carry printable ASCII only
+        note.hidden = false;
+        note.textContent = "A token is printable ASCII without spaces; try again.";
+        return;
+      }
+      form.removeEventListener("submit", take);
+      sessionStorage.setItem(TOKEN_KEY, token);
+      asking = null;
+      resolve(token);
+    };
+    form.addEventListener("submit", take);
   });
   if (!dialog.open) dialog.showModal();
   return asking;
@@ -316,7 +323,7 @@ function renderEvaluations(body) {
   const k = body.k;
   const series = [];
   for (const v of ["unhinted", "hinted"]) {
-    for (const stat of [`pass@${k}`, "pass@1"]) {
+    for (const stat of k === 1 ? ["pass@1"] : [`pass@${k}`, "pass@1"]) {
       const points = rows.filter((r) => num(r[`${v}/${stat}`]) !== null).map((r) => [r.weight_version, r[`${v}/${stat}`]]);
       const color = stat === "pass@1" ? shade(COLORS[v]) : COLORS[v];
       series.push({ name: `${v} ${stat}`, color, points });
@@ -424,7 +431,7 @@ function renderProblems() {
       if (ka === null || ka === undefined || kb === null || kb === undefined) return compare(ka, kb);
       return dir * compare(ka, kb);
     });
-  const body = shown.map((r) =>
+  const body = shown.slice(0, MAX_ROWS).map((r) =>
     el(
       "tr",
       { dataset: { id: r.id }, title: r.prompt, onclick: () => inspectProblem(r.id) },
@@ -442,7 +449,8 @@ function renderProblems() {
     ),
   );
   $("problems-table").tBodies[0].replaceChildren(...body);
-  $("problems-count").textContent = `${shown.length} of ${problems.rows.length}`;
+  const drawn = shown.length > MAX_ROWS ? `, the first ${MAX_ROWS} shown` : "";
+  $("problems-count").textContent = `${shown.length} of ${problems.rows.length}${drawn}`;
   for (const th of $("problems-table").tHead.rows[0].cells) {
     if (th.dataset.key === key) th.setAttribute("aria-sort", dir > 0 ? "ascending" : "descending");
     else th.removeAttribute("aria-sort");
@@ -457,29 +465,44 @@ function sortProblems(key) {
 
 function inspectProblem(id) {
   $("f-problem").value = id;
-  inspector.pages = [null];
+  takeFilters();
   loadRollouts().catch(showError);
   $("inspector-form").scrollIntoView({ behavior: "smooth" });
 }
 
 // ---- the rollout inspector ------------------------------------------------------------
 
-const inspector = { pages: [null], next: null, rows: [], selected: null };
+// filters: what "apply" took from the form (a half-typed field is not a query); asked: a
+// count of the pages asked for, so that a late answer to an earlier ask is dropped.
+const inspector = { pages: [null], next: null, rows: [], selected: null, filters: {}, asked: 0 };
+const FILTERS = { problem_id: "f-problem", variant: "f-variant", step: "f-step", min_reward: "f-min-reward", max_reward: "f-max-reward" };
+
+function takeFilters() {
+  inspector.filters = {};
+  for (const [name, id] of Object.entries(FILTERS)) {
+    const v = $(id).value.trim();
+    if (v) inspector.filters[name] = v;
+  }
+  inspector.pages = [null];
+}
+
+// The newest page follows the run unless it is filtered by more than the variant: a rare
+// filter can read far back through the archive, so it is read when applied, not each poll.
+function following() {
+  return inspector.pages.length === 1 && Object.keys(inspector.filters).every((k) => k === "variant");
+}
 
 function rolloutQuery(cursor) {
-  const q = new URLSearchParams({ limit: String(ROLLOUTS_PAGE) });
-  const fields = { problem_id: "f-problem", variant: "f-variant", step: "f-step", min_reward: "f-min-reward", max_reward: "f-max-reward" };
-  for (const [name, id] of Object.entries(fields)) {
-    const v = $(id).value.trim();
-    if (v) q.set(name, v);
-  }
+  const q = new URLSearchParams({ limit: String(ROLLOUTS_PAGE), ...inspector.filters });
   if (cursor) q.set("cursor", cursor);
   return `/v1/rollouts?${q}`;
 }
 
 async function loadRollouts() {
+  const ask = ++inspector.asked;
   const cursor = inspector.pages[inspector.pages.length - 1];
   const page = await api(rolloutQuery(cursor));
+  if (ask !== inspector.asked) return; // a later ask went out meanwhile: its answer counts
   inspector.rows = page.rollouts;
   inspector.next = page.next_cursor;
   renderRollouts();
@@ -505,21 +528,18 @@ function renderRollouts() {
   );
   if (!rows.length) rows.push(el("tr", {}, el("td", { colspan: 7, class: "muted" }, "no rollout matches")));
   $("rollouts-table").tBodies[0].replaceChildren(...rows);
-  $("page-number").textContent = `page ${inspector.pages.length}`;
+  $("page-number").textContent = `page ${inspector.pages.length}${following() ? " (live)" : ""}`;
   $("page-newer").disabled = inspector.pages.length === 1;
   $("page-older").disabled = !inspector.next;
 }
 
-// The prompt as text, each occurrence of the hint wrapped in <mark class="hint">.
+// The prompt as text, its hint wrapped in <mark class="hint">: the last occurrence, since
+// the template ends the hinted prompt with it (a short hint may also occur in the problem).
 function markedPrompt(prompt, hint) {
   const pre = el("pre", { class: "prompt" });
-  if (!hint) return append(pre, [prompt]);
-  let at = 0;
-  for (let i = prompt.indexOf(hint); i >= 0; i = prompt.indexOf(hint, at)) {
-    append(pre, [prompt.slice(at, i), el("mark", { class: "hint" }, hint)]);
-    at = i + hint.length;
-  }
-  return append(pre, [prompt.slice(at)]);
+  const at = hint ? prompt.lastIndexOf(hint) : -1;
+  if (at < 0) return append(pre, [prompt]);
+  return append(pre, [prompt.slice(0, at), el("mark", { class: "hint" }, hint), prompt.slice(at + hint.length)]);
 }
 
 function showRollout(r) {
@@ -568,18 +588,26 @@ async function readStatus() {
   return merge(status, false);
 }
 
+// The history is newest first, and a resumed trainer pushes the steps it redoes again while
+// the abandoned rows stay behind them: the first row of a step in it is the one that counts,
+// and a step above the trainer's version belongs to a run it rewound.
 function merge(status, whole) {
   if (whole) steps.clear();
+  const seen = new Set();
+  for (const row of status.history) {
+    if (seen.has(row.step)) continue;
+    seen.add(row.step);
+    steps.set(row.step, row);
+  }
   const version = status.trainer && status.trainer.version;
-  if (typeof version === "number") for (const step of steps.keys()) if (step > version) steps.delete(step); // rewound
-  for (const row of status.history) steps.set(row.step, row);
+  if (typeof version === "number") for (const step of steps.keys()) if (step > version) steps.delete(step);
   const keep = new Set([...steps.keys()].sort((a, b) => a - b).slice(-HISTORY));
   for (const step of steps.keys()) if (!keep.has(step)) steps.delete(step);
   return status;
 }
 
 async function refresh() {
-  const slow = tick++ % 2 === 0; // the problems table and evaluations every other poll
+  const slow = tick++ % SLOW_EVERY === 0; // the problems table and evaluations every few polls
   const status = await readStatus();
   renderOverview(status);
   renderTraining([...steps.values()]);
@@ -588,7 +616,7 @@ async function refresh() {
     renderEvaluations(await api("/v1/evaluations?limit=1000"));
     await loadProblems();
   }
-  if (inspector.pages.length === 1) await loadRollouts(); // the newest page follows the run
+  if (following()) await loadRollouts();
   $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   document.body.dataset.refreshes = String(tick);
 }
@@ -618,12 +646,12 @@ function wire() {
   }
   $("inspector-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
-    inspector.pages = [null];
+    takeFilters();
     loadRollouts().catch(showError);
   });
   $("f-clear").addEventListener("click", () => {
-    for (const id of ["f-problem", "f-variant", "f-step", "f-min-reward", "f-max-reward"]) $(id).value = "";
-    inspector.pages = [null];
+    for (const id of Object.values(FILTERS)) $(id).value = "";
+    takeFilters();
     loadRollouts().catch(showError);
   });
   $("page-older").addEventListener("click", () => {
