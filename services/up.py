@@ -255,7 +255,8 @@ def up(
             "weights/: the model directories the engine loads)"
         )
         tensorboard = f"; TensorBoard: {trainer_s.tensorboard_dir}" if trainer_s.tensorboard_dir else ""
-        tell(f"metrics:     {trainer_s.metrics_log} (per step, by variant){tensorboard}")
+        wandb = f"; wandb: project {trainer_s.wandb.project}" if trainer_s.wandb.project else ""
+        tell(f"metrics:     {trainer_s.metrics_log} (per step, by variant){tensorboard}{wandb}")
         tell(f"logs:        {run_dir / 'logs'}")
         return code
 

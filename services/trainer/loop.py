@@ -21,7 +21,8 @@ versions are dropped and counted, and an engine serving one is reloaded even whe
 looks ahead. A step whose directory or resume state cannot be written ends the process
 (StepNotSaved). A group dropped untrained is recorded in the fsynced drop log before its
 ack. The trainer's control state (version, lineage, buffer) is one TrainerControl record
-(services.common.run); its metrics go to the history list and the metrics log only.
+(services.common.run); its metrics go to the history list, the metrics log and the
+trackers (tracking.py: TensorBoard, wandb) only.
 Buffered groups, and trained ones waiting for a resume state, keep their leases renewed.
 A stop (SIGTERM) saves a resume state for the groups trained since the last one. Where the
 weights go is the sink's business (sink.py): an engine, or nowhere (``NoSink``).
@@ -57,7 +58,7 @@ from services.common.messages import (
 )
 from services.common.run import claim_run, read_control, shape_of, write_control
 from services.common.streams import Entry, GroupReader
-from services.trainer import checkpoint, policy, replay
+from services.trainer import checkpoint, policy, replay, tracking
 from services.trainer.operations import Ranks
 from services.trainer.settings import TrainerSettings
 from services.trainer.sink import WeightSink
@@ -109,7 +110,6 @@ class Trainer:
         if resume:
             log.info("resumed from %s at step %d", resume, self.state.step)
         self.history: deque[dict[str, float]] = deque(maxlen=MAX_HISTORY)
-        self._tb: Any = None  # TensorBoard writer, made on the first step
         self._idle_since = time.monotonic()  # when the trainer last finished a step (data wait)
         self.lineage: Lineage = self.state.history
         sink.bind(self.ranks, self.weights_dtype, self.lineage)
@@ -132,6 +132,8 @@ class Trainer:
         self._stop = asyncio.Event()  # run's
         self.last: dict[str, float] = {}
         self.record = checkpoint.run_record(resolved(settings), settings.seed)
+        # Last: a wandb run opened here is finished by run()'s end.
+        self.tracker = tracking.for_settings(settings, redis, self.keys, resolved(settings))
         VERSION.set(self.version)
 
     @property
@@ -180,6 +182,7 @@ class Trainer:
             await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(RedisError):
                 await self.reader.hand_back(*[e.id for e, _ in self.buffer])
+            await self.tracker.close()
 
     async def _accept(self, entry: Entry) -> None:
         try:
@@ -358,6 +361,7 @@ class Trainer:
         )
         stats["tokens_per_s"] = stats["tokens"] / max(stats["time_forward_backward_s"], 1e-9)
         self._record(stats)
+        await self.tracker.on_step(self.version, stats, groups)
         record = json.dumps({"step": self.version, "at": time.time(), **_finite(stats)})
 
         async def add_to_history() -> None:  # for the rollout service's /v1/status
@@ -396,7 +400,8 @@ class Trainer:
                 delay = min(delay * 2, 5.0)
 
     def _record(self, stats: dict[str, float]) -> None:
-        """Metrics of one step: Prometheus, the JSONL log, /v1/history, and the log line."""
+        """Metrics of one step: Prometheus, the JSONL log, /v1/history, and the log line
+        (TensorBoard and wandb: ``self.tracker``)."""
         self.last = stats
         self.history.append(stats)
         STEPS.inc()
@@ -412,15 +417,6 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps({"step": self.version, "at": time.time(), **_finite(stats)}) + "\n")
-        if self.settings.tensorboard_dir is not None:
-            if self._tb is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.settings.tensorboard_dir))
-            for key, value in stats.items():
-                if not math.isnan(value):
-                    self._tb.add_scalar(key, value, self.version)
-            self._tb.flush()
         log.info(
             "step %d: loss %.4f, reward hinted %.3f unhinted %.3f, ratio max %.4f, clip %.3f, kl %.2e, "
             "entropy %.3f, grad norm %.3f, %d tokens, %.1fs (push %.2fs)",

@@ -108,6 +108,13 @@ def serve(settings: TrainerSettings) -> None:
 
     if latest(settings.checkpoint_dir) is None and (problem := model_dir_problem(settings.model_path, "trainer")):
         raise SystemExit(problem)  # (resuming from a checkpoint needs no model_path)
+    if settings.wandb.project is not None:
+        from services.trainer.tracking import WandbMissing, require_wandb
+
+        try:
+            require_wandb()  # before torchrun and the model load, not after
+        except WandbMissing as exc:
+            raise SystemExit(str(exc)) from None
     if settings.nproc > 1 and not launched_by_torchrun():
         launch(settings)  # does not return
     world = join(settings.device)

@@ -8,10 +8,41 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator
 
 from services.common.config import ServiceSettings, section_config
 from services.common.engine_client import EngineClient
+
+
+class WandbSettings(BaseModel):
+    """Weights & Biases tracking (``trainer.wandb``), beside TensorBoard: every step's metrics,
+    the rollout service's pass@k evaluations and a table of samples (services/trainer/tracking.py).
+    Needs the ``wandb`` extra (``pip install 'pope-rl[wandb]'``); the API key comes from
+    wandb's own WANDB_API_KEY or ``wandb login``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    project: str | None = Field(None, min_length=1)
+    """The wandb project to log to; None: wandb is off."""
+    entity: str | None = Field(None, min_length=1)
+    """The team or user owning the project (None: wandb's default entity)."""
+    name: str | None = Field(None, min_length=1)
+    """The run's display name (None: wandb makes one up)."""
+    group: str | None = Field(None, min_length=1)
+    """Group of the run in the wandb UI (e.g. an experiment's arms)."""
+    tags: list[str] = Field(default_factory=list)
+    """Tags of the run (JSON list on a flag: ``--wandb.tags '["pope", "qwen3-4b"]'``)."""
+    mode: Literal["online", "offline", "disabled"] | None = None
+    """wandb's mode; None: wandb's own default (WANDB_MODE, else online). An offline run is
+    written under ``dir`` only, for ``wandb sync`` later."""
+    dir: Path | None = None
+    """Where wandb writes its run directories (``wandb/``); None: wandb's own default
+    (WANDB_DIR, else the working directory)."""
+    samples_every_steps: int = Field(10, ge=0)
+    """Log a table of the step's samples (prompt, hint, completion, reward, variant, ...) every
+    this many steps (0: never)."""
+    samples_max_rows: int = Field(64, ge=1)
+    """Most rows of one samples table: every group's first sample before any group's second."""
 
 
 class TrainerSettings(ServiceSettings):
@@ -247,6 +278,9 @@ class TrainerSettings(ServiceSettings):
     """Every step's metrics, one JSON object per line (also at GET /v1/history and /metrics)."""
     tensorboard_dir: Path | None = Path("runs/tensorboard")
     """TensorBoard event files of every step's metrics (None: off)."""
+    wandb: WandbSettings = Field(default_factory=WandbSettings)
+    """Weights & Biases: the step metrics, the evaluations and samples tables (off unless
+    ``project`` is set)."""
     history_len: int = Field(1000, ge=1)
     """Steps of metrics kept in Redis for GET /v1/status?history=N on the rollout service."""
     max_steps: int | None = Field(None, ge=1)

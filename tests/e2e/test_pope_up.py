@@ -17,6 +17,7 @@ import httpx
 from services.common.keys import Keys
 from services.common.redis_server import free_port
 from tests.conftest import ROOT
+from tests.wandb_log import history
 
 PROBLEMS = [
     {"prompt": "Compute $2+2$.", "answer": "4", "hint": "HINT-ALPHA: we add the two numbers"},
@@ -43,8 +44,15 @@ def poll(url: str, check: Any, within_s: float, proc: subprocess.Popen[bytes], l
 def test_pope_up_trains_on_hinted_and_unhinted_groups(
     tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys
 ) -> None:
-    metrics = run_pope_up(tiny_model, tmp_path, redis_url, keys)
+    wandb = {"project": "pope-e2e", "mode": "offline", "dir": str(tmp_path / "wandb")}
+    metrics = run_pope_up(tiny_model, tmp_path, redis_url, keys, trainer={"wandb": wandb})
     assert [m["step"] for m in metrics][:2] == [1, 2]
+    # The trainer process logged to wandb (offline): every step, and the evaluations from step 0 on, each once.
+    (run,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
+    rows = history(run)
+    assert [r["trainer/step"] for r in rows if "loss" in r] == [m["step"] for m in metrics]
+    evaluated = [r["eval/weight_version"] for r in rows if "eval/weight_version" in r]
+    assert evaluated[:2] == [0, 1] and evaluated == sorted(set(evaluated))
 
 
 def run_pope_up(
