@@ -140,7 +140,7 @@ def engine_url(tiny_model: Path) -> Iterator[str]:
 
 # The files of the pinned SGLang wheel the tests read: its contract module, its HTTP server,
 # request structures and sampling parameters, the weight-update code, the auth rule, the
-# server's flags. A directory ends in "/" (every module in it).
+# server's flags, the metric definitions. A directory ends in "/" (every module in it).
 SGLANG_FILES = (
     "sglang/api/v1/api_types.py",
     "sglang/srt/entrypoints/http_server.py",
@@ -153,6 +153,7 @@ SGLANG_FILES = (
     "sglang/srt/utils/common.py",
     "sglang/srt/server_args.py",
     "sglang/srt/arg_groups/fields/",
+    "sglang/srt/observability/metrics_collector.py",
 )
 
 

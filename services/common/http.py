@@ -243,7 +243,8 @@ def stop_if_failed(app: FastAPI, task: asyncio.Task[None], what: str) -> None:
 
 def uvicorn_config(app: FastAPI, settings: Any) -> Any:
     """uvicorn's config for a service: its host, port and log level; requests still running
-    ``REQUESTS_GRACE_S`` after a stop is asked are cancelled."""
+    ``REQUESTS_GRACE_S`` after a stop is asked are cancelled. No log config of uvicorn's own:
+    its loggers go through the service's handler and format (common/logs.py)."""
     import uvicorn
 
     return uvicorn.Config(
@@ -251,6 +252,7 @@ def uvicorn_config(app: FastAPI, settings: Any) -> Any:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=None,
         timeout_graceful_shutdown=REQUESTS_GRACE_S,
     )
 

@@ -16,6 +16,7 @@ KV cache they have (``in_place``) or with it computed again under the new weight
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ class Sequence:
     finish: tuple[str, int | str | None] = ("", None)  # ("stop", matched) | ("length", n) | ("abort", msg)
     changes: list[tuple[str, int]] = field(default_factory=list)  # (old version, its tokens) at each swap
     version: str = "0"  # of the weights that made the last token
+    first_token_at: float | None = None  # time.monotonic() when its first token was sampled
 
     def spans(self) -> list[tuple[str, int, int]]:
         """(version, start, end) of the output tokens each weights made, oldest first; one
@@ -103,11 +105,14 @@ def decode(
     logits, mask, next_pos, cache = prefill([s.prompt_ids for s in active])
     while True:
         tokens, logps = sample_next(logits, [s.spec for s in active], [s.generator for s in active])  # [B], [B]
+        sampled_at = time.monotonic()
         keep: list[int] = []
         # One device-to-host copy per step, not one per row.
         for i, (s, tok, lp) in enumerate(zip(active, tokens.tolist(), logps.tolist(), strict=True)):
             s.output_ids.append(tok)
             s.logprobs.append(lp)
+            if s.first_token_at is None:
+                s.first_token_at = sampled_at
             if _check_finished(s, tok, eos_ids):
                 continue
             keep.append(i)

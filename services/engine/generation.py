@@ -23,6 +23,7 @@ from prometheus_client import Counter, Histogram
 from services.engine.decode import Sequence
 from services.engine.runtime import EngineRuntime
 from services.engine.sampling import SamplingError, SamplingSpec, generators
+from services.engine.sglang_metrics import Finished, SglangMetrics
 
 PROMPT_TOKENS = Counter("pope_engine_prompt_tokens_total", "Prompt tokens prefilled")
 GEN_TOKENS = Counter("pope_engine_generation_tokens_total", "Tokens generated")
@@ -210,6 +211,7 @@ async def generate(rt: EngineRuntime, body: dict[str, Any], limits: Limits) -> A
     await rt.run(seq_rids, seqs)
     latency = time.monotonic() - start
 
+    sglang = SglangMetrics(rt.model_path)
     out = []
     for seq, i, out_id in zip(seqs, rows, seq_rids, strict=True):
         spans = seq.spans()
@@ -232,6 +234,8 @@ async def generate(rt: EngineRuntime, body: dict[str, Any], limits: Limits) -> A
             ]
         out.append({"text": _text(rt, seq), "output_ids": seq.output_ids, "meta_info": meta})
         GEN_TOKENS.inc(len(seq.output_ids))
+        first = None if seq.first_token_at is None or seq.finish[0] == "abort" else seq.first_token_at - start
+        sglang.finished(Finished(len(seq.prompt_ids), len(seq.output_ids), latency, first))
     PROMPT_TOKENS.inc(sum(len(p) for p in prompts))
     LATENCY.observe(latency)
     return out if batch or len(out) > 1 else out[0]

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import torch
 
 from services.engine.decode import Sequence, decode
+from services.engine.sglang_metrics import DecodeRate
 from services.engine.weight_sync import WeightGroups
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ class EngineRuntime:
         self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
         self.batches = 0  # batches decoded so far
         self.running = 0  # sequences in the batch decoding now
+        self.queued = 0  # sequences submitted and not yet in a decoding batch
+        self.last_rate: DecodeRate | None = None  # of the last batch decoded
 
     # Lifecycle.
     def start(self) -> None:
@@ -170,6 +173,7 @@ class EngineRuntime:
                 self._live.setdefault(rid, []).append(seq)
                 if self._closing:
                     seq.abort.set()
+            self.queued += len(job.seqs)
         self._queue.put(job)
 
     async def run(self, rids: list[str], seqs: list[Sequence]) -> str:
@@ -351,7 +355,10 @@ class EngineRuntime:
             with self._model_lock:
                 model, version = self._current()
                 seqs = [s for job in batch for s in job.seqs]
+                with self._live_lock:
+                    self.queued -= len(seqs)
                 self.running = len(seqs)
+                began = time.monotonic()
                 try:
                     decode(
                         model,
@@ -368,6 +375,8 @@ class EngineRuntime:
                     for s in seqs:
                         if not s.finish[0]:
                             s.finish = ("abort", f"engine error: {type(exc).__name__}: {exc}")
+                ended = time.monotonic()
+                self.last_rate = DecodeRate(sum(len(s.output_ids) for s in seqs), ended - began, ended)
                 self.batches += 1
                 self.running = 0
             for job in batch:

@@ -43,6 +43,7 @@ from services.engine.openapi import install_openapi
 from services.engine.runtime import EngineRuntime, WeightLoadError, WeightsNotFound, WeightUpdateBusy
 from services.engine.sampling import SamplingSpec
 from services.engine.settings import EngineSettings
+from services.engine.sglang_metrics import SglangMetrics
 from services.engine.sync_routes import add_weight_sync_routes
 
 log = logging.getLogger(__name__)
@@ -332,8 +333,10 @@ def create_app(
     @app.get("/metrics")
     async def metrics() -> Response:
         if slot.rt is not None:
-            QUEUE.set(slot.rt.queue_depth)
-            RUNNING.set(slot.rt.running)
+            rt = slot.rt
+            QUEUE.set(rt.queue_depth)
+            RUNNING.set(rt.running)
+            SglangMetrics(rt.model_path).scheduler_state(rt.running, rt.queued, rt.last_rate)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     install_openapi(app, limits, lambda: slot.rt, guarded=lambda level: _guarded(level, api_key, admin_key))

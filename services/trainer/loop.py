@@ -80,11 +80,37 @@ STEP_METRIC = Gauge(
     "zero_variance_frac, clip_frac, approx_kl, entropy, response_len_mean, truncated, ...)",
     ["name", "variant"],
 )
+STEP_TIME = Gauge(
+    "pope_trainer_step_time_seconds",
+    "Where the last step's time went, by part "
+    "(waiting_for_data, forward_backward, optimizer, weights, checkpoint, push)",
+    ["part"],
+)
+COUNTED = ("staleness", "scoring")
+"""The ``<kind>/<key>`` step metrics that count groups: a key absent from a step counted 0 then."""
 STEP_SECONDS = Histogram(
     "pope_trainer_step_seconds",
     "Wall time of one optimizer step",
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
 )
+
+
+def export_step(stats: dict[str, float], counted_before: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """A step's ``<variant>/<name>`` metrics and ``time_*_s`` parts to Prometheus; a COUNTED
+    metric the step before set and this one has not is set to 0 (this step had none of
+    those groups), not left at the old count. Returns the COUNTED ones this step set."""
+    counted: set[tuple[str, str]] = set()
+    for key, value in stats.items():
+        if "/" in key and not math.isnan(value):
+            variant, name = key.split("/", 1)
+            STEP_METRIC.labels(name, variant).set(value)
+            if variant in COUNTED:
+                counted.add((name, variant))
+        elif key.startswith("time_") and key.endswith("_s"):
+            STEP_TIME.labels(key.removeprefix("time_").removesuffix("_s")).set(value)
+    for name, variant in counted_before - counted:
+        STEP_METRIC.labels(name, variant).set(0.0)
+    return counted
 
 
 class StepNotSaved(RuntimeError):
@@ -110,6 +136,7 @@ class Trainer:
         if resume:
             log.info("resumed from %s at step %d", resume, self.state.step)
         self.history: deque[dict[str, float]] = deque(maxlen=MAX_HISTORY)
+        self._counted: set[tuple[str, str]] = set()  # the COUNTED step metrics the last step set
         self._idle_since = time.monotonic()  # when the trainer last finished a step (data wait)
         self.lineage: Lineage = self.state.history
         sink.bind(self.ranks, self.weights_dtype, self.lineage)
@@ -409,10 +436,7 @@ class Trainer:
         VERSION.set(self.version)
         LOSS.set(stats["loss"])
         STEP_SECONDS.observe(stats["step_seconds"])
-        for key, value in stats.items():
-            if "/" in key and not math.isnan(value):
-                variant, name = key.split("/", 1)
-                STEP_METRIC.labels(name, variant).set(value)
+        self._counted = export_step(stats, self._counted)
         path = self.settings.metrics_log
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:

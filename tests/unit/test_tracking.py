@@ -51,3 +51,23 @@ def test_wandb_asked_for_but_not_installed_stops_the_trainer_at_start(
     cfg = TrainerSettings(model_path=str(tmp_path), checkpoint_dir=tmp_path / "ckpt", wandb=WandbSettings(project="p"))
     with pytest.raises(SystemExit, match=r"wandb is not installed: pip install 'pope-rl\[wandb\]'"):
         service.serve(cfg)
+
+
+def test_a_steps_metrics_reach_prometheus_and_a_count_gone_from_a_step_reads_zero() -> None:
+    from prometheus_client import REGISTRY
+
+    from services.trainer.loop import export_step
+
+    def value(metric: str, **labels: str) -> float | None:
+        return REGISTRY.get_sample_value(metric, labels)
+
+    first = {"hinted/reward_mean": 0.5, "staleness/0": 3.0, "staleness/1": 1.0, "time_push_s": 0.25, "loss": 0.1}
+    seen = export_step(first, set())
+    assert value("pope_trainer_step_metric", name="1", variant="staleness") == 1.0
+    assert value("pope_trainer_step_time_seconds", part="push") == 0.25
+    second = {"hinted/reward_mean": float("nan"), "staleness/0": 4.0, "time_push_s": 0.5}
+    assert export_step(second, seen) == {("0", "staleness")}
+    assert value("pope_trainer_step_metric", name="1", variant="staleness") == 0.0  # no group 1 behind now
+    assert value("pope_trainer_step_metric", name="0", variant="staleness") == 4.0
+    assert value("pope_trainer_step_metric", name="reward_mean", variant="hinted") == 0.5  # NaN: none, left
+    assert value("pope_trainer_step_time_seconds", part="push") == 0.5
