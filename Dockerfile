@@ -22,8 +22,10 @@ COPY docker/wheels/ /tmp/wheels/
 RUN pip install --find-links /tmp/wheels ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} torch==2.13.0
 COPY pyproject.toml README.md /src/
 COPY services /src/services
-# The router extra: SGLang's router (`pope router`, several engines) runs from this image.
-RUN pip install --find-links /tmp/wheels "/src[router]" && pip uninstall -y pip setuptools
+# EXTRAS: the package's extras in the image. router: SGLang's router (`pope router`, several
+# engines); add wandb (EXTRAS=router,wandb) for a trainer that logs to Weights & Biases.
+ARG EXTRAS=router
+RUN pip install --find-links /tmp/wheels "/src[${EXTRAS}]" && pip uninstall -y pip setuptools
 
 FROM ${BASE_IMAGE}
 RUN groupadd --gid 10001 pope && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin pope \

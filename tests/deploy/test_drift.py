@@ -247,4 +247,6 @@ def test_one_router_version_in_the_extras_the_client_and_the_image() -> None:
         pins = [r for r in extras[extra] if re.match(r"sglang-router\b", r)]
         assert pins == [f"sglang-router=={ROUTER_VERSION}"], f"extra {extra!r}: {pins}"
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(r'^RUN pip install [^\n]*"/src\[router\]"', dockerfile, re.M), "the image has no router"
+    extras_arg = re.search(r"^ARG EXTRAS=(\S+)$", dockerfile, re.M)  # the image's extras, router by default
+    assert extras_arg and "router" in extras_arg.group(1).split(","), "the image has no router"
+    assert re.search(r'^RUN pip install [^\n]*"/src\[\$\{EXTRAS\}\]"', dockerfile, re.M), "EXTRAS is not installed"
