@@ -14,17 +14,16 @@ from typing import Any
 import httpx
 import redis
 from fastapi import FastAPI
-from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from services.common.keys import Keys
 from services.common.messages import RawGroup, Score, ScoredGroup, TrainerControl, Variant, encode
 from services.common.streams import DATA
 from services.rollout.service import create_app
-from services.rollout.settings import RolloutSettings
 from tests.browser.conftest import PageWatch
 from tests.conftest import app_in_thread
 from tests.factories import sample
+from tests.integration.test_dashboard_routes import locked_settings
 
 TOKEN = "dashboard-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -38,15 +37,7 @@ ANSWER = "<u>4</u><img src=y onerror=window.__pwned=7>"
 
 @contextlib.contextmanager
 def rollout_service(redis_url: str, keys: Keys, tmp_path: Path) -> Iterator[str]:
-    settings = RolloutSettings(
-        redis_url=redis_url,
-        key_prefix=keys.prefix,
-        api_token=SecretStr(TOKEN),
-        require_auth_for_reads=True,
-        schedule=False,
-        archive_dir=tmp_path / "rollouts",
-        eval_dir=tmp_path / "eval",
-    )
+    settings = locked_settings(redis_url, keys, tmp_path, TOKEN)
 
     def build(_: Redis) -> FastAPI:
         return create_app(settings)

@@ -23,11 +23,12 @@ from tests.conftest import app_in_thread
 TOKEN = "t0ken"
 
 
-def settings(redis_url: str, keys: Keys, tmp_path: Path) -> RolloutSettings:
+def locked_settings(redis_url: str, keys: Keys, tmp_path: Path, token: str = TOKEN) -> RolloutSettings:
+    """A rollout service with no scheduler whose reads need ``token``, writing under ``tmp_path``."""
     return RolloutSettings(
         redis_url=redis_url,
         key_prefix=keys.prefix,
-        api_token=SecretStr(TOKEN),
+        api_token=SecretStr(token),
         require_auth_for_reads=True,
         schedule=False,
         archive_dir=tmp_path / "rollouts",
@@ -37,7 +38,7 @@ def settings(redis_url: str, keys: Keys, tmp_path: Path) -> RolloutSettings:
 
 
 def test_the_page_is_open_and_locked_down_and_the_data_is_not(redis_url: str, keys: Keys, tmp_path: Path) -> None:
-    cfg = settings(redis_url, keys, tmp_path)
+    cfg = locked_settings(redis_url, keys, tmp_path)
 
     def build(_: Redis) -> FastAPI:
         return create_app(cfg)
@@ -69,7 +70,7 @@ def test_the_page_is_open_and_locked_down_and_the_data_is_not(redis_url: str, ke
 async def test_evaluations_lists_each_periodic_evaluation_newest_first(
     redis_url: str, keys: Keys, tmp_path: Path, aredis: Redis
 ) -> None:
-    cfg = settings(redis_url, keys, tmp_path)
+    cfg = locked_settings(redis_url, keys, tmp_path)
     evaluator = PeriodicEval(cfg.evaluation, cfg.eval_dir, aredis, keys, ProblemStore(aredis, keys), None, None)  # type: ignore[arg-type]
     for version, solved in ((0, 0), (5, 2), (10, 4)):
         results = [ProblemResult(problem_id="p", variant="unhinted", n=4, successes=solved, tokens=40, truncated=0)]

@@ -75,19 +75,33 @@ async def run_steps(trainer: Trainer, aredis: Redis, keys: Keys, batches: list[l
     return list(trainer.history)
 
 
+def offline_settings(tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, **kw: Any) -> TrainerSettings:
+    """A trainer of ``tiny_model`` with no engine (its pushes go nowhere), groups of 4, and
+    everything it writes under ``tmp_path``; ``kw`` sets the rest."""
+    return TrainerSettings(
+        **{
+            "model_path": str(tiny_model),
+            "checkpoint_dir": tmp_path / "ckpt",
+            "metrics_log": tmp_path / "m.jsonl",
+            "tensorboard_dir": tmp_path / "tb",
+            "redis_url": redis_url,
+            "key_prefix": keys.prefix,
+            "streams": POLICY,
+            "group_size": 4,
+            **kw,
+        }
+    )
+
+
 async def test_each_option_shows_in_the_metrics(
     tiny_model: Path, tmp_path: Path, redis_url: str, keys: Keys, aredis: Redis
 ) -> None:
-    cfg = TrainerSettings(
-        model_path=str(tiny_model),
-        checkpoint_dir=tmp_path / "ckpt",
-        metrics_log=tmp_path / "m.jsonl",
-        tensorboard_dir=tmp_path / "tb",
-        redis_url=redis_url,
-        key_prefix=keys.prefix,
-        streams=POLICY,
+    cfg = offline_settings(
+        tiny_model,
+        tmp_path,
+        redis_url,
+        keys,
         prompts_per_step=3,
-        group_size=4,
         learning_rate=1e-2,
         lr_schedule="cosine",
         warmup_steps=2,

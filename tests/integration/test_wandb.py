@@ -20,10 +20,10 @@ from services.common.streams import publish
 from services.rollout.evaluation import EvalReport, PeriodicEval, ProblemResult, summarize
 from services.rollout.settings import EvalSettings
 from services.trainer.loop import Trainer
-from services.trainer.settings import TrainerSettings, WandbSettings
+from services.trainer.settings import WandbSettings
 from services.trainer.sink import NoSink
 from services.trainer.tracking import SAMPLE_COLUMNS, STATE_FILE
-from tests.integration.test_trainer_options import POLICY, group, run_steps
+from tests.integration.test_trainer_options import POLICY, group, offline_settings, run_steps
 from tests.wandb_log import history, run_record, step_metrics
 
 HINT = "Start from 7 + 5 = 12."
@@ -78,16 +78,12 @@ async def test_wandb_offline_logs_steps_evaluations_and_samples_across_a_restart
     monkeypatch.setenv("WANDB_MODE", "offline")  # the settings leave the mode to wandb's environment
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-env"))  # unused: the settings' dir wins
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = TrainerSettings(
-        model_path=str(tiny_model),
-        checkpoint_dir=tmp_path / "ckpt",
-        metrics_log=tmp_path / "m.jsonl",
-        tensorboard_dir=tmp_path / "tb",
-        redis_url=redis_url,
-        key_prefix=keys.prefix,
-        streams=POLICY,
+    cfg = offline_settings(
+        tiny_model,
+        tmp_path,
+        redis_url,
+        keys,
         prompts_per_step=2,
-        group_size=4,
         save_every=1,
         wandb=WandbSettings(
             project="pope-test", group="arm-a", dir=tmp_path / "wb", samples_every_steps=2, samples_max_rows=6
