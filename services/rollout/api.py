@@ -31,7 +31,6 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Query, Response
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.common.messages import MAX_ID_CHARS, MAX_NOTE_CHARS, Problem, ProblemLabel, Variant
@@ -403,8 +402,7 @@ def problems_and_rollouts_router(
         reward between ``min_reward`` and ``max_reward``, both included). A cursor that is
         not a ``next_cursor`` of this archive finds no page (404)."""
         if min_reward is not None and max_reward is not None and min_reward > max_reward:
-            why = f"min_reward {min_reward} is above max_reward {max_reward}: no reward is in that range"
-            raise RequestValidationError([{"type": "value_error", "loc": ("query", "min_reward"), "msg": why}])
+            return RolloutPage(rollouts=[], next_cursor=None)  # an empty range: no need to read the archive
         try:
             # File reads block; keep them off the event loop.
             records, next_cursor = await asyncio.to_thread(

@@ -203,7 +203,7 @@ class Wandb:
             self._save_state()
 
     async def _new_evaluations(self) -> list[dict[str, Any]]:
-        """The rows of ``history:eval`` (newest first, never trimmed) newer than ``eval_at``, oldest first."""
+        """The rows of ``history:eval`` (newest first, the last 1000) newer than ``eval_at``, oldest first."""
         new: list[dict[str, Any]] = []
         start = 0
         while True:
