@@ -93,9 +93,10 @@ def test_the_dashboard_follows_a_pope_up_run(
         page.wait_for_selector("#page-number:has-text('page 2')")
         older = page.eval_on_selector_all("#rollouts-table tbody tr[data-key]", keys_of)
         assert older and not set(older) & set(first)
-        page.click("#page-newer")
+        page.click("#page-newer")  # the newest page again, which the run may have moved on since
         page.wait_for_selector("#page-number:has-text('page 1')")
-        assert page.eval_on_selector_all("#rollouts-table tbody tr[data-key]", keys_of) == first
+        again = page.eval_on_selector_all("#rollouts-table tbody tr[data-key]", keys_of)
+        assert again and not set(again) & set(older)
         page.check("#live")
 
         # Live: the trainer steps and the page follows, its curves with it.
