@@ -52,7 +52,12 @@ def test_pope_up_trains_on_hinted_and_unhinted_groups(
     rows = history(run)
     assert [r["trainer/step"] for r in rows if "loss" in r] == [m["step"] for m in metrics]
     evaluated = [r["eval/weight_version"] for r in rows if "eval/weight_version" in r]
-    assert evaluated[:2] == [0, 1] and evaluated == sorted(set(evaluated))
+    # Which versions get evaluated depends on how fast the trainer steps meanwhile (each
+    # evaluation takes the engine's weights when it starts): v0 first, then each once, in
+    # order, every one the rollout service wrote (it may write one after the trainer stopped).
+    written = {int(p.stem.removeprefix("step-")) for p in (tmp_path / "eval").glob("step-*.json")}
+    assert evaluated[0] == 0 and len(evaluated) >= 2 and evaluated == sorted(set(evaluated))
+    assert set(evaluated) <= written
 
 
 def run_pope_up(
