@@ -193,12 +193,14 @@ class PeriodicEval:
     async def run(self, stop: asyncio.Event) -> None:
         if self.cfg.every_steps == 0:
             return
-        last = await self.redis.hget(self.keys.state("eval"), "weight_version")  # type: ignore[misc]
-        due = 0 if last is None else (int(last) // self.cfg.every_steps + 1) * self.cfg.every_steps
+        due: int | None = None  # the first version to evaluate, once Redis has said where the last one was
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.poll_s)
             try:
+                if due is None:
+                    last = await self.redis.hget(self.keys.state("eval"), "weight_version")  # type: ignore[misc]
+                    due = 0 if last is None else (int(last) // self.cfg.every_steps + 1) * self.cfg.every_steps
                 if await self.engine_version() < due:  # cheap; the problem store is read only when due
                     self.waiting_for = f"engine weights v{due}"
                     continue

@@ -24,6 +24,7 @@ Problems finished before a cancel keep their results.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -33,6 +34,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, HTTPException, Query, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from services.common.engine_client import EngineClient
 from services.common.keys import Keys
@@ -225,10 +227,26 @@ class HintJobs:
             await self.cancel(job_id)
         await self.redis.hdel(self.keys.hint_jobs, job_id)  # type: ignore[misc]
 
-    async def resume_interrupted(self) -> None:
+    async def resume_interrupted(self, stop: asyncio.Event | None = None) -> None:
         """Restart the job a previous process of this service left running, if any
-        (never a cancelled one)."""
-        for job in await self.all():
+        (never a cancelled one). With ``stop``, a Redis that does not answer (a service
+        started during an outage) is asked again, backing off 0.2 s to 5 s, until it does
+        or ``stop`` is set."""
+        delay = 0.2
+        while True:
+            try:
+                jobs = await self.all()
+                break
+            except RedisError as exc:
+                if stop is None:
+                    raise
+                log.warning("hint jobs: cannot read the interrupted ones (%s); again in %.1fs", exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+                if stop.is_set():
+                    return
+                delay = min(delay * 2, 5.0)
+        for job in jobs:
             if job.state == "running" and self.running is None:
                 log.info("resuming hint job %s", job.id)
                 self._launch(job)

@@ -173,7 +173,9 @@ def create_app(settings: RolloutSettings) -> FastAPI:
             scheduling = asyncio.create_task(held["scheduler"].run(stop))
             scheduling.add_done_callback(lambda t: stop_if_failed(app, t, "scheduler"))
             cut_short.append(scheduling)
-        await hint_jobs.resume_interrupted()
+        # In the background: a service started while Redis is away must still come up (its
+        # /readyz says Redis is unready meanwhile) and resume the job once Redis answers.
+        tasks.append(asyncio.create_task(hint_jobs.resume_interrupted(stop)))
         yield
         stop.set()  # the archiver finishes the group in hand (its commit is one transaction)
         # The rest wait on generations that can run for minutes, so they are cancelled: a

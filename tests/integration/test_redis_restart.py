@@ -74,3 +74,52 @@ async def test_worker_carries_on_across_a_redis_crash_and_restart(tmp_path: Path
         stop.set()
         await client.aclose()
         server.stop()
+
+
+def test_the_rollout_service_starts_while_redis_is_away_and_resumes_its_hint_job_after(tmp_path: Path) -> None:
+    """Started during a Redis outage (as the chaos run's restarts can), the rollout service
+    still comes up, unready, and picks up the hint job its last process left running once
+    Redis is back; before, reading the jobs at start-up failed the start (exit 3)."""
+    import httpx
+    import redis
+
+    from services.common.keys import Keys as K
+    from services.rollout.hint_jobs import HintJob, HintJobRequest
+    from services.rollout.service import create_app
+    from services.rollout.settings import HintSettings, RolloutSettings
+    from tests.conftest import app_in_thread
+
+    server = LocalRedis(aof_dir=tmp_path / "aof").start()
+    keys = K("away:")
+    left = HintJob(
+        id="left-running",
+        state="running",
+        request=HintJobRequest(),
+        settings=HintSettings(),
+        created_at=time.time(),
+        updated_at=time.time(),
+    )
+    with redis.Redis.from_url(server.url) as client:
+        client.hset(keys.hint_jobs, left.id, left.model_dump_json())
+    server.stop()  # its AOF keeps the job
+    settings = RolloutSettings(
+        redis_url=server.url,
+        key_prefix=keys.prefix,
+        schedule=False,
+        archive_dir=tmp_path / "rollouts",
+        eval_dir=tmp_path / "eval",
+        model_path=str(tmp_path / "no-model"),  # the resumed job fails on it: proof it ran
+    )
+    try:
+        with app_in_thread(server.url, lambda _: create_app(settings)) as url:
+            assert httpx.get(f"{url}/healthz").status_code == 200  # up, with Redis away
+            assert httpx.get(f"{url}/readyz").status_code == 503
+            server.start()  # the same port and AOF
+            deadline = time.monotonic() + 30
+            while (job := httpx.get(f"{url}/v1/hints/jobs/{left.id}").json())["state"] == "running":
+                assert time.monotonic() < deadline, job
+                time.sleep(0.2)
+            assert job["state"] == "failed" and job["error"], job  # resumed, and ran (into the missing model)
+            assert httpx.get(f"{url}/readyz").status_code == 200
+    finally:
+        server.stop()

@@ -174,7 +174,7 @@ function lineChart(figure, series, opts = {}) {
   const pw = W - PAD.left - PAD.right;
   const ph = H - PAD.top - PAD.bottom;
   if (!points.length) {
-    root.append(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" }, "no data yet"));
+    root.append(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" }, opts.empty || "no data yet"));
   } else {
     const [x0, x1] = extent(points.map((p) => p[0]));
     const [y0, y1] = extent(points.map((p) => p[1]), opts.y);
@@ -329,7 +329,8 @@ function renderEvaluations(body) {
       series.push({ name: `${v} ${stat}`, color, points });
     }
   }
-  lineChart($("chart-eval"), series, { y: [0, 1] });
+  const empty = body.every_steps ? "no evaluation yet" : "no periodic evaluation (rollout.evaluation.every_steps is 0)";
+  lineChart($("chart-eval"), series, { y: [0, 1], empty });
 }
 
 function shade(hex) {
