@@ -319,12 +319,10 @@ def _lines_forward(f: BinaryIO, start: int, end: int) -> Iterator[tuple[int, byt
 
 
 def _parse(line: bytes, offset: int, path: Path) -> RolloutRecord | None:
-    try:
-        return RolloutRecord.model_validate_json(line)
-    except ValidationError as exc:
-        # One bad line (a hand edit, an old format) must not make the archive unreadable.
-        log.warning("%s: skipping a malformed record at byte %d: %s", path, offset, exc.errors()[0]["msg"])
-        return None
+    """A line's record, or None (logged): one bad line (a hand edit, an old format) must not
+    make the archive unreadable."""
+    row = _json(line, offset, path)
+    return None if row is None else _record(row, offset, path)
 
 
 def _json(line: bytes, offset: int, path: Path) -> dict[str, Any] | None:

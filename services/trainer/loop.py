@@ -158,9 +158,10 @@ class Trainer:
         self._weights_lock = asyncio.Lock()  # one of: checkpoint save, push, re-push
         self._stop = asyncio.Event()  # run's
         self.last: dict[str, float] = {}
-        self.record = checkpoint.run_record(resolved(settings), settings.seed)
+        config = resolved(settings)
+        self.record = checkpoint.run_record(config, settings.seed)
         # Last: a wandb run opened here is finished by run()'s end.
-        self.tracker = tracking.for_settings(settings, redis, self.keys, resolved(settings))
+        self.tracker = tracking.for_settings(settings, redis, self.keys, config)
         VERSION.set(self.version)
 
     @property
