@@ -1,6 +1,6 @@
 """Decode throughput of the CPU engine against transformers' ``generate``, side by side.
 
-    .venv/bin/python bench/engine.py [--batch 8] [--new-tokens 128] [--repeats 5] [--http]
+    .venv/bin/python bench/engine.py [--batch 64] [--new-tokens 128] [--repeats 5] [--http]
 
 Both decode the same prompts with the same model, batch size, sampling settings
 (temperature 0.8) and number of new tokens (EOS ignored, so every row runs the full
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from services.engine.decode import Sequence, decode
+from services.engine.decode import Sequence, decode_all
 from services.engine.sampling import SamplingSpec
 from services.engine.tiny_model import TinyModelSpec, build_tiny_model
 
@@ -59,7 +59,7 @@ def bench_engine(model: object, rows: list[list[int]], new: int, pad: int, eos: 
     spec = SamplingSpec(max_new_tokens=new, temperature=0.8, ignore_eos=True)
     seqs = [Sequence(r, spec, torch.Generator().manual_seed(i)) for i, r in enumerate(rows)]
     start = time.perf_counter()
-    decode(model, seqs, eos_ids=frozenset([eos]), pad_id=pad)  # type: ignore[arg-type]
+    decode_all(model, seqs, eos_ids=frozenset([eos]))
     elapsed = time.perf_counter() - start
     assert all(len(s.output_ids) == new for s in seqs)
     return len(rows) * new / elapsed
@@ -107,7 +107,7 @@ def bench_http(model_dir: Path, rows: list[list[int]], new: int, repeats: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="HF model directory (default: a fresh tiny model)")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--http", action="store_true", help="also measure through `pope engine` over HTTP")

@@ -1,31 +1,32 @@
-"""Batched, KV-cached autoregressive decoding of one batch of sequences.
+"""The sequences decoding now, as one continuously running batch (``RunningBatch``).
 
-One call runs a batch to completion: a left-padded prefill of every prompt, then one
-decode step per token for all unfinished rows, with each row's KV cache kept between
-steps. Rows that finish (a stop token, their length limit, or an abort) are dropped
-from the batch, cache included, so long rows do not drag short ones' compute along.
-Each row samples with its own parameters and generator (sampling.sample_next).
+Each step samples one token for every row, drops the rows that finished (a stop token,
+their length limit, or an abort), and runs the rest one token further; sequences that
+arrive meanwhile join at the next step, prefilled into free slots of the batch's KV cache
+(lean.SlotCache), so a long row never holds a short one back and a finished row's compute
+is gone at once. Each row samples with its own parameters and generator
+(sampling.sample_next).
 
-Weights that change while a batch runs (an update during an in-place or retracting pause,
-``current``) are taken up at the next step: the tokens so far are noted as the old
+Weights that change while rows run (an update during an in-place or retracting pause,
+``reweigh``) are taken up at the next step: the tokens so far are noted as the old
 version's (``Sequence.spans``: SGLang's ``weight_versions``), and the rows go on with the
-KV cache they have (``in_place``) or with it computed again under the new weights
-(``retract``, ``recompute``).
+KV cache they have (in place) or with it computed again under the new weights (retract).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from services.engine.lean import Decoder
 from services.engine.sampling import SamplingSpec, sample_next
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two rows may hold the same tokens
 class Sequence:
     """One sequence to decode; ``abort`` may be set from another thread at any time."""
 
@@ -58,93 +59,110 @@ class Sequence:
         return out
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ids [B, L] left-padded, attention mask [B, L] (1 for real tokens), on ``device``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids.to(device), mask.to(device)
+class RunningBatch:
+    """The rows decoding together: row i in slot i of one KV cache, pending its next token.
 
+    ``join`` prefills new sequences into free slots; ``sample`` draws every row's next
+    token and returns the rows that finished (their slots refilled by the last rows);
+    ``forward`` runs the others one token on. The owner calls them in that order, once a
+    step, and may ``reweigh`` between ``sample`` and ``forward``."""
 
-@torch.inference_mode()
-def decode(
-    model: torch.nn.Module,
-    seqs: list[Sequence],
-    *,
-    eos_ids: frozenset[int],
-    pad_id: int,
-    wait_if_paused: Callable[[], None] = lambda: None,
-    version: str = "0",
-    current: Callable[[], tuple[torch.nn.Module, str]] | None = None,
-    recompute: Callable[[], bool] = lambda: False,
-) -> None:
-    """Decode every sequence in ``seqs`` to completion, filling its outputs in place.
-    ``model`` is weights ``version``; ``current()``, asked between steps, gives the weights
-    to go on with (see the module docstring), ``recompute()`` whether the KV cache is then
-    computed again."""
-    from transformers import DynamicCache
+    def __init__(self, model: Any, version: str, *, slots: int, eos_ids: frozenset[int]) -> None:
+        self.model, self.version, self.eos_ids = model, version, eos_ids
+        self.decoder = Decoder(model)
+        self.cache = self.decoder.cache(slots)
+        self.slots = slots
+        self.rows: list[Sequence] = []
+        self._logits: torch.Tensor | None = None  # [rows, V], each row's next-token logits
+        self._tokens: torch.Tensor | None = None  # [rows], sampled and not yet run
 
-    for s in seqs:
-        s.version = version
-    active = [s for s in seqs if not _finished_before_start(s)]
-    if not active:
-        return
-    device = next(model.parameters()).device
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.rows)
 
-    def prefill(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
-        """Logits after ``rows`` [B, V], their mask [B, L], next positions [B], the cache."""
-        ids, mask = _left_pad(rows, pad_id, device)  # [B, L], [B, L]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
-        cache = DynamicCache()
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-        return out.logits[:, -1, :].float(), mask, positions[:, -1] + 1, cache
+    @torch.inference_mode()
+    def join(self, seqs: list[Sequence]) -> None:
+        """Prefill ``seqs`` (at most ``free``) into the next slots; they sample at the next ``sample``."""
+        if not seqs:
+            return
+        assert len(seqs) <= self.free and self._tokens is None, "join between forward and sample"
+        first = len(self.rows)
+        for s in seqs:
+            s.version = self.version
+        # Room for the longest of them to finish, so the cache does not grow while they run.
+        room = max(len(s.prompt_ids) + s.spec.max_new_tokens for s in seqs)
+        slots = list(range(first, first + len(seqs)))
+        logits = self.decoder.prefill(self.cache, slots, [s.prompt_ids for s in seqs], reserve=room)
+        self.rows.extend(seqs)
+        self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
 
-    logits, mask, next_pos, cache = prefill([s.prompt_ids for s in active])
-    while True:
-        tokens, logps = sample_next(logits, [s.spec for s in active], [s.generator for s in active])  # [B], [B]
+    @torch.inference_mode()
+    def sample(self) -> list[Sequence]:
+        """Every row's next token; the rows that finished with it, out of the batch."""
+        if self._logits is None:
+            return []
+        tokens, logps = sample_next(self._logits, [s.spec for s in self.rows], [s.generator for s in self.rows])
+        self._logits = None
         sampled_at = time.monotonic()
-        keep: list[int] = []
+        finished: list[int] = []
         # One device-to-host copy per step, not one per row.
-        for i, (s, tok, lp) in enumerate(zip(active, tokens.tolist(), logps.tolist(), strict=True)):
+        for i, (s, tok, lp) in enumerate(zip(self.rows, tokens.tolist(), logps.tolist(), strict=True)):
             s.output_ids.append(tok)
             s.logprobs.append(lp)
             if s.first_token_at is None:
                 s.first_token_at = sampled_at
-            if _check_finished(s, tok, eos_ids):
-                continue
-            keep.append(i)
-        if not keep:
+            if _check_finished(s, tok, self.eos_ids):
+                finished.append(i)
+        done = [self.rows[i] for i in finished]
+        if finished:
+            keep = tokens.clone()
+            for i in reversed(finished):  # the last row into each finished row's slot
+                last = len(self.rows) - 1
+                if i != last:
+                    self.cache.move(last, i)
+                    self.rows[i] = self.rows[last]
+                    keep[i] = keep[last]
+                self.rows.pop()
+            tokens = keep[: len(self.rows)]
+        self._tokens = tokens if self.rows else None
+        return done
+
+    @torch.inference_mode()
+    def reweigh(self, model: Any, version: str, *, recompute: bool) -> None:
+        """Go on with weights ``version``: the rows note which weights made their tokens so far,
+        and keep their KV cache, or (``recompute``) have it computed again under ``model``."""
+        if version == self.version:
             return
-        wait_if_paused()
-        if len(keep) < len(active):  # drop finished rows, cache included
-            index = torch.tensor(keep, dtype=torch.long, device=device)
-            active = [active[i] for i in keep]
-            tokens, mask, next_pos = tokens[index], mask[index], next_pos[index]
-            cache.batch_select_indices(index)
-        if current is not None and (now := current())[1] != version:
-            model, version = now
-            for s in active:
-                s.changes.append((s.version, len(s.output_ids)))
-                s.version = version
-            if recompute():  # retract: the rows so far under the new weights
-                logits, mask, next_pos, cache = prefill([s.prompt_ids + s.output_ids for s in active])
-                continue
-        mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=device)], dim=1)  # [B, L+t]
-        out = model(
-            input_ids=tokens[:, None],
-            attention_mask=mask,
-            position_ids=next_pos[:, None],
-            cache=cache,
-            use_cache=True,
-        )
-        logits = out.logits[:, -1, :].float()  # [B, V]
-        next_pos = next_pos + 1
+        if model is not self.model:
+            self.decoder = Decoder(model)
+        self.model, self.version = model, version
+        for s in self.rows:
+            s.changes.append((s.version, len(s.output_ids)))
+            s.version = version
+        if recompute and self.rows:  # retract: prompt and output so far, prefilled again
+            rows = [s.prompt_ids + s.output_ids for s in self.rows]
+            self._tokens = None
+            self._logits = self.decoder.prefill(self.cache, list(range(len(rows))), rows)
+
+    @torch.inference_mode()
+    def forward(self) -> None:
+        """Run the sampled tokens: each row's logits for the next ``sample``."""
+        if self._tokens is not None:
+            self._logits = self.decoder.step(self.cache, self._tokens)
+            self._tokens = None
 
 
-def _finished_before_start(s: Sequence) -> bool:
+def decode_all(model: Any, seqs: list[Sequence], *, eos_ids: frozenset[int], version: str = "0") -> None:
+    """Decode ``seqs`` to completion as one batch, filling their outputs (benchmarks, tests)."""
+    live = [s for s in seqs if not finished_before_start(s)]
+    batch = RunningBatch(model, version, slots=max(1, len(live)), eos_ids=eos_ids)
+    batch.join(live)
+    while batch.rows:
+        batch.sample()
+        batch.forward()
+
+
+def finished_before_start(s: Sequence) -> bool:
     if s.abort.is_set():
         s.finish = ("abort", "aborted before it started")
         return True

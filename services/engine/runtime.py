@@ -27,18 +27,21 @@ until a restart (tests/integration/test_engine_hostile.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from services.engine.decode import Sequence, decode
+from services.engine.decode import RunningBatch, Sequence, finished_before_start
+from services.engine.lean import unsupported
 from services.engine.sglang_metrics import DecodeRate
 from services.engine.weight_sync import WeightGroups
 
@@ -59,6 +62,9 @@ class WeightUpdateBusy(WeightLoadError):
     """The update cannot be serialized behind the one in progress (an HTTP 409)."""
 
 
+RATE_WINDOW_S = 1.0
+"""The decode rate (``last_rate``) is of windows this long."""
+
 _LOAD_LOCK = threading.Lock()
 """Held by every ``from_pretrained`` of the process (see the module docstring)."""
 
@@ -71,6 +77,7 @@ class Job:
     seqs: list[Sequence]
     on_done: Callable[[str], None]  # called with the weight version that decoded the job
     arrived: float = field(default_factory=time.monotonic)
+    left: int = 0  # sequences not finished yet (the decode thread counts them down)
 
 
 def load_model(path: str | Path, device: str, dtype: torch.dtype) -> Any:
@@ -131,9 +138,15 @@ class EngineRuntime:
         eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        reason = unsupported(self.model)
+        if reason:
+            raise WeightLoadError(f"the CPU engine cannot serve {model_path!r}: {reason}")
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._carry: Job | None = None  # a job that did not fit the last batch
-        self._model_lock = threading.Lock()  # held while a batch decodes
+        self._jobs: dict[int, tuple[Job, str]] = {}  # id(sequence) -> its job and rid, until it finishes
+        self._batch: RunningBatch | None = None  # kept between busy spells while the model is the same
+        self._model_lock = threading.Lock()  # held by the decode thread while its batch has rows
+        self._drain = threading.Condition()  # guards _draining
+        self._draining = 0  # weight updates waiting for the running rows to finish
         self._swap_lock = threading.Lock()  # guards (model, weight_version) together
         self._update_lock = threading.Lock()  # one weight update at a time (module docstring)
         self._resume = threading.Event()  # cleared while paused
@@ -143,10 +156,10 @@ class EngineRuntime:
         self._live_lock = threading.Lock()
         self._closing = False  # set once: every sequence submitted after is aborted at once
         self._thread = threading.Thread(target=self._loop, name="decode", daemon=True)
-        self.batches = 0  # batches decoded so far
         self.running = 0  # sequences in the batch decoding now
-        self.queued = 0  # sequences submitted and not yet in a decoding batch
-        self.last_rate: DecodeRate | None = None  # of the last batch decoded
+        self.queued = 0  # sequences submitted and not yet in the running batch
+        self.last_rate: DecodeRate | None = None  # tokens/s over the last RATE_WINDOW_S of decoding
+        self._window: tuple[int, float] | None = None  # tokens so far in the current window, its start
 
     # Lifecycle.
     def start(self) -> None:
@@ -171,8 +184,10 @@ class EngineRuntime:
         with self._live_lock:
             for rid, seq in zip(job.rids, job.seqs, strict=True):
                 self._live.setdefault(rid, []).append(seq)
+                self._jobs[id(seq)] = (job, rid)
                 if self._closing:
                     seq.abort.set()
+            job.left = len(job.seqs)
             self.queued += len(job.seqs)
         self._queue.put(job)
 
@@ -235,7 +250,8 @@ class EngineRuntime:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() + (1 if self._carry else 0)
+        """Sequences waiting for a place in the running batch."""
+        return self.queued
 
     # Weights.
     def update_weights(self, path: str, version: str | None, abort_all: bool = False) -> str:
@@ -288,7 +304,7 @@ class EngineRuntime:
             # (SGLang too loads at once while paused, without waiting for its requests).
             self._swap(new, path, version)
         else:
-            with self._model_lock:  # waits for the batch in flight
+            with self._drained():  # waits for the rows running to finish
                 self._swap(new, path, version)
         log.info("serving weights from %s as version %s", path, self.weight_version)
         return f"Succeeded to update model weights from {path}."
@@ -333,7 +349,7 @@ class EngineRuntime:
         if self.paused and self._pause_mode != "abort":
             copy()  # as update_weights: a held batch goes on with these weights (the decode thread waits)
         else:
-            with self._model_lock:  # waits for the batch in flight
+            with self._drained():  # waits for the rows running to finish
                 copy()
         log.info("loaded %d broadcast tensors; serving version %s", len(named), self.weight_version)
         return "Succeeded to update parameter online."
@@ -346,68 +362,147 @@ class EngineRuntime:
                 if all(s.abort.is_set() for ss in self._live.values() for s in ss):
                     return
 
-    def _loop(self) -> None:
-        while True:
-            batch = self._gather()
-            if batch is None:
-                return
-            self._resume.wait()
-            with self._model_lock:
-                model, version = self._current()
-                seqs = [s for job in batch for s in job.seqs]
-                with self._live_lock:
-                    self.queued -= len(seqs)
-                self.running = len(seqs)
-                began = time.monotonic()
-                try:
-                    decode(
-                        model,
-                        seqs,
-                        eos_ids=self.eos_ids,
-                        pad_id=self.pad_id,
-                        wait_if_paused=self._hold,
-                        version=version,
-                        current=self._current,
-                        recompute=lambda: self._pause_mode == "retract",
-                    )
-                except Exception as exc:  # a bug or OOM must fail the requests, not the engine
-                    log.exception("decode failed for a batch of %d sequences", len(seqs))
-                    for s in seqs:
-                        if not s.finish[0]:
-                            s.finish = ("abort", f"engine error: {type(exc).__name__}: {exc}")
-                ended = time.monotonic()
-                self.last_rate = DecodeRate(sum(len(s.output_ids) for s in seqs), ended - began, ended)
-                self.batches += 1
-                self.running = 0
-            for job in batch:
-                with self._live_lock:
-                    for rid, seq in zip(job.rids, job.seqs, strict=True):
-                        live = self._live.get(rid, [])
-                        if seq in live:
-                            live.remove(seq)
-                        if not live:
-                            self._live.pop(rid, None)
-                job.on_done(version)
+    @contextlib.contextmanager
+    def _drained(self) -> Iterator[None]:
+        """No sequence decoding for the length of the block: new ones wait, and the block
+        begins once those running have finished (SGLang's writer lock on weight updates)."""
+        with self._drain:
+            self._draining += 1
+        try:
+            with self._model_lock:  # held by the decode thread while its batch has rows
+                yield
+        finally:
+            with self._drain:
+                self._draining -= 1
+                self._drain.notify_all()
 
-    def _gather(self) -> list[Job] | None:
-        """The next batch: the first job, then whatever arrives within the batch window."""
-        first = self._carry if self._carry is not None else self._queue.get()
-        self._carry = None
-        if first is None:
-            return None
-        batch, size = [first], len(first.seqs)
-        deadline = time.monotonic() + self.batch_wait_s
-        while size < self.max_batch:
+    def _loop(self) -> None:
+        waiting: deque[Sequence] = deque()  # submitted, not yet in the batch, oldest first
+        batch: RunningBatch | None = None  # holds self._model_lock while it is not None
+        stopping = False
+        while True:
+            stopping |= self._take(waiting, block=batch is None and not waiting and not stopping)
+            self._drop_finished(waiting)
+            if batch is None:
+                if not waiting:
+                    if stopping:
+                        return
+                    continue
+                batch = self._open()
+                if batch is None:  # paused, or a weight update is waiting for its turn
+                    continue
+            if not self.paused and not self._draining:
+                admit = [waiting.popleft() for _ in range(min(batch.free, len(waiting)))]
+                with self._live_lock:
+                    self.queued -= len(admit)
+            else:
+                admit = []
+            running = batch
             try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                running.join(admit)
+                self.running = rows = len(running.rows)
+                if not rows:
+                    self._close(keep=True)
+                    batch = None
+                    continue
+                for seq in running.sample():
+                    self._finished(seq)
+                self._count(rows)
+                self._hold()
+                model, version = self._current()
+                running.reweigh(model, version, recompute=self._pause_mode == "retract")
+                running.forward()
+            except Exception as exc:  # a bug or OOM must fail the requests, not the engine
+                failed = running.rows + [s for s in admit if s not in running.rows]
+                log.exception("decode failed for a batch of %d sequences", len(failed))
+                for seq in failed:
+                    seq.finish = ("abort", f"engine error: {type(exc).__name__}: {exc}")
+                    self._finished(seq)
+                running.rows.clear()
+                self._close(keep=False)
+                batch = None
+
+    def _take(self, waiting: deque[Sequence], *, block: bool) -> bool:
+        """Move submitted sequences to ``waiting``; with ``block``, wait for the first job and
+        whatever arrives within the batch window after it. Whether stop was asked."""
+        stop = False
+        deadline = None
+        while True:
+            try:
+                if block and deadline is None:
+                    job = self._queue.get()
+                    deadline = time.monotonic() + self.batch_wait_s
+                elif deadline is not None and len(waiting) < self.max_batch:
+                    job = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                else:
+                    job = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return stop
             if job is None:
-                self._queue.put(None)  # stop after this batch
-                break
-            if size + len(job.seqs) > self.max_batch:
-                self._carry = job
-                break
-            batch.append(job)
-            size += len(job.seqs)
-        return batch
+                stop = True
+                continue
+            waiting.extend(job.seqs)
+
+    def _drop_finished(self, waiting: deque[Sequence]) -> None:
+        """Answer at once the waiting sequences that will never run (aborted, or asked for
+        no tokens): SGLang drops an aborted request from its queue."""
+        if any(s.abort.is_set() or s.spec.max_new_tokens == 0 for s in waiting):
+            keep = [s for s in waiting if not finished_before_start(s)]
+            with self._live_lock:
+                self.queued -= len(waiting) - len(keep)
+            for s in waiting:
+                if s.finish[0]:
+                    self._finished(s)
+            waiting.clear()
+            waiting.extend(keep)
+
+    def _open(self) -> RunningBatch | None:
+        """A batch to run sequences in, holding the model lock; None while paused or while
+        a weight update waits (the caller tries again)."""
+        if self.paused:
+            self._resume.wait(timeout=0.05)
+            return None
+        with self._drain:
+            if self._draining:
+                self._drain.wait(timeout=0.05)
+                return None
+            self._model_lock.acquire()
+        model, version = self._current()
+        if self._batch is None or self._batch.model is not model:
+            self._batch = RunningBatch(model, version, slots=self.max_batch, eos_ids=self.eos_ids)
+        self._batch.reweigh(model, version, recompute=False)
+        return self._batch
+
+    def _close(self, *, keep: bool) -> None:
+        """The batch has no rows: let a weight update in (not ``keep``: drop its cache, as after a failure)."""
+        if not keep:
+            self._batch = None
+        self.running = 0
+        self._count(0, end=True)
+        self._model_lock.release()
+
+    def _count(self, tokens: int, *, end: bool = False) -> None:
+        """``tokens`` decoded just now; every RATE_WINDOW_S (and at the end of a busy spell)
+        the rate of the window is published as ``last_rate``."""
+        now = time.monotonic()
+        total, since = self._window or (0, now)
+        total += tokens
+        if total and (end or now - since >= RATE_WINDOW_S):
+            self.last_rate = DecodeRate(total, now - since, now)
+            self._window = None
+        else:
+            self._window = (total, since) if not end else None
+
+    def _finished(self, seq: Sequence) -> None:
+        """``seq`` is done: its job answers once all its sequences are."""
+        job, rid = self._jobs.pop(id(seq))
+        with self._live_lock:
+            live = self._live.get(rid, [])
+            if seq in live:
+                live.remove(seq)
+            if not live:
+                self._live.pop(rid, None)
+            job.left -= 1
+            done = job.left == 0
+        if done:
+            job.on_done(seq.version)

@@ -292,7 +292,7 @@ def create_app(
     @ADMIN
     async def flush_cache() -> PlainTextResponse:
         slot.get()
-        # No prefix cache to flush: every batch starts from an empty KV cache.
+        # No prefix cache to flush: a row's KV cache is its own and leaves with it.
         return PlainTextResponse("Cache flushed.\n")
 
     @app.post("/pause_generation")

@@ -125,6 +125,37 @@ async def test_top_k_1_is_transformers_greedy(engine_url: str, hf_model: Any) ->
         assert out.output_ids == ref[0, len(prompt) :].tolist()
 
 
+async def test_a_short_request_finishes_while_a_long_one_runs(engine_url: str, hf_model: Any) -> None:
+    """Continuous batching: a request that arrives while a 4,000-token one decodes joins the
+    running batch at the next step and answers while the long one goes on, with its
+    logprobs still those of a plain forward pass over its own tokens."""
+    long = {"max_new_tokens": 4000, "ignore_eos": True}
+    short = {"max_new_tokens": 4, "ignore_eos": True, "temperature": 0.8}
+    async with httpx.AsyncClient(timeout=120) as http:
+        task = asyncio.create_task(
+            http.post(f"{engine_url}/generate", json={"input_ids": [5, 6, 7], "sampling_params": long, "rid": "long"})
+        )
+        await wait_running(engine_url)
+        resp = await http.post(
+            f"{engine_url}/generate",
+            json={"input_ids": PROMPTS[1], "sampling_params": short, "return_logprob": True},
+        )
+        assert resp.status_code == 200, resp.text
+        assert not task.done(), "the short request waited for the long one"
+        await http.post(f"{engine_url}/abort_request", json={"rid": "long"})
+        long_row = (await task).json()
+    row = resp.json()
+    assert row["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
+    assert long_row["meta_info"]["finish_reason"]["type"] == "abort"
+    assert 0 < long_row["meta_info"]["completion_tokens"] < 4000
+    ids = torch.tensor([PROMPTS[1] + row["output_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf_model(ids).logits[0].float() / 0.8, dim=-1)
+    want = [logp[len(PROMPTS[1]) - 1 + i, tok].item() for i, tok in enumerate(row["output_ids"])]
+    got = [lp for lp, _, _ in row["meta_info"]["output_token_logprobs"]]
+    assert max(abs(a - b) for a, b in zip(want, got, strict=True)) < 1e-4
+
+
 def deterministic(url: str) -> bool:
     """The mode, as SGLang's /server_info reports it."""
     return bool(httpx.get(f"{url}/server_info").json()["enable_deterministic_inference"])

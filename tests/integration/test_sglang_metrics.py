@@ -177,8 +177,9 @@ def test_a_generate_moves_the_sglang_metrics_by_what_it_did(engine_url: str, tin
 
 
 async def test_the_gauges_count_running_and_waiting_sequences(engine_url: str, tiny_model: Path) -> None:
-    """A batch decodes one long sequence; a request of two rows arriving meanwhile waits:
-    SGLang counts requests by sequence (each row, each of n copies), and so does this."""
+    """A batch decodes one long sequence; a request of two rows arriving meanwhile joins it,
+    and one arriving while generation is paused waits: SGLang counts requests by sequence
+    (each row, each of n copies), and so does this."""
     labels = {
         "model_name": str(tiny_model),
         "engine_type": "unified",
@@ -201,9 +202,14 @@ async def test_the_gauges_count_running_and_waiting_sequences(engine_url: str, t
         )
         await until("sglang:num_running_reqs", 1)
         body = {"input_ids": [[5], [6]], "sampling_params": long}
+        joined = asyncio.create_task(http.post(f"{engine_url}/generate", json=body))
+        await until("sglang:num_running_reqs", 3)
+        assert (await http.post(f"{engine_url}/pause_generation", json={"mode": "in_place"})).status_code == 200
         waiting = asyncio.create_task(http.post(f"{engine_url}/generate", json=body))
         await until("sglang:num_queue_reqs", 2)
+        assert samples(engine_url)[("sglang:num_running_reqs", sched)] == 3
         await http.post(f"{engine_url}/abort_request", json={"abort_all": True})
-        await asyncio.gather(running, waiting)
+        await http.post(f"{engine_url}/continue_generation", json={})
+        await asyncio.gather(running, joined, waiting)
     await until("sglang:num_queue_reqs", 0)
     await until("sglang:num_running_reqs", 0)

@@ -1,0 +1,259 @@
+"""The served model's forward, lean: a Llama-family decoder run straight from its weights
+over the engine's own KV cache (``SlotCache``), one row per slot.
+
+Transformers' forward is general, and at the CPU engine's sizes its generality is most of
+the time: a mask built per call, a cache object that concatenates, hooks and output
+dataclasses per layer. This runs the same arithmetic (``test_lean_forward`` holds its
+logits to transformers' own) with nothing else: per layer RMSNorm, the q/k/v projections,
+the q/k norms (Qwen3), rotary embeddings from one table built once by the model's own
+rotary module, attention, the output projection, and the SwiGLU MLP.
+
+The weights are the served model's own tensors, not copies, so a broadcast that copies
+into them in place is seen at the next step; a model swapped in from disk is a new
+``Decoder``. Rows live in slots of one preallocated cache and attend over their own length
+only, so rows of any lengths share a decode step, a row joins by having its prompt
+prefilled into a free slot, and a finished row's slot is refilled by moving the last row
+into it (``SlotCache.move``).
+
+Architectures: ``SUPPORTED`` (Qwen3, the project's; Qwen2 and Llama share the structure).
+``unsupported`` says why another cannot be served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("qwen3", "qwen2", "llama")
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+"""Rotary types whose frequencies do not depend on the sequence's length, so one table holds."""
+
+
+def unsupported(model: Any) -> str | None:
+    """Why ``model`` cannot run here, or None."""
+    cfg = model.config
+    kind = getattr(cfg, "model_type", None)
+    if kind not in SUPPORTED:
+        return f"model_type {kind!r} is not one the CPU engine serves ({', '.join(SUPPORTED)})"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r} (the engine's MLP is SwiGLU)"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()) or getattr(
+        cfg, "use_sliding_window", False
+    ):
+        return "sliding-window attention layers"
+    rope = getattr(getattr(model.model, "rotary_emb", None), "rope_type", "default")
+    if rope not in STATIC_ROPE:
+        return f"rope type {rope!r} (its frequencies change with the length)"
+    if getattr(cfg, "mlp_bias", False):
+        return "MLP biases"
+    return None
+
+
+def buckets(rows: list[tuple[int, ...]], slack: float = 1.25) -> list[list[tuple[int, ...]]]:
+    """``rows``, sorted by length, cut where a row is longer than ``slack`` times the
+    shortest of its bucket: each bucket's padding is under a fifth of its work."""
+    out: list[list[tuple[int, ...]]] = []
+    for r in rows:
+        if out and len(r) <= slack * len(out[-1][0]):
+            out[-1].append(r)
+        else:
+            out.append([r])
+    return out
+
+
+class Unsupported(ValueError):
+    """The model's architecture is not one ``Decoder`` runs."""
+
+
+@dataclass(frozen=True)
+class _Layer:
+    ln1: torch.Tensor
+    q: torch.nn.Linear
+    k: torch.nn.Linear
+    v: torch.nn.Linear
+    o: torch.nn.Linear
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    ln2: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+
+class SlotCache:
+    """Keys and values of up to ``slots`` rows: per layer [slots, kv_heads, capacity, head_dim],
+    row i in slot i with ``lens[i]`` tokens; the capacity grows (doubling) as rows need it."""
+
+    @torch.inference_mode()
+    def __init__(self, layers: int, slots: int, kv_heads: int, head_dim: int, limit: int, dtype: Any, device: Any):
+        self.shape = (slots, kv_heads, 0, head_dim)
+        self.limit, self.dtype, self.device = limit, dtype, device
+        self.k: list[torch.Tensor] = [self._empty(0) for _ in range(layers)]
+        self.v: list[torch.Tensor] = [self._empty(0) for _ in range(layers)]
+        self.lens = torch.zeros(slots, dtype=torch.long, device=device)  # tokens in each slot
+
+    def _empty(self, capacity: int) -> torch.Tensor:
+        s, h, _, d = self.shape
+        return torch.zeros((s, h, capacity, d), dtype=self.dtype, device=self.device)
+
+    @property
+    def capacity(self) -> int:
+        return int(self.k[0].shape[2])
+
+    @torch.inference_mode()
+    def reserve(self, tokens: int) -> None:
+        """Room for ``tokens`` positions in every slot (at most the context length)."""
+        if tokens <= self.capacity:
+            return
+        grown = min(self.limit, max(tokens, 2 * self.capacity, 64))
+        for store in (self.k, self.v):
+            for i, old in enumerate(store):
+                new = self._empty(grown)
+                new[:, :, : old.shape[2]] = old
+                store[i] = new
+
+    @torch.inference_mode()
+    def move(self, src: int, dst: int) -> None:
+        """Slot ``src``'s row into slot ``dst`` (a finished row's place)."""
+        n = int(self.lens[src])
+        for store in (self.k, self.v):
+            for t in store:
+                t[dst, :, :n] = t[src, :, :n]
+        self.lens[dst] = n
+
+
+class Decoder:
+    """Prefill and one-token decode steps of the served model over a ``SlotCache``."""
+
+    def __init__(self, model: Any) -> None:
+        reason = unsupported(model)
+        if reason:
+            raise Unsupported(reason)
+        cfg, inner = model.config, model.model
+        self.heads, self.kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        self.context = int(getattr(cfg, "max_position_embeddings", 1 << 20))
+        self.eps = float(cfg.rms_norm_eps)
+        self.scale = self.head_dim**-0.5
+        self.embed = inner.embed_tokens.weight
+        self.norm = inner.norm.weight
+        self.head: torch.nn.Linear = model.lm_head
+        self.layers = [
+            _Layer(
+                ln1=layer.input_layernorm.weight,
+                q=layer.self_attn.q_proj,
+                k=layer.self_attn.k_proj,
+                v=layer.self_attn.v_proj,
+                o=layer.self_attn.o_proj,
+                q_norm=getattr(getattr(layer.self_attn, "q_norm", None), "weight", None),
+                k_norm=getattr(getattr(layer.self_attn, "k_norm", None), "weight", None),
+                ln2=layer.post_attention_layernorm.weight,
+                gate=layer.mlp.gate_proj.weight,
+                up=layer.mlp.up_proj.weight,
+                down=layer.mlp.down_proj.weight,
+            )
+            for layer in inner.layers
+        ]
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        with torch.inference_mode():  # the model's own rotary module, once for every position
+            positions = torch.arange(self.context, device=self.device)[None, :]
+            cos, sin = inner.rotary_emb(self.embed[:1][None], positions)
+        self.cos, self.sin = cos[0].to(self.dtype), sin[0].to(self.dtype)  # [context, head_dim]
+
+    def cache(self, slots: int) -> SlotCache:
+        return SlotCache(len(self.layers), slots, self.kv_heads, self.head_dim, self.context, self.dtype, self.device)
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _qkv(self, layer: _Layer, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q [..., heads, D], k and v [..., kv_heads, D] of ``h`` [..., hidden] at ``pos`` [...]."""
+        shape = h.shape[:-1]
+        q = layer.q(h).view(*shape, self.heads, self.head_dim)
+        k = layer.k(h).view(*shape, self.kv_heads, self.head_dim)
+        v = layer.v(h).view(*shape, self.kv_heads, self.head_dim)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            q, k = self._rms(q, layer.q_norm), self._rms(k, layer.k_norm)
+        cos, sin = self.cos[pos].unsqueeze(-2), self.sin[pos].unsqueeze(-2)  # [..., 1, D]
+        return self._rope(q, cos, sin), self._rope(k, cos, sin), v
+
+    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        h = self._rms(x, layer.ln2)
+        return x + F.linear(F.silu(F.linear(h, layer.gate)) * F.linear(h, layer.up), layer.down)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.head(self._rms(h, self.norm))
+        return logits.float()
+
+    @torch.inference_mode()
+    def prefill(self, cache: SlotCache, slots: list[int], rows: list[list[int]], reserve: int = 0) -> torch.Tensor:
+        """Run ``rows`` (token ids) into ``slots`` of ``cache``, with room for ``reserve``
+        tokens a slot; the logits after each row [len(rows), V]. Rows with the same tokens (a
+        group's copies of one prompt) are computed once, and rows of similar lengths together
+        (``buckets``), so little of the work is padding."""
+        cache.reserve(max(max(len(r) for r in rows) + 1, reserve))
+        unique: dict[tuple[int, ...], list[int]] = {}
+        for i, row in enumerate(rows):
+            unique.setdefault(tuple(row), []).append(i)
+        logits: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+        for bucket in buckets(sorted(unique, key=len)):
+            out = self._prefill(cache, [[slots[i] for i in unique[r]] for r in bucket], bucket)
+            for r, row_logits in zip(bucket, out, strict=True):
+                for i in unique[r]:
+                    logits[i] = row_logits
+        return torch.stack(logits)
+
+    def _prefill(self, cache: SlotCache, slots: list[list[int]], distinct: list[tuple[int, ...]]) -> torch.Tensor:
+        """``distinct`` rows, each into its ``slots``; the logits after each [len(distinct), V]."""
+        which = [u for u, at in enumerate(slots) for _ in at]
+        width = max(len(r) for r in distinct)
+        ids = torch.zeros((len(distinct), width), dtype=torch.long)
+        for i, r in enumerate(distinct):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        ids = ids.to(self.device)
+        lens = torch.tensor([len(r) for r in distinct], device=self.device)  # [U]
+        pos = torch.arange(width, device=self.device)  # [L]
+        index = torch.tensor(which, device=self.device)  # [B]: each slot's row
+        at = torch.tensor([a for row in slots for a in row], device=self.device)  # [B]
+        x = F.embedding(ids, self.embed)  # [U, L, hidden]
+        for n, layer in enumerate(self.layers):
+            h = self._rms(x, layer.ln1)
+            q, k, v = (t.transpose(1, 2) for t in self._qkv(layer, h, pos))  # [U, heads, L, D]
+            cache.k[n][:, :, :width].index_copy_(0, at, k[index])
+            cache.v[n][:, :, :width].index_copy_(0, at, v[index])
+            # Causal is enough: the padding is on the right, after every real token.
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # [U, heads, L, D]
+            x = self._mlp(layer, x + layer.o(a.transpose(1, 2).reshape(*x.shape[:2], -1)))
+        cache.lens[at] = lens[index]
+        return self._logits(x[torch.arange(len(distinct), device=self.device), lens - 1])  # [U, V]
+
+    @torch.inference_mode()
+    def step(self, cache: SlotCache, tokens: torch.Tensor) -> torch.Tensor:
+        """One token for each of the first len(tokens) slots [n]; the logits after it [n, V]."""
+        n = tokens.shape[0]
+        pos = cache.lens[:n].clone()  # [n]: where each row's token goes
+        width = int(pos.max()) + 1
+        cache.reserve(width)
+        rows = torch.arange(n, device=self.device)
+        mask = (torch.arange(width, device=self.device)[None, :] > pos[:, None])[:, None, None, :]  # [n,1,1,W]: not yet
+        groups = self.heads // self.kv_heads
+        x = F.embedding(tokens, self.embed)  # [n, hidden]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, self._rms(x, layer.ln1), pos)  # [n, heads, D], [n, kv, D]
+            cache.k[i][rows, :, pos] = k
+            cache.v[i][rows, :, pos] = v
+            # One query token: a kv head's query heads are its "positions", so no kv copies.
+            q = q.view(n, self.kv_heads, groups, self.head_dim)
+            scores = torch.matmul(q, cache.k[i][:n, :, :width].transpose(-1, -2)) * self.scale  # [n, kv, g, W]
+            a = torch.matmul(torch.softmax(scores.masked_fill_(mask, -torch.inf), dim=-1), cache.v[i][:n, :, :width])
+            x = self._mlp(layer, x + layer.o(a.reshape(n, -1)))
+        cache.lens[:n] = pos + 1
+        return self._logits(x)
