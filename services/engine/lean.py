@@ -71,15 +71,13 @@ class Unsupported(ValueError):
 @dataclass(frozen=True)
 class _Layer:
     ln1: torch.Tensor
-    q: torch.nn.Linear
-    k: torch.nn.Linear
-    v: torch.nn.Linear
+    qkv: torch.Tensor  # [(heads + 2 kv_heads) x head_dim, hidden]
+    qkv_bias: torch.Tensor | None
     o: torch.nn.Linear
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     ln2: torch.Tensor
-    gate: torch.Tensor
-    up: torch.Tensor
+    gate_up: torch.Tensor  # [2 x intermediate, hidden]
     down: torch.Tensor
 
 
@@ -125,6 +123,34 @@ class SlotCache:
         self.lens[dst] = n
 
 
+def _fused(model_part: Any, names: tuple[str, ...], attr: str) -> torch.Tensor | None:
+    """One tensor whose row blocks are the ``attr`` ("weight" or "bias") of the linear layers
+    ``names`` of ``model_part``, which become views into it: one matmul instead of several,
+    and a copy into the model's weights (a broadcast) lands in it. Made once a model; None
+    where the layers have no such tensor."""
+    layers = [getattr(model_part, n) for n in names]
+    parts = [getattr(layer, attr) for layer in layers]
+    if any(p is None for p in parts):
+        return None
+    made: torch.Tensor | None = getattr(model_part, f"_lean_{attr}", None)
+    at = 0
+    if made is not None:  # still the model's own tensors? (a load may have replaced them)
+        for p in parts:
+            if p.data_ptr() != made[at : at + p.shape[0]].data_ptr():
+                break
+            at += p.shape[0]
+        else:
+            return made
+    with torch.no_grad():
+        made = torch.cat([p.detach() for p in parts])
+        at = 0
+        for layer, p in zip(layers, parts, strict=True):
+            setattr(layer, attr, torch.nn.Parameter(made[at : at + p.shape[0]], requires_grad=False))
+            at += p.shape[0]
+    setattr(model_part, f"_lean_{attr}", made)
+    return made
+
+
 class Decoder:
     """Prefill and one-token decode steps of the served model over a ``SlotCache``."""
 
@@ -141,18 +167,17 @@ class Decoder:
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
         self.head: torch.nn.Linear = model.lm_head
+        qkv = ("q_proj", "k_proj", "v_proj")
         self.layers = [
             _Layer(
                 ln1=layer.input_layernorm.weight,
-                q=layer.self_attn.q_proj,
-                k=layer.self_attn.k_proj,
-                v=layer.self_attn.v_proj,
+                qkv=_fused(layer.self_attn, qkv, "weight"),  # type: ignore[arg-type]
+                qkv_bias=_fused(layer.self_attn, qkv, "bias"),
                 o=layer.self_attn.o_proj,
                 q_norm=getattr(getattr(layer.self_attn, "q_norm", None), "weight", None),
                 k_norm=getattr(getattr(layer.self_attn, "k_norm", None), "weight", None),
                 ln2=layer.post_attention_layernorm.weight,
-                gate=layer.mlp.gate_proj.weight,
-                up=layer.mlp.up_proj.weight,
+                gate_up=_fused(layer.mlp, ("gate_proj", "up_proj"), "weight"),  # type: ignore[arg-type]
                 down=layer.mlp.down_proj.weight,
             )
             for layer in inner.layers
@@ -166,28 +191,27 @@ class Decoder:
     def cache(self, slots: int) -> SlotCache:
         return SlotCache(len(self.layers), slots, self.kv_heads, self.head_dim, self.context, self.dtype, self.device)
 
-    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed if weight is None else weight * normed
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
-    def _qkv(self, layer: _Layer, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q [..., heads, D], k and v [..., kv_heads, D] of ``h`` [..., hidden] at ``pos`` [...]."""
-        shape = h.shape[:-1]
-        q = layer.q(h).view(*shape, self.heads, self.head_dim)
-        k = layer.k(h).view(*shape, self.kv_heads, self.head_dim)
-        v = layer.v(h).view(*shape, self.kv_heads, self.head_dim)
+    def _qkv(self, layer: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q [..., heads, D], k and v [..., kv_heads, D] of ``h`` [..., hidden], rotated by
+        ``cos`` and ``sin`` [..., 1, D]: one matmul, and q and k normed and rotated as one."""
+        heads = self.heads + self.kv_heads
+        qkv = F.linear(h, layer.qkv, layer.qkv_bias).view(*h.shape[:-1], heads + self.kv_heads, self.head_dim)
+        qk = qkv[..., :heads, :]
         if layer.q_norm is not None and layer.k_norm is not None:
-            q, k = self._rms(q, layer.q_norm), self._rms(k, layer.k_norm)
-        cos, sin = self.cos[pos].unsqueeze(-2), self.sin[pos].unsqueeze(-2)  # [..., 1, D]
-        return self._rope(q, cos, sin), self._rope(k, cos, sin), v
+            qk = self._rms(qk, None)
+            qk[..., : self.heads, :].mul_(layer.q_norm)
+            qk[..., self.heads :, :].mul_(layer.k_norm)
+        half = self.head_dim // 2
+        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+        return qk[..., : self.heads, :], qk[..., self.heads :, :], qkv[..., heads:, :]
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
-        h = self._rms(x, layer.ln2)
-        return x + F.linear(F.silu(F.linear(h, layer.gate)) * F.linear(h, layer.up), layer.down)
+        gate, up = F.linear(self._rms(x, layer.ln2), layer.gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, layer.down)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.head(self._rms(h, self.norm))
@@ -220,13 +244,12 @@ class Decoder:
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         ids = ids.to(self.device)
         lens = torch.tensor([len(r) for r in distinct], device=self.device)  # [U]
-        pos = torch.arange(width, device=self.device)  # [L]
         index = torch.tensor(which, device=self.device)  # [B]: each slot's row
         at = torch.tensor([a for row in slots for a in row], device=self.device)  # [B]
+        cos, sin = self.cos[:width, None], self.sin[:width, None]  # [L, 1, D]
         x = F.embedding(ids, self.embed)  # [U, L, hidden]
         for n, layer in enumerate(self.layers):
-            h = self._rms(x, layer.ln1)
-            q, k, v = (t.transpose(1, 2) for t in self._qkv(layer, h, pos))  # [U, heads, L, D]
+            q, k, v = (t.transpose(1, 2) for t in self._qkv(layer, self._rms(x, layer.ln1), cos, sin))  # [U, h, L, D]
             cache.k[n][:, :, :width].index_copy_(0, at, k[index])
             cache.v[n][:, :, :width].index_copy_(0, at, v[index])
             # Causal is enough: the padding is on the right, after every real token.
@@ -242,18 +265,31 @@ class Decoder:
         pos = cache.lens[:n].clone()  # [n]: where each row's token goes
         width = int(pos.max()) + 1
         cache.reserve(width)
-        rows = torch.arange(n, device=self.device)
-        mask = (torch.arange(width, device=self.device)[None, :] > pos[:, None])[:, None, None, :]  # [n,1,1,W]: not yet
-        groups = self.heads // self.kv_heads
+        kv, groups, d = self.kv_heads, self.heads // self.kv_heads, self.head_dim
+        # Each row's new key and value go to row (slot, kv head), position pos of the cache
+        # flattened to [slots x kv x capacity, D]: one index_copy_ a layer for all of them.
+        at = (
+            (torch.arange(n, device=self.device)[:, None] * kv + torch.arange(kv, device=self.device)) * cache.capacity
+            + pos[:, None]
+        ).reshape(-1)  # [n x kv]
+        late = torch.arange(width, device=self.device)[None, :] > pos[:, None]  # [n, W]: not written yet
+        mask = torch.zeros((n, width), dtype=self.dtype, device=self.device).masked_fill_(late, -torch.inf)
+        mask = mask[:, None, None].expand(n, kv, groups, width).reshape(n * kv, groups, width)
+        cos, sin = self.cos[pos, None], self.sin[pos, None]  # [n, 1, D]
         x = F.embedding(tokens, self.embed)  # [n, hidden]
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(layer, self._rms(x, layer.ln1), pos)  # [n, heads, D], [n, kv, D]
-            cache.k[i][rows, :, pos] = k
-            cache.v[i][rows, :, pos] = v
+            q, k, v = self._qkv(layer, self._rms(x, layer.ln1), cos, sin)  # [n, heads, D], [n, kv, D]
+            keys, values = cache.k[i], cache.v[i]
+            keys.view(-1, d).index_copy_(0, at, k.reshape(-1, d))
+            values.view(-1, d).index_copy_(0, at, v.reshape(-1, d))
             # One query token: a kv head's query heads are its "positions", so no kv copies.
-            q = q.view(n, self.kv_heads, groups, self.head_dim)
-            scores = torch.matmul(q, cache.k[i][:n, :, :width].transpose(-1, -2)) * self.scale  # [n, kv, g, W]
-            a = torch.matmul(torch.softmax(scores.masked_fill_(mask, -torch.inf), dim=-1), cache.v[i][:n, :, :width])
+            q = q.reshape(n * kv, groups, d)
+            keys, values = (
+                keys[:n, :, :width].reshape(n * kv, width, d),
+                values[:n, :, :width].reshape(n * kv, width, d),
+            )
+            scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=self.scale)  # [n x kv, g, W]
+            a = torch.bmm(torch.softmax(scores, dim=-1), values)  # [n x kv, g, D]
             x = self._mlp(layer, x + layer.o(a.reshape(n, -1)))
         cache.lens[:n] = pos + 1
         return self._logits(x)

@@ -212,8 +212,13 @@ def sample_next(
     else:  # the full distribution (RL's default): no sort needed
         probs, order = logp.exp(), None
     cdf = torch.cumsum(probs, dim=-1)  # [B, V]
-    # Uniforms come from each row's CPU generator, so a seed draws the same on any device.
-    u = torch.stack([torch.rand((), generator=g) for g in generators]).to(dev) * cdf[:, -1]  # [B]
+    # Uniforms come from each row's CPU generator, so a seed draws the same on any device;
+    # rows that share one (the engine's process RNG) draw theirs in one call, in row order.
+    if all(g is generators[0] for g in generators):
+        u = torch.rand(len(generators), generator=generators[0])
+    else:
+        u = torch.stack([torch.rand((), generator=g) for g in generators])
+    u = u.to(dev) * cdf[:, -1]  # [B]
     pick = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=cdf.shape[1] - 1)  # [B, 1]
     tokens = (order.gather(1, pick) if order is not None else pick).squeeze(1)  # [B]
     greedy = torch.tensor([s.greedy for s in specs], device=dev)  # [B]
