@@ -1,17 +1,20 @@
-"""The engine's runtime: a model, a request queue, and one thread that decodes batches.
+"""The engine's runtime: a model, a request queue, and one thread that decodes.
 
-Requests from the HTTP server are queued as jobs. The decode thread takes the first
-waiting job, gathers any others that arrive within ``batch_wait_ms`` (up to
-``max_batch`` sequences), and decodes them as one batch (decode.decode). Torch runs in
-that thread, never on the event loop, so health checks and aborts answer while a batch
-is decoding.
+Requests from the HTTP server are queued as jobs of sequences. The decode thread runs one
+continuous batch (decode.RunningBatch, up to ``max_batch`` rows): before every step the
+sequences that arrived join it (an idle engine first waits ``batch_wait_ms`` for a burst
+to gather), each step finishes some rows and frees their slots, and a job answers once all
+its sequences have finished. Queued sequences that are aborted answer at once. Torch runs
+in that thread, never on the event loop, so health checks and aborts answer while it
+decodes.
 
 Weight updates (``update_weights``) load the new weights beside the serving ones, then
-swap them in. As SGLang does: while generating, between batches (a batch in flight
-finishes on the weights it started with, or is aborted, if asked); while paused in place
-or retracting (``pause``), at once, the batch going on with the new weights when
-generation continues, each sequence noting which weights made which of its tokens. A load
-that fails leaves the old weights serving.
+swap them in. As SGLang does: while generating, once the rows running have finished on the
+weights they started with (or were aborted, if asked), new rows waiting meanwhile
+(``_drained``: SGLang's writer lock); while paused in place or retracting (``pause``), at
+once, the rows going on with the new weights when generation continues, each sequence
+noting which weights made which of its tokens. A load that fails leaves the old weights
+serving.
 
 Weight updates are serialized (``_update_lock``), as SGLang serializes them under its
 tokenizer manager's ``model_update_lock`` (a writer lock): a second update waits for the
@@ -255,7 +258,7 @@ class EngineRuntime:
 
     # Weights.
     def update_weights(self, path: str, version: str | None, abort_all: bool = False) -> str:
-        """Load weights from ``path`` and swap them in between batches; return a message.
+        """Load weights from ``path`` and swap them in (``_drained``); return a message.
 
         Waits for an update in progress, as SGLang's writer lock does. Refused
         (WeightUpdateBusy, 409) while a distributed update session is open: its
@@ -320,9 +323,9 @@ class EngineRuntime:
             return self.model, self.weight_version
 
     def load_tensors(self, named: list[tuple[str, torch.Tensor]], version: str | None, abort_all: bool = False) -> str:
-        """Copy ``named`` (Hugging Face names, any float dtype) into the serving weights
-        between batches; return a message. Every name and shape is checked first, so a
-        refused load changes nothing. A tied weight is sent once and updates both names.
+        """Copy ``named`` (Hugging Face names, any float dtype) into the serving weights once
+        the rows running have finished (``_drained``); return a message. Every name and shape
+        is checked first, so a refused load changes nothing. A tied weight is sent once and updates both names.
         Serialized with the disk loads (``update_weights``)."""
         with self._update_lock:
             return self._copy_in(named, version, abort_all)

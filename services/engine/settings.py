@@ -24,9 +24,11 @@ class EngineSettings(SectionSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights and activations; float32 keeps logprobs comparable with the trainer's on CPU."""
     max_batch: int = Field(64, ge=1)
-    """Most sequences decoded together in one batch."""
+    """Most sequences in the running batch (the slots of its KV cache); more wait for a
+    row to finish."""
     batch_wait_ms: float = Field(5.0, ge=0.0)
-    """How long the first request of a batch waits for others to join it."""
+    """How long a request arriving at an idle engine waits for others, so that a burst is
+    prefilled together; a request arriving while rows run joins them at the next step."""
     torch_threads: int | None = Field(None, ge=1)
     """Torch intra-op threads (default: torch's choice)."""
     enable_deterministic_inference: bool = False

@@ -19,8 +19,8 @@ a byte offset aligned to its dtype (SGLang's ``FlattenedTensorBucket``); otherwi
 broadcast per listed tensor. The weight version is set only by a call that succeeds.
 
 Where the CPU engine differs, on purpose: a broadcast is received whole beside the
-serving weights, checked against the model (names, shapes), and only then copied in, in
-between batches; a failure leaves the old weights serving (SGLang answers that its
+serving weights, checked against the model (names, shapes), and only then copied in, once
+the rows running have finished; a failure leaves the old weights serving (SGLang answers that its
 weights are partially updated). Every collective has ``timeout_s``, so a trainer that
 dies mid-broadcast costs one failed call, never a hung engine.
 """
