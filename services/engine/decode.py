@@ -87,6 +87,9 @@ class RunningBatch:
             return
         assert len(seqs) <= self.free and self._tokens is None, "join between forward and sample"
         first = len(self.rows)
+        # By length, so that rows of similar lengths sit in neighbouring slots, and a decode
+        # step's attention reads little padding (lean.attention_spans).
+        seqs = sorted(seqs, key=lambda s: len(s.prompt_ids))
         for s in seqs:
             s.version = self.version
         # Room for the longest of them to finish, so the cache does not grow while they run.

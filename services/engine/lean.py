@@ -64,6 +64,23 @@ def buckets(rows: list[tuple[int, ...]], slack: float = 1.25) -> list[list[tuple
     return out
 
 
+SPAN_ROWS = 16
+"""Rows per span of a decode step's attention (``attention_spans``)."""
+
+
+def attention_spans(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """(first row, end row, width) of the spans a decode step's attention runs in: each span
+    of ``SPAN_ROWS`` rows reads the cache only up to its own longest row, so short rows do
+    not read the long ones' padding. One span when that would save under a fifth of it."""
+    whole = [(0, len(lengths), max(lengths))]
+    spans = [
+        (a, min(a + SPAN_ROWS, len(lengths)), max(lengths[a : a + SPAN_ROWS]))
+        for a in range(0, len(lengths), SPAN_ROWS)
+    ]
+    read = sum((b - a) * w for a, b, w in spans)
+    return spans if read < 0.8 * len(lengths) * whole[0][2] else whole
+
+
 class Unsupported(ValueError):
     """The model's architecture is not one ``Decoder`` runs."""
 
@@ -263,8 +280,7 @@ class Decoder:
         """One token for each of the first len(tokens) slots [n]; the logits after it [n, V]."""
         n = tokens.shape[0]
         pos = cache.lens[:n].clone()  # [n]: where each row's token goes
-        width = int(pos.max()) + 1
-        cache.reserve(width)
+        cache.reserve(int(pos.max()) + 1)
         kv, groups, d = self.kv_heads, self.heads // self.kv_heads, self.head_dim
         # Each row's new key and value go to row (slot, kv head), position pos of the cache
         # flattened to [slots x kv x capacity, D]: one index_copy_ a layer for all of them.
@@ -272,9 +288,12 @@ class Decoder:
             (torch.arange(n, device=self.device)[:, None] * kv + torch.arange(kv, device=self.device)) * cache.capacity
             + pos[:, None]
         ).reshape(-1)  # [n x kv]
-        late = torch.arange(width, device=self.device)[None, :] > pos[:, None]  # [n, W]: not written yet
-        mask = torch.zeros((n, width), dtype=self.dtype, device=self.device).masked_fill_(late, -torch.inf)
-        mask = mask[:, None, None].expand(n, kv, groups, width).reshape(n * kv, groups, width)
+        spans = attention_spans([int(p) + 1 for p in pos.tolist()])
+        masks = []  # each span's [rows x kv, g, its width]: -inf where a row has no token yet
+        for a, b, w in spans:
+            late = torch.arange(w, device=self.device)[None, :] > pos[a:b, None]  # [rows, w]
+            mask = torch.zeros((b - a, w), dtype=self.dtype, device=self.device).masked_fill_(late, -torch.inf)
+            masks.append(mask[:, None, None].expand(b - a, kv, groups, w).reshape((b - a) * kv, groups, w))
         cos, sin = self.cos[pos, None], self.sin[pos, None]  # [n, 1, D]
         x = F.embedding(tokens, self.embed)  # [n, hidden]
         for i, layer in enumerate(self.layers):
@@ -284,12 +303,12 @@ class Decoder:
             values.view(-1, d).index_copy_(0, at, v.reshape(-1, d))
             # One query token: a kv head's query heads are its "positions", so no kv copies.
             q = q.reshape(n * kv, groups, d)
-            keys, values = (
-                keys[:n, :, :width].reshape(n * kv, width, d),
-                values[:n, :, :width].reshape(n * kv, width, d),
-            )
-            scores = torch.baddbmm(mask, q, keys.transpose(1, 2), alpha=self.scale)  # [n x kv, g, W]
-            a = torch.bmm(torch.softmax(scores, dim=-1), values)  # [n x kv, g, D]
-            x = self._mlp(layer, x + layer.o(a.reshape(n, -1)))
+            out = torch.empty_like(q)
+            for (a, b, w), mask in zip(spans, masks, strict=True):
+                ks = keys[a:b, :, :w].reshape((b - a) * kv, w, d)
+                vs = values[a:b, :, :w].reshape((b - a) * kv, w, d)
+                scores = torch.baddbmm(mask, q[a * kv : b * kv], ks.transpose(1, 2), alpha=self.scale)
+                torch.bmm(torch.softmax(scores, dim=-1), vs, out=out[a * kv : b * kv])  # [rows x kv, g, D]
+            x = self._mlp(layer, x + layer.o(out.reshape(n, -1)))
         cache.lens[:n] = pos + 1
         return self._logits(x)

@@ -221,8 +221,9 @@ def sample_next(
     u = u.to(dev) * cdf[:, -1]  # [B]
     pick = torch.searchsorted(cdf, u[:, None], right=True).clamp(max=cdf.shape[1] - 1)  # [B, 1]
     tokens = (order.gather(1, pick) if order is not None else pick).squeeze(1)  # [B]
-    greedy = torch.tensor([s.greedy for s in specs], device=dev)  # [B]
-    tokens = torch.where(greedy, logp.argmax(dim=-1), tokens)  # [B]
+    if any(s.greedy for s in specs):
+        greedy = torch.tensor([s.greedy for s in specs], device=dev)  # [B]
+        tokens = torch.where(greedy, logp.argmax(dim=-1), tokens)  # [B]
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from services.engine.decode import RunningBatch, Sequence, decode_all
-from services.engine.lean import Decoder, Unsupported, buckets, unsupported
+from services.engine.lean import Decoder, Unsupported, attention_spans, buckets, unsupported
 from services.engine.sampling import SamplingSpec
 
 SHAPE = dict(
@@ -79,6 +79,21 @@ def test_prefill_and_steps_match_transformers(kind: str) -> None:
     logits = decoder.step(cache, tokens)
     for row, t, got in zip(rows, tokens.tolist(), logits, strict=True):
         torch.testing.assert_close(got, last_logits(model, [*row, t]), atol=2e-5, rtol=1e-4)
+
+
+def test_a_step_over_rows_of_many_lengths_runs_in_spans_and_matches_transformers() -> None:
+    model = build("qwen3")
+    decoder = Decoder(model)
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in [*([4] * 20), *range(100, 120)]]
+    assert len(attention_spans([len(r) + 1 for r in rows])) == 3  # 16 short rows, 4 + 12, 8 long
+    cache = decoder.cache(len(rows))
+    decoder.prefill(cache, list(range(len(rows))), rows)
+    tokens = torch.randint(0, 300, (len(rows),), generator=gen)
+    logits = decoder.step(cache, tokens)
+    for row, t, got in zip(rows, tokens.tolist(), logits, strict=True):
+        torch.testing.assert_close(got, last_logits(model, [*row, t]), atol=2e-5, rtol=1e-4)
+    assert attention_spans([50] * 40) == [(0, 40, 50)]  # nothing to save: one span
 
 
 def test_buckets_bound_the_padding() -> None:
