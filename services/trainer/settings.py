@@ -185,6 +185,12 @@ class TrainerSettings(ServiceSettings):
     and is recomputed in the backward): bounds the logits' memory for large vocabularies."""
     device: str = "cpu"
     """Torch device of the policy ("cpu", "cuda")."""
+    torch_threads: int | None = Field(None, ge=1)
+    """Torch intra-op threads of each trainer process (each rank under torchrun), with one
+    inter-op thread; set at start, before the model loads. None: torch's choice (every core),
+    except under ``pope up``, which splits the cores between the engine and the trainer
+    when neither count is set (services/common/threads.py) and says what it chose; a count set here
+    is kept there."""
     keep_checkpoints: int = Field(3, ge=1)
     """Newest resume states kept on disk; older ones are deleted."""
     save_every: int = Field(10, ge=1)
