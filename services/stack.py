@@ -61,6 +61,7 @@ class Child:
     name: str
     args: list[str]
     health: str
+    env: dict[str, str] = field(default_factory=dict)  # over the stack's environment
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     started_at: float = 0.0  # monotonic, of the current process
@@ -164,7 +165,7 @@ class Stack:
                 [sys.executable, "-m", "services.cli", *c.args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self.env,
+                env={**self.env, **c.env},
                 start_new_session=True,
                 preexec_fn=die_with_parent(),
             )

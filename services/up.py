@@ -33,6 +33,7 @@ from typing import Any, TextIO
 
 import httpx
 
+from services.common import threads
 from services.common.config import load_settings, model_dir_problem
 from services.common.keys import delete_prefix
 from services.common.redis_server import answers, redis_for
@@ -118,6 +119,38 @@ def engines_and_router(model: str, n: int, port: int, cfg: list[str]) -> tuple[l
     pairs = [engine_child(model, None, cfg, name=f"engine-{i}") for i in range(n)]
     router, _ = router_child(port)
     return [*(c for c, _ in pairs), router], [u for _, u in pairs]
+
+
+def assign_threads(children: list[Child], engine: EngineSettings, trainer: TrainerSettings, cores: int) -> str:
+    """Give each child its thread budget (services/common/threads.py) through its
+    environment, and say what was assigned. The engines' and trainer's torch counts go in
+    as their settings' variables only where the user set none (config or environment), so a
+    set count wins; the router, the rollout and the verifier get one thread per pool."""
+    engines = [c for c in children if c.name == "engine" or c.name.startswith("engine-")]
+    budget = threads.split(cores, len(engines), engine.torch_threads, trainer.torch_threads, trainer.nproc)
+    for c in children:
+        if c in engines:
+            c.env.update(threads.thread_env(budget.engine))
+            if engine.torch_threads is None:
+                c.env["POPE_ENGINE__TORCH_THREADS"] = str(budget.engine)
+        elif c.name == "trainer":
+            c.env.update(threads.thread_env(budget.trainer))
+            if trainer.torch_threads is None:
+                c.env["POPE_TRAINER__TORCH_THREADS"] = str(budget.trainer)
+        else:
+            c.env.update(threads.thread_env(1))
+    chosen = {
+        "engine": (budget.engine, engine.torch_threads is not None),
+        "trainer": (budget.trainer, trainer.torch_threads is not None),
+    }
+    parts = [
+        f"{name} {n}" + (" (set)" if set_ else "") + (f" x {k}" if k > 1 else "")
+        for (name, (n, set_)), k in zip(chosen.items(), (len(engines), trainer.nproc), strict=True)
+    ]
+    return (
+        f"threads on {cores} cores: {', '.join(parts)}; rollout, verifier 1 "
+        "(engine.torch_threads, trainer.torch_threads choose)"
+    )
 
 
 def engine_key_problem(engine: EngineSettings, **clients: RolloutSettings | TrainerSettings) -> str | None:
@@ -221,6 +254,7 @@ def up(
                     f"http://127.0.0.1:{ports['rollout']}/readyz",
                 ),
             ]
+            tell(assign_threads(children, engine_s, trainer_s, threads.cores()))
             # The rollout service scores evaluations on this stack's verifier.
             env = {"REDIS_URL": url, "POPE_ROLLOUT__VERIFIER_URL": verifier_url}
             if steps is not None:  # the trainer stops at N itself, not one step late while all stop

@@ -95,9 +95,12 @@ def token_logprobs(
     A packed batch (``batch.collate_packed``) passes ``attention_mask=None`` and its
     ``position_ids``, which restart on each row; a padded one passes its mask and no positions.
 
-    The [N, L, V] logits are never held whole: the LM head runs on ``chunk_tokens``
-    positions at a time under activation checkpointing, so memory is one chunk's logits
-    (4096 x a 152k vocabulary in float32 is 2.5 GB) and the backward recomputes them.
+    The logits are held for at most ``chunk_tokens`` positions at once (4096 x a 152k
+    vocabulary in float32 is 2.5 GB): a micro-batch of more positions runs the LM head one
+    chunk at a time under activation checkpointing, and the backward recomputes each chunk.
+    One of at most ``chunk_tokens`` positions (any micro-batch of a small vocabulary's
+    config, where a chunk is cheap) is one chunk already: its logits are computed once and
+    kept for the backward, within the same bound and with the same values.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     # No KV cache: with one, transformers ignores position_ids when it builds the mask, and a
@@ -109,6 +112,9 @@ def token_logprobs(
     targets = input_ids[:, 1:].reshape(n * t)  # [N*T]
     per_position = temperature if temperature.dim() == 2 else temperature[:, None]  # [N, T] or [N, 1]
     temps = per_position.expand(n, t).reshape(n * t)  # [N*T]
+    if n * t <= chunk_tokens:  # one chunk: nothing to bound by recomputing it
+        lp, ent = _head_logprobs(head, flat_h, targets, temps, with_entropy)  # [N*T] each
+        return lp.view(n, t), (ent.view(n, t) if with_entropy else None)
     parts = []
     for i in range(0, n * t, chunk_tokens):
         part = slice(i, i + chunk_tokens)

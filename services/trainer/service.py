@@ -28,6 +28,7 @@ from typing import Annotated, Any, NoReturn
 from fastapi import FastAPI, Query
 from redis.asyncio import Redis
 
+from services.common import threads
 from services.common.http import add_health_routes, api_app, redis_unready, stop_if_failed
 from services.common.http import serve as run_server
 from services.trainer.loop import MAX_HISTORY, Trainer
@@ -117,6 +118,7 @@ def serve(settings: TrainerSettings) -> None:
             raise SystemExit(str(exc)) from None
     if settings.nproc > 1 and not launched_by_torchrun():
         launch(settings)  # does not return
+    threads.apply(settings.torch_threads)
     world = join(settings.device)
     if not world.leader:
         setup_logging(f"trainer-rank{world.rank}", settings.log_level, settings.log_format)
@@ -139,6 +141,7 @@ def replay_groups(settings: TrainerSettings, groups: Path) -> int:
 
     if settings.nproc > 1 and not launched_by_torchrun():
         launch(settings)
+    threads.apply(settings.torch_threads)
     world = join(settings.device)
     setup_logging("trainer" if world.leader else f"trainer-rank{world.rank}", settings.log_level, settings.log_format)
     if not world.leader:

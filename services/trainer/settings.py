@@ -181,10 +181,19 @@ class TrainerSettings(ServiceSettings):
     it becomes the default with the FSDP2 trainer work (issue 30). The padding it removes
     and its CPU step time: docs/benchmarks.md, "Packed sequences"."""
     logits_chunk_tokens: int = Field(4096, ge=1)
-    """Positions whose vocabulary logits are held at once (the LM head runs chunk by chunk
-    and is recomputed in the backward): bounds the logits' memory for large vocabularies."""
+    """Positions whose vocabulary logits are held at once: bounds the logits' memory for large
+    vocabularies. A micro-batch of more positions runs the LM head chunk by chunk, each
+    recomputed in the backward; one of at most this many has its logits computed once and
+    kept (no recompute). With a small vocabulary set it to micro_batch_tokens or more (the
+    link-chains model's 514 tokens: 8192 positions of logits are 17 MB)."""
     device: str = "cpu"
     """Torch device of the policy ("cpu", "cuda")."""
+    torch_threads: int | None = Field(None, ge=1)
+    """Torch intra-op threads of each trainer process (each rank under torchrun), with one
+    inter-op thread; set at start, before the model loads. None: torch's choice (every core),
+    except under ``pope up``, which splits the cores between the engine and the trainer
+    when neither count is set (services/common/threads.py) and says what it chose; a count set here
+    is kept there."""
     keep_checkpoints: int = Field(3, ge=1)
     """Newest resume states kept on disk; older ones are deleted."""
     save_every: int = Field(10, ge=1)

@@ -176,3 +176,31 @@ def test_through_a_real_model_the_step_gradient_is_the_policy_gradient(tiny_mode
         float((a - e).abs().max() / e.abs().max().clamp(min=1e-30)) for a, e in zip(ours, expected, strict=True)
     )
     assert worst < 1e-5
+
+
+def test_a_micro_batch_within_one_chunk_is_the_chunked_head_without_the_recompute(tiny_model: Path) -> None:
+    """Positions <= chunk_tokens: the LM head runs once, not under checkpointing; the
+    logprobs, entropies and every gradient are those of the chunked, recomputed head."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, int(model.config.vocab_size), (3, 12), generator=gen)  # [N, L]
+    attn = torch.ones_like(ids)
+    attn[2, 9:] = 0  # a padded row
+    temp = torch.tensor([0.8, 1.0, 0.7])
+    weights = torch.randn(3, 11, generator=gen)  # [N, T] a loss that reaches every position
+
+    def run(chunk: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        lp, entropy = token_logprobs(model, ids, attn, temp, with_entropy=True, chunk_tokens=chunk)
+        assert entropy is not None
+        ((lp + 0.1 * entropy) * weights).sum().backward()
+        return lp.detach(), entropy.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    whole, chunked = run(3 * 11), run(5)  # 33 positions: one chunk; 5 a chunk: seven, recomputed
+    torch.testing.assert_close(whole[0], chunked[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(whole[1], chunked[1], rtol=1e-6, atol=1e-6)
+    assert len(whole[2]) == len(chunked[2]) > 0
+    for a, b in zip(whole[2], chunked[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
