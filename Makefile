@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-unit lint fmt clean demo experiment smoke-containers chaos chaos-short verifier-fuzz fuzz browser-test chromium
+.PHONY: venv test test-unit lint fmt clean demo experiment smoke-containers chaos chaos-short verifier-fuzz fuzz browser-test chromium bench-e2e
 
 venv: $(STAMP)
 
@@ -59,6 +59,13 @@ SEEDS ?= 4
 experiment: $(STAMP)
 	@test -f $(BASE_MODEL)/pretrain_report.json || $(VENV)/bin/pope model pretrain --out $(BASE_MODEL)
 	$(VENV)/bin/pope experiment pope-vs-grpo --seeds $(SEEDS) --base-model $(BASE_MODEL) --dir runs/experiment
+
+# End to end (bench/e2e.py; docs/benchmarks.md): TRL's GRPOTrainer against `pope up` on the
+# same model, problems, GRPO shape and two cores, PAIRS alternating pairs (about 5 minutes a pair
+# on 2 cores): median trained samples/s of each, where a pope step's time goes, CPU per process.
+PAIRS ?= 5
+bench-e2e: $(STAMP)
+	$(PY) bench/e2e.py --pairs $(PAIRS)
 
 # The chaos run (chaos/): the whole stack on a Redis of its own with AOF, two verifier
 # replicas, short leases, trained for a fixed number of steps while a seeded injector kill -9s
