@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 import multiprocessing as mp
@@ -61,8 +60,8 @@ ANSWER_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
 
-GOLD_CACHE = 1024
-"""Parsed gold answers each worker keeps (the most recently used)."""
+SCORER_MEMORY = 4096
+"""Parsed golds, and judged (gold, answer) pairs, each worker keeps (the most recently used)."""
 
 _ctx = mp.get_context("forkserver")
 _ctx.set_forkserver_preload(["services.verifier.scoring", "math_verify"])
@@ -92,13 +91,13 @@ def _worker_main(
         limit = memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout is disabled" notices
-    from services.verifier.scoring import parse_gold, score_answer
+    from services.verifier.scoring import Scorer
 
-    # A run scores the same problems step after step, and a gold's parse (sympy) costs as
-    # much as three answers' (link chains: 37 ms against 12): each is parsed once here. A
-    # parse is a pure function of (gold, policy); a failure is not kept, so it is logged
-    # each time.
-    parsed_gold = functools.lru_cache(maxsize=GOLD_CACHE)(lambda gold: parse_gold(gold, policy))
+    # A run scores the same problems step after step: a gold's parse (sympy) costs as much
+    # as three answers' (link chains: 37 ms against 12), and a group's samples often agree,
+    # so each gold is parsed and each (gold, answer) judged once here (Scorer). A failure is
+    # not kept, so it is logged each time.
+    scorer = Scorer(policy, SCORER_MEMORY)
 
     while True:
         try:
@@ -110,7 +109,7 @@ def _worker_main(
         gold, answers = task
         _limit_cpu(cpu_limit_s)
         try:
-            gold_parsed = parsed_gold(gold)
+            gold_parsed = scorer.gold(gold)
         except Exception as exc:
             gold_parsed = None
             log.warning("gold %r failed to parse: %s", gold[:200], exc)  # a 4 KiB gold is one line
@@ -118,7 +117,7 @@ def _worker_main(
         for i, answer in enumerate(answers):
             _limit_cpu(cpu_limit_s)
             try:
-                score = score_answer(gold_parsed, answer, policy)
+                score = scorer.score(gold, gold_parsed, answer)
             except Refused as exc:  # cannot be an answer (guard.py): no need to try
                 score = Score(reward=0.0, extracted=exc.extracted, error=str(exc))
             except MemoryError:

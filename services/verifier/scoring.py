@@ -33,15 +33,19 @@ wall-clock limit from outside instead (pool.py).
 
 from __future__ import annotations
 
+import functools
 import re
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any
+from typing import Any, TypeVar
 
 from services.common.messages import Score, ScoringPolicy
 from services.verifier import guard
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
+_V = TypeVar("_V")
 
 
 @dataclass(frozen=True)
@@ -228,8 +232,34 @@ def final_answer_text(text: str) -> str | None:
     return ", ".join(contents) if contents else None
 
 
-def score_answer(gold_parsed: Any, completion: str, policy: ScoringPolicy = ScoringPolicy.JOINED_BOXES_V2) -> Score:
-    """Reward 1 when the completion's final answer equals the gold one, else 0."""
+Judge = Callable[[tuple[str, ...]], Score]
+"""The score of a final answer given as its boxes' contents, against one gold."""
+
+
+def judge_boxes(gold_parsed: Any, contents: tuple[str, ...]) -> Score:
+    """The score of the final answer in boxes holding ``contents`` against ``gold_parsed``:
+    the expensive part of ``score_answer`` (the parse and the comparison), a pure function
+    of the gold and the contents."""
+    from math_verify import verify
+
+    parsed = _parse_boxes(list(contents))
+    extracted = ", ".join(contents)
+    if not parsed:
+        return Score(reward=0.0, extracted=extracted)
+    if not gold_parsed:
+        return Score(reward=0.0, extracted=extracted, error="the gold answer could not be parsed")
+    return Score(reward=1.0 if verify(gold_parsed, parsed, timeout_seconds=None) else 0.0, extracted=extracted)
+
+
+def score_answer(
+    gold_parsed: Any,
+    completion: str,
+    policy: ScoringPolicy = ScoringPolicy.JOINED_BOXES_V2,
+    judge: Judge | None = None,
+) -> Score:
+    """Reward 1 when the completion's final answer equals the gold one, else 0. A boxed
+    answer is judged by ``judge`` (``judge_boxes`` against ``gold_parsed`` by default; the
+    scoring workers pass one that remembers, ``Scorer``)."""
     from math_verify import parse, verify
 
     v1 = policy is ScoringPolicy.LAST_BOX_V1
@@ -244,14 +274,45 @@ def score_answer(gold_parsed: Any, completion: str, policy: ScoringPolicy = Scor
     if contents is None:
         return Score(reward=0.0, extracted=None)
     if contents:
-        parsed = _parse_boxes(contents)
-        extracted: str | None = ", ".join(contents)
-    else:
-        parsed = parse(completion if v1 else _SENTENCE_END.sub("", completion), parsing_timeout=None)
-        extracted = str(parsed[-1]) if parsed else None
+        return (judge or functools.partial(judge_boxes, gold_parsed))(tuple(contents))
+    parsed = parse(completion if v1 else _SENTENCE_END.sub("", completion), parsing_timeout=None)
+    extracted = str(parsed[-1]) if parsed else None
     if not parsed:
         return Score(reward=0.0, extracted=extracted)
     if not gold_parsed:
         return Score(reward=0.0, extracted=extracted, error="the gold answer could not be parsed")
     correct = verify(gold_parsed, parsed, timeout_seconds=None)
     return Score(reward=1.0 if correct else 0.0, extracted=extracted)
+
+
+class Scorer:
+    """``parse_gold`` and ``score_answer`` with memory, for a scoring worker: a run scores
+    the same problems step after step, and a group's samples often give the same answer,
+    so each gold is parsed once and each (gold, final answer) judged once, the most recently
+    used ``size`` of each kept. Both are pure functions of their inputs and the policy; a
+    failure (an exception) is not kept."""
+
+    def __init__(self, policy: ScoringPolicy = ScoringPolicy.JOINED_BOXES_V2, size: int = 4096) -> None:
+        self.policy, self.size = policy, size
+        self._golds: OrderedDict[str, Any] = OrderedDict()
+        self._judged: OrderedDict[tuple[str, tuple[str, ...]], Score] = OrderedDict()
+
+    def gold(self, gold: str) -> Any:
+        return self._kept(self._golds, gold, lambda: parse_gold(gold, self.policy))
+
+    def score(self, gold: str, gold_parsed: Any, completion: str) -> Score:
+        """``completion`` against ``gold`` (parsed: ``gold_parsed``)."""
+
+        def judge(contents: tuple[str, ...]) -> Score:
+            return self._kept(self._judged, (gold, contents), lambda: judge_boxes(gold_parsed, contents))
+
+        return score_answer(gold_parsed, completion, self.policy, judge)
+
+    def _kept(self, memo: OrderedDict[Any, _V], key: Any, make: Callable[[], _V]) -> _V:
+        if key in memo:
+            memo.move_to_end(key)
+            return memo[key]
+        value = memo[key] = make()
+        if len(memo) > self.size:
+            memo.popitem(last=False)
+        return value

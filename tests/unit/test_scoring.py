@@ -145,3 +145,43 @@ def test_last_box_v1_is_the_old_reading() -> None:
 def test_a_repeated_box_is_one_answer() -> None:
     assert final_answer("\\boxed{1} \\boxed{1} and \\boxed{1}") == ["1"]
     assert score_answer(parse_gold("1"), " ".join(["\\boxed{1}"] * 3000)).reward == 1.0
+
+
+def test_the_workers_scorer_remembers_and_agrees_with_score_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scorer (what a scoring worker uses) gives score_answer's verdict on every case, twice
+    over, parsing each gold and judging each (gold, final answer) once; it forgets the least
+    recently used past its size, and keeps no failure."""
+    from services.verifier import scoring
+
+    parses = {"gold": 0, "boxes": 0}
+    real_gold, real_boxes = scoring.parse_gold, scoring._parse_boxes
+
+    def counted_gold(*a: object) -> object:
+        parses["gold"] += 1
+        return real_gold(*a)  # type: ignore[arg-type]
+
+    def counted_boxes(*a: object) -> object:
+        parses["boxes"] += 1
+        return real_boxes(*a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(scoring, "parse_gold", counted_gold)
+    monkeypatch.setattr(scoring, "_parse_boxes", counted_boxes)
+    scorer = scoring.Scorer(size=64)
+    for _ in range(2):
+        for completion, gold, _correct in CASES:
+            got = scorer.score(gold, scorer.gold(gold), completion)
+            assert got == score_answer(real_gold(gold), completion), (completion, gold)
+    boxed = sum("boxed" in c for c, _, _ in CASES)
+    golds = len({g for _, g, _ in CASES})
+    # The direct score_answer calls above parse boxes too: once per boxed case per round.
+    assert parses == {"gold": golds, "boxes": boxed + 2 * boxed}
+
+    small = scoring.Scorer(size=2)
+    for gold in ("1", "2", "3", "1"):
+        small.gold(gold)
+    assert list(small._golds) == ["3", "1"]
+    monkeypatch.setattr(scoring, "judge_boxes", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            small.score("1", small.gold("1"), "\\boxed{9}")
+    assert ("1", ("9",)) not in small._judged
