@@ -391,7 +391,17 @@ class EngineRuntime:
                     if stopping:
                         return
                     continue
-                batch = self._open()
+                try:
+                    batch = self._open()
+                except Exception as exc:  # no batch could be made (out of memory): fail what waits
+                    log.exception("could not start a batch for %d sequences", len(waiting))
+                    for seq in waiting:
+                        seq.finish = ("abort", f"engine error: {type(exc).__name__}: {exc}")
+                        self._finished(seq)
+                    with self._live_lock:
+                        self.queued -= len(waiting)
+                    waiting.clear()
+                    continue
                 if batch is None:  # paused, or a weight update is waiting for its turn
                     continue
             if not self.paused and not self._draining:
@@ -428,7 +438,6 @@ class EngineRuntime:
     def _take(self, waiting: deque[Sequence], *, block: bool) -> bool:
         """Move submitted sequences to ``waiting``; with ``block``, wait for the first job and
         whatever arrives within the batch window after it. Whether stop was asked."""
-        stop = False
         deadline = None
         while True:
             try:
@@ -440,10 +449,9 @@ class EngineRuntime:
                 else:
                     job = self._queue.get_nowait()
             except queue.Empty:
-                return stop
-            if job is None:
-                stop = True
-                continue
+                return False
+            if job is None:  # whatever comes after is aborted (close): taken without blocking
+                return True
             waiting.extend(job.seqs)
 
     def _drop_finished(self, waiting: deque[Sequence]) -> None:
@@ -470,10 +478,15 @@ class EngineRuntime:
                 self._drain.wait(timeout=0.05)
                 return None
             self._model_lock.acquire()
-        model, version = self._current()
-        if self._batch is None or self._batch.model is not model:
-            self._batch = RunningBatch(model, version, slots=self.max_batch, eos_ids=self.eos_ids)
-        self._batch.reweigh(model, version, recompute=False)
+        try:
+            model, version = self._current()
+            if self._batch is None or self._batch.model is not model:
+                self._batch = None
+                self._batch = RunningBatch(model, version, slots=self.max_batch, eos_ids=self.eos_ids)
+            self._batch.reweigh(model, version, recompute=False)
+        except BaseException:
+            self._model_lock.release()
+            raise
         return self._batch
 
     def _close(self, *, keep: bool) -> None:
