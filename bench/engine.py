@@ -175,6 +175,10 @@ def main() -> None:
                 results["pope engine (HTTP /generate)"] = bench_http(url, rows, args.new_tokens, args.repeats)
                 mixed = bench_mixed(url, rows, 4 * args.repeats)
         base = statistics.median(hf)
+        pairs = sorted(o / h for o, h in zip(ours, hf, strict=True))
+        print(
+            f"pairs (engine / transformers, each repeat): {', '.join(f'{r:.2f}' for r in pairs)}; median {statistics.median(pairs):.2f}x"
+        )
         print(f"{'':32s} {'median tok/s':>12s} {'min':>8s} {'max':>8s} {'vs transformers':>16s}")
         for name, rates in results.items():
             med = statistics.median(rates)
