@@ -176,9 +176,8 @@ def main() -> None:
                 mixed = bench_mixed(url, rows, 4 * args.repeats)
         base = statistics.median(hf)
         pairs = sorted(o / h for o, h in zip(ours, hf, strict=True))
-        print(
-            f"pairs (engine / transformers, each repeat): {', '.join(f'{r:.2f}' for r in pairs)}; median {statistics.median(pairs):.2f}x"
-        )
+        each = ", ".join(f"{r:.2f}" for r in pairs)
+        print(f"engine / transformers, each interleaved pair: {each}; median {statistics.median(pairs):.2f}x")
         print(f"{'':32s} {'median tok/s':>12s} {'min':>8s} {'max':>8s} {'vs transformers':>16s}")
         for name, rates in results.items():
             med = statistics.median(rates)
