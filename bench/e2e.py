@@ -270,7 +270,8 @@ def run_pope(seed: int, warmup: int, steps: int, cpus: list[int], keep: Path | N
                 tree = descendants(up.pid)
                 for pid in [up.pid, *tree]:
                     if (cpu := cpu_seconds(pid)) is not None:
-                        roles.setdefault(pid, "up" if pid == up.pid else role(pid, up.pid, tree))
+                        if roles.get(pid, "up") == "up":  # a child seen before its exec still reads as `up`
+                            roles[pid] = "up" if pid == up.pid else role(pid, up.pid, tree)
                         samples.setdefault(pid, []).append((time.time(), cpu))
                 time.sleep(0.5)
         client = redis.Redis.from_url(REDIS_URL)
