@@ -202,7 +202,7 @@ def run_trl(seed: int, warmup: int, steps: int, cpus: list[int]) -> dict[str, An
         "samples_per_s": G * PROMPTS * steps / (t1 - t0),
         "rewards": raw["rewards"],
         "completion_tokens": statistics.mean(raw["lengths"]),
-        "cpu_s": {"trl": c1 - c0},
+        "cpu_s": {"process": c1 - c0},
     }
 
 
