@@ -152,7 +152,6 @@ def trl_child(seed: int, steps: int, threads: int) -> None:
             output_dir=out,
             use_cpu=True,
             bf16=False,
-            fp16=False,
             gradient_checkpointing=False,  # TRL's default is on; our trainer's layer_checkpointing is off
             report_to="none",
             save_strategy="no",
@@ -171,13 +170,9 @@ def trl_child(seed: int, steps: int, threads: int) -> None:
             top_k=0,
             learning_rate=LR,
             lr_scheduler_type="constant",
-            warmup_steps=0,
-            optim="adamw_torch",
+            optim="adamw_torch",  # betas 0.9/0.999, eps 1e-8 by default, as ours
             weight_decay=WEIGHT_DECAY,
             max_grad_norm=GRAD_CLIP,
-            adam_beta1=0.9,
-            adam_beta2=0.999,
-            adam_epsilon=1e-8,
             loss_type="grpo",
             scale_rewards="none",
             epsilon=CLIP_EPS,
@@ -207,7 +202,7 @@ def run_trl(seed: int, warmup: int, steps: int, cpus: list[int]) -> dict[str, An
         "samples_per_s": G * PROMPTS * steps / (t1 - t0),
         "rewards": raw["rewards"],
         "completion_tokens": statistics.mean(raw["lengths"]),
-        "cpu_s": {"trl": c1 - c0},
+        "cpu_s": {"process": c1 - c0},
     }
 
 
@@ -275,7 +270,8 @@ def run_pope(seed: int, warmup: int, steps: int, cpus: list[int], keep: Path | N
                 tree = descendants(up.pid)
                 for pid in [up.pid, *tree]:
                     if (cpu := cpu_seconds(pid)) is not None:
-                        roles.setdefault(pid, "up" if pid == up.pid else role(pid, up.pid, tree))
+                        if roles.get(pid, "up") == "up":  # a child seen before its exec still reads as `up`
+                            roles[pid] = "up" if pid == up.pid else role(pid, up.pid, tree)
                         samples.setdefault(pid, []).append((time.time(), cpu))
                 time.sleep(0.5)
         client = redis.Redis.from_url(REDIS_URL)
@@ -359,16 +355,22 @@ def main() -> None:
         first, second = ("pope", "trl") if i % 2 == 0 else ("trl", "pope")  # alternate which goes first
         pair = {}
         for side in (first, second):
+            load = os.getloadavg()[0]  # the machine may be shared: say how busy it was
             if side == "pope":
                 pair[side] = run_pope(i, args.warmup, args.steps, cpus, args.keep)
             else:
                 pair[side] = run_trl(i, args.warmup, args.steps, cpus)
+            pair[side]["load"] = [load, os.getloadavg()[0]]
         pairs.append(pair)
         pope, trl = pair["pope"]["samples_per_s"], pair["trl"]["samples_per_s"]
-        print(f"pair {i + 1}: pope {pope:.2f} samples/s, TRL {trl:.2f} samples/s, ratio {pope / trl:.2f}", flush=True)
+        print(
+            f"pair {i + 1}: pope {pope:.2f} samples/s, TRL {trl:.2f} samples/s, ratio {pope / trl:.2f} "
+            f"(load average {pair[first]['load'][0]:.1f} at the start)",
+            flush=True,
+        )
+        if args.out:  # after every pair, so a sitting cut short keeps what it measured
+            args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "pairs": pairs}))
     report(pairs, args.warmup, args.steps)
-    if args.out:
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "pairs": pairs}, indent=1))
 
 
 def report(pairs: list[dict[str, Any]], warmup: int, steps: int) -> None:
@@ -390,6 +392,7 @@ def report(pairs: list[dict[str, Any]], warmup: int, steps: int) -> None:
             print(
                 f"  {side} {name:10s} {statistics.median(p[side]['cpu_s'].get(name, 0.0) for p in pairs) / steps:7.3f}"
             )
+        print(f"  {side} {'(all)':10s} {statistics.median(sum(p[side]['cpu_s'].values()) for p in pairs) / steps:7.3f}")
     print(f"mean reward per step (mean over pairs; steps 1-{warmup + steps}):")
     curves = {
         s: [statistics.mean(x) for x in zip(*(p[s]["rewards"][: warmup + steps] for p in pairs), strict=True)]
