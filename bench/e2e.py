@@ -109,7 +109,7 @@ def trl_child(seed: int, steps: int, threads: int) -> None:
     from trl import GRPOConfig, GRPOTrainer  # type: ignore[attr-defined]
 
     from services.rollout.prompts import prompt_ids
-    from services.verifier.scoring import parse_gold, score_answer
+    from services.verifier.scoring import Scorer
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
@@ -117,7 +117,9 @@ def trl_child(seed: int, steps: int, threads: int) -> None:
     rows: list[dict[str, Any]] = [
         {"prompt": [{"role": "user", "content": user_message(p, Variant.UNHINTED, TEMPLATE)}]} for p in problems()
     ]
-    golds = {r["prompt"][0]["content"]: parse_gold(p.answer) for r, p in zip(rows, problems(), strict=True)}
+    # The verifier's own scorer, memory included (each gold parsed and each answer judged once).
+    scorer = Scorer()
+    golds = {r["prompt"][0]["content"]: p.answer for r, p in zip(rows, problems(), strict=True)}
     # The call TRL makes (GRPOTrainer._tokenize_prompts) must give the rollout service's prompt ids.
     encoded: Any = tokenizer.apply_chat_template(
         conversation=[r["prompt"] for r in rows], add_generation_prompt=True, tokenize=True, return_dict=True
@@ -127,12 +129,15 @@ def trl_child(seed: int, steps: int, threads: int) -> None:
     assert [list(x) for x in theirs] == ours, "TRL's prompt ids differ from the rollout service's"
     stops = {tokenizer.eos_token_id, tokenizer.pad_token_id}
 
-    def reward(prompts: list[Any], completions: list[Any], completion_ids: list[list[int]], **_: Any) -> list[float]:
+    def scored(prompt: Any, completion: Any, ids: list[int]) -> float:
         # As the verifier scores a group: math-verify on the text, 0 for a truncated sample.
-        return [
-            0.0 if not ids or ids[-1] not in stops else score_answer(golds[p[0]["content"]], c[0]["content"]).reward
-            for p, c, ids in zip(prompts, completions, completion_ids, strict=True)
-        ]
+        if not ids or ids[-1] not in stops:
+            return 0.0
+        gold = golds[prompt[0]["content"]]
+        return scorer.score(gold, scorer.gold(gold), completion[0]["content"]).reward
+
+    def reward(prompts: list[Any], completions: list[Any], completion_ids: list[list[int]], **_: Any) -> list[float]:
+        return [scored(*row) for row in zip(prompts, completions, completion_ids, strict=True)]
 
     ends: list[tuple[float, float]] = []  # (wall, this process's CPU) at each optimizer step's end
     rewards: list[float] = []
