@@ -9,7 +9,8 @@ unhinted, 6 and 7 links: the base model solves some of them), 8 prompts x 8 samp
 ``seq_mean`` (tests/unit/test_grpo_vs_trl.py), advantages not divided by the group's std.
 TRL generates with HF ``generate`` and scores with the verifier's own scoring function, in
 process; ``pope up`` runs the real services. Every run is a fresh process pinned to the same
-``--cpus`` (default: the first two this process may use), torch on that many threads.
+``--cpus`` (default: the first two this process may use): TRL's one process with torch on
+that many threads, ``pope up`` splitting them between its engine and trainer as it does.
 
 Trained samples/s: the samples in the optimizer steps after ``--warmup`` divided by the wall
 time from the end of the last warm-up step to the end of the last step. Prints each pair,
@@ -197,7 +198,7 @@ def trl_child(seed: int, steps: int, threads: int) -> None:
 
 def run_trl(seed: int, warmup: int, steps: int, cpus: list[int]) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--trl-child", str(seed), str(warmup + steps), str(len(cpus))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(cpus), check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(len(cpus)), check=False)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("TRL_RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"the TRL run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -214,7 +215,7 @@ def run_trl(seed: int, warmup: int, steps: int, cpus: list[int]) -> dict[str, An
 # ---- pope up: the whole stack as its own processes, with the bench watching their CPU ----
 
 
-def pope_config(run: Path, seed: int, threads: int) -> dict[str, Any]:
+def pope_config(run: Path, seed: int) -> dict[str, Any]:
     return {
         "shared": {
             "key_prefix": f"bench-e2e-{os.getpid()}-s{seed}:",
@@ -224,7 +225,8 @@ def pope_config(run: Path, seed: int, threads: int) -> dict[str, Any]:
             "max_new_tokens": NEW_TOKENS,
             "seed": seed,
         },
-        "engine": {"port": free_port(), "max_batch": G * PROMPTS, "torch_threads": threads},
+        # No thread counts: `pope up` splits the cores between the engine and the trainer.
+        "engine": {"port": free_port(), "max_batch": G * PROMPTS},
         "rollout": {
             "port": free_port(),
             "prompt_template": TEMPLATE.model_dump(),
@@ -249,6 +251,7 @@ def pope_config(run: Path, seed: int, threads: int) -> dict[str, Any]:
             "loss_agg": "seq_mean",
             "scale_adv_by_std": False,
             "keep_checkpoints": 2,
+            "logits_chunk_tokens": 8192,  # as configs/chains.yaml: a 514-token vocabulary's head runs once
         },
     }
 
@@ -261,7 +264,7 @@ def run_pope(seed: int, warmup: int, steps: int, cpus: list[int], keep: Path | N
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         run = keep / f"pope-{seed}" if keep else Path(tmp)
         run.mkdir(parents=True, exist_ok=True)
-        config = pope_config(run, seed, len(cpus))
+        config = pope_config(run, seed)
         (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (run / "problems.json").write_text(json.dumps([p.model_dump(mode="json") for p in problems()]))
         cmd = [sys.executable, "-m", "services.cli", "up", "--model", str(MODEL), "--config", str(run / "config.yaml")]
@@ -270,7 +273,7 @@ def run_pope(seed: int, warmup: int, steps: int, cpus: list[int], keep: Path | N
         samples: dict[int, list[tuple[float, float]]] = {}  # pid -> (wall, CPU seconds) samples
         roles: dict[int, str] = {}
         with open(run / "up.log", "w") as log:
-            up = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env(cpus))
+            up = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=_env())
             while up.poll() is None:
                 tree = descendants(up.pid)
                 for pid in [up.pid, *tree]:
@@ -326,9 +329,13 @@ def _window_cpu(
     return out
 
 
-def _env(cpus: list[int]) -> dict[str, str]:
-    threads = str(len(cpus))
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+def _env(threads: int | None = None) -> dict[str, str]:
+    """This environment for a child; with ``threads``, OpenMP held to that many (TRL's one
+    process). ``pope up`` assigns its processes' threads itself."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if threads is not None:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return env
 
 
 # ---- the sitting ----
