@@ -27,6 +27,7 @@ from torch import nn
 from services.common.messages import ScoredGroup
 from services.trainer import checkpoint
 from services.trainer.grpo import token_logprobs
+from services.trainer.prefix import Prompts
 from services.trainer.settings import TrainerSettings
 from services.trainer.step import lr_lambda, train_step
 from services.trainer.world import World, send
@@ -54,9 +55,10 @@ class Logprobs(nn.Module):
         with_entropy: bool = False,
         chunk_tokens: int = 4096,
         position_ids: torch.Tensor | None = None,
+        prompts: Prompts | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         logp, entropy = token_logprobs(
-            self.lm, input_ids, attention_mask, temperature, with_entropy, chunk_tokens, position_ids
+            self.lm, input_ids, attention_mask, temperature, with_entropy, chunk_tokens, position_ids, prompts
         )
         # Fresh tensors, not views: FSDP2's pre-backward hook sits on what the root returns,
         # and an in-place op on a view would drop it.
