@@ -149,6 +149,8 @@ def train_step(
             s = sums[row.variant.value]
             for name in _SUMMED:
                 s[name] += float(getattr(st, name)[i])
+    if world.distributed:
+        _reshard(net)
     loss_total, ratio_max, sums = _over_ranks(world, loss_total, ratio_max, sums)
     compute_s = time.monotonic() - started
     grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
@@ -179,6 +181,17 @@ def _masked_batch(cfg: TrainerSettings, pad_id: int) -> Batch | PackedBatch:
     if cfg.pack_sequences:
         return collate_packed([row])
     return collate_shared([row], pad_id) if cfg.share_prompts else collate([row], pad_id)
+
+
+def _reshard(net: Any) -> None:
+    """Free every FSDP2 unit's gathered weights: a unit kept gathered after its backward
+    (policy.place, with shared prompts) would otherwise run the next step's forward on the
+    weights from before this step's optimizer update."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in net.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _over_ranks(
