@@ -160,14 +160,14 @@ def place(net: Logprobs, settings: TrainerSettings, world: World) -> Logprobs:
         net = net.to(world.device)
     layers = _decoder_layers(net.lm)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        unit = fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
         if settings.share_prompts and not settings.pack_sequences:
             # A layer runs twice a micro-batch (prompts, then completions: prefix.py), and the
             # completions' backward reaches into the prompt forward's graph through the keys
             # and values before that call's own pre-backward hook gathers the layer again: so
             # the layer stays gathered from its first backward on. step.py reshards every
             # unit once the step's backwards are done.
-            layer.set_reshard_after_backward(False)
+            unit.set_reshard_after_backward(False)
     # The root's float inputs are the sampling temperatures: cast to bf16 (0.8 becomes
     # 0.80078125) they would bias every logprob against the engine's. The layers' inputs
     # are hidden states, bf16 already.
