@@ -1,7 +1,9 @@
-"""Packed against padded micro-batches (``trainer.pack_sequences``): the share of padding
-the packed layout removes, and one trainer step's time in each layout on the CPU.
+"""Packed (``trainer.pack_sequences``) and shared-prompt (``trainer.share_prompts``) against
+padded micro-batches: the share of padding the packed layout removes, the positions the
+shared layout computes, and one trainer step's time in each layout on the CPU.
 
-    .venv/bin/python bench/packing.py [--repeats 3] [--skip-timing]
+    .venv/bin/python bench/packing.py [--repeats 3] [--skip-timing] [--model data/base-model]
+        [--logits-chunk-tokens 4096] [--mix demo]
 
 Two length mixes of one step's rows:
 - demo: the demo's shape (experiments/demo.py: 8 groups of 8, max_new_tokens 96, half the
@@ -15,8 +17,10 @@ Padding share = pad tokens / all tokens of the padded layout (rows x longest row
 micro-batch, ``micro_batches``); the packed layout (``pack_micro_batches``) holds none. The
 attention columns count query-key pairs one forward scores: N x L^2 per padded micro-batch,
 S^2 per packed one with a dense block mask (sdpa and eager on the CPU), sum of len^2 with
-variable-length kernels. Timing: ``train_step`` on the tiny model, float32, one torch
-thread, SGD, median of ``--repeats`` steps after a warm-up, micro_batch_tokens 4096.
+variable-length kernels. Shared positions = what ``shared_micro_batches`` computes (each
+group's prompt once, then its completions). Timing: ``train_step`` on the tiny model (or
+``--model``), float32, one torch thread, SGD, micro_batch_tokens 4096; the layouts take
+turns step by step in one process (after one warm-up step each), median of ``--repeats``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.common.messages import FinishReason, Sample, Score, ScoredGroup, Variant
-from services.trainer.batch import Row, micro_batches, pack_micro_batches, rows_from_groups
+from services.trainer.batch import (
+    Row,
+    micro_batches,
+    pack_micro_batches,
+    rows_from_groups,
+    shared_micro_batches,
+    shared_tokens,
+)
 from services.trainer.policy import Logprobs
 from services.trainer.settings import TrainerSettings
 from services.trainer.step import lr_lambda, train_step
@@ -136,35 +147,54 @@ def layout_counts(rows: list[Row], budget: int) -> dict[str, float]:
         "attn_padded": sum(n * width * width for n, width in padded),
         "attn_packed_dense": sum(sum(c) ** 2 for c in packed),
         "attn_varlen": sum(n * n for c in packed for n in c),
+        "shared_tokens": sum(shared_tokens(c) for c in shared_micro_batches(rows, budget)),
     }
 
 
-def step_seconds(model: Any, groups: list[ScoredGroup], pack: bool, repeats: int) -> float:
-    cfg = TrainerSettings(
-        prompts_per_step=GROUPS,
-        group_size=GROUP_SIZE,
-        max_new_tokens=4096,
-        micro_batch_tokens=4096,
-        filter_zero_variance=False,
-        pack_sequences=pack,
-    )
-    times = []
-    for _ in range(repeats + 1):  # the first is a warm-up
-        m = copy.deepcopy(model)
-        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-        started = time.perf_counter()
-        train_step(Logprobs(m), None, opt, sched, groups, cfg, pad_id=0, version=0)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times[1:])
+LAYOUTS = {  # name: (pack_sequences, share_prompts)
+    "padded": (False, False),
+    "packed": (True, False),
+    "shared": (False, True),
+}
+
+
+def step_seconds(model: Any, groups: list[ScoredGroup], repeats: int, logits_chunk_tokens: int) -> dict[str, float]:
+    """Median seconds of one ``train_step`` per layout, the layouts taking turns."""
+    configs = {
+        name: TrainerSettings(
+            prompts_per_step=GROUPS,
+            group_size=GROUP_SIZE,
+            max_new_tokens=4096,
+            micro_batch_tokens=4096,
+            logits_chunk_tokens=logits_chunk_tokens,
+            filter_zero_variance=False,
+            pack_sequences=pack,
+            share_prompts=share,
+        )
+        for name, (pack, share) in LAYOUTS.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(repeats + 1):  # the first round is a warm-up
+        for name, cfg in configs.items():
+            m = copy.deepcopy(model)
+            opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+            started = time.perf_counter()
+            train_step(Logprobs(m), None, opt, sched, groups, cfg, pad_id=0, version=0)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--model", type=Path, help="a model directory to time (default: the tiny model)")
+    parser.add_argument("--logits-chunk-tokens", type=int, default=4096)
+    parser.add_argument("--mix", choices=("demo", "long-tail"), action="append", help="default: both")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    torch.set_num_interop_threads(1)
     rng = random.Random(0)
     mixes = {"demo": demo_lengths(rng), "long-tail": long_tail_lengths(rng)}
     model = None
@@ -174,9 +204,11 @@ def main() -> None:
         from services.engine.tiny_model import build_tiny_model
 
         with tempfile.TemporaryDirectory() as tmp:
-            path = build_tiny_model(Path(tmp) / "m")
+            path = args.model or build_tiny_model(Path(tmp) / "m")
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     for name, lengths in mixes.items():
+        if args.mix and name not in args.mix:
+            continue
         groups = groups_of(lengths, rng)
         rows = rows_from_groups(groups, scale_by_std=False, mask_truncated=False)
         longest = max(len(r.ids) for r in rows)
@@ -187,12 +219,15 @@ def main() -> None:
                 f"  micro_batch_tokens {budget}: padding {c['pad_share']:.1%} of the padded layout's "
                 f"{c['padded_tokens']} tokens (packed: 0); passes padded {c['padded_passes']}, packed "
                 f"{c['packed_passes']}; attention pairs padded {c['attn_padded']:.3g}, packed dense "
-                f"{c['attn_packed_dense']:.3g}, varlen {c['attn_varlen']:.3g}"
+                f"{c['attn_packed_dense']:.3g}, varlen {c['attn_varlen']:.3g}; shared prompts compute "
+                f"{c['shared_tokens']} positions"
             )
         if model is not None:
-            padded = step_seconds(model, groups, pack=False, repeats=args.repeats)
-            packed = step_seconds(model, groups, pack=True, repeats=args.repeats)
-            print(f"  step on CPU (1 thread, micro_batch_tokens 4096): padded {padded:.3f} s, packed {packed:.3f} s")
+            t = step_seconds(model, groups, args.repeats, args.logits_chunk_tokens)
+            print(
+                f"  step on CPU (1 thread, micro_batch_tokens 4096, logits_chunk_tokens {args.logits_chunk_tokens}): "
+                + ", ".join(f"{k} {v:.3f} s" for k, v in t.items())
+            )
 
 
 if __name__ == "__main__":

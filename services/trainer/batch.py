@@ -1,5 +1,5 @@
-"""Scored groups -> training tensors (padded, or packed end to end), with the loss mask on
-completion tokens only.
+"""Scored groups -> training tensors (padded, packed end to end, or with shared prompts),
+with the loss mask on completion tokens only.
 
 A sample's sequence is prompt_ids + completion_ids. The prompt (for a hinted group it
 includes the hint, the privileged prefix) is context, never a target: the loss mask
@@ -12,6 +12,9 @@ Two layouts of a micro-batch:
 - packed (``pack_micro_batches`` + ``collate_packed``): the rows laid end to end in one
   [1, S] sequence with no pad token; ``position_ids`` restart at 0 on each row, which is
   what makes the model's attention block-causal per row (see ``collate_packed``).
+- shared prompts (``shared_micro_batches`` + ``collate_shared``): each distinct prompt
+  once, [M, P], and each row's completion after its prompt's last token, [N, C]; the
+  completions attend to their prompt's keys and values (prefix.py).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from services.common.messages import FinishReason, ScoredGroup, Variant
 from services.trainer.grpo import group_advantages
+from services.trainer.prefix import Prompts
 
 
 @dataclass(frozen=True)
@@ -190,4 +194,106 @@ def collate_packed(rows: list[Row]) -> PackedBatch:
         row_index=row_index[None],
         temperature=temp[None],
         advantages=torch.tensor([r.advantage for r in rows], dtype=torch.float32),
+    )
+
+
+@dataclass(frozen=True)
+class SharedBatch(Batch):
+    """Rows whose equal prompts are computed once (prefix.py). Here ``input_ids`` [N, C] is
+    each row's prompt's last token then its completion, right-padded; ``attention_mask``
+    [N, P + C] the keys each row attends to (its prompt's real tokens, then its own);
+    ``loss_mask`` and ``old_logprobs`` [N, C-1], completion token k at shifted position k."""
+
+    position_ids: torch.Tensor  # [N, C] continuing from each row's prompt
+    prompts: Prompts  # [M, P], without their last token
+
+
+def _prompt_key(row: Row) -> tuple[int, ...]:
+    return tuple(row.ids[: row.prompt_len])
+
+
+def shared_tokens(rows: list[Row]) -> int:
+    """Positions a shared-prompt micro-batch of ``rows`` computes: the distinct prompts (less
+    their last token) x the longest, plus the rows x the longest completion (+1, the
+    prompt's last token)."""
+    prompts = {_prompt_key(r) for r in rows}
+    prompt_width = max(1, max(len(p) - 1 for p in prompts))
+    return len(prompts) * prompt_width + len(rows) * max(len(r.ids) - r.prompt_len + 1 for r in rows)
+
+
+def prompt_groups(rows: list[Row]) -> list[list[Row]]:
+    """The rows by prompt (a GRPO group's, or several groups' of one prompt), in order of
+    each prompt's first row."""
+    by_prompt: dict[tuple[int, ...], list[Row]] = {}
+    for row in rows:
+        by_prompt.setdefault(_prompt_key(row), []).append(row)
+    return list(by_prompt.values())
+
+
+def shared_micro_batches(rows: list[Row], token_budget: int) -> Iterator[list[Row]]:
+    """Rows with their prompt's other rows (``prompt_groups``), whole groups added in order
+    while the micro-batch's ``shared_tokens`` stays within ``token_budget``. A group over the
+    budget on its own is split into runs of rows that fit (each run computes the prompt
+    again); a single row over the budget goes alone."""
+    units: list[list[Row]] = []
+    for group in prompt_groups(rows):
+        if shared_tokens(group) <= token_budget:
+            units.append(group)
+            continue
+        run: list[Row] = []
+        for row in group:
+            if run and shared_tokens([*run, row]) > token_budget:
+                units.append(run)
+                run = []
+            run.append(row)
+        units.append(run)
+    chunk: list[Row] = []
+    for unit in units:
+        if chunk and shared_tokens(chunk + unit) > token_budget:
+            yield chunk
+            chunk = []
+        chunk = chunk + unit
+    if chunk:
+        yield chunk
+
+
+def collate_shared(rows: list[Row], pad_id: int) -> SharedBatch:
+    """``rows`` with each distinct prompt once; row order is kept (``advantages`` [N] etc.)."""
+    index: dict[tuple[int, ...], int] = {}
+    row_prompt = [index.setdefault(_prompt_key(r), len(index)) for r in rows]
+    prompts = list(index)
+    width_p = max(1, max(len(p) - 1 for p in prompts))
+    width_c = max(len(r.ids) - r.prompt_len + 1 for r in rows)
+    m, n = len(prompts), len(rows)
+    p_ids = torch.full((m, width_p), pad_id, dtype=torch.long)
+    p_mask = torch.zeros((m, width_p), dtype=torch.long)
+    for j, p in enumerate(prompts):
+        p_ids[j, : len(p) - 1] = torch.tensor(p[:-1], dtype=torch.long)
+        # A one-token prompt has nothing before its last token: its pad attends to itself in
+        # the prompt forward (finite keys that no completion row attends to).
+        p_mask[j, : max(len(p) - 1, 1)] = 1
+    ids = torch.full((n, width_c), pad_id, dtype=torch.long)
+    attn = torch.zeros((n, width_p + width_c), dtype=torch.long)
+    pos = torch.empty((n, width_c), dtype=torch.long)
+    mask = torch.zeros((n, width_c - 1), dtype=torch.float32)
+    old = torch.zeros((n, width_c - 1), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        before = r.prompt_len - 1  # the prompt's tokens in the prompt forward
+        tail = r.ids[before:]  # the prompt's last token + the completion
+        ids[i, : len(tail)] = torch.tensor(tail)
+        attn[i, :before] = 1
+        attn[i, width_p : width_p + len(tail)] = 1
+        pos[i] = torch.arange(before, before + width_c)
+        if r.trainable and len(tail) > 1:
+            mask[i, : len(tail) - 1] = 1.0
+            old[i, : len(tail) - 1] = torch.tensor(r.old_logprobs)
+    return SharedBatch(
+        input_ids=ids,
+        attention_mask=attn,
+        loss_mask=mask,
+        old_logprobs=old,
+        advantages=torch.tensor([r.advantage for r in rows], dtype=torch.float32),
+        temperature=torch.tensor([r.temperature for r in rows], dtype=torch.float32),
+        position_ids=pos,
+        prompts=Prompts(p_ids, p_mask, torch.tensor(row_prompt, dtype=torch.long)),
     )

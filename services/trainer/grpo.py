@@ -34,6 +34,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from services.trainer.prefix import Prompts, prompt_cache
+
 LossAgg = Literal["constant", "token_mean", "seq_mean", "dr_grpo"]
 KlEstimator = Literal["k3", "k2"]
 
@@ -83,6 +85,7 @@ def token_logprobs(
     with_entropy: bool = False,
     chunk_tokens: int = 4096,
     position_ids: torch.Tensor | None = None,
+    prompts: Prompts | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log_softmax(logits / T) of each next token, [N, L] ids -> [N, L-1] logprobs, and the
     entropy of each predicted distribution [N, L-1] when asked.
@@ -94,6 +97,9 @@ def token_logprobs(
 
     A packed batch (``batch.collate_packed``) passes ``attention_mask=None`` and its
     ``position_ids``, which restart on each row; a padded one passes its mask and no positions.
+    One with shared prompts (``batch.collate_shared``) passes its ``prompts`` too, and its
+    rows, mask and positions are the completions' (prefix.py): the prompts run first, and
+    [N, C] ids give [N, C-1] logprobs of the completion tokens.
 
     The logits are held for at most ``chunk_tokens`` positions at once (4096 x a 152k
     vocabulary in float32 is 2.5 GB): a micro-batch of more positions runs the LM head one
@@ -103,9 +109,12 @@ def token_logprobs(
     kept for the backward, within the same bound and with the same values.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    # No KV cache: with one, transformers ignores position_ids when it builds the mask, and a
-    # packed batch would attend across its rows.
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    # A KV cache only for shared prompts: with one, transformers ignores position_ids when it
+    # builds the mask, and a packed batch would attend across its rows.
+    cache = prompt_cache(decoder, prompts) if prompts is not None else None
+    out = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=False
+    )
     hidden = out.last_hidden_state[:, :-1]  # [N, T, H]
     n, t = hidden.shape[:2]
     flat_h = hidden.reshape(n * t, -1)  # [N*T, H]

@@ -27,6 +27,7 @@ from torch import nn
 from services.common.messages import ScoredGroup
 from services.trainer import checkpoint
 from services.trainer.grpo import token_logprobs
+from services.trainer.prefix import Prompts
 from services.trainer.settings import TrainerSettings
 from services.trainer.step import lr_lambda, train_step
 from services.trainer.world import World, send
@@ -54,9 +55,10 @@ class Logprobs(nn.Module):
         with_entropy: bool = False,
         chunk_tokens: int = 4096,
         position_ids: torch.Tensor | None = None,
+        prompts: Prompts | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         logp, entropy = token_logprobs(
-            self.lm, input_ids, attention_mask, temperature, with_entropy, chunk_tokens, position_ids
+            self.lm, input_ids, attention_mask, temperature, with_entropy, chunk_tokens, position_ids, prompts
         )
         # Fresh tensors, not views: FSDP2's pre-backward hook sits on what the root returns,
         # and an in-place op on a view would drop it.
@@ -158,7 +160,14 @@ def place(net: Logprobs, settings: TrainerSettings, world: World) -> Logprobs:
         net = net.to(world.device)
     layers = _decoder_layers(net.lm)
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        unit = fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
+        if settings.share_prompts and not settings.pack_sequences:
+            # A layer runs twice a micro-batch (prompts, then completions: prefix.py), and the
+            # completions' backward reaches into the prompt forward's graph through the keys
+            # and values before that call's own pre-backward hook gathers the layer again: so
+            # the layer stays gathered from its first backward on. step.py reshards every
+            # unit once the step's backwards are done.
+            unit.set_reshard_after_backward(False)
     # The root's float inputs are the sampling temperatures: cast to bf16 (0.8 becomes
     # 0.80078125) they would bias every logprob against the engine's. The layers' inputs
     # are hidden states, bf16 already.

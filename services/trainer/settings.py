@@ -171,15 +171,25 @@ class TrainerSettings(ServiceSettings):
     seed: int = 0
     """Seed for torch and Python RNGs, recorded in every checkpoint's run record."""
     micro_batch_tokens: int = Field(16384, ge=1)
-    """Token budget of one forward/backward pass (rows x padded length, or the rows' total
-    length with pack_sequences); gradients accumulate over a step's micro-batches, so memory
-    stays bounded however long the responses are."""
+    """Token budget of one forward/backward pass (rows x padded length, the rows' total
+    length with pack_sequences, or what share_prompts computes); gradients accumulate over
+    a step's micro-batches, so memory stays bounded however long the responses are."""
     pack_sequences: bool = False
     """Lay a micro-batch's rows end to end, without pad tokens, up to micro_batch_tokens in
     all (positions restart on each row and attention never crosses rows); loss and gradient
     equal the padded layout's (rows x longest row within micro_batch_tokens). Off for now:
     it becomes the default with the FSDP2 trainer work (issue 30). The padding it removes
     and its CPU step time: docs/benchmarks.md, "Packed sequences"."""
+    share_prompts: bool = True
+    """Compute each group's prompt once for its completions: a micro-batch runs its distinct
+    prompts (each but its last token) through the decoder, then its completions, which
+    attend to their prompt's keys and values (services/trainer/prefix.py); loss and
+    gradients equal the padded layout's. micro_batch_tokens counts what it computes (the
+    prompts x the longest, plus the rows x the longest completion), and a group stays in
+    one micro-batch unless it alone exceeds the budget (then it is split, each part
+    computing the prompt again). pack_sequences, when on, takes precedence (its layout
+    recomputes each row's prompt). Works with layer_checkpointing and under torchrun. Off:
+    every row runs prompt + completion. Step times: docs/benchmarks.md, "Shared prompts"."""
     logits_chunk_tokens: int = Field(4096, ge=1)
     """Positions whose vocabulary logits are held at once: bounds the logits' memory for large
     vocabularies. A micro-batch of more positions runs the LM head chunk by chunk, each

@@ -1,7 +1,7 @@
 """One GRPO optimizer step over a step's scored groups, and its metrics split by variant.
 
     groups --(filter zero-variance, optional)--> rows --(this rank's share, by tokens)-->
-    token-budget micro-batches, padded or packed --> forward (+ reference forward for KL)
+    token-budget micro-batches, padded, packed or with shared prompts --> forward (+ reference forward for KL)
     -> loss -> backward, accumulated -> clip -> AdamW
 
 Runs in a worker thread (torch work never blocks the event loop); returns plain floats.
@@ -29,11 +29,16 @@ from services.trainer.batch import (
     Batch,
     PackedBatch,
     Row,
+    SharedBatch,
     collate,
     collate_packed,
+    collate_shared,
     micro_batches,
     pack_micro_batches,
+    prompt_groups,
     rows_from_groups,
+    shared_micro_batches,
+    shared_tokens,
     zero_variance,
 )
 from services.trainer.grpo import LossConfig, normalizer, policy_loss
@@ -101,7 +106,7 @@ def train_step(
         step_tokens=sum(len(r.old_logprobs) for r in rows if r.trainable),
         step_sequences=sum(r.trainable for r in rows),
     )
-    mine = [rows[i] for i in share_rows([len(r.ids) for r in rows], world.size)[world.rank]]
+    mine = _my_rows(rows, cfg, world)
     layout = list(_layout(mine, cfg, pad_id))
     if world.distributed:  # every rank makes as many forward/backward calls as the busiest
         most = int(all_max(world, float(len(layout))))
@@ -114,14 +119,15 @@ def train_step(
     for chunk, b in layout:
         ids, temp = b.input_ids.to(dev), b.temperature.to(dev)
         attn = b.attention_mask.to(dev) if isinstance(b, Batch) else None
-        pos = b.position_ids.to(dev) if isinstance(b, PackedBatch) else None
+        pos = b.position_ids.to(dev) if isinstance(b, PackedBatch | SharedBatch) else None
         row_index = b.row_index.to(dev) if isinstance(b, PackedBatch) else None
+        prompts = b.prompts.to(dev) if isinstance(b, SharedBatch) else None
         with _autocast(cfg, world):
-            new, entropy = net(ids, attn, temp, True, head_chunk, pos)
+            new, entropy = net(ids, attn, temp, True, head_chunk, pos, prompts)
             ref = None
             if cfg.kl_coef > 0:
                 with torch.no_grad():
-                    ref, _ = ref_net(ids, attn, temp, False, head_chunk, pos)
+                    ref, _ = ref_net(ids, attn, temp, False, head_chunk, pos, prompts)
             if cfg.entropy_coef == 0 and entropy is not None:
                 entropy = entropy.detach()  # a metric only: no graph through the softmax
             loss, st = policy_loss(
@@ -143,6 +149,8 @@ def train_step(
             s = sums[row.variant.value]
             for name in _SUMMED:
                 s[name] += float(getattr(st, name)[i])
+    if world.distributed:
+        _reshard(net)
     loss_total, ratio_max, sums = _over_ranks(world, loss_total, ratio_max, sums)
     compute_s = time.monotonic() - started
     grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
@@ -170,7 +178,20 @@ def _masked_batch(cfg: TrainerSettings, pad_id: int) -> Batch | PackedBatch:
     """A micro-batch of one two-token row out of the loss (no gradient, no metric): what a
     rank with fewer micro-batches than another runs, so that every rank makes the same calls."""
     row = Row([pad_id, pad_id], 1, [0.0], 0.0, 1.0, False, Variant.HINTED)
-    return collate_packed([row]) if cfg.pack_sequences else collate([row], pad_id)
+    if cfg.pack_sequences:
+        return collate_packed([row])
+    return collate_shared([row], pad_id) if cfg.share_prompts else collate([row], pad_id)
+
+
+def _reshard(net: Any) -> None:
+    """Free every FSDP2 unit's gathered weights: a unit kept gathered after its backward
+    (policy.place, with shared prompts) would otherwise run the next step's forward on the
+    weights from before this step's optimizer update."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in net.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _over_ranks(
@@ -187,11 +208,26 @@ def _over_ranks(
     return float(flat[0]), all_max(world, ratio_max), out
 
 
+def _my_rows(rows: list[Row], cfg: TrainerSettings, world: World) -> list[Row]:
+    """This rank's share of the rows, balanced by tokens; with shared prompts, whole groups
+    (by the tokens they compute), so that no prompt is computed on two ranks."""
+    if world.size == 1:
+        return rows
+    if cfg.pack_sequences or not cfg.share_prompts:
+        return [rows[i] for i in share_rows([len(r.ids) for r in rows], world.size)[world.rank]]
+    groups = prompt_groups(rows)
+    return [r for i in share_rows([shared_tokens(g) for g in groups], world.size)[world.rank] for r in groups[i]]
+
+
 def _layout(rows: list[Row], cfg: TrainerSettings, pad_id: int) -> Iterator[tuple[list[Row], Batch | PackedBatch]]:
-    """The step's micro-batches, each with its tensors: packed end to end or right-padded."""
+    """The step's micro-batches, each with its tensors: packed end to end, with shared prompts,
+    or right-padded."""
     if cfg.pack_sequences:
         for chunk in pack_micro_batches(rows, cfg.micro_batch_tokens):
             yield chunk, collate_packed(chunk)
+    elif cfg.share_prompts:
+        for chunk in shared_micro_batches(rows, cfg.micro_batch_tokens):
+            yield chunk, collate_shared(chunk, pad_id)
     else:
         for chunk in micro_batches(rows, cfg.micro_batch_tokens):
             yield chunk, collate(chunk, pad_id)

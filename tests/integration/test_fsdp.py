@@ -25,7 +25,7 @@ from services.trainer.world import World
 from tests.factories import recorded_steps
 
 STEPS = 4
-# Every GRPO option of the trainer, in two runs (each run is two torchrun starts).
+# Every GRPO option and layout of the trainer, in four runs (each run is two torchrun starts).
 OPTIONS: dict[str, dict[str, Any]] = {
     "token_mean+kl+entropy+tis+packed": {
         "loss_agg": "token_mean",
@@ -39,8 +39,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "pack_sequences": True,
         "micro_batch_tokens": 120,
     },
-    "dr_grpo+filter+weights+padded+checkpointing": {
+    "dr_grpo+filter+weights+shared+checkpointing": {
         "loss_agg": "dr_grpo",
+        "share_prompts": True,
         "filter_zero_variance": True,
         "variant_weights": {"hinted": 0.5, "unhinted": 1.0},
         "layer_checkpointing": True,
@@ -49,6 +50,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
         "total_steps": 4,
         "micro_batch_tokens": 90,
     },
+    "seq_mean+padded": {"loss_agg": "seq_mean", "share_prompts": False, "micro_batch_tokens": 90},
+    "seq_mean+shared": {"loss_agg": "seq_mean", "share_prompts": True, "micro_batch_tokens": 90},
 }
 COMMON: dict[str, Any] = {"prompts_per_step": 6, "group_size": 4, "max_new_tokens": 30, "learning_rate": 1e-3}
 

@@ -82,7 +82,7 @@ def test_packed_step_equals_the_padded_step(base_model: Any, agg: str, extra: di
         learning_rate=0.1,
         **extra,
     )
-    padded, padded_grads = _step(base_model, TrainerSettings(**common, pack_sequences=False))
+    padded, padded_grads = _step(base_model, TrainerSettings(**common, pack_sequences=False, share_prompts=False))
     packed, packed_grads = _step(base_model, TrainerSettings(**common, pack_sequences=True))
     assert float(padded["grad_norm"]) > 0.01
     for a, b in zip(padded_grads, packed_grads, strict=True):
