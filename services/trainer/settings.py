@@ -188,8 +188,12 @@ class TrainerSettings(ServiceSettings):
     prompts x the longest, plus the rows x the longest completion), and a group stays in
     one micro-batch unless it alone exceeds the budget (then it is split, each part
     computing the prompt again). pack_sequences, when on, takes precedence (its layout
-    recomputes each row's prompt). Works with layer_checkpointing and under torchrun. Off:
-    every row runs prompt + completion. Step times: docs/benchmarks.md, "Shared prompts"."""
+    recomputes each row's prompt). Works with layer_checkpointing and under torchrun, where
+    each decoder layer then stays gathered from its first backward to the step's end (the
+    completions' backward reaches the prompt forward's graph), so a rank holds the whole
+    model's weights at the end of the backward: turn it off where FSDP2 must keep them
+    sharded, and where responses are long it saves little. Off: every row runs prompt +
+    completion. Step times: docs/benchmarks.md, "Shared prompts"."""
     logits_chunk_tokens: int = Field(4096, ge=1)
     """Positions whose vocabulary logits are held at once: bounds the logits' memory for large
     vocabularies. A micro-batch of more positions runs the LM head chunk by chunk, each
