@@ -215,7 +215,7 @@ def run_trl(seed: int, warmup: int, steps: int, cpus: list[int]) -> dict[str, An
 # ---- pope up: the whole stack as its own processes, with the bench watching their CPU ----
 
 
-def pope_config(run: Path, seed: int) -> dict[str, Any]:
+def pope_config(run: Path, seed: int, verifier_workers: int = 1) -> dict[str, Any]:
     return {
         "shared": {
             "key_prefix": f"bench-e2e-{os.getpid()}-s{seed}:",
@@ -236,7 +236,7 @@ def pope_config(run: Path, seed: int) -> dict[str, Any]:
             "archive_dir": str(run / "rollouts"),
             "eval_dir": str(run / "eval"),
         },
-        "verifier": {"port": free_port(), "workers": 1},
+        "verifier": {"port": free_port(), "workers": verifier_workers},
         "trainer": {
             "port": free_port(),
             "checkpoint_dir": str(run / "checkpoints"),
@@ -256,7 +256,9 @@ def pope_config(run: Path, seed: int) -> dict[str, Any]:
     }
 
 
-def run_pope(seed: int, warmup: int, steps: int, cpus: list[int], keep: Path | None) -> dict[str, Any]:
+def run_pope(
+    seed: int, warmup: int, steps: int, cpus: list[int], keep: Path | None, verifier_workers: int = 1
+) -> dict[str, Any]:
     import redis
 
     from services.common.keys import delete_prefix
@@ -264,7 +266,7 @@ def run_pope(seed: int, warmup: int, steps: int, cpus: list[int], keep: Path | N
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         run = keep / f"pope-{seed}" if keep else Path(tmp)
         run.mkdir(parents=True, exist_ok=True)
-        config = pope_config(run, seed)
+        config = pope_config(run, seed, verifier_workers)
         (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (run / "problems.json").write_text(json.dumps([p.model_dump(mode="json") for p in problems()]))
         cmd = [sys.executable, "-m", "services.cli", "up", "--model", str(MODEL), "--config", str(run / "config.yaml")]
@@ -347,6 +349,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="optimizer steps before the measured ones (at least 1)")
     ap.add_argument("--steps", type=int, default=8, help="measured optimizer steps per run")
     ap.add_argument("--cpus", type=int, default=2, help="cores both sides are pinned to")
+    ap.add_argument("--verifier-workers", type=int, default=1, help="pope's scoring processes")
     ap.add_argument("--out", type=Path, help="write every raw number here (JSON)")
     ap.add_argument("--keep", type=Path, help="keep each pope up run's directory (logs, metrics) under here")
     ap.add_argument("--report", type=Path, help="print the summary of an earlier --out file, run nothing")
@@ -369,7 +372,7 @@ def main() -> None:
         for side in (first, second):
             load = os.getloadavg()[0]  # the machine may be shared: say how busy it was
             if side == "pope":
-                pair[side] = run_pope(i, args.warmup, args.steps, cpus, args.keep)
+                pair[side] = run_pope(i, args.warmup, args.steps, cpus, args.keep, args.verifier_workers)
             else:
                 pair[side] = run_trl(i, args.warmup, args.steps, cpus)
             pair[side]["load"] = [load, os.getloadavg()[0]]
