@@ -151,13 +151,14 @@ def test_a_killed_service_is_restarted_and_ctrl_c_stops_all_with_generations_in_
         )
         assert rollout_log.count("Application startup complete") == 2
 
-        # A long generation in flight (it would decode for minutes), then Ctrl-C.
+        # A long generation in flight (64 rows of 4,000 tokens: tens of seconds of decoding), then Ctrl-C.
         answer: dict[str, Any] = {}
         threading.Thread(target=generate_long, args=(ports["engine"], answer), daemon=True).start()
         engine_metrics = f"http://127.0.0.1:{ports['engine']}/metrics"
         while not re.search(r"^pope_engine_running_sequences [1-9]", httpx.get(engine_metrics).text, re.M):
             time.sleep(0.2)
-        time.sleep(2)  # the scheduler's next requests queue behind it
+        time.sleep(2)  # the scheduler's next requests join it
+        assert not answer, f"the long generation ended before the stop: {answer}"
         family = descendants(proc.pid)
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -177,7 +178,7 @@ def test_a_killed_service_is_restarted_and_ctrl_c_stops_all_with_generations_in_
 def generate_long(engine_port: int, answer: dict[str, Any]) -> None:
     body = {
         "input_ids": [1, 2, 3],
-        "sampling_params": {"max_new_tokens": 4000, "temperature": 1.0, "ignore_eos": True, "n": 4},
+        "sampling_params": {"max_new_tokens": 4000, "temperature": 1.0, "ignore_eos": True, "n": 64},
     }
     try:
         rows = httpx.post(f"http://127.0.0.1:{engine_port}/generate", json=body, timeout=600).json()
