@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 from services.common.keys import Keys
 from services.common.messages import (
@@ -157,3 +158,23 @@ def recorded_steps(path: Path, steps: int, groups_per_step: int, seed: int = 0) 
             groups.append(random_group(rng, f"s{step}g{i}", f"p{i}", variant, temperatures, finish, 400, (2.0, 7.0)))
         replay.record(path, step, 0, groups)
     return path
+
+
+def sgd_step(base: Any, cfg: Any, groups: list[ScoredGroup]) -> tuple[dict[str, float], list[Any]]:
+    """One train_step on ``groups`` with plain SGD on a fresh copy of ``base`` (a HF causal
+    LM; layer checkpointing as ``cfg`` says): its metrics and its (clipped) gradients."""
+    import copy
+
+    import torch
+
+    from services.trainer.policy import Logprobs
+    from services.trainer.step import lr_lambda, train_step
+
+    torch.manual_seed(0)
+    model, ref = copy.deepcopy(base), copy.deepcopy(base)
+    if cfg.layer_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    metrics = train_step(Logprobs(model), Logprobs(ref), opt, sched, groups, cfg, pad_id=0, version=0)
+    return metrics, [p.grad.clone() for p in model.parameters()]

@@ -4,7 +4,6 @@ crosses rows."""
 
 from __future__ import annotations
 
-import copy
 import random
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,8 @@ import torch
 from services.common.messages import FinishReason, Score, ScoredGroup, Variant
 from services.trainer.batch import Row, collate, collate_packed, pack_micro_batches
 from services.trainer.grpo import token_logprobs
-from services.trainer.policy import Logprobs
 from services.trainer.settings import TrainerSettings
-from services.trainer.step import lr_lambda, train_step
-from tests.factories import random_group
+from tests.factories import random_group, sgd_step
 
 
 def _group(rng: random.Random, i: int, variant: str, temperature: float, finish: FinishReason) -> ScoredGroup:
@@ -51,13 +48,7 @@ def base_model(tiny_model: Path) -> Any:
 
 
 def _step(base: Any, cfg: TrainerSettings) -> tuple[dict[str, float], list[torch.Tensor]]:
-    """One train_step with plain SGD on a fresh copy; its metrics and its (clipped) gradients."""
-    torch.manual_seed(0)
-    model, ref = copy.deepcopy(base), copy.deepcopy(base)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    metrics = train_step(Logprobs(model), Logprobs(ref), opt, sched, _groups(), cfg, pad_id=0, version=0)
-    return metrics, [p.grad.clone() for p in model.parameters()]
+    return sgd_step(base, cfg, _groups())
 
 
 @pytest.mark.parametrize(

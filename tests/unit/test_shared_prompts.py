@@ -23,10 +23,8 @@ from services.trainer.batch import (
     shared_tokens,
 )
 from services.trainer.grpo import LossConfig, policy_loss, token_logprobs
-from services.trainer.policy import Logprobs
 from services.trainer.settings import TrainerSettings
-from services.trainer.step import lr_lambda, train_step
-from tests.factories import random_group
+from tests.factories import random_group, sgd_step
 
 
 def _model(tiny_model: Path, attn: str = "sdpa") -> Any:
@@ -105,15 +103,7 @@ def test_logprobs_loss_and_gradients_equal_the_padded_layout(tiny_model: Path, a
 
 
 def _step(base: Any, cfg: TrainerSettings) -> tuple[dict[str, float], list[torch.Tensor]]:
-    """One train_step with plain SGD on a fresh copy; its metrics and its (clipped) gradients."""
-    torch.manual_seed(0)
-    model, ref = copy.deepcopy(base), copy.deepcopy(base)
-    if cfg.layer_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    metrics = train_step(Logprobs(model), Logprobs(ref), opt, sched, _groups(), cfg, pad_id=0, version=0)
-    return metrics, [p.grad.clone() for p in model.parameters()]
+    return sgd_step(base, cfg, _groups())
 
 
 @pytest.mark.parametrize(
