@@ -21,7 +21,8 @@ from services.trainer.fleet import Fleet
 from services.trainer.settings import TrainerSettings
 from tests.conftest import running_engine
 
-LONG = SamplingParams(max_new_tokens=600, temperature=1.0, ignore_eos=True, sampling_seed=5)
+# Long enough to outlast an update, with the continuous engine too.
+LONG = SamplingParams(max_new_tokens=3000, temperature=1.0, ignore_eos=True, sampling_seed=5)
 PROMPT = [1, 2, 3, 4]
 
 
