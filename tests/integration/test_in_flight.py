@@ -64,9 +64,12 @@ async def test_weights_loaded_during_a_pause_make_the_rest_of_the_tokens(
     spans = out.meta_info.weight_versions
     assert spans is not None and [s.version for s in spans] == ["0", "5"], spans
     k = spans[0].end
-    assert 0 < k < 600 and (spans[0].start, spans[1].start, spans[1].end) == (0, k, 600)
+    assert 0 < k < LONG.max_new_tokens and (spans[0].start, spans[1].start, spans[1].end) == (0, k, LONG.max_new_tokens)
     assert out.meta_info.weight_version == "5"  # SGLang names the last span's weights there
-    assert out.weight_version == 0 and [(v.step, v.start, v.end) for v in out.version_spans] == [(0, 0, k), (5, k, 600)]
+    assert out.weight_version == 0 and [(v.step, v.start, v.end) for v in out.version_spans] == [
+        (0, 0, k),
+        (5, k, LONG.max_new_tokens),
+    ]
     old, new = teacher_forced(tiny_model, out), teacher_forced(other_model, out)
     assert torch.allclose(torch.tensor(out.logprobs[:k]), torch.tensor(old[:k]), atol=1e-4)
     after, theirs = torch.tensor(out.logprobs[k:]), torch.tensor(new[k:])
