@@ -178,3 +178,18 @@ def sgd_step(base: Any, cfg: Any, groups: list[ScoredGroup]) -> tuple[dict[str, 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     metrics = train_step(Logprobs(model), Logprobs(ref), opt, sched, groups, cfg, pad_id=0, version=0)
     return metrics, [p.grad.clone() for p in model.parameters()]
+
+
+def assert_same_step(padded: tuple[dict[str, float], list[Any]], other: tuple[dict[str, float], list[Any]]) -> None:
+    """Two ``sgd_step`` results agree: every gradient, and every metric but the timings."""
+    import pytest
+    import torch
+
+    (metrics, grads), (their_metrics, their_grads) = padded, other
+    assert float(metrics["grad_norm"]) > 0.01
+    for a, b in zip(grads, their_grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), float((a - b).abs().max())
+    assert metrics.keys() == their_metrics.keys()
+    for key, value in metrics.items():
+        if not key.startswith("time_"):
+            assert their_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key

@@ -15,7 +15,7 @@ from services.common.messages import FinishReason, Score, ScoredGroup, Variant
 from services.trainer.batch import Row, collate, collate_packed, pack_micro_batches
 from services.trainer.grpo import token_logprobs
 from services.trainer.settings import TrainerSettings
-from tests.factories import random_group, sgd_step
+from tests.factories import assert_same_step, random_group, sgd_step
 
 
 def _group(rng: random.Random, i: int, variant: str, temperature: float, finish: FinishReason) -> ScoredGroup:
@@ -73,18 +73,10 @@ def test_packed_step_equals_the_padded_step(base_model: Any, agg: str, extra: di
         learning_rate=0.1,
         **extra,
     )
-    padded, padded_grads = _step(base_model, TrainerSettings(**common, pack_sequences=False, share_prompts=False))
-    packed, packed_grads = _step(base_model, TrainerSettings(**common, pack_sequences=True))
-    assert float(padded["grad_norm"]) > 0.01
-    for a, b in zip(padded_grads, packed_grads, strict=True):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), float((a - b).abs().max())
-    assert padded.keys() == packed.keys()
-    for key, value in padded.items():
-        if key.startswith("time_"):
-            continue
-        assert packed[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key
-    assert padded["hinted/truncated"] == 4.0
-    assert padded["clip_frac"] > 0 or "tis_cap" in extra  # (with tis_cap the ratio is 1 in value)
+    padded = _step(base_model, TrainerSettings(**common, pack_sequences=False, share_prompts=False))
+    assert_same_step(padded, _step(base_model, TrainerSettings(**common, pack_sequences=True)))
+    assert padded[0]["hinted/truncated"] == 4.0
+    assert padded[0]["clip_frac"] > 0 or "tis_cap" in extra  # (with tis_cap the ratio is 1 in value)
 
 
 def _rows(lengths: list[tuple[int, int]], temps: list[float] | None = None) -> list[Row]:

@@ -24,7 +24,7 @@ from services.trainer.batch import (
 )
 from services.trainer.grpo import LossConfig, policy_loss, token_logprobs
 from services.trainer.settings import TrainerSettings
-from tests.factories import random_group, sgd_step
+from tests.factories import assert_same_step, random_group, sgd_step
 
 
 def _model(tiny_model: Path, attn: str = "sdpa") -> Any:
@@ -129,17 +129,9 @@ def test_shared_step_equals_the_padded_step(base_model: Any, agg: str, extra: di
         learning_rate=0.1,
         **extra,
     )
-    padded, padded_grads = _step(base_model, TrainerSettings(**common, share_prompts=False))
-    shared, shared_grads = _step(base_model, TrainerSettings(**common, share_prompts=True))
-    assert float(padded["grad_norm"]) > 0.01
-    for a, b in zip(padded_grads, shared_grads, strict=True):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), float((a - b).abs().max())
-    assert padded.keys() == shared.keys()
-    for key, value in padded.items():
-        if key.startswith("time_"):
-            continue
-        assert shared[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), key
-    assert padded["hinted/truncated"] == 4.0
+    padded = _step(base_model, TrainerSettings(**common, share_prompts=False))
+    assert_same_step(padded, _step(base_model, TrainerSettings(**common, share_prompts=True)))
+    assert padded[0]["hinted/truncated"] == 4.0
 
 
 def test_micro_batches_keep_groups_whole_within_the_budget() -> None:
